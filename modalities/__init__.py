@@ -1,0 +1,1 @@
+"""Modality adapters for msar: each subpackage implements the pyramid tokenizer protocol."""

@@ -1,0 +1,22 @@
+"""msar: modality-agnostic multiscale autoregressive (next-scale prediction) generation.
+
+The core never imports a modality. A modality supplies a scale schedule and a
+latent pyramid (restriction / prolongation); the residual quantizer, the
+block-causal transformer, KV-cached sampling, guidance and editing are shared.
+"""
+from .schedule import ScaleSchedule
+from .pyramid import GridPyramid, LatentPyramid, OperatorPyramid
+from .quantizer import MultiScaleResidualQuantizer, PhiBank, QuantizerOutput, from_tokens, to_tokens
+from .tokenizer import DecodeState, MultiScaleVQTokenizer, PyramidTokenizer, ResidualDecodeState
+from .models.transformer import NextScaleTransformer, TransformerConfig
+from .sampling import SampleOutput, filter_top_k_top_p, guidance_strength, sample, sample_tokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ScaleSchedule", "GridPyramid", "LatentPyramid", "OperatorPyramid",
+    "MultiScaleResidualQuantizer", "PhiBank", "QuantizerOutput", "to_tokens", "from_tokens",
+    "PyramidTokenizer", "DecodeState", "MultiScaleVQTokenizer", "ResidualDecodeState",
+    "NextScaleTransformer", "TransformerConfig",
+    "sample", "SampleOutput", "sample_tokens", "filter_top_k_top_p", "guidance_strength",
+]

@@ -1,0 +1,167 @@
+"""Restriction (fine -> coarse) and prolongation (coarse -> fine) of a latent.
+
+This is the one thing a modality must tell the shared residual quantizer: how to
+move a latent between the finest scale and scale k.  Latents are always laid out
+channels-first, ``(B, C, *shape)``, where ``shape`` is the grid of the scale or
+``(n,)`` for a scale given as a token count.
+
+* :class:`GridPyramid` covers regular grids of rank 1, 2 and 3: area pooling
+  down, and linear / bicubic / trilinear interpolation up (VAR's choice for
+  rank 2 is area down and bicubic up).
+* :class:`OperatorPyramid` covers everything else with explicit linear
+  operators, e.g. cluster-assignment matrices of a graph coarsening hierarchy.
+  Operators may be shared by the batch ``(n_k, N)`` or per sample ``(B, n_k, N)``.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from .schedule import ScaleSchedule
+
+
+@runtime_checkable
+class LatentPyramid(Protocol):
+    """What the residual quantizer needs from a modality.
+
+    ``restrict(f, k)``: ``(B, C, *full) -> (B, C, *shape_k)``.
+    ``prolong(h, k)``:  ``(B, C, *shape_k) -> (B, C, *full)``.
+    ``full`` is the shape of the last (finest) scale.
+    """
+
+    schedule: ScaleSchedule
+
+    def restrict(self, f: torch.Tensor, k: int) -> torch.Tensor: ...
+
+    def prolong(self, h: torch.Tensor, k: int) -> torch.Tensor: ...
+
+    def resample(self, f: torch.Tensor, k: int) -> torch.Tensor:
+        """Coarsen a full-resolution latent to scale k for use as transformer input."""
+        ...
+
+
+_UP_MODES = {1: "linear", 2: "bicubic", 3: "trilinear"}
+
+
+class GridPyramid:
+    """Area pooling down and (bi|tri)linear / bicubic interpolation up on regular grids.
+
+    Args:
+        schedule: a schedule whose scales are all grids of rank 1, 2 or 3.
+        up_mode: interpolation used by :meth:`prolong`; default ``linear`` /
+            ``bicubic`` / ``trilinear`` for rank 1 / 2 / 3.
+        down_mode: interpolation used by :meth:`restrict`; default ``area``.
+    """
+
+    def __init__(self, schedule: ScaleSchedule | Sequence, up_mode: str | None = None, down_mode: str = "area"):
+        self.schedule = ScaleSchedule(schedule)
+        if any(not self.schedule.is_grid(k) for k in range(len(self.schedule))):
+            raise ValueError(f"GridPyramid needs grid scales only, got {self.schedule}; use OperatorPyramid for token counts")
+        rank = self.schedule.rank
+        if rank not in _UP_MODES:
+            raise ValueError(f"GridPyramid supports grids of rank 1, 2 or 3, got rank {rank}")
+        self.rank = rank
+        self.full = self.schedule.shape(-1)
+        self.up_mode = up_mode or _UP_MODES[rank]
+        self.down_mode = down_mode
+
+    def _check(self, x: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+        if x.dim() != 2 + self.rank or tuple(x.shape[2:]) != tuple(shape):
+            raise ValueError(f"{what}: expected a latent (B, C, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+
+    def restrict(self, f: torch.Tensor, k: int) -> torch.Tensor:
+        self._check(f, self.full, "restrict")
+        shape = self.schedule.shape(k)
+        if shape == self.full:
+            return f
+        return F.interpolate(f, size=shape, mode=self.down_mode)
+
+    # Going from the accumulated full-res latent to the next scale's input is the
+    # same area pooling in VAR; kept as its own name so operator pyramids can differ.
+    resample = restrict
+
+    def prolong(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        shape = self.schedule.shape(k)
+        self._check(h, shape, "prolong")
+        if shape == self.full:
+            return h
+        return F.interpolate(h, size=self.full, mode=self.up_mode)
+
+
+class OperatorPyramid:
+    """Restriction / prolongation given as explicit matrices.
+
+    Args:
+        schedule: the schedule; scale k has ``n_k`` tokens, the last has ``N``.
+        restrict_ops: per scale, ``(n_k, N)`` or ``(B, n_k, N)``: row i averages
+            (or otherwise combines) the fine nodes of coarse node i.
+        prolong_ops: per scale, ``(N, n_k)`` or ``(B, N, n_k)``: copies (or
+            interpolates) coarse values back to the fine nodes.
+
+    Use :meth:`from_assignments` for the common case of hard clusters.
+    """
+
+    def __init__(self, schedule: ScaleSchedule | Sequence, restrict_ops: Sequence[torch.Tensor],
+                 prolong_ops: Sequence[torch.Tensor]):
+        self.schedule = ScaleSchedule(schedule)
+        K = len(self.schedule)
+        if len(restrict_ops) != K or len(prolong_ops) != K:
+            raise ValueError(f"expected {K} restriction and prolongation operators, got {len(restrict_ops)} and {len(prolong_ops)}")
+        N = self.schedule.token_counts[-1]
+        for k, (R, P) in enumerate(zip(restrict_ops, prolong_ops)):
+            n = self.schedule.token_counts[k]
+            if R.dim() not in (2, 3) or tuple(R.shape[-2:]) != (n, N):
+                raise ValueError(f"restrict_ops[{k}]: expected shape (n_k={n}, N={N}) or (B, {n}, {N}), got {tuple(R.shape)}")
+            if P.dim() not in (2, 3) or tuple(P.shape[-2:]) != (N, n):
+                raise ValueError(f"prolong_ops[{k}]: expected shape (N={N}, n_k={n}) or (B, {N}, {n}), got {tuple(P.shape)}")
+        self.restrict_ops = list(restrict_ops)
+        self.prolong_ops = list(prolong_ops)
+        self.full = (N,)
+
+    @classmethod
+    def from_assignments(cls, schedule: ScaleSchedule | Sequence, assignments: Sequence[torch.Tensor]) -> "OperatorPyramid":
+        """Hard clusters: ``assignments[k]`` is ``(N,)`` or ``(B, N)`` long, the scale-k
+        cluster of every finest-level node. Restriction averages the members of a
+        cluster (the graph analogue of area pooling); prolongation copies the cluster
+        value to every member. Empty clusters restrict to zero.
+        """
+        schedule = ScaleSchedule(schedule)
+        R_ops, P_ops = [], []
+        for k, a in enumerate(assignments):
+            n = schedule.token_counts[k]
+            if a.numel() and (int(a.min()) < 0 or int(a.max()) >= n):
+                raise ValueError(f"assignments[{k}]: cluster ids must lie in [0, {n}), got [{int(a.min())}, {int(a.max())}]")
+            P = F.one_hot(a.long(), n).float()  # (..., N, n)
+            counts = P.sum(dim=-2, keepdim=True).clamp_min(1.0)  # (..., 1, n)
+            R = (P / counts).transpose(-1, -2)  # (..., n, N)
+            R_ops.append(R)
+            P_ops.append(P)
+        return cls(schedule, R_ops, P_ops)
+
+    def to(self, device: torch.device | str) -> "OperatorPyramid":
+        return OperatorPyramid(self.schedule, [R.to(device) for R in self.restrict_ops], [P.to(device) for P in self.prolong_ops])
+
+    @staticmethod
+    def _apply(op: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, m); op: (n, m) or (B, n, m)  ->  (B, C, n)
+        op = op.to(dtype=x.dtype, device=x.device)
+        if op.dim() == 2:
+            return torch.einsum("bcm,nm->bcn", x, op)
+        if op.shape[0] != x.shape[0]:
+            raise ValueError(f"per-sample operator has batch {op.shape[0]} but the latent has batch {x.shape[0]}")
+        return torch.einsum("bcm,bnm->bcn", x, op)
+
+    def restrict(self, f: torch.Tensor, k: int) -> torch.Tensor:
+        if f.dim() != 3 or f.shape[2] != self.full[0]:
+            raise ValueError(f"restrict: expected a latent (B, C, {self.full[0]}), got {tuple(f.shape)}")
+        return self._apply(self.restrict_ops[k], f)
+
+    resample = restrict
+
+    def prolong(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        n = self.schedule.token_counts[k]
+        if h.dim() != 3 or h.shape[2] != n:
+            raise ValueError(f"prolong: expected a latent (B, C, {n}) for scale {k}, got {tuple(h.shape)}")
+        return self._apply(self.prolong_ops[k], h)

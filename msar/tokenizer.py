@@ -1,0 +1,167 @@
+"""The pyramid tokenizer protocol, and the shared multi-scale VQ tokenizer that implements it.
+
+A modality adapter is a :class:`PyramidTokenizer`.  Almost every adapter is a
+:class:`MultiScaleVQTokenizer`: the modality writes an encoder ``data -> (B, C,
+*full)``, a decoder ``(B, C, *full) -> data`` and a :class:`~msar.pyramid.LatentPyramid`
+(restriction / prolongation), and gets encoding, decoding, teacher forcing and
+incremental generation from the shared :class:`~msar.quantizer.MultiScaleResidualQuantizer`.
+
+Contract (``B`` batch, ``K`` scales, ``n_k`` tokens of scale k, ``L = sum n_k``, ``C`` latent dim):
+
+========================================  ==================================================
+``schedule``                              the :class:`ScaleSchedule`
+``vocab_size``, ``latent_dim``            V and C
+``encode(data) -> list[(B, n_k) long]``   token indices per scale
+``decode(indices) -> data``               inverse of encode (up to quantization)
+``teacher_forcing_input(indices)``        ``(B, L - n_0, C)`` transformer input of scales 1..K-1
+``start(batch_size, device)``             a :class:`DecodeState` for generation
+``state.add_scale(k, idx, probs=None)``   add scale k; returns the ``(B, n_{k+1}, C)`` input of
+                                          scale k+1, or ``None`` after the last scale
+``finish(state) -> data``                 decode what the state accumulated
+========================================  ==================================================
+
+The invariant that makes training and sampling agree (checked by
+:mod:`msar.testing`): feeding the ground-truth indices to ``state.add_scale``
+scale by scale yields exactly ``teacher_forcing_input(indices)``.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+from .pyramid import LatentPyramid
+from .quantizer import MultiScaleResidualQuantizer, QuantizerOutput
+from .schedule import ScaleSchedule
+
+
+@runtime_checkable
+class DecodeState(Protocol):
+    """Incremental generation state of a tokenizer."""
+
+    def add_scale(self, k: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Add the sampled tokens ``(B, n_k)`` of scale k (``probs`` ``(B, n_k, V)`` for
+        soft codewords); return the ``(B, n_{k+1}, C)`` input of the next scale or None."""
+        ...
+
+
+@runtime_checkable
+class PyramidTokenizer(Protocol):
+    """What a modality implements. See the module docstring for the contract."""
+
+    schedule: ScaleSchedule
+    vocab_size: int
+    latent_dim: int
+
+    def encode(self, data: Any) -> list[torch.Tensor]: ...
+
+    def decode(self, indices: Sequence[torch.Tensor]) -> Any: ...
+
+    def teacher_forcing_input(self, indices: Sequence[torch.Tensor]) -> torch.Tensor: ...
+
+    def start(self, batch_size: int, device: torch.device | str) -> DecodeState: ...
+
+    def finish(self, state: DecodeState) -> Any: ...
+
+
+class ResidualDecodeState:
+    """Accumulates ``f_hat`` scale by scale through a quantizer (and pyramid)."""
+
+    def __init__(self, quantizer: MultiScaleResidualQuantizer, batch_size: int, device,
+                 pyramid: Optional[LatentPyramid] = None):
+        self.quantizer = quantizer
+        self.pyramid = pyramid if pyramid is not None else quantizer.pyramid
+        self.schedule = self.pyramid.schedule
+        self.f_hat = quantizer.embedding.weight.new_zeros(batch_size, quantizer.dim, *self.schedule.shape(-1)).to(device)
+        self.indices: list[torch.Tensor] = []
+        self.k = 0
+
+    def add_scale(self, k: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        if k != self.k:
+            raise ValueError(f"scales must be added in order: expected scale {self.k}, got {k}")
+        n = self.schedule.token_counts[k]
+        if idx.dim() != 2 or idx.shape[1] != n or idx.shape[0] != self.f_hat.shape[0]:
+            raise ValueError(f"scale {k}: expected indices of shape ({self.f_hat.shape[0]}, {n}), got {tuple(idx.shape)}")
+        q = self.quantizer
+        h = q.lookup(idx, k, self.pyramid) if probs is None else q.embed_probs(probs, k, self.pyramid)
+        self.f_hat, nxt = q.add_scale(self.f_hat, k, h, self.pyramid)
+        self.indices.append(idx)
+        self.k += 1
+        return nxt
+
+
+class MultiScaleVQTokenizer(nn.Module):
+    """A multi-scale residual VQ-VAE: ``encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder``.
+
+    Args:
+        encoder: ``data -> (B, C, *full)`` module.
+        decoder: ``(B, C, *full) -> data`` module.
+        quantizer: the shared residual quantizer (holds schedule and pyramid).
+        quant_conv, post_quant_conv: optional modules around the quantizer
+            (VAR uses 3x3 convs); identity when omitted.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, quantizer: MultiScaleResidualQuantizer,
+                 quant_conv: Optional[nn.Module] = None, post_quant_conv: Optional[nn.Module] = None):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.quantize = quantizer
+        self.quant_conv = quant_conv if quant_conv is not None else nn.Identity()
+        self.post_quant_conv = post_quant_conv if post_quant_conv is not None else nn.Identity()
+
+    # protocol attributes
+    @property
+    def schedule(self) -> ScaleSchedule:
+        return self.quantize.schedule
+
+    @property
+    def vocab_size(self) -> int:
+        return self.quantize.vocab_size
+
+    @property
+    def latent_dim(self) -> int:
+        return self.quantize.dim
+
+    # latent <-> data
+    def check_data(self, data: torch.Tensor) -> None:
+        """Adapters override to raise a clear error for malformed input."""
+
+    def encode_latent(self, data: torch.Tensor) -> torch.Tensor:
+        """``data -> (B, C, *full)`` continuous latent before quantization."""
+        self.check_data(data)
+        return self.quant_conv(self.encoder(data))
+
+    def decode_latent(self, f_hat: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(f_hat))
+
+    # protocol
+    @torch.no_grad()
+    def encode(self, data: torch.Tensor) -> list[torch.Tensor]:
+        return self.quantize.encode(self.encode_latent(data))
+
+    @torch.no_grad()
+    def decode(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.decode_latent(self.quantize.indices_to_fhat(indices))
+
+    @torch.no_grad()
+    def decode_progression(self, indices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Data decoded from scales ``<= k`` for every k: the coarse-to-fine progression."""
+        return [self.decode_latent(f) for f in self.quantize.indices_to_fhat(indices, cumulative=True)]
+
+    @torch.no_grad()
+    def teacher_forcing_input(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.quantize.teacher_forcing_input(indices)
+
+    def start(self, batch_size: int, device: torch.device | str) -> ResidualDecodeState:
+        return ResidualDecodeState(self.quantize, batch_size, device)
+
+    @torch.no_grad()
+    def finish(self, state: ResidualDecodeState) -> torch.Tensor:
+        return self.decode_latent(state.f_hat)
+
+    # training
+    def forward(self, data: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+        """Training forward: ``(reconstruction, quantizer output)``."""
+        q = self.quantize(self.encode_latent(data))
+        return self.decode_latent(q.f_hat), q
