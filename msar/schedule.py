@@ -137,7 +137,7 @@ class ScaleSchedule:
     def level_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``(L,)`` long tensor: the scale index of every position."""
         counts = torch.tensor(self.token_counts, device=device)
-        return torch.repeat_interleave(torch.arange(self.num_scales, device=device), counts)
+        return torch.repeat_interleave(torch.arange(self.num_scales, device=device), counts, output_size=self.L)
 
     def attn_mask(self, kind: str = "bool", device: torch.device | str | None = None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:

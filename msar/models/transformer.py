@@ -251,7 +251,8 @@ class NextScaleTransformer(nn.Module):
 
         self.shared_ada_lin = (nn.Sequential(nn.SiLU(), SharedAdaLin(self.C, 6 * self.C))
                                if cfg.shared_aln else nn.Identity())
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        # linearly increasing stochastic depth (plain Python so the model can be built on the meta device)
+        dpr = [cfg.drop_path_rate * i / (cfg.depth - 1) if cfg.depth > 1 else 0.0 for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([
             AdaLNBlock(self.C, self.C, cfg.num_heads, cfg.mlp_ratio, cfg.shared_aln, cfg.attn_l2_norm,
                        cfg.drop_rate, cfg.attn_drop_rate, dpr[i], cfg.norm_eps)
