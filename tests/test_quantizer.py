@@ -1,0 +1,151 @@
+"""Multi-scale residual quantizer invariants on rank 1/2/3 grids and operator hierarchies."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from msar import MultiScaleResidualQuantizer, OperatorPyramid, ResidualDecodeState, ScaleSchedule
+
+
+@st.composite
+def grid_setups(draw):
+    rank = draw(st.integers(1, 3))
+    K = draw(st.integers(1, 4))
+    sides = sorted(draw(st.lists(st.integers(1, 5), min_size=K, max_size=K)))
+    scales = [(s,) * rank for s in sides]
+    share = draw(st.sampled_from([0, 1, 2, 4]))
+    return scales, share, draw(st.integers(0, 2 ** 16)), draw(st.booleans())
+
+
+@st.composite
+def operator_setups(draw):
+    """A random hard-cluster hierarchy: N fine nodes, each level merges clusters of the next finer one."""
+    N = draw(st.integers(1, 10))
+    levels = [torch.arange(N)]
+    n = N
+    while n > 1:
+        m = draw(st.integers(1, n - 1))
+        parent = torch.tensor(draw(st.lists(st.integers(0, m - 1), min_size=n, max_size=n)))
+        parent[:m] = torch.arange(m)  # every coarse cluster non-empty
+        levels.insert(0, parent[levels[0]])
+        n = m
+    counts = [int(a.max()) + 1 for a in levels]
+    return counts, levels, draw(st.integers(0, 2 ** 16))
+
+
+def _check_invariants(q, f, pyramid=None):
+    idx = q.encode(f, pyramid=pyramid)
+    sched = q.schedule if pyramid is None else pyramid.schedule
+    assert [tuple(i.shape) for i in idx] == [(f.shape[0], n) for n in sched.token_counts]
+    assert all(int(i.min()) >= 0 and int(i.max()) < q.vocab_size for i in idx)
+    # per-scale contributions sum to the final latent
+    fhats = q.encode(f, pyramid=pyramid, return_fhat=True)
+    total = q.indices_to_fhat(idx, pyramid=pyramid)
+    torch.testing.assert_close(fhats[-1], total, atol=1e-5, rtol=1e-5)
+    steps = q.indices_to_fhat(idx, pyramid=pyramid, cumulative=True)
+    contribs = [steps[0]] + [b - a for a, b in zip(steps, steps[1:])]
+    torch.testing.assert_close(sum(contribs), fhats[-1], atol=1e-5, rtol=1e-5)
+    # incremental state reproduces the teacher-forcing input exactly
+    tf = q.teacher_forcing_input(idx, pyramid=pyramid)
+    state = ResidualDecodeState(q, f.shape[0], f.device, pyramid)
+    nexts = [n for k, i in enumerate(idx) if (n := state.add_scale(k, i)) is not None]
+    if nexts:
+        torch.testing.assert_close(torch.cat(nexts, 1), tf)
+    torch.testing.assert_close(state.f_hat, fhats[-1], atol=1e-5, rtol=1e-5)
+    return fhats
+
+
+@given(grid_setups())
+def test_grid_quantizer_invariants(setup):
+    scales, share, seed, l2 = setup
+    torch.manual_seed(seed)
+    q = MultiScaleResidualQuantizer(32, 4, scales, share_phi=share, l2_norm=l2)
+    f = torch.randn(2, 4, *scales[-1])
+    _check_invariants(q, f)
+
+
+@given(grid_setups())
+def test_more_scales_never_increase_error_without_phi(setup):
+    """Each scale's codeword is the nearest to the restricted residual; with phi off and the
+    codebook containing 0, adding a scale can only keep or reduce the error when the
+    finest scale is the full grid."""
+    scales, _, seed, _ = setup
+    torch.manual_seed(seed)
+    q = MultiScaleResidualQuantizer(64, 3, scales, phi_ratio=0.0)
+    q.embedding.weight.data[0] = 0  # "add nothing" is always available
+    f = torch.randn(3, 3, *scales[-1])
+    errs = [(fh - f).pow(2).mean().item() for fh in q.encode(f, return_fhat=True)]
+    # at the finest scale each token picks its nearest codeword directly: error can only drop
+    assert errs[-1] <= errs[-2] + 1e-6 if len(errs) > 1 else True
+    assert errs[-1] <= f.pow(2).mean().item() + 1e-6
+
+
+def test_more_scales_reduce_error_on_trained_like_codebook():
+    """Residual quantization with a codebook spanning the data: errors shrink scale by scale."""
+    torch.manual_seed(0)
+    scales = [(1, 1), (2, 2), (4, 4), (8, 8)]
+    q = MultiScaleResidualQuantizer(512, 2, scales, phi_ratio=0.0)
+    q.embedding.weight.data = torch.randn(512, 2) * 0.7
+    q.embedding.weight.data[0] = 0
+    f = torch.randn(4, 2, 8, 8)
+    errs = [(fh - f).pow(2).mean().item() for fh in q.encode(f, return_fhat=True)]
+    assert all(b <= a + 1e-6 for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 0.1 * f.pow(2).mean().item()
+
+
+@given(operator_setups())
+def test_operator_hierarchy_invariants(setup):
+    counts, assignments, seed = setup
+    torch.manual_seed(seed)
+    pyr = OperatorPyramid.from_assignments(counts, assignments)
+    q = MultiScaleResidualQuantizer(16, 3, pyr, share_phi=1)
+    f = torch.randn(2, 3, counts[-1])
+    _check_invariants(q, f)
+    # per-sample operators: the same hierarchy batched gives the same tokens
+    pyr_b = OperatorPyramid.from_assignments(counts, [a.expand(2, -1) for a in assignments])
+    assert all(torch.equal(a, b) for a, b in zip(q.encode(f), q.encode(f, pyramid=pyr_b)))
+
+
+def test_training_forward_straight_through_and_losses():
+    torch.manual_seed(0)
+    q = MultiScaleResidualQuantizer(16, 4, [(1, 1), (2, 2), (4, 4)])
+    f = torch.randn(2, 4, 4, 4, requires_grad=True)
+    out = q(f)
+    torch.testing.assert_close(out.f_hat, q.encode(f.detach(), return_fhat=True)[-1], atol=1e-5, rtol=1e-5)
+    (out.f_hat.sum() + out.loss).backward()
+    assert f.grad is not None and q.embedding.weight.grad is not None
+    assert q.phi.convs[0].conv.weight.grad is not None
+    assert len(out.usage) == 3 and all(0 <= u <= 100 for u in out.usage)
+
+
+def test_phi_tick_selection_matches_var():
+    # selections read off the reference implementation (10 scales / 4 phis; 5 scales / 3 phis)
+    q = MultiScaleResidualQuantizer(8, 2, [(p, p) for p in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)], share_phi=4)
+    assert [q.phi.index(k) for k in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    q3 = MultiScaleResidualQuantizer(8, 2, [(p, p) for p in (1, 2, 3, 4, 5)], share_phi=3)
+    assert [q3.phi.index(k) for k in range(5)] == [0, 0, 1, 2, 2]
+    q1 = MultiScaleResidualQuantizer(8, 2, [(1, 1), (2, 2), (3, 3)], share_phi=1)
+    assert len(q1.phi.convs) == 1 and {q1.phi.index(k) for k in range(3)} == {0}
+    q0 = MultiScaleResidualQuantizer(8, 2, [(1, 1), (2, 2), (3, 3)], share_phi=0)
+    assert [q0.phi.index(k) for k in range(3)] == [0, 1, 2]
+    qn = MultiScaleResidualQuantizer(8, 2, [(1, 1), (2, 2)], phi_ratio=0.0)
+    assert len(qn.phi.convs) == 0
+
+
+def test_dead_code_restart_reseeds_unused_codes():
+    torch.manual_seed(0)
+    q = MultiScaleResidualQuantizer(64, 2, [(1,), (4,)])
+    f = torch.randn(8, 2, 4) * 0.01
+    q.train()
+    q(f)
+    before = q.embedding.weight.detach().clone()
+    n = q.restart_dead_codes(f)
+    assert n > 0
+    assert (q.embedding.weight != before).any(dim=1).sum() == n
+
+
+def test_quantizer_rejects_wrong_latent_shape():
+    q = MultiScaleResidualQuantizer(8, 4, [(1, 1), (2, 2)])
+    with pytest.raises(ValueError, match=r"expected a latent of shape \(B, 4, 2, 2\)"):
+        q.encode(torch.randn(1, 3, 2, 2))
+    with pytest.raises(ValueError, match="out of range"):
+        q.indices_to_fhat([torch.zeros(1, 1, dtype=torch.long), torch.full((1, 4), 9)])
