@@ -1,0 +1,181 @@
+"""Deterministic coarsening hierarchy by heavy-edge matching with exact halving.
+
+``coarsen(G)`` returns levels ``G_0 (1 node) ... G_K (= G)`` where every level has
+exactly ``ceil(n / 2)`` nodes of the level below it, so the node counts of all
+levels depend on ``N`` alone: ``n_k = ceil(N / 2 ** (K - k))``.  That is what lets
+a *fixed* transformer schedule (max nodes per level, padded) cover graphs of any size.
+
+One coarsening step (fine -> coarse):
+
+1. heavy-edge matching: visit nodes by (degree, cluster size, id); match each
+   unmatched node with the unmatched neighbour of heaviest edge weight (weight =
+   number of fine edges between the two clusters), ties to the smaller cluster;
+2. leftovers (no unmatched neighbour) are paired with each other, preferring a
+   leftover two hops away (most common-neighbour weight), until at most one remains.
+
+So every coarse node has one or two children.  Children are then ordered
+top-down (the bigger / higher-degree child first) which fixes a *tree order* of
+the nodes of every level: the children of coarse node 0, then of node 1, ...
+The decoder rebuilds the same order from the tokens alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+
+@dataclass
+class Level:
+    """One level of the hierarchy, nodes in tree order ``0..n-1``.
+
+    ``edges``: sorted list of ``(u, v)`` with ``u < v``.
+    ``children``: for each node, its 1 or 2 children in the next finer level (empty at the finest).
+    ``size``: number of finest-level nodes under each node.
+    """
+
+    n: int
+    edges: list[tuple[int, int]]
+    children: list[list[int]] = field(default_factory=list)
+    size: list[int] = field(default_factory=list)
+
+
+def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int]) -> list[list[int]]:
+    """One coarsening step on a weighted graph; returns clusters (lists of 1 or 2 fine nodes)."""
+    nbrs: list[dict[int, int]] = [dict() for _ in range(n)]
+    for (u, v), x in w.items():
+        nbrs[u][v] = x
+        nbrs[v][u] = x
+    order = sorted(range(n), key=lambda u: (len(nbrs[u]), size[u], u))
+    mate = [-1] * n
+    for u in order:
+        if mate[u] >= 0:
+            continue
+        cands = [v for v in nbrs[u] if mate[v] < 0 and v != u]
+        if cands:
+            v = max(cands, key=lambda v: (nbrs[u][v], -size[v], -len(nbrs[v]), -v))
+            mate[u], mate[v] = v, u
+    leftovers = [u for u in order if mate[u] < 0]
+    left = set(leftovers)
+    for u in leftovers:  # pair leftovers, two hops away when possible
+        if u not in left:
+            continue
+        left.discard(u)
+        if not left:
+            break
+        two_hop: dict[int, int] = {}
+        for a, wa in nbrs[u].items():
+            for b, wb in nbrs[a].items():
+                if b in left:
+                    two_hop[b] = two_hop.get(b, 0) + wa * wb
+        if two_hop:
+            v = max(two_hop, key=lambda b: (two_hop[b], -size[b], -b))
+        else:
+            v = next(x for x in leftovers if x in left)
+        left.discard(v)
+        mate[u], mate[v] = v, u
+    clusters, seen = [], set()
+    for u in order:
+        if u in seen:
+            continue
+        c = [u] if mate[u] < 0 else [u, mate[u]]
+        seen.update(c)
+        clusters.append(c)
+    return clusters
+
+
+def coarsen(G: nx.Graph, num_levels: int | None = None) -> list[Level]:
+    """Hierarchy ``[G_0, ..., G_K]`` of a simple undirected graph, coarsest first, all in tree order.
+
+    ``num_levels``: pad the top with one-node levels to this many levels (must be at
+    least ``ceil(log2 N) + 1``).  The finest level is isomorphic to ``G``.
+    """
+    G = nx.convert_node_labels_to_integers(nx.Graph(G))
+    G.remove_edges_from(nx.selfloop_edges(G))
+    N = G.number_of_nodes()
+    if N == 0:
+        raise ValueError("cannot coarsen an empty graph (0 nodes)")
+    # ---- bottom-up: clusters of every step, in the fine level's original labels
+    w = {(min(u, v), max(u, v)): 1 for u, v in G.edges()}
+    n, size = N, [1] * N
+    steps: list[list[list[int]]] = []  # steps[t] clusters of level t (fine ids of level t)
+    level_w = [w]
+    while n > 1:
+        clusters = _match_step(n, w, size)
+        assign = np.empty(n, dtype=np.int64)
+        for c, members in enumerate(clusters):
+            assign[members] = c
+        nw: dict[tuple[int, int], int] = {}
+        for (u, v), x in w.items():
+            a, b = int(assign[u]), int(assign[v])
+            if a != b:
+                key = (min(a, b), max(a, b))
+                nw[key] = nw.get(key, 0) + x
+        size = [sum(size[m] for m in members) for members in clusters]
+        steps.append(clusters)
+        w, n = nw, len(clusters)
+        level_w.append(w)
+    depth = len(steps) + 1
+    if num_levels is None:
+        num_levels = depth
+    if num_levels < depth:
+        raise ValueError(f"a graph with {N} nodes needs {depth} levels, the hierarchy allows {num_levels}")
+
+    # ---- top-down: tree order. ids[t] maps tree position -> label at bottom-up level t
+    # bottom-up level t=0 is the graph, t=len(steps) is the single root
+    sizes_bu = [[1] * N]
+    for clusters in steps:
+        sizes_bu.append([sum(sizes_bu[-1][m] for m in c) for c in clusters])
+    deg_bu = []
+    for t, wt in enumerate(level_w):
+        d = [0] * (len(sizes_bu[t]))
+        for (u, v) in wt:
+            d[u] += 1
+            d[v] += 1
+        deg_bu.append(d)
+    T = len(steps)
+    order = [0]  # tree order of the root level, as bottom-up labels
+    levels: list[Level] = []
+    for t in range(T, -1, -1):
+        pos = {lab: i for i, lab in enumerate(order)}
+        edges = sorted((min(pos[u], pos[v]), max(pos[u], pos[v])) for (u, v) in level_w[t])
+        lvl = Level(n=len(order), edges=edges, size=[sizes_bu[t][lab] for lab in order])
+        if t > 0:
+            nxt, children = [], []
+            for lab in order:
+                kids = sorted(steps[t - 1][lab], key=lambda c: (-sizes_bu[t - 1][c], -deg_bu[t - 1][c], c))
+                children.append(list(range(len(nxt), len(nxt) + len(kids))))
+                nxt.extend(kids)
+            lvl.children = children
+            order = nxt
+        levels.append(lvl)
+    # ---- pad the top with single-node levels
+    while len(levels) < num_levels:
+        levels.insert(0, Level(n=1, edges=[], children=[[0]], size=[N]))
+    return levels
+
+
+def num_levels_for(n: int) -> int:
+    """Levels of the halving hierarchy of an ``n``-node graph: ``ceil(log2 n) + 1``."""
+    return int(np.ceil(np.log2(max(n, 1)))) + 1
+
+
+def assignments(levels: list[Level]) -> list[np.ndarray]:
+    """Per level, the cluster of every finest-level node: ``(N,)`` int arrays, coarsest first
+    (the input of :meth:`msar.OperatorPyramid.from_assignments`)."""
+    N = levels[-1].n
+    out = [np.arange(N)]
+    for lvl in reversed(levels[:-1]):
+        parent = np.empty(sum(len(c) for c in lvl.children), dtype=np.int64)
+        for p, kids in enumerate(lvl.children):
+            parent[kids] = p
+        out.append(parent[out[-1]])
+    return out[::-1]
+
+
+def level_graph(level: Level) -> nx.Graph:
+    G = nx.Graph()
+    G.add_nodes_from(range(level.n))
+    G.add_edges_from(level.edges)
+    return G

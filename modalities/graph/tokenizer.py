@@ -1,0 +1,407 @@
+"""Exact-structure pyramid tokenizer for graphs: next-scale prediction = next coarsening level.
+
+A graph ``G`` is coarsened into ``G_0 (1 node) ... G_{K-1} (= G)`` by
+:func:`~modalities.graph.coarsen.coarsen` (every coarse node has 1 or 2 children).
+Going from ``G_k`` to ``G_{k+1}`` takes two scales of tokens:
+
+* ``S_k`` (one token per node of ``G_k``): how the node splits --
+  ``SINGLE`` (one child), ``PAIR`` (two children, no edge between them) or
+  ``PAIR_EDGE`` (two children joined by an edge);
+* ``E_k`` (one token per edge ``(u, v)`` of ``G_k``, ``k >= 1``): which of the
+  (at most 2 x 2) child pairs are joined, a non-empty 4-bit mask -> 15 tokens.
+
+Every fine edge is either inside a cluster (told by ``S_k``) or between two
+clusters that are adjacent in ``G_k`` (told by ``E_k``), so the tokens describe
+the graph exactly: decode(encode(G)) is isomorphic to G.
+
+Fixed schedule: the transformer needs the same token counts for every graph, so
+scale ``S_k`` has ``max_nodes[k]`` positions and ``E_k`` has ``max_edges[k]``; positions
+past the real count hold ``PAD`` (and are left out of the loss).  Scales run
+``S_0, S_1, E_1, S_2, E_2, ..., S_{K-2}, E_{K-2}``.
+
+Next-scale input: instead of a VQ latent, the decode state hands the transformer a
+fixed feature vector per position of the next scale, computed from the partial
+graph decoded so far (valid flag, binary tree-order index of the node(s),
+parent split, degree, random-walk return probabilities, clustering, common
+neighbours, the endpoints' split tokens).  Teacher forcing and sampling run the
+very same state, so they agree exactly.
+
+Decoding is total: any token sequence gives a simple undirected graph without
+self loops.  Tokens of the wrong kind are read as ``SINGLE`` (node positions) or
+"drop the edge" (edge positions); mask bits naming a missing child are ignored;
+growth past the schedule's capacity is cut (extra splits become ``SINGLE``,
+extra edges dropped).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import networkx as nx
+import numpy as np
+import torch
+from torch_geometric.data import Batch, Data
+
+from msar import OperatorPyramid, ScaleSchedule
+
+from .coarsen import Level, assignments, coarsen, num_levels_for
+from .datasets import graphs_from, to_data
+
+SINGLE, PAIR, PAIR_EDGE = 0, 1, 2
+EDGE0 = 3  # edge token = EDGE0 + mask - 1 for a mask in 1..15 (bit 2 * i + j: child i of u -- child j of v)
+PAD = EDGE0 + 15
+VOCAB = PAD + 1
+RW_STEPS = (2, 3, 4, 5)
+
+
+def _bits(i: int, nbits: int) -> np.ndarray:
+    return np.array([1.0 if (i >> b) & 1 else -1.0 for b in range(nbits)], dtype=np.float32)
+
+
+class _LevelGraph:
+    """Per-sample partial graph at the current level, with the stats the features need."""
+
+    def __init__(self, n: int, edges: list[tuple[int, int]], parent_split: list[int], child_rank: list[int],
+                 parent_of: list[int]):
+        self.n, self.edges = n, edges
+        self.parent_split, self.child_rank, self.parent_of = parent_split, child_rank, parent_of
+        A = np.zeros((n, n), dtype=np.float64)
+        for u, v in edges:
+            A[u, v] = A[v, u] = 1.0
+        self.A = A
+        self.deg = A.sum(1)
+        # random-walk return probabilities (diagonal of (D^-1 A)^t)
+        P = A / np.maximum(self.deg, 1)[:, None]
+        self.rw = np.zeros((n, len(RW_STEPS)), dtype=np.float64)
+        M = P.copy()
+        t = 1
+        for j, s in enumerate(RW_STEPS):
+            while t < s:
+                M = M @ P
+                t += 1
+            self.rw[:, j] = np.diag(M)
+        A2 = A @ A
+        self.common = A2  # common neighbours of (u, v)
+        tri = (A2 * A).sum(1) / 2
+        denom = self.deg * (self.deg - 1) / 2
+        self.clust = np.where(denom > 0, tri / np.maximum(denom, 1), 0.0)
+
+
+class GraphPyramidTokenizer:
+    """Exact pyramid tokenizer of simple undirected graphs (see the module docstring).
+
+    Args:
+        max_nodes: ``K`` ints, capacity of every level (the last is the largest graph size).
+        max_edges: ``K`` ints, capacity of the edge lists of levels ``1..K-2`` (others unused).
+        nbits: bits of the binary tree-order index fed as a feature (default: enough for ``max_nodes[-1]``).
+
+    Use :meth:`fit` to size it from a training set.
+    """
+
+    def __init__(self, max_nodes: Sequence[int], max_edges: Sequence[int], nbits: Optional[int] = None):
+        K = len(max_nodes)
+        if K < 2:
+            raise ValueError(f"need at least 2 levels (max_nodes of length >= 2), got {list(max_nodes)}")
+        if len(max_edges) != K:
+            raise ValueError(f"max_edges must have one entry per level ({K}), got {len(max_edges)}")
+        if max_nodes[0] != 1:
+            raise ValueError(f"the top level has exactly one node: max_nodes[0] must be 1, got {max_nodes[0]}")
+        self.K = K
+        self.max_nodes = [int(x) for x in max_nodes]
+        self.max_edges = [max(1, int(x)) for x in max_edges]
+        self.nbits = int(nbits) if nbits else max(1, math.ceil(math.log2(max(self.max_nodes[-1], 2))))
+        # scales: ('S', k) for k in 0..K-2, ('E', k) for k in 1..K-2, interleaved S_k, E_k
+        self.kinds: list[tuple[str, int]] = []
+        counts: list[int] = []
+        for k in range(K - 1):
+            self.kinds.append(("S", k))
+            counts.append(self.max_nodes[k])
+            if k >= 1:
+                self.kinds.append(("E", k))
+                counts.append(self.max_edges[k])
+        self.schedule = ScaleSchedule(counts)
+        self.vocab_size = VOCAB
+        self._node_dim = 13
+        raw = 5 + 2 * self.nbits + 2 * self._node_dim + 2
+        self.latent_dim = int(8 * math.ceil(raw / 8))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def fit(cls, graphs: Sequence[nx.Graph], edge_slack: float = 0.1, node_slack: int = 0) -> "GraphPyramidTokenizer":
+        """Size a tokenizer for a training set: levels for the largest graph, edge capacity
+        ``(1 + edge_slack) x`` the largest seen per level."""
+        graphs = graphs_from(graphs)
+        nmax = max(G.number_of_nodes() for G in graphs) + int(node_slack)
+        K = num_levels_for(nmax)
+        max_nodes = [int(math.ceil(nmax / 2 ** (K - 1 - k))) for k in range(K)]
+        max_edges = [0] * K
+        for G in graphs:
+            for k, lvl in enumerate(coarsen(G, K)):
+                max_edges[k] = max(max_edges[k], len(lvl.edges))
+        max_edges = [int(math.ceil(m * (1 + edge_slack))) for m in max_edges]
+        return cls(max_nodes, max_edges)
+
+    def config(self) -> dict:
+        return {"max_nodes": self.max_nodes, "max_edges": self.max_edges, "nbits": self.nbits}
+
+    # ------------------------------------------------------------------ encoding
+    def check_data(self, graphs: list[nx.Graph]) -> None:
+        for i, G in enumerate(graphs):
+            n = G.number_of_nodes()
+            if n == 0:
+                raise ValueError(f"graph {i}: has no nodes; expected at least one")
+            if n > self.max_nodes[-1]:
+                raise ValueError(f"graph {i}: {n} nodes, but this tokenizer holds at most {self.max_nodes[-1]}")
+
+    def levels(self, G: nx.Graph) -> list[Level]:
+        return coarsen(G, self.K)
+
+    def encode_graph(self, G: nx.Graph) -> list[list[int]]:
+        """Token lists (unpadded) per scale for one graph."""
+        lv = self.levels(G)
+        out = []
+        for kind, k in self.kinds:
+            fine = set(lv[k + 1].edges)
+            if kind == "S":
+                toks = []
+                for kids in lv[k].children:
+                    if len(kids) == 1:
+                        toks.append(SINGLE)
+                    else:
+                        toks.append(PAIR_EDGE if (min(kids), max(kids)) in fine else PAIR)
+                if len(toks) > self.max_nodes[k]:
+                    raise ValueError(f"level {k} has {len(toks)} nodes, capacity {self.max_nodes[k]}")
+            else:
+                toks = []
+                for u, v in lv[k].edges:
+                    mask = 0
+                    for i, a in enumerate(lv[k].children[u]):
+                        for j, b in enumerate(lv[k].children[v]):
+                            if (min(a, b), max(a, b)) in fine:
+                                mask |= 1 << (2 * i + j)
+                    toks.append(EDGE0 + mask - 1)
+                if len(toks) > self.max_edges[k]:
+                    raise ValueError(f"graph has {len(toks)} edges at level {k}, the tokenizer's capacity is "
+                                     f"{self.max_edges[k]}; refit with a larger edge_slack")
+            out.append(toks)
+        return out
+
+    @torch.no_grad()
+    def encode(self, data: Any) -> list[torch.Tensor]:
+        """``Data`` / ``Batch`` / networkx graph(s) -> per scale ``(B, n_k)`` long, PAD-filled."""
+        graphs = graphs_from(data)
+        self.check_data(graphs)
+        per = [self.encode_graph(G) for G in graphs]
+        out = []
+        for s, n in enumerate(self.schedule.token_counts):
+            t = torch.full((len(graphs), n), PAD, dtype=torch.long)
+            for b, toks in enumerate(per):
+                if toks[s]:
+                    t[b, :len(toks[s])] = torch.tensor(toks[s])
+            out.append(t)
+        return out
+
+    def valid_mask(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(B, L)`` bool: positions that hold a real node or edge (the ones the loss counts).
+        For encoded data these are exactly the non-PAD positions."""
+        return torch.cat([idx != PAD for idx in indices], 1)
+
+    # ------------------------------------------------------------------ decoding
+    def start(self, batch_size: int, device: torch.device | str = "cpu") -> "GraphDecodeState":
+        return GraphDecodeState(self, batch_size, device)
+
+    @torch.no_grad()
+    def teacher_forcing_input(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(B, L - n_0, C)``: what the decode state hands the transformer, fed the true tokens."""
+        B = self.schedule.check_indices(indices, self.vocab_size)
+        st = self.start(B, indices[0].device)
+        pieces = []
+        for k, idx in enumerate(indices):
+            nxt = st.add_scale(k, idx)
+            if nxt is not None:
+                pieces.append(nxt)
+        return torch.cat(pieces, 1) if pieces else torch.zeros(B, 0, self.latent_dim)
+
+    @torch.no_grad()
+    def decode(self, indices: Sequence[torch.Tensor]) -> Batch:
+        B = self.schedule.check_indices(indices, self.vocab_size)
+        st = self.start(B, indices[0].device)
+        for k, idx in enumerate(indices):
+            st.add_scale(k, idx)
+        return self.finish(st)
+
+    @torch.no_grad()
+    def decode_progression(self, indices: Sequence[torch.Tensor]) -> list[list[nx.Graph]]:
+        """Per level ``G_0 .. G_{K-1}``, the decoded graphs of the batch (coarse to fine)."""
+        B = self.schedule.check_indices(indices, self.vocab_size)
+        st = self.start(B, indices[0].device)
+        for k, idx in enumerate(indices):
+            st.add_scale(k, idx)
+        return [[_graph(n, e) for n, e in lvl] for lvl in st.history]
+
+    def finish(self, state: "GraphDecodeState") -> Batch:
+        if not state.done:
+            raise ValueError(f"finish: the decode state has seen {state.s} of {len(self.schedule)} scales")
+        return Batch.from_data_list([to_data(_graph(g.n, g.edges)) for g in state.graphs])
+
+    # ------------------------------------------------------------------ core pyramid of a batch
+    def pyramid(self, data: Any) -> OperatorPyramid:
+        """The coarsening hierarchy as a core :class:`msar.OperatorPyramid` (per-sample cluster maps).
+
+        Node levels of a batch are padded to the capacity ``max_nodes`` (padding nodes form
+        their own clusters), so a latent of shape ``(B, C, max_nodes[-1])`` can be restricted
+        to any level -- the pyramid a lossy node-latent (MAG-style) variant would quantize over.
+        """
+        graphs = graphs_from(data)
+        self.check_data(graphs)
+        N = self.max_nodes[-1]
+        rows = []
+        for G in graphs:
+            a = assignments(self.levels(G))
+            n = G.number_of_nodes()
+            full = []
+            for k, ak in enumerate(a):
+                pad = np.minimum(np.arange(n, N), self.max_nodes[k] - 1)  # padding nodes fold into the last cluster
+                full.append(np.concatenate([ak, pad]) if N > n else ak)
+            rows.append(full)
+        ass = [torch.as_tensor(np.stack([r[k] for r in rows]), dtype=torch.long) for k in range(self.K)]
+        return OperatorPyramid.from_assignments(ScaleSchedule(self.max_nodes), ass)
+
+
+def _graph(n: int, edges: Sequence[tuple[int, int]]) -> nx.Graph:
+    G = nx.Graph()
+    G.add_nodes_from(range(n))
+    G.add_edges_from(edges)
+    return G
+
+
+class GraphDecodeState:
+    """Incremental decoder: after each scale returns the features of the next one.
+
+    ``graphs[b]`` is sample b's current level; ``history`` keeps ``(n, edges)`` of every level.
+    """
+
+    def __init__(self, tok: GraphPyramidTokenizer, batch_size: int, device: torch.device | str = "cpu"):
+        self.tok, self.B, self.device = tok, int(batch_size), torch.device(device)
+        self.s = 0  # next scale to add
+        self.level = 0
+        self.graphs = [_LevelGraph(1, [], [SINGLE], [0], [0]) for _ in range(self.B)]
+        self.splits: list[list[int]] = [[] for _ in range(self.B)]
+        self.history: list[list[tuple[int, list]]] = [[(1, [])] * self.B]
+        self.done = False
+
+    # ---- features
+    def _node_block(self, g: _LevelGraph, u: int, split: Optional[int]) -> np.ndarray:
+        f = np.zeros(self.tok._node_dim, dtype=np.float32)
+        f[g.parent_split[u]] = 1.0
+        f[3] = g.child_rank[u]
+        f[4] = math.log1p(g.deg[u]) / 3
+        f[5:9] = g.rw[u]
+        f[9] = g.clust[u]
+        if split is not None:
+            f[10 + split] = 1.0
+        return f
+
+    def _features(self, kind: str, k: int) -> torch.Tensor:
+        tok = self.tok
+        nb, nd = tok.nbits, tok._node_dim
+        n_pos = tok.max_nodes[k] if kind == "S" else tok.max_edges[k]
+        X = np.zeros((self.B, n_pos, tok.latent_dim), dtype=np.float32)
+        o_u, o_v = 5, 5 + nb
+        o_nu, o_nv, o_e = 5 + 2 * nb, 5 + 2 * nb + nd, 5 + 2 * nb + 2 * nd
+        for b, g in enumerate(self.graphs):
+            X[b, :, 1 if kind == "S" else 2] = 1.0
+            X[b, :, 3] = g.n / tok.max_nodes[k]
+            X[b, :, 4] = math.log1p(len(g.edges)) / 8
+            if kind == "S":
+                for u in range(g.n):
+                    X[b, u, 0] = 1.0
+                    X[b, u, o_u:o_u + nb] = _bits(u, nb)
+                    X[b, u, o_nu:o_nu + nd] = self._node_block(g, u, None)
+            else:
+                sp = self.splits[b]
+                for j, (u, v) in enumerate(g.edges[:n_pos]):
+                    X[b, j, 0] = 1.0
+                    X[b, j, o_u:o_u + nb] = _bits(u, nb)
+                    X[b, j, o_v:o_v + nb] = _bits(v, nb)
+                    X[b, j, o_nu:o_nu + nd] = self._node_block(g, u, sp[u])
+                    X[b, j, o_nv:o_nv + nd] = self._node_block(g, v, sp[v])
+                    X[b, j, o_e] = math.log1p(g.common[u, v]) / 2
+                    X[b, j, o_e + 1] = 1.0 if g.parent_of[u] == g.parent_of[v] else 0.0
+        return torch.from_numpy(X).to(self.device)
+
+    # ---- structure
+    def _read_splits(self, g: _LevelGraph, row: list[int], cap: int) -> list[int]:
+        sp, total = [], 0
+        for u in range(g.n):
+            t = row[u] if row[u] in (SINGLE, PAIR, PAIR_EDGE) else SINGLE
+            if t != SINGLE and total + 2 + (g.n - u - 1) > cap:  # keep room for one child each of the rest
+                t = SINGLE
+            total += 1 if t == SINGLE else 2
+            sp.append(t)
+        return sp
+
+    def _expand(self, b: int, masks: Optional[list[int]], cap_edges: Optional[int]) -> _LevelGraph:
+        g, sp = self.graphs[b], self.splits[b]
+        children, parent_split, child_rank, parent_of = [], [], [], []
+        for u in range(g.n):
+            c = len(parent_split)
+            kids = [c] if sp[u] == SINGLE else [c, c + 1]
+            children.append(kids)
+            for r in range(len(kids)):
+                parent_split.append(sp[u])
+                child_rank.append(r)
+                parent_of.append(u)
+        edges = set()
+        for u in range(g.n):
+            if sp[u] == PAIR_EDGE:
+                edges.add((children[u][0], children[u][1]))
+        if masks is not None:
+            for (u, v), t in zip(g.edges, masks):
+                if not EDGE0 <= t < PAD:
+                    continue  # a non-edge token at an edge position: the edge is dropped
+                mask = t - EDGE0 + 1
+                for i, a in enumerate(children[u]):
+                    for j, c in enumerate(children[v]):
+                        if mask >> (2 * i + j) & 1:
+                            edges.add((min(a, c), max(a, c)))
+        edges = sorted(edges)
+        if cap_edges is not None and len(edges) > cap_edges:
+            edges = edges[:cap_edges]
+        return _LevelGraph(len(parent_split), edges, parent_split, child_rank, parent_of)
+
+    def add_scale(self, k: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        tok = self.tok
+        if self.done or k != self.s:
+            raise ValueError(f"scales must be added in order: expected scale {self.s}, got {k}")
+        n = tok.schedule.token_counts[k]
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or tuple(idx.shape) != (self.B, n):
+            got = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"scale {k}: expected indices of shape ({self.B}, {n}), got {got}")
+        rows = idx.tolist()
+        kind, lvl = tok.kinds[k]
+        self.s += 1
+        expand = False
+        if kind == "S":
+            cap = tok.max_nodes[lvl + 1]
+            self.splits = [self._read_splits(g, r, cap) for g, r in zip(self.graphs, rows)]
+            if lvl == 0:  # G_0 has no edges, so no edge scale: expand right away
+                self.graphs = [self._expand(b, None, self._edge_cap(lvl + 1)) for b in range(self.B)]
+                expand = True
+            else:
+                return self._features("E", lvl)
+        else:
+            self.graphs = [self._expand(b, rows[b][:len(self.graphs[b].edges)], self._edge_cap(lvl + 1))
+                           for b in range(self.B)]
+            expand = True
+        if expand:
+            self.level = lvl + 1
+            self.history.append([(g.n, list(g.edges)) for g in self.graphs])
+            if self.level == tok.K - 1:
+                self.done = True
+                return None
+            return self._features("S", self.level)
+        return None
+
+    def _edge_cap(self, level: int) -> Optional[int]:
+        return self.tok.max_edges[level] if level <= self.tok.K - 2 else None
