@@ -1,0 +1,85 @@
+"""Distributed data parallel helpers (``torchrun``), harmless in a single process.
+
+Launch a training script with ``torchrun --nproc_per_node=N script.py``; torchrun
+sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``,
+and :func:`init_distributed` (called by the trainers) joins the process group with
+NCCL on CUDA, gloo on CPU.  Each rank must read a different shard of the data:
+build the loader with :func:`build_loader` (a ``DistributedSampler`` whose
+``set_epoch`` the trainers call at every epoch, which also makes resumed runs see
+the same order).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def init_distributed(device: Optional[str] = None) -> torch.device:
+    """Join the torchrun process group if ``WORLD_SIZE > 1`` (once); returns this rank's device.
+
+    ``device=None`` picks ``cuda:LOCAL_RANK`` when CUDA is available, else CPU.
+    """
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device(f"cuda:{local}")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if ws > 1 and not is_dist():
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise RuntimeError(f"WORLD_SIZE={ws} but {missing} unset: launch with torchrun")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+    return dev
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (identity in a single process)."""
+    if not is_dist():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x / world_size()
+
+
+def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
+                 num_workers: int = 0, collate_fn: Optional[Callable] = None, **kw: Any) -> DataLoader:
+    """A DataLoader over this rank's shard (``DistributedSampler``; one shard when not distributed).
+
+    The order is a function of ``(seed, epoch)`` only -- the trainers call
+    ``loader.sampler.set_epoch(epoch)`` -- so an interrupted run resumes on exactly
+    the batches it would have seen.  ``batch_size`` is per rank.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
+                      collate_fn=collate_fn, **kw)

@@ -1,0 +1,202 @@
+"""Training the next-scale transformer on the tokens of a frozen pyramid tokenizer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import distributed as D
+from .base import LossOutput, TrainConfig, Trainer, config_dict
+
+
+@dataclass
+class TransformerTrainConfig(TrainConfig):
+    """:class:`~msar.training.base.TrainConfig` plus ``label_smoothing`` of the cross-entropy.
+
+    Class dropout for classifier-free guidance lives in the model (``cond_drop_rate``).
+    """
+
+    label_smoothing: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+TokenBatch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]  # indices, labels, teacher input
+
+
+class TransformerTrainer(Trainer):
+    """Teacher-forced training of a :class:`~msar.models.transformer.NextScaleTransformer`.
+
+    Loss: token cross-entropy averaged over all ``L`` positions (VAR), with per-scale
+    loss and accuracy logged as ``loss_k{k}`` / ``acc_k{k}``.
+
+    Batches (from ``fit``'s loader or ``train_step``) may be
+
+    * precomputed tokens: ``(indices, labels)`` or ``{"indices": ..., "labels": ...}`` with
+      ``indices`` a list of ``(B, n_k)`` long tensors (one per scale);
+    * raw data encoded on the fly by the frozen tokenizer: ``(data, labels)``,
+      ``{"data": ..., "labels": ...}`` or ``data`` alone (labels default to the null
+      class, i.e. unconditional training);
+
+    or anything, when ``prepare_batch(raw) -> (indices, labels, teacher_input)`` is given
+    (e.g. graphs whose pyramid depends on the sample).
+
+    Example::
+
+        from msar import NextScaleTransformer, TransformerConfig
+        from msar.training import TransformerTrainer, TransformerTrainConfig, build_loader
+        model = NextScaleTransformer(TransformerConfig(schedule, vocab_size=V, latent_dim=C,
+                                                       num_classes=10, depth=2, embed_dim=64, num_heads=2)).init_weights()
+        cfg = TransformerTrainConfig(lr=3e-4, total_steps=2000, warmup_steps=100,
+                                     ckpt_dir="runs/t/ckpt", ckpt_every=500, log_dir="runs/t")
+        trainer = TransformerTrainer(model, tokenizer, cfg)
+        trainer.fit(build_loader(dataset, batch_size=64))   # resumes from runs/t/ckpt if present
+        print(trainer.evaluate(val_loader))                  # {'loss': ..., 'acc': ..., 'loss_k0': ...}
+
+    Under ``torchrun`` the same script trains with DDP (see :mod:`msar.training.distributed`).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: Optional[TransformerTrainConfig] = None,
+                 prepare_batch: Optional[Callable[[Any], TokenBatch]] = None):
+        config = config or TransformerTrainConfig()
+        super().__init__(model, config)
+        self.tokenizer = tokenizer
+        if isinstance(tokenizer, nn.Module):  # frozen: used in eval mode under no_grad, never optimized
+            tokenizer.to(self.device).eval()
+        self.schedule = model.schedule
+        if tokenizer is not None and getattr(tokenizer, "schedule", self.schedule) != self.schedule:
+            raise ValueError(f"tokenizer schedule {tokenizer.schedule} differs from the model's {self.schedule}")
+        self.prepare_batch = prepare_batch
+        self.level_ids = self.schedule.level_ids(self.device)
+        self.level_counts = torch.tensor(self.schedule.token_counts, device=self.device, dtype=torch.float32)
+
+    def model_config(self) -> Any:
+        cfg = getattr(self.model, "cfg", None)
+        return config_dict(cfg) if cfg is not None else None
+
+    # ------------------------------------------------------------------ batches
+    def _looks_like_indices(self, x: Any) -> bool:
+        return (isinstance(x, (list, tuple)) and len(x) == self.schedule.num_scales and len(x) > 0
+                and all(isinstance(t, torch.Tensor) and t.dim() == 2 and not t.dtype.is_floating_point for t in x))
+
+    def _null_labels(self, B: int) -> torch.Tensor:
+        return torch.full((B,), self.model.num_classes, dtype=torch.long, device=self.device)
+
+    def make_batch(self, data_or_indices: Any, labels: Optional[torch.Tensor] = None,
+                   teacher_input: Optional[torch.Tensor] = None) -> TokenBatch:
+        """``(indices (per scale (B, n_k)), labels (B,), teacher_input (B, L - n_0, C))`` on the device."""
+        from .base import _to_device
+        if self._looks_like_indices(data_or_indices):
+            indices = [t.to(self.device).long() for t in data_or_indices]
+        else:
+            if self.tokenizer is None:
+                raise TypeError("got raw data but the trainer has no tokenizer; pass precomputed indices "
+                                f"(a list of {self.schedule.num_scales} (B, n_k) long tensors)")
+            with torch.no_grad():
+                indices = [t.long() for t in self.tokenizer.encode(_to_device(data_or_indices, self.device))]
+        B = self.schedule.check_indices(indices, self.model.V)
+        labels = self._null_labels(B) if labels is None else torch.as_tensor(labels).to(self.device).long()
+        if teacher_input is None:
+            if self.tokenizer is None:
+                raise TypeError("no tokenizer to build the teacher-forcing input: pass teacher_input")
+            with torch.no_grad():
+                teacher_input = self.tokenizer.teacher_forcing_input(indices)
+        return indices, labels, teacher_input.to(self.device)
+
+    def parse_batch(self, raw: Any) -> TokenBatch:
+        if self.prepare_batch is not None:
+            indices, labels, x = self.prepare_batch(raw)
+            return self.make_batch(indices, labels, x)
+        if isinstance(raw, dict):
+            key = "indices" if "indices" in raw else "data"
+            if key not in raw:
+                raise TypeError(f"dict batches need an 'indices' or 'data' key, got {sorted(raw)}")
+            return self.make_batch(raw[key], raw.get("labels"), raw.get("teacher_input"))
+        if self._looks_like_indices(raw):
+            return self.make_batch(raw)
+        if isinstance(raw, (list, tuple)) and len(raw) == 2:
+            return self.make_batch(raw[0], raw[1])
+        if isinstance(raw, (list, tuple)) and len(raw) == 1:
+            return self.make_batch(raw[0])
+        return self.make_batch(raw)
+
+    # ------------------------------------------------------------------ loss
+    def token_losses(self, model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token cross-entropy ``(B, L)``, per-token correctness ``(B, L)`` and logits ``(B, L, V)``."""
+        indices, labels, x = batch
+        logits = model(labels, x)
+        target = torch.cat(indices, dim=1)
+        B, L, V = logits.shape
+        ce = F.cross_entropy(logits.float().reshape(-1, V), target.reshape(-1),
+                             label_smoothing=self.config.label_smoothing, reduction="none").view(B, L)
+        correct = (logits.detach().argmax(-1) == target).float()
+        return ce, correct, logits
+
+    def per_scale(self, per_token: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` -> ``(K,)`` mean over each scale's tokens (and the batch)."""
+        per_pos = per_token.mean(0)
+        K = self.schedule.num_scales
+        return per_pos.new_zeros(K).index_add_(0, self.level_ids, per_pos) / self.level_counts
+
+    def compute_loss(self, batch: TokenBatch) -> LossOutput:
+        ce, correct, _ = self.token_losses(self.forward_model, batch)
+        loss = ce.mean()
+        loss_k = self.per_scale(ce.detach())
+        acc_k = self.per_scale(correct)
+        metrics = {"loss": loss.detach(), "acc": correct.mean()}
+        parts = {}
+        for k in range(self.schedule.num_scales):
+            metrics[f"loss_k{k}"] = loss_k[k]
+            metrics[f"acc_k{k}"] = acc_k[k]
+            parts[f"scale {k} {self.schedule.shape(k)}"] = loss_k[k]
+        return LossOutput(loss, metrics, parts)
+
+    def train_step(self, indices_or_data: Any, labels: Optional[torch.Tensor] = None,
+                   teacher_input: Optional[torch.Tensor] = None) -> Optional[dict]:
+        """One batch: precomputed per-scale ``indices`` or raw data, ``labels (B,)`` (None =
+        null class).  Returns the step record when an optimizer step was taken (every
+        ``grad_accum`` calls), else None."""
+        return self.step_on(self.make_batch(indices_or_data, labels, teacher_input))
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable, max_batches: Optional[int] = None, use_ema: bool = True,
+                 log: bool = True) -> dict[str, float]:
+        """Per-scale validation loss / accuracy (token-weighted means over the loader,
+        averaged over ranks); uses the EMA weights when EMA is on and ``use_ema``."""
+        model = self.ema.module if (use_ema and self.ema is not None) else self.model
+        was_training = model.training
+        model.eval()
+        K = self.schedule.num_scales
+        sums = torch.zeros(2 * K + 1, device=self.device, dtype=torch.float64)  # loss_k, acc_k, batches
+        try:
+            for i, raw in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                batch = self.parse_batch(raw)
+                with self.autocast():
+                    ce, correct, _ = self.token_losses(model, batch)
+                sums[:K] += self.per_scale(ce).double()
+                sums[K:2 * K] += self.per_scale(correct).double()
+                sums[-1] += 1
+        finally:
+            model.train(was_training)
+        if D.is_dist():
+            torch.distributed.all_reduce(sums)
+        n = max(1.0, sums[-1].item())
+        loss_k, acc_k = (sums[:K] / n).tolist(), (sums[K:2 * K] / n).tolist()
+        counts = self.schedule.token_counts
+        total = sum(counts)
+        out = {"loss": sum(l * c for l, c in zip(loss_k, counts)) / total,
+               "acc": sum(a * c for a, c in zip(acc_k, counts)) / total}
+        for k in range(K):
+            out[f"loss_k{k}"], out[f"acc_k{k}"] = loss_k[k], acc_k[k]
+        if log:
+            self.log_eval(out)
+        return out

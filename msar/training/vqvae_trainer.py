@@ -1,0 +1,249 @@
+"""Training a multi-scale VQ tokenizer: reconstruction + VQ loss, optional perceptual and adversarial terms."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import distributed as D
+from .base import LossOutput, TrainConfig, Trainer, _to_device
+
+
+@dataclass
+class VQVAETrainConfig(TrainConfig):
+    """:class:`~msar.training.base.TrainConfig` plus the loss weights.
+
+    ``loss = l1_weight * L1 + l2_weight * MSE + vq_weight * q.loss
+    + perceptual_weight * perceptual(x, recon) + d_weight * hinge_G``, where
+    ``d_weight = disc_weight * ||grad_last nll|| / ||grad_last G||`` (taming-transformers'
+    adaptive weight, clamped to [0, 1e4]) once ``step >= disc_start``.
+    ``restart_every`` > 0 re-seeds dead codewords every that many steps.
+    """
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    vq_weight: float = 1.0
+    perceptual_weight: float = 0.0
+    disc_weight: float = 0.5
+    disc_start: int = 0
+    disc_lr: Optional[float] = None
+    disc_betas: tuple[float, float] = (0.5, 0.9)
+    adaptive_disc_weight: bool = True
+    restart_every: int = 0
+    restart_threshold: float = 1e-3
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss ``mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat)))`` / 2."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def _last_weight(module: nn.Module) -> Optional[nn.Parameter]:
+    """The last multi-dimensional trainable weight of ``module`` (the decoder's output layer)."""
+    last = None
+    for p in module.parameters():
+        if p.requires_grad and p.dim() > 1:
+            last = p
+    return last
+
+
+class VQVAETrainer(Trainer):
+    """Trains a :class:`~msar.tokenizer.MultiScaleVQTokenizer` (anything whose
+    ``forward(x)`` returns ``(reconstruction, QuantizerOutput)``).
+
+    Args:
+        tokenizer: the model to train.
+        config: :class:`VQVAETrainConfig`.
+        perceptual: optional ``perceptual(x, recon) -> scalar`` (e.g. LPIPS), weighted by
+            ``config.perceptual_weight``.
+        discriminator: optional module ``recon -> logits`` trained with the hinge loss
+            by its own AdamW (``disc_lr``, ``disc_betas``) from ``config.disc_start``.
+        recon_loss: optional ``recon_loss(x, recon) -> scalar or {name: scalar}`` replacing
+            the L1 + L2 terms (data that is not a tensor, e.g. graphs).
+        last_layer: parameter for the adaptive GAN weight; default the decoder's last weight.
+
+    Batches: a tensor ``x``, a tuple/list whose first element is ``x`` (labels ignored),
+    or a dict with ``"data"``.  Logged: ``loss, l1, l2, vq, usage_k{k}`` (+ ``perceptual``,
+    ``g_loss, d_loss, d_weight``, ``restarted``).
+
+    Example::
+
+        tok = MultiScaleVQTokenizer(encoder, decoder, MultiScaleResidualQuantizer(512, 32, schedule))
+        trainer = VQVAETrainer(tok, VQVAETrainConfig(lr=2e-4, total_steps=5000, restart_every=200,
+                                                     ckpt_dir="runs/vq/ckpt", log_dir="runs/vq"))
+        trainer.fit(build_loader(images, batch_size=32))
+        print(trainer.evaluate(val_loader))     # {'l1': ..., 'mse': ..., 'vq': ..., 'usage_k0': ...}
+    """
+
+    def __init__(self, tokenizer: nn.Module, config: Optional[VQVAETrainConfig] = None,
+                 perceptual: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+                 discriminator: Optional[nn.Module] = None,
+                 recon_loss: Optional[Callable[[Any, Any], Any]] = None,
+                 last_layer: Optional[nn.Parameter] = None):
+        config = config or VQVAETrainConfig()
+        super().__init__(tokenizer, config)
+        self.tokenizer = tokenizer
+        self.perceptual = perceptual
+        self.recon_loss = recon_loss
+        if config.perceptual_weight > 0 and perceptual is None:
+            raise ValueError("perceptual_weight > 0 but no `perceptual` callable was given")
+        self.discriminator = discriminator
+        self._extra_modules = {}
+        if discriminator is not None:
+            self.discriminator = discriminator.to(self.device).train()
+            self._extra_modules["disc"] = self.discriminator
+            lr = config.disc_lr or config.lr
+            self.optimizers["disc"] = self.make_optimizer(self.discriminator, lr=lr, betas=config.disc_betas)
+            self.schedulers["disc"] = self.make_scheduler(self.optimizers["disc"], lr=lr)
+            self.clip_params["disc"] = [p for p in self.discriminator.parameters() if p.requires_grad]
+            if last_layer is None:
+                decoder = getattr(tokenizer, "decoder", tokenizer)
+                last_layer = _last_weight(decoder)
+            if last_layer is None and config.adaptive_disc_weight:
+                raise ValueError("adaptive GAN weight needs `last_layer` (no multi-dimensional decoder weight found)")
+        self.last_layer = last_layer
+
+    def checkpoint_models(self) -> dict[str, nn.Module]:
+        models = super().checkpoint_models()
+        if self.discriminator is not None:
+            models["disc"] = self.discriminator
+        return models
+
+    # ------------------------------------------------------------------ batches
+    def parse_batch(self, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            if "data" not in raw:
+                raise TypeError(f"dict batches need a 'data' key, got {sorted(raw)}")
+            raw = raw["data"]
+        elif isinstance(raw, (list, tuple)):
+            raw = raw[0]
+        return _to_device(raw, self.device)
+
+    # ------------------------------------------------------------------ loss
+    def reconstruction_terms(self, x: Any, recon: Any) -> dict[str, torch.Tensor]:
+        """Weighted reconstruction terms (their sum is the NLL of the adaptive GAN weight)."""
+        c = self.config
+        if self.recon_loss is not None:
+            out = self.recon_loss(x, recon)
+            return dict(out) if isinstance(out, dict) else {"recon": out}
+        if not isinstance(x, torch.Tensor) or not isinstance(recon, torch.Tensor):
+            raise TypeError("data is not a tensor: pass recon_loss=callable(x, recon) to VQVAETrainer")
+        if recon.shape != x.shape:
+            raise ValueError(f"reconstruction shape {tuple(recon.shape)} differs from input shape {tuple(x.shape)}")
+        recon, x = recon.float(), x.float()
+        terms = {}
+        if c.l1_weight:
+            terms["l1"] = c.l1_weight * F.l1_loss(recon, x)
+        if c.l2_weight:
+            terms["l2"] = c.l2_weight * F.mse_loss(recon, x)
+        return terms
+
+    def gan_active(self) -> bool:
+        return self.discriminator is not None and self.step >= self.config.disc_start
+
+    def adaptive_weight(self, nll: torch.Tensor, g_loss: torch.Tensor) -> torch.Tensor:
+        """``disc_weight * ||d nll / d w|| / (||d g / d w|| + 1e-4)`` at the decoder's last weight ``w``."""
+        c = self.config
+        if not c.adaptive_disc_weight:
+            return torch.tensor(c.disc_weight, device=self.device)
+        g_nll = torch.autograd.grad(nll, self.last_layer, retain_graph=True)[0]
+        g_adv = torch.autograd.grad(g_loss, self.last_layer, retain_graph=True)[0]
+        w = g_nll.norm() / (g_adv.norm() + 1e-4)
+        return w.clamp(0.0, 1e4).detach() * c.disc_weight
+
+    def compute_loss(self, x: Any) -> LossOutput:
+        c = self.config
+        recon, q = self.forward_model(x)
+        terms = self.reconstruction_terms(x, recon)
+        if self.perceptual is not None and c.perceptual_weight > 0:
+            terms["perceptual"] = c.perceptual_weight * self.perceptual(x, recon)
+        nll = sum(terms.values()) if terms else recon.new_zeros(())
+        vq = q.loss
+        loss = nll + c.vq_weight * vq
+        metrics = {"loss": loss.detach(), "vq": vq.detach(), **{k: v.detach() for k, v in terms.items()}}
+        parts = {**terms, "vq": vq}
+        if self.gan_active():
+            disc = self.discriminator
+            disc.requires_grad_(False)  # the generator loss must not update D
+            g_loss = -disc(recon).float().mean()
+            disc.requires_grad_(True)
+            d_weight = self.adaptive_weight(nll, g_loss) if torch.is_grad_enabled() else recon.new_tensor(0.0)
+            # D sees the reconstruction detached: its loss only reaches D's parameters
+            d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
+            loss = loss + d_weight * g_loss + d_loss
+            metrics.update(g_loss=g_loss.detach(), d_loss=d_loss.detach(), d_weight=d_weight, loss=loss.detach())
+            parts.update(g_loss=g_loss, d_loss=d_loss)
+        for k, u in enumerate(q.usage):
+            metrics[f"usage_k{k}"] = u
+        return LossOutput(loss, metrics, parts)
+
+    def on_step_end(self, x: Any) -> dict:
+        c = self.config
+        if not (c.restart_every > 0 and self.step % c.restart_every == 0):
+            return {}
+        quantizer = getattr(self.tokenizer, "quantize", None)
+        if quantizer is None or not hasattr(quantizer, "restart_dead_codes"):
+            return {}
+        n = 0
+        if D.is_main():  # restart on rank 0, then share the codebook so ranks stay identical
+            with torch.no_grad():
+                f = self.tokenizer.encode_latent(x)
+            n = quantizer.restart_dead_codes(f, threshold=c.restart_threshold)
+        if D.is_dist():
+            torch.distributed.broadcast(quantizer.embedding.weight.data, src=0)
+            torch.distributed.broadcast(quantizer.ema_vocab_hit_SV, src=0)
+        return {"restarted": n}
+
+    def train_step(self, x: Any) -> Optional[dict]:
+        """One batch of data; returns the step record when an optimizer step was taken."""
+        return self.step_on(self.parse_batch(x))
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable, max_batches: Optional[int] = None, use_ema: bool = True,
+                 log: bool = True) -> dict[str, float]:
+        """Mean reconstruction L1 / MSE (or ``recon``), VQ loss and per-scale codebook
+        usage over a loader (EMA weights when available)."""
+        model = self.ema.module if (use_ema and self.ema is not None) else self.model
+        was_training = model.training
+        model.eval()
+        totals: dict[str, float] = {}
+        n = 0
+        try:
+            for i, raw in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x = self.parse_batch(raw)
+                with self.autocast():
+                    recon, q = model(x)
+                if self.recon_loss is not None:
+                    out = self.recon_loss(x, recon)
+                    vals = {k: float(v) for k, v in (out.items() if isinstance(out, dict) else {"recon": out}.items())}
+                else:
+                    vals = {"l1": F.l1_loss(recon.float(), x.float()).item(),
+                            "mse": F.mse_loss(recon.float(), x.float()).item()}
+                vals["vq"] = float(q.loss)
+                for key, v in vals.items():
+                    totals[key] = totals.get(key, 0.0) + v
+                n += 1
+        finally:
+            model.train(was_training)
+        if n == 0:
+            raise ValueError("evaluate: the loader yielded no batches")
+        out = {k: v / n for k, v in totals.items()}
+        if D.is_dist():
+            keys = sorted(out)
+            t = D.all_reduce_mean(torch.tensor([out[k] for k in keys], device=self.device, dtype=torch.float64))
+            out = dict(zip(keys, t.tolist()))
+        quantizer = getattr(model, "quantize", None)
+        if quantizer is not None and hasattr(quantizer, "usage"):
+            for k, u in enumerate(quantizer.usage()):
+                out[f"usage_k{k}"] = u
+        if log:
+            self.log_eval(out)
+        return out

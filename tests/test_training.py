@@ -1,0 +1,316 @@
+"""Trainers: learning on a fixed batch, exact resume, non-finite detection, schedules, parameter groups."""
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+from torch.utils.data import Dataset
+
+from msar import MultiScaleResidualQuantizer, MultiScaleVQTokenizer, NextScaleTransformer, TransformerConfig
+from msar.training import (NonFiniteError, TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig,
+                           VQVAETrainer, WarmupDecaySchedule, build_loader, build_optimizer, list_checkpoints,
+                           lr_ratio, param_groups, wd_value)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronisation cost (badly so on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SCHED = [(1, 1), (2, 2), (4, 4)]
+V, C = 16, 8
+
+
+def tiny_tokenizer(seed=0):
+    torch.manual_seed(seed)
+    q = MultiScaleResidualQuantizer(V, C, SCHED, phi_ratio=0.5)
+    return MultiScaleVQTokenizer(nn.Conv2d(3, C, 1), nn.Conv2d(C, 3, 1), q)
+
+
+def tiny_transformer(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(schedule=SCHED, vocab_size=V, latent_dim=C, num_classes=4, depth=1, embed_dim=32, num_heads=2,
+               cond_drop_rate=0.2, drop_rate=0.1)
+    cfg.update(kw)
+    return NextScaleTransformer(TransformerConfig(**cfg)).init_weights()
+
+
+def cfg(**kw):
+    base = dict(lr=3e-3, total_steps=20, warmup_steps=2, progress=False, tensorboard=False)
+    base.update(kw)
+    return TransformerTrainConfig(**base)
+
+
+class Images(Dataset):
+    def __init__(self, n=20, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, 4, 4, generator=g)
+        self.y = torch.randint(0, 4, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+# ---------------------------------------------------------------------------- transformer
+def test_loss_falls_on_fixed_batch_and_logs_per_scale():
+    tok = tiny_tokenizer()
+    tr = TransformerTrainer(tiny_transformer(drop_rate=0.0, cond_drop_rate=0.0), tok, cfg(total_steps=40))
+    x, y = Images(8)[:]
+    idx = tok.encode(x)
+    recs = [tr.train_step(idx, y) for _ in range(25)]
+    assert recs[-1]["loss"] < 0.7 * recs[0]["loss"]
+    assert {"loss_k0", "loss_k1", "loss_k2", "acc_k0", "acc_k2", "lr", "grad_norm"} <= recs[0].keys()
+    # the per-scale losses are token-weighted pieces of the total
+    r = recs[-1]
+    assert math.isclose(r["loss"], (r["loss_k0"] * 1 + r["loss_k1"] * 4 + r["loss_k2"] * 16) / 21, rel_tol=1e-5)
+    ev = tr.evaluate([(idx, y)])
+    assert ev["acc"] > 0.3 and set(ev) >= {"loss", "acc", "loss_k2", "acc_k1"}
+
+
+def test_raw_data_and_indices_give_the_same_batch():
+    tok = tiny_tokenizer()
+    tr = TransformerTrainer(tiny_transformer(), tok, cfg())
+    x, y = Images(4)[:]
+    a, b = tr.parse_batch((x, y)), tr.parse_batch((tok.encode(x), y))
+    assert all(torch.equal(i, j) for i, j in zip(a[0], b[0]))
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    # data alone: unconditional (null class) labels
+    idx, labels, _ = tr.parse_batch(x)
+    assert labels.tolist() == [4] * 4
+    with pytest.raises(ValueError, match="token index out of range"):
+        tr.train_step([i + V for i in tok.encode(x)], y)
+
+
+def _run(tmp_path, steps, resume_from_fresh=False, seed=0, accum=1, **kw):
+    tok = tiny_tokenizer()
+    model = tiny_transformer(seed=seed)
+    c = cfg(total_steps=9, ckpt_dir=str(tmp_path / "ckpt"), ckpt_every=3, keep_last=5, grad_accum=accum,
+            log_dir=str(tmp_path / "log"), ema_decay=0.9, **kw)
+    tr = TransformerTrainer(model, tok, c)
+    loader = build_loader(Images(20), batch_size=4, shuffle=True, seed=1)  # 5 batches / epoch
+    return tr, tr.fit(loader, steps)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_reproduces_uninterrupted_run(tmp_path, accum):
+    _, full = _run(tmp_path / "a", 9, accum=accum)
+    _, first = _run(tmp_path / "b", 4, accum=accum)   # saves at 3 and at the end (4)
+    ck_dir = tmp_path / "b" / "ckpt"
+    assert [s for s, _ in list_checkpoints(ck_dir)] == [3, 4]
+    # a fresh process: different initial weights, RNG moved on -- everything must come from the checkpoint
+    torch.manual_seed(1234)
+    tr, rest = _run(tmp_path / "b", 9, seed=7, accum=accum)
+    assert [r["step"] for r in rest] == [5, 6, 7, 8, 9]
+    assert [r["loss"] for r in first + rest] == [r["loss"] for r in full]
+    assert tr.batches_seen == 9 * accum
+    # the CSV log has each step exactly once
+    with open(tmp_path / "b" / "log" / "train.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 10))
+
+
+def test_resume_skips_corrupt_latest(tmp_path):
+    _run(tmp_path, 6)
+    latest = tmp_path / "ckpt" / "step_000006" / "state.pt"
+    latest.write_bytes(latest.read_bytes()[:100])
+    tok, model = tiny_tokenizer(), tiny_transformer()
+    tr = TransformerTrainer(model, tok, cfg(total_steps=9, ckpt_dir=str(tmp_path / "ckpt"), ema_decay=0.9))
+    with pytest.warns(UserWarning, match="step_000006"):
+        ck = tr.resume()
+    assert ck.step == 3 and tr.step == 3 and tr.batches_seen == 3
+
+
+def _nan_at_scale(model, k, when):
+    """Forward hook making the logits of scale k NaN while `when()` is true."""
+    sl = model.schedule.slice(k)
+
+    def hook(_, __, out):
+        if when():
+            out = out.clone()
+            out[:, sl] = float("nan")
+        return out
+    model.register_forward_hook(hook)
+
+
+def test_nonfinite_loss_names_step_and_scale():
+    tok = tiny_tokenizer()
+    model = tiny_transformer()
+    tr = TransformerTrainer(model, tok, cfg(on_nonfinite="raise"))
+    _nan_at_scale(model, 2, lambda: tr.step == 2)
+    x, y = Images(4)[:]
+    idx = tok.encode(x)
+    tr.train_step(idx, y)
+    tr.train_step(idx, y)
+    with pytest.raises(NonFiniteError, match=r"step 2 .*scale 2 \(4, 4\)=nan.*finite: scale 0 \(1, 1\), scale 1"):
+        tr.train_step(idx, y)
+
+
+def test_nonfinite_loss_skip_leaves_weights_untouched():
+    tok = tiny_tokenizer()
+    model = tiny_transformer()
+    tr = TransformerTrainer(model, tok, cfg(on_nonfinite="skip"))
+    flag = {"on": True}
+    _nan_at_scale(model, 1, lambda: flag["on"])
+    x, y = Images(4)[:]
+    idx = tok.encode(x)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match=r"step 0 .*scale 1 \(2, 2\)=nan"):
+        rec = tr.train_step(idx, y)
+    assert rec["skipped"] == 1 and tr.step == 1 and tr.nonfinite_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    flag["on"] = False
+    assert tr.train_step(idx, y)["skipped"] == 0
+
+
+def test_nonfinite_gradient_is_reported():
+    tok = tiny_tokenizer()
+    model = tiny_transformer()
+    tr = TransformerTrainer(model, tok, cfg(on_nonfinite="raise"))
+    model.head.weight.register_hook(lambda g: g * float("inf"))
+    x, y = Images(4)[:]
+    with pytest.raises(NonFiniteError, match=r"gradient norm .*step 0.*head\.weight"):
+        tr.train_step(tok.encode(x), y)
+
+
+def test_grad_accumulation_matches_big_batch():
+    tok = tiny_tokenizer()
+    x, y = Images(8)[:]
+    idx = tok.encode(x)
+    params = []
+    for accum in (1, 2):
+        model = tiny_transformer(drop_rate=0.0, cond_drop_rate=0.0)
+        tr = TransformerTrainer(model, tok, cfg(grad_accum=accum))
+        if accum == 1:
+            tr.train_step(idx, y)
+        else:
+            assert tr.train_step([i[:4] for i in idx], y[:4]) is None
+            assert tr.train_step([i[4:] for i in idx], y[4:])["step"] == 1
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="amp"):
+        TransformerTrainer(tiny_transformer(), tiny_tokenizer(), cfg(amp="fp8"))
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        TransformerTrainer(tiny_transformer(), tiny_tokenizer(), cfg(on_nonfinite="ignore"))
+    with pytest.raises(ValueError, match="schedule"):
+        TransformerTrainer(tiny_transformer(schedule=[(1, 1), (2, 2)]), tiny_tokenizer(), cfg())
+
+
+# ---------------------------------------------------------------------------- optimizer and schedule
+def test_var_no_decay_groups():
+    model = tiny_transformer(shared_aln=True)
+    decay, no_decay = param_groups(model, 0.05)
+    nd = set(no_decay["names"])
+    for name in ("pos_1LC", "pos_start", "lvl_embed.weight", "head.bias", "blocks.0.attn.q_bias",
+                 "blocks.0.attn.scale_mul_1H11", "blocks.0.ada_gss"):
+        assert name in nd, name
+    for name in ("class_emb.weight", "blocks.0.attn.mat_qkv.weight", "head.weight", "word_embed.weight"):
+        assert name in decay["names"], name
+    assert decay["wd_scale"] == 1.0 and no_decay["wd_scale"] == 0.0
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    assert opt.defaults["betas"] == (0.9, 0.95)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_lr_schedule_values():
+    T, W = 101, 10
+    assert lr_ratio(0, T, W) == pytest.approx(0.005)
+    assert lr_ratio(5, T, W) == pytest.approx(0.005 + 0.995 * 0.5)
+    assert lr_ratio(W, T, W) == 1.0
+    assert lr_ratio(W + 4, T, W) == 1.0                      # lin0 holds 5% of the decay phase
+    assert lr_ratio(T - 1, T, W) == pytest.approx(0.01)      # ends at final_ratio
+    assert lr_ratio(T - 1, T, W, "cos") == pytest.approx(0.01)
+    assert lr_ratio(W + 45, T, W, "cos") == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr_ratio(W + 45, T, W, "lin00") == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr_ratio(50, T, W, "const") == 1.0
+    with pytest.raises(ValueError, match="lr schedule"):
+        lr_ratio(50, T, W, "linear")
+    assert wd_value(0, T, 0.05, 0.5) == pytest.approx(0.05) and wd_value(T - 1, T, 0.05, 0.5) == pytest.approx(0.5)
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    opt = build_optimizer(model, lr=1.0, weight_decay=0.1)
+    s = WarmupDecaySchedule(opt, peak_lr=2.0, total_steps=T, warmup_steps=W, wd_end=0.3)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    for _ in range(W):
+        s.step()
+    assert [g["lr"] for g in opt.param_groups] == [2.0, 2.0]
+    assert opt.param_groups[1]["weight_decay"] == 0.0 and opt.param_groups[0]["weight_decay"] > 0.1
+    s2 = WarmupDecaySchedule(opt, peak_lr=2.0, total_steps=T, warmup_steps=W)
+    s2.load_state_dict(s.state_dict())
+    assert s2.step_count == W and s2.get_last_lr() == [2.0, 2.0]
+
+
+@given(st.integers(2, 300), st.data())
+def test_lr_schedule_shape(total, data):
+    warm = data.draw(st.integers(0, total - 1))
+    kind = data.draw(st.sampled_from(["lin0", "lin", "lin00", "cos"]))
+    r = [lr_ratio(s, total, warm, kind) for s in range(total)]
+    assert all(0.0 < v <= 1.0 for v in r)
+    assert all(a <= b + 1e-12 for a, b in zip(r[:warm], r[1:warm + 1]))            # warm-up rises
+    assert all(a >= b - 1e-12 for a, b in zip(r[warm:], r[warm + 1:]))             # then never rises
+    if total - 1 > warm:
+        assert r[-1] == pytest.approx(0.01)
+
+
+# ---------------------------------------------------------------------------- VQ-VAE
+def smooth_images(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.randn(n, 3, 2, 2, generator=g), size=(8, 8), mode="bilinear", align_corners=False)
+
+
+def conv_tokenizer(seed=0):
+    torch.manual_seed(seed)
+    enc = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GELU(), nn.Conv2d(16, C, 3, stride=2, padding=1))
+    dec = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(C, 16, 3, padding=1), nn.GELU(),
+                        nn.Conv2d(16, 3, 3, padding=1))
+    return MultiScaleVQTokenizer(enc, dec, MultiScaleResidualQuantizer(32, C, SCHED))
+
+
+def test_vqvae_reconstruction_falls():
+    x = smooth_images()
+    tr = VQVAETrainer(conv_tokenizer(), VQVAETrainConfig(lr=3e-3, total_steps=60, warmup_steps=3, restart_every=10,
+                                                         progress=False, tensorboard=False))
+    before = tr.evaluate([x])
+    recs = tr.fit([x, x], steps=40)
+    after = tr.evaluate([x])
+    assert after["mse"] < 0.5 * before["mse"]
+    assert {"l1", "l2", "vq", "usage_k0", "usage_k2"} <= recs[0].keys()
+    assert any("restarted" in r for r in recs)
+
+
+def test_vqvae_gan_and_perceptual_terms(tmp_path):
+    x = smooth_images(8)
+    calls = []
+
+    def perceptual(a, b):
+        calls.append(1)
+        return (a - b).abs().mean()
+
+    disc = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 3, padding=1))
+    c = VQVAETrainConfig(lr=1e-3, total_steps=10, perceptual_weight=0.5, disc_start=2, progress=False,
+                         tensorboard=False, ckpt_dir=str(tmp_path / "ck"))
+    tr = VQVAETrainer(conv_tokenizer(), c, perceptual=perceptual, discriminator=disc)
+    d0 = [p.detach().clone() for p in disc.parameters()]
+    recs = [tr.train_step(x) for _ in range(4)]
+    assert "g_loss" not in recs[1] and "g_loss" in recs[2]           # delayed start
+    assert all(torch.equal(a, b) for a, b in zip(d0, [p for p in disc.parameters()])) is False
+    assert math.isfinite(recs[3]["d_weight"]) and recs[3]["d_weight"] > 0 and "grad_norm_disc" in recs[3]
+    assert len(calls) == 4 and "perceptual" in recs[0]
+    tr.save()
+    tr2 = VQVAETrainer(conv_tokenizer(seed=3), c, perceptual=perceptual, discriminator=nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 3, padding=1)))
+    tr2.resume()
+    assert tr2.step == 4
+    for a, b in zip(disc.parameters(), tr2.discriminator.parameters()):
+        assert torch.equal(a, b)
