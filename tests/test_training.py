@@ -103,7 +103,7 @@ def _run(tmp_path, steps, resume_from_fresh=False, seed=0, accum=1, **kw):
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_resume_reproduces_uninterrupted_run(tmp_path, accum):
-    _, full = _run(tmp_path / "a", 9, accum=accum)
+    tr_full, full = _run(tmp_path / "a", 9, accum=accum)
     _, first = _run(tmp_path / "b", 4, accum=accum)   # saves at 3 and at the end (4)
     ck_dir = tmp_path / "b" / "ckpt"
     assert [s for s, _ in list_checkpoints(ck_dir)] == [3, 4]
@@ -113,6 +113,10 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, accum):
     assert [r["step"] for r in rest] == [5, 6, 7, 8, 9]
     assert [r["loss"] for r in first + rest] == [r["loss"] for r in full]
     assert tr.batches_seen == 9 * accum
+    for a, b in zip(tr_full.ema.module.parameters(), tr.ema.module.parameters()):  # EMA resumed too
+        assert torch.equal(a, b)
+    assert tr.evaluate([Images(4)[:]])["loss"] > 0  # EMA weights, logged to val.csv
+    assert (tmp_path / "b" / "log" / "val.csv").is_file()
     # the CSV log has each step exactly once
     with open(tmp_path / "b" / "log" / "train.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 10))
@@ -299,7 +303,7 @@ def test_vqvae_gan_and_perceptual_terms(tmp_path):
 
     disc = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 3, padding=1))
     c = VQVAETrainConfig(lr=1e-3, total_steps=10, perceptual_weight=0.5, disc_start=2, progress=False,
-                         tensorboard=False, ckpt_dir=str(tmp_path / "ck"))
+                         tensorboard=False, ckpt_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "log"))
     tr = VQVAETrainer(conv_tokenizer(), c, perceptual=perceptual, discriminator=disc)
     d0 = [p.detach().clone() for p in disc.parameters()]
     recs = [tr.train_step(x) for _ in range(4)]
@@ -307,6 +311,9 @@ def test_vqvae_gan_and_perceptual_terms(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(d0, [p for p in disc.parameters()])) is False
     assert math.isfinite(recs[3]["d_weight"]) and recs[3]["d_weight"] > 0 and "grad_norm_disc" in recs[3]
     assert len(calls) == 4 and "perceptual" in recs[0]
+    with open(tmp_path / "log" / "train.csv") as f:  # GAN columns appear late: the header widens
+        rows = list(csv.DictReader(f))
+    assert [r["g_loss"] == "" for r in rows] == [True, True, False, False]
     tr.save()
     tr2 = VQVAETrainer(conv_tokenizer(seed=3), c, perceptual=perceptual, discriminator=nn.Sequential(
         nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 3, padding=1)))
@@ -314,3 +321,38 @@ def test_vqvae_gan_and_perceptual_terms(tmp_path):
     assert tr2.step == 4
     for a, b in zip(disc.parameters(), tr2.discriminator.parameters()):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- DDP (2 CPU processes, gloo)
+def _ddp_worker(rank, world, port, out_dir):
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    tok = tiny_tokenizer()
+    tr = TransformerTrainer(tiny_transformer(), tok, cfg(total_steps=3, ckpt_dir=os.path.join(out_dir, "ck")))
+    assert dist.is_initialized() and dist.get_backend() == "gloo"
+    tr.fit(build_loader(Images(16), batch_size=2, seed=3), 3)
+    vq = VQVAETrainer(conv_tokenizer(), VQVAETrainConfig(lr=1e-3, total_steps=4, restart_every=2, progress=False,
+                                                         tensorboard=False))
+    vq.fit(build_loader(torch.utils.data.TensorDataset(smooth_images(16)), batch_size=2, seed=3), 4)
+    flat = torch.cat([p.detach().flatten() for m in (tr.model, vq.model) for p in m.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    torch.save({"same": all(torch.equal(gathered[0], g) for g in gathered), "step": tr.step},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert res["same"] and res["step"] == 3
+    assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [3]  # written once, by rank 0

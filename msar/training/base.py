@@ -58,6 +58,10 @@ class TrainConfig:
     only acts on CUDA; ``grad_clip`` <= 0 disables clipping; ``on_nonfinite`` is
     ``"skip"`` (drop the step, warn) or ``"raise"`` (:class:`NonFiniteError`).
 
+    DDP: ``ddp_find_unused`` is passed to DistributedDataParallel as
+    ``find_unused_parameters`` (``None`` = the trainer's default: True for the VQ-VAE,
+    whose phi bank may hold convs no scale uses, False for the transformer).
+
     Bookkeeping: a checkpoint every ``ckpt_every`` steps (0 = only at the end of
     ``fit``) into ``ckpt_dir`` keeping ``keep_last``; ``resume`` makes ``fit`` start
     from the newest good checkpoint there; metrics go to ``log_dir/train.csv`` every
@@ -81,6 +85,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     on_nonfinite: str = "skip"
     device: Optional[str] = None
+    ddp_find_unused: Optional[bool] = None
     ckpt_dir: Optional[str] = None
     ckpt_every: int = 0
     keep_last: int = 3
@@ -144,6 +149,8 @@ class Trainer:
     """Base class; see the module docstring. Subclasses call ``super().__init__(model, config)``
     and may register more optimizers in ``self.optimizers`` / ``self.schedulers``."""
 
+    find_unused_parameters = False  # DDP default of this trainer (see TrainConfig.ddp_find_unused)
+
     def __init__(self, model: nn.Module, config: TrainConfig):
         config.validate()
         self.config = config
@@ -164,8 +171,11 @@ class Trainer:
 
         self.ddp_model: nn.Module = self.model
         if D.world_size() > 1:
+            find_unused = (self.find_unused_parameters if config.ddp_find_unused is None
+                           else config.ddp_find_unused)
             self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if use_cuda else None)
+                self.model, device_ids=[self.device.index] if use_cuda else None,
+                find_unused_parameters=find_unused)
         self.forward_model: nn.Module = torch.compile(self.ddp_model) if config.compile else self.ddp_model
 
         self.step = 0            # optimizer steps taken
@@ -271,17 +281,18 @@ class Trainer:
         self._accum = 0
         record: dict[str, Any] = {"step": self.step + 1}
         grad_norms = {}
+        active = []  # optimizers whose parameters received gradients this step
         if self._window_bad is None:
             for name, opt in self.optimizers.items():
+                params = [p for p in self.clip_params.get(name, []) if p.grad is not None]
+                if not params:  # e.g. a discriminator before its start step (GradScaler.step would fail)
+                    continue
+                active.append(opt)
                 if self.scaler is not None:
                     self.scaler.unscale_(opt)
                 self._sync_extra_grads(name)
-                params = [p for p in self.clip_params.get(name, []) if p.grad is not None]
-                if not params:
-                    continue
                 clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-                norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                grad_norms[name] = norm
+                grad_norms[name] = torch.nn.utils.clip_grad_norm_(params, clip)
             bad = [n for n, g in grad_norms.items() if not torch.isfinite(g)]
             if bad and self.scaler is None:  # with fp16 the scaler skips inf steps itself
                 names = [pn for pn, p in self._named_params(bad[0]) if p.grad is not None
@@ -289,12 +300,12 @@ class Trainer:
                 self._handle_nonfinite(f"non-finite gradient norm of {bad} at step {self.step} "
                                        f"(batch {self.batches_seen}); parameters: {names}")
         if self._window_bad is None:
-            for opt in self.optimizers.values():
+            for opt in active:
                 if self.scaler is not None:
                     self.scaler.step(opt)
                 else:
                     opt.step()
-            if self.scaler is not None:
+            if self.scaler is not None and active:
                 self.scaler.update()
             if self.ema is not None:
                 self.ema.update(self.model)
@@ -364,6 +375,11 @@ class Trainer:
                 sampler = getattr(loader, "sampler", None)
                 if hasattr(sampler, "set_epoch"):
                     sampler.set_epoch(self.epoch)
+                if self.epoch_batches and isinstance(sampler, torch.utils.data.RandomSampler) \
+                        and sampler.generator is None:
+                    warnings.warn("resuming mid-epoch with a shuffling DataLoader whose order depends on the "
+                                  "global RNG: the batches will differ from the interrupted run; use "
+                                  "msar.training.build_loader (order fixed by seed and epoch) for exact resume")
                 it = iter(loader)
                 consumed = 0
                 for _ in range(self.epoch_batches):  # fast-forward to the resumed data position

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import csv
 import os
-import warnings
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -15,8 +14,8 @@ import torch.nn as nn
 class CSVLogger:
     """Appends rows of metrics to ``<log_dir>/<name>.csv`` (+ TensorBoard scalars if available).
 
-    Columns are fixed by the first row written (keys first seen later are dropped with
-    a warning).  ``truncate_after(step)`` deletes rows logged after ``step`` -- used on
+    A metric that first appears in a later row widens the header (the file is rewritten
+    once; earlier rows leave it empty).  ``truncate_after(step)`` deletes rows logged after ``step`` -- used on
     resume so the rows of a crashed run's lost steps do not appear twice.
     """
 
@@ -29,7 +28,6 @@ class CSVLogger:
             with open(self.path, newline="") as f:
                 header = next(csv.reader(f), None)
             self.columns = header or None
-        self._warned: set[str] = set()
         self.tb = None
         if tensorboard:
             try:  # optional dependency
@@ -40,37 +38,42 @@ class CSVLogger:
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         row = {"step": step, **{k: _num(v) for k, v in metrics.items()}}
-        new_file = self.columns is None
-        if new_file:
+        if self.columns is None:
             self.columns = list(row)
-        extra = [k for k in row if k not in self.columns and k not in self._warned]
-        if extra:
-            warnings.warn(f"{self.path}: dropping columns not in the header: {extra}")
-            self._warned.update(extra)
+            with open(self.path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns).writeheader()
+        new = [k for k in row if k not in self.columns]
+        if new:  # a metric that starts later (e.g. a GAN loss): widen the header, rewrite once
+            self._rewrite(self.columns + new, self._rows())
         with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-            if new_file:
-                w.writeheader()
-            w.writerow(row)
+            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(row)
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"{self.name}/{k}", v, step)
 
-    def truncate_after(self, step: int) -> None:
-        if not self.path.exists() or self.columns is None:
-            return
+    def _rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
         with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        keep = [r for r in rows if r.get("step") not in (None, "") and float(r["step"]) <= step]
-        if len(keep) == len(rows):
-            return
+            return list(csv.DictReader(f))
+
+    def _rewrite(self, columns: list[str], rows: list[dict]) -> None:
         tmp = self.path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             w.writeheader()
-            w.writerows(keep)
+            w.writerows(rows)
         os.replace(tmp, self.path)
+        self.columns = columns
+
+    def truncate_after(self, step: int) -> None:
+        if self.columns is None:
+            return
+        rows = self._rows()
+        keep = [r for r in rows if r.get("step") not in (None, "") and float(r["step"]) <= step]
+        if len(keep) != len(rows):
+            self._rewrite(self.columns, keep)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -80,6 +80,8 @@ class VQVAETrainer(Trainer):
         print(trainer.evaluate(val_loader))     # {'l1': ..., 'mse': ..., 'vq': ..., 'usage_k0': ...}
     """
 
+    find_unused_parameters = True  # the phi bank may hold convs that no scale of the schedule uses
+
     def __init__(self, tokenizer: nn.Module, config: Optional[VQVAETrainConfig] = None,
                  perceptual: Optional[Callable[[Any, Any], torch.Tensor]] = None,
                  discriminator: Optional[nn.Module] = None,
@@ -169,9 +171,11 @@ class VQVAETrainer(Trainer):
         parts = {**terms, "vq": vq}
         if self.gan_active():
             disc = self.discriminator
-            disc.requires_grad_(False)  # the generator loss must not update D
+            flags = [p.requires_grad for p in disc.parameters()]
+            disc.requires_grad_(False)  # the generator loss must not reach D's parameters
             g_loss = -disc(recon).float().mean()
-            disc.requires_grad_(True)
+            for p, f in zip(disc.parameters(), flags):
+                p.requires_grad_(f)
             d_weight = self.adaptive_weight(nll, g_loss) if torch.is_grad_enabled() else recon.new_tensor(0.0)
             # D sees the reconstruction detached: its loss only reaches D's parameters
             d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
