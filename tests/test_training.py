@@ -330,17 +330,22 @@ def _ddp_worker(rank, world, port, out_dir):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import torch.distributed as dist
+    import warnings
     tok = tiny_tokenizer()
     tr = TransformerTrainer(tiny_transformer(), tok, cfg(total_steps=3, ckpt_dir=os.path.join(out_dir, "ck")))
     assert dist.is_initialized() and dist.get_backend() == "gloo"
-    tr.fit(build_loader(Images(16), batch_size=2, seed=3), 3)
+    _nan_at_scale(tr.model, 2, lambda: rank == 1 and tr.step == 1)  # one rank goes NaN: all must skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(build_loader(Images(16), batch_size=2, seed=3), 3)
     vq = VQVAETrainer(conv_tokenizer(), VQVAETrainConfig(lr=1e-3, total_steps=4, restart_every=2, progress=False,
                                                          tensorboard=False))
     vq.fit(build_loader(torch.utils.data.TensorDataset(smooth_images(16)), batch_size=2, seed=3), 4)
     flat = torch.cat([p.detach().flatten() for m in (tr.model, vq.model) for p in m.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
-    torch.save({"same": all(torch.equal(gathered[0], g) for g in gathered), "step": tr.step},
+    torch.save({"same": all(torch.equal(gathered[0], g) for g in gathered), "step": tr.step,
+                "skipped": [r["skipped"] for r in tr.history]},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -354,5 +359,24 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         res = torch.load(tmp_path / f"rank{r}.pt")
-        assert res["same"] and res["step"] == 3
+        assert res["same"] and res["step"] == 3 and res["skipped"] == [0, 1, 0]
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [3]  # written once, by rank 0
+
+
+def test_training_package_imports_no_modality():
+    import pathlib
+    import re
+    import msar.training
+    root = pathlib.Path(msar.training.__file__).parent
+    for f in root.glob("*.py"):
+        assert not re.search(r"^\s*(from|import)\s+modalities", f.read_text(), re.M), f
+
+
+def test_empty_or_exhausted_loader_is_a_clear_error():
+    tr = TransformerTrainer(tiny_transformer(), tiny_tokenizer(), cfg())
+    with pytest.raises(ValueError, match="no batches"):
+        tr.fit([], 2)
+    x, y = Images(4)[:]
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        tr.fit(iter([(x, y)]), 3)
+    assert tr.step == 1

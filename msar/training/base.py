@@ -236,6 +236,8 @@ class Trainer:
 
     def _nonfinite_message(self, what: str, out: Optional[LossOutput]) -> str:
         msg = f"non-finite {what} at step {self.step} (batch {self.batches_seen})"
+        if D.is_dist():
+            msg += f" on rank {D.rank()}"
         if out is not None and out.parts:
             bad = [f"{k}={_float(v):.4g}" for k, v in out.parts.items() if not math.isfinite(_float(v))]
             ok = [k for k, v in out.parts.items() if math.isfinite(_float(v))]
@@ -270,6 +272,9 @@ class Trainer:
             if self._window_bad is None:
                 loss = out.loss / accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            elif self.ddp_model is not self.model and out.loss.requires_grad:
+                # keep DDP's reducer in step on every rank; these gradients are discarded at the step's end
+                (out.loss * 0.0).backward()
         self._window_metrics.append({k: _float(v) for k, v in out.metrics.items()})
         self.batches_seen += 1
         self._accum += 1
