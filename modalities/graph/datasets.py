@@ -83,9 +83,10 @@ def planar_graphs(rng: np.random.Generator, num: int = 200, n: int = 64) -> list
 
 def lobster_graphs(rng: np.random.Generator, num: int = 100, mean: int = 80, p1: float = 0.7, p2: float = 0.7,
                    min_n: int = 10, max_n: int = 100) -> list[nx.Graph]:
+    make = getattr(nx, "random_lobster_graph", None) or nx.random_lobster  # renamed in networkx 3.5
     graphs = []
     while len(graphs) < num:
-        G = nx.random_lobster(mean, p1, p2, seed=int(rng.integers(2**31)))
+        G = make(mean, p1, p2, seed=int(rng.integers(2**31)))
         if min_n <= G.number_of_nodes() <= max_n:
             graphs.append(_relabel(G))
     return graphs

@@ -131,7 +131,7 @@ class GraphPyramidTokenizer:
         """Size a tokenizer for a training set: levels for the largest graph, edge capacity
         ``(1 + edge_slack) x`` the largest seen per level."""
         graphs = graphs_from(graphs)
-        nmax = max(G.number_of_nodes() for G in graphs) + int(node_slack)
+        nmax = max(2, max(G.number_of_nodes() for G in graphs) + int(node_slack))
         K = num_levels_for(nmax)
         max_nodes = [int(math.ceil(nmax / 2 ** (K - 1 - k))) for k in range(K)]
         max_edges = [0] * K

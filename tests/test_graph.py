@@ -1,0 +1,252 @@
+"""Graph modality: coarsening invariants, exact tokenizer round trip, metrics on known cases,
+validity and reproducibility of samples, protocol conformance. Tiny graphs and models only."""
+import itertools
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch_geometric.data import Batch
+
+import msar
+from modalities.graph.coarsen import level_graph
+from modalities.graph import (GraphPyramidTokenizer, assignments, coarsen, graphs_from, make_dataset, mmd_all,
+                              num_levels_for, to_data, vun)
+from modalities.graph.metrics import (IsoSet, gaussian_emd, gaussian_tv, graphlet_counts, is_grid, is_lobster,
+                                      is_planar_valid, mmd2, orbit_vector)
+from modalities.graph.tokenizer import PAD
+
+
+@st.composite
+def graphs(draw, max_n=24):
+    n = draw(st.integers(1, max_n))
+    p = draw(st.floats(0.0, 1.0))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return nx.gnp_random_graph(n, p, seed=seed)
+
+
+# ---------------------------------------------------------------------------- coarsening
+@given(graphs())
+def test_coarsening_hierarchy_invariants(G):
+    levels = coarsen(G)
+    N = G.number_of_nodes()
+    assert levels[0].n == 1, "the top level has one node"
+    assert len(levels) == num_levels_for(N)
+    for k in range(len(levels) - 1):
+        fine = levels[k + 1]
+        # every fine node is the child of exactly one coarse node
+        kids = sorted(itertools.chain.from_iterable(levels[k].children))
+        assert kids == list(range(fine.n))
+        assert all(1 <= len(c) <= 2 for c in levels[k].children)
+        # levels shrink by exact halving
+        assert levels[k].n == -(-fine.n // 2) and (levels[k].n < fine.n or fine.n == 1)
+        # a coarse edge exists iff some fine edge joins the two clusters
+        parent = {c: p for p, cs in enumerate(levels[k].children) for c in cs}
+        projected = {(min(parent[u], parent[v]), max(parent[u], parent[v])) for u, v in fine.edges
+                     if parent[u] != parent[v]}
+        assert projected == set(levels[k].edges)
+    assert nx.is_isomorphic(level_graph(levels[-1]), G)
+    # cluster maps: one cluster per node per level, as the core OperatorPyramid wants
+    for k, a in enumerate(assignments(levels)):
+        assert a.shape == (N,) and a.min() >= 0 and a.max() == levels[k].n - 1
+        assert len(np.unique(a)) == levels[k].n
+
+
+@given(graphs(max_n=20), st.integers(0, 10_000))
+def test_coarsening_is_deterministic_and_pads_top(G, seed):
+    a, b = coarsen(G), coarsen(G.copy())
+    assert [(l.n, l.edges, l.children) for l in a] == [(l.n, l.edges, l.children) for l in b]
+    padded = coarsen(G, num_levels_for(G.number_of_nodes()) + 2)
+    assert [l.n for l in padded[:3]] == [1, 1, 1]
+
+
+# ---------------------------------------------------------------------------- tokenizer
+def _tok_for(gs):
+    return GraphPyramidTokenizer.fit(gs, edge_slack=0.0)
+
+
+@given(st.lists(graphs(max_n=20), min_size=1, max_size=4))
+def test_round_trip_is_isomorphic(gs):
+    tok = _tok_for(gs)
+    idx = tok.encode(gs)
+    tok.schedule.check_indices(idx, tok.vocab_size, batch_size=len(gs))
+    out = graphs_from(tok.decode(idx))
+    for G, H in zip(gs, out):
+        assert nx.is_isomorphic(G, H)
+    # teacher forcing is the decode state's own output, scale by scale
+    tf = tok.teacher_forcing_input(idx)
+    assert tf.shape == (len(gs), tok.schedule.L - tok.schedule.first_len, tok.latent_dim)
+    assert torch.isfinite(tf).all()
+
+
+def test_round_trip_on_every_dataset_and_pyg_batch():
+    for name in ("grid", "community-small", "sbm", "planar", "lobster"):
+        kw = {"grid": {"max_side": 11}, "sbm": {"num": 6}, "planar": {"num": 6}, "lobster": {"num": 6},
+              "community-small": {"num": 6}}[name]
+        gs = make_dataset(name, seed=1, **kw)["train"][:3]
+        tok = _tok_for(gs)
+        batch = Batch.from_data_list([to_data(G) for G in gs])
+        out = tok.decode(tok.encode(batch))
+        assert isinstance(out, Batch) and out.num_graphs == len(gs)
+        for G, H in zip(gs, graphs_from(out)):
+            assert nx.is_isomorphic(G, H), name
+
+
+@given(st.data())
+def test_decoding_any_tokens_gives_simple_graphs(data):
+    gs = make_dataset("community-small", seed=0, num=5)["train"]
+    tok = _tok_for(gs)
+    B = 3
+    idx = [torch.tensor(data.draw(st.lists(st.lists(st.integers(0, tok.vocab_size - 1), min_size=n, max_size=n),
+                                           min_size=B, max_size=B)))
+           for n in tok.schedule.token_counts]
+    for H in graphs_from(tok.decode(idx)):
+        assert 1 <= H.number_of_nodes() <= tok.max_nodes[-1]
+        assert nx.number_of_selfloops(H) == 0 and not H.is_directed()
+
+
+def test_tokenizer_errors_are_clear():
+    gs = make_dataset("community-small", seed=0, num=5)["train"]
+    tok = _tok_for(gs)
+    with pytest.raises(ValueError, match="at most"):
+        tok.encode(nx.path_graph(tok.max_nodes[-1] + 1))
+    with pytest.raises(TypeError, match="networkx Graph or torch_geometric Data"):
+        tok.encode([np.zeros(3)])
+    with pytest.raises(ValueError, match="expected"):
+        tok.decode([torch.zeros(1, 1, dtype=torch.long)])
+    st_ = tok.start(1)
+    with pytest.raises(ValueError, match="in order"):
+        st_.add_scale(1, torch.zeros(1, tok.schedule.token_counts[1], dtype=torch.long))
+
+
+def test_pyramid_is_a_core_operator_pyramid():
+    gs = make_dataset("community-small", seed=0, num=5)["train"][:2]
+    tok = _tok_for(gs)
+    pyr = tok.pyramid(gs)
+    N = tok.max_nodes[-1]
+    f = torch.randn(2, 3, N)
+    for k, n in enumerate(tok.max_nodes):
+        h = pyr.restrict(f, k)
+        assert h.shape == (2, 3, n)
+        assert pyr.prolong(h, k).shape == (2, 3, N)
+    assert torch.allclose(pyr.restrict(f, len(tok.max_nodes) - 1), f)
+
+
+def test_conformance_kit():
+    testing = pytest.importorskip("msar.testing")
+    gs = make_dataset("community-small", seed=0, num=6)["train"][:3]
+    tok = _tok_for(gs)
+    model = testing.tiny_transformer(tok)
+    testing.check_adapter(tok, gs, model=model)
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_mmd_of_a_set_with_itself_is_zero_and_positive_otherwise():
+    ring = [nx.cycle_graph(n) for n in range(6, 12)]
+    clique = [nx.complete_graph(n) for n in range(4, 8)]
+    same = mmd_all(ring, ring)
+    assert all(abs(v) < 1e-12 for v in same.values())
+    diff = mmd_all(ring, clique)
+    assert all(v > 1e-3 for v in diff.values()), diff
+
+
+def test_kernels_on_known_cases():
+    x = np.array([1.0, 0.0])
+    y = np.array([0.0, 1.0])
+    assert gaussian_tv(x, x) == 1.0
+    assert np.isclose(gaussian_tv(x, y, sigma=1.0), np.exp(-0.5))  # TV = 1
+    assert np.isclose(gaussian_emd(x, y, sigma=1.0), np.exp(-0.5))  # one unit of mass moved one bin
+    assert np.isclose(gaussian_emd(np.array([1.0, 0, 0]), np.array([0, 0, 1.0])), np.exp(-2.0))
+    assert np.isclose(mmd2([x], [y], "tv", 1.0), 2 - 2 * np.exp(-0.5))
+
+
+def _brute_graphlets(G):
+    names = {(1, 1, 2): "wedge", (2, 2, 2): "triangle", (1, 1, 2, 2): "path4", (1, 1, 1, 3): "star",
+             (2, 2, 2, 2): "cycle4", (1, 2, 2, 3): "paw", (2, 2, 3, 3): "diamond", (3, 3, 3, 3): "k4"}
+    c = dict.fromkeys(names.values(), 0)
+    for k in (3, 4):
+        for S in itertools.combinations(G.nodes(), k):
+            H = G.subgraph(S)
+            if nx.is_connected(H):
+                c[names[tuple(sorted(d for _, d in H.degree()))]] += 1
+    return c
+
+
+@given(graphs(max_n=9))
+def test_graphlet_counts_match_brute_force(G):
+    got = graphlet_counts(G)
+    for k, v in _brute_graphlets(G).items():
+        assert got[k] == v, k
+
+
+def test_orbit_vector_known_graphs():
+    assert np.allclose(orbit_vector(nx.complete_graph(4)), [3, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+    # a 4-cycle: every node has degree 2, is the middle of 1 and an end of 2 wedges, lies on one C4 (no induced P4)
+    assert np.allclose(orbit_vector(nx.cycle_graph(4)), [2, 2, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+
+
+def test_validity_checks_and_vun():
+    assert is_grid(nx.convert_node_labels_to_integers(nx.grid_2d_graph(3, 5)))
+    assert not is_grid(nx.cycle_graph(12)) and not is_grid(nx.path_graph(4))
+    assert is_lobster(nx.random_lobster_graph(20, 0.7, 0.7, seed=3) if hasattr(nx, 'random_lobster_graph') else nx.random_lobster(20, 0.7, 0.7, seed=3)) and not is_lobster(nx.cycle_graph(5))
+    assert is_planar_valid(nx.complete_graph(4)) and not is_planar_valid(nx.complete_graph(5))
+    train = [nx.path_graph(5), nx.cycle_graph(5)]
+    gen = [nx.relabel_nodes(nx.cycle_graph(5), {i: (i * 2) % 5 for i in range(5)}), nx.path_graph(6),
+           nx.path_graph(6), nx.star_graph(4)]
+    r = vun(gen, train, "lobster")
+    assert r["uniqueness"] == 0.75 and r["novelty"] == 0.75 and r["validity"] == 0.75
+    assert r["vun"] == 0.5  # path(6) once and star(4): valid, unique, novel
+    s = IsoSet([nx.path_graph(4)])
+    assert nx.relabel_nodes(nx.path_graph(4), {0: 3, 3: 0}) in s and nx.star_graph(3) not in s
+
+
+# ---------------------------------------------------------------------------- datasets
+def test_datasets_are_deterministic_with_splits():
+    a = make_dataset("planar", seed=3, num=10)
+    b = make_dataset("planar", seed=3, num=10)
+    assert len(a["train"]) == 8 and len(a["test"]) == 2
+    assert all(nx.utils.graphs_equal(x, y) for x, y in zip(a["train"], b["train"]))
+    assert all(is_planar_valid(G) and G.number_of_nodes() == 64 for G in a["train"])
+    cs = make_dataset("community-small", seed=0, num=20)
+    assert all(12 <= G.number_of_nodes() <= 20 for G in cs["train"] + cs["test"])
+    g = make_dataset("grid", seed=0, max_side=11)
+    assert len(g["train"]) + len(g["test"]) == 4 and all(is_grid(G) for G in g["train"])
+    with pytest.raises(ValueError, match="unknown graph dataset"):
+        make_dataset("cora")
+
+
+# ---------------------------------------------------------------------------- sampling
+def test_samples_are_valid_simple_graphs_and_reproducible():
+    torch.manual_seed(0)
+    gs = make_dataset("community-small", seed=0, num=10)["train"]
+    tok = _tok_for(gs)
+    model = msar.NextScaleTransformer(msar.TransformerConfig(
+        schedule=tok.schedule.to_config(), vocab_size=tok.vocab_size, latent_dim=tok.latent_dim,
+        depth=1, embed_dim=32, num_heads=2)).init_weights().eval()
+    # a few teacher-forced steps so the samples are not uniform noise
+    idx = tok.encode(gs)
+    x, tf, m = torch.cat(idx, 1), tok.teacher_forcing_input(idx), torch.cat(idx, 1) != PAD
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(5):
+        logits = model(torch.zeros(len(gs), dtype=torch.long), tf)
+        loss = (torch.nn.functional.cross_entropy(logits.transpose(1, 2), x, reduction="none") * m).sum() / m.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    a = msar.sample(model, tok, batch_size=6, cfg=0.0, seed=123)
+    b = msar.sample(model, tok, batch_size=6, cfg=0.0, seed=123)
+    assert all(torch.equal(p, q) for p, q in zip(a.indices, b.indices))
+    ga, gb = graphs_from(a.data), graphs_from(b.data)
+    assert len(ga) == 6
+    for G, H in zip(ga, gb):
+        assert nx.utils.graphs_equal(G, H)
+        assert not G.is_directed() and not G.is_multigraph() and nx.number_of_selfloops(G) == 0
+        assert G.number_of_nodes() >= 1
+    # the PyG output is undirected: every edge is stored in both directions, no self loops
+    for d in a.data.to_data_list():
+        ei = d.edge_index
+        assert (ei[0] != ei[1]).all()
+        assert set(map(tuple, ei.t().tolist())) == set(map(tuple, ei.flip(0).t().tolist()))
