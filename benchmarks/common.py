@@ -1,0 +1,252 @@
+"""Shared plumbing of the benchmarks: machine record, timing, peak memory, JSON output.
+
+Timing: ``time.perf_counter`` around the call; on CUDA the device is synchronised before the
+clock is read on both ends (kernels are asynchronous, so without it one times the launches).
+
+Peak memory:
+* CUDA: ``torch.cuda.reset_peak_memory_stats`` then ``torch.cuda.max_memory_allocated`` (bytes
+  held by tensors through the caching allocator; the cache itself is not counted).
+* CPU: ``tracemalloc`` does not see torch's allocations (they bypass Python's allocator), so we
+  use the kernel's resident-set high-water mark instead: writing ``5`` to
+  ``/proc/self/clear_refs`` resets ``VmHWM`` to the current ``VmRSS`` (Linux >= 4.0); after
+  the call, ``VmHWM - VmRSS(before)`` is the peak extra resident memory of the call (tensors,
+  allocator slack, thread stacks; pages freed before the peak do not count twice). Where
+  ``clear_refs`` is not writable we fall back to the ``resource.getrusage`` maxrss delta, which
+  under-reports when an earlier call of the same process had a higher peak (method recorded).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# ---------------------------------------------------------------------------- machine record
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "msar"], cwd=here, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty-msar" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info(device: torch.device) -> dict:
+    """Where and how the numbers were taken. ``loadavg`` matters: the development machine
+    is shared, so CPU timings taken under load are slower than on an idle machine."""
+    info = {
+        "machine": platform.node(),
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable), "-m", _module_name()] + sys.argv[1:]),
+        "device": str(device),
+        "loadavg_start": list(os.getloadavg()),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _module_name() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return spec.name if spec is not None else (sys.argv[0] if sys.argv else "?")
+
+
+def write_result(name: str, info: dict, config: dict, figures: dict, out_dir: Optional[str] = None,
+                 tag: str = "") -> str:
+    """Write ``{machine..., config, figures}`` to ``<out_dir>/<name>[_tag].json``; returns the path."""
+    out_dir = out_dir or os.path.join(RESULTS, name)
+    os.makedirs(out_dir, exist_ok=True)
+    rec = dict(info)
+    rec["loadavg_end"] = list(os.getloadavg())
+    rec["config"] = config
+    rec["figures"] = figures
+    path = os.path.join(out_dir, f"{name}{'_' + tag if tag else ''}.json")
+    with open(path, "w") as f:
+        json.dump(_jsonable(rec), f, indent=1)
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return x
+
+
+# ---------------------------------------------------------------------------- devices
+def pick_device(gpu: bool) -> torch.device:
+    if gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu was given but CUDA is not available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def setup_threads(threads: Optional[int]) -> None:
+    """Default: all cores (the reference numbers were taken with torch's default threads)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    """Wall times, and the CPU time the process consumed (all its threads) per run: on a shared
+    machine the CPU time is the load-robust figure (with 1 thread it is close to idle wall time)."""
+
+    median_s: float
+    min_s: float
+    runs_s: list
+    cpu_s: list
+
+    def as_dict(self) -> dict:
+        return {"median_s": self.median_s, "min_s": self.min_s, "runs_s": self.runs_s,
+                "process_cpu_s": self.cpu_s, "median_process_cpu_s": float(np.median(self.cpu_s))}
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmup: int = 1) -> Timing:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    runs, cpu = [], []
+    for _ in range(repeats):
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        runs.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return Timing(float(np.median(runs)), float(np.min(runs)), runs, cpu)
+
+
+def wait_for_quiet(max_load: float, timeout_s: float) -> dict:
+    """Wait (up to ``timeout_s``) until the 1-minute load average drops below ``max_load``;
+    returns what was seen, for the record. ``max_load <= 0`` disables waiting."""
+    t0 = time.time()
+    while max_load > 0 and os.getloadavg()[0] >= max_load and time.time() - t0 < timeout_s:
+        time.sleep(5)
+    return {"waited_s": time.time() - t0, "loadavg": list(os.getloadavg()), "max_load": max_load}
+
+
+# ---------------------------------------------------------------------------- memory
+def _proc_status_kb(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(key + r":\s+(\d+)\s+kB", f.read())
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict:
+    """Run ``fn()`` once and return ``{"peak_mb": float, "method": str}`` (see module docstring)."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_mb": (peak - base) / 2**20, "peak_total_mb": peak / 2**20,
+                "method": "torch.cuda.max_memory_allocated minus allocated before"}
+    if _reset_hwm():
+        before = _proc_status_kb("VmRSS")
+        fn()
+        hwm = _proc_status_kb("VmHWM")
+        if before is not None and hwm is not None:
+            return {"peak_mb": (hwm - before) / 1024, "rss_before_mb": before / 1024,
+                    "method": "VmHWM after minus VmRSS before, VmHWM reset via /proc/self/clear_refs"}
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mb": (after - before) / 1024,
+            "method": "getrusage ru_maxrss delta (lower bound: only counts a new process-wide peak)"}
+
+
+# ---------------------------------------------------------------------------- fits
+def fit_power_law(x: Sequence[float], y: Sequence[float]) -> dict:
+    """Least squares on ``log y = b log x + c``: returns exponent b, prefactor, Pearson r of the logs."""
+    lx, ly = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
+    if len(lx) < 2:
+        return {"exponent": float("nan"), "prefactor": float("nan"), "pearson_r": float("nan")}
+    b, c = np.polyfit(lx, ly, 1)
+    r = float(np.corrcoef(lx, ly)[0, 1]) if len(lx) > 2 else float("nan")
+    return {"exponent": float(b), "prefactor": float(np.exp(c)), "pearson_r": r}
+
+
+def savefig(fig, name: str, out_dir: Optional[str] = None, tag: str = "") -> str:
+    out_dir = out_dir or os.path.join(RESULTS, name)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}{'_' + tag if tag else ''}.png")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    return path
+
+
+def add_common_args(p) -> None:
+    p.add_argument("--quick", action="store_true", help="small sizes, ~2 minutes on 2 CPU cores")
+    p.add_argument("--gpu", action="store_true", help="run on CUDA (adds the largest sizes)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<name>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (the test suite uses it to save time)")
+    p.add_argument("--wait-load", type=float, default=0.0,
+                   help="before each timed measurement wait until the 1-min load average is below this (0: no wait)")
+    p.add_argument("--wait-timeout", type=float, default=300.0, help="longest wait for --wait-load, seconds")
