@@ -378,12 +378,13 @@ def tiny_transformer(tokenizer: Any, num_classes: int = 0, depth: int = 1, embed
 
 # ---------------------------------------------------------------------------- hypothesis strategies
 def random_schedules(kinds: Sequence[str] = ("grid", "count"), ranks: Sequence[int] = (1, 2, 3),
-                     max_scales: int = 5, max_side: int = 8, max_tokens: int = 64):
+                     max_scales: int = 5, max_side: int = 8, max_tokens: int = 64, min_scales: int = 1):
     """Hypothesis strategy of :class:`ScaleSchedule` s.
 
     ``"grid"`` schedules have a rank drawn from ``ranks``; every side grows (weakly) from
     scale to scale, up to ``max_side`` and at most ``max_tokens`` tokens at the finest
     scale. ``"count"`` schedules are weakly increasing token counts up to ``max_tokens``.
+    Every schedule has between ``min_scales`` and ``max_scales`` scales.
     Example::
 
         @given(random_schedules(ranks=(2,)))
@@ -394,7 +395,7 @@ def random_schedules(kinds: Sequence[str] = ("grid", "count"), ranks: Sequence[i
     @st.composite
     def grid(draw):
         rank = draw(st.sampled_from(list(ranks)))
-        K = draw(st.integers(1, max_scales))
+        K = draw(st.integers(min_scales, max_scales))
         cap = max(1, int(max_tokens ** (1 / rank)))
         full = [draw(st.integers(1, min(max_side, cap))) for _ in range(rank)]
         # sides per dim: a sorted draw in [1, full_d], ending at full_d
@@ -403,7 +404,7 @@ def random_schedules(kinds: Sequence[str] = ("grid", "count"), ranks: Sequence[i
 
     @st.composite
     def count(draw):
-        K = draw(st.integers(1, max_scales))
+        K = draw(st.integers(min_scales, max_scales))
         return ScaleSchedule(sorted(draw(st.lists(st.integers(1, max_tokens), min_size=K, max_size=K))))
 
     options = {"grid": grid(), "count": count()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import msar
 from msar.testing import (assert_block_causal, assert_sampling_reproducible, check_adapter, random_indices,
@@ -76,6 +76,7 @@ def test_operator_pyramid_adapter_conforms(per_sample):
     assert report["checks"] == ALL_CHECKS
 
 
+@settings(max_examples=10)
 @given(random_schedules(kinds=("grid",), max_scales=4, max_tokens=32), st.integers(0, 2**16))
 def test_random_grid_schedules_conform(schedule, seed):
     tok = grid_tokenizer(schedule, "conv", seed=seed % 7)
@@ -83,6 +84,7 @@ def test_random_grid_schedules_conform(schedule, seed):
     assert report["checks"] == ALL_CHECKS
 
 
+@settings(max_examples=10)
 @given(random_schedules(kinds=("count",), max_scales=4, max_tokens=24), st.booleans())
 def test_random_cluster_hierarchies_conform(schedule, per_sample):
     tok = operator_tokenizer(schedule, batch=2 if per_sample else None)
@@ -135,6 +137,7 @@ class OffByOneTeacher(msar.MultiScaleVQTokenizer):
         return torch.cat([msar.to_tokens(pyr.resample(cumul[k + 1], k + 1)) for k in range(len(indices) - 1)], 1)
 
 
+@settings(max_examples=10)
 @given(random_schedules(kinds=("grid",), min_scales=2, max_scales=4, max_tokens=32), st.integers(0, 100))
 def test_kit_catches_off_by_one_teacher_input(schedule, seed):
     torch.manual_seed(seed)
@@ -146,6 +149,7 @@ def test_kit_catches_off_by_one_teacher_input(schedule, seed):
         check_adapter(bad, data)
 
 
+@settings(max_examples=10)
 @given(random_schedules(kinds=("count",), min_scales=2, max_scales=4, max_tokens=16))
 def test_kit_catches_off_by_one_teacher_input_on_clusters(schedule):
     good = operator_tokenizer(schedule)
