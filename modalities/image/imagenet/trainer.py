@@ -16,6 +16,7 @@ needs that the generic trainer does not do.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterable, Optional
 
 import torch
@@ -47,6 +48,8 @@ class ImageNetTrainer(TransformerTrainer):
                 torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                                      store=torch.distributed.HashStore(), rank=0, world_size=1)
             shard_per_block(model.to(device))
+            # the logits are returned as a view; nothing modifies them in place, so FSDP's warning is moot
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
             with _hide_world_size():  # the base class must not wrap the sharded model in DDP
                 super().__init__(model, tokenizer, config)
         else:
