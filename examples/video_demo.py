@@ -1,0 +1,351 @@
+"""Video next-scale prediction on moving digits, end to end on CPU.
+
+Trains a causal 3-D conv multi-scale VQ-VAE (:mod:`modalities.video`) and a
+class-conditional next-scale transformer (:class:`msar.NextScaleTransformer`) on
+bouncing scikit-learn digits, then
+
+* samples videos of every digit class (animated GIF + PNG filmstrips),
+* runs three zero-shot edits through known-token conditioning (:func:`msar.sample`):
+  frame prediction, frame interpolation, spatial inpainting over time,
+* writes ``metrics.json``: reconstruction PSNR, per-frame digit accuracy of generated
+  frames (logistic-regression classifier trained on real frames), temporal consistency,
+  a motion check (constant velocity between bounces), and the same numbers on real
+  videos as the reference.  FVD needs I3D weights that cannot be fetched here; give a
+  feature network with ``--feature-net`` to get a Frechet distance in its feature space.
+
+Run::
+
+    python -m examples.video_demo                      # ~15-25 min on 2 busy CPU cores
+    python -m examples.video_demo --quick              # ~1-2 min smoke run
+    python -m examples.video_demo --schedule frame     # per-frame (frame-causal) pyramid
+    python -m examples.video_demo --feature-net i3d.pt # + Frechet distance (TorchScript net)
+
+Outputs (``--out``, default ``outputs/video_demo``): ``metrics.json``, ``samples.gif``,
+``samples.png``, ``reconstructions.png``, ``progression.png``, ``edit_*.png``,
+``edits.gif``, ``tokenizer.safetensors`` (+ ``.json``), ``transformer.pt``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import msar
+from modalities.video import (MovingDigits, VideoTokenizerConfig, VideoTokenizer, box_mask, fill_unknown,
+                              frame_prediction_mask, interpolation_mask, video_known_masks)
+from modalities.video import metrics as vm
+from modalities.video.viz import save_filmstrip, save_gif
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/video_demo")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (~1-2 minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", default="space", choices=["joint", "space", "frame"],
+                   help="space-time pyramid: joint (t grows with scale), space (time at full length), frame (per-frame, frame-causal)")
+    p.add_argument("--frames", type=int, default=9, help="1 + time_stride * n (the first frame is encoded alone)")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--time-stride", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--num-train", type=int, default=4000)
+    p.add_argument("--tok-steps", type=int, default=500)
+    p.add_argument("--tok-batch", type=int, default=16)
+    p.add_argument("--tok-lr", type=float, default=1e-3)
+    p.add_argument("--ar-steps", type=int, default=1200)
+    p.add_argument("--ar-batch", type=int, default=32)
+    p.add_argument("--ar-lr", type=float, default=1e-3)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--samples-per-class", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
+    p.add_argument("--feature-net", default=None,
+                   help="optional I3D-style video feature network: TorchScript file, or a state dict with --feature-net-factory")
+    p.add_argument("--feature-net-factory", default=None, help="'package.module:function' that builds the network for a state dict")
+    p.add_argument("--feature-net-size", type=int, default=None, help="resize frames to this side before the feature net (I3D: 224)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.num_train, a.tok_steps, a.ar_steps, a.samples_per_class = 400, 40, 40, 2
+        a.depth, a.width = 2, 64
+    return a
+
+
+# ---------------------------------------------------------------------------- training
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train_tokenizer(tok: VideoTokenizer, videos: torch.Tensor, args, gen: torch.Generator) -> list[dict]:
+    """Plain AdamW on L1 + MSE + the quantizer's VQ loss.
+
+    Dead codewords are re-seeded from encoder outputs every 25 steps; the codebook starts
+    from encoder outputs too, so no codeword begins far from the data (the usual cause of
+    early collapse on a small codebook)."""
+    opt = torch.optim.AdamW(tok.parameters(), lr=args.tok_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    tok.train()
+    q = tok.quantize
+    with torch.no_grad():
+        f = tok.encode_latent(videos[torch.randperm(len(videos), generator=gen)[:64]])
+        pool = msar.to_tokens(f).reshape(-1, q.dim)
+        q.embedding.weight.data.copy_(pool[torch.randint(0, len(pool), (q.vocab_size,), generator=gen)])
+    log = []
+    bar = tqdm(range(args.tok_steps), desc="tokenizer", mininterval=5)
+    for step in bar:
+        x = videos[torch.randint(0, len(videos), (args.tok_batch,), generator=gen)]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.tok_steps, args.tok_lr, 20)
+        rec, out = tok(x)
+        l1, l2 = (rec - x).abs().mean(), (rec - x).pow(2).mean()
+        loss = l1 + l2 + out.loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tok.parameters(), 2.0)
+        opt.step()
+        if (step + 1) % 25 == 0 and step < 0.8 * args.tok_steps:
+            with torch.no_grad():
+                q.restart_dead_codes(tok.encode_latent(x), generator=gen)
+        if step % 10 == 0 or step == args.tok_steps - 1:
+            psnr = 10 * math.log10(4 / max(l2.item(), 1e-10))
+            log.append({"step": step, "loss": loss.item(), "l1": l1.item(), "psnr": psnr, "usage_last": out.usage[-1]})
+            bar.set_postfix(loss=f"{loss.item():.3f}", psnr=f"{psnr:.1f}", usage=f"{out.usage[-1]:.0f}%")
+    tok.eval()
+    return log
+
+
+@torch.no_grad()
+def encode_all(tok: VideoTokenizer, videos: torch.Tensor, batch: int = 64) -> list[torch.Tensor]:
+    parts = [tok.encode(videos[i:i + batch]) for i in range(0, len(videos), batch)]
+    return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+
+def train_transformer(model: msar.NextScaleTransformer, tok: VideoTokenizer, indices: list[torch.Tensor],
+                      labels: torch.Tensor, args, gen: torch.Generator) -> list[dict]:
+    """Teacher-forced cross-entropy over all scales at once (block-causal mask)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "emb" not in n and "pos" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "emb" not in n and "pos" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.ar_lr, betas=(0.9, 0.95))
+    model.train()
+    target_all = torch.cat(indices, dim=1)  # (N, L)
+    sched = tok.schedule
+    log = []
+    bar = tqdm(range(args.ar_steps), desc="transformer", mininterval=5)
+    for step in bar:
+        b = torch.randint(0, len(labels), (args.ar_batch,), generator=gen)
+        idx = [t[b] for t in indices]
+        x = tok.teacher_forcing_input(idx)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.ar_steps, args.ar_lr, 50)
+        logits = model(labels[b], x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target_all[b].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        opt.step()
+        if step % 10 == 0 or step == args.ar_steps - 1:
+            with torch.no_grad():
+                acc = (logits.argmax(-1) == target_all[b]).float()
+                last_acc = acc[:, sched.slice(len(sched) - 1)].mean().item()
+            log.append({"step": step, "loss": loss.item(), "acc": acc.mean().item(), "acc_last_scale": last_acc})
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.mean().item():.2f}")
+    model.eval()
+    return log
+
+
+# ---------------------------------------------------------------------------- evaluation helpers
+def video_metrics(videos: torch.Tensor, labels: torch.Tensor, clf: vm.FrameDigitClassifier) -> dict:
+    pred = clf.predict(videos)
+    return {"frame_accuracy": vm.frame_accuracy(pred, labels),
+            "temporal_consistency": vm.temporal_consistency(pred),
+            "motion": vm.motion_check(videos)}
+
+
+@torch.no_grad()
+def zero_shot(name: str, model, tok: VideoTokenizer, videos: torch.Tensor, labels: torch.Tensor,
+              known_pixels: torch.Tensor, args, clf, out_dir: str) -> tuple[dict, torch.Tensor]:
+    """Generate the unknown part of ``videos`` given ``known_pixels`` (T, H, W); figure + metrics."""
+    B = len(videos)
+    masks = video_known_masks(tok, known_pixels, batch_size=B)
+    known = tok.encode(fill_unknown(videos, known_pixels))
+    out = msar.sample(model, tok, labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed + 7,
+                      known=known, known_mask=masks)
+    gen = out.data.clamp(-1, 1)
+    preserved = all(bool((o[m] == k[m]).all()) for o, k, m in zip(out.indices, known, masks))
+    kp = known_pixels.unsqueeze(0).unsqueeze(0).expand_as(videos)
+    recon = tok.decode(tok.encode(videos)).clamp(-1, 1)
+    err = (gen - videos).pow(2) / 4  # on the [0, 1] scale
+    err_known = float(err[kp].mean()) if kp.any() else float("nan")
+    err_unknown = float(err[~kp].mean()) if (~kp).any() else float("nan")
+    m = video_metrics(gen, labels, clf)
+    m.update({
+        "known_tokens_preserved": preserved,
+        "known_token_fraction": float(torch.cat(masks, 1).float().mean()),
+        "psnr_known_region": 10 * math.log10(1 / max(err_known, 1e-10)),
+        "psnr_unknown_region": 10 * math.log10(1 / max(err_unknown, 1e-10)),
+        "psnr_known_region_tokenizer_recon": 10 * math.log10(1 / max(float(((recon - videos).pow(2) / 4)[kp].mean()), 1e-10)),
+    })
+    n = min(4, B)
+    shown = torch.cat([fill_unknown(videos[:n], known_pixels, 0.0), gen[:n]], 0)
+    unk = (~known_pixels).unsqueeze(0).expand(2 * n, -1, -1, -1).clone()
+    unk[:n] = False
+    rows = [f"input {i}" for i in range(n)] + [f"output {i}" for i in range(n)]
+    save_filmstrip(shown, os.path.join(out_dir, f"edit_{name}.png"), row_labels=rows, unknown=unk,
+                   title=f"{name}: gray = not given; red tint = generated")
+    return m, gen
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.time()
+    timings = {}
+
+    # ---------------- data
+    train = MovingDigits(args.num_train, num_frames=args.frames, size=args.size, seed=args.seed, split="train")
+    test = MovingDigits(256 if not args.quick else 64, num_frames=args.frames, size=args.size, seed=args.seed + 1,
+                        split="test")
+    Xtr, Ytr = train.tensors()
+    Xte, Yte = test.tensors()
+
+    # ---------------- tokenizer
+    cfg = VideoTokenizerConfig(frames=args.frames, height=args.size, width=args.size, vocab_size=args.vocab,
+                               time_stride=args.time_stride, schedule=args.schedule)
+    tok = VideoTokenizer(cfg)
+    sched = tok.schedule
+    print(f"latent {cfg.latent_shape}, schedule {args.schedule}: {len(sched)} scales, {sched.L} tokens; "
+          f"tokenizer {sum(p.numel() for p in tok.parameters()) / 1e6:.2f}M params")
+    t0 = time.time()
+    tok_log = train_tokenizer(tok, Xtr, args, gen)
+    timings["tokenizer_train_s"] = time.time() - t0
+    tok.save(os.path.join(args.out, "tokenizer.safetensors"))
+    with torch.no_grad():
+        rec_te = torch.cat([tok.decode(tok.encode(Xte[i:i + 64])) for i in range(0, len(Xte), 64)]).clamp(-1, 1)
+    rec_psnr = vm.psnr(Xte, rec_te)
+    print(f"test reconstruction PSNR {rec_psnr:.2f} dB")
+    save_filmstrip(torch.stack([v for pair in zip(Xte[:4], rec_te[:4]) for v in pair]),
+                   os.path.join(args.out, "reconstructions.png"),
+                   row_labels=[s for i in range(4) for s in (f"real {i}", f"recon {i}")], title="tokenizer round trip")
+    with torch.no_grad():
+        prog = torch.cat(tok.decode_progression(tok.encode(Xte[:1]))).clamp(-1, 1)
+    save_filmstrip(prog, os.path.join(args.out, "progression.png"),
+                   row_labels=[f"<= {'x'.join(map(str, sched.shape(k)))}" for k in range(len(sched))]
+                   if args.schedule != "frame" else [f"<= scale {k}" for k in range(len(sched))],
+                   title="coarse-to-fine: decoded from scales <= k")
+
+    # ---------------- transformer
+    t0 = time.time()
+    indices = encode_all(tok, Xtr)
+    usage = float(torch.cat(indices, 1).unique().numel()) / args.vocab
+    tcfg = msar.TransformerConfig(schedule=sched.to_config(), vocab_size=args.vocab, latent_dim=cfg.latent_dim,
+                                  num_classes=10, depth=args.depth, embed_dim=args.width,
+                                  num_heads=max(1, args.width // 32), cond_drop_rate=0.1)
+    model = msar.NextScaleTransformer(tcfg).init_weights(init_std=-1)
+    print(f"transformer {model.num_parameters() / 1e6:.2f}M params, codebook use on train {usage:.0%}")
+    ar_log = train_transformer(model, tok, indices, Ytr, args, gen)
+    timings["transformer_train_s"] = time.time() - t0
+
+    # ---------------- classifier on real frames, reference metrics
+    t0 = time.time()
+    clf = vm.FrameDigitClassifier(crop=train.digit_size).fit(Xtr[:1000], Ytr[:1000])
+    real = video_metrics(Xte, Yte, clf)
+    recon = video_metrics(rec_te, Yte, clf)
+
+    # ---------------- class-conditional samples
+    n = args.samples_per_class
+    labels = torch.arange(10).repeat_interleave(n)
+    with torch.no_grad():
+        out = msar.sample(model, tok, labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    samples = out.data.clamp(-1, 1)
+    gen_metrics = video_metrics(samples, labels, clf)
+    per_class = {}
+    pred = clf.predict(samples)
+    for c in range(10):
+        per_class[str(c)] = float((pred[labels.numpy() == c] == c).mean())
+    gen_metrics["per_class_frame_accuracy"] = per_class
+    show = torch.stack([samples[labels == c][0] for c in range(10)])
+    save_filmstrip(show, os.path.join(args.out, "samples.png"), row_labels=[f"class {c}" for c in range(10)],
+                   title=f"class-conditional samples ({args.schedule} schedule, cfg {args.cfg})")
+    grid = torch.cat([samples[labels == c][:min(4, n)] for c in range(10)])
+    save_gif(grid, os.path.join(args.out, "samples.gif"), nrow=min(4, n) * 2 if n > 1 else 10)
+
+    # ---------------- zero-shot edits on held-out videos
+    T, S = args.frames, args.size
+    ts = args.time_stride
+    ne = 16 if not args.quick else 4
+    Xe, Ye = Xte[:ne], Yte[:ne]
+    edits = {}
+    tasks = {
+        # given frame 0 and the first latent group: predict the rest
+        "frame_prediction": frame_prediction_mask(T, S, S, given=1 + ts),
+        # given frame 0 and the last latent group: fill in the middle
+        "interpolation": interpolation_mask(T, S, S, first=1, last=ts),
+        # a centre square hidden in every frame
+        "inpainting": box_mask(T, S, S, (S // 4, 3 * S // 4, S // 4, 3 * S // 4)),
+    }
+    edit_vids = []
+    for name, mask in tasks.items():
+        edits[name], g = zero_shot(name, model, tok, Xe, Ye, mask, args, clf, args.out)
+        edit_vids.append(torch.stack([Xe[0], g[0]]))
+    save_gif(torch.cat(edit_vids), os.path.join(args.out, "edits.gif"), nrow=2)
+
+    # ---------------- optional Frechet distance in a user-supplied feature space
+    fd = {"note": vm.FVD_NOTE}
+    if args.feature_net:
+        net = vm.load_feature_net(args.feature_net, args.feature_net_factory)
+        fr = vm.video_features(net, Xte, args.feature_net_size)
+        fg = vm.video_features(net, samples, args.feature_net_size)
+        fd.update({"feature_net": args.feature_net, "frechet_distance_generated_vs_test": vm.frechet_distance(fr, fg)})
+    timings["eval_s"] = time.time() - t0
+    timings["total_s"] = time.time() - t_start
+
+    metrics = {
+        "config": {k: v for k, v in vars(args).items()},
+        "tokenizer": {"config": asdict(cfg), "latent_shape": cfg.latent_shape, "schedule": sched.to_config(),
+                      "num_scales": len(sched), "tokens": sched.L,
+                      "params": sum(p.numel() for p in tok.parameters()),
+                      "test_psnr_db": rec_psnr, "train_codebook_usage": usage,
+                      "final_train": tok_log[-1]},
+        "transformer": {"params": model.num_parameters(), "final_train": ar_log[-1]},
+        "classifier": {"kind": "logistic regression on digit-centred crops, trained on 1000 real videos x all frames"},
+        "real_test": real,
+        "reconstructed_test": recon,
+        "generated": gen_metrics,
+        "zero_shot": edits,
+        "fvd": fd,
+        "timings_s": timings,
+        "torch_threads": args.threads,
+    }
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1, default=float)
+    with open(os.path.join(args.out, "train_log.json"), "w") as f:
+        json.dump({"tokenizer": tok_log, "transformer": ar_log}, f)
+    torch.save({"config": asdict(tcfg), "state_dict": model.state_dict()}, os.path.join(args.out, "transformer.pt"))
+    print(json.dumps({"recon_psnr": rec_psnr, "generated": {k: v for k, v in gen_metrics.items() if k != "per_class_frame_accuracy"},
+                      "real": real, "zero_shot": {k: {kk: vv for kk, vv in v.items() if kk in
+                                                      ("frame_accuracy", "known_tokens_preserved", "psnr_unknown_region")}
+                                                  for k, v in edits.items()},
+                      "total_s": timings["total_s"]}, indent=1, default=float))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

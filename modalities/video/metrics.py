@@ -1,0 +1,200 @@
+"""Video metrics that need no downloaded weights.
+
+* :func:`psnr` -- reconstruction quality (videos in ``[-1, 1]``, PSNR on the ``[0, 1]`` scale);
+* :class:`FrameDigitClassifier` -- a per-frame digit classifier trained on real frames
+  (logistic regression on a crop centred on the digit), for the accuracy of generated
+  frames and :func:`temporal_consistency`;
+* :func:`motion_check` -- does the digit's centre move at constant velocity between bounces?
+* :func:`frechet_distance` / :func:`load_feature_net` -- FVD needs I3D weights that cannot be
+  fetched here; pass any I3D-style feature network by path to get a Frechet distance
+  in its feature space.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _to_unit(videos: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, T, H, W)`` in [-1, 1] -> ``(B, T, H, W)`` in [0, 1]."""
+    if videos.dim() != 5 or videos.shape[1] != 1:
+        raise ValueError(f"expected grayscale videos (B, 1, T, H, W), got {tuple(videos.shape)}")
+    return ((videos[:, 0].float() + 1) / 2).clamp(0, 1)
+
+
+def psnr(reference: torch.Tensor, estimate: torch.Tensor) -> float:
+    """Mean over videos of the PSNR (dB) on the [0, 1] scale; inputs ``(B, C, T, H, W)`` in [-1, 1]."""
+    if reference.shape != estimate.shape:
+        raise ValueError(f"psnr: shapes differ, {tuple(reference.shape)} vs {tuple(estimate.shape)}")
+    a = ((reference.float() + 1) / 2).clamp(0, 1)
+    b = ((estimate.float() + 1) / 2).clamp(0, 1)
+    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+def centroids(videos: torch.Tensor) -> np.ndarray:
+    """Intensity-weighted centre ``(B, T, 2)`` (y, x) of every frame; NaN for empty frames."""
+    v = _to_unit(videos)
+    B, T, H, W = v.shape
+    mass = v.sum(dim=(2, 3))
+    ys = torch.arange(H, dtype=v.dtype)
+    xs = torch.arange(W, dtype=v.dtype)
+    cy = (v.sum(3) * ys).sum(2) / mass.clamp_min(1e-6)
+    cx = (v.sum(2) * xs).sum(2) / mass.clamp_min(1e-6)
+    c = torch.stack((cy, cx), dim=-1).numpy().astype(np.float64)
+    c[mass.numpy() < 1e-3] = np.nan
+    return c
+
+
+def centred_crops(videos: torch.Tensor, crop: int = 16) -> np.ndarray:
+    """Crops ``(B * T, crop * crop)`` centred on each frame's centroid (zero padded), so a
+    position-free classifier sees the digit."""
+    v = _to_unit(videos)
+    B, T, H, W = v.shape
+    c = np.nan_to_num(centroids(videos), nan=H / 2)
+    pad = crop
+    padded = F.pad(v, (pad, pad, pad, pad)).numpy()
+    out = np.zeros((B, T, crop, crop), dtype=np.float32)
+    for b in range(B):
+        for t in range(T):
+            y0 = int(round(c[b, t, 0] - (crop - 1) / 2)) + pad
+            x0 = int(round(c[b, t, 1] - (crop - 1) / 2)) + pad
+            out[b, t] = padded[b, t, y0:y0 + crop, x0:x0 + crop]
+    return out.reshape(B * T, crop * crop)
+
+
+class FrameDigitClassifier:
+    """Per-frame digit classifier (scikit-learn logistic regression on centred crops)."""
+
+    def __init__(self, crop: int = 16, C: float = 1.0, max_iter: int = 300, seed: int = 0):
+        from sklearn.linear_model import LogisticRegression
+        self.crop = crop
+        self.clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
+
+    def fit(self, videos: torch.Tensor, labels: torch.Tensor) -> "FrameDigitClassifier":
+        """``videos (B, 1, T, H, W)`` in [-1, 1], ``labels (B,)``: every frame is a sample."""
+        T = videos.shape[2]
+        X = centred_crops(videos, self.crop)
+        y = np.repeat(labels.numpy(), T)
+        self.clf.fit(X, y)
+        return self
+
+    def predict(self, videos: torch.Tensor) -> np.ndarray:
+        """Per-frame predicted digits ``(B, T)``."""
+        B, T = videos.shape[0], videos.shape[2]
+        return self.clf.predict(centred_crops(videos, self.crop)).reshape(B, T)
+
+
+def frame_accuracy(pred: np.ndarray, labels: torch.Tensor) -> float:
+    """Fraction of frames ``pred (B, T)`` whose predicted digit is the video's label."""
+    return float((pred == labels.numpy()[:, None]).mean())
+
+
+def temporal_consistency(pred: np.ndarray) -> float:
+    """Fraction of videos whose per-frame predicted digit is the same in every frame."""
+    return float((pred == pred[:, :1]).all(axis=1).mean())
+
+
+def motion_check(videos: torch.Tensor, tol: float = 1.0, min_speed: float = 0.5) -> dict:
+    """Constant velocity between bounces, from the digit's centroid track.
+
+    Velocities ``v_t = c_{t+1} - c_t`` per axis; a step ``v_t -> v_{t+1}`` on an axis is a
+    *bounce* when the velocity's sign changes (speeds below ``min_speed`` count as 0); the bounce and
+    its neighbouring steps (partial because the reflection happens between frames) are
+    skipped, every other step should keep the velocity within ``tol`` pixels/frame.  A bounce
+    just outside the clip still leaves one partial step at its start or end, so real
+    moving-digit clips score ~0.99, not 1: compare generated videos with that reference.
+    Read it together with ``bounces_per_video``: erratic motion hides behind many sign
+    flips, so a good generator has both a high fraction and about the real bounce rate.
+
+    Returns the mean over videos of ``constant_velocity_fraction`` (steps that keep the
+    velocity / non-bounce steps), ``mean_abs_accel`` (px/frame^2 on non-bounce steps)
+    and the mean number of bounces per video.
+    """
+    c = centroids(videos)  # (B, T, 2)
+    v = np.diff(c, axis=1)  # (B, T-1, 2)
+    a = np.diff(v, axis=1)  # (B, T-2, 2)
+    sgn = np.where(np.abs(v) < min_speed, 0, np.sign(v))  # dead zone: jitter around 0 is "still"
+    flip = sgn[:, 1:] != sgn[:, :-1]  # -2, 0, 2 is a bounce through a stop, two flips
+    # a reflection inside a frame interval makes the steps next to the flip partial
+    # (e.g. +3, +1, -3): exclude the accelerations adjacent to a flip as well
+    near = flip.copy()
+    near[:, 1:] |= flip[:, :-1]
+    near[:, :-1] |= flip[:, 1:]
+    valid = ~np.isnan(a)
+    steady = valid & ~near
+    frac, acc = [], []
+    for b in range(c.shape[0]):
+        n = steady[b].sum()
+        if n == 0:
+            continue
+        frac.append(float((np.abs(a[b][steady[b]]) <= tol).mean()))
+        acc.append(float(np.abs(a[b][steady[b]]).mean()))
+    return {
+        "constant_velocity_fraction": float(np.mean(frac)) if frac else float("nan"),
+        "mean_abs_accel": float(np.mean(acc)) if acc else float("nan"),
+        "bounces_per_video": float((flip & valid).sum(axis=(1, 2)).mean()),
+        "videos_with_track": len(frac),
+    }
+
+
+# ---------------------------------------------------------------------------- optional feature network (FVD-style)
+FVD_NOTE = ("FVD needs the I3D (Kinetics-400) weights, which cannot be fetched in this environment; "
+            "no FVD is reported. Pass --feature-net PATH (TorchScript, or a state dict with "
+            "--feature-net-factory module:function) to get a Frechet distance in that network's feature space.")
+
+
+def load_feature_net(path: str, factory: Optional[str] = None) -> torch.nn.Module:
+    """Load a video feature network ``(B, 3, T, H, W) in [-1, 1] -> (B, D)``.
+
+    * ``factory is None``: ``path`` is a TorchScript file (``torch.jit.save``), e.g. an
+      exported I3D whose forward returns pooled features.
+    * ``factory = "package.module:function"``: ``function()`` builds the module and
+      ``path`` holds its state dict (``.safetensors``, or a ``torch.save`` dict of tensors,
+      loaded with ``weights_only=True``).
+    """
+    if factory is None:
+        net = torch.jit.load(path, map_location="cpu")
+    else:
+        if ":" not in factory:
+            raise ValueError(f"feature-net factory must be 'package.module:function', got {factory!r}")
+        mod, fn = factory.split(":", 1)
+        net = getattr(importlib.import_module(mod), fn)()
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(sd)
+    return net.eval()
+
+
+@torch.no_grad()
+def video_features(net: Callable, videos: torch.Tensor, size: Optional[int] = None, batch: int = 16) -> np.ndarray:
+    """Features ``(B, D)``: grayscale videos are repeated to 3 channels and, with ``size``,
+    resized to ``size x size`` per frame (I3D expects 224)."""
+    out = []
+    for i in range(0, videos.shape[0], batch):
+        v = videos[i:i + batch].float()
+        if v.shape[1] == 1:
+            v = v.repeat(1, 3, 1, 1, 1)
+        if size is not None:
+            v = F.interpolate(v, size=(v.shape[2], size, size), mode="trilinear", align_corners=False)
+        f = net(v)
+        out.append(f.reshape(f.shape[0], -1).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to feature sets ``(N, D)`` and ``(M, D)``."""
+    from scipy import linalg
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(np.atleast_2d(s1) @ np.atleast_2d(s2), disp=False)
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))

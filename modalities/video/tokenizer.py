@@ -1,0 +1,269 @@
+"""A small causal 3-D convolutional multi-scale VQ-VAE for video.
+
+Videos are ``(B, C, T, H, W)`` floats in ``[-1, 1]``.  The encoder maps them to a
+latent ``(B, D, T', H', W')`` with ``T' = 1 + (T - 1) / time_stride`` and
+``H' = H / space_stride``: as in current causal video tokenizers (MAGVIT-v2,
+CogVideoX, Cosmos) the first frame is encoded on its own and every later latent
+frame covers ``time_stride`` new frames, so ``T`` must be ``1 + time_stride * n``.
+
+Causality in time holds everywhere: convolutions pad only the past (replicating
+the first frame), normalisation is per frame, and the decoder upsamples time
+causally.  Latent frame t therefore depends only on frames ``<= t * time_stride``,
+and decoded frames of group t depend only on latent frames ``<= t``.  Together
+with the per-frame pyramid (:class:`~modalities.video.schedules.FramePyramid`) this
+makes frame prediction truly causal: given frames are reproduced exactly.
+
+The quantizer is the core :class:`msar.MultiScaleResidualQuantizer`; only the
+pyramid (joint / space-only / per-frame, see :mod:`modalities.video.schedules`)
+is video-specific.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from msar import MultiScaleResidualQuantizer, MultiScaleVQTokenizer
+
+from .schedules import FrameScaleSchedule, build_schedule, make_pyramid
+
+
+# ---------------------------------------------------------------------------- causal building blocks
+class CausalConv3d(nn.Module):
+    """3-D convolution that pads time only on the past (with copies of the first frame).
+
+    With temporal kernel ``kt`` and stride ``st`` the output has ``(T - 1) // st + 1``
+    frames and output frame i sees input frames ``<= i * st``; output frame 0 sees
+    frame 0 alone.  Space is zero-padded symmetrically ("same").
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: Sequence[int] = (3, 3, 3), stride: Sequence[int] = (1, 1, 1)):
+        super().__init__()
+        kt, kh, kw = kernel
+        self.kt = kt
+        self.conv = nn.Conv3d(cin, cout, tuple(kernel), tuple(stride), padding=(0, kh // 2, kw // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kt > 1:
+            x = torch.cat((x[:, :, :1].expand(-1, -1, self.kt - 1, -1, -1), x), dim=2)
+        return self.conv(x)
+
+
+class FrameNorm(nn.GroupNorm):
+    """GroupNorm computed per frame: a 3-D GroupNorm would pool statistics over time and
+    leak the future into the past."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, T, H, W = x.shape
+        y = super().forward(x.transpose(1, 2).reshape(B * T, C, H, W))
+        return y.view(B, T, C, H, W).transpose(1, 2)
+
+
+def _norm(c: int) -> FrameNorm:
+    return FrameNorm(num_groups=min(8, c), num_channels=c, eps=1e-6)
+
+
+class ResBlock3d(nn.Module):
+    """``x + conv(silu(norm(conv(silu(norm(x))))))`` with causal 3x3x3 convs."""
+
+    def __init__(self, cin: int, cout: Optional[int] = None):
+        super().__init__()
+        cout = cout or cin
+        self.net = nn.Sequential(_norm(cin), nn.SiLU(), CausalConv3d(cin, cout),
+                                 _norm(cout), nn.SiLU(), CausalConv3d(cout, cout))
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.net(x)
+
+
+class CausalUpsample(nn.Module):
+    """Nearest upsampling ``x (st in time, 2 in space)`` that keeps the first latent frame
+    as a single frame (it encodes frame 0 alone), then a causal conv."""
+
+    def __init__(self, cin: int, cout: int, time_factor: int):
+        super().__init__()
+        self.time_factor = time_factor
+        self.conv = CausalConv3d(cin, cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.time_factor > 1 and x.shape[2] > 1:
+            x = torch.cat((x[:, :, :1], x[:, :, 1:].repeat_interleave(self.time_factor, dim=2)), dim=2)
+        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
+        return self.conv(x)
+
+
+def _stage_time_strides(time_stride: int, space_stride: int) -> list[int]:
+    """Spread the temporal stride over the spatial down stages (earliest first)."""
+    n_stages = int(round(math.log2(space_stride)))
+    n_time = int(round(math.log2(time_stride)))
+    return [2 if i < n_time else 1 for i in range(n_stages)]
+
+
+class VideoEncoder(nn.Module):
+    """``(B, C_in, T, H, W) -> (B, D, T', H', W')``.
+
+    conv_in -> [down conv (stride st, 2, 2) -> ResBlock] per stage -> norm/SiLU/conv_out.
+    """
+
+    def __init__(self, in_channels: int, channels: Sequence[int], latent_dim: int, time_stride: int, space_stride: int):
+        super().__init__()
+        strides = _stage_time_strides(time_stride, space_stride)
+        if len(channels) != len(strides) + 1:
+            raise ValueError(f"channels needs {len(strides) + 1} entries for space_stride {space_stride}, got {list(channels)}")
+        self.conv_in = CausalConv3d(in_channels, channels[0])
+        stages = []
+        for i, st in enumerate(strides):
+            stages.append(nn.Sequential(CausalConv3d(channels[i], channels[i + 1], stride=(st, 2, 2)),
+                                        ResBlock3d(channels[i + 1])))
+        self.stages = nn.Sequential(*stages)
+        self.out = nn.Sequential(_norm(channels[-1]), nn.SiLU(), CausalConv3d(channels[-1], latent_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.stages(self.conv_in(x)))
+
+
+class VideoDecoder(nn.Module):
+    """``(B, D, T', H', W') -> (B, C_in, T, H, W)``, the mirror of :class:`VideoEncoder`."""
+
+    def __init__(self, in_channels: int, channels: Sequence[int], latent_dim: int, time_stride: int, space_stride: int):
+        super().__init__()
+        strides = _stage_time_strides(time_stride, space_stride)[::-1]
+        ch = list(channels)[::-1]
+        self.conv_in = nn.Sequential(CausalConv3d(latent_dim, ch[0]), ResBlock3d(ch[0]))
+        stages = []
+        for i, st in enumerate(strides):
+            stages.append(CausalUpsample(ch[i], ch[i + 1], st))
+            if i < len(strides) - 1:  # no ResBlock at full resolution: it is the costly one on CPU
+                stages.append(ResBlock3d(ch[i + 1]))
+        self.stages = nn.Sequential(*stages)
+        self.out = nn.Sequential(_norm(ch[-1]), nn.SiLU(), CausalConv3d(ch[-1], in_channels))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out(self.stages(self.conv_in(z)))
+
+
+# ---------------------------------------------------------------------------- config and tokenizer
+@dataclass
+class VideoTokenizerConfig:
+    """Hyper-parameters of :class:`VideoTokenizer`.
+
+    ``frames`` must be ``1 + time_stride * n`` (first frame on its own);
+    ``height`` / ``width`` multiples of ``space_stride`` (a power of two);
+    ``schedule`` one of ``"joint"``, ``"space"``, ``"frame"``; ``sides`` the spatial
+    sides of the pyramid (default 1, 2, 4, ... up to the latent side).
+    """
+
+    frames: int = 9
+    height: int = 32
+    width: int = 32
+    in_channels: int = 1
+    channels: tuple = (16, 32, 64)
+    latent_dim: int = 32
+    vocab_size: int = 512
+    time_stride: int = 4
+    space_stride: int = 4
+    schedule: str = "joint"
+    sides: Optional[list] = None
+    share_phi: int = 4
+    phi_ratio: float = 0.5
+    beta: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "height", "width", "in_channels", "latent_dim", "vocab_size", "time_stride", "space_stride"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"VideoTokenizerConfig.{name} must be a positive int, got {v!r}")
+        for name in ("time_stride", "space_stride"):
+            v = getattr(self, name)
+            if v & (v - 1):
+                raise ValueError(f"VideoTokenizerConfig.{name} must be a power of two, got {v}")
+        if self.time_stride > self.space_stride:
+            raise ValueError(f"time_stride ({self.time_stride}) may not exceed space_stride ({self.space_stride}): "
+                             "time is downsampled inside the spatial stages")
+        if (self.frames - 1) % self.time_stride:
+            raise ValueError(f"frames must be 1 + time_stride * n (the first frame is encoded on its own); "
+                             f"got frames={self.frames}, time_stride={self.time_stride}")
+        if self.height % self.space_stride or self.width % self.space_stride:
+            raise ValueError(f"height and width must be multiples of space_stride={self.space_stride}, "
+                             f"got {self.height}x{self.width}")
+        self.channels = tuple(int(c) for c in self.channels)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(T', H', W')``."""
+        return (1 + (self.frames - 1) // self.time_stride, self.height // self.space_stride,
+                self.width // self.space_stride)
+
+
+class VideoTokenizer(MultiScaleVQTokenizer):
+    """Causal 3-D conv VQ-VAE + the core multi-scale residual quantizer over a space-time pyramid.
+
+    ``encode(video (B, C, T, H, W)) -> list[(B, n_k) long]``; ``decode`` inverts it.
+    Build with :func:`build_video_tokenizer` (or ``VideoTokenizer(config)``).
+    """
+
+    def __init__(self, config: VideoTokenizerConfig):
+        c = config
+        schedule = build_schedule(c.schedule, c.latent_shape, c.sides)
+        pyramid = make_pyramid(schedule)
+        quantizer = MultiScaleResidualQuantizer(c.vocab_size, c.latent_dim, pyramid, share_phi=c.share_phi,
+                                                phi_ratio=c.phi_ratio, beta=c.beta)
+        if isinstance(schedule, FrameScaleSchedule) and quantizer.phi.enabled:
+            # A 3x3x3 phi would smear a frame's codes into its neighbours (and into the
+            # past), breaking the per-frame pyramid's causality: use spatial-only (1, 3, 3)
+            # kernels. (Core workaround: PhiBank only takes an int kernel size.)
+            for phi in quantizer.phi.convs:
+                phi.conv = nn.Conv3d(c.latent_dim, c.latent_dim, (1, 3, 3), padding=(0, 1, 1))
+        super().__init__(
+            VideoEncoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride),
+            VideoDecoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride),
+            quantizer,
+        )
+        self.config = config
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.config.latent_shape
+
+    def check_data(self, data: torch.Tensor) -> None:
+        c = self.config
+        want = (c.in_channels, c.frames, c.height, c.width)
+        if not isinstance(data, torch.Tensor):
+            raise TypeError(f"video: expected a float tensor (B, {', '.join(map(str, want))}), got {type(data).__name__}")
+        if not data.dtype.is_floating_point:
+            raise TypeError(f"video: expected a floating point tensor in [-1, 1], got dtype {data.dtype}")
+        if data.dim() != 5 or tuple(data.shape[1:]) != want:
+            raise ValueError(f"video: expected shape (B, C={c.in_channels}, T={c.frames}, H={c.height}, W={c.width}), "
+                             f"got {tuple(data.shape)}")
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str) -> None:
+        """Write ``path`` (safetensors weights) and ``path + '.json'`` (config)."""
+        from safetensors.torch import save_file
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+        with open(path + ".json", "w") as f:
+            json.dump(asdict(self.config), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str, map_location: str = "cpu") -> "VideoTokenizer":
+        from safetensors.torch import load_file
+        with open(path + ".json") as f:
+            cfg = json.load(f)
+        tok = cls(VideoTokenizerConfig(**cfg))
+        tok.load_state_dict(load_file(path, device=map_location))
+        return tok
+
+
+def build_video_tokenizer(**kwargs) -> VideoTokenizer:
+    """``build_video_tokenizer(frames=9, schedule="frame", ...)``: see :class:`VideoTokenizerConfig`."""
+    return VideoTokenizer(VideoTokenizerConfig(**kwargs))
