@@ -268,6 +268,8 @@ def test_generate_png_npz_shards_resume(trained, tmp_path):
     assert np.array_equal(G.generate_class(model, vqvae, 1, s), arr[3:6])
     with pytest.raises(ValueError, match="other settings"):
         G.main(args[:-2] + ["--cfg", "2.0"])
+    bench = G.benchmark_sampling(model, vqvae, batch=2, batches=1, warmup=0, top_k=10, decode=False)
+    assert bench["images_per_s"] > 0 and bench["decode"] is False
 
 
 def test_rejection_sampling_with_classifier_path(trained, tmp_path):

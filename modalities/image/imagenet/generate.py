@@ -213,6 +213,39 @@ def run(model: NextScaleTransformer, vqvae: VQVAE, out: str, classes: Sequence[i
             "seconds": dt, "images_per_s": n / dt if dt > 0 and n else None, "npz": packed}
 
 
+@torch.no_grad()
+def benchmark_sampling(model: NextScaleTransformer, vqvae: VQVAE, batch: int = 64, batches: int = 5, warmup: int = 2,
+                       decode: bool = True, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+                       amp: str = "fp16", seed: int = 0) -> dict:
+    """Sampling throughput (images/s) at ``batch`` with guidance, the VQ-VAE decoder included
+    (``decode=True``) or not (token generation only); CUDA peak memory in GiB."""
+    device = model.pos_1LC.device
+    cuda = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if cuda else None
+    gen = torch.Generator(device=device).manual_seed(seed)
+    labels = torch.arange(batch, device=device) % max(1, model.num_classes)
+
+    def once():
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            out = sample(model, vqvae, labels, cfg=cfg, top_k=top_k, top_p=top_p, generator=gen, decode=decode)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return out
+
+    for _ in range(warmup):
+        once()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        once()
+    dt = time.perf_counter() - t0
+    return {"batch": batch, "batches": batches, "decode": decode, "cfg": cfg, "amp": amp if cuda else "none",
+            "seconds": dt, "images_per_s": batch * batches / dt,
+            "max_mem_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None,
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
+
+
 def parse_classes(spec: str, num_classes: int) -> list[int]:
     """``"all"``, ``"0-9"``, ``"1,5,7"`` -> class ids."""
     if spec == "all":
@@ -232,7 +265,7 @@ def parse_classes(spec: str, num_classes: int) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m modalities.image.imagenet.generate", description=__doc__.split("\n")[0])
-    ap.add_argument("--var", required=True, help="transformer weights (var_d16.pth, a .safetensors, or a training OUT)")
+    ap.add_argument("--var", help="transformer weights (var_d16.pth, a .safetensors, or a training OUT)")
     ap.add_argument("--vae", help="VQ-VAE weights")
     ap.add_argument("--vae-config", help="VQ-VAE preset name or JSON (default: the recipe's)")
     ap.add_argument("--random-vae", action="store_true", help=argparse.SUPPRESS)
@@ -256,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reject-pool", type=int, default=1, help="candidates per kept image (e.g. 4)")
     ap.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--benchmark", type=int, metavar="N",
+                    help="only measure sampling throughput over N timed batches of --batch (prints JSON)")
+    ap.add_argument("--no-decode", action="store_true", help="--benchmark: token generation only (no VQ-VAE decoder)")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="--benchmark: random transformer and VQ-VAE of --preset (speed does not depend on weights)")
     return ap
 
 
@@ -268,7 +306,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    model, vqvae = load_models(a.var, a.vae, a.preset, a.num_classes, a.vae_config, a.random_vae)
+    if a.random_weights:
+        if not a.benchmark or not a.preset:
+            raise SystemExit("--random-weights is only for --benchmark, with --preset")
+        recipe = get_recipe(a.preset)
+        torch.manual_seed(a.seed)
+        model = NextScaleTransformer(recipe.transformer(a.num_classes or 1000)).init_weights(init_std=-1).eval()
+        vqvae = VQVAE(recipe.vqvae()).eval().requires_grad_(False)
+    elif not a.var:
+        raise SystemExit("--var PATH is required")
+    else:
+        model, vqvae = load_models(a.var, a.vae, a.preset, a.num_classes, a.vae_config, a.random_vae)
+    if a.benchmark:
+        model.to(device)
+        vqvae.to(device)
+        res = benchmark_sampling(model, vqvae, a.batch, a.benchmark, decode=not a.no_decode, cfg=a.cfg,
+                                 top_k=a.top_k, top_p=a.top_p, amp=a.amp, seed=a.seed)
+        res.update({"preset": a.preset, "command": "python -m modalities.image.imagenet.generate "
+                    + " ".join(argv if argv is not None else __import__("sys").argv[1:])})
+        print(json.dumps(res))
+        if a.out and a.out.endswith(".json"):
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     classes = parse_classes(a.classes, model.num_classes)
     if a.pack_only:
         path = pack(a.out, classes)

@@ -166,7 +166,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     val_loader = (build_imagenet_loader(val_ds, per_rank, shuffle=False, drop_last=False, num_workers=a.workers,
                                         pin_memory=pin) if val_ds is not None else None)
     trainer = ImageNetTrainer(model, vqvae, cfg, recipe, steps_per_epoch, val_loader=val_loader,
-                              val_every=a.val_every, val_batches=a.val_batches, fsdp=fsdp)
+                              val_every=a.val_every, val_batches=a.val_batches, fsdp=fsdp,
+                              global_batch=recipe.global_batch)
     if D.is_main():
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "run.json"), "w") as f:
@@ -182,12 +183,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             val = trainer.evaluate(val_loader, max_batches=a.val_batches)
             if D.is_main():
                 print("validation: " + ", ".join(f"{k}={v:.4g}" for k, v in val.items() if "_k" not in k))
-        export(trainer, vqvae, recipe, num_classes, a.out)
+        export(trainer, vqvae, recipe, num_classes, a.out, save_vae=a.random_vae)
     return 0
 
 
-def export(trainer: ImageNetTrainer, vqvae: VQVAE, recipe: Recipe, num_classes: int, out: str) -> None:
-    """``OUT/var.safetensors`` (EMA weights when EMA is on) + ``OUT/var.json`` (configs)."""
+def export(trainer: ImageNetTrainer, vqvae: VQVAE, recipe: Recipe, num_classes: int, out: str,
+           save_vae: bool = False) -> None:
+    """``OUT/var.safetensors`` (EMA weights when EMA is on) + ``OUT/var.json`` (configs); with
+    ``save_vae`` (a randomly initialised tokenizer) also ``OUT/vqvae.safetensors`` so samples can be decoded."""
     from safetensors.torch import save_file
 
     sd = ({k: v.detach().cpu() for k, v in trainer.ema.module.state_dict().items()} if trainer.ema is not None
@@ -199,6 +202,9 @@ def export(trainer: ImageNetTrainer, vqvae: VQVAE, recipe: Recipe, num_classes: 
                 "vqvae": vqvae.cfg.to_dict(), "step": trainer.step}
         with open(os.path.join(out, "var.json"), "w") as f:
             json.dump(meta, f, indent=1)
+        if save_vae:
+            save_file({k: v.detach().cpu().contiguous() for k, v in vqvae.state_dict().items()},
+                      os.path.join(out, "vqvae.safetensors"))
         print(f"wrote {out}/var.safetensors (step {trainer.step})")
     D.barrier()
 

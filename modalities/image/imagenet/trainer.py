@@ -16,6 +16,7 @@ needs that the generic trainer does not do.
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from typing import Any, Iterable, Optional
 
@@ -30,15 +31,21 @@ from .recipes import Recipe, progressive_stage
 
 
 class ImageNetTrainer(TransformerTrainer):
-    """``ImageNetTrainer(model, vqvae, config, recipe, steps_per_epoch, val_loader=..., val_every=..., fsdp=...)``."""
+    """``ImageNetTrainer(model, vqvae, config, recipe, steps_per_epoch, val_loader=..., val_every=..., fsdp=...)``.
+
+    Adds ``step_time_s``, ``images_per_s`` (``global_batch`` / step wall time, data loading
+    included) and on CUDA ``max_mem_gb`` (peak allocated) to every logged step.
+    """
 
     def __init__(self, model: nn.Module, tokenizer: nn.Module, config: TransformerTrainConfig, recipe: Recipe,
                  steps_per_epoch: int, val_loader: Optional[Iterable] = None, val_every: int = 0,
-                 val_batches: Optional[int] = None, fsdp: bool = False):
+                 val_batches: Optional[int] = None, fsdp: bool = False, global_batch: Optional[int] = None):
         self.recipe = recipe
         self.steps_per_epoch = max(1, int(steps_per_epoch))
         self.val_loader, self.val_every, self.val_batches = val_loader, int(val_every), val_batches
         self.fsdp = bool(fsdp)
+        self.global_batch = global_batch or 0
+        self._t_last: Optional[float] = None
         self._fsdp_saved: Optional[tuple[dict, dict]] = None
         if self.fsdp:
             if config.ema_decay > 0:
@@ -112,9 +119,17 @@ class ImageNetTrainer(TransformerTrainer):
     # ------------------------------------------------------------------ validation
     def on_step_end(self, batch: Any) -> dict:
         out = super().on_step_end(batch)
+        now = time.perf_counter()
+        if self._t_last is not None:  # wall time of the step, data loading included
+            dt = now - self._t_last
+            out["step_time_s"] = dt
+            out["images_per_s"] = self.global_batch / dt
+        if self.device.type == "cuda":
+            out["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         if self.val_loader is not None and self.val_every > 0 and self.step % self.val_every == 0:
             val = self.evaluate(self.val_loader, max_batches=self.val_batches)
             out.update({"val_loss": val["loss"], "val_acc": val["acc"]})
+        self._t_last = time.perf_counter()  # validation time does not count as training time
         return out
 
     # ------------------------------------------------------------------ resume without decoding
