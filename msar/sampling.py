@@ -74,10 +74,17 @@ def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, temp
             raise ValueError(f"temperature must be > 0, got {temperature}")
         logits = logits / temperature
     if 0 < top_k < V:
+        # topk returns the candidates sorted (descending): the nucleus is a prefix of them, so
+        # no second sort / scatter is needed, and the cumulative sum doubles as the CDF from
+        # which one uniform per position draws the token (multinomial would draw top_k exponentials)
         vals, ids = logits.topk(top_k, dim=-1, largest=True, sorted=True)
+        probs = vals.softmax(-1)
+        cum = probs.cumsum(-1)
         if top_p > 0:
-            vals = filter_top_k_top_p(vals, 0, top_p)
-        pick = torch.multinomial(vals.softmax(-1).view(-1, top_k), 1, generator=generator).view(B, n, 1)
+            probs = probs.masked_fill((cum - probs) >= top_p, 0.0)  # keep while the mass above < top_p
+            cum = probs.cumsum(-1)
+        u = torch.rand(B, n, 1, device=logits.device, generator=generator) * cum[..., -1:]
+        pick = torch.searchsorted(cum, u).clamp_max_(top_k - 1)
         return ids.gather(-1, pick).squeeze(-1)
     if top_p > 0:
         logits = filter_top_k_top_p(logits, 0, top_p)
@@ -177,6 +184,7 @@ def sample(
     null = torch.full_like(labels, model.num_classes)
     run_labels = torch.cat((labels, null)) if guided else labels
     cond, cond_blocks = model.condition(run_labels)
+    mods = model.modulations(cond_blocks)
     caches = model.new_caches(run_labels.shape[0], device=device)
     lvl_pos = model.level_pos()
     st = state if state is not None else tokenizer.start(B, device)
@@ -184,10 +192,13 @@ def sample(
     h = model.embed_start(cond, lvl_pos)
     indices: list[torch.Tensor] = []
     for k in range(K):
-        logits = model.step(h, cond, cond_blocks, caches)
-        if guided:
-            t = guidance_strength(cfg, k, K, cfg_schedule)
-            logits = (1 + t) * logits[:B] - t * logits[B:]
+        t = guidance_strength(cfg, k, K, cfg_schedule) if guided else 0.0
+        if guided and t == 0:  # (VAR's ramp starts at 0) the null half only fills its KV cache
+            logits = model.step(h, cond, cond_blocks, caches, mods, head_rows=B)
+        else:
+            logits = model.step(h, cond, cond_blocks, caches, mods)
+            if guided:  # VAR's formula verbatim (a lerp would reorder the float ops and can flip greedy ties)
+                logits = (1 + t) * logits[:B] - t * logits[B:]
         idx = sample_tokens(logits, top_k, top_p, temperature, gen)
         probs = None
         if known is not None:

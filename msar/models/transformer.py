@@ -164,8 +164,10 @@ class AdaLNBlock(nn.Module):
         return self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
+                cache: Optional[KVCache] = None, mod: Optional[tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
+        # mod: this block's modulation precomputed by the sampler (it depends on the class only,
+        # so computing it once per generation saves depth x K matmuls)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond) if mod is None else mod
         h = self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attn_mask=attn_mask, cache=cache)
         x = x + self.drop_path(h.mul_(gamma1))
         h = self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2))
@@ -378,13 +380,23 @@ class NextScaleTransformer(nn.Module):
         lvl_pos = self.level_pos() if lvl_pos is None else lvl_pos
         return self.word_embed(x) + lvl_pos[:, self.schedule.slice(k)]
 
+    def modulations(self, cond_blocks: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Per block, its six AdaLN vectors for this condition (constant over the scales)."""
+        return [b.modulation(cond_blocks) for b in self.blocks]
+
     def step(self, h: torch.Tensor, cond: torch.Tensor, cond_blocks: torch.Tensor,
-             caches: Sequence[KVCache]) -> torch.Tensor:
+             caches: Sequence[KVCache], mods: Optional[Sequence[tuple[torch.Tensor, ...]]] = None,
+             head_rows: Optional[int] = None) -> torch.Tensor:
         """Run the tokens of one scale ``(B, n_k, C)`` through all blocks, extending the
         KV caches; returns ``(B, n_k, V)`` logits. No mask is needed: a scale sees
-        everything cached so far and all of itself."""
-        for b, c in zip(self.blocks, caches):
-            h = b(h, cond_blocks, attn_mask=None, cache=c)
+        everything cached so far and all of itself. ``mods``: precomputed
+        :meth:`modulations`; ``head_rows``: only the first rows need logits (the
+        unconditional half when its guidance weight is 0 needs only its KV cache)."""
+        mods = mods if mods is not None else [None] * len(self.blocks)
+        for b, c, m in zip(self.blocks, caches, mods):
+            h = b(h, cond_blocks, attn_mask=None, cache=c, mod=m)
+        if head_rows is not None:
+            h, cond = h[:head_rows], cond[:head_rows]
         return self.logits(h, cond)
 
     def num_parameters(self) -> int:
