@@ -1,0 +1,202 @@
+"""msar's sampler against the reference VAR code, same machine, same moment, same weights.
+
+    python -m benchmarks.vs_reference --var-dir /path/to/FoundationVision/VAR [--quick] [--configs small d16]
+
+Needs a checkout of https://github.com/FoundationVision/VAR (nothing is downloaded here). Its
+only third-party import outside torch, ``huggingface_hub`` (used for a hub mixin base class),
+is replaced by an empty stub when missing.
+
+For each configuration (see :mod:`benchmarks.sampling_throughput`) it builds the reference
+``VAR`` + ``VQVAE`` with random weights, loads the *same* weights into msar through the image
+modality's strict converters (``modalities.image.checkpoint``), then
+
+* greedy equivalence: the reference ``autoregressive_infer_cfg(top_k=1)`` tokens (recorded
+  from its sampling helper) against ``msar.sample(top_k=1)`` and ``sample_fast(top_k=1)``,
+  guidance 1.5;
+* throughput, transformer loop only (the reference's final ``fhat_to_img`` is replaced by the
+  identity; msar runs with ``decode=False``), guidance 1.5, top-k 900, top-p 0.96. Runs are
+  interleaved (reference, msar, fast, reference, ...) so that all three see the same load, and
+  both wall time and process CPU time are recorded: on a shared machine the CPU-time ratio is
+  the robust figure. ``sample_fast_fused`` adds the oneDNN fc1 + GELU fusion (CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import types
+
+import numpy as np
+import torch
+
+import msar
+from msar import TransformerConfig
+
+from . import common
+from .fast_sampling import sample_fast
+from .sampling_throughput import CONFIGS, SAMPLING, compare
+
+NAME = "vs_reference"
+
+
+def import_reference(var_dir: str):
+    """Import the reference ``models`` package from ``var_dir`` (stubbing huggingface_hub)."""
+    if not os.path.isfile(os.path.join(var_dir, "models", "var.py")):
+        raise SystemExit(f"--var-dir {var_dir!r} does not look like a FoundationVision/VAR checkout (no models/var.py)")
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("huggingface_hub")
+        stub.PyTorchModelHubMixin = type("PyTorchModelHubMixin", (), {"__init_subclass__": classmethod(lambda cls, **kw: None)})
+        sys.modules["huggingface_hub"] = stub
+    sys.path.insert(0, os.path.abspath(var_dir))
+    import models.helpers
+    import models.var
+    import models.vqvae
+    return models
+
+
+def build_pair(name: str, ref, seed: int):
+    """Reference (vae, var) with random weights and the msar (tokenizer, model) holding the same weights."""
+    from modalities.image.checkpoint import transformer_from_state_dict, vqvae_from_state_dict
+    from modalities.image.vqvae import VQVAEConfig
+
+    c = CONFIGS[name]
+    sides = tuple(c["sides"])
+    depth = c.get("var_depth", c.get("depth"))
+    width = 64 * depth if "var_depth" in c else c["width"]
+    heads = depth if "var_depth" in c else c["heads"]
+    torch.manual_seed(seed)
+    vae = ref.vqvae.VQVAE(vocab_size=4096, z_channels=32, ch=160, test_mode=True, share_quant_resi=4,
+                          v_patch_nums=sides).eval()
+    var = ref.var.VAR(vae_local=vae, num_classes=1000, depth=depth, embed_dim=width, num_heads=heads,
+                      drop_path_rate=0.1 * depth / 24, norm_eps=1e-6, shared_aln=False, cond_drop_rate=0.1,
+                      attn_l2_norm=True, patch_nums=sides, flash_if_available=False, fused_if_available=False)
+    var.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
+    var.eval()
+    tok = vqvae_from_state_dict(vae.state_dict(), VQVAEConfig(patch_nums=sides))
+    cfg = TransformerConfig(schedule=[(p, p) for p in sides], vocab_size=4096, latent_dim=32, num_classes=1000,
+                            depth=depth, embed_dim=width, num_heads=heads, drop_path_rate=0.1 * depth / 24,
+                            shared_aln=False, attn_l2_norm=True)
+    model = transformer_from_state_dict(var.state_dict(), cfg).eval()
+    return vae, var, tok, model
+
+
+def reference_sample(ref, var, labels: torch.Tensor, seed: int, top_k: int, top_p: float, record: bool):
+    """Run the reference loop; returns the per-scale tokens when ``record``. The final image
+    decode is skipped (identity) so that only the transformer loop is measured."""
+    tokens = []
+    inner = ref.helpers.sample_with_top_k_top_p_
+
+    def spy(logits, **kw):
+        out = inner(logits, **kw)
+        if record:
+            tokens.append(out[:, :, 0].clone())
+        return out
+
+    ref.var.sample_with_top_k_top_p_ = spy
+    vae = var.vae_proxy[0]
+    saved = vae.fhat_to_img
+    vae.fhat_to_img = lambda f_hat: f_hat
+    try:
+        with torch.inference_mode():
+            var.autoregressive_infer_cfg(B=labels.shape[0], label_B=labels, g_seed=seed, cfg=SAMPLING["cfg"],
+                                         top_k=top_k, top_p=top_p, more_smooth=False)
+    finally:
+        vae.fhat_to_img = saved
+        ref.var.sample_with_top_k_top_p_ = inner
+    return tokens
+
+
+def run(args) -> dict:
+    common.setup_threads(args.threads)
+    device = torch.device("cpu")
+    info = common.machine_info(device)
+    ref = import_reference(args.var_dir)
+    names = args.configs or (["small"] if args.quick else ["small", "d16"])
+    rounds = args.rounds or (2 if args.quick else 3)
+    rows = []
+    for name in names:
+        vae, var, tok, model = build_pair(name, ref, args.seed)
+        B = args.batch or CONFIGS[name]["batch"]
+        labels = torch.arange(B) * 7 % 1000
+        gl = labels[: args.greedy_batch]
+        ref_greedy = reference_sample(ref, var, gl, args.seed, 1, 0.0, record=True)
+        ours = msar.sample(model, tok, gl, cfg=SAMPLING["cfg"], top_k=1, decode=False).indices
+        fast = sample_fast(model, tok, gl, cfg=SAMPLING["cfg"], top_k=1)
+        fused = sample_fast(model, tok, gl, cfg=SAMPLING["cfg"], top_k=1, fused_mlp=True)
+        row = {"config": name, "batch": B, "params": model.num_parameters(),
+               "greedy_msar_vs_reference": {"batch": len(gl), **compare(ref_greedy, ours)},
+               "greedy_fast_vs_reference": {"batch": len(gl), **compare(ref_greedy, fast)},
+               "greedy_fast_fused_vs_reference": {"batch": len(gl), **compare(ref_greedy, fused)}}
+        kw = dict(top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"])
+        runners = {
+            "reference": lambda: reference_sample(ref, var, labels, args.seed, record=False, **kw),
+            "msar_sample": lambda: msar.sample(model, tok, labels, cfg=SAMPLING["cfg"], seed=args.seed, decode=False, **kw),
+            "sample_fast": lambda: sample_fast(model, tok, labels, cfg=SAMPLING["cfg"], seed=args.seed, **kw),
+            "sample_fast_fused": lambda: sample_fast(model, tok, labels, cfg=SAMPLING["cfg"], seed=args.seed,
+                                                     fused_mlp=True, **kw),
+        }
+        for fn in runners.values():  # warm-up
+            fn()
+        wall = {k: [] for k in runners}
+        cpu = {k: [] for k in runners}
+        for _ in range(rounds):
+            for k, fn in runners.items():
+                common.wait_for_quiet(args.wait_load, args.wait_timeout)
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+        med = lambda xs: float(np.median(xs))  # noqa: E731
+        row["timing"] = {k: {"wall_s": wall[k], "process_cpu_s": cpu[k], "median_wall_s": med(wall[k]),
+                             "median_cpu_s": med(cpu[k])} for k in runners}
+        row["speedup_vs_reference"] = {
+            k: {"wall": med(wall["reference"]) / med(wall[k]), "cpu": med(cpu["reference"]) / med(cpu[k])}
+            for k in ("msar_sample", "sample_fast", "sample_fast_fused")}
+        row["goal"] = 1.5
+        row["issue_reference_s_per_batch"] = CONFIGS[name]["reference_s_per_batch"]
+        rows.append(row)
+        s = row["speedup_vs_reference"]
+        print(f"{name}: greedy identical to reference: msar {row['greedy_msar_vs_reference']['identical']}, "
+              f"fast {row['greedy_fast_vs_reference']['identical']}; speed-up (cpu / wall): msar.sample "
+              f"{s['msar_sample']['cpu']:.2f} / {s['msar_sample']['wall']:.2f}, sample_fast "
+              f"{s['sample_fast']['cpu']:.2f} / {s['sample_fast']['wall']:.2f}, fused "
+              f"{s['sample_fast_fused']['cpu']:.2f} / {s['sample_fast_fused']['wall']:.2f}", flush=True)
+        del vae, var, tok, model
+    config = {"preset": "quick" if args.quick else "full", "configs": {n: CONFIGS[n] for n in names},
+              "sampling": SAMPLING, "rounds": rounds, "seed": args.seed, "var_dir": os.path.abspath(args.var_dir),
+              "reference_commit": _ref_commit(args.var_dir), "weights": "random (reference init_weights), shared"}
+    path = common.write_result(NAME, info, config, {"rows": rows}, args.out)
+    print("wrote", path)
+    return {"path": path, "figures": {"rows": rows}, "config": config}
+
+
+def _ref_commit(var_dir: str) -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=var_dir, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown (not a git checkout)"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(ap)
+    ap.add_argument("--var-dir", default=os.environ.get("MSAR_VAR_DIR", ""), required=not os.environ.get("MSAR_VAR_DIR"),
+                    help="checkout of FoundationVision/VAR (or set MSAR_VAR_DIR)")
+    ap.add_argument("--configs", nargs="*", choices=["small", "d16", "d30"], default=None)
+    ap.add_argument("--batch", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=0, help="timed rounds (each runs reference, msar, fast once)")
+    ap.add_argument("--greedy-batch", type=int, default=2)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    return run(parse(argv))
+
+
+if __name__ == "__main__":
+    main()
