@@ -53,11 +53,15 @@ def permuted(G: nx.Graph, rng: np.random.Generator) -> nx.Graph:
     return H
 
 
-def build_training_set(tok: GraphPyramidTokenizer, graphs: list[nx.Graph], perms: int, seed: int,
+def augment(graphs: list[nx.Graph], perms: int, seed: int) -> list[nx.Graph]:
+    """Each graph as given plus ``perms - 1`` random relabellings (different hierarchies)."""
+    rng = np.random.default_rng(seed)
+    return [G if p == 0 else permuted(G, rng) for G in graphs for p in range(perms)]
+
+
+def build_training_set(tok: GraphPyramidTokenizer, items: list[nx.Graph],
                        chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """All token sequences ``(M, L)`` and teacher-forcing inputs ``(M, L - n0, C)``, precomputed once."""
-    rng = np.random.default_rng(seed)
-    items = [G if p == 0 else permuted(G, rng) for G in graphs for p in range(perms)]
     toks, tfs = [], []
     for i in tqdm(range(0, len(items), chunk), desc="tokenize", leave=False):
         idx = tok.encode(items[i:i + chunk])
@@ -105,9 +109,10 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
 
     splits = make_dataset(dataset, seed=args.seed, **data_kw)
     train, test = splits["train"], splits["test"]
-    tok = GraphPyramidTokenizer.fit(train)
     t0 = time.time()
-    X, TF = build_training_set(tok, train, cfg["perms"], args.seed)
+    items = augment(train, cfg["perms"], args.seed)
+    tok = GraphPyramidTokenizer.fit(items, edge_chunks=args.edge_chunks)  # capacity covers every hierarchy
+    X, TF = build_training_set(tok, items)
     t_tok = time.time() - t0
     valid = X != PAD
     print(f"[{dataset}] {len(train)} train / {len(test)} test graphs, {X.shape[0]} sequences, "
@@ -201,6 +206,7 @@ def main(argv=None) -> None:
     p.add_argument("--num-samples", type=int, default=0, help="graphs to generate (default: size of the test split)")
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--edge-chunks", type=int, default=3, help="scales per level for the edge tokens")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -62,13 +62,13 @@ def test_coarsening_is_deterministic_and_pads_top(G, seed):
 
 
 # ---------------------------------------------------------------------------- tokenizer
-def _tok_for(gs):
-    return GraphPyramidTokenizer.fit(gs, edge_slack=0.0)
+def _tok_for(gs, edge_chunks=3):
+    return GraphPyramidTokenizer.fit(gs, edge_slack=0.0, edge_chunks=edge_chunks)
 
 
-@given(st.lists(graphs(max_n=20), min_size=1, max_size=4))
-def test_round_trip_is_isomorphic(gs):
-    tok = _tok_for(gs)
+@given(st.lists(graphs(max_n=20), min_size=1, max_size=4), st.integers(1, 3))
+def test_round_trip_is_isomorphic(gs, chunks):
+    tok = _tok_for(gs, chunks)
     idx = tok.encode(gs)
     tok.schedule.check_indices(idx, tok.vocab_size, batch_size=len(gs))
     out = graphs_from(tok.decode(idx))
@@ -104,6 +104,14 @@ def test_decoding_any_tokens_gives_simple_graphs(data):
     for H in graphs_from(tok.decode(idx)):
         assert 1 <= H.number_of_nodes() <= tok.max_nodes[-1]
         assert nx.number_of_selfloops(H) == 0 and not H.is_directed()
+
+
+def test_progression_shows_every_level():
+    G = nx.convert_node_labels_to_integers(nx.grid_2d_graph(4, 5))
+    tok = _tok_for([G])
+    prog = tok.decode_progression(tok.encode([G]))
+    assert [lvl[0].number_of_nodes() for lvl in prog] == tok.max_nodes
+    assert nx.is_isomorphic(prog[-1][0], G)
 
 
 def test_tokenizer_errors_are_clear():

@@ -307,9 +307,13 @@ def evaluate(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test: Seq
              dataset: Optional[str] = None) -> dict:
     """Everything for a metrics JSON: MMDs of generated vs test, the train-vs-test baseline, V.U.N."""
     st_test = graph_stats(test)
+    gen = mmd_all(st_test, graph_stats(generated))
+    base = mmd_all(st_test, graph_stats(train))
     return {
-        "mmd_gen_vs_test": mmd_all(st_test, graph_stats(generated)),
-        "mmd_train_vs_test": mmd_all(st_test, graph_stats(train)),
+        "mmd_gen_vs_test": gen,
+        "mmd_train_vs_test": base,
+        # DiGress-style ratio: generated-vs-test MMD over train-vs-test MMD (1 = as close as the training set)
+        "mmd_ratio": {k: (gen[k] / base[k] if base[k] > 0 else None) for k in gen},
         "vun": vun(generated, train, dataset),
         "num_generated": len(generated), "num_test": len(test), "num_train": len(train),
         "mean_nodes_generated": float(np.mean([G.number_of_nodes() for G in generated])),

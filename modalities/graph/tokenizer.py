@@ -8,7 +8,10 @@ Going from ``G_k`` to ``G_{k+1}`` takes two scales of tokens:
   ``SINGLE`` (one child), ``PAIR`` (two children, no edge between them) or
   ``PAIR_EDGE`` (two children joined by an edge);
 * ``E_k`` (one token per edge ``(u, v)`` of ``G_k``, ``k >= 1``): which of the
-  (at most 2 x 2) child pairs are joined, a non-empty 4-bit mask -> 15 tokens.
+  (at most 2 x 2) child pairs are joined, a non-empty 4-bit mask -> 15 tokens.  The edges
+  are dealt into ``edge_chunks`` scales (edge j to chunk ``j % edge_chunks``) so that a
+  later chunk is predicted knowing the fine edges the earlier chunks created (triangles
+  across three clusters need that: tokens of one scale are sampled independently).
 
 Every fine edge is either inside a cluster (told by ``S_k``) or between two
 clusters that are adjacent in ``G_k`` (told by ``E_k``), so the tokens describe
@@ -17,13 +20,14 @@ the graph exactly: decode(encode(G)) is isomorphic to G.
 Fixed schedule: the transformer needs the same token counts for every graph, so
 scale ``S_k`` has ``max_nodes[k]`` positions and ``E_k`` has ``max_edges[k]``; positions
 past the real count hold ``PAD`` (and are left out of the loss).  Scales run
-``S_0, S_1, E_1, S_2, E_2, ..., S_{K-2}, E_{K-2}``.
+``S_0, S_1, E_1^0..E_1^{C-1}, S_2, E_2^0.., ..., S_{K-2}, E_{K-2}^0..E_{K-2}^{C-1}``.
 
 Next-scale input: instead of a VQ latent, the decode state hands the transformer a
 fixed feature vector per position of the next scale, computed from the partial
 graph decoded so far (valid flag, binary tree-order index of the node(s),
 parent split, degree, random-walk return probabilities, clustering, common
-neighbours, the endpoints' split tokens).  Teacher forcing and sampling run the
+neighbours, the endpoints' split tokens, and for edges the fine degrees and common fine
+neighbours of the child pairs from the edges decided so far).  Teacher forcing and sampling run the
 very same state, so they agree exactly.
 
 Decoding is total: any token sequence gives a simple undirected graph without
@@ -94,11 +98,14 @@ class GraphPyramidTokenizer:
         max_nodes: ``K`` ints, capacity of every level (the last is the largest graph size).
         max_edges: ``K`` ints, capacity of the edge lists of levels ``1..K-2`` (others unused).
         nbits: bits of the binary tree-order index fed as a feature (default: enough for ``max_nodes[-1]``).
+        edge_chunks: the edge tokens of a level are split into this many scales (edge j goes to
+            chunk ``j % edge_chunks``), so later chunks see the fine edges earlier ones decided.
 
     Use :meth:`fit` to size it from a training set.
     """
 
-    def __init__(self, max_nodes: Sequence[int], max_edges: Sequence[int], nbits: Optional[int] = None):
+    def __init__(self, max_nodes: Sequence[int], max_edges: Sequence[int], nbits: Optional[int] = None,
+                 edge_chunks: int = 3):
         K = len(max_nodes)
         if K < 2:
             raise ValueError(f"need at least 2 levels (max_nodes of length >= 2), got {list(max_nodes)}")
@@ -110,24 +117,30 @@ class GraphPyramidTokenizer:
         self.max_nodes = [int(x) for x in max_nodes]
         self.max_edges = [max(1, int(x)) for x in max_edges]
         self.nbits = int(nbits) if nbits else max(1, math.ceil(math.log2(max(self.max_nodes[-1], 2))))
-        # scales: ('S', k) for k in 0..K-2, ('E', k) for k in 1..K-2, interleaved S_k, E_k
-        self.kinds: list[tuple[str, int]] = []
+        if int(edge_chunks) < 1:
+            raise ValueError(f"edge_chunks must be >= 1, got {edge_chunks}")
+        self.edge_chunks = int(edge_chunks)
+        # scales: S_k for k in 0..K-2, then (k >= 1) the chunks E_k^0 .. E_k^{C-1}: ('S', k, 0) / ('E', k, c)
+        self.kinds: list[tuple[str, int, int]] = []
         counts: list[int] = []
+        C = self.edge_chunks
         for k in range(K - 1):
-            self.kinds.append(("S", k))
+            self.kinds.append(("S", k, 0))
             counts.append(self.max_nodes[k])
             if k >= 1:
-                self.kinds.append(("E", k))
-                counts.append(self.max_edges[k])
+                for c in range(C):
+                    self.kinds.append(("E", k, c))
+                    counts.append(max(1, -(-self.max_edges[k] // C)))
         self.schedule = ScaleSchedule(counts)
         self.vocab_size = VOCAB
         self._node_dim = 13
-        raw = 5 + 2 * self.nbits + 2 * self._node_dim + 2
+        raw = 5 + 2 * self.nbits + 2 * self._node_dim + 2 + 8
         self.latent_dim = int(8 * math.ceil(raw / 8))
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def fit(cls, graphs: Sequence[nx.Graph], edge_slack: float = 0.1, node_slack: int = 0) -> "GraphPyramidTokenizer":
+    def fit(cls, graphs: Sequence[nx.Graph], edge_slack: float = 0.1, node_slack: int = 0,
+            edge_chunks: int = 3) -> "GraphPyramidTokenizer":
         """Size a tokenizer for a training set: levels for the largest graph, edge capacity
         ``(1 + edge_slack) x`` the largest seen per level."""
         graphs = graphs_from(graphs)
@@ -139,10 +152,11 @@ class GraphPyramidTokenizer:
             for k, lvl in enumerate(coarsen(G, K)):
                 max_edges[k] = max(max_edges[k], len(lvl.edges))
         max_edges = [int(math.ceil(m * (1 + edge_slack))) for m in max_edges]
-        return cls(max_nodes, max_edges)
+        return cls(max_nodes, max_edges, edge_chunks=edge_chunks)
 
     def config(self) -> dict:
-        return {"max_nodes": self.max_nodes, "max_edges": self.max_edges, "nbits": self.nbits}
+        return {"max_nodes": self.max_nodes, "max_edges": self.max_edges, "nbits": self.nbits,
+                "edge_chunks": self.edge_chunks}
 
     # ------------------------------------------------------------------ encoding
     def check_data(self, graphs: list[nx.Graph]) -> None:
@@ -160,7 +174,8 @@ class GraphPyramidTokenizer:
         """Token lists (unpadded) per scale for one graph."""
         lv = self.levels(G)
         out = []
-        for kind, k in self.kinds:
+        edge_toks: dict[int, list[int]] = {}
+        for kind, k, c in self.kinds:
             fine = set(lv[k + 1].edges)
             if kind == "S":
                 toks = []
@@ -171,7 +186,9 @@ class GraphPyramidTokenizer:
                         toks.append(PAIR_EDGE if (min(kids), max(kids)) in fine else PAIR)
                 if len(toks) > self.max_nodes[k]:
                     raise ValueError(f"level {k} has {len(toks)} nodes, capacity {self.max_nodes[k]}")
-            else:
+                out.append(toks)
+                continue
+            if k not in edge_toks:
                 toks = []
                 for u, v in lv[k].edges:
                     mask = 0
@@ -183,7 +200,8 @@ class GraphPyramidTokenizer:
                 if len(toks) > self.max_edges[k]:
                     raise ValueError(f"graph has {len(toks)} edges at level {k}, the tokenizer's capacity is "
                                      f"{self.max_edges[k]}; refit with a larger edge_slack")
-            out.append(toks)
+                edge_toks[k] = toks
+            out.append(edge_toks[k][c::self.edge_chunks])
         return out
 
     @torch.no_grad()
@@ -278,7 +296,9 @@ def _graph(n: int, edges: Sequence[tuple[int, int]]) -> nx.Graph:
 class GraphDecodeState:
     """Incremental decoder: after each scale returns the features of the next one.
 
-    ``graphs[b]`` is sample b's current level; ``history`` keeps ``(n, edges)`` of every level.
+    ``graphs[b]`` is sample b's current level; while the edge chunks of a level are being
+    added, ``fine[b]`` holds the fine edges decided so far and ``children[b]`` the children
+    of every current node. ``history`` keeps ``(n, edges)`` of every completed level.
     """
 
     def __init__(self, tok: GraphPyramidTokenizer, batch_size: int, device: torch.device | str = "cpu"):
@@ -287,6 +307,8 @@ class GraphDecodeState:
         self.level = 0
         self.graphs = [_LevelGraph(1, [], [SINGLE], [0], [0]) for _ in range(self.B)]
         self.splits: list[list[int]] = [[] for _ in range(self.B)]
+        self.children: list[list[list[int]]] = [[] for _ in range(self.B)]
+        self.fine: list[set] = [set() for _ in range(self.B)]
         self.history: list[list[tuple[int, list]]] = [[(1, [])] * self.B]
         self.done = False
 
@@ -302,10 +324,11 @@ class GraphDecodeState:
             f[10 + split] = 1.0
         return f
 
-    def _features(self, kind: str, k: int) -> torch.Tensor:
+    def _features(self, kind: str, k: int, chunk: int = 0) -> torch.Tensor:
+        """``(B, n_pos, C)`` inputs of scale (kind, level k, chunk)."""
         tok = self.tok
-        nb, nd = tok.nbits, tok._node_dim
-        n_pos = tok.max_nodes[k] if kind == "S" else tok.max_edges[k]
+        nb, nd, C = tok.nbits, tok._node_dim, tok.edge_chunks
+        n_pos = tok.schedule.token_counts[self.s] if not self.done else 0
         X = np.zeros((self.B, n_pos, tok.latent_dim), dtype=np.float32)
         o_u, o_v = 5, 5 + nb
         o_nu, o_nv, o_e = 5 + 2 * nb, 5 + 2 * nb + nd, 5 + 2 * nb + 2 * nd
@@ -318,16 +341,32 @@ class GraphDecodeState:
                     X[b, u, 0] = 1.0
                     X[b, u, o_u:o_u + nb] = _bits(u, nb)
                     X[b, u, o_nu:o_nu + nd] = self._node_block(g, u, None)
-            else:
-                sp = self.splits[b]
-                for j, (u, v) in enumerate(g.edges[:n_pos]):
-                    X[b, j, 0] = 1.0
-                    X[b, j, o_u:o_u + nb] = _bits(u, nb)
-                    X[b, j, o_v:o_v + nb] = _bits(v, nb)
-                    X[b, j, o_nu:o_nu + nd] = self._node_block(g, u, sp[u])
-                    X[b, j, o_nv:o_nv + nd] = self._node_block(g, v, sp[v])
-                    X[b, j, o_e] = math.log1p(g.common[u, v]) / 2
-                    X[b, j, o_e + 1] = 1.0 if g.parent_of[u] == g.parent_of[v] else 0.0
+                continue
+            sp, kids = self.splits[b], self.children[b]
+            # the partial fine graph: intra-cluster edges and the edges of earlier chunks
+            nf = sum(len(c) for c in kids)
+            Af = np.zeros((nf, nf), dtype=np.float64)
+            for a, c in self.fine[b]:
+                Af[a, c] = Af[c, a] = 1.0
+            degf, A2f = Af.sum(1), Af @ Af
+            for p, j in enumerate(range(chunk, len(g.edges), C)):
+                if p >= n_pos:
+                    break
+                u, v = g.edges[j]
+                X[b, p, 0] = 1.0
+                X[b, p, o_u:o_u + nb] = _bits(u, nb)
+                X[b, p, o_v:o_v + nb] = _bits(v, nb)
+                X[b, p, o_nu:o_nu + nd] = self._node_block(g, u, sp[u])
+                X[b, p, o_nv:o_nv + nd] = self._node_block(g, v, sp[v])
+                X[b, p, o_e] = math.log1p(g.common[u, v]) / 2
+                X[b, p, o_e + 1] = 1.0 if g.parent_of[u] == g.parent_of[v] else 0.0
+                # child-level context: fine degrees so far, and common fine neighbours of each child pair
+                for i, a in enumerate(kids[u]):
+                    X[b, p, o_e + 2 + i] = math.log1p(degf[a]) / 2
+                    for jj, c in enumerate(kids[v]):
+                        X[b, p, o_e + 6 + 2 * i + jj] = math.log1p(A2f[a, c]) / 2
+                for jj, c in enumerate(kids[v]):
+                    X[b, p, o_e + 4 + jj] = math.log1p(degf[c]) / 2
         return torch.from_numpy(X).to(self.device)
 
     # ---- structure
@@ -341,31 +380,40 @@ class GraphDecodeState:
             sp.append(t)
         return sp
 
-    def _expand(self, b: int, masks: Optional[list[int]], cap_edges: Optional[int]) -> _LevelGraph:
+    def _start_expansion(self, b: int) -> None:
+        """After S_k: lay out the children and the intra-cluster fine edges."""
         g, sp = self.graphs[b], self.splits[b]
-        children, parent_split, child_rank, parent_of = [], [], [], []
+        kids, c = [], 0
         for u in range(g.n):
-            c = len(parent_split)
-            kids = [c] if sp[u] == SINGLE else [c, c + 1]
-            children.append(kids)
-            for r in range(len(kids)):
+            kids.append([c] if sp[u] == SINGLE else [c, c + 1])
+            c += len(kids[-1])
+        self.children[b] = kids
+        self.fine[b] = {(ks[0], ks[1]) for u, ks in enumerate(kids) if sp[u] == PAIR_EDGE}
+
+    def _apply_chunk(self, b: int, chunk: int, row: list[int]) -> None:
+        g, kids, C = self.graphs[b], self.children[b], self.tok.edge_chunks
+        for p, j in enumerate(range(chunk, len(g.edges), C)):
+            if p >= len(row):
+                break
+            t = row[p]
+            if not EDGE0 <= t < PAD:
+                continue  # a non-edge token at an edge position: the edge is dropped
+            mask = t - EDGE0 + 1
+            u, v = g.edges[j]
+            for i, a in enumerate(kids[u]):
+                for jj, c in enumerate(kids[v]):
+                    if mask >> (2 * i + jj) & 1:
+                        self.fine[b].add((min(a, c), max(a, c)))
+
+    def _finish_expansion(self, b: int, cap_edges: Optional[int]) -> _LevelGraph:
+        g, sp, kids = self.graphs[b], self.splits[b], self.children[b]
+        parent_split, child_rank, parent_of = [], [], []
+        for u in range(g.n):
+            for r in range(len(kids[u])):
                 parent_split.append(sp[u])
                 child_rank.append(r)
                 parent_of.append(u)
-        edges = set()
-        for u in range(g.n):
-            if sp[u] == PAIR_EDGE:
-                edges.add((children[u][0], children[u][1]))
-        if masks is not None:
-            for (u, v), t in zip(g.edges, masks):
-                if not EDGE0 <= t < PAD:
-                    continue  # a non-edge token at an edge position: the edge is dropped
-                mask = t - EDGE0 + 1
-                for i, a in enumerate(children[u]):
-                    for j, c in enumerate(children[v]):
-                        if mask >> (2 * i + j) & 1:
-                            edges.add((min(a, c), max(a, c)))
-        edges = sorted(edges)
+        edges = sorted(self.fine[b])
         if cap_edges is not None and len(edges) > cap_edges:
             edges = edges[:cap_edges]
         return _LevelGraph(len(parent_split), edges, parent_split, child_rank, parent_of)
@@ -379,29 +427,28 @@ class GraphDecodeState:
             got = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise ValueError(f"scale {k}: expected indices of shape ({self.B}, {n}), got {got}")
         rows = idx.tolist()
-        kind, lvl = tok.kinds[k]
+        kind, lvl, chunk = tok.kinds[k]
         self.s += 1
-        expand = False
         if kind == "S":
             cap = tok.max_nodes[lvl + 1]
             self.splits = [self._read_splits(g, r, cap) for g, r in zip(self.graphs, rows)]
-            if lvl == 0:  # G_0 has no edges, so no edge scale: expand right away
-                self.graphs = [self._expand(b, None, self._edge_cap(lvl + 1)) for b in range(self.B)]
-                expand = True
-            else:
-                return self._features("E", lvl)
+            for b in range(self.B):
+                self._start_expansion(b)
+            if lvl >= 1:  # G_0 has no edges, so no edge scales: expand right away
+                return self._features("E", lvl, 0)
         else:
-            self.graphs = [self._expand(b, rows[b][:len(self.graphs[b].edges)], self._edge_cap(lvl + 1))
-                           for b in range(self.B)]
-            expand = True
-        if expand:
-            self.level = lvl + 1
-            self.history.append([(g.n, list(g.edges)) for g in self.graphs])
-            if self.level == tok.K - 1:
-                self.done = True
-                return None
-            return self._features("S", self.level)
-        return None
+            for b in range(self.B):
+                self._apply_chunk(b, chunk, rows[b])
+            if chunk + 1 < tok.edge_chunks:
+                return self._features("E", lvl, chunk + 1)
+        # the level is complete: G_{lvl+1}
+        self.graphs = [self._finish_expansion(b, self._edge_cap(lvl + 1)) for b in range(self.B)]
+        self.level = lvl + 1
+        self.history.append([(g.n, list(g.edges)) for g in self.graphs])
+        if self.level == tok.K - 1:
+            self.done = True
+            return None
+        return self._features("S", self.level)
 
     def _edge_cap(self, level: int) -> Optional[int]:
         return self.tok.max_edges[level] if level <= self.tok.K - 2 else None
