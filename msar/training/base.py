@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from . import distributed as D
-from .checkpoint import Checkpoint, load_checkpoint, load_latest, restore_rng_state, save_checkpoint, unwrap_model
+from .checkpoint import (Checkpoint, capture_rng_state, load_checkpoint, load_latest, restore_rng_state,
+                         save_checkpoint, unwrap_model)
 from .metrics import EMA, CSVLogger
 from .optim import VAR_NO_DECAY_KEYS, WarmupDecaySchedule, build_optimizer
 
@@ -422,7 +423,35 @@ class Trainer:
     def state_extra(self) -> dict:
         return {"step": self.step, "batches_seen": self.batches_seen, "epoch": self.epoch,
                 "epoch_batches": self.epoch_batches, "nonfinite_steps": self.nonfinite_steps,
-                "trainer": type(self).__name__}
+                "trainer": type(self).__name__, "module_counters": self._module_counters(),
+                "rng_ranks": self._rank_rng_states()}
+
+    def _counter_modules(self) -> Iterable[tuple[str, nn.Module]]:
+        for name, model in self.checkpoint_models().items():
+            if isinstance(model, nn.Module):  # (not the state-dict stand-ins of sharded trainers)
+                for path, m in unwrap_model(model).named_modules():
+                    if isinstance(getattr(m, "record_hit", None), int):
+                        yield f"{name}/{path}", m
+
+    def _module_counters(self) -> dict[str, int]:
+        """Plain-int training counters that live outside state dicts: the quantizer's
+        ``record_hit`` decides whether its usage EMA copies or mixes the next hits, and
+        whether dead codes may be restarted -- a resumed run must continue the count."""
+        return {key: m.record_hit for key, m in self._counter_modules()}
+
+    def _restore_module_counters(self, counters: Mapping[str, int]) -> None:
+        for key, m in self._counter_modules():
+            if key in counters:
+                m.record_hit = int(counters[key])
+
+    def _rank_rng_states(self) -> Optional[list]:
+        """Every rank's RNG state (ranks draw different dropout masks / augmentations);
+        ``None`` in a single process, where the checkpoint's own RNG state is this rank's."""
+        if not D.is_dist():
+            return None
+        states = [None] * D.world_size()
+        torch.distributed.all_gather_object(states, capture_rng_state())
+        return states
 
     def save(self, ckpt_dir: Optional[str] = None) -> Optional[Path]:
         """Write a checkpoint of the current step (rank 0 only; all ranks wait)."""
@@ -433,10 +462,11 @@ class Trainer:
             raise RuntimeError(f"cannot checkpoint in the middle of a gradient-accumulation window "
                                f"({self._accum}/{self.config.grad_accum} batches)")
         path = None
+        extra = self.state_extra()  # collective on every rank (RNG states of all ranks)
         if D.is_main():
             path = save_checkpoint(
                 ckpt_dir, self.step, self.checkpoint_models(), optimizer=self.optimizers,
-                scheduler=self.schedulers, scaler=self.scaler, extra=self.state_extra(),
+                scheduler=self.schedulers, scaler=self.scaler, extra=extra,
                 config={"trainer": config_dict(self.config), "model": config_dict(self.model_config())},
                 rng=True, keep_last=self.config.keep_last)
         D.barrier()
@@ -464,7 +494,15 @@ class Trainer:
         self.epoch = int(e.get("epoch", 0))
         self.epoch_batches = int(e.get("epoch_batches", 0))
         self.nonfinite_steps = int(e.get("nonfinite_steps", 0))
+        self._restore_module_counters(e.get("module_counters") or {})
         self._pending_rng = ck.state.get("rng")
+        ranks = e.get("rng_ranks")
+        if D.is_dist():
+            if ranks is not None and len(ranks) == D.world_size():
+                self._pending_rng = ranks[D.rank()]  # this rank's own stream, not rank 0's
+            else:
+                warnings.warn(f"{ck.path} was saved by {len(ranks) if ranks else 1} process(es), resumed by "
+                              f"{D.world_size()}: every rank restarts from rank 0's RNG state (not exact)")
         self._last_saved = self.step
         self._accum = 0
         for opt in self.optimizers.values():

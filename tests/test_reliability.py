@@ -1,0 +1,283 @@
+"""Reliability: training killed with SIGKILL resumes exactly, checkpoints refuse pickled code,
+non-finite VQ-VAE steps are caught, and seeded sampling is bit-identical.
+
+The kill-and-resume tests run real training in child processes (``fork``: no second
+torch import, so they stay cheap) and kill them with SIGKILL from outside at a step
+drawn from a seeded RNG.  The resumed child deliberately starts from other initial
+weights and other global RNG states: everything that makes the continuation exact
+(weights, optimizer, lr schedule, EMA, data position, RNG of every rank) must come
+from the checkpoint.  What the existing trainer tests already prove in-process
+(tests/test_training.py, tests/test_checkpoint.py) is not repeated here.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import pickle
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from msar import MultiScaleResidualQuantizer, MultiScaleVQTokenizer, NextScaleTransformer, TransformerConfig, sample
+from msar.training import (CheckpointError, NonFiniteError, TransformerTrainConfig, TransformerTrainer,
+                           VQVAETrainConfig, VQVAETrainer, build_loader, list_checkpoints, load_checkpoint,
+                           load_latest)
+from msar.training import checkpoint as ckmod
+
+SCHED = [(1, 1), (2, 2), (4, 4)]
+V, C = 16, 8
+STEPS = 12          # 3 epochs of 4 batches: kills land mid-epoch and across epoch boundaries
+ITEMS = 16
+TIMEOUT = 120.0     # a child that has not finished by then is hung: fail, never wait forever
+FORK = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+needs_fork = pytest.mark.skipif(FORK is None, reason="needs the fork start method (POSIX)")
+
+
+# ---------------------------------------------------------------------------- the training job
+class SlowData(torch.utils.data.Dataset):
+    """Images + labels; ``delay`` seconds per item (timing only, never numerics) and an
+    optional stall at item ``stall_at`` so a killed child can never finish first."""
+
+    def __init__(self, kind: str, delay: float = 0.0, stall_at: int | None = None):
+        g = torch.Generator().manual_seed(0)
+        if kind == "vqvae":  # smooth images the tiny conv tokenizer can learn
+            self.x = F.interpolate(torch.randn(ITEMS, 3, 2, 2, generator=g), size=(8, 8), mode="bilinear",
+                                   align_corners=False)
+        else:
+            self.x = torch.randn(ITEMS, 3, 4, 4, generator=g)
+        self.y = torch.randint(0, 4, (ITEMS,), generator=g)
+        self.delay, self.stall_at, self.served = delay, stall_at, 0
+
+    def __len__(self) -> int:
+        return ITEMS
+
+    def __getitem__(self, i: int):
+        self.served += 1
+        if self.stall_at is not None and self.served >= self.stall_at:
+            time.sleep(3600)  # wait for the SIGKILL
+        if self.delay:
+            time.sleep(self.delay)
+        return self.x[i], self.y[i]
+
+
+def _frozen_tokenizer() -> MultiScaleVQTokenizer:
+    torch.manual_seed(0)
+    return MultiScaleVQTokenizer(nn.Conv2d(3, C, 1), nn.Conv2d(C, 3, 1),
+                                 MultiScaleResidualQuantizer(V, C, SCHED, phi_ratio=0.5))
+
+
+def _conv_tokenizer(seed: int) -> MultiScaleVQTokenizer:
+    torch.manual_seed(seed)
+    enc = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GELU(), nn.Conv2d(16, C, 3, stride=2, padding=1))
+    dec = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(C, 16, 3, padding=1), nn.GELU(),
+                        nn.Conv2d(16, 3, 3, padding=1))
+    return MultiScaleVQTokenizer(enc, dec, MultiScaleResidualQuantizer(32, C, SCHED))
+
+
+def _disc(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 3, padding=1))
+
+
+def _digest(modules) -> str:
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in m.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train_job(kind: str, out: str, tag: str, fresh_seed: int = 0, delay: float = 0.0, stall_at: int | None = None,
+              rank: int = 0, world: int = 1, port: int = 0, kill_in_save: int | None = None) -> None:
+    """One training process: builds everything, resumes from ``out/ckpt`` when it holds a
+    checkpoint, trains to ``STEPS`` and writes its step records to ``out/<tag>.rank<r>.json``.
+
+    ``fresh_seed`` seeds the initial weights and global RNGs: a resumed run passes another
+    value than the original, so only the checkpoint can make it continue exactly.
+    Global RNGs are also offset by ``rank`` (ranks draw different dropout masks), which
+    DDP resume must respect.  ``kill_in_save=k`` makes the process SIGKILL itself halfway
+    through writing ``state.pt`` of step k.
+    """
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    if kill_in_save is not None:
+        real = ckmod.atomic_write_bytes
+
+        def dying_write(path, data):
+            if path.name == ckmod.STATE_FILE and path.parent.name.startswith(f".tmp-step_{kill_in_save:06d}-"):
+                with open(path.with_suffix(".partial"), "wb") as f:  # half a file, then the power goes
+                    f.write(data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(path, data)
+        ckmod.atomic_write_bytes = dying_write
+    seed = fresh_seed * 1000 + rank
+    random.seed(seed)
+    np.random.seed(seed)
+    common = dict(total_steps=STEPS, warmup_steps=3, ckpt_dir=os.path.join(out, "ckpt"), ckpt_every=1, keep_last=3,
+                  log_dir=os.path.join(out, "log"), tensorboard=False, progress=False, ema_decay=0.9)
+    if kind == "transformer":
+        torch.manual_seed(fresh_seed)
+        model = NextScaleTransformer(TransformerConfig(schedule=SCHED, vocab_size=V, latent_dim=C, num_classes=4,
+                                                       depth=1, embed_dim=32, num_heads=2, cond_drop_rate=0.2,
+                                                       drop_rate=0.1)).init_weights()
+        trainer = TransformerTrainer(model, _frozen_tokenizer(), TransformerTrainConfig(lr=3e-3, **common))
+        modules = [trainer.model, trainer.ema.module]
+    else:
+        trainer = VQVAETrainer(_conv_tokenizer(fresh_seed), VQVAETrainConfig(lr=3e-3, grad_accum=2, restart_every=3,
+                                                                             disc_start=4, **common),
+                               discriminator=_disc(fresh_seed + 1))
+        modules = [trainer.model, trainer.ema.module, trainer.discriminator]
+    torch.manual_seed(seed)  # after building: the global RNG state of this process is arbitrary
+    loader = build_loader(SlowData(kind, delay, stall_at), batch_size=4 // world if kind == "transformer" else 2,
+                          seed=1)
+    records = trainer.fit(loader)
+    result = {"records": records, "digest": _digest(modules), "step": trainer.step}
+    with open(os.path.join(out, f"{tag}.rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+# ---------------------------------------------------------------------------- process plumbing
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(world: int, **kw) -> list:
+    port = _free_port() if world > 1 else 0
+    procs = [FORK.Process(target=train_job, kwargs=dict(kw, rank=r, world=world, port=port)) for r in range(world)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _join(procs, timeout: float = TIMEOUT) -> list[int]:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    assert not hung, f"{len(hung)} training process(es) hung for {timeout} s"
+    return [p.exitcode for p in procs]
+
+
+def _run(world: int, **kw) -> None:
+    assert _join(_launch(world, **kw)) == [0] * world
+
+
+def _reference(world: int, out: Path, kind: str) -> list[dict]:
+    """The uninterrupted run. A single process trains right here (it also warms up the lazy
+    imports and kernels every forked child then inherits); DDP needs its ranks forked."""
+    if world > 1:
+        _run(world, kind=kind, out=str(out), tag="ref")
+    else:
+        rng = ckmod.capture_rng_state()
+        with warnings.catch_warnings():
+            train_job(kind, str(out), "ref")
+        ckmod.restore_rng_state(rng)
+    return _results(out, "ref", world)
+
+
+def _kill_after_checkpoint(world: int, out: Path, kill_step: int, **kw) -> int:
+    """Start a run, wait until the checkpoint of ``kill_step`` exists, SIGKILL every rank
+    (wherever it is: mid-step, mid-checkpoint-write); returns the newest step on disk."""
+    per_step = 4 // world  # items one rank reads per optimizer step
+    procs = _launch(world, out=str(out), stall_at=(kill_step + 2) * per_step + 1, **kw)
+    deadline = time.monotonic() + TIMEOUT
+    while not any(s >= kill_step for s, _ in list_checkpoints(out / "ckpt")):
+        assert all(p.is_alive() for p in procs), "training died before it was killed"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.002)
+    for p in procs:
+        os.kill(p.pid, signal.SIGKILL)
+    assert _join(procs) == [-signal.SIGKILL] * world
+    return max(s for s, _ in list_checkpoints(out / "ckpt"))
+
+
+def _results(out: Path, tag: str, world: int) -> list[dict]:
+    return [json.loads((out / f"{tag}.rank{r}.json").read_text()) for r in range(world)]
+
+
+def _losses(res: dict) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in res["records"]]
+
+
+def _check_exact_resume(tmp_path: Path, kind: str, world: int, kill_seed: int) -> int:
+    kill_step = random.Random(kill_seed).randint(2, STEPS - 4)
+    ref = _reference(world, tmp_path / "ref", kind)
+
+    run = tmp_path / "run"
+    last = _kill_after_checkpoint(world, run, kill_step, kind=kind, tag="killed")
+    assert kill_step <= last < STEPS
+    assert not list(run.glob("killed.rank*.json"))  # it really died before finishing
+    _run(world, kind=kind, out=str(run), tag="resumed", fresh_seed=7)
+    resumed = _results(run, "resumed", world)
+    for r in range(world):
+        got = _losses(resumed[r])
+        start = got[0][0] - 1
+        assert start >= last - 1 and start >= kill_step  # resumed from the newest checkpoint (or its predecessor)
+        assert got == _losses(ref[r])[start:], f"rank {r}: loss after resuming at step {start} differs"
+        assert resumed[r]["digest"] == ref[r]["digest"], f"rank {r}: final weights / EMA differ"
+    with open(run / "log" / "train.csv") as f:  # each step logged exactly once despite the kill
+        assert [int(row["step"]) for row in csv.DictReader(f)] == list(range(1, STEPS + 1))
+    return kill_step
+
+
+# ---------------------------------------------------------------------------- 1. kill and resume
+@needs_fork
+def test_transformer_killed_with_sigkill_resumes_exactly(tmp_path):
+    _check_exact_resume(tmp_path, "transformer", world=1, kill_seed=0)
+
+
+@needs_fork
+def test_vqvae_killed_mid_checkpoint_write_falls_back_and_resumes_exactly(tmp_path):
+    """The VQ-VAE run (generator + discriminator optimizers, dead-code restarts, grad
+    accumulation) dies halfway through writing the checkpoint of step k: step k never
+    appears, its temp directory is ignored; the newest complete checkpoint is then
+    corrupted on disk too, so resume must name it and fall back one more."""
+    k = random.Random(1).randint(4, STEPS - 2)
+    ref = _reference(1, tmp_path / "ref", "vqvae")[0]
+
+    run = tmp_path / "run"
+    assert _join(_launch(1, kind="vqvae", out=str(run), tag="killed", kill_in_save=k)) == [-signal.SIGKILL]
+    ckpt = run / "ckpt"
+    assert [s for s, _ in list_checkpoints(ckpt)] == [k - 3, k - 2, k - 1]
+    assert [p.name for p in ckpt.iterdir() if p.name.startswith(f".tmp-step_{k:06d}")]  # debris of the kill
+    bad = ckpt / f"step_{k - 1:06d}" / "model.model.safetensors"
+    bad.write_bytes(bad.read_bytes()[:-100])
+    with pytest.warns(UserWarning, match=str(bad).replace(".", r"\.")):
+        assert load_latest(ckpt).step == k - 2
+
+    _run(1, kind="vqvae", out=str(run), tag="resumed", fresh_seed=7)
+    got = _losses(_results(run, "resumed", 1)[0])
+    assert got[0][0] == k - 1
+    assert got == _losses(ref)[k - 2:]
+    assert _results(run, "resumed", 1)[0]["digest"] == ref["digest"]
+
+
+@needs_fork
+def test_ddp_two_ranks_killed_with_sigkill_resume_exactly(tmp_path):
+    """2 CPU processes, gloo; ranks draw different dropout masks (different RNG states),
+    so each rank must get its own RNG state back."""
+    _check_exact_resume(tmp_path, "transformer", world=2, kill_seed=2)
