@@ -5,7 +5,8 @@ Run from the repository root after changing a public signature or docstring::
     python docs/gen_api.py            # rewrites docs/api.md
     python docs/gen_api.py --check    # exit 1 if docs/api.md is out of date (for CI)
 
-Public names are those in ``__all__`` of ``msar``, ``msar.training`` and ``msar.testing``.
+Public names are those in ``__all__`` of ``msar``, ``msar.training`` and ``msar.testing``, and the
+functions and classes of ``msar.editing`` and ``msar.metrics``.
 For classes, the constructor signature and every public method or property defined
 by the class itself (not inherited from ``torch.nn.Module``) are listed.
 """
@@ -19,7 +20,7 @@ import os
 import re
 import sys
 
-MODULES = ["msar", "msar.training", "msar.testing"]
+MODULES = ["msar", "msar.editing", "msar.metrics", "msar.training", "msar.testing"]
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api.md")
 
 
@@ -155,7 +156,9 @@ def render() -> str:
     body = []
     for modname in MODULES:
         mod = importlib.import_module(modname)
-        names = list(getattr(mod, "__all__", []))
+        names = list(getattr(mod, "__all__", None) or [  # no __all__: the functions and classes defined there
+            n for n, v in vars(mod).items() if not n.startswith("_") and getattr(v, "__module__", None) == modname
+            and (inspect.isfunction(v) or inspect.isclass(v))])
         toc.append(f"- [`{modname}`](#{modname.replace('.', '')}): " + ", ".join(f"`{n}`" for n in names))
         body += [f"## `{modname}`", "", _doc(mod).split("\n\n")[0], ""]
         for name in names:

@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import msar
+from msar.editing import grid_known_masks
 from msar.testing import check_adapter
 from msar.training import (TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig, VQVAETrainer,
                            build_loader)
@@ -288,15 +289,12 @@ def main(argv=None) -> dict:
     acc_gen = per_class_accuracy(clf, gen.data, labels)
     print(f"[classifier] accuracy on real val {acc_real['mean']:.3f}, on generated {acc_gen['mean']:.3f}")
 
-    # 5b. zero-shot forecast: tokens whose position lies in the first half are known at every scale
-    # (on a coarse scale a token covers a wider window, so this is approximate at the border)
-    m = min(len(CLASSES), 5)
-    idx = [i.clone() for i in tok.encode(x_va[:m])]
-    known_mask = []
-    for k in range(len(schedule)):
-        n_k = schedule.token_counts[k]
-        pos = (torch.arange(n_k) + 1) / n_k  # right edge of each token's window, in [0, 1]
-        known_mask.append((pos <= 0.5).expand(m, n_k).clone())
+    # 5b. zero-shot forecast: at every scale, the tokens lying wholly in the first half are known
+    m = len(CLASSES)
+    idx = tok.encode(x_va[:m])
+    full = schedule.shape(-1)[0]
+    keep = (torch.arange(full) < full // 2).expand(m, full)         # on the latent grid of the last scale
+    known_mask = grid_known_masks(schedule, keep, threshold=1.0)
     fc = msar.sample(model, tok, y_va[:m], cfg=args.cfg, top_p=args.top_p, seed=args.seed,
                      known=idx, known_mask=known_mask)
     T = args.length
