@@ -128,3 +128,18 @@ def test_perceptual_and_discriminator_plug_in():
     assert float(p(x, -x)) > 0
     d = PatchDiscriminator(1, ch=8, n_layers=2)
     assert d(x).shape[1] == 1
+
+
+def test_edit_cli_writes_edit_png(demo, tmp_path):
+    from PIL import Image
+
+    from modalities.cli import main
+    from modalities.image.data import load_digits, to_uint8
+    _, val = load_digits(16)
+    Image.fromarray(to_uint8(val.images[:1])[0]).save(tmp_path / "digit.png")
+    args = ["edit", "--model", str(demo[0] / "pipeline"), "--image", str(tmp_path / "digit.png"), "--label", "7",
+            "--top-k", "10", "-n", "2", "--out", str(tmp_path / "e")]
+    assert main(args + ["--box", "0.5,0,1,1"]) == 0
+    assert (tmp_path / "e" / "edit.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(args + ["--box", "0.7,0,0.2,1"])  # x0 >= x1: a clear argparse error
