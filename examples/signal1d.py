@@ -1,7 +1,7 @@
 """A new modality in one file: class-conditional next-scale generation of 1-D signals.
 
 The worked example of ``docs/adapter_guide.md``. It uses only the public API
-(``import msar``, ``msar.training``, ``msar.testing``) and walks the whole path:
+(``import msar``, ``msar.editing``, ``msar.training``, ``msar.testing``) and walks the whole path:
 
 1. data      -- synthetic waveforms of 5 classes (sine, square, sawtooth, chirp, damped sine),
                 random frequency / phase / amplitude / noise, generated from a seed (no download);
@@ -21,7 +21,7 @@ transformer, and the forecast error on the known half.
 Run::
 
     python -m examples.signal1d            # full run, a few minutes on CPU
-    python -m examples.signal1d --quick    # ~1 minute smoke run
+    python -m examples.signal1d --quick    # ~1 minute smoke run (on an idle CPU)
 
 Outputs (``--out``, default ``outputs/signal1d``): ``metrics.json``, ``samples.png``
 (real vs generated, one row per class), ``progression.png`` (coarse-to-fine),

@@ -286,3 +286,14 @@ def test_adapter_guide_code_runs():
     for i, block in enumerate(blocks):
         exec(compile(block, f"adapter_guide.md[block {i}]", "exec"), ns)
     assert ns["report"]["checks"] == ALL_CHECKS
+
+
+def test_examples_index_lists_every_example():
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    index = open(os.path.join(root, "docs", "examples.md")).read()
+    names = [n for n in os.listdir(os.path.join(root, "examples"))
+             if (n.endswith(".py") and not n.startswith("_")) or os.path.isdir(os.path.join(root, "examples", n))
+             and not n.startswith(("_", "."))]
+    missing = [n for n in names if f"examples/{n}" not in index]
+    assert not missing, f"docs/examples.md does not list {missing}"
