@@ -143,3 +143,13 @@ def test_edit_cli_writes_edit_png(demo, tmp_path):
     assert (tmp_path / "e" / "edit.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         main(args + ["--box", "0.7,0,0.2,1"])  # x0 >= x1: a clear argparse error
+
+
+def test_image_tokenizer_passes_conformance_kit():
+    from msar.testing import check_adapter, tiny_transformer
+    torch.manual_seed(0)
+    v = VQVAE(VQVAEConfig(vocab_size=32, z_channels=4, ch=32, ch_mult=(1, 2), patch_nums=(1, 2, 4), in_channels=1,
+                          num_res_blocks=1, using_sa=False)).eval()
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    report = check_adapter(v, x, model=tiny_transformer(v, num_classes=3), labels=torch.tensor([0, 2]), atol=1e-4)
+    assert report
