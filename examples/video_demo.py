@@ -57,14 +57,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-stride", type=int, default=4)
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--num-train", type=int, default=4000)
-    p.add_argument("--tok-steps", type=int, default=500)
-    p.add_argument("--tok-batch", type=int, default=16)
-    p.add_argument("--tok-lr", type=float, default=1e-3)
-    p.add_argument("--ar-steps", type=int, default=1200)
-    p.add_argument("--ar-batch", type=int, default=32)
+    p.add_argument("--tok-steps", type=int, default=600)
+    p.add_argument("--tok-batch", type=int, default=8)
+    p.add_argument("--tok-lr", type=float, default=2e-3)
+    p.add_argument("--ar-steps", type=int, default=800)
+    p.add_argument("--ar-batch", type=int, default=16)
     p.add_argument("--ar-lr", type=float, default=1e-3)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--width", type=int, default=64)
     p.add_argument("--cfg", type=float, default=2.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.9)
@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.num_train, a.tok_steps, a.ar_steps, a.samples_per_class = 400, 40, 40, 2
-        a.depth, a.width = 2, 64
+        a.depth, a.width = 1, 32
     return a
 
 

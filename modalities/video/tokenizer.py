@@ -87,10 +87,10 @@ class CausalUpsample(nn.Module):
     """Nearest upsampling ``x (st in time, 2 in space)`` that keeps the first latent frame
     as a single frame (it encodes frame 0 alone), then a causal conv."""
 
-    def __init__(self, cin: int, cout: int, time_factor: int):
+    def __init__(self, cin: int, cout: int, time_factor: int, kernel: Sequence[int] = (3, 3, 3)):
         super().__init__()
         self.time_factor = time_factor
-        self.conv = CausalConv3d(cin, cout)
+        self.conv = CausalConv3d(cin, cout, kernel=kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.time_factor > 1 and x.shape[2] > 1:
@@ -109,7 +109,8 @@ def _stage_time_strides(time_stride: int, space_stride: int) -> list[int]:
 class VideoEncoder(nn.Module):
     """``(B, C_in, T, H, W) -> (B, D, T', H', W')``.
 
-    conv_in -> [down conv (stride st, 2, 2) -> ResBlock] per stage -> norm/SiLU/conv_out.
+    conv_in (1x3x3) -> [causal down conv (stride st, 2, 2), norm, SiLU] per stage -> ResBlock
+    -> norm/SiLU/conv_out.
     """
 
     def __init__(self, in_channels: int, channels: Sequence[int], latent_dim: int, time_stride: int, space_stride: int):
@@ -117,11 +118,13 @@ class VideoEncoder(nn.Module):
         strides = _stage_time_strides(time_stride, space_stride)
         if len(channels) != len(strides) + 1:
             raise ValueError(f"channels needs {len(strides) + 1} entries for space_stride {space_stride}, got {list(channels)}")
-        self.conv_in = CausalConv3d(in_channels, channels[0])
+        # full resolution: a spatial-only conv (the costly resolution on CPU); time is mixed
+        # by the strided causal convs and the ResBlock at the latent resolution
+        self.conv_in = CausalConv3d(in_channels, channels[0], kernel=(1, 3, 3))
         stages = []
         for i, st in enumerate(strides):
-            stages.append(nn.Sequential(CausalConv3d(channels[i], channels[i + 1], stride=(st, 2, 2)),
-                                        ResBlock3d(channels[i + 1])))
+            stages += [CausalConv3d(channels[i], channels[i + 1], stride=(st, 2, 2)), _norm(channels[i + 1]), nn.SiLU()]
+        stages.append(ResBlock3d(channels[-1]))
         self.stages = nn.Sequential(*stages)
         self.out = nn.Sequential(_norm(channels[-1]), nn.SiLU(), CausalConv3d(channels[-1], latent_dim))
 
@@ -139,11 +142,12 @@ class VideoDecoder(nn.Module):
         self.conv_in = nn.Sequential(CausalConv3d(latent_dim, ch[0]), ResBlock3d(ch[0]))
         stages = []
         for i, st in enumerate(strides):
-            stages.append(CausalUpsample(ch[i], ch[i + 1], st))
-            if i < len(strides) - 1:  # no ResBlock at full resolution: it is the costly one on CPU
-                stages.append(ResBlock3d(ch[i + 1]))
+            last = i == len(strides) - 1  # the full-resolution conv is spatial-only (CPU cost)
+            stages.append(CausalUpsample(ch[i], ch[i + 1], st, kernel=(1, 3, 3) if last else (3, 3, 3)))
+            if not last:
+                stages += [_norm(ch[i + 1]), nn.SiLU()]
         self.stages = nn.Sequential(*stages)
-        self.out = nn.Sequential(_norm(ch[-1]), nn.SiLU(), CausalConv3d(ch[-1], in_channels))
+        self.out = nn.Sequential(_norm(ch[-1]), nn.SiLU(), CausalConv3d(ch[-1], in_channels, kernel=(1, 3, 3)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.out(self.stages(self.conv_in(z)))
