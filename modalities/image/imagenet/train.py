@@ -151,6 +151,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     model = NextScaleTransformer(recipe.transformer(num_classes)).init_weights(
         init_adaln=recipe.init_adaln, init_adaln_gamma=recipe.init_adaln_gamma, init_head=recipe.init_head,
         init_std=recipe.init_std)
+    if ws > 1:  # identical initial weights everywhere, but each rank its own dropout / class-dropout stream
+        torch.manual_seed(a.seed * ws + D.rank())
     fsdp = recipe.fsdp if a.fsdp == "auto" else a.fsdp == "on"
     if fsdp and a.fsdp == "auto" and ws == 1:
         fsdp = False  # nothing to shard over
