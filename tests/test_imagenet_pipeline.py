@@ -215,19 +215,23 @@ def test_fsdp_constructs_trains_and_resumes_on_cpu(tmp_path):
         torch.manual_seed(0)
         m = NextScaleTransformer(r.transformer(3)).init_weights(init_std=-1)
         cfg = TransformerTrainConfig(lr=1e-3, total_steps=4, ckpt_dir=str(tmp_path / "ck"), progress=False,
-                                     tensorboard=False)
+                                     tensorboard=False, grad_accum=2)
         return ImageNetTrainer(m, vq, cfg, r, steps_per_epoch=2, fsdp=True)
+
+    def step(t):  # one optimizer step = two micro-batches (gradient sync only on the second)
+        assert t.train_step(x[:2], y[:2]) is None
+        return t.train_step(x[2:], y[2:])["loss"]
 
     try:
         t = make()
         assert type(t.model).__name__.startswith("FSDP") and t.ddp_model is t.model
         assert all(type(b).__name__.startswith("FSDP") for b in t.model.blocks)
-        t.train_step(x, y)
+        step(t)
         t.save()
-        after = [t.train_step(x, y)["loss"] for _ in range(2)]
+        after = [step(t) for _ in range(2)]
         t2 = make()
         t2.resume()
-        assert t2.step == 1 and [t2.train_step(x, y)["loss"] for _ in range(2)] == after
+        assert t2.step == 1 and [step(t2) for _ in range(2)] == after
         sd = t2.full_state_dict()
         assert set(sd) == set(NextScaleTransformer(r.transformer(3)).state_dict())
     finally:

@@ -142,6 +142,12 @@ class ImageNetTrainer(TransformerTrainer):
             sampler.skip_next(self.epoch_batches * loader.batch_size)
         return super().fit(loader, steps)
 
+    # ------------------------------------------------------------------ FSDP gradient accumulation
+    def step_on(self, batch: Any) -> Optional[dict]:
+        if self.fsdp and self.config.grad_accum > 1:  # reduce-scatter only on the window's last micro-batch
+            self.model.set_requires_gradient_sync(self._accum == self.config.grad_accum - 1)
+        return super().step_on(batch)
+
     # ------------------------------------------------------------------ FSDP checkpoints
     def checkpoint_models(self) -> dict[str, Any]:
         if not self.fsdp:
