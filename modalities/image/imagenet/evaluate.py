@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
