@@ -220,3 +220,20 @@ def test_obj_and_png_export(tmp_path):
     assert max(int(i) for l in faces for i in l.split()[1:]) == len(verts)  # 1-based, all used
     png = render_grid(list(v), str(tmp_path / "r.png"), [CLASSES[i] for i in lab], cols=2, size=1.2, dpi=40)
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_core_vqvae_trainer_takes_the_occupancy_loss():
+    """The voxel tokenizer also trains through msar.training.VQVAETrainer with the BCE
+    occupancy loss plugged in as recon_loss (the demo uses its own small loop)."""
+    from msar.training.vqvae_trainer import VQVAETrainConfig, VQVAETrainer
+
+    from modalities.voxel import occupancy_loss
+
+    x = torch.from_numpy(make_dataset(4, R, seed=0, classes=["table"])[0]).float()
+    tok = _tiny_tokenizer().train()
+    before = [p.detach().clone() for p in tok.decoder.parameters()]
+    trainer = VQVAETrainer(tok, VQVAETrainConfig(lr=1e-3, total_steps=2, progress=False, device="cpu"),
+                           recon_loss=lambda data, recon: occupancy_loss(recon, data))
+    records = trainer.fit([x[:2], x[2:]])
+    assert trainer.step == 2 and all(np.isfinite(r["loss"]) for r in records)
+    assert any(not torch.equal(a, b) for a, b in zip(before, tok.decoder.parameters()))
