@@ -1,4 +1,8 @@
-"""A faster drop-in for :func:`msar.sample` (the proposal of ``benchmarks/proposals/sampling.diff``).
+"""A faster drop-in for :func:`msar.sample` (the proposal of ``benchmarks/proposals/sampling_speed.diff``).
+
+Status: items 1, 3, 4 and 6 below were adopted by the core in commit 8b197fd (the core keeps
+VAR's guidance formula instead of the lerp of item 2, so that greedy ties cannot flip); what
+remains different here is the lerp and the optional fused MLP (item 5).
 
 Same model, same weights, same math; what changes is only how much work the sampling loop
 wastes around the transformer. Measured by ``benchmarks.sampling_throughput`` next to
@@ -17,9 +21,9 @@ wastes around the transformer. Measured by ``benchmarks.sampling_throughput`` ne
 6. At scale 0 the guidance weight is 0 (VAR's linear ramp), so the unconditional half needs
    its KV cache but not its logits: the head runs on the conditional half only.
 
-Greedy decoding (``top_k=1``) gives exactly the tokens of :func:`msar.sample` for the same
-weights (checked by the benchmark and by the tests); stochastic decoding draws from the same
-distribution but consumes the random stream differently, so seeds do not give the same samples.
+Greedy decoding (``top_k=1``) gave exactly the tokens of :func:`msar.sample` and of the reference
+VAR code for the same weights wherever we checked (benchmarks and tests), but the lerp and the
+fused MLP reorder float operations, so an exact tie could in principle flip.
 """
 from __future__ import annotations
 

@@ -136,6 +136,8 @@ def bench_variant(cfg_name: str, kind: str, compiled: bool, args, device: torch.
     tokens = batch * model.L
     return {"mask": kind, "compiled": compiled, "batch": batch, "L": model.L, "params": model.num_parameters(),
             "s_per_step": t.median_s, "tokens_per_s": tokens / t.median_s, "first_step_s": first,
+            # load-robust on a shared CPU: tokens per second of CPU time the process consumed
+            "tokens_per_cpu_s": tokens / t.as_dict()["median_process_cpu_s"],
             "timing": t.as_dict(), "peak_memory": mem, "loss_first_step": loss0}
 
 
@@ -162,9 +164,11 @@ def run(args) -> dict:
                 print(f"{kind:8s} compiled={compiled}: {r['tokens_per_s']:9.0f} tokens/s  {r['s_per_step']:.3f} s/step  "
                       f"peak {r['peak_memory']['peak_mb']:.0f} MB  (first step {r['first_step_s']:.1f} s)", flush=True)
     ok = [r for r in rows if "error" not in r]
-    best = max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
-    figures = {"rows": rows, "fastest": {"mask": best["mask"], "compiled": best["compiled"],
-                                         "tokens_per_s": best["tokens_per_s"]} if best else None}
+    # on CPU rank by CPU time (wall time on a shared machine mostly measures the neighbours)
+    key = "tokens_per_s" if device.type == "cuda" else "tokens_per_cpu_s"
+    best = max(ok, key=lambda r: r[key]) if ok else None
+    figures = {"rows": rows, "fastest": {"mask": best["mask"], "compiled": best["compiled"], "by": key,
+                                         key: best[key]} if best else None}
     config = {"preset": "smoke" if args.smoke else "quick" if args.quick else "full", "model": CONFIGS[cfg_name],
               "batch": batch, "optimizer": "AdamW(lr=1e-4, wd=0.05, betas=(0.9, 0.95)), foreach default",
               "bf16": bool(args.bf16), "seed": args.seed, "memory_method": "see benchmarks/common.py"}

@@ -71,8 +71,9 @@ def test_fast_sampler_greedy_matches_msar_with_guidance():
     tok = msar.MultiScaleVQTokenizer(nn.Identity(), nn.Identity(), q).eval()
     labels = torch.tensor([0, 3, 4])
     ref = msar.sample(model, tok, labels, cfg=2.0, top_k=1, decode=False).indices
-    fast = sample_fast(model, tok, labels, cfg=2.0, top_k=1)
-    assert all(torch.equal(a, b) for a, b in zip(ref, fast))
+    for fused in (False, True):
+        fast = sample_fast(model, tok, labels, cfg=2.0, top_k=1, fused_mlp=fused)
+        assert all(torch.equal(a, b) for a, b in zip(ref, fast))
     unc = sampling_throughput.greedy_uncached(model, tok, labels, 2.0)
     assert all(torch.equal(a, b) for a, b in zip(ref, unc))
 
@@ -136,3 +137,15 @@ def test_power_law_fit_recovers_exponent():
 def test_peak_memory_sees_a_large_allocation():
     m = common.peak_memory(lambda: torch.ones(40_000_000).sum(), torch.device("cpu"))  # 160 MB
     assert m["peak_mb"] > 100, m
+
+
+@pytest.mark.skipif(not os.environ.get("MSAR_VAR_DIR"), reason="needs a FoundationVision/VAR checkout in MSAR_VAR_DIR")
+def test_reference_greedy_parity(tmp_path):
+    """Same weights in the reference VAR code and in msar give the same greedy tokens."""
+    from benchmarks import vs_reference
+    ref = vs_reference.import_reference(os.environ["MSAR_VAR_DIR"])
+    _, var, tok, model = vs_reference.build_pair("small", ref, seed=0)
+    labels = torch.tensor([3])
+    want = vs_reference.reference_sample(ref, var, labels, 0, 1, 0.0, record=True)
+    got = msar.sample(model, tok, labels, cfg=1.5, top_k=1, decode=False).indices
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
