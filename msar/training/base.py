@@ -170,13 +170,7 @@ class Trainer:
             "model": [p for p in self.model.parameters() if p.requires_grad]}
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
 
-        self.ddp_model: nn.Module = self.model
-        if D.world_size() > 1:
-            find_unused = (self.find_unused_parameters if config.ddp_find_unused is None
-                           else config.ddp_find_unused)
-            self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if use_cuda else None,
-                find_unused_parameters=find_unused)
+        self.ddp_model: nn.Module = self.wrap_model(self.model)
         self.forward_model: nn.Module = torch.compile(self.ddp_model) if config.compile else self.ddp_model
 
         self.step = 0            # optimizer steps taken
@@ -196,6 +190,18 @@ class Trainer:
         self._val_logger: Optional[CSVLogger] = None
 
     # ------------------------------------------------------------------ construction helpers
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The module the training forward runs through: DDP when more than one process
+        runs, else the model itself. Override for other parallelism (e.g. FSDP, where the
+        model is sharded before the trainer is built)."""
+        if D.world_size() <= 1:
+            return model
+        find_unused = (self.find_unused_parameters if self.config.ddp_find_unused is None
+                       else self.config.ddp_find_unused)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=find_unused)
+
     def make_optimizer(self, module: nn.Module, lr: Optional[float] = None,
                        betas: Optional[tuple[float, float]] = None) -> torch.optim.Optimizer:
         c = self.config

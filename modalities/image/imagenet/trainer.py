@@ -15,7 +15,6 @@ needs that the generic trainer does not do.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from typing import Any, Iterable, Optional
@@ -57,10 +56,7 @@ class ImageNetTrainer(TransformerTrainer):
             shard_per_block(model.to(device))
             # the logits are returned as a view; nothing modifies them in place, so FSDP's warning is moot
             warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-            with _hide_world_size():  # the base class must not wrap the sharded model in DDP
-                super().__init__(model, tokenizer, config)
-        else:
-            super().__init__(model, tokenizer, config)
+        super().__init__(model, tokenizer, config)
         K = self.schedule.num_scales
         self._ends = [o + n for o, n in zip(self.schedule.offsets, self.schedule.token_counts)]
         self._begins = list(self.schedule.offsets)
@@ -68,6 +64,10 @@ class ImageNetTrainer(TransformerTrainer):
         self.prog_warmup_steps = max(1, round(recipe.progressive_warmup_epochs_frac * recipe.epochs
                                               * self.steps_per_epoch))
         self.last_stage = K - 1
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        # the FSDP model is already sharded per block; DDP on top would be wrong
+        return model if self.fsdp else super().wrap_model(model)
 
     # ------------------------------------------------------------------ progressive training
     def stage(self, step: Optional[int] = None) -> int:
@@ -198,19 +198,6 @@ def shard_per_block(model: nn.Module) -> nn.Module:
         fully_shard(block)
     fully_shard(model)
     return model
-
-
-@contextlib.contextmanager
-def _hide_world_size():
-    """While the base trainer is built, report one process so it does not wrap the FSDP model in DDP.
-
-    (The base :class:`msar.training.Trainer` has no hook for the wrapping; see the report.)"""
-    real = D.world_size
-    D.world_size = lambda: 1
-    try:
-        yield
-    finally:
-        D.world_size = real
 
 
 class _FullState:
