@@ -286,7 +286,8 @@ def verdict(rows: list, fits: dict) -> dict:
         "time_ratio_raster_over_next_scale_at_16_batch": n16[0]["ratios_raster_over_next_scale"]["time_batch"] if n16 else None,
         "note": ("With a KV cache raster decoding costs sum_i (MLP + attention over i keys) = O(N^2 C^2 + N^4 C): "
                  "the same O(N^4) bound as next-scale, with fewer FLOPs than next-scale in fact (next-scale "
-                 "processes sum_k n_k ~ 1.3-1.5 N^2 tokens and every scale attends to all earlier ones). "
+                 "processes sum_k n_k ~ 2-2.7 N^2 tokens with VAR's schedules, and every scale attends to all "
+                 "earlier ones). "
                  "The O(N^6) of the paper is raster decoding without a cache (each step re-runs the prefix). "
                  "What remains of the speed-up is the number of sequential steps (K ~ log N vs N^2): "
                  "at batch 1 per-step latency dominates and next-scale wins by a large factor; at large "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from .common import RESULTS
+from .common import RESULTS, fit_power_law
 
 
 def _load(name: str):
@@ -28,23 +28,29 @@ def next_scale_vs_raster(rec: dict) -> list[str]:
     out = [f"### next-scale vs raster ({rec['config']['preset']}: depth {rec['config']['depth']}, width "
            f"{rec['config']['width']}, vocab {rec['config']['vocab']}; {_env(rec)})", "",
            "| N | steps next-scale / raster | GFLOPs next-scale / raster (KV cache) / raster (no cache) | "
-           "CPU s per sample b=1, next-scale / raster | raster / next-scale time, b=1 | same, batch "
+           "CPU s per sample b=1, next-scale / raster | raster / next-scale CPU time, b=1 | same, batch "
            f"{rec['config']['batch']} | peak MB (batch) next-scale / raster |",
            "|---|---|---|---|---|---|---|"]
     for r in f["rows"]:
         ns, ra, q = r["next_scale"], r["raster"], r["ratios_raster_over_next_scale"]
         cpu = lambda o: o["time_b1"].get("median_process_cpu_s", float("nan"))  # noqa: E731
+        cpub = lambda o: o["time_batch"].get("median_process_cpu_s", float("nan"))  # noqa: E731
         out.append(f"| {r['N']} | {ns['steps']} / {ra['steps']} | {ns['flops'] / 1e9:.2f} / {ra['flops'] / 1e9:.2f} / "
                    f"{r['raster_uncached']['flops'] / 1e9:.1f} | {cpu(ns):.3f} / {cpu(ra):.3f} | "
-                   f"{cpu(ra) / cpu(ns):.1f}x (wall {q['time_b1']:.1f}x) | {q['time_batch']:.1f}x (wall) | "
+                   f"**{cpu(ra) / cpu(ns):.1f}x** (wall {q['time_b1']:.1f}x) | {cpub(ra) / cpub(ns):.1f}x "
+                   f"(wall {q['time_batch']:.1f}x) | "
                    f"{ns['peak_memory_batch']['peak_mb']:.0f} / {ra['peak_memory_batch']['peak_mb']:.0f} |")
     e = f["exponents_in_N"]
+    Ns = [r["N"] for r in f["rows"]]
+    cpu_fit = {o: fit_power_law(Ns, [r[o]["time_b1"].get("median_process_cpu_s", float("nan")) for r in f["rows"]])["exponent"]
+               for o in ("next_scale", "raster")}
     out += ["", "Growth exponents in N (log-log least squares): "
             f"FLOPs next-scale **{e['next_scale']['flops']['exponent']:.2f}**, raster with KV cache "
             f"**{e['raster']['flops']['exponent']:.2f}**, raster without cache **{e['raster_uncached']['flops']['exponent']:.2f}**; "
             f"attention FLOPs only: next-scale {e['next_scale']['flops_attention']['exponent']:.2f}, raster "
             f"{e['raster']['flops_attention']['exponent']:.2f}; wall time b=1: next-scale "
-            f"{e['next_scale']['time_b1']['exponent']:.2f}, raster {e['raster']['time_b1']['exponent']:.2f}.", ""]
+            f"{e['next_scale']['time_b1']['exponent']:.2f}, raster {e['raster']['time_b1']['exponent']:.2f}; "
+            f"CPU time b=1: next-scale {cpu_fit['next_scale']:.2f}, raster {cpu_fit['raster']:.2f}.", ""]
     return out
 
 

@@ -169,8 +169,30 @@ def run(args) -> dict:
               "sampling": SAMPLING, "rounds": rounds, "seed": args.seed, "var_dir": os.path.abspath(args.var_dir),
               "reference_commit": _ref_commit(args.var_dir), "weights": "random (reference init_weights), shared"}
     path = common.write_result(NAME, info, config, {"rows": rows}, args.out)
+    if not args.no_plot:
+        plot(rows, args.out)
     print("wrote", path)
     return {"path": path, "figures": {"rows": rows}, "config": config}
+
+
+def plot(rows: list, out_dir=None) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3.6), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        names = list(r["timing"])
+        cpu = [r["timing"][k]["median_cpu_s"] for k in names]
+        ax.bar(range(len(names)), cpu, color=["gray", "C0", "C2", "C1"][:len(names)])
+        for i, k in enumerate(names[1:], 1):
+            ax.text(i, cpu[i], f"{r['speedup_vs_reference'][k]['cpu']:.2f}x", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(names))); ax.set_xticklabels([n.replace("_", "\n", 1) for n in names], fontsize=7)
+        ax.set_ylabel("CPU seconds per batch"); ax.set_title(f"{r['config']}, batch {r['batch']} (goal 1.5x)")
+    fig.tight_layout()
+    path = common.savefig(fig, NAME, out_dir)
+    plt.close(fig)
+    return path
 
 
 def _ref_commit(var_dir: str) -> str:
