@@ -150,10 +150,14 @@ class MultiScaleResidualQuantizer(nn.Module):
 
     def _check_latent(self, f: torch.Tensor, pyr: LatentPyramid) -> None:
         full = pyr.schedule.shape(-1)
+        if not isinstance(f, torch.Tensor) or not f.dtype.is_floating_point:
+            raise TypeError(f"expected a floating-point latent tensor, got {type(f).__name__} {getattr(f, 'dtype', '')}")
         if f.dim() != 2 + len(full) or f.shape[1] != self.dim or tuple(f.shape[2:]) != tuple(full):
             raise ValueError(
                 f"expected a latent of shape (B, {self.dim}, {', '.join(map(str, full))}), got {tuple(f.shape)}"
             )
+        if f.shape[0] == 0:
+            raise ValueError(f"expected a latent batch of at least one sample, got shape {tuple(f.shape)}")
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Index of the nearest codeword for every row of ``z`` ``(N, C)`` -> ``(N,)``."""
@@ -190,6 +194,10 @@ class MultiScaleResidualQuantizer(nn.Module):
         """
         pyr = self._pyr(pyramid)
         self._check_latent(f, pyr)
+        w = self.embedding.weight
+        if f.dtype != w.dtype and not torch.is_autocast_enabled(f.device.type):
+            raise TypeError(f"latent dtype {f.dtype} differs from the codebook's {w.dtype} "
+                            f"(convert with .to({w.dtype}) or run under torch.autocast)")
         B, C = f.shape[:2]
         f_rest = f.detach().clone()
         f_hat = torch.zeros_like(f_rest)

@@ -13,6 +13,7 @@ of scales <= k and nothing later.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Iterator, Sequence, Union
 
 import torch
@@ -51,11 +52,15 @@ class ScaleSchedule:
             elif isinstance(s, (list, tuple)) and len(s) > 0:
                 shape = []
                 for d in s:
-                    if isinstance(d, bool) or not isinstance(d, int) and not hasattr(d, "__index__"):
+                    try:  # operator.index refuses floats, float tensors and numpy floats (no truncation)
+                        side = None if isinstance(d, bool) else operator.index(d)
+                    except TypeError:
+                        side = None
+                    if side is None:
                         raise TypeError(f"scale {k}: grid sides must be ints, got {s!r}")
-                    if int(d) <= 0:
+                    if side <= 0:
                         raise ValueError(f"scale {k}: grid sides must be positive, got {tuple(s)}")
-                    shape.append(int(d))
+                    shape.append(side)
                 parsed.append(tuple(shape))
             else:
                 raise TypeError(
@@ -185,8 +190,8 @@ class ScaleSchedule:
         for k, idx in enumerate(indices):
             if not isinstance(idx, torch.Tensor):
                 raise TypeError(f"{name}[{k}]: expected a tensor, got {type(idx).__name__}")
-            if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.is_complex():
-                raise TypeError(f"{name}[{k}]: expected an integer tensor, got dtype {idx.dtype}")
+            if idx.dtype not in (torch.int64, torch.int32):  # what embedding lookups accept
+                raise TypeError(f"{name}[{k}]: expected an integer tensor (int64 or int32), got dtype {idx.dtype}")
             n = self.token_counts[k]
             if idx.dim() != 2 or idx.shape[1] != n:
                 raise ValueError(

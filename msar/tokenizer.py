@@ -70,6 +70,8 @@ class ResidualDecodeState:
 
     def __init__(self, quantizer: MultiScaleResidualQuantizer, batch_size: int, device,
                  pyramid: Optional[LatentPyramid] = None):
+        if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or batch_size < 0:
+            raise ValueError(f"batch_size: expected an int >= 0, got {batch_size!r}")
         self.quantizer = quantizer
         self.pyramid = pyramid if pyramid is not None else quantizer.pyramid
         self.schedule = self.pyramid.schedule
@@ -80,10 +82,21 @@ class ResidualDecodeState:
     def add_scale(self, k: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         if k != self.k:
             raise ValueError(f"scales must be added in order: expected scale {self.k}, got {k}")
-        n = self.schedule.token_counts[k]
-        if idx.dim() != 2 or idx.shape[1] != n or idx.shape[0] != self.f_hat.shape[0]:
-            raise ValueError(f"scale {k}: expected indices of shape ({self.f_hat.shape[0]}, {n}), got {tuple(idx.shape)}")
-        q = self.quantizer
+        n, B, q = self.schedule.token_counts[k], self.f_hat.shape[0], self.quantizer
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"scale {k}: expected indices as a tensor ({B}, {n}), got {type(idx).__name__}")
+        if idx.dim() != 2 or idx.shape[1] != n or idx.shape[0] != B:
+            raise ValueError(f"scale {k}: expected indices of shape ({B}, {n}), got {tuple(idx.shape)}")
+        if probs is None:
+            if idx.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"scale {k}: expected integer indices (int64 or int32), got dtype {idx.dtype}")
+            # range checked on CPU only: on an accelerator it would stall every scale of sampling
+            # (whose indices are in range by construction) on a device-to-host copy
+            if idx.numel() and idx.device.type == "cpu" and (int(idx.min()) < 0 or int(idx.max()) >= q.vocab_size):
+                raise ValueError(f"scale {k}: token index out of range [0, {q.vocab_size}): found min "
+                                 f"{int(idx.min())}, max {int(idx.max())}")
+        elif tuple(probs.shape) != (B, n, q.vocab_size):
+            raise ValueError(f"scale {k}: expected probs of shape ({B}, {n}, {q.vocab_size}), got {tuple(probs.shape)}")
         h = q.lookup(idx, k, self.pyramid) if probs is None else q.embed_probs(probs, k, self.pyramid)
         self.f_hat, nxt = q.add_scale(self.f_hat, k, h, self.pyramid)
         self.indices.append(idx)

@@ -236,7 +236,7 @@ def _check_exact_resume(tmp_path: Path, kind: str, world: int, kill_seed: int) -
     for r in range(world):
         got = _losses(resumed[r])
         start = got[0][0] - 1
-        assert start >= last - 1 and start >= kill_step  # resumed from the newest checkpoint (or its predecessor)
+        assert start == last  # the newest checkpoint on disk is complete (written atomically) and used
         assert got == _losses(ref[r])[start:], f"rank {r}: loss after resuming at step {start} differs"
         assert resumed[r]["digest"] == ref[r]["digest"], f"rank {r}: final weights / EMA differ"
     with open(run / "log" / "train.csv") as f:  # each step logged exactly once despite the kill
@@ -281,3 +281,137 @@ def test_ddp_two_ranks_killed_with_sigkill_resume_exactly(tmp_path):
     """2 CPU processes, gloo; ranks draw different dropout masks (different RNG states),
     so each rank must get its own RNG state back."""
     _check_exact_resume(tmp_path, "transformer", world=2, kill_seed=2)
+
+
+# ---------------------------------------------------------------------------- 2. no pickled code runs
+class _Payload:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _rehash(step_dir: Path, fname: str) -> None:
+    """Make the manifest vouch for a replaced file (a forged checkpoint, not a corrupted one)."""
+    man = json.loads((step_dir / "manifest.json").read_text())
+    data = (step_dir / fname).read_bytes()
+    man["files"][fname] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (step_dir / "manifest.json").write_text(json.dumps(man))
+
+
+def test_pickled_code_in_a_training_checkpoint_is_refused(tmp_path):
+    model = nn.Linear(2, 2)
+    ckmod.save_checkpoint(tmp_path, 1, {"model": model})
+    forged = ckmod.save_checkpoint(tmp_path, 2, {"model": model})
+    marker = tmp_path / "pwned"
+    torch.save({"step": 2, "extra": _Payload(marker)}, forged / "state.pt")
+    _rehash(forged, "state.pt")
+    with pytest.raises(CheckpointError, match=r"state\.pt: cannot read training state: refused: .*pickled objects "
+                                              r"other than tensors.*GLOBAL posix\.system") as e:
+        load_checkpoint(forged)
+    assert e.value.path == forged / "state.pt" and "weights_only=False" not in str(e.value)
+    with pytest.warns(UserWarning, match="step_000002.*refused"):
+        assert load_latest(tmp_path).step == 1  # resume falls back to the previous good checkpoint
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("fmt", ["zip", "raw_pickle"])
+def test_pickled_code_in_a_weights_file_is_refused(tmp_path, fmt):
+    from modalities.image import read_state_dict
+    from modalities.image.checkpoint import CheckpointError as ImageCheckpointError
+    marker, path = tmp_path / "pwned", tmp_path / "var_d16.pth"
+    sd = {"head.weight": torch.zeros(2, 2), "head.bias": _Payload(marker)}
+    if fmt == "zip":
+        torch.save(sd, path)
+    else:
+        path.write_bytes(pickle.dumps(sd))
+    with pytest.raises(ImageCheckpointError, match=r"var_d16\.pth as a weights-only torch checkpoint: refused"):
+        read_state_dict(path)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------- 3. numerics (VQ-VAE trainer)
+def _vq_trainer(on_nonfinite: str, disc_start: int = 0) -> VQVAETrainer:
+    cfg = VQVAETrainConfig(lr=1e-3, total_steps=10, disc_start=disc_start, on_nonfinite=on_nonfinite,
+                           progress=False, tensorboard=False)
+    return VQVAETrainer(_conv_tokenizer(0), cfg, discriminator=_disc(1))
+
+
+def test_vqvae_nonfinite_loss_names_step_and_term():
+    x = SlowData("vqvae").x[:4]
+    tr = _vq_trainer("raise")
+    tr.train_step(x)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at step 1 \(batch 1\): non-finite in l1=nan, l2=nan, vq=nan"):
+        tr.train_step(bad)
+
+    tr = _vq_trainer("skip")
+    tr.train_step(x)
+    before = [p.detach().clone() for m in (tr.model, tr.discriminator) for p in m.parameters()]
+    with pytest.warns(UserWarning, match=r"step 1 .*l1=nan.*skipping this step"):
+        rec = tr.train_step(bad)
+    after = [p for m in (tr.model, tr.discriminator) for p in m.parameters()]
+    assert rec["skipped"] == 1 and tr.nonfinite_steps == 1 and tr.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # generator and discriminator untouched
+    assert tr.train_step(x)["skipped"] == 0
+
+
+def test_vqvae_nonfinite_gradient_names_the_parameter_or_the_gan_weight():
+    x = SlowData("vqvae").x[:4]
+    tr = _vq_trainer("raise", disc_start=100)
+    tr.model.decoder[-1].weight.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(NonFiniteError, match=r"gradient norm of \['model'\] at step 0.*decoder\.3\.weight"):
+        tr.train_step(x)
+    # with the GAN on, the same gradient first poisons the adaptive weight ||grad nll|| / ||grad G||
+    tr = _vq_trainer("raise", disc_start=0)
+    tr.model.decoder[-1].weight.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(NonFiniteError, match=r"step 0 .*non-finite in d_weight=nan \(finite: l1, l2, vq, g_loss"):
+        tr.train_step(x)
+
+
+# ---------------------------------------------------------------------------- 5. determinism
+def _sampler_setup():
+    torch.manual_seed(0)
+    sched = [(1, 1), (2, 2), (3, 3)]
+    tok = MultiScaleVQTokenizer(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 3, 1), MultiScaleResidualQuantizer(32, 4, sched))
+    model = NextScaleTransformer(TransformerConfig(schedule=sched, vocab_size=32, latent_dim=4, num_classes=3,
+                                                   depth=2, embed_dim=32, num_heads=2)).init_weights(init_head=1.0)
+    return model.eval(), tok.eval()
+
+
+def _draw(model, tok, seed: int):
+    out = sample(model, tok, [0, 1, 2, 1], cfg=2.0, top_k=12, top_p=0.9, more_smooth=True, seed=seed)
+    return out.indices, out.data
+
+
+def _sample_in_child(path: str, seed: int) -> None:
+    torch.manual_seed(999)  # another global RNG state, another process
+    model, tok = _sampler_setup()
+    torch.save(_draw(model, tok, seed), path)
+
+
+@needs_fork
+def test_same_seed_gives_bit_identical_samples_on_cpu(tmp_path):
+    """top-k + top-p + Gumbel smoothing: the seeded generator is the only randomness, so the
+    samples are bit-identical whatever the global RNG state, in this process or another."""
+    model, tok = _sampler_setup()
+    torch.manual_seed(1)
+    idx, data = _draw(model, tok, seed=11)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    idx2, data2 = _draw(model, tok, seed=11)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is not consumed (training stays exact)
+    child = FORK.Process(target=_sample_in_child, args=(str(tmp_path / "child.pt"), 11))
+    child.start()
+    assert _join([child]) == [0]
+    idx3, data3 = torch.load(tmp_path / "child.pt")
+    for other_idx, other_data in ((idx2, data2), (idx3, data3)):
+        assert all(torch.equal(a, b) for a, b in zip(idx, other_idx))
+        assert torch.equal(data, other_data)  # bit-identical, not merely close
+    idx4, _ = _draw(model, tok, seed=12)
+    assert any(not torch.equal(a, b) for a, b in zip(idx, idx4))

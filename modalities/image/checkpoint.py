@@ -18,6 +18,7 @@ from typing import Mapping
 import torch
 
 from msar import NextScaleTransformer, ScaleSchedule, TransformerConfig
+from msar.training.checkpoint import describe_load_error
 
 from .presets import TRANSFORMER_PRESETS, VQVAE_PRESETS, transformer_config
 from .vqvae import VQVAE, VQVAEConfig
@@ -43,11 +44,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # SafetensorError: truncated or not a safetensors file
+            raise CheckpointError(f"could not read {path} as safetensors (truncated or corrupt?): {e}") from e
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, pickle with code, ...
-        raise CheckpointError(f"could not read {path} as a weights-only torch checkpoint: {e}") from e
+        raise CheckpointError(f"could not read {path} as a weights-only torch checkpoint: "
+                              f"{describe_load_error(e)}") from e
     for key in ("state_dict", "model", "trainer"):  # tolerate a wrapped dict
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict) and not isinstance(sd[key], torch.Tensor):
             inner = sd[key]
@@ -56,6 +61,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    odd = next((k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise CheckpointError(f"{path}: expected a state dict of named tensors, but entry {odd!r} holds "
+                              f"{type(sd[odd]).__name__}")
     return sd
 
 

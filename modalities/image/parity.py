@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     tensors = load_file(path)
     with open(cfg_path) as fh:
         cfg = json.load(fh)
-    torch.set_grad_enabled(False)
-    got = recompute(tensors, cfg)
+    with torch.no_grad():  # (not set_grad_enabled(False): main() also runs inside other processes, e.g. tests)
+        got = recompute(tensors, cfg)
     ok = compare(tensors, got)
     print("PARITY OK" if ok else "PARITY FAILED")
     return 0 if ok else 1

@@ -96,17 +96,30 @@ class ImagePipeline:
         meta_path = os.path.join(directory, "pipeline.json")
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"not an image pipeline directory (no pipeline.json): {directory}")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r} "
-                                  "(a checkpoint of another modality?)")
-        vqvae = VQVAE(VQVAEConfig(**meta["vqvae"]))
-        tcfg = meta["transformer"]
-        tcfg["schedule"] = [tuple(s) if isinstance(s, list) else s for s in tcfg["schedule"]]
-        transformer = NextScaleTransformer(TransformerConfig(**tcfg))
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{meta_path}: not valid JSON (truncated or corrupt?): {e}") from e
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        if fmt != FORMAT:
+            raise CheckpointError(f"{meta_path}: format {fmt!r} is not {FORMAT!r} (a checkpoint of another modality?)")
+        try:
+            vqvae = VQVAE(VQVAEConfig(**meta["vqvae"]))
+            tcfg = dict(meta["transformer"])
+            tcfg["schedule"] = [tuple(s) if isinstance(s, list) else s for s in tcfg["schedule"]]
+            transformer = NextScaleTransformer(TransformerConfig(**tcfg))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{meta_path}: the 'vqvae' / 'transformer' configs are missing or invalid: "
+                                  f"{type(e).__name__}: {e}") from e
         for model, name in ((vqvae, "vqvae"), (transformer, "transformer")):
-            sd = load_file(os.path.join(directory, f"{name}.safetensors"))
+            path = os.path.join(directory, f"{name}.safetensors")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"image pipeline {directory}: {name} weights missing: {path}")
+            try:
+                sd = load_file(path)
+            except Exception as e:  # SafetensorError: truncated or not a safetensors file
+                raise CheckpointError(f"{path}: cannot read (truncated or corrupt?): {e}") from e
             validate_state_dict(model, sd, name)
             model.load_state_dict(sd)
         return cls(vqvae, transformer).to(device)

@@ -231,6 +231,12 @@ class VQVAE(MultiScaleVQTokenizer):
         if tuple(img.shape[2:]) != (side, side):
             raise ValueError(f"images: expected {side}x{side} pixels (last scale {cfg.patch_nums[-1]} x "
                              f"downsample {cfg.downsample}), got {img.shape[2]}x{img.shape[3]}")
+        w = self.encoder.conv_in.weight
+        if img.device != w.device:
+            raise ValueError(f"images: on {img.device} but the tokenizer is on {w.device}")
+        if img.dtype != w.dtype and not torch.is_autocast_enabled(img.device.type):
+            raise TypeError(f"images: dtype {img.dtype} but the tokenizer's weights are {w.dtype} "
+                            f"(convert with .to({w.dtype}) or run under torch.autocast)")
 
     # decoded images are clamped to the data range, as in VAR (training uses decode_latent unclamped)
     @torch.no_grad()

@@ -145,6 +145,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def describe_load_error(e: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in one line -- without torch's
+    advice to retry with ``weights_only=False``, which would run whatever code the file holds."""
+    msg = str(e)
+    if "Weights only load failed" in msg:
+        lines = [ln.strip() for ln in msg.splitlines()]
+        why = next((ln for ln in lines if ln.startswith(("Trying to load unsupported", "Unsupported"))), "")
+        return ("refused: the file holds pickled objects other than tensors and plain containers (possibly "
+                "code), which are never unpickled" + (f" -- {why}" if why else ""))
+    first = msg.splitlines()[0] if msg else ""
+    return f"truncated or corrupt ({type(e).__name__}{': ' + first if first else ''})"
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -361,6 +374,33 @@ class Checkpoint:
             restore_rng_state(self.state["rng"], generators)
 
 
+def _check_manifest_fields(manifest: dict, mpath: Path) -> None:
+    """Types of the fields the loader relies on; every file it reads must be listed (hence
+    checksummed) and named plainly inside the checkpoint directory."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{mpath}: corrupt manifest: {what}", mpath)
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(manifest.get("format_version", 0)) or not is_int(manifest.get("step")) or manifest["step"] < 0:
+        raise bad(f"format_version / step must be non-negative ints, got {manifest.get('format_version')!r} / "
+                  f"{manifest.get('step')!r}")
+    files, models = manifest["files"], manifest.get("models")
+    if not isinstance(files, dict) or not isinstance(models, dict):
+        raise bad("'files' and 'models' must be objects")
+    for fname, info in files.items():
+        if not _NAME_RE.match(fname) or fname in (".", ".."):
+            raise bad(f"file name {fname!r} is not a plain file name")
+        if not (isinstance(info, dict) and is_int(info.get("bytes")) and isinstance(info.get("sha256"), str)):
+            raise bad(f"entry of {fname!r} needs an int 'bytes' and a str 'sha256', got {info!r}")
+    for name, fname in models.items():
+        if not isinstance(fname, str) or fname not in files:
+            raise bad(f"weights of model {name!r} ({fname!r}) are not among the checksummed files")
+    if STATE_FILE not in files:
+        raise bad(f"{STATE_FILE} is not among the checksummed files")
+
+
 def verify_checkpoint(path: str | os.PathLike) -> dict:
     """Check a checkpoint directory: manifest readable, every file present with the
     recorded size and sha256.  Returns the manifest; raises :class:`CheckpointError`
@@ -375,6 +415,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{mpath}: manifest is not valid JSON (truncated or corrupt): {e}", mpath) from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "files" not in manifest:
         raise CheckpointError(f"{mpath}: not an msar checkpoint manifest", mpath)
+    _check_manifest_fields(manifest, mpath)
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{mpath}: format version {manifest['format_version']} is newer than this msar "
                               f"understands ({FORMAT_VERSION})", mpath)
@@ -407,12 +448,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", verify: 
             else:
                 model_states[name] = torch.load(fpath, map_location=map_location, weights_only=True)
         except Exception as e:  # a file that passes the checksum but does not parse
-            raise CheckpointError(f"{fpath}: cannot read weights: {e}", fpath) from e
+            raise CheckpointError(f"{fpath}: cannot read weights: {describe_load_error(e)}", fpath) from e
     spath = path / STATE_FILE
     try:
         state = torch.load(spath, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{spath}: cannot read training state: {e}", spath) from e
+        raise CheckpointError(f"{spath}: cannot read training state: {describe_load_error(e)}", spath) from e
     return Checkpoint(path=path, step=int(manifest["step"]), manifest=manifest, model_states=model_states, state=state)
 
 

@@ -181,7 +181,7 @@ class VQVAETrainer(Trainer):
             d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
             loss = loss + d_weight * g_loss + d_loss
             metrics.update(g_loss=g_loss.detach(), d_loss=d_loss.detach(), d_weight=d_weight, loss=loss.detach())
-            parts.update(g_loss=g_loss, d_loss=d_loss)
+            parts.update(g_loss=g_loss, d_loss=d_loss, d_weight=d_weight)  # the adaptive weight can go NaN too
         for k, u in enumerate(q.usage):
             metrics[f"usage_k{k}"] = u
         return LossOutput(loss, metrics, parts)
