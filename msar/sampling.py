@@ -15,6 +15,9 @@ frame prediction and shape completion work in every modality.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -107,6 +110,26 @@ def _as_generator(seed: Optional[int], generator: Optional[torch.Generator], dev
     return g
 
 
+def _check_knobs(batch_size: Any, cfg: Any, top_k: Any, top_p: Any, temperature: Any) -> None:
+    """Clear errors for the sampling knobs (a negative top_k or a top_p above 1 would
+    otherwise pass silently, a NaN cfg fail deep inside multinomial)."""
+    def index_or_none(v: Any) -> Optional[int]:
+        try:
+            return None if isinstance(v, bool) else operator.index(v)
+        except TypeError:
+            return None
+
+    if batch_size is not None and (index_or_none(batch_size) is None or batch_size < 0):
+        raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
+    if index_or_none(top_k) is None or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off, 1 = greedy), got {top_k!r}")
+    for name, v, ok in (("top_p", top_p, lambda x: 0.0 <= x <= 1.0), ("cfg", cfg, math.isfinite),
+                        ("temperature", temperature, lambda x: 0.0 < x < math.inf)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(float(v)):
+            want = {"top_p": "in [0, 1] (0 = off)", "cfg": "a finite number", "temperature": "> 0 and finite"}[name]
+            raise ValueError(f"{name} must be {want}, got {v!r}")
+
+
 @torch.no_grad()
 def sample(
     model: NextScaleTransformer,
@@ -146,6 +169,7 @@ def sample(
         state: a tokenizer decode state to use instead of ``tokenizer.start(B)``
             (for adapters whose state needs per-sample context).
     """
+    _check_knobs(batch_size, cfg, top_k, top_p, temperature)
     sched = model.schedule
     if tokenizer is not None and hasattr(tokenizer, "schedule") and tokenizer.schedule.token_counts != sched.token_counts:
         raise ValueError(f"tokenizer schedule {tokenizer.schedule} does not match the model's {sched}")

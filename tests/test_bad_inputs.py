@@ -86,6 +86,8 @@ def test_images_of_wrong_size_channels_dtype_or_batch(vq):
         vq.encode(x[:0])
     with pytest.raises(TypeError, match="float tensor.*list"):
         vq.encode([x])
+    with pytest.raises(ValueError, match="images: on meta but the tokenizer is on cpu"):
+        vq.encode(x.to("meta"))
 
 
 def test_indices_of_wrong_dtype_shape_or_range(vq):
@@ -116,6 +118,19 @@ def test_transformer_labels_and_input(var, vq):
         var(torch.tensor([0.0, 1.0]), x)
     with pytest.raises(ValueError, match=r"teacher-forcing input: expected shape \(2, 4, 4\)"):
         var(torch.tensor([0, 1]), x[..., :3])
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(top_k=-1), r"top_k must be an int >= 0"), (dict(top_k=2.5), r"top_k must be an int >= 0"),
+    (dict(top_p=1.5), r"top_p must be in \[0, 1\]"), (dict(cfg=float("nan")), r"cfg must be a finite number"),
+    (dict(temperature=0.0), r"temperature must be > 0"), (dict(labels=None, batch_size=-2), r"batch_size must be"),
+    (dict(labels=[0, 4]), r"class label out of range \[0, 3\)"),
+])
+def test_sampling_knobs(var, vq, kw, msg):
+    from msar import sample
+    kw.setdefault("labels", [0, 1])
+    with pytest.raises(ValueError, match=msg):
+        sample(var, vq, **kw)
 
 
 # ---------------------------------------------------------------------------- checkpoints of the wrong kind
