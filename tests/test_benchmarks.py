@@ -26,7 +26,7 @@ def load(res: dict, png: bool = True) -> dict:
 
 
 def test_next_scale_vs_raster_smoke(tmp_path):
-    rec = load(next_scale_vs_raster.main(["--smoke", "--threads", "1", "--out", str(tmp_path)]))
+    rec = load(next_scale_vs_raster.main(["--smoke", "--threads", "1", "--no-plot", "--out", str(tmp_path)]), png=False)
     rows = rec["figures"]["rows"]
     assert [r["N"] for r in rows] == [2, 4]
     for r in rows:
