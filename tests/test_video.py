@@ -309,3 +309,31 @@ def test_metrics_on_real_videos():
     pred = np.stack([np.full(9, 3), np.r_[np.full(8, 3), 4]])
     assert vm.temporal_consistency(pred) == 0.5
     assert vm.frame_accuracy(pred, torch.tensor([3, 3])) == pytest.approx(17 / 18)
+
+
+class _TinyVideoNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 4)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:  # (B, 3, T, H, W) -> (B, 4)
+        return self.proj(v.mean(dim=(2, 3, 4)))
+
+
+def test_feature_net_by_path_torchscript_and_state_dict(tmp_path):
+    """FVD proper needs I3D weights; any feature network given by path plugs in."""
+    torch.manual_seed(0)
+    net = _TinyVideoNet()
+    ts_path = str(tmp_path / "net.pt")
+    torch.jit.script(net).save(ts_path)
+    sd_path = str(tmp_path / "net.safetensors")
+    from safetensors.torch import save_file
+    save_file(net.state_dict(), sd_path)
+    x = torch.rand(12, 1, 5, 8, 8) * 2 - 1
+    fa = vm.video_features(vm.load_feature_net(ts_path), x, size=4)
+    fb = vm.video_features(vm.load_feature_net(sd_path, "tests.test_video:_TinyVideoNet"), x)
+    assert fa.shape == (12, 4) and np.allclose(fa, fb, atol=1e-5)
+    assert abs(vm.frechet_distance(fa, fa)) < 1e-4
+    assert vm.frechet_distance(fa, fa + 1.0) == pytest.approx(4.0, rel=1e-3)
+    with pytest.raises(ValueError, match="module:function"):
+        vm.load_feature_net(sd_path, "no_colon")

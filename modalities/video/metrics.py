@@ -152,12 +152,15 @@ FVD_NOTE = ("FVD needs the I3D (Kinetics-400) weights, which cannot be fetched i
 def load_feature_net(path: str, factory: Optional[str] = None) -> torch.nn.Module:
     """Load a video feature network ``(B, 3, T, H, W) in [-1, 1] -> (B, D)``.
 
-    * ``factory is None``: ``path`` is a TorchScript file (``torch.jit.save``), e.g. an
-      exported I3D whose forward returns pooled features.
+    * ``factory is None``: ``path`` is a ``torch.export`` program (``.pt2``, ``torch.export.save``)
+      or a TorchScript file (``torch.jit.save``), e.g. an exported I3D whose forward returns
+      pooled features.
     * ``factory = "package.module:function"``: ``function()`` builds the module and
       ``path`` holds its state dict (``.safetensors``, or a ``torch.save`` dict of tensors,
       loaded with ``weights_only=True``).
     """
+    if factory is None and path.endswith(".pt2"):
+        return torch.export.load(path).module()
     if factory is None:
         net = torch.jit.load(path, map_location="cpu")
     else:
@@ -195,6 +198,6 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     from scipy import linalg
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(np.atleast_2d(s1) @ np.atleast_2d(s2), disp=False)
-    covmean = covmean.real
+    covmean = linalg.sqrtm(np.atleast_2d(s1) @ np.atleast_2d(s2))
+    covmean = (covmean[0] if isinstance(covmean, tuple) else covmean).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
