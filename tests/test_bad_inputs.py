@@ -151,6 +151,14 @@ def test_checkpoint_of_another_preset_or_schedule(tmp_path):
         load_var(tmp_path / "var_d20.pth")
 
 
+def test_resuming_a_training_checkpoint_of_another_schedule(tmp_path, var):
+    save_checkpoint(tmp_path, 3, {"model": var})
+    other = NextScaleTransformer(TransformerConfig(schedule=[(1, 1), (3, 3)], vocab_size=16, latent_dim=4,
+                                                   num_classes=3, depth=1, embed_dim=32, num_heads=2))
+    with pytest.raises(CheckpointError, match=r"(?s)step_000003: the weights of .model. do not fit the model .*pos_1LC"):
+        load_latest(tmp_path, models={"model": other})
+
+
 def test_image_pipeline_load_refuses_other_checkpoints(pipeline_dir, tmp_path, var):
     # a training checkpoint directory, or one of its step directories, is not a pipeline
     save_checkpoint(tmp_path / "ck", 1, {"model": var})

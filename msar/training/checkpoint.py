@@ -348,7 +348,11 @@ class Checkpoint:
             if name not in self.model_states:
                 raise CheckpointError(f"{self.path}: no weights for model {name!r} (has {sorted(self.model_states)})",
                                       self.path)
-            unwrap_model(model).load_state_dict(self.model_states[name], strict=strict)
+            try:
+                unwrap_model(model).load_state_dict(self.model_states[name], strict=strict)
+            except RuntimeError as e:  # missing / unexpected / mis-shaped keys
+                raise CheckpointError(f"{self.path}: the weights of {name!r} do not fit the model (saved with another "
+                                      f"config or scale schedule? the manifest has its config): {e}", self.path) from e
 
         def load(obj, key):
             if obj is None:
