@@ -1,8 +1,8 @@
 """3-D voxel demo: train a voxel pyramid tokenizer and a class-conditional next-scale
 transformer on procedural shapes, then generate, complete half shapes and measure.
 
-    python examples/voxel_demo.py                 # full run (CPU, ~40 min on one heavily shared core)
-    python examples/voxel_demo.py --quick         # ~1-2 minute smoke run
+    python examples/voxel_demo.py                 # full run (CPU, ~25 min on one heavily shared core)
+    python examples/voxel_demo.py --quick         # ~2-4 minute smoke run
     python examples/voxel_demo.py --res 32 --latent 8 --vocab 512   # bigger grids (slower)
 
 Writes to ``--out`` (default ``outputs/voxel_demo``): ``metrics.json``, PNG renders
@@ -28,7 +28,7 @@ from modalities.voxel import (CLASSES, ReferenceSet, build_voxel_tokenizer, enco
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/voxel_demo")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (~1-2 min)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (~2-4 min on a shared CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--res", type=int, default=16, help="occupancy grid side R (16, 32, 64)")
     p.add_argument("--latent", type=int, default=4, help="side of the finest token grid (R / latent = 2^n)")

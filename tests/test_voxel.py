@@ -237,3 +237,14 @@ def test_core_vqvae_trainer_takes_the_occupancy_loss():
     records = trainer.fit([x[:2], x[2:]])
     assert trainer.step == 2 and all(np.isfinite(r["loss"]) for r in records)
     assert any(not torch.equal(a, b) for a, b in zip(before, tok.decoder.parameters()))
+
+
+@pytest.mark.parametrize("res,latent,sides", [(32, 8, (1, 2, 3, 4, 6, 8)), (64, 8, (1, 2, 3, 4, 6, 8)),
+                                              (32, 4, (1, 2, 3, 4))])
+def test_resolutions_are_configurable(res, latent, sides):
+    tok = build_voxel_tokenizer(resolution=res, latent_side=latent, vocab_size=16, latent_dim=4, width=4,
+                                max_width=8).eval()
+    assert tok.schedule.to_config() == [[s] * 3 for s in sides]
+    if res == 32:  # a forward at 64^3 is fine too, just slower than this suite wants
+        x = torch.from_numpy(make_dataset(1, res, seed=0, classes=["chair"])[0])
+        assert tok.decode(tok.encode(x)).shape == (1, res, res, res)
