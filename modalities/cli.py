@@ -113,15 +113,18 @@ def main(argv: list[str] | None = None) -> int:
         print(usage)
         return 0
     cmd, rest = argv[0], argv[1:]
-    if cmd == "sample":
-        return _sample(rest)
-    if cmd == "edit":
-        return _edit(rest)
+    runners = {"sample": _sample, "edit": _edit}
     if cmd in COMMANDS:
         import importlib
-        return importlib.import_module(COMMANDS[cmd][1]).main(rest)
-    print(f"msar: unknown command {cmd!r}\n\n{usage}", file=sys.stderr)
-    return 2
+        runners[cmd] = importlib.import_module(COMMANDS[cmd][1]).main
+    if cmd not in runners:
+        print(f"msar: unknown command {cmd!r}\n\n{usage}", file=sys.stderr)
+        return 2
+    try:
+        return runners[cmd](rest)
+    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        print(f"msar {cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

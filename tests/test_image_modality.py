@@ -153,3 +153,10 @@ def test_image_tokenizer_passes_conformance_kit():
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     report = check_adapter(v, x, model=tiny_transformer(v, num_classes=3), labels=torch.tensor([0, 2]), atol=1e-4)
     assert report
+
+
+def test_cli_reports_bad_paths_without_traceback(tmp_path, capsys):
+    from modalities.cli import main
+    assert main(["sample", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "msar sample: error:" in err and "missing" in err and "Traceback" not in err
