@@ -8,7 +8,8 @@ For each dataset it writes to ``--out/<dataset>/``: ``metrics.json`` (MMD of deg
 clustering, orbit and spectrum under GRAN's TV and GraphRNN's EMD kernels for samples vs
 test and for train vs test, V.U.N., sizes, training curve), ``samples.png`` (real test
 graphs above generated ones), ``progression.png`` (one sample decoded level by level)
-and ``model.safetensors`` + ``tokenizer.json``.
+and ``model.safetensors`` + ``tokenizer.json``.  ``--load DIR`` re-samples (e.g. at another
+``--temperature``) from the models of an earlier run without training again.
 
 Pipeline: graphs -> :class:`GraphPyramidTokenizer` (exact tokens of a coarsening
 hierarchy; several random node orderings of each training graph give different
@@ -93,47 +94,27 @@ def draw_panel(rows: list[tuple[str, list[nx.Graph]]], path: str, seed: int = 0)
     plt.close(fig)
 
 
-def run(dataset: str, args: argparse.Namespace) -> dict:
-    torch.manual_seed(args.seed)
-    cfg = dict(PRESETS[dataset])
-    for k in ("steps", "batch", "width", "depth", "perms"):
-        if getattr(args, k) is not None:
-            cfg[k] = getattr(args, k)
-    data_kw = {}
-    if args.quick:
-        cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
-        if dataset == "grid":
-            data_kw = {"max_side": 13}
-    out = os.path.join(args.out, dataset)
-    os.makedirs(out, exist_ok=True)
-
-    splits = make_dataset(dataset, seed=args.seed, **data_kw)
-    train, test = splits["train"], splits["test"]
-    t0 = time.time()
-    items = augment(train, cfg["perms"], args.seed)
-    tok = GraphPyramidTokenizer.fit(items, edge_chunks=args.edge_chunks)  # capacity covers every hierarchy
-    X, TF = build_training_set(tok, items)
-    t_tok = time.time() - t0
-    valid = X != PAD
-    print(f"[{dataset}] {len(train)} train / {len(test)} test graphs, {X.shape[0]} sequences, "
-          f"L={tok.schedule.L} over {len(tok.schedule)} scales, {valid.float().mean():.0%} non-PAD, "
-          f"latent_dim={tok.latent_dim}, tokenized in {t_tok:.1f}s")
-
-    model = msar.NextScaleTransformer(msar.TransformerConfig(
+def build_model(tok: GraphPyramidTokenizer, cfg: dict, dropout: float) -> msar.NextScaleTransformer:
+    return msar.NextScaleTransformer(msar.TransformerConfig(
         schedule=tok.schedule.to_config(), vocab_size=tok.vocab_size, latent_dim=tok.latent_dim, num_classes=0,
         depth=cfg["depth"], embed_dim=cfg["width"], num_heads=cfg["heads"], cond_drop_rate=0.0,
-        drop_rate=0.1 if not args.quick else 0.0)).init_weights()
+        drop_rate=dropout)).init_weights()
+
+
+def train(model: msar.NextScaleTransformer, X: torch.Tensor, TF: torch.Tensor, cfg: dict, seed: int,
+          desc: str) -> list[tuple[int, float]]:
+    """Plain AdamW loop, cross-entropy on the non-PAD positions only; returns the loss curve."""
+    valid = X != PAD
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.95), weight_decay=0.05)
     steps, B = cfg["steps"], cfg["batch"]
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(seed)
     labels = torch.zeros(B, dtype=torch.long)  # the null class: unconditional
     curve = []
     model.train()
-    t0 = time.time()
-    bar = tqdm(range(steps), desc=f"train {dataset}", mininterval=5)
+    bar = tqdm(range(steps), desc=desc, mininterval=5)
     for step in bar:
         pick = torch.randint(0, X.shape[0], (B,), generator=g)
         x, tf, m = X[pick], TF[pick], valid[pick]
@@ -147,10 +128,59 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         if step % 25 == 0 or step == steps - 1:
             curve.append((step, loss.item()))
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    t_train = time.time() - t0
+    model.eval()
+    return curve
+
+
+def run(dataset: str, args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    cfg = dict(PRESETS[dataset])
+    for k in ("steps", "batch", "width", "depth", "perms"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    data_kw = {}
+    if args.quick:
+        cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
+        if dataset == "grid":
+            data_kw = {"max_side": 13}
+    out = os.path.join(args.out, dataset)
+    os.makedirs(out, exist_ok=True)
+    splits = make_dataset(dataset, seed=args.seed, **data_kw)
+    train_graphs, test = splits["train"], splits["test"]
+    seconds: dict[str, float] = {}
+
+    if args.load:  # sample from a trained run instead of training
+        src = os.path.join(args.load, dataset)
+        with open(os.path.join(src, "tokenizer.json")) as f:
+            tok = GraphPyramidTokenizer(**json.load(f))
+        with open(os.path.join(src, "metrics.json")) as f:
+            prev = json.load(f)
+        cfg, data_kw = prev["train_config"], prev["data_kw"]
+        from safetensors.torch import load_file
+        model = build_model(tok, cfg, 0.0)
+        model.load_state_dict(load_file(os.path.join(src, "model.safetensors")))
+        model.eval()
+        curve = prev["loss_curve"]
+        seconds = dict(prev["seconds"])
+    else:
+        t0 = time.time()
+        items = augment(train_graphs, cfg["perms"], args.seed)
+        tok = GraphPyramidTokenizer.fit(items, edge_chunks=args.edge_chunks)  # capacity covers every hierarchy
+        X, TF = build_training_set(tok, items)
+        seconds["tokenize"] = time.time() - t0
+        print(f"[{dataset}] {len(train_graphs)} train / {len(test)} test graphs, {X.shape[0]} sequences, "
+              f"L={tok.schedule.L} over {len(tok.schedule)} scales, {(X != PAD).float().mean():.0%} non-PAD, "
+              f"latent_dim={tok.latent_dim}, tokenized in {seconds['tokenize']:.1f}s")
+        model = build_model(tok, cfg, 0.1 if not args.quick else 0.0)
+        t0 = time.time()
+        curve = train(model, X, TF, cfg, args.seed, f"train {dataset}")
+        seconds["train"] = time.time() - t0
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
+        with open(os.path.join(out, "tokenizer.json"), "w") as f:
+            json.dump(tok.config(), f)
 
     # ---- sample as many graphs as the test set holds
-    model.eval()
     t0 = time.time()
     gen = []
     n_gen = args.num_samples or len(test)
@@ -159,32 +189,24 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         res = msar.sample(model, tok, batch_size=b, cfg=0.0, top_k=0, top_p=args.top_p,
                           temperature=args.temperature, seed=args.seed + i)
         gen.extend(graphs_from(res.data))
-    t_sample = time.time() - t0
+    seconds["sample"] = time.time() - t0
 
-    metrics = evaluate(gen, train, test, dataset)
+    metrics = evaluate(gen, train_graphs, test, dataset)
     metrics.update({
         "dataset": dataset, "seed": args.seed, "quick": args.quick, "data_kw": data_kw, "train_config": cfg,
         "tokenizer": tok.config(), "schedule_L": tok.schedule.L, "num_scales": len(tok.schedule),
         "num_parameters": model.num_parameters(), "final_loss": curve[-1][1], "loss_curve": curve,
-        "seconds": {"tokenize": t_tok, "train": t_train, "sample": t_sample},
-        "sampling": {"top_p": args.top_p, "temperature": args.temperature},
+        "seconds": seconds, "sampling": {"top_p": args.top_p, "temperature": args.temperature},
+        "loaded_from": args.load or None,
     })
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    with open(os.path.join(out, "tokenizer.json"), "w") as f:
-        json.dump(tok.config(), f)
-    try:
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
-    except ImportError:  # pragma: no cover - safetensors is a dependency
-        pass
-
     draw_panel([("real", test[:8]), ("sample", gen[:8]), ("sample", gen[8:16])], os.path.join(out, "samples.png"))
     idx = [t[:1] for t in res.indices]
     prog = [lvl[0] for lvl in tok.decode_progression(idx)]
     draw_panel([("level", prog[1:])], os.path.join(out, "progression.png"))
     g_mmd, b_mmd, v = metrics["mmd_gen_vs_test"], metrics["mmd_train_vs_test"], metrics["vun"]
-    print(f"[{dataset}] loss {curve[-1][1]:.3f}  train {t_train:.0f}s  sample {t_sample:.0f}s")
+    print(f"[{dataset}] loss {curve[-1][1]:.3f}  " + "  ".join(f"{k} {t:.0f}s" for k, t in seconds.items()))
     for key in ("degree_tv", "clustering_tv", "orbit_tv", "spectral_tv"):
         print(f"  {key:14s} gen {g_mmd[key]:.4f}   train-vs-test {b_mmd[key]:.4f}")
     print(f"  V.U.N. {v}")
@@ -207,6 +229,7 @@ def main(argv=None) -> None:
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--edge-chunks", type=int, default=3, help="scales per level for the edge tokens")
+    p.add_argument("--load", default="", help="a previous --out directory: sample and evaluate its trained models")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
