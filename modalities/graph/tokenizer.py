@@ -419,6 +419,8 @@ class GraphDecodeState:
         return _LevelGraph(len(parent_split), edges, parent_split, child_rank, parent_of)
 
     def add_scale(self, k: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Add scale k's tokens ``(B, n_k)``; return the ``(B, n_{k+1}, C)`` features of the next scale,
+        or None after the last. ``probs`` (soft codewords) has no meaning for structure tokens and is ignored."""
         tok = self.tok
         if self.done or k != self.s:
             raise ValueError(f"scales must be added in order: expected scale {self.s}, got {k}")
