@@ -1,7 +1,7 @@
 """3-D voxel demo: train a voxel pyramid tokenizer and a class-conditional next-scale
 transformer on procedural shapes, then generate, complete half shapes and measure.
 
-    python examples/voxel_demo.py                 # full run (CPU, ~25 min on one heavily shared core)
+    python examples/voxel_demo.py                 # full run (CPU, ~30-40 min on one heavily shared core)
     python examples/voxel_demo.py --quick         # ~2-4 minute smoke run
     python examples/voxel_demo.py --res 32 --latent 8 --vocab 512   # bigger grids (slower)
 
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=1800)
     p.add_argument("--n-test", type=int, default=180, help="held-out shapes (reference set of the metrics)")
     p.add_argument("--tok-steps", type=int, default=400)
-    p.add_argument("--ar-steps", type=int, default=500)
+    p.add_argument("--ar-steps", type=int, default=1500)
     p.add_argument("--ar-lr", type=float, default=1.5e-3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--width", type=int, default=96, help="transformer width")
