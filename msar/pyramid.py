@@ -28,7 +28,9 @@ class LatentPyramid(Protocol):
 
     ``restrict(f, k)``: ``(B, C, *full) -> (B, C, *shape_k)``.
     ``prolong(h, k)``:  ``(B, C, *shape_k) -> (B, C, *full)``.
-    ``full`` is the shape of the last (finest) scale.
+    ``full`` is the shape of the full-resolution latent: usually the last (finest) scale's
+    grid. A pyramid may define a ``full`` attribute when it differs (e.g. one spatial
+    pyramid per video frame, laid out frame after frame); the quantizer then uses it.
     """
 
     schedule: ScaleSchedule

@@ -34,9 +34,11 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 class Phi(nn.Module):
     """``h -> (1 - ratio) * h + ratio * conv(h)``, a residual refinement conv of any rank."""
 
-    def __init__(self, dim: int, ratio: float, rank: int, kernel_size: int = 3):
+    def __init__(self, dim: int, ratio: float, rank: int, kernel_size: int | tuple[int, ...] = 3):
         super().__init__()
-        self.conv = _CONV[rank](dim, dim, kernel_size=kernel_size, stride=1, padding=kernel_size // 2)
+        # a tuple kernel (e.g. (1, 3, 3) for per-frame video pyramids) keeps phi from mixing along an axis
+        padding = tuple(k // 2 for k in kernel_size) if isinstance(kernel_size, (tuple, list)) else kernel_size // 2
+        self.conv = _CONV[rank](dim, dim, kernel_size=kernel_size, stride=1, padding=padding)
         self.ratio = abs(ratio)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -54,7 +56,7 @@ class PhiBank(nn.Module):
     """
 
     def __init__(self, dim: int, num_scales: int, share: int = 4, ratio: float = 0.5, rank: int = 2,
-                 kernel_size: int = 3, num: int | None = None):
+                 kernel_size: int | tuple[int, ...] = 3, num: int | None = None):
         super().__init__()
         if share < 0:
             raise ValueError(f"phi share must be >= 0 (0 = one per scale, 1 = shared, n = partially shared), got {share}")
@@ -116,14 +118,15 @@ class MultiScaleResidualQuantizer(nn.Module):
             per-batch operators (e.g. graphs) with the same codebook.
         share_phi: 0 = one phi per scale, 1 = one shared, n = n partially shared.
         phi_ratio: r in ``(1 - r) h + r conv(h)``; 0 disables phi.
-        phi_kernel: kernel size of phi; default 3 on grids, 1 on token-count scales.
+        phi_kernel: kernel size of phi (an int or a per-axis tuple); default 3 on grids, 1 on
+            token-count scales.
         beta: commitment weight.
         l2_norm: nearest codeword by cosine similarity (VAR's ``using_znorm``).
         num_phi: number of phi convs when ``share_phi == 0`` (default: number of scales).
     """
 
     def __init__(self, vocab_size: int, dim: int, pyramid: LatentPyramid | ScaleSchedule | Sequence,
-                 share_phi: int = 4, phi_ratio: float = 0.5, phi_kernel: int | None = None,
+                 share_phi: int = 4, phi_ratio: float = 0.5, phi_kernel: int | tuple[int, ...] | None = None,
                  beta: float = 0.25, l2_norm: bool = False, num_phi: int | None = None):
         super().__init__()
         if not isinstance(pyramid, LatentPyramid):
@@ -148,8 +151,15 @@ class MultiScaleResidualQuantizer(nn.Module):
     def _pyr(self, pyramid: Optional[LatentPyramid]) -> LatentPyramid:
         return self.pyramid if pyramid is None else pyramid
 
+    @staticmethod
+    def full_shape(pyr: LatentPyramid) -> tuple[int, ...]:
+        """Shape of the full-resolution latent: ``pyr.full`` when the pyramid defines it (it
+        may differ from the last scale's grid, e.g. per-frame video pyramids), else the last scale."""
+        full = getattr(pyr, "full", None)
+        return tuple(full) if full is not None else tuple(pyr.schedule.shape(-1))
+
     def _check_latent(self, f: torch.Tensor, pyr: LatentPyramid) -> None:
-        full = pyr.schedule.shape(-1)
+        full = self.full_shape(pyr)
         if not isinstance(f, torch.Tensor) or not f.dtype.is_floating_point:
             raise TypeError(f"expected a floating-point latent tensor, got {type(f).__name__} {getattr(f, 'dtype', '')}")
         if f.dim() != 2 + len(full) or f.shape[1] != self.dim or tuple(f.shape[2:]) != tuple(full):
@@ -217,7 +227,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         latent, or the list after each scale with ``cumulative=True``."""
         pyr = self._pyr(pyramid)
         B = pyr.schedule.check_indices(indices, self.vocab_size)
-        f_hat = self.embedding.weight.new_zeros(B, self.dim, *pyr.schedule.shape(-1))
+        f_hat = self.embedding.weight.new_zeros(B, self.dim, *self.full_shape(pyr))
         steps = []
         for k, idx in enumerate(indices):
             f_hat = f_hat + self.upsample(self.lookup(idx, k, pyr), k, pyr)
@@ -234,7 +244,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         pyr = self._pyr(pyramid)
         sched = pyr.schedule
         B = sched.check_indices(indices, self.vocab_size)
-        f_hat = self.embedding.weight.new_zeros(B, self.dim, *sched.shape(-1))
+        f_hat = self.embedding.weight.new_zeros(B, self.dim, *self.full_shape(pyr))
         nexts = []
         for k in range(len(sched) - 1):
             f_hat.add_(self.upsample(self.lookup(indices[k], k, pyr), k, pyr))
@@ -288,7 +298,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         loss = loss / K
         f_hat_st = (f_hat.detach() - f_no_grad) + f  # straight-through: value of f_hat, gradient of f
         # (the codebook and phi learn through `loss`; the encoder through the straight-through path)
-        return QuantizerOutput(f_hat_st.to(dtype), indices, loss, self.usage(B * int(np.prod(pyr.schedule.shape(-1)))))
+        return QuantizerOutput(f_hat_st.to(dtype), indices, loss, self.usage(B * int(np.prod(self.full_shape(pyr)))))
 
     @torch.no_grad()
     def _record_hits(self, k: int, hits: torch.Tensor) -> None:

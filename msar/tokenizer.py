@@ -75,7 +75,7 @@ class ResidualDecodeState:
         self.quantizer = quantizer
         self.pyramid = pyramid if pyramid is not None else quantizer.pyramid
         self.schedule = self.pyramid.schedule
-        self.f_hat = quantizer.embedding.weight.new_zeros(batch_size, quantizer.dim, *self.schedule.shape(-1)).to(device)
+        self.f_hat = quantizer.embedding.weight.new_zeros(batch_size, quantizer.dim, *quantizer.full_shape(self.pyramid)).to(device)
         self.indices: list[torch.Tensor] = []
         self.k = 0
 

@@ -149,3 +149,39 @@ def test_quantizer_rejects_wrong_latent_shape():
         q.encode(torch.randn(1, 3, 2, 2))
     with pytest.raises(ValueError, match="out of range"):
         q.indices_to_fhat([torch.zeros(1, 1, dtype=torch.long), torch.full((1, 4), 9)])
+
+
+class _PerFramePyramid:
+    """Two frames, each with its own spatial pyramid, laid out frame after frame: the
+    full latent (C, 2, 2, 2) is not the last scale's grid (1, 2, 2)."""
+
+    def __init__(self):
+        self.schedule = ScaleSchedule([(1, 1, 1), (1, 2, 2), (1, 1, 1), (1, 2, 2)])
+        self.full = (2, 2, 2)
+
+    def restrict(self, f, k):
+        t = k // 2
+        return torch.nn.functional.interpolate(f[:, :, t:t + 1], size=self.schedule.shape(k), mode="area")
+
+    resample = restrict
+
+    def prolong(self, h, k):
+        out = h.new_zeros(h.shape[0], h.shape[1], *self.full)
+        t = k // 2
+        out[:, :, t:t + 1] = torch.nn.functional.interpolate(h, size=(1, 2, 2), mode="trilinear")
+        return out
+
+
+def test_pyramid_full_shape_may_differ_from_last_scale():
+    torch.manual_seed(0)
+    pyr = _PerFramePyramid()
+    q = MultiScaleResidualQuantizer(32, 3, pyr, phi_kernel=(1, 3, 3))
+    assert q.phi.convs[0].conv.kernel_size == (1, 3, 3) and q.phi.convs[0].conv.padding == (0, 1, 1)
+    f = torch.randn(2, 3, 2, 2, 2)
+    fhats = _check_invariants(q, f, pyramid=pyr)
+    assert fhats[-1].shape == f.shape
+    # a (1, 3, 3) phi never mixes frames: what scale 0 (frame 0) holds cannot reach frame 1
+    a = q.upsample(q.lookup(torch.zeros(2, 1, dtype=torch.long), 0), 0)
+    b = q.upsample(q.lookup(torch.full((2, 1), 5), 0), 0)
+    assert not torch.allclose(a[:, :, 0], b[:, :, 0])
+    torch.testing.assert_close(a[:, :, 1], b[:, :, 1])
