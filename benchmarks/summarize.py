@@ -119,6 +119,13 @@ def main() -> None:
         rec = _load(name)
         if rec is not None:
             parts += fn(rec)
+        if name == "vs_reference":  # extra runs kept in sub-folders (other configs / thread counts)
+            base = os.path.join(RESULTS, name)
+            for sub in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+                path = os.path.join(base, sub, f"{name}.json")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        parts += [f"(`{name}/{sub}`)", ""] + fn(json.load(f))
     print("\n".join(parts))
 
 
