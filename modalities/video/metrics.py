@@ -16,6 +16,8 @@ import math
 from typing import Callable, Optional
 
 import numpy as np
+
+from msar.metrics import frechet_distance_from_features
 import torch
 import torch.nn.functional as F
 
@@ -195,9 +197,4 @@ def video_features(net: Callable, videos: torch.Tensor, size: Optional[int] = No
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to feature sets ``(N, D)`` and ``(M, D)``."""
-    from scipy import linalg
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(np.atleast_2d(s1) @ np.atleast_2d(s2))
-    covmean = (covmean[0] if isinstance(covmean, tuple) else covmean).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return frechet_distance_from_features(a, b)
