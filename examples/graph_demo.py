@@ -34,13 +34,14 @@ import msar
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
 from modalities.graph.tokenizer import PAD
 
-# per dataset: model width, depth, heads, training steps, batch size, random orderings per graph
+# per dataset: model width, depth, heads, training steps, batch size, random orderings per graph,
+# edge chunks (scales per level for the edge tokens; more = more sequential, same sequence length)
 PRESETS = {
-    "community-small": dict(width=96, depth=3, heads=4, steps=800, batch=32, perms=8, lr=1e-3),
-    "planar": dict(width=96, depth=3, heads=4, steps=500, batch=12, perms=6, lr=1e-3),
-    "grid": dict(width=64, depth=2, heads=4, steps=400, batch=4, perms=3, lr=1e-3),
-    "sbm": dict(width=64, depth=2, heads=4, steps=400, batch=4, perms=3, lr=1e-3),
-    "lobster": dict(width=96, depth=3, heads=4, steps=500, batch=12, perms=6, lr=1e-3),
+    "community-small": dict(width=96, depth=3, heads=4, steps=800, batch=32, perms=8, lr=1e-3, chunks=3),
+    "planar": dict(width=96, depth=3, heads=4, steps=1500, batch=12, perms=6, lr=1e-3, chunks=8),
+    "grid": dict(width=64, depth=2, heads=4, steps=600, batch=4, perms=3, lr=1e-3, chunks=8),
+    "sbm": dict(width=64, depth=2, heads=4, steps=400, batch=4, perms=3, lr=1e-3, chunks=8),
+    "lobster": dict(width=96, depth=3, heads=4, steps=500, batch=12, perms=6, lr=1e-3, chunks=8),
 }
 
 
@@ -138,6 +139,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     for k in ("steps", "batch", "width", "depth", "perms"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
+    if args.edge_chunks is not None:
+        cfg["chunks"] = args.edge_chunks
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -165,7 +168,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     else:
         t0 = time.time()
         items = augment(train_graphs, cfg["perms"], args.seed)
-        tok = GraphPyramidTokenizer.fit(items, edge_chunks=args.edge_chunks)  # capacity covers every hierarchy
+        tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"])  # capacity covers every hierarchy
         X, TF = build_training_set(tok, items)
         seconds["tokenize"] = time.time() - t0
         print(f"[{dataset}] {len(train_graphs)} train / {len(test)} test graphs, {X.shape[0]} sequences, "
@@ -228,7 +231,7 @@ def main(argv=None) -> None:
     p.add_argument("--num-samples", type=int, default=0, help="graphs to generate (default: size of the test split)")
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--edge-chunks", type=int, default=3, help="scales per level for the edge tokens")
+    p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
     p.add_argument("--load", default="", help="a previous --out directory: sample and evaluate its trained models")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
