@@ -380,3 +380,27 @@ def test_empty_or_exhausted_loader_is_a_clear_error():
     with pytest.raises(ValueError, match="one-shot iterator"):
         tr.fit(iter([(x, y)]), 3)
     assert tr.step == 1
+
+
+def test_ignore_index_leaves_padding_out_of_loss_and_metrics():
+    """Padded positions (a PAD token in a fixed schedule) count neither in the loss nor in the
+    per-scale metrics; without ignore_index they do."""
+    PAD = V - 1
+    model = tiny_transformer(cond_drop_rate=0.0, drop_rate=0.0).eval()
+    torch.manual_seed(1)
+    idx = [torch.randint(0, V - 1, (3, n)) for n in (1, 4, 16)]
+    idx[2][:, 10:] = PAD  # the last 6 tokens of the finest scale are padding
+    labels = torch.tensor([0, 1, 2])
+    tok = tiny_tokenizer()
+    masked = TransformerTrainer(model, tok, cfg(ignore_index=PAD))
+    batch = masked.make_batch(idx, labels)
+    out = masked.compute_loss(batch)
+    ce, correct, _ = masked.token_losses(model, batch)
+    keep = torch.cat(idx, 1) != PAD
+    torch.testing.assert_close(out.loss, ce[keep].mean())
+    torch.testing.assert_close(out.metrics["loss_k2"], ce[:, 5:][keep[:, 5:]].mean())
+    ev = masked.evaluate([(idx, labels)], log=False)
+    assert ev["loss_k2"] == pytest.approx(float(ce[:, 5:][keep[:, 5:]].mean()), rel=1e-5)
+    assert ev["loss"] == pytest.approx(float(ce[keep].mean()), rel=1e-5)
+    plain = TransformerTrainer(model, tok, cfg())
+    assert not torch.allclose(plain.compute_loss(plain.make_batch(idx, labels)).loss, out.loss)

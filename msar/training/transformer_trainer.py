@@ -14,12 +14,15 @@ from .base import LossOutput, TrainConfig, Trainer, config_dict
 
 @dataclass
 class TransformerTrainConfig(TrainConfig):
-    """:class:`~msar.training.base.TrainConfig` plus ``label_smoothing`` of the cross-entropy.
+    """:class:`~msar.training.base.TrainConfig` plus ``label_smoothing`` of the cross-entropy and
+    ``ignore_index``, a target token left out of loss and accuracy (padding).
 
     Class dropout for classifier-free guidance lives in the model (``cond_drop_rate``).
     """
 
     label_smoothing: float = 0.0
+    # token id excluded from loss and accuracy (padding in fixed schedules, e.g. graphs); None = none
+    ignore_index: Optional[int] = None
 
     def validate(self) -> None:
         super().validate()
@@ -138,18 +141,37 @@ class TransformerTrainer(Trainer):
         correct = (logits.detach().argmax(-1) == target).float()
         return ce, correct, logits
 
-    def per_scale(self, per_token: torch.Tensor) -> torch.Tensor:
-        """``(B, L)`` -> ``(K,)`` mean over each scale's tokens (and the batch)."""
-        per_pos = per_token.mean(0)
+    def token_weights(self, batch: TokenBatch) -> Optional[torch.Tensor]:
+        """``(B, L)`` 1/0 weights of the tokens that count (``None``: all count)."""
+        if self.config.ignore_index is None:
+            return None
+        return (torch.cat(batch[0], dim=1) != self.config.ignore_index).float()
+
+    def per_scale_sums(self, per_token: torch.Tensor, weight: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, L)`` -> per-scale ``(K,)`` weighted sums and ``(K,)`` weights (token counts)."""
         K = self.schedule.num_scales
-        return per_pos.new_zeros(K).index_add_(0, self.level_ids, per_pos) / self.level_counts
+        w = torch.ones_like(per_token) if weight is None else weight
+        sums = per_token.new_zeros(K).index_add_(0, self.level_ids, (per_token * w).sum(0))
+        counts = per_token.new_zeros(K).index_add_(0, self.level_ids, w.sum(0))
+        return sums, counts
+
+    def per_scale(self, per_token: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, L)`` -> ``(K,)`` mean over each scale's (counted) tokens and the batch."""
+        sums, counts = self.per_scale_sums(per_token, weight)
+        return sums / counts.clamp_min(1.0)
 
     def compute_loss(self, batch: TokenBatch) -> LossOutput:
         ce, correct, _ = self.token_losses(self.forward_model, batch)
-        loss = ce.mean()
-        loss_k = self.per_scale(ce.detach())
-        acc_k = self.per_scale(correct)
-        metrics = {"loss": loss.detach(), "acc": correct.mean()}
+        w = self.token_weights(batch)
+        if w is None:
+            loss, acc = ce.mean(), correct.mean()
+        else:
+            n = w.sum().clamp_min(1.0)
+            loss, acc = (ce * w).sum() / n, (correct * w).sum() / n
+        loss_k = self.per_scale(ce.detach(), w)
+        acc_k = self.per_scale(correct, w)
+        metrics = {"loss": loss.detach(), "acc": acc}
         parts = {}
         for k in range(self.schedule.num_scales):
             metrics[f"loss_k{k}"] = loss_k[k]
@@ -174,7 +196,8 @@ class TransformerTrainer(Trainer):
         was_training = model.training
         model.eval()
         K = self.schedule.num_scales
-        sums = torch.zeros(2 * K + 1, device=self.device, dtype=torch.float64)  # loss_k, acc_k, batches
+        # token-weighted sums over the whole loader: loss_k, acc_k, counted tokens_k
+        sums = torch.zeros(3 * K, device=self.device, dtype=torch.float64)
         try:
             for i, raw in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
@@ -182,17 +205,20 @@ class TransformerTrainer(Trainer):
                 batch = self.parse_batch(raw)
                 with self.autocast():
                     ce, correct, _ = self.token_losses(model, batch)
-                sums[:K] += self.per_scale(ce).double()
-                sums[K:2 * K] += self.per_scale(correct).double()
-                sums[-1] += 1
+                w = self.token_weights(batch)
+                loss_s, cnt = self.per_scale_sums(ce, w)
+                acc_s, _ = self.per_scale_sums(correct, w)
+                sums[:K] += loss_s.double()
+                sums[K:2 * K] += acc_s.double()
+                sums[2 * K:] += cnt.double()
         finally:
             model.train(was_training)
         if D.is_dist():
             torch.distributed.all_reduce(sums)
-        n = max(1.0, sums[-1].item())
+        n = sums[2 * K:].clamp_min(1.0)
         loss_k, acc_k = (sums[:K] / n).tolist(), (sums[K:2 * K] / n).tolist()
-        counts = self.schedule.token_counts
-        total = sum(counts)
+        counts = sums[2 * K:].tolist()
+        total = max(1.0, sum(counts))
         out = {"loss": sum(l * c for l, c in zip(loss_k, counts)) / total,
                "acc": sum(a * c for a, c in zip(acc_k, counts)) / total}
         for k in range(K):
