@@ -233,10 +233,15 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> dict:
 
 
 def savefig(fig, name: str, out_dir: Optional[str] = None, tag: str = "") -> str:
+    """Lay out, write ``<out_dir>/<name>[_tag].png`` and close the figure; returns the path."""
+    import matplotlib.pyplot as plt
+
     out_dir = out_dir or os.path.join(RESULTS, name)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}{'_' + tag if tag else ''}.png")
+    fig.tight_layout()
     fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
     return path
 
 

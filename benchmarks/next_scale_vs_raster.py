@@ -325,10 +325,7 @@ def plot(rows: list, fits: dict, out_dir: Optional[str]) -> str:
     ax.loglog(N, [r["raster"]["steps"] for r in rows], "s-", label="raster")
     ax.set_xlabel("final grid side N"); ax.set_ylabel("sequential forward steps"); ax.legend(fontsize=7)
     ax.set_title("sequential steps")
-    fig.tight_layout()
-    path = common.savefig(fig, NAME, out_dir)
-    plt.close(fig)
-    return path
+    return common.savefig(fig, NAME, out_dir)
 
 
 def parse(argv=None):

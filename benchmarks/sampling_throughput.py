@@ -234,10 +234,7 @@ def plot(rows: list, out_dir: Optional[str]) -> str:
     ax.bar(range(len(vals)), vals, color=colors)
     ax.set_xticks(range(len(vals))); ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel("images / s"); ax.set_title("sampling throughput (transformer loop; +decoder = VQ-VAE decode)")
-    fig.tight_layout()
-    path = common.savefig(fig, NAME, out_dir)
-    plt.close(fig)
-    return path
+    return common.savefig(fig, NAME, out_dir)
 
 
 def parse(argv=None):

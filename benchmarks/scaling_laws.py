@@ -228,10 +228,7 @@ def plot(rows: list, figures: dict, out_dir: Optional[str]) -> str:
         ax.set_xlabel("parameters N"); ax.set_ylabel("test cross-entropy (nats)"); ax.set_title(title)
         ax.legend(fontsize=8)
     fig.suptitle("scaling ladder on tokenized digits")
-    fig.tight_layout()
-    path = common.savefig(fig, NAME, out_dir)
-    plt.close(fig)
-    return path
+    return common.savefig(fig, NAME, out_dir)
 
 
 def parse(argv=None):

@@ -194,10 +194,7 @@ def plot(rows: list, out_dir: Optional[str]) -> str:
     for ax in axes:
         ax.set_xticks(range(len(ok))); ax.set_xticklabels(names, fontsize=8, rotation=20)
     fig.suptitle("training step, block-causal mask variants")
-    fig.tight_layout()
-    path = common.savefig(fig, NAME, out_dir)
-    plt.close(fig)
-    return path
+    return common.savefig(fig, NAME, out_dir)
 
 
 def parse(argv=None):

@@ -189,10 +189,7 @@ def plot(rows: list, out_dir=None) -> str:
             ax.text(i, cpu[i], f"{r['speedup_vs_reference'][k]['cpu']:.2f}x", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(names))); ax.set_xticklabels([n.replace("_", "\n", 1) for n in names], fontsize=7)
         ax.set_ylabel("CPU seconds per batch"); ax.set_title(f"{r['config']}, batch {r['batch']} (goal 1.5x)")
-    fig.tight_layout()
-    path = common.savefig(fig, NAME, out_dir)
-    plt.close(fig)
-    return path
+    return common.savefig(fig, NAME, out_dir)
 
 
 def _ref_commit(var_dir: str) -> str:
