@@ -17,7 +17,7 @@ from typing import Mapping
 
 import torch
 
-from msar import NextScaleTransformer, ScaleSchedule, TransformerConfig
+from msar import NextScaleTransformer, TransformerConfig
 from msar.training.checkpoint import describe_load_error
 
 from .presets import TRANSFORMER_PRESETS, VQVAE_PRESETS, transformer_config

@@ -10,7 +10,7 @@ after the small renaming in :mod:`modalities.image.checkpoint`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
