@@ -62,7 +62,8 @@ def test_frame_schedule_is_frame_causal(case):
     s = frame_schedule((T, H, W), sides)
     K = len(sides)
     assert len(s) == T * K and s.L == T * sum(h * w for h, w in sides)
-    assert s.shape(-1) == (T, H, W) and s.shape(len(s) - 1) == (1, H, W)
+    assert s.full_shape == (T, H, W) and s.shape(-1) == s.shape(len(s) - 1) == (1, H, W)
+    assert make_pyramid(s).full == (T, H, W)
     assert s.frame_of == [t for t in range(T) for _ in range(K)]
     assert_block_causal(s)
     # frame causality: a token of frame t attends to no token of a later frame

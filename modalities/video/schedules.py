@@ -13,12 +13,9 @@ field builds next-scale pyramids over it in three ways, all expressed here as a
   after frame: ``(1,1,1)@0, (1,2,2)@0, ..., (1,H,W)@0, (1,1,1)@1, ...``.  The core's
   block-causal mask then makes frame t see only frames <= t (frame causality for
   free).  Scale k touches only its own frame, which a grid pyramid cannot say, so
-  :class:`FramePyramid` implements ``restrict`` / ``prolong`` for it.
-
-Core workaround (reported to the lead): the quantizer reads the full latent shape as
-``schedule.shape(-1)``, which for a per-frame schedule is the last frame's ``(1, H, W)``
-grid.  :class:`FrameScaleSchedule` therefore answers ``shape(-1)`` with the full
-``(T, H, W)``; every non-negative ``k`` still gives scale k's own grid.
+  :class:`FramePyramid` implements ``restrict`` / ``prolong`` for it and tells the
+  core the full latent shape ``(T, H, W)`` through its ``full`` attribute (the last
+  scale alone is one frame's ``(1, H, W)``).
 """
 from __future__ import annotations
 
@@ -114,9 +111,8 @@ class FrameScaleSchedule(ScaleSchedule):
     """Per-frame spatial pyramids laid out frame after frame (see the module docstring).
 
     ``frame_of[k]`` is the latent frame of scale k; ``spatial[k]`` its ``(h, w)``;
-    ``full_shape`` is ``(T, H, W)``.  ``shape(-1)`` returns ``full_shape`` (the core's
-    quantizer reads the full latent shape there); ``shape(k)`` for ``k >= 0`` is the
-    ``(1, h_k, w_k)`` grid of scale k.
+    ``full_shape`` is ``(T, H, W)``; ``shape(k)`` is the ``(1, h_k, w_k)`` grid of scale k
+    (so ``shape(-1)`` is the last frame's finest grid, like any schedule).
     """
 
     def __init__(self, latent_shape: Sequence[int], sides: Optional[Sequence[Side]] = None):
@@ -130,11 +126,6 @@ class FrameScaleSchedule(ScaleSchedule):
         self.scales_per_frame = len(hw)
         self.frame_of: list[int] = [t for t in range(T) for _ in hw]
         self.spatial: list[tuple[int, int]] = [s for _ in range(T) for s in hw]
-
-    def shape(self, k: int) -> tuple[int, ...]:
-        if k == -1:
-            return self.full_shape
-        return super().shape(k)
 
     def first_scale_of(self, t: int) -> int:
         """Index of the first (1x1-ish) scale of latent frame t."""

@@ -217,14 +217,11 @@ class VideoTokenizer(MultiScaleVQTokenizer):
         c = config
         schedule = build_schedule(c.schedule, c.latent_shape, c.sides)
         pyramid = make_pyramid(schedule)
+        # per-frame pyramids: a 3x3x3 phi would smear a frame's codes into its neighbours
+        # (and into the past), breaking frame causality, so phi is spatial-only there
+        phi_kernel = (1, 3, 3) if isinstance(schedule, FrameScaleSchedule) else 3
         quantizer = MultiScaleResidualQuantizer(c.vocab_size, c.latent_dim, pyramid, share_phi=c.share_phi,
-                                                phi_ratio=c.phi_ratio, beta=c.beta)
-        if isinstance(schedule, FrameScaleSchedule) and quantizer.phi.enabled:
-            # A 3x3x3 phi would smear a frame's codes into its neighbours (and into the
-            # past), breaking the per-frame pyramid's causality: use spatial-only (1, 3, 3)
-            # kernels. (Core workaround: PhiBank only takes an int kernel size.)
-            for phi in quantizer.phi.convs:
-                phi.conv = nn.Conv3d(c.latent_dim, c.latent_dim, (1, 3, 3), padding=(0, 1, 1))
+                                                phi_ratio=c.phi_ratio, beta=c.beta, phi_kernel=phi_kernel)
         super().__init__(
             VideoEncoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride),
             VideoDecoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride),
