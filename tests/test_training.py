@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 from torch.utils.data import Dataset
 
 from msar import MultiScaleResidualQuantizer, MultiScaleVQTokenizer, NextScaleTransformer, TransformerConfig
-from msar.training import (NonFiniteError, TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig,
+from msar.training import (NonFiniteError, TokenDataset, TransformerTrainConfig, collate_tokens, TransformerTrainer, VQVAETrainConfig,
                            VQVAETrainer, WarmupDecaySchedule, build_loader, build_optimizer, list_checkpoints,
                            lr_ratio, param_groups, wd_value)
 
@@ -89,6 +89,24 @@ def test_raw_data_and_indices_give_the_same_batch():
     assert labels.tolist() == [4] * 4
     with pytest.raises(ValueError, match="token index out of range"):
         tr.train_step([i + V for i in tok.encode(x)], y)
+
+
+def test_token_dataset_batches_equal_encoding_on_the_fly():
+    tok = tiny_tokenizer()
+    x, y = Images(10)[:]
+    ds = TokenDataset.encode(tok, x, y, batch_size=3)  # chunks of 3, 3, 3, 1 must concatenate in order
+    assert len(ds) == 10 and [t.shape for t in ds.indices] == [(10, 1), (10, 4), (10, 16)]
+    tr = TransformerTrainer(tiny_transformer(), tok, cfg())
+    idx, labels = collate_tokens([ds[i] for i in (7, 2, 9)])
+    a, b = tr.parse_batch((idx, labels)), tr.parse_batch((x[[7, 2, 9]], y[[7, 2, 9]]))
+    assert all(torch.equal(i, j) for i, j in zip(a[0], b[0])) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    # unconditional: labels None -> the null class
+    idx, labels = collate_tokens([TokenDataset(ds.indices)[i] for i in range(2)])
+    assert labels is None and tr.parse_batch((idx, labels))[1].tolist() == [4, 4]
+    with pytest.raises(ValueError, match=r"indices\[1\] must be a long tensor"):
+        TokenDataset([ds.indices[0], ds.indices[1][:5]])
+    with pytest.raises(ValueError, match="labels must be"):
+        TokenDataset(ds.indices, y[:3])
 
 
 def _run(tmp_path, steps, resume_from_fresh=False, seed=0, accum=1, **kw):

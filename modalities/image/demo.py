@@ -23,8 +23,8 @@ import torch
 
 from msar import NextScaleTransformer, TransformerConfig
 from msar.metrics import frechet_distance_from_features
-from msar.training import (TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig, VQVAETrainer,
-                           build_loader)
+from msar.training import (TokenDataset, TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig, VQVAETrainer,
+                           build_loader, collate_tokens)
 
 from .classifier import predict, train_classifier
 from .data import load_digits, save_grid
@@ -75,28 +75,6 @@ def build_transformer(c: DemoConfig) -> NextScaleTransformer:
     return NextScaleTransformer(cfg).init_weights(init_std=-1)
 
 
-class _TokenSet(torch.utils.data.Dataset):
-    def __init__(self, indices: list[torch.Tensor], labels: torch.Tensor):
-        self.indices, self.labels = indices, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return [t[i] for t in self.indices], self.labels[i]
-
-
-def _collate_tokens(batch):
-    idx = [torch.stack([b[0][k] for b in batch]) for k in range(len(batch[0][0]))]
-    return idx, torch.stack([b[1] for b in batch])
-
-
-@torch.no_grad()
-def _encode_all(vqvae: VQVAE, images: torch.Tensor, bs: int = 256) -> list[torch.Tensor]:
-    parts = [vqvae.encode(x) for x in images.split(bs)]
-    return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
-
-
 def run(out: str, c: DemoConfig, progress: bool = True) -> dict:
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(c.seed)
@@ -125,16 +103,16 @@ def run(out: str, c: DemoConfig, progress: bool = True) -> dict:
 
     # ---- 2. tokens and the class-conditional transformer
     t1 = time.time()
-    tr_idx, va_idx = _encode_all(vqvae, train.images), _encode_all(vqvae, val.images)
+    tr_set = TokenDataset.encode(vqvae, train.images, train.labels, batch_size=256)
+    va_set = TokenDataset.encode(vqvae, val.images, val.labels, batch_size=256)
     model = build_transformer(c)
     tcfg = TransformerTrainConfig(lr=c.var_lr, total_steps=c.var_steps, warmup_steps=min(100, c.var_steps // 10),
                                   lr_schedule="lin0", final_lr_ratio=0.05, weight_decay=0.05, label_smoothing=0.0,
                                   ckpt_dir=os.path.join(out, "ckpt_var"), ckpt_every=500,
                                   log_dir=os.path.join(out, "logs_var"), tensorboard=False, progress=progress)
     trainer = TransformerTrainer(model, vqvae, tcfg)
-    trainer.fit(build_loader(_TokenSet(tr_idx, train.labels), c.var_batch, seed=c.seed, collate_fn=_collate_tokens))
-    val_loader = build_loader(_TokenSet(va_idx, val.labels), 128, shuffle=False, drop_last=False,
-                              collate_fn=_collate_tokens)
+    trainer.fit(build_loader(tr_set, c.var_batch, seed=c.seed, collate_fn=collate_tokens))
+    val_loader = build_loader(va_set, 128, shuffle=False, drop_last=False, collate_fn=collate_tokens)
     metrics["transformer"] = {"params": model.num_parameters(), "L": model.L,
                               "val": trainer.evaluate(val_loader), "seconds": round(time.time() - t1, 1)}
     model.eval()

@@ -12,6 +12,7 @@ from .base import LossOutput, NonFiniteError, TrainConfig, Trainer
 from .checkpoint import (Checkpoint, CheckpointError, atomic_write_bytes, capture_rng_state, list_checkpoints,
                          load_checkpoint, load_latest, prune_checkpoints, restore_rng_state, save_checkpoint,
                          unwrap_model, verify_checkpoint)
+from .data import TokenDataset, collate_tokens
 from .distributed import (all_reduce_mean, barrier, build_loader, init_distributed, is_dist, is_main, rank,
                           world_size)
 from .metrics import EMA, CSVLogger
@@ -29,5 +30,5 @@ __all__ = [
     "build_optimizer", "param_groups", "is_no_decay", "VAR_NO_DECAY_KEYS", "WarmupDecaySchedule", "lr_ratio",
     "wd_value",
     "init_distributed", "build_loader", "is_dist", "is_main", "rank", "world_size", "barrier", "all_reduce_mean",
-    "EMA", "CSVLogger",
+    "EMA", "CSVLogger", "TokenDataset", "collate_tokens",
 ]
