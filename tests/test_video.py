@@ -312,6 +312,22 @@ def test_metrics_on_real_videos():
     assert vm.frame_accuracy(pred, torch.tensor([3, 3])) == pytest.approx(17 / 18)
 
 
+@pytest.mark.parametrize("kind", ["cnn", "logistic"])
+def test_frame_classifier_reads_real_and_blurred_digits_and_is_seeded(kind):
+    x, y = MovingDigits(150, seed=0, split="train").tensors()
+    xt, yt = MovingDigits(60, seed=1, split="test").tensors()
+    clf = vm.FrameDigitClassifier(kind=kind, steps=120, seed=3).fit(x, y)
+    pred = clf.predict(xt)
+    assert pred.shape == (60, 9)
+    assert vm.frame_accuracy(pred, yt) > 0.7  # chance is 0.1
+    blurred = F.avg_pool3d(xt, (1, 3, 3), 1, (0, 1, 1), count_include_pad=False)
+    assert vm.frame_accuracy(clf.predict(blurred), yt) > 0.6
+    again = vm.FrameDigitClassifier(kind=kind, steps=120, seed=3).fit(x, y)
+    assert np.array_equal(again.predict(xt), pred)
+    with pytest.raises(ValueError, match="kind must be"):
+        vm.FrameDigitClassifier(kind="svm")
+
+
 class _TinyVideoNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
