@@ -19,7 +19,7 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,19 @@ def _check_knobs(batch_size: Any, cfg: Any, top_k: Any, top_p: Any, temperature:
             raise ValueError(f"{name} must be {want}, got {v!r}")
 
 
+def _apply_hook(hook: Callable, k: int, logits: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
+    out = hook(k, logits, list(indices))
+    if not isinstance(out, torch.Tensor) or out.shape != logits.shape:
+        raise ValueError(f"logits_hook must return a tensor of the logits' shape {tuple(logits.shape)} at scale {k}, "
+                         f"got {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    dead = ~torch.isfinite(out).any(-1) | torch.isnan(out).any(-1)
+    if dead.any():
+        b, i = (int(v) for v in dead.nonzero()[0])
+        raise ValueError(f"logits_hook left no finite logit (or a NaN) at scale {k}, sample {b}, position {i}: "
+                         "every position needs at least one allowed token")
+    return out
+
+
 @torch.no_grad()
 def sample(
     model: NextScaleTransformer,
@@ -149,6 +162,7 @@ def sample(
     known_mask: Optional[Sequence[torch.Tensor]] = None,
     decode: bool = True,
     state: Any = None,
+    logits_hook: Optional[Callable[[int, torch.Tensor, list[torch.Tensor]], torch.Tensor]] = None,
 ) -> SampleOutput:
     """Generate a batch scale by scale.
 
@@ -168,6 +182,11 @@ def sample(
         decode: decode the final state to data with ``tokenizer.finish``.
         state: a tokenizer decode state to use instead of ``tokenizer.start(B)``
             (for adapters whose state needs per-sample context).
+        logits_hook: ``hook(k, logits (B, n_k, V), indices_so_far) -> logits`` called at
+            every scale after guidance and before filtering / sampling; return new logits
+            (e.g. ``-inf`` on tokens that are invalid at scale k: padding, a token kind
+            that belongs to another scale, or structure ruled out by earlier scales).
+            Known tokens (editing) are forced afterwards, whatever the hook did.
     """
     _check_knobs(batch_size, cfg, top_k, top_p, temperature)
     sched = model.schedule
@@ -223,6 +242,8 @@ def sample(
             logits = model.step(h, cond, cond_blocks, caches, mods)
             if guided:  # VAR's formula verbatim (a lerp would reorder the float ops and can flip greedy ties)
                 logits = (1 + t) * logits[:B] - t * logits[B:]
+        if logits_hook is not None:
+            logits = _apply_hook(logits_hook, k, logits, indices)
         idx = sample_tokens(logits, top_k, top_p, temperature, gen)
         probs = None
         if known is not None:

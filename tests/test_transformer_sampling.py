@@ -146,6 +146,36 @@ def test_known_tokens_are_preserved_and_rest_sampled():
     assert all(torch.equal(i[m], r[m]) for i, r, m in zip(out_smooth.indices, ref, masks))
 
 
+def test_logits_hook_restricts_tokens_per_scale():
+    """The hook sees each scale's logits and the tokens drawn so far; its -inf entries are
+    never sampled (graphs use this to forbid padding or another scale's token kinds)."""
+    model, tok = tiny(SCHED, V=16)
+    seen = []
+
+    def even_on_odd_scales(k, logits, so_far):
+        seen.append((k, tuple(logits.shape), [tuple(t.shape) for t in so_far]))
+        if k % 2:
+            logits = logits.clone()
+            logits[..., 1::2] = float("-inf")
+        return logits
+
+    out = sample(model, tok, [0, 1, 2], seed=0, cfg=2.0, top_p=0.95, logits_hook=even_on_odd_scales)
+    counts = ScaleSchedule(SCHED).token_counts
+    assert [s[0] for s in seen] == list(range(len(SCHED)))
+    assert [s[1] for s in seen] == [(3, n, 16) for n in counts]  # guided: the hook sees the combined logits
+    assert [len(s[2]) for s in seen] == list(range(len(SCHED)))
+    assert all((out.indices[k] % 2 == 0).all() for k in range(1, len(SCHED), 2))
+    assert any((out.indices[k] % 2 == 1).any() for k in range(0, len(SCHED), 2))  # the hook did the filtering
+    # identity hook = no hook
+    plain = sample(model, tok, [0, 1, 2], seed=0, cfg=2.0, top_p=0.95)
+    same = sample(model, tok, [0, 1, 2], seed=0, cfg=2.0, top_p=0.95, logits_hook=lambda k, l, s: l)
+    assert all(torch.equal(a, b) for a, b in zip(plain.indices, same.indices))
+    with pytest.raises(ValueError, match="no finite logit .* scale 0"):
+        sample(model, tok, [0], seed=0, logits_hook=lambda k, l, s: torch.full_like(l, float("-inf")))
+    with pytest.raises(ValueError, match="logits_hook must return a tensor"):
+        sample(model, tok, [0], seed=0, logits_hook=lambda k, l, s: l[..., :3])
+
+
 def test_bad_inputs_get_clear_errors():
     model, tok = tiny(SCHED)
     idx = tok.encode(torch.randn(2, 4, 3, 3))
