@@ -134,6 +134,17 @@ class SharedAdaLin(nn.Linear):
         return super().forward(cond).view(-1, 1, 6, C)
 
 
+def _modulate(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``normed * (1 + scale) + shift`` (VAR's op order, so results are bitwise VAR's).
+
+    Without autograd (sampling) the product is taken in place on the fresh LayerNorm
+    output, saving a ``(B, n, C)`` temporary per block and scale; with autograd it is
+    out of place so no saved tensor is overwritten."""
+    if torch.is_grad_enabled():
+        return normed.mul(scale.add(1)).add_(shift)
+    return normed.mul_(scale.add(1)).add_(shift)
+
+
 class AdaLNBlock(nn.Module):
     """Pre-norm attention + MLP block with AdaLN modulation and gates.
 
@@ -168,9 +179,9 @@ class AdaLNBlock(nn.Module):
         # mod: this block's modulation precomputed by the sampler (it depends on the class only,
         # so computing it once per generation saves depth x K matmuls)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond) if mod is None else mod
-        h = self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attn_mask=attn_mask, cache=cache)
+        h = self.attn(_modulate(self.ln_wo_grad(x), scale1, shift1), attn_mask=attn_mask, cache=cache)
         x = x + self.drop_path(h.mul_(gamma1))
-        h = self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2))
+        h = self.ffn(_modulate(self.ln_wo_grad(x), scale2, shift2))
         return x + self.drop_path(h.mul(gamma2))
 
 
@@ -185,7 +196,7 @@ class AdaLNBeforeHead(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.C).unbind(2)
-        return self.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
+        return _modulate(self.ln_wo_grad(x), scale, shift)
 
 
 # ---------------------------------------------------------------------------- the model
