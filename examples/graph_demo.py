@@ -9,7 +9,9 @@ clustering, orbit and spectrum under GRAN's TV and GraphRNN's EMD kernels for sa
 test and for train vs test, V.U.N., sizes, training curve), ``samples.png`` (real test
 graphs above generated ones), ``progression.png`` (one sample decoded level by level)
 and ``model.safetensors`` + ``tokenizer.json``.  ``--load DIR`` re-samples (e.g. at another
-``--temperature``) from the models of an earlier run without training again.
+``--temperature``) from the models of an earlier run without training again.  Sampling masks
+the tokens the decoder would reinterpret (:meth:`GraphPyramidTokenizer.valid_token_hook`);
+``--no-constrain`` turns that off.
 
 Pipeline: graphs -> :class:`GraphPyramidTokenizer` (exact tokens of a coarsening
 hierarchy; several random node orderings of each training graph give different
@@ -93,6 +95,36 @@ def draw_panel(rows: list[tuple[str, list[nx.Graph]]], path: str, seed: int = 0)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def measuring_hook(tok: GraphPyramidTokenizer, state, constrain: bool, temperature: float, acc: dict):
+    """A logits hook for :func:`msar.sample` that measures, then (``constrain``) masks, invalid tokens.
+
+    Adds to ``acc["mass"]`` the model's probability (at the sampling temperature) on tokens the
+    decoder would reinterpret, summed over real positions, and to ``acc["positions"]`` their count.
+    Masking is :meth:`GraphPyramidTokenizer.valid_token_hook`."""
+    mask = tok.valid_token_hook(state) if constrain else None
+
+    def hook(k: int, logits: torch.Tensor, so_far: list) -> torch.Tensor:
+        ok = state.allowed(k).to(logits.device)
+        real = ~ok[..., PAD]
+        p_bad = (logits / temperature).softmax(-1).masked_fill(ok, 0.0).sum(-1)
+        acc["mass"] += float(p_bad[real].sum())
+        acc["positions"] += int(real.sum())
+        return mask(k, logits, so_far) if mask is not None else logits
+
+    return hook
+
+
+def count_invalid(tok: GraphPyramidTokenizer, indices: list[torch.Tensor]) -> int:
+    """Sampled tokens at real positions that the decoder has to reinterpret (replayed on a fresh state)."""
+    st, bad = tok.start(indices[0].shape[0]), 0
+    for k, idx in enumerate(indices):
+        ok = st.allowed(k)
+        real = ~ok[..., PAD]
+        bad += int((real & ~ok.gather(-1, idx.unsqueeze(-1)).squeeze(-1)).sum())
+        st.add_scale(k, idx)
+    return bad
 
 
 def build_model(tok: GraphPyramidTokenizer, cfg: dict, dropout: float) -> msar.NextScaleTransformer:
@@ -186,20 +218,34 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     # ---- sample as many graphs as the test set holds
     t0 = time.time()
     gen = []
+    sample_seed = args.seed if args.sample_seed is None else args.sample_seed
+    invalid = {"mass": 0.0, "positions": 0, "draws": 0}  # see measuring_hook / count_invalid
     n_gen = args.num_samples or len(test)
     for i in range(0, n_gen, 32):
         b = min(32, n_gen - i)
+        # the hook masks tokens the decoder would reinterpret (PAD at a real node / edge, a wrong
+        # kind, mask bits naming a missing child); --no-constrain samples the raw distribution
+        st = tok.start(b)
+        hook = measuring_hook(tok, st, not args.no_constrain, args.temperature, invalid)
         res = msar.sample(model, tok, batch_size=b, cfg=0.0, top_k=0, top_p=args.top_p,
-                          temperature=args.temperature, seed=args.seed + i)
+                          temperature=args.temperature, seed=sample_seed + i, state=st, logits_hook=hook)
         gen.extend(graphs_from(res.data))
+        invalid["draws"] += count_invalid(tok, res.indices)
     seconds["sample"] = time.time() - t0
+    # mean probability on invalid tokens per real position, and the share of real positions whose drawn
+    # token was invalid (read as SINGLE / a dropped edge / bits ignored); 0 by construction when constrained
+    invalid_stats = {"mean_invalid_mass": invalid["mass"] / max(invalid["positions"], 1),
+                     "invalid_draw_rate": invalid["draws"] / max(invalid["positions"], 1),
+                     "real_positions": invalid["positions"]}
 
     metrics = evaluate(gen, train_graphs, test, dataset)
     metrics.update({
         "dataset": dataset, "seed": args.seed, "quick": args.quick, "data_kw": data_kw, "train_config": cfg,
         "tokenizer": tok.config(), "schedule_L": tok.schedule.L, "num_scales": len(tok.schedule),
         "num_parameters": model.num_parameters(), "final_loss": curve[-1][1], "loss_curve": curve,
-        "seconds": seconds, "sampling": {"top_p": args.top_p, "temperature": args.temperature},
+        "seconds": seconds, "sampling": {"top_p": args.top_p, "temperature": args.temperature,
+                                        "constrained": not args.no_constrain, "seed": sample_seed},
+        "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "loaded_from": args.load or None,
     })
     with open(os.path.join(out, "metrics.json"), "w") as f:
@@ -231,6 +277,10 @@ def main(argv=None) -> None:
     p.add_argument("--num-samples", type=int, default=0, help="graphs to generate (default: size of the test split)")
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--sample-seed", type=int, default=None,
+                   help="seed of the sampler only (default --seed, which also picks the data split)")
+    p.add_argument("--no-constrain", action="store_true",
+                   help="sample without masking invalid tokens (the behaviour before the valid-token hook)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
     p.add_argument("--load", default="", help="a previous --out directory: sample and evaluate its trained models")
     p.add_argument("--threads", type=int, default=1)

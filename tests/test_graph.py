@@ -15,7 +15,7 @@ from modalities.graph import (GraphPyramidTokenizer, assignments, coarsen, graph
                               num_levels_for, to_data, vun)
 from modalities.graph.metrics import (IsoSet, gaussian_emd, gaussian_tv, graphlet_counts, is_grid, is_lobster,
                                       is_planar_valid, mmd2, orbit_vector)
-from modalities.graph.tokenizer import PAD
+from modalities.graph.tokenizer import EDGE0, PAD
 
 
 @st.composite
@@ -258,3 +258,77 @@ def test_samples_are_valid_simple_graphs_and_reproducible():
         ei = d.edge_index
         assert (ei[0] != ei[1]).all()
         assert set(map(tuple, ei.t().tolist())) == set(map(tuple, ei.flip(0).t().tolist()))
+
+
+# ---------------------------------------------------------------------------- valid-token constraints
+def _teacher_force_allowed(tok, idx):
+    """Feed ``idx`` through a decode state; at every scale the tokens must be allowed, and the
+    real (non-PAD-only) positions must be exactly the non-PAD ones of an encoding."""
+    st_ = tok.start(idx[0].shape[0])
+    for k, t in enumerate(idx):
+        ok = st_.allowed(k)
+        assert ok.shape == (t.shape[0], t.shape[1], tok.vocab_size) and ok.any(-1).all()
+        assert ok.gather(-1, t.unsqueeze(-1)).all(), f"scale {k} ({tok.kinds[k]}): an encoded token is not allowed"
+        st_.add_scale(k, t)
+    return st_
+
+
+@given(st.lists(graphs(max_n=16), min_size=1, max_size=3), st.integers(1, 3))
+def test_encoded_tokens_are_always_allowed(gs, chunks):
+    tok = _tok_for(gs, chunks)
+    idx = tok.encode(gs)
+    st_ = tok.start(len(gs))
+    for k, t in enumerate(idx):
+        ok = st_.allowed(k)
+        assert ok.gather(-1, t.unsqueeze(-1)).all(), f"scale {k} ({tok.kinds[k]})"
+        # a position is real (PAD forbidden) exactly where the encoding holds a node or an edge
+        assert torch.equal(~ok[..., PAD], t != PAD)
+        st_.add_scale(k, t)
+
+
+def test_allowed_edge_masks_and_full_capacity():
+    # path 0-1-2-3 under capacities [1, 1, 2, 4]: G_0 -> G_1 cannot split (capacity 1), and the
+    # edge of G_2's coarse level joins two 2-child clusters
+    G = nx.path_graph(4)
+    tok = GraphPyramidTokenizer([1, 1, 2, 4], [0, 1, 1, 0], edge_chunks=1)
+    idx = tok.encode([G])
+    st_ = tok.start(1)
+    ok0 = st_.allowed(0)
+    assert ok0[0, 0].nonzero().flatten().tolist() == [0]  # SINGLE only: a PAIR would be forced to SINGLE
+    _teacher_force_allowed(tok, idx)
+    # one child on u, two on v: only the masks with bits 0 (0-0) and 1 (0-1)
+    tok2 = GraphPyramidTokenizer([1, 2, 3], [0, 1, 0], edge_chunks=1)
+    st2 = tok2.start(1)
+    st2.add_scale(0, torch.tensor([[1]]))       # PAIR without an edge: G_1 = 2 nodes, no edge
+    st2.add_scale(1, torch.tensor([[0, 1]]))    # node 0 stays single, node 1 splits: 3 nodes
+    # no coarse edge, so the only edge-scale position is padding
+    assert st2.allowed(2)[0, 0].nonzero().flatten().tolist() == [PAD]
+    st3 = tok2.start(1)
+    st3.add_scale(0, torch.tensor([[2]]))       # PAIR_EDGE: G_1 = one edge (0, 1)
+    st3.add_scale(1, torch.tensor([[0, 1]]))
+    assert (st3.allowed(2)[0, 0].nonzero().flatten() - EDGE0 + 1).tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="scale"):
+        st3.allowed(0)
+    with pytest.raises(TypeError, match="decode state"):
+        tok.valid_token_hook(st3)
+
+
+def test_hook_samples_only_allowed_tokens():
+    torch.manual_seed(0)
+    gs = make_dataset("community-small", seed=0, num=10)["train"]
+    tok = _tok_for(gs)
+    model = msar.NextScaleTransformer(msar.TransformerConfig(
+        schedule=tok.schedule.to_config(), vocab_size=tok.vocab_size, latent_dim=tok.latent_dim,
+        depth=1, embed_dim=32, num_heads=2)).init_weights().eval()
+    B = 8
+    st_ = tok.start(B)
+    res = msar.sample(model, tok, batch_size=B, cfg=0.0, seed=1, state=st_, logits_hook=tok.valid_token_hook(st_))
+    # replaying the sampled tokens through a fresh state: every token is allowed (so none is PAD at a
+    # real position, none is reinterpreted), and the decoded graphs are those of the sample
+    replay = _teacher_force_allowed(tok, res.indices)
+    for G, H in zip(graphs_from(res.data), graphs_from(tok.finish(replay))):
+        assert nx.utils.graphs_equal(G, H)
+    # the untrained model without the hook does put mass on invalid tokens (so the check above means something)
+    free = msar.sample(model, tok, batch_size=B, cfg=0.0, seed=1)
+    with pytest.raises(AssertionError):
+        _teacher_force_allowed(tok, free.indices)

@@ -34,12 +34,14 @@ Decoding is total: any token sequence gives a simple undirected graph without
 self loops.  Tokens of the wrong kind are read as ``SINGLE`` (node positions) or
 "drop the edge" (edge positions); mask bits naming a missing child are ignored;
 growth past the schedule's capacity is cut (extra splits become ``SINGLE``,
-extra edges dropped).
+extra edges dropped).  For sampling, :meth:`GraphPyramidTokenizer.valid_token_hook` masks the
+tokens the decoder would reinterpret (PAD or a wrong kind at a real position, a real token at
+a padding position, mask bits naming a missing child), so no probability is spent on them.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import networkx as nx
 import numpy as np
@@ -257,6 +259,26 @@ class GraphPyramidTokenizer:
             st.add_scale(k, idx)
         return [[_graph(n, e) for n, e in lvl] for lvl in st.history]
 
+    def valid_token_hook(self, state: "GraphDecodeState") -> Callable[[int, torch.Tensor, list], torch.Tensor]:
+        """A ``logits_hook`` for :func:`msar.sample` that puts ``-inf`` on every token the decoder
+        would have to reinterpret (see :meth:`GraphDecodeState.allowed`); pass the same ``state``::
+
+            st = tok.start(B)
+            msar.sample(model, tok, batch_size=B, state=st, logits_hook=tok.valid_token_hook(st))
+        """
+        if not isinstance(state, GraphDecodeState) or state.tok is not self:
+            raise TypeError("valid_token_hook needs a decode state made by this tokenizer's start(), "
+                            f"got {type(state).__name__}")
+
+        def hook(k: int, logits: torch.Tensor, indices_so_far: list) -> torch.Tensor:
+            ok = state.allowed(k).to(logits.device)
+            if ok.shape != logits.shape:
+                raise ValueError(f"valid_token_hook: logits of shape {tuple(logits.shape)} at scale {k}, "
+                                 f"expected {tuple(ok.shape)}")
+            return logits.masked_fill(~ok, float("-inf"))
+
+        return hook
+
     def finish(self, state: "GraphDecodeState") -> Batch:
         if not state.done:
             raise ValueError(f"finish: the decode state has seen {state.s} of {len(self.schedule)} scales")
@@ -284,6 +306,21 @@ class GraphPyramidTokenizer:
             rows.append(full)
         ass = [torch.as_tensor(np.stack([r[k] for r in rows]), dtype=torch.long) for k in range(self.K)]
         return OperatorPyramid.from_assignments(ScaleSchedule(self.max_nodes), ass)
+
+
+def _mask_table() -> np.ndarray:
+    """``(2, 2, 15)`` bool: edge token ``EDGE0 + m - 1`` is valid between clusters of ``nu + 1`` and
+    ``nv + 1`` children iff every set bit ``2 * i + j`` of the mask m has i <= nu and j <= nv."""
+    t = np.zeros((2, 2, 15), dtype=bool)
+    for nu in range(2):
+        for nv in range(2):
+            for m in range(1, 16):
+                t[nu, nv, m - 1] = all(not (m >> (2 * i + j)) & 1 or (i <= nu and j <= nv)
+                                       for i in range(2) for j in range(2))
+    return t
+
+
+_MASK_OK = _mask_table()
 
 
 def _graph(n: int, edges: Sequence[tuple[int, int]]) -> nx.Graph:
@@ -368,6 +405,47 @@ class GraphDecodeState:
                 for jj, c in enumerate(kids[v]):
                     X[b, p, o_e + 4 + jj] = math.log1p(degf[c]) / 2
         return torch.from_numpy(X).to(self.device)
+
+    # ---- which tokens are valid
+    def allowed(self, k: int) -> torch.Tensor:
+        """``(B, n_k, V)`` bool: the tokens of scale k that the decoder reads as they are, given the
+        graph decoded so far (call it before ``add_scale(k, ...)``, i.e. when ``self.s == k``).
+
+        * ``S_k``, node u < n: ``SINGLE`` / ``PAIR`` / ``PAIR_EDGE``, or only ``SINGLE`` when the next
+          level is already full (n >= its capacity: every split would be forced to ``SINGLE``);
+        * ``E_k``, position p holding coarse edge (u, v) of this chunk: the non-empty masks whose
+          bits ``2 * i + j`` name existing children (i < #children(u), j < #children(v));
+        * every other position: ``PAD`` only.
+
+        Every encoded graph's tokens are allowed. Not enforced: a scale's splits are sampled
+        independently, so too many ``PAIR`` s on one scale can still exceed the next level's
+        capacity (the decoder then reads the later ones as ``SINGLE``).
+        """
+        tok = self.tok
+        if self.done or k != self.s:
+            raise ValueError(f"allowed: the decode state is at scale {self.s if not self.done else 'end'}, got {k}")
+        n_pos = tok.schedule.token_counts[k]
+        ok = np.zeros((self.B, n_pos, tok.vocab_size), dtype=bool)
+        ok[:, :, PAD] = True
+        kind, lvl, chunk = tok.kinds[k]
+        if kind == "S":
+            cap = tok.max_nodes[lvl + 1]
+            for b, g in enumerate(self.graphs):
+                ok[b, :g.n, PAD] = False
+                ok[b, :g.n, SINGLE] = True
+                if g.n < cap:  # with n >= cap, _read_splits forces every split to SINGLE
+                    ok[b, :g.n, PAIR] = ok[b, :g.n, PAIR_EDGE] = True
+            return torch.from_numpy(ok).to(self.device)
+        C = tok.edge_chunks
+        for b, g in enumerate(self.graphs):
+            kids = self.children[b]
+            for p, j in enumerate(range(chunk, len(g.edges), C)):
+                if p >= n_pos:
+                    break
+                u, v = g.edges[j]
+                ok[b, p, PAD] = False
+                ok[b, p, EDGE0:PAD] = _MASK_OK[len(kids[u]) - 1, len(kids[v]) - 1]
+        return torch.from_numpy(ok).to(self.device)
 
     # ---- structure
     def _read_splits(self, g: _LevelGraph, row: list[int], cap: int) -> list[int]:
