@@ -418,7 +418,7 @@ class GraphDecodeState:
         * every other position: ``PAD`` only.
 
         Every encoded graph's tokens are allowed. Not enforced: a scale's splits are sampled
-        independently, so too many ``PAIR`` s on one scale can still exceed the next level's
+        independently, so too many ``PAIR`` tokens on one scale can still exceed the next level's
         capacity (the decoder then reads the later ones as ``SINGLE``).
         """
         tok = self.tok
