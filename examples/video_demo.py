@@ -152,8 +152,9 @@ def video_metrics(videos: torch.Tensor, labels: torch.Tensor, clf: vm.FrameDigit
 
 @torch.no_grad()
 def zero_shot(name: str, model, tok: VideoTokenizer, videos: torch.Tensor, labels: torch.Tensor,
-              known_pixels: torch.Tensor, args, clf, out_dir: str) -> tuple[dict, torch.Tensor]:
-    """Generate the unknown part of ``videos`` given ``known_pixels`` (T, H, W); figure + metrics."""
+              known_pixels: torch.Tensor, recon: torch.Tensor, args, clf, out_dir: str) -> tuple[dict, torch.Tensor]:
+    """Generate the unknown part of ``videos`` given ``known_pixels`` (T, H, W); figure + metrics.
+    ``recon``: the tokenizer's reconstruction of ``videos`` (the reference for the known region)."""
     B = len(videos)
     masks = video_known_masks(tok, known_pixels, batch_size=B)
     known = tok.encode(fill_unknown(videos, known_pixels))
@@ -162,7 +163,6 @@ def zero_shot(name: str, model, tok: VideoTokenizer, videos: torch.Tensor, label
     gen = out.data.clamp(-1, 1)
     preserved = all(bool((o[m] == k[m]).all()) for o, k, m in zip(out.indices, known, masks))
     kp = known_pixels.unsqueeze(0).unsqueeze(0).expand_as(videos)
-    recon = tok.decode(tok.encode(videos)).clamp(-1, 1)
     err = (gen - videos).pow(2) / 4  # on the [0, 1] scale
     err_known = float(err[kp].mean()) if kp.any() else float("nan")
     err_unknown = float(err[~kp].mean()) if (~kp).any() else float("nan")
@@ -225,15 +225,17 @@ def main(argv=None) -> dict:
     tok_log = train_tokenizer(tok, Xtr, args, gen) if not args.tokenizer else []
     timings["tokenizer_train_s"] = time.time() - t0
     tok.save(os.path.join(args.out, "tokenizer.safetensors"))
+    test_set = TokenDataset.encode(tok, Xte, Yte)  # encoded once: reconstructions, figures, validation
     with torch.no_grad():
-        rec_te = torch.cat([tok.decode(tok.encode(Xte[i:i + 64])) for i in range(0, len(Xte), 64)]).clamp(-1, 1)
+        rec_te = torch.cat([tok.decode([t[i:i + 64] for t in test_set.indices])
+                            for i in range(0, len(Xte), 64)]).clamp(-1, 1)
     rec_psnr = vm.psnr(Xte, rec_te)
     print(f"test reconstruction PSNR {rec_psnr:.2f} dB")
     save_filmstrip(torch.stack([v for pair in zip(Xte[:4], rec_te[:4]) for v in pair]),
                    os.path.join(args.out, "reconstructions.png"),
                    row_labels=[s for i in range(4) for s in (f"real {i}", f"recon {i}")], title="tokenizer round trip")
     with torch.no_grad():
-        prog = torch.cat(tok.decode_progression(tok.encode(Xte[:1]))).clamp(-1, 1)
+        prog = torch.cat(tok.decode_progression([t[:1] for t in test_set.indices])).clamp(-1, 1)
     save_filmstrip(prog, os.path.join(args.out, "progression.png"),
                    row_labels=[f"<= {'x'.join(map(str, sched.shape(k)))}" for k in range(len(sched))]
                    if args.schedule != "frame" else [f"<= scale {k}" for k in range(len(sched))],
@@ -242,14 +244,13 @@ def main(argv=None) -> dict:
     # ---------------- transformer
     t0 = time.time()
     train_set = TokenDataset.encode(tok, Xtr, Ytr)
-    val_set = TokenDataset.encode(tok, Xte, Yte)
     usage = float(torch.cat(train_set.indices, 1).unique().numel()) / cfg.vocab_size
     tcfg = msar.TransformerConfig(schedule=sched.to_config(), vocab_size=cfg.vocab_size, latent_dim=cfg.latent_dim,
                                   num_classes=10, depth=args.depth, embed_dim=args.width,
                                   num_heads=max(1, args.width // 32), cond_drop_rate=0.1)
     model = msar.NextScaleTransformer(tcfg).init_weights(init_std=-1)
     print(f"transformer {model.num_parameters() / 1e6:.2f}M params, codebook use on train {usage:.0%}")
-    ar_log, ar_val = train_transformer(model, tok, train_set, val_set, args)
+    ar_log, ar_val = train_transformer(model, tok, train_set, test_set, args)
     print("transformer validation: " + ", ".join(f"{k} {ar_val[k]:.3f}" for k in
                                                  ("loss", "acc", "loss_wrong_label", "loss_train_subset")))
     timings["transformer_train_s"] = time.time() - t0
@@ -299,7 +300,7 @@ def main(argv=None) -> dict:
     }
     edit_vids = []
     for name, mask in tasks.items():
-        edits[name], g = zero_shot(name, model, tok, Xe, Ye, mask, args, clf, args.out)
+        edits[name], g = zero_shot(name, model, tok, Xe, Ye, mask, rec_te[:ne], args, clf, args.out)
         edit_vids.append(torch.stack([Xe[0], g[0]]))
     save_gif(torch.cat(edit_vids), os.path.join(args.out, "edits.gif"), nrow=2)
 

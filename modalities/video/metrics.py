@@ -119,8 +119,7 @@ class FrameDigitClassifier:
             from sklearn.linear_model import LogisticRegression
             self.clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
         else:
-            g = torch.random.fork_rng()
-            with g:
+            with torch.random.fork_rng():  # seeded init without touching the caller's RNG
                 torch.manual_seed(seed)
                 self.net = _CropCNN()
 
