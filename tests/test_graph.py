@@ -66,6 +66,13 @@ def _tok_for(gs, edge_chunks=3):
     return GraphPyramidTokenizer.fit(gs, edge_slack=0.0, edge_chunks=edge_chunks)
 
 
+def _tiny_model(tok):
+    """An unconditional depth-1 transformer for ``tok`` with VAR's init, in eval mode."""
+    return msar.NextScaleTransformer(msar.TransformerConfig(
+        schedule=tok.schedule.to_config(), vocab_size=tok.vocab_size, latent_dim=tok.latent_dim,
+        depth=1, embed_dim=32, num_heads=2)).init_weights().eval()
+
+
 @given(st.lists(graphs(max_n=20), min_size=1, max_size=4), st.integers(1, 3))
 def test_round_trip_is_isomorphic(gs, chunks):
     tok = _tok_for(gs, chunks)
@@ -229,9 +236,7 @@ def test_samples_are_valid_simple_graphs_and_reproducible():
     torch.manual_seed(0)
     gs = make_dataset("community-small", seed=0, num=10)["train"]
     tok = _tok_for(gs)
-    model = msar.NextScaleTransformer(msar.TransformerConfig(
-        schedule=tok.schedule.to_config(), vocab_size=tok.vocab_size, latent_dim=tok.latent_dim,
-        depth=1, embed_dim=32, num_heads=2)).init_weights().eval()
+    model = _tiny_model(tok)
     # a few teacher-forced steps so the samples are not uniform noise
     idx = tok.encode(gs)
     x, tf, m = torch.cat(idx, 1), tok.teacher_forcing_input(idx), torch.cat(idx, 1) != PAD
@@ -317,9 +322,7 @@ def test_hook_samples_only_allowed_tokens():
     torch.manual_seed(0)
     gs = make_dataset("community-small", seed=0, num=10)["train"]
     tok = _tok_for(gs)
-    model = msar.NextScaleTransformer(msar.TransformerConfig(
-        schedule=tok.schedule.to_config(), vocab_size=tok.vocab_size, latent_dim=tok.latent_dim,
-        depth=1, embed_dim=32, num_heads=2)).init_weights().eval()
+    model = _tiny_model(tok)
     B = 8
     st_ = tok.start(B)
     res = msar.sample(model, tok, batch_size=B, cfg=0.0, seed=1, state=st_, logits_hook=tok.valid_token_hook(st_))
