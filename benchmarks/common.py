@@ -1,4 +1,7 @@
-"""Shared plumbing of the benchmarks: machine record, timing, peak memory, JSON output.
+"""Shared plumbing of the benchmarks and examples: provenance, timing, peak memory, JSON output.
+
+Every result JSON carries ``run``: the command line, git commit (and whether the tracked tree
+was dirty), UTC date, wall time and machine (``provenance``, ``write_result_json``).
 
 Timing: ``time.perf_counter`` around the call; on CUDA the device is synchronised before the
 clock is read on both ends (kernels are asynchronous, so without it one times the launches).
@@ -35,7 +38,7 @@ import torch
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-# ---------------------------------------------------------------------------- machine record
+# ---------------------------------------------------------------------------- provenance
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -47,59 +50,114 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> str:
+def _git(*args: str) -> Optional[str]:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "msar"], cwd=here, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        return sha + ("+dirty-msar" if dirty else "")
+        r = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
 
 
-def machine_info(device: torch.device) -> dict:
-    """Where and how the numbers were taken. ``loadavg`` matters: the development machine
-    is shared, so CPU timings taken under load are slower than on an idle machine."""
-    info = {
-        "machine": platform.node(),
+def git_state() -> dict:
+    """``{"commit": sha or "unknown", "dirty": bool or None}``. ``dirty``: tracked files differ from
+    the commit (untracked files are ignored: results and outputs are written into the tree)."""
+    sha = _git("rev-parse", "HEAD")
+    if sha is None:
+        return {"commit": "unknown", "dirty": None}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": sha, "dirty": bool(status) if status is not None else None}
+
+
+def git_commit() -> str:
+    """The commit, with ``+dirty`` when tracked files differ from it."""
+    g = git_state()
+    return g["commit"] + ("+dirty" if g["dirty"] else "")
+
+
+def command_line() -> str:
+    """How this process was started, as one would retype it: ``python -m pkg.mod args`` for a
+    module run with ``-m``, else ``python path/to/script.py args``."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    head = ["-m", spec.name] if spec is not None and spec.name != "__main__" else sys.argv[:1]
+    return " ".join([os.path.basename(sys.executable)] + head + sys.argv[1:])
+
+
+def provenance(command: Optional[str] = None, device: Any = None) -> dict:
+    """What produced a result: the command line, the code (git commit and whether the tracked
+    tree was dirty), when (UTC), and the machine.
+
+    ``command``: the command line to record (default: this process's own, see ``command_line``).
+    ``device``: where the work ran (``torch.device`` or str); default ``"cpu"``.
+    """
+    device = torch.device(device if device is not None else "cpu")
+    g = git_state()
+    machine = {
         "platform": platform.platform(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "git_commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), "-m", _module_name()] + sys.argv[1:]),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "device": str(device),
-        "loadavg_start": list(os.getloadavg()),
+        "loadavg": list(os.getloadavg()),
     }
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
+        machine["gpu"] = torch.cuda.get_device_name(device)
+        machine["cuda"] = torch.version.cuda
+    return {"command": command if command is not None else command_line(), "commit": g["commit"], "dirty": g["dirty"],
+            "date": _utc(time.time()), "machine": machine}
 
 
-def _module_name() -> str:
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    return spec.name if spec is not None else (sys.argv[0] if sys.argv else "?")
+def _utc(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_result_json(path: str, payload: dict, started_at: float, command: Optional[str] = None,
+                      device: Any = None) -> str:
+    """Write ``payload`` plus ``"run": provenance(...) + {"started", "wall_time_s"}`` as JSON to ``path``.
+
+    ``started_at``: ``time.time()`` taken when the run began (``wall_time_s`` is measured from it).
+    Non-finite floats become ``null``, numpy scalars and tensors plain JSON. Returns ``path``.
+    """
+    return _write(path, payload, _run_record(started_at, command, device))
+
+
+def _run_record(started_at: float, command: Optional[str], device: Any) -> dict:
+    if not 1e9 < started_at <= time.time():
+        raise ValueError(f"started_at={started_at!r} is not a time.time() value of this run")
+    run = provenance(command, device)
+    run["started"] = _utc(started_at)
+    run["wall_time_s"] = round(time.time() - started_at, 3)
+    return run
+
+
+def _write(path: str, payload: dict, run: dict) -> str:
+    if "run" in payload:
+        raise ValueError("payload already has a 'run' key; the provenance record is added as 'run'")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_jsonable({**payload, "run": run}), f, indent=1)
+    return path
+
+
+def machine_info(device: torch.device) -> dict:
+    """Start record of a benchmark run (pass it to ``write_result``): where and when it began.
+    ``loadavg`` matters: CPU timings taken on a loaded machine are slower than on an idle one."""
+    return {"device": device, "started_at": time.time(), "loadavg_start": list(os.getloadavg())}
 
 
 def write_result(name: str, info: dict, config: dict, figures: dict, out_dir: Optional[str] = None,
                  tag: str = "") -> str:
-    """Write ``{machine..., config, figures}`` to ``<out_dir>/<name>[_tag].json``; returns the path."""
+    """Write ``{config, figures, run}`` to ``<out_dir>/<name>[_tag].json`` (``run``: see
+    ``write_result_json``; its machine record adds the load average at start and end); returns the path."""
     out_dir = out_dir or os.path.join(RESULTS, name)
-    os.makedirs(out_dir, exist_ok=True)
-    rec = dict(info)
-    rec["loadavg_end"] = list(os.getloadavg())
-    rec["config"] = config
-    rec["figures"] = figures
-    path = os.path.join(out_dir, f"{name}{'_' + tag if tag else ''}.json")
-    with open(path, "w") as f:
-        json.dump(_jsonable(rec), f, indent=1)
-    return path
+    run = _run_record(info["started_at"], None, info["device"])
+    run["machine"]["loadavg_start"] = info["loadavg_start"]
+    run["machine"]["loadavg_end"] = run["machine"].pop("loadavg")
+    return _write(os.path.join(out_dir, f"{name}{'_' + tag if tag else ''}.json"), {"config": config, "figures": figures}, run)
 
 
 def _jsonable(x: Any) -> Any:

@@ -19,8 +19,14 @@ def _load(name: str):
 
 
 def _env(rec: dict) -> str:
-    return (f"threads {rec['torch_threads']}, load {rec['loadavg_start'][0]:.1f}-{rec['loadavg_end'][0]:.1f}, "
-            f"torch {rec['torch']}, {rec['date'][:16]}, commit {rec['git_commit'][:8]}")
+    if "run" in rec:
+        run, m = rec["run"], rec["run"]["machine"]
+        threads, load, torch_v = m["torch_threads"], (m["loadavg_start"][0], m["loadavg_end"][0]), m["torch"]
+        date, commit = run["date"], run["commit"][:8] + ("+dirty" if run["dirty"] else "")
+    else:  # records written before the "run" block
+        threads, load, torch_v = rec["torch_threads"], (rec["loadavg_start"][0], rec["loadavg_end"][0]), rec["torch"]
+        date, commit = rec["date"], rec["git_commit"][:8]
+    return f"threads {threads}, load {load[0]:.1f}-{load[1]:.1f}, torch {torch_v}, {date[:16]}, commit {commit}"
 
 
 def next_scale_vs_raster(rec: dict) -> list[str]:

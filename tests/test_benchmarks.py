@@ -13,14 +13,16 @@ import msar
 from benchmarks import common, next_scale_vs_raster, sampling_throughput, scaling_laws, training_throughput
 from benchmarks.fast_sampling import draw, sample_fast
 
-MACHINE_KEYS = {"machine", "cpu", "torch", "git_commit", "date", "command", "config", "figures",
-                "loadavg_start", "loadavg_end", "torch_threads"}
+RUN_KEYS = {"command", "commit", "dirty", "date", "started", "wall_time_s", "machine"}
+MACHINE_KEYS = {"platform", "cpu", "cpu_count", "torch", "torch_threads", "device", "loadavg_start", "loadavg_end"}
 
 
 def load(res: dict, png: bool = True) -> dict:
     with open(res["path"]) as f:
         rec = json.load(f)
-    assert MACHINE_KEYS <= set(rec), MACHINE_KEYS - set(rec)
+    assert {"config", "figures", "run"} <= set(rec)
+    assert RUN_KEYS <= set(rec["run"]), RUN_KEYS - set(rec["run"])
+    assert MACHINE_KEYS <= set(rec["run"]["machine"]), MACHINE_KEYS - set(rec["run"]["machine"])
     assert os.path.exists(res["path"][:-5] + ".png") == png
     return rec
 
@@ -149,3 +151,90 @@ def test_reference_greedy_parity(tmp_path):
     want = vs_reference.reference_sample(ref, var, labels, 0, 1, 0.0, record=True)
     got = msar.sample(model, tok, labels, cfg=1.5, top_k=1, decode=False).indices
     assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+# ---------------------------------------------------------------------------- provenance
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+# Committed records written before the "run" block existed. They stay valid results, but a
+# regenerated file must carry "run" (docs/results.md lists the command that regenerates each).
+LEGACY_FLAT = {  # command, git_commit and date at the top level
+    "next_scale_vs_raster/next_scale_vs_raster.json", "sampling_throughput/sampling_throughput.json",
+    "scaling_laws/scaling_laws.json", "training_throughput/training_throughput.json",
+    "vs_reference/vs_reference.json", "vs_reference/d16/vs_reference.json",
+    "vs_reference/small_2threads/vs_reference.json",
+}
+LEGACY_NO_PROVENANCE = {
+    *(f"graph/{d}_T{t}.json" for d in ("community-small", "grid", "planar") for t in ("0.7", "1.0", "1.0_constrained")),
+    "graph/constraint_seed_sweep.json", "signal1d/metrics.json",
+    *(f"video/{r}/metrics.json" for r in ("frame", "joint", "space", "space_short")),
+    "video/space/sampling_sweep.json", "video/space_short/sampling_sweep.json",
+    "voxel/metrics_ar1500.json", "voxel/metrics_ar500.json",
+}
+
+
+def test_write_result_json_records_command_commit_date_machine(tmp_path):
+    """Catches a result file that cannot be traced back: missing command, a commit that is not
+    HEAD, a date that is not now, a wall time not measured from ``started_at``."""
+    import datetime
+    import subprocess
+    import time
+
+    started = time.time() - 5.0
+    path = common.write_result_json(str(tmp_path / "sub" / "r.json"), {"x": float("nan"), "t": torch.ones(2)},
+                                    started, command="python -m examples.thing --quick")
+    with open(path) as f:
+        rec = json.load(f)
+    assert rec["x"] is None and rec["t"] == [1.0, 1.0]
+    run = rec["run"]
+    assert run["command"] == "python -m examples.thing --quick"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert run["commit"] == head and isinstance(run["dirty"], bool)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert abs((now - datetime.datetime.fromisoformat(run["date"])).total_seconds()) < 60
+    assert 5.0 <= run["wall_time_s"] < 60
+    m = run["machine"]
+    assert m["torch"] == torch.__version__ and m["torch_threads"] == torch.get_num_threads()
+    assert m["device"] == "cpu" and m["cpu_count"] == os.cpu_count() and m["platform"]
+    with pytest.raises(ValueError, match="started_at"):  # a perf_counter() value is not a start time
+        common.write_result_json(str(tmp_path / "bad.json"), {}, time.perf_counter())
+    with pytest.raises(ValueError, match="run"):
+        common.write_result_json(str(tmp_path / "bad.json"), {"run": 1}, started)
+
+
+def test_default_command_is_the_retypable_command_line(monkeypatch):
+    """Catches a command recorded as ``python -c`` or as a bare script name for ``python -m`` runs."""
+    import sys
+    import types
+
+    main = types.ModuleType("__main__")
+    main.__spec__ = types.SimpleNamespace(name="benchmarks.vs_reference")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setattr(sys, "argv", ["/x/benchmarks/vs_reference.py", "--quick", "--threads", "1"])
+    assert common.command_line().split()[1:] == ["-m", "benchmarks.vs_reference", "--quick", "--threads", "1"]
+    main.__spec__ = None
+    monkeypatch.setattr(sys, "argv", ["examples/signal1d.py", "--quick"])
+    assert common.command_line().split()[1:] == ["examples/signal1d.py", "--quick"]
+
+
+def _committed_results() -> list[str]:
+    out = []
+    for root, _, files in os.walk(RESULTS):
+        out += [os.path.relpath(os.path.join(root, f), RESULTS).replace(os.sep, "/") for f in files if f.endswith(".json")]
+    return sorted(out)
+
+
+def test_every_result_json_records_command_commit_and_date():
+    """Catches a new result file written without ``write_result_json`` (untraceable figures)."""
+    missing = []
+    for rel in _committed_results():
+        with open(os.path.join(RESULTS, rel)) as f:
+            rec = json.load(f)
+        run = rec.get("run") if isinstance(rec, dict) else None
+        if isinstance(run, dict) and all(run.get(k) for k in ("command", "commit", "date")):
+            continue
+        if rel in LEGACY_FLAT and all(rec.get(k) for k in ("command", "git_commit", "date")):
+            continue
+        if rel not in LEGACY_NO_PROVENANCE:
+            missing.append(rel)
+    assert not missing, f"result JSONs without run.command / run.commit / run.date: {missing}"
