@@ -30,9 +30,9 @@ Outputs (``--out``, default ``outputs/signal1d``): ``metrics.json``, ``samples.p
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import shlex
 import time
 
 import numpy as np
@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import msar
+from benchmarks.common import write_result_json
 from msar.editing import grid_known_masks
 from msar.testing import check_adapter
 from msar.training import (TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig, VQVAETrainer,
@@ -328,7 +329,7 @@ def main(argv=None) -> dict:
         "tokenizer_params": sum(p.numel() for p in tok.parameters()),
         "transformer_params": model.num_parameters(),
         "reconstruction_mse": recon_mse, "signal_variance": float(x_va.var()),
-        "codebook_usage_pct_per_scale": tok.quantize.usage(),
+        "codebook_usage_pct_per_scale": tok.quantizer.usage(),
         "val_per_scale": {"loss": [val[f"loss_k{k}"] for k in range(len(schedule))],
                           "acc": [val[f"acc_k{k}"] for k in range(len(schedule))]},
         "val_loss": val["loss"], "val_acc": val["acc"],
@@ -340,8 +341,9 @@ def main(argv=None) -> dict:
         "seconds": time.time() - t0,
         "steps_trained_this_run": {"vqvae": vq_steps_now, "transformer": ar_steps_now},  # 0: resumed from ckpt_*
     }
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    # the record names the command that reproduces it (argv given: called from Python, e.g. a test)
+    command = None if argv is None else shlex.join(["python", "-m", "examples.signal1d", *argv])
+    write_result_json(os.path.join(args.out, "metrics.json"), metrics, t0, command=command)
     print(f"[done] {metrics['seconds']:.0f}s -> {args.out}/metrics.json, samples.png, progression.png, forecast.png")
     return metrics
 

@@ -69,3 +69,6 @@ def test_main_runs_end_to_end(tmp_path):
     assert saved["check_adapter"]["checks"][-1] == "sampling"
     assert 0 <= saved["classifier_acc_generated"]["mean"] <= 1
     assert saved["reconstruction_mse"] > 0
+    # provenance: the record names the command that reproduces it
+    assert saved["run"]["command"].startswith("python -m examples.signal1d --out ")
+    assert saved["run"]["commit"] and saved["run"]["date"] and saved["run"]["wall_time_s"] > 0
