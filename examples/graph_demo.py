@@ -8,7 +8,7 @@ For each dataset it writes to ``--out/<dataset>/``: ``metrics.json`` (MMD of deg
 clustering, orbit and spectrum under GRAN's TV and GraphRNN's EMD kernels for samples vs
 test and for train vs test, V.U.N., sizes, training curve), ``samples.png`` (real test
 graphs above generated ones), ``progression.png`` (one sample decoded level by level)
-and ``model.safetensors`` + ``tokenizer.json``.  ``--load DIR`` re-samples (e.g. at another
+and ``pipeline/`` (tokenizer and transformer, ``msar.from_pretrained``).  ``--load DIR`` re-samples (e.g. at another
 ``--temperature``) from the models of an earlier run without training again.  Sampling masks
 the tokens the decoder would reinterpret (:meth:`GraphPyramidTokenizer.valid_token_hook`);
 ``--no-constrain`` turns that off.
@@ -186,15 +186,11 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
 
     if args.load:  # sample from a trained run instead of training
         src = os.path.join(args.load, dataset)
-        with open(os.path.join(src, "tokenizer.json")) as f:
-            tok = GraphPyramidTokenizer(**json.load(f))
+        pipe = msar.from_pretrained(os.path.join(src, "pipeline"))  # tokenizer/ + transformer/
+        tok, model = pipe.tokenizer, pipe.transformer
         with open(os.path.join(src, "metrics.json")) as f:
             prev = json.load(f)
         cfg, data_kw = prev["train_config"], prev["data_kw"]
-        from safetensors.torch import load_file
-        model = build_model(tok, cfg, 0.0)
-        model.load_state_dict(load_file(os.path.join(src, "model.safetensors")))
-        model.eval()
         curve = prev["loss_curve"]
         seconds = dict(prev["seconds"])
     else:
@@ -210,10 +206,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         t0 = time.time()
         curve = train(model, X, TF, cfg, args.seed, f"train {dataset}")
         seconds["train"] = time.time() - t0
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
-        with open(os.path.join(out, "tokenizer.json"), "w") as f:
-            json.dump(tok.config(), f)
+        msar.Pipeline(tok, model).save_pretrained(os.path.join(out, "pipeline"))
 
     # ---- sample as many graphs as the test set holds
     t0 = time.time()
@@ -241,7 +234,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     metrics = evaluate(gen, train_graphs, test, dataset)
     metrics.update({
         "dataset": dataset, "seed": args.seed, "quick": args.quick, "data_kw": data_kw, "train_config": cfg,
-        "tokenizer": tok.config(), "schedule_L": tok.schedule.L, "num_scales": len(tok.schedule),
+        "tokenizer": tok.config, "schedule_L": tok.schedule.L, "num_scales": len(tok.schedule),
         "num_parameters": model.num_parameters(), "final_loss": curve[-1][1], "loss_curve": curve,
         "seconds": seconds, "sampling": {"top_p": args.top_p, "temperature": args.temperature,
                                         "constrained": not args.no_constrain, "seed": sample_seed},

@@ -19,7 +19,7 @@ Run::
     python -m examples.video_demo --quick              # ~1 min smoke run
     python -m examples.video_demo --schedule joint     # t grows with the scale (coarse tokens mix frames)
     python -m examples.video_demo --schedule frame     # per-frame (frame-causal) pyramid
-    python -m examples.video_demo --tokenizer out/tokenizer.safetensors   # reuse a trained tokenizer
+    python -m examples.video_demo --tokenizer out/pipeline/tokenizer   # reuse a trained tokenizer
     python -m examples.video_demo --feature-net i3d.pt # + Frechet distance (TorchScript net)
 
 The default recipe (space-only schedule, 255 tokens; tokenizer 0.81M params, 2500 steps at
@@ -29,7 +29,7 @@ videos) gives per-frame digit accuracy 0.91 on class-conditional samples (real 0
 
 Outputs (``--out``, default ``outputs/video_demo``): ``metrics.json``, ``samples.gif``,
 ``samples.png``, ``reconstructions.png``, ``progression.png``, ``edit_*.png``,
-``edits.gif``, ``tokenizer.safetensors`` (+ ``.json``), ``transformer.pt``.
+``edits.gif``, ``pipeline/`` (tokenizer and transformer: ``msar.from_pretrained(out + "/pipeline")``).
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-stride", type=int, default=4)
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--num-train", type=int, default=16000)
-    p.add_argument("--tokenizer", default=None, help="a trained VideoTokenizer (.safetensors + .json) to use instead of training one")
+    p.add_argument("--tokenizer", default=None, help="a trained VideoTokenizer (a save_pretrained folder, e.g. OUT/pipeline/tokenizer) to use instead of training one")
     p.add_argument("--tok-channels", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--tok-steps", type=int, default=2500)
     p.add_argument("--tok-batch", type=int, default=16)
@@ -207,7 +207,7 @@ def main(argv=None) -> dict:
 
     # ---------------- tokenizer
     if args.tokenizer:  # a trained tokenizer (its own config wins over the command line)
-        tok = VideoTokenizer.load(args.tokenizer).eval()
+        tok = VideoTokenizer.from_pretrained(args.tokenizer)
         cfg = tok.config
         if (cfg.frames, cfg.height, cfg.width) != (args.frames, args.size, args.size):
             raise ValueError(f"--tokenizer {args.tokenizer} was trained on {cfg.frames}x{cfg.height}x{cfg.width} "
@@ -224,7 +224,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     tok_log = train_tokenizer(tok, Xtr, args, gen) if not args.tokenizer else []
     timings["tokenizer_train_s"] = time.time() - t0
-    tok.save(os.path.join(args.out, "tokenizer.safetensors"))
+    tok.save_pretrained(os.path.join(args.out, "pipeline", "tokenizer"))
     test_set = TokenDataset.encode(tok, Xte, Yte)  # encoded once: reconstructions, figures, validation
     with torch.no_grad():
         rec_te = torch.cat([tok.decode([t[i:i + 64] for t in test_set.indices])
@@ -245,7 +245,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     train_set = TokenDataset.encode(tok, Xtr, Ytr)
     usage = float(torch.cat(train_set.indices, 1).unique().numel()) / cfg.vocab_size
-    tcfg = msar.TransformerConfig(schedule=sched.to_config(), vocab_size=cfg.vocab_size, latent_dim=cfg.latent_dim,
+    tcfg = msar.TransformerConfig(schedule=sched, vocab_size=cfg.vocab_size, latent_dim=cfg.latent_dim,
                                   num_classes=10, depth=args.depth, embed_dim=args.width,
                                   num_heads=max(1, args.width // 32), cond_drop_rate=0.1)
     model = msar.NextScaleTransformer(tcfg).init_weights(init_std=-1)
@@ -338,7 +338,7 @@ def main(argv=None) -> dict:
         json.dump(metrics, f, indent=1, default=float)
     with open(os.path.join(args.out, "train_log.json"), "w") as f:
         json.dump({"tokenizer": tok_log, "transformer": ar_log}, f)
-    torch.save({"config": asdict(tcfg), "state_dict": model.state_dict()}, os.path.join(args.out, "transformer.pt"))
+    msar.Pipeline(tok, model).save_pretrained(os.path.join(args.out, "pipeline"))
     print(json.dumps({"recon_psnr": rec_psnr, "generated": {k: v for k, v in gen_metrics.items() if k != "per_class_frame_accuracy"},
                       "real": real, "zero_shot": {k: {kk: vv for kk, vv in v.items() if kk in
                                                       ("frame_accuracy_generated_frames", "known_tokens_preserved", "psnr_unknown_region")}

@@ -29,7 +29,7 @@ def _sample(argv: list[str]) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", default="outputs/samples")
     args = ap.parse_args(argv)
-    pipe = ImagePipeline.load(args.model, "cuda" if torch.cuda.is_available() else "cpu")
+    pipe = ImagePipeline.from_pretrained(args.model, "cuda" if torch.cuda.is_available() else "cpu")
     if args.labels:
         try:
             labels = [int(x) for x in args.labels.split(",")]
@@ -75,7 +75,7 @@ def _edit(argv: list[str]) -> int:
     ap.add_argument("-n", "--num", type=int, default=4, help="number of edits")
     ap.add_argument("--out", default="outputs/edit")
     args = ap.parse_args(argv)
-    pipe = ImagePipeline.load(args.model)
+    pipe = ImagePipeline.from_pretrained(args.model)
     c = pipe.vqvae.cfg
     img = load_image(args.image, c.image_size, c.in_channels).unsqueeze(0).expand(args.num, -1, -1, -1)
     try:

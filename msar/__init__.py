@@ -9,6 +9,7 @@ from .pyramid import GridPyramid, LatentPyramid, OperatorPyramid
 from .quantizer import MultiScaleResidualQuantizer, PhiBank, QuantizerOutput, from_tokens, to_tokens
 from .tokenizer import DecodeState, MultiScaleVQTokenizer, PyramidTokenizer, ResidualDecodeState
 from .models.transformer import NextScaleTransformer, TransformerConfig
+from .pretrained import Pipeline, PretrainedError, PretrainedMixin, from_pretrained
 from .sampling import SampleOutput, filter_top_k_top_p, guidance_strength, sample, sample_tokens
 
 __version__ = "0.1.0"
@@ -18,5 +19,6 @@ __all__ = [
     "MultiScaleResidualQuantizer", "PhiBank", "QuantizerOutput", "to_tokens", "from_tokens",
     "PyramidTokenizer", "DecodeState", "MultiScaleVQTokenizer", "ResidualDecodeState",
     "NextScaleTransformer", "TransformerConfig",
+    "PretrainedMixin", "Pipeline", "PretrainedError", "from_pretrained",
     "sample", "SampleOutput", "sample_tokens", "filter_top_k_top_p", "guidance_strength",
 ]

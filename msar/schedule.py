@@ -21,6 +21,15 @@ import torch
 ScaleSpec = Union[int, Sequence[int]]
 
 
+def type_name(cls: type) -> str:
+    """``module.QualName``: how saved configs name a class."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+#: ScaleSchedule and its subclasses by :func:`type_name` (filled as classes are defined)
+SCHEDULE_TYPES: dict[str, type] = {}
+
+
 class ScaleSchedule:
     """An ordered list of scales.
 
@@ -168,8 +177,49 @@ class ScaleSchedule:
         return list(torch.split(x, self.token_counts, dim=dim))
 
     def to_config(self) -> list:
-        """JSON-friendly form; ``ScaleSchedule(s.to_config()) == s``."""
+        """The scales as JSON-friendly lists; ``ScaleSchedule(s.to_config()) == s`` (the type is
+        not recorded: :meth:`to_dict` keeps it)."""
         return [list(s) if isinstance(s, tuple) else s for s in self.scales]
+
+    # ------------------------------------------------------------------ typed serialisation
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        SCHEDULE_TYPES[type_name(cls)] = cls
+
+    def to_dict(self) -> dict:
+        """JSON form that keeps the type: ``{"type": "msar.schedule.ScaleSchedule", "scales": [...]}``.
+
+        A subclass whose constructor takes other arguments overrides this (adding
+        them to the dict) and :meth:`_from_dict`; :meth:`from_dict` rebuilds the subclass.
+        """
+        return {"type": type_name(type(self)), "scales": self.to_config()}
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> "ScaleSchedule":
+        """Build this class from its :meth:`to_dict` form (subclasses with other constructor
+        arguments override it)."""
+        return cls(d["scales"])
+
+    @staticmethod
+    def from_dict(d: dict) -> "ScaleSchedule":
+        """Inverse of :meth:`to_dict`: the recorded class (imported if it lives in ``msar`` or
+        ``modalities``), with the recorded scales (checked)."""
+        from .pretrained import resolve_class  # pretrained imports this module
+
+        if not isinstance(d, dict) or "type" not in d:
+            raise ValueError(f"a typed schedule is a dict with a 'type' key (ScaleSchedule.to_dict()), got {d!r}")
+        cls = resolve_class(d["type"], SCHEDULE_TYPES, "schedule type")
+        if not (isinstance(cls, type) and issubclass(cls, ScaleSchedule)):
+            raise ValueError(f"schedule type {d['type']!r} is not a ScaleSchedule subclass")
+        try:
+            s = cls._from_dict(d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"cannot rebuild a {cls.__name__} from {d!r}: {type(e).__name__}: {e} "
+                             f"({cls.__name__} may need to override to_dict / _from_dict)") from e
+        if "scales" in d and s.to_config() != [list(x) if isinstance(x, (list, tuple)) else x for x in d["scales"]]:
+            raise ValueError(f"{cls.__name__} rebuilt from {d!r} has other scales: {s.to_config()} "
+                             f"({cls.__name__} may need to override to_dict / _from_dict)")
+        return s
 
     # ------------------------------------------------------------------ validation
     def check_indices(self, indices: Sequence[torch.Tensor], vocab_size: int | None = None,
@@ -208,3 +258,6 @@ class ScaleSchedule:
                         f"{name}[{k}]: token index out of range [0, {vocab_size}): found min {lo}, max {hi}"
                     )
         return int(B) if B is not None else 0
+
+
+SCHEDULE_TYPES[type_name(ScaleSchedule)] = ScaleSchedule

@@ -65,7 +65,7 @@ def var() -> NextScaleTransformer:
 @pytest.fixture(scope="module")
 def pipeline_dir(vq, var, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("pipe")
-    ImagePipeline(vq, var).save(str(d))
+    ImagePipeline(vq, var).save_pretrained(d)
     return d
 
 
@@ -163,26 +163,23 @@ def test_image_pipeline_load_refuses_other_checkpoints(pipeline_dir, tmp_path, v
     # a training checkpoint directory, or one of its step directories, is not a pipeline
     save_checkpoint(tmp_path / "ck", 1, {"model": var})
     for d in (tmp_path / "ck", tmp_path / "ck" / "step_000001"):
-        with pytest.raises(FileNotFoundError, match="not an image pipeline directory"):
-            ImagePipeline.load(str(d))
-    # a pipeline of another modality
-    other = tmp_path / "voxel"
+        with pytest.raises(ValueError, match="no config.json; not a folder written by save_pretrained"):
+            ImagePipeline.from_pretrained(d)
+    # a transformer config that does not fit its weights (another schedule), or damaged configs
+    other = tmp_path / "other"
     shutil.copytree(pipeline_dir, other)
-    meta = json.loads((other / "pipeline.json").read_text())
-    (other / "pipeline.json").write_text(json.dumps(dict(meta, format="msar-voxel-pipeline")))
-    with pytest.raises(ImageCheckpointError, match="'msar-voxel-pipeline' is not 'msar-image-pipeline'"):
-        ImagePipeline.load(str(other))
-    # configs that do not fit the weights (another schedule), or that are damaged
-    meta["transformer"]["schedule"] = [[1, 1], [3, 3]]
-    (other / "pipeline.json").write_text(json.dumps(meta))
-    with pytest.raises(ImageCheckpointError, match="pos_1LC.*wrong preset or scale schedule"):
-        ImagePipeline.load(str(other))
-    (other / "pipeline.json").write_text(json.dumps({"format": "msar-image-pipeline", "vqvae": {"bogus": 1}}))
-    with pytest.raises(ImageCheckpointError, match="pipeline.json: the 'vqvae' / 'transformer' configs.*bogus"):
-        ImagePipeline.load(str(other))
-    (other / "pipeline.json").write_text('{"format": "msar-image-pi')
-    with pytest.raises(ImageCheckpointError, match="pipeline.json: not valid JSON"):
-        ImagePipeline.load(str(other))
+    cfg_path = other / "transformer" / "config.json"
+    meta = json.loads(cfg_path.read_text())
+    meta["config"]["schedule"] = [[1, 1], [3, 3]]
+    cfg_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"model.safetensors does not match .*shape mismatch: pos"):
+        ImagePipeline.from_pretrained(other)
+    (other / "tokenizer" / "config.json").write_text(json.dumps({**meta, "config": {"bogus": 1}}))
+    with pytest.raises(ValueError, match=r"tokenizer.config.json: cannot build a NextScaleTransformer.*bogus"):
+        ImagePipeline.from_pretrained(other)
+    (other / "config.json").write_text('{"format": "msar", "forma')
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        ImagePipeline.from_pretrained(other)
 
 
 def test_image_folder_empty_or_unreadable(tmp_path):
@@ -437,13 +434,14 @@ def test_weight_file_damage_is_a_clear_error(real_files, name, data):
 
 
 @FILE_FUZZ
-@given(st.sampled_from(["pipeline.json", "vqvae.safetensors", "transformer.safetensors"]), st.data())
+@given(st.sampled_from(["config.json", "tokenizer/config.json", "tokenizer/model.safetensors",
+                        "transformer/config.json", "transformer/model.safetensors"]), st.data())
 def test_damaged_image_pipeline_is_a_clear_error(pipeline_dir, name, data):
     payload = data.draw(damage((pipeline_dir / name).read_bytes()))
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "pipe"
         shutil.copytree(pipeline_dir, d)
         (d / name).write_bytes(payload)
-        out = clear_error(ImagePipeline.load, str(d))
+        out = clear_error(ImagePipeline.from_pretrained, d)
         if isinstance(out, Exception):
-            assert name in str(out) or "vqvae" in str(out) or "transformer" in str(out)
+            assert name.split("/")[0] in str(out)

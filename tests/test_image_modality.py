@@ -33,22 +33,22 @@ def test_demo_writes_figures_and_metrics(demo):
 def test_demo_resumes_from_its_checkpoints(demo, tmp_path):
     """Running again finds the finished checkpoints and does not retrain (same weights)."""
     out, _ = demo
-    before = ImagePipeline.load(str(out / "pipeline"))
+    before = ImagePipeline.from_pretrained(str(out / "pipeline"))
     run(str(out), DemoConfig.quick(), progress=False)
-    after = ImagePipeline.load(str(out / "pipeline"))
+    after = ImagePipeline.from_pretrained(str(out / "pipeline"))
     for a, b in zip(before.transformer.state_dict().values(), after.transformer.state_dict().values()):
         assert torch.equal(a, b)
 
 
 def test_sampling_is_reproducible(demo):
-    pipe = ImagePipeline.load(str(demo[0] / "pipeline"))
+    pipe = ImagePipeline.from_pretrained(str(demo[0] / "pipeline"))
     a = pipe.sample([1, 2, 3], cfg=2.0, top_k=20, top_p=0.9, seed=5)
     b = pipe.sample([1, 2, 3], cfg=2.0, top_k=20, top_p=0.9, seed=5)
     assert torch.equal(a, b) and a.shape == (3, 1, 16, 16) and a.min() >= -1 and a.max() <= 1
 
 
 def test_inpainting_preserves_unmasked_and_changes_masked(demo):
-    pipe = ImagePipeline.load(str(demo[0] / "pipeline"))
+    pipe = ImagePipeline.from_pretrained(str(demo[0] / "pipeline"))
     from modalities.image.data import load_digits
     _, val = load_digits(16)
     img = val.images[:6]
@@ -79,10 +79,10 @@ def test_sample_cli_writes_pngs_and_npz(demo, tmp_path):
     assert main(["no-such-command"]) == 2
 
 
-def test_pipeline_load_rejects_other_modality(tmp_path):
-    (tmp_path / "pipeline.json").write_text(json.dumps({"format": "msar-voxel"}))
-    with pytest.raises(ValueError, match="another modality"):
-        ImagePipeline.load(str(tmp_path))
+def test_pipeline_load_rejects_other_components(demo):
+    """A saved transformer (or any non-image pipeline) is refused by ImagePipeline, naming what it holds."""
+    with pytest.raises(ValueError, match="holds NextScaleTransformer.*not ImagePipeline"):
+        ImagePipeline.from_pretrained(str(demo[0] / "pipeline" / "transformer"))
 
 
 def test_vqvae_training_reduces_reconstruction_error(tmp_path):

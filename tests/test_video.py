@@ -196,9 +196,8 @@ def test_tokenizer_rejects_bad_input():
 
 def test_tokenizer_save_load(tmp_path):
     tok = tiny_tokenizer("frame")
-    path = str(tmp_path / "tok.safetensors")
-    tok.save(path)
-    tok2 = VideoTokenizer.load(path).eval()
+    tok.save_pretrained(tmp_path / "tok")
+    tok2 = VideoTokenizer.from_pretrained(tmp_path / "tok")
     x = tiny_videos(1)
     assert isinstance(tok2.schedule, FrameScaleSchedule)
     assert all(torch.equal(a, b) for a, b in zip(tok.encode(x), tok2.encode(x)))
@@ -367,7 +366,8 @@ def test_demo_runs_end_to_end_and_a_rerun_resumes_from_its_checkpoints(tmp_path)
     first = main(argv)
     for name in ("metrics.json", "samples.gif", "samples.png", "reconstructions.png", "progression.png",
                  "edit_frame_prediction.png", "edit_interpolation.png", "edit_inpainting.png", "edits.gif",
-                 "tokenizer.safetensors", "transformer.pt"):
+                 "pipeline/config.json", "pipeline/tokenizer/model.safetensors",
+                 "pipeline/transformer/model.safetensors"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert all(e["known_tokens_preserved"] for e in first["zero_shot"].values())
     assert first["transformer"]["final_train"]["step"] == 6

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch, Data
 
-from msar import OperatorPyramid, ScaleSchedule
+from msar import OperatorPyramid, PretrainedMixin, ScaleSchedule
 
 from .coarsen import Level, assignments, coarsen, num_levels_for
 from .datasets import graphs_from, to_data
@@ -93,7 +93,7 @@ class _LevelGraph:
         self.clust = np.where(denom > 0, tri / np.maximum(denom, 1), 0.0)
 
 
-class GraphPyramidTokenizer:
+class GraphPyramidTokenizer(PretrainedMixin):
     """Exact pyramid tokenizer of simple undirected graphs (see the module docstring).
 
     Args:
@@ -103,7 +103,8 @@ class GraphPyramidTokenizer:
         edge_chunks: the edge tokens of a level are split into this many scales (edge j goes to
             chunk ``j % edge_chunks``), so later chunks see the fine edges earlier ones decided.
 
-    Use :meth:`fit` to size it from a training set.
+    Use :meth:`fit` to size it from a training set; ``save_pretrained(dir)`` /
+    ``GraphPyramidTokenizer.from_pretrained(dir)`` save and load it (a config, no weights).
     """
 
     def __init__(self, max_nodes: Sequence[int], max_edges: Sequence[int], nbits: Optional[int] = None,
@@ -156,7 +157,9 @@ class GraphPyramidTokenizer:
         max_edges = [int(math.ceil(m * (1 + edge_slack))) for m in max_edges]
         return cls(max_nodes, max_edges, edge_chunks=edge_chunks)
 
+    @property
     def config(self) -> dict:
+        """The constructor's arguments (``save_pretrained`` writes them; no weights)."""
         return {"max_nodes": self.max_nodes, "max_edges": self.max_edges, "nbits": self.nbits,
                 "edge_chunks": self.edge_chunks}
 

@@ -117,7 +117,7 @@ def run(out: str, c: DemoConfig, progress: bool = True) -> dict:
                               "val": trainer.evaluate(val_loader), "seconds": round(time.time() - t1, 1)}
     model.eval()
     pipe = ImagePipeline(vqvae, model)
-    pipe.save(os.path.join(out, "pipeline"))
+    pipe.save_pretrained(os.path.join(out, "pipeline"))
 
     # ---- 3. samples and evaluation with an independent classifier
     t2 = time.time()

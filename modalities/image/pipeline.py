@@ -1,39 +1,34 @@
-"""An image generation pipeline: VQ-VAE tokenizer + next-scale transformer, with sampling,
-zero-shot editing (inpainting / outpainting / class-conditional editing) and save / load."""
+"""An image generation pipeline: VQ-VAE tokenizer + next-scale transformer, with sampling and
+zero-shot editing (inpainting / outpainting / class-conditional editing).
+
+Saved like every msar pipeline: ``pipe.save_pretrained(dir)`` writes ``dir/config.json``,
+``dir/tokenizer/`` and ``dir/transformer/``; ``ImagePipeline.from_pretrained(dir)`` (or
+``msar.from_pretrained(dir)``) loads it."""
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from msar import NextScaleTransformer, TransformerConfig, sample
+from msar import NextScaleTransformer, Pipeline, sample
 from msar.editing import grid_known_masks
 
-from .vqvae import VQVAE, VQVAEConfig
-
-FORMAT = "msar-image-pipeline"
+from .vqvae import VQVAE
 
 
-class ImagePipeline:
-    """``pipe.sample(labels)`` -> images ``(B, C, H, W)`` in [-1, 1]; ``pipe.edit(img, mask, label)``."""
+class ImagePipeline(Pipeline):
+    """``pipe.sample(labels)`` -> images ``(B, C, H, W)`` in [-1, 1]; ``pipe.edit(img, mask, label)``.
 
-    def __init__(self, vqvae: VQVAE, transformer: NextScaleTransformer):
-        if vqvae.schedule.token_counts != transformer.schedule.token_counts:
-            raise ValueError(f"tokenizer schedule {vqvae.schedule} does not match transformer {transformer.schedule}")
-        self.vqvae, self.transformer = vqvae.eval(), transformer.eval()
+    ``pipe.tokenizer`` (also ``pipe.vqvae``) is the :class:`VQVAE`, ``pipe.transformer`` the
+    :class:`~msar.NextScaleTransformer`."""
+
+    def __init__(self, tokenizer: VQVAE, transformer: NextScaleTransformer):
+        super().__init__(tokenizer, transformer)
 
     @property
-    def device(self) -> torch.device:
-        return self.transformer.pos_1LC.device
-
-    def to(self, device) -> "ImagePipeline":
-        self.vqvae.to(device)
-        self.transformer.to(device)
-        return self
+    def vqvae(self) -> VQVAE:
+        return self.tokenizer
 
     @torch.no_grad()
     def sample(self, labels: Optional[Sequence[int] | torch.Tensor | int] = None, batch_size: Optional[int] = None,
@@ -71,55 +66,3 @@ class ImagePipeline:
         out = sample(self.transformer, self.vqvae, torch.as_tensor(labels, device=self.device), cfg=cfg, top_k=top_k,
                      top_p=top_p, seed=seed, known=ref, known_mask=known_mask, more_smooth=more_smooth)
         return (out.data, out.indices, ref, known_mask) if return_indices else out.data
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, directory: str) -> None:
-        """``directory/{vqvae,transformer}.safetensors`` + ``pipeline.json`` (configs)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.vqvae.state_dict().items()}, os.path.join(directory, "vqvae.safetensors"))
-        save_file({k: v.contiguous() for k, v in self.transformer.state_dict().items()},
-                  os.path.join(directory, "transformer.safetensors"))
-        meta = {"format": FORMAT, "vqvae": self.vqvae.cfg.to_dict(), "transformer": asdict(self.transformer.cfg)}
-        tmp = os.path.join(directory, "pipeline.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(directory, "pipeline.json"))
-
-    @classmethod
-    def load(cls, directory: str, device: str | torch.device = "cpu") -> "ImagePipeline":
-        from safetensors.torch import load_file
-
-        from .checkpoint import CheckpointError, validate_state_dict
-
-        meta_path = os.path.join(directory, "pipeline.json")
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"not an image pipeline directory (no pipeline.json): {directory}")
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{meta_path}: not valid JSON (truncated or corrupt?): {e}") from e
-        fmt = meta.get("format") if isinstance(meta, dict) else None
-        if fmt != FORMAT:
-            raise CheckpointError(f"{meta_path}: format {fmt!r} is not {FORMAT!r} (a checkpoint of another modality?)")
-        try:
-            vqvae = VQVAE(VQVAEConfig(**meta["vqvae"]))
-            tcfg = dict(meta["transformer"])
-            tcfg["schedule"] = [tuple(s) if isinstance(s, list) else s for s in tcfg["schedule"]]
-            transformer = NextScaleTransformer(TransformerConfig(**tcfg))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{meta_path}: the 'vqvae' / 'transformer' configs are missing or invalid: "
-                                  f"{type(e).__name__}: {e}") from e
-        for model, name in ((vqvae, "vqvae"), (transformer, "transformer")):
-            path = os.path.join(directory, f"{name}.safetensors")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"image pipeline {directory}: {name} weights missing: {path}")
-            try:
-                sd = load_file(path)
-            except Exception as e:  # SafetensorError: truncated or not a safetensors file
-                raise CheckpointError(f"{path}: cannot read (truncated or corrupt?): {e}") from e
-            validate_state_dict(model, sd, name)
-            model.load_state_dict(sd)
-        return cls(vqvae, transformer).to(device)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msar import GridPyramid, MultiScaleResidualQuantizer, MultiScaleVQTokenizer, ScaleSchedule
+from msar import GridPyramid, MultiScaleResidualQuantizer, MultiScaleVQTokenizer, PretrainedMixin, ScaleSchedule
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -199,8 +199,10 @@ class VQVAEConfig:
         return d
 
 
-class VQVAE(MultiScaleVQTokenizer):
+class VQVAE(PretrainedMixin, MultiScaleVQTokenizer):
     """The image pyramid tokenizer: images ``(B, C_img, H, W)`` in [-1, 1] <-> K square token maps."""
+
+    config_class = VQVAEConfig  # save_pretrained / from_pretrained
 
     def __init__(self, cfg: VQVAEConfig | None = None, **overrides):
         cfg = cfg or VQVAEConfig()
@@ -218,7 +220,7 @@ class VQVAE(MultiScaleVQTokenizer):
         super().__init__(Encoder(**arch), Decoder(**arch), quantizer,
                          quant_conv=nn.Conv2d(cfg.z_channels, cfg.z_channels, ks, 1, ks // 2),
                          post_quant_conv=nn.Conv2d(cfg.z_channels, cfg.z_channels, ks, 1, ks // 2))
-        self.cfg = cfg
+        self.cfg = self.config = cfg
 
     def check_data(self, img: torch.Tensor) -> None:
         cfg = self.cfg

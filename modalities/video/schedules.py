@@ -127,6 +127,14 @@ class FrameScaleSchedule(ScaleSchedule):
         self.frame_of: list[int] = [t for t in range(T) for _ in hw]
         self.spatial: list[tuple[int, int]] = [s for _ in range(T) for s in hw]
 
+    def to_dict(self) -> dict:
+        """Typed JSON form (see :meth:`msar.ScaleSchedule.to_dict`): the constructor's arguments."""
+        return {**super().to_dict(), "latent_shape": list(self.full_shape), "sides": [list(s) for s in self.frame_sides]}
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> "FrameScaleSchedule":
+        return cls(tuple(d["latent_shape"]), [tuple(s) for s in d["sides"]])
+
     def first_scale_of(self, t: int) -> int:
         """Index of the first (1x1-ish) scale of latent frame t."""
         return t * self.scales_per_frame

@@ -19,17 +19,15 @@ is video-specific.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msar import MultiScaleResidualQuantizer, MultiScaleVQTokenizer
+from msar import MultiScaleResidualQuantizer, MultiScaleVQTokenizer, PretrainedMixin
 
 from .schedules import FrameScaleSchedule, build_schedule, make_pyramid
 
@@ -206,12 +204,15 @@ class VideoTokenizerConfig:
                 self.width // self.space_stride)
 
 
-class VideoTokenizer(MultiScaleVQTokenizer):
+class VideoTokenizer(PretrainedMixin, MultiScaleVQTokenizer):
     """Causal 3-D conv VQ-VAE + the core multi-scale residual quantizer over a space-time pyramid.
 
     ``encode(video (B, C, T, H, W)) -> list[(B, n_k) long]``; ``decode`` inverts it.
-    Build with :func:`build_video_tokenizer` (or ``VideoTokenizer(config)``).
+    Build with :func:`build_video_tokenizer` (or ``VideoTokenizer(config)``); save with
+    ``tok.save_pretrained(dir)``, load with ``VideoTokenizer.from_pretrained(dir)``.
     """
+
+    config_class = VideoTokenizerConfig
 
     def __init__(self, config: VideoTokenizerConfig):
         c = config
@@ -243,26 +244,6 @@ class VideoTokenizer(MultiScaleVQTokenizer):
         if data.dim() != 5 or tuple(data.shape[1:]) != want:
             raise ValueError(f"video: expected shape (B, C={c.in_channels}, T={c.frames}, H={c.height}, W={c.width}), "
                              f"got {tuple(data.shape)}")
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, path: str) -> None:
-        """Write ``path`` (safetensors weights) and ``path + '.json'`` (config)."""
-        from safetensors.torch import save_file
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-        with open(path + ".json", "w") as f:
-            json.dump(asdict(self.config), f, indent=1)
-
-    @classmethod
-    def load(cls, path: str, map_location: str = "cpu") -> "VideoTokenizer":
-        from safetensors.torch import load_file
-        with open(path + ".json") as f:
-            cfg = json.load(f)
-        tok = cls(VideoTokenizerConfig(**cfg))
-        tok.load_state_dict(load_file(path, device=map_location))
-        return tok
 
 
 def build_video_tokenizer(**kwargs) -> VideoTokenizer:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msar import GridPyramid, MultiScaleResidualQuantizer, MultiScaleVQTokenizer, ScaleSchedule
+from msar import GridPyramid, MultiScaleResidualQuantizer, MultiScaleVQTokenizer, PretrainedMixin, ScaleSchedule
 
 _DEFAULT_SIDES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
@@ -125,19 +125,22 @@ class VoxelDecoder(nn.Module):
         return self.net(f).squeeze(1)
 
 
-class VoxelTokenizer(MultiScaleVQTokenizer):
+class VoxelTokenizer(PretrainedMixin, MultiScaleVQTokenizer):
     """Multi-scale VQ tokenizer of occupancy grids ``(B, R, R, R)`` (float in [0, 1] or bool).
 
     ``decode`` / ``finish`` return occupancy **logits** ``(B, R, R, R)``; threshold at 0
-    (:meth:`occupancy`) for a boolean grid.
+    (:meth:`occupancy`) for a boolean grid.  ``save_pretrained(dir)`` /
+    ``VoxelTokenizer.from_pretrained(dir)`` save and load it.
     """
+
+    config_class = VoxelTokenizerConfig
 
     def __init__(self, cfg: VoxelTokenizerConfig):
         schedule = ScaleSchedule.square(cfg.sides, rank=3)
         quantizer = MultiScaleResidualQuantizer(cfg.vocab_size, cfg.latent_dim, GridPyramid(schedule),
                                                 share_phi=cfg.share_phi, phi_ratio=cfg.phi_ratio, beta=cfg.beta)
         super().__init__(VoxelEncoder(cfg), VoxelDecoder(cfg), quantizer)
-        self.cfg = cfg
+        self.cfg = self.config = cfg
         self.resolution = cfg.resolution
 
     def check_data(self, data: torch.Tensor) -> None:

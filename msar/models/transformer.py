@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..pretrained import PretrainedMixin
 from ..schedule import ScaleSchedule
 
 
@@ -209,7 +210,7 @@ class TransformerConfig:
     unconditional model (only the null class).
     """
 
-    schedule: list
+    schedule: list | ScaleSchedule
     vocab_size: int
     latent_dim: int
     num_classes: int = 0
@@ -234,7 +235,7 @@ class TransformerConfig:
                    shared_aln=shared_aln, attn_l2_norm=True, **kw)
 
 
-class NextScaleTransformer(nn.Module):
+class NextScaleTransformer(PretrainedMixin, nn.Module):
     """VAR's transformer over a :class:`ScaleSchedule`.
 
     ``forward(labels (B,), x (B, L - n_0, Cvae)) -> logits (B, L, V)``: teacher forcing
@@ -242,10 +243,13 @@ class NextScaleTransformer(nn.Module):
     A raster (next-token) model is the same class with ``ScaleSchedule.raster(N)``.
     """
 
+    config_class = TransformerConfig  # save_pretrained / from_pretrained
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.cfg = cfg
-        self.schedule = ScaleSchedule(cfg.schedule)
+        self.cfg = self.config = cfg
+        # a ScaleSchedule keeps its type (a subclass such as a per-frame video schedule)
+        self.schedule = cfg.schedule if isinstance(cfg.schedule, ScaleSchedule) else ScaleSchedule(cfg.schedule)
         s = self.schedule
         self.V, self.Cvae, self.C = cfg.vocab_size, cfg.latent_dim, cfg.embed_dim
         self.num_classes = cfg.num_classes
