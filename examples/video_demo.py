@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import time
 from dataclasses import asdict
 
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 
 import msar
+from benchmarks.common import write_result_json
 from msar.training import (TokenDataset, TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig, VQVAETrainer,
                            build_loader, collate_tokens)
 from modalities.video import (MovingDigits, VideoTokenizerConfig, VideoTokenizer, box_mask, fill_unknown,
@@ -95,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def init_codebook_from_data(tok: VideoTokenizer, videos: torch.Tensor, gen: torch.Generator, n: int = 64) -> None:
     """Start every codeword at an encoder output so none begins far from the data (the usual
     cause of early collapse on a small codebook)."""
-    q = tok.quantize
+    q = tok.quantizer
     f = tok.encode_latent(videos[torch.randperm(len(videos), generator=gen)[:n]])
     pool = msar.to_tokens(f).reshape(-1, q.dim)
     q.embedding.weight.data.copy_(pool[torch.randint(0, len(pool), (q.vocab_size,), generator=gen)])
@@ -334,8 +336,9 @@ def main(argv=None) -> dict:
         "timings_s": timings,
         "torch_threads": args.threads,
     }
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1, default=float)
+    # the record names the command that reproduces it (argv given: called from Python, e.g. a test)
+    command = None if argv is None else shlex.join(["python", "-m", "examples.video_demo", *argv])
+    write_result_json(os.path.join(args.out, "metrics.json"), metrics, t_start, command=command)
     with open(os.path.join(args.out, "train_log.json"), "w") as f:
         json.dump({"tokenizer": tok_log, "transformer": ar_log}, f)
     msar.Pipeline(tok, model).save_pretrained(os.path.join(args.out, "pipeline"))
