@@ -234,10 +234,10 @@ def test_var_no_decay_groups():
     model = tiny_transformer(shared_aln=True)
     decay, no_decay = param_groups(model, 0.05)
     nd = set(no_decay["names"])
-    for name in ("pos_1LC", "pos_start", "lvl_embed.weight", "head.bias", "blocks.0.attn.q_bias",
-                 "blocks.0.attn.scale_mul_1H11", "blocks.0.ada_gss"):
+    for name in ("pos_embed", "start_pos", "level_embed.weight", "head.bias", "blocks.0.attn.q_bias",
+                 "blocks.0.attn.attn_scale", "blocks.0.adaln_offset"):
         assert name in nd, name
-    for name in ("class_emb.weight", "blocks.0.attn.mat_qkv.weight", "head.weight", "word_embed.weight"):
+    for name in ("class_embed.weight", "blocks.0.attn.qkv.weight", "head.weight", "input_proj.weight"):
         assert name in decay["names"], name
     assert decay["wd_scale"] == 1.0 and no_decay["wd_scale"] == 0.0
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)

@@ -1,21 +1,32 @@
-"""The training loop shared by the transformer and VQ-VAE trainers.
+"""The training loop shared by every trainer.
 
-:class:`Trainer` owns everything that is not specific to a model: device and DDP
-setup, AdamW + warm-up/decay schedule, gradient accumulation, AMP (CUDA only),
-gradient clipping, non-finite loss / gradient detection, EMA, CSV/TensorBoard
-logging, a tqdm bar, periodic atomic checkpoints and exact resume.  A subclass
-implements two methods:
+What :meth:`Trainer.fit` does, in order::
 
-* ``parse_batch(raw) -> batch``: turn what the loader yields into model inputs on the device;
-* ``compute_loss(batch) -> LossOutput``: the scalar to back-propagate, metrics to log,
-  and named parts (per scale, per term) that explain a non-finite loss.
+    resume from the newest good checkpoint in ckpt_dir (if any)
+    for each epoch, starting at the saved data position:
+        for each batch:
+            out = compute_loss(parse_batch(batch))          # under autocast when amp is on
+            (out.loss / grad_accum).backward()
+            every grad_accum batches:                       # one optimizer step
+                clip gradients; optimizer.step(); ema.update(); scheduler.step()
+                log the step's metrics; checkpoint every ckpt_every steps
 
-Counters: ``step`` counts optimizer steps, ``batches_seen`` counts micro-batches
-(the data position), ``epoch`` / ``epoch_batches`` locate the loader.  A checkpoint
-holds all of them plus model, optimizer, scheduler, grad-scaler, EMA and RNG state,
-so ``fit`` resumed from step N continues bit-for-bit like the run that never stopped
-(given a loader whose order depends only on the epoch: a list, or
-:func:`~msar.training.distributed.build_loader`).
+A subclass implements ``compute_loss(batch) -> LossOutput`` (and may override
+``parse_batch`` and ``on_step_end``).  Everything else is opt-in through :class:`TrainConfig`:
+mixed precision (``amp``, CUDA only), DDP (launched with ``torchrun``; FSDP by overriding
+:meth:`Trainer.wrap_model`), an EMA copy (``ema_decay``), extra modules with their own
+optimizer (:meth:`Trainer.add_trainable`, e.g. a GAN discriminator), CSV/TensorBoard logs
+(``log_dir``), checkpoints (``ckpt_dir``), ``torch.compile`` (``compile``).
+
+A non-finite loss or gradient either raises :class:`NonFiniteError` or skips the step
+(``on_nonfinite``); the message names the step and the parts of the loss that went bad.
+
+Exact resume: a checkpoint holds the weights, optimizer, scheduler, grad-scaler, EMA, the
+counters below and every rank's RNG state, so ``fit`` resumed from step N continues
+bit-for-bit like the run that never stopped -- given a loader whose order depends only on
+the epoch (a list, or :func:`~msar.training.distributed.build_loader`).  Counters:
+``step`` (optimizer steps), ``batches_seen`` (micro-batches), ``epoch`` and
+``epoch_batches`` (the data position inside the epoch), ``nonfinite_steps``.
 """
 from __future__ import annotations
 
@@ -48,25 +59,21 @@ class NonFiniteError(FloatingPointError):
 class TrainConfig:
     """Settings shared by all trainers.
 
-    Optimisation (VAR's defaults): ``lr`` is the peak learning rate, reached after
-    ``warmup_steps`` from ``warmup_start x lr``, then decayed by ``lr_schedule``
-    (``lin0``, ``lin``, ``lin00``, ``cos``, ``const``) to ``final_lr_ratio x lr`` at
-    ``total_steps``; weight decay goes from ``weight_decay`` to ``weight_decay_end``
-    (cosine; ``None`` = constant).  Steps are optimizer steps; one step consumes
-    ``grad_accum`` batches.
+    Optimisation (VAR's defaults): AdamW with peak learning rate ``lr``, reached after
+    ``warmup_steps`` from ``warmup_start x lr``, then decayed by ``lr_schedule`` (``lin0``,
+    ``lin``, ``lin00``, ``cos``, ``const``) to ``final_lr_ratio x lr`` at ``total_steps``;
+    weight decay goes from ``weight_decay`` to ``weight_decay_end`` (cosine; ``None`` =
+    constant).  One optimizer step consumes ``grad_accum`` batches; ``grad_clip`` <= 0 disables
+    clipping.
 
-    Numerics: ``amp`` is ``"bf16"``, ``"fp16"`` (with a GradScaler) or ``"none"`` and
-    only acts on CUDA; ``grad_clip`` <= 0 disables clipping; ``on_nonfinite`` is
-    ``"skip"`` (drop the step, warn) or ``"raise"`` (:class:`NonFiniteError`).
+    Opt-in parts: ``amp`` (``"bf16"``, ``"fp16"`` with a GradScaler, or ``"none"``; CUDA only),
+    ``ema_decay`` > 0 (an EMA copy of the weights), ``compile``, ``ddp_find_unused`` (DDP's
+    ``find_unused_parameters``; ``None`` = the trainer's default), ``on_nonfinite`` (``"skip"``
+    the step with a warning, or ``"raise"``).
 
-    DDP: ``ddp_find_unused`` is passed to DistributedDataParallel as
-    ``find_unused_parameters`` (``None`` = the trainer's default: True for the VQ-VAE,
-    whose phi bank may hold convs no scale uses, False for the transformer).
-
-    Bookkeeping: a checkpoint every ``ckpt_every`` steps (0 = only at the end of
-    ``fit``) into ``ckpt_dir`` keeping ``keep_last``; ``resume`` makes ``fit`` start
-    from the newest good checkpoint there; metrics go to ``log_dir/train.csv`` every
-    ``log_every`` steps.
+    Bookkeeping: a checkpoint every ``ckpt_every`` steps (0 = only at the end of ``fit``) into
+    ``ckpt_dir`` keeping ``keep_last``; ``resume`` makes ``fit`` start from the newest good
+    checkpoint there; metrics go to ``log_dir/train.csv`` every ``log_every`` steps.
     """
 
     lr: float = 1e-4
@@ -97,18 +104,18 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
-        if self.on_nonfinite not in ("skip", "raise"):
-            raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {self.on_nonfinite!r}")
-        if self.total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
-        if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"warmup_steps must be in [0, total_steps], got {self.warmup_steps}")
-        if self.ema_decay and not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}")
+        checks = [(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+                  (self.amp in ("none", "bf16", "fp16"), f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}"),
+                  (self.on_nonfinite in ("skip", "raise"),
+                   f"on_nonfinite must be 'skip' or 'raise', got {self.on_nonfinite!r}"),
+                  (self.total_steps >= 1, f"total_steps must be >= 1, got {self.total_steps}"),
+                  (0 <= self.warmup_steps <= self.total_steps,
+                   f"warmup_steps must be in [0, total_steps], got {self.warmup_steps}"),
+                  (not self.ema_decay or 0 < self.ema_decay < 1,
+                   f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
 
 
 @dataclass
@@ -133,8 +140,6 @@ def _to_device(x: Any, device: torch.device) -> Any:
         return type(x)(_to_device(v, device) for v in x)
     if isinstance(x, dict):
         return {k: _to_device(v, device) for k, v in x.items()}
-    if hasattr(x, "to"):  # e.g. torch_geometric batches
-        return x.to(device)
     return x
 
 
@@ -147,60 +152,46 @@ def config_dict(obj: Any) -> Any:
 
 
 class Trainer:
-    """Base class; see the module docstring. Subclasses call ``super().__init__(model, config)``
-    and may register more optimizers in ``self.optimizers`` / ``self.schedulers``."""
+    """Base class; see the module docstring.  Subclasses call ``super().__init__(model, config)``."""
 
     find_unused_parameters = False  # DDP default of this trainer (see TrainConfig.ddp_find_unused)
 
     def __init__(self, model: nn.Module, config: TrainConfig):
         config.validate()
-        self.config = config
-        self.device = D.init_distributed(config.device)
-        self.model = model.to(self.device)
-        self.model.train()
-        use_cuda = self.device.type == "cuda"
-        if config.amp != "none" and not use_cuda:
-            warnings.warn(f"amp={config.amp!r} ignored: mixed precision is only used on CUDA")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp) if use_cuda else None
+        self.config = c = config
+        self.device = D.init_distributed(c.device)
+        self.model = model.to(self.device).train()
+        cuda = self.device.type == "cuda"
+        if c.amp != "none" and not cuda:
+            warnings.warn(f"amp={c.amp!r} ignored: mixed precision is only used on CUDA")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.amp) if cuda else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.modules: dict[str, nn.Module] = {"model": self.model}  # everything an optimizer trains
+        self.optimizers = {"model": self.make_optimizer(self.model)}
+        self.schedulers = {"model": self.make_scheduler(self.optimizers["model"])}
+        self.ema = EMA(self.model, c.ema_decay) if c.ema_decay > 0 else None
+        self.ddp_model = self.wrap_model(self.model)
+        self.forward_model = torch.compile(self.ddp_model) if c.compile else self.ddp_model
 
-        self.optimizers: dict[str, torch.optim.Optimizer] = {"model": self.make_optimizer(self.model)}
-        self.schedulers: dict[str, WarmupDecaySchedule] = {"model": self.make_scheduler(self.optimizers["model"])}
-        self.clip_params: dict[str, list[nn.Parameter]] = {
-            "model": [p for p in self.model.parameters() if p.requires_grad]}
-        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
-
-        self.ddp_model: nn.Module = self.wrap_model(self.model)
-        self.forward_model: nn.Module = torch.compile(self.ddp_model) if config.compile else self.ddp_model
-
-        self.step = 0            # optimizer steps taken
-        self.batches_seen = 0    # micro-batches consumed (data position)
-        self.epoch = 0
-        self.epoch_batches = 0   # batches of the current epoch already consumed
-        self.nonfinite_steps = 0
-        self.history: list[dict] = []
-        self._accum = 0
-        self._window_bad: Optional[str] = None
-        self._window_metrics: list[dict] = []
-        self._pending_rng: Optional[dict] = None
-        self._resumed = False
-        self._last_saved = -1
-        self.logger = (CSVLogger(config.log_dir, "train", config.tensorboard)
-                       if config.log_dir and D.is_main() else None)
-        self._val_logger: Optional[CSVLogger] = None
+        self.step = self.batches_seen = self.epoch = self.epoch_batches = self.nonfinite_steps = 0
+        self.history: list[dict] = []     # records of the steps taken by this object
+        self.window: list[dict] = []      # metrics of the micro-batches of the current step
+        self.skip_reason: Optional[str] = None  # why the current step will be skipped (non-finite)
+        self.saved_step = -1
+        self._pending_rng: Optional[dict] = None  # restored once the loader is fast-forwarded
+        self.loggers: dict[str, CSVLogger] = {}
 
     # ------------------------------------------------------------------ construction helpers
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """The module the training forward runs through: DDP when more than one process
-        runs, else the model itself. Override for other parallelism (e.g. FSDP, where the
+        runs, else the model itself.  Override for other parallelism (e.g. FSDP, where the
         model is sharded before the trainer is built)."""
         if D.world_size() <= 1:
             return model
-        find_unused = (self.find_unused_parameters if self.config.ddp_find_unused is None
-                       else self.config.ddp_find_unused)
+        c = self.config
         return nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=find_unused)
+            find_unused_parameters=self.find_unused_parameters if c.ddp_find_unused is None else c.ddp_find_unused)
 
     def make_optimizer(self, module: nn.Module, lr: Optional[float] = None,
                        betas: Optional[tuple[float, float]] = None) -> torch.optim.Optimizer:
@@ -213,6 +204,17 @@ class Trainer:
         return WarmupDecaySchedule(opt, peak_lr=lr or c.lr, total_steps=c.total_steps, warmup_steps=c.warmup_steps,
                                    kind=c.lr_schedule, wp0=c.warmup_start, final_ratio=c.final_lr_ratio,
                                    wd=c.weight_decay, wd_end=c.weight_decay_end)
+
+    def add_trainable(self, name: str, module: nn.Module, lr: Optional[float] = None,
+                   betas: Optional[tuple[float, float]] = None) -> nn.Module:
+        """Train ``module`` alongside the model with its own AdamW and schedule (e.g. a GAN
+        discriminator).  It is checkpointed as ``name``; under DDP its gradients are averaged
+        over ranks by the trainer (it is not wrapped)."""
+        module = module.to(self.device).train()
+        self.modules[name] = module
+        self.optimizers[name] = self.make_optimizer(module, lr=lr, betas=betas)
+        self.schedulers[name] = self.make_scheduler(self.optimizers[name], lr=lr)
+        return module
 
     # ------------------------------------------------------------------ to implement
     def parse_batch(self, raw: Any) -> Any:
@@ -227,7 +229,7 @@ class Trainer:
         return {}
 
     def checkpoint_models(self) -> dict[str, nn.Module]:
-        models = {"model": self.model}
+        models = dict(self.modules)
         if self.ema is not None:
             models["ema"] = self.ema.module
         return models
@@ -235,273 +237,216 @@ class Trainer:
     def model_config(self) -> Any:
         return None
 
-    # ------------------------------------------------------------------ one micro-batch
+    # ------------------------------------------------------------------ one micro-batch, one step
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
-    def _nonfinite_message(self, what: str, out: Optional[LossOutput]) -> str:
-        msg = f"non-finite {what} at step {self.step} (batch {self.batches_seen})"
-        if D.is_dist():
-            msg += f" on rank {D.rank()}"
-        if out is not None and out.parts:
-            bad = [f"{k}={_float(v):.4g}" for k, v in out.parts.items() if not math.isfinite(_float(v))]
-            ok = [k for k, v in out.parts.items() if math.isfinite(_float(v))]
-            msg += f": non-finite in {', '.join(bad) if bad else 'none of the parts'}"
-            if ok:
-                msg += f" (finite: {', '.join(ok)})"
-        return msg
-
-    def _handle_nonfinite(self, msg: str) -> None:
-        if self.config.on_nonfinite == "raise":
-            raise NonFiniteError(msg)
-        warnings.warn(msg + "; skipping this step")
-        log.warning("%s; skipping this step", msg)
-        self._window_bad = msg
-
     def step_on(self, batch: Any) -> Optional[dict]:
-        """Forward/backward one parsed batch; every ``grad_accum`` batches take an
-        optimizer step.  Returns the step's record (metrics, lr, grad norm) when a step
-        was taken, else ``None``."""
-        accum = self.config.grad_accum
-        last = self._accum == accum - 1
-        sync = (self.ddp_model.no_sync() if (not last and self.ddp_model is not self.model)
-                else contextlib.nullcontext())
-        with sync:
+        """Forward/backward one parsed batch; every ``grad_accum`` batches take an optimizer
+        step.  Returns the step's record (metrics, lr, grad norm) after a step, else ``None``."""
+        c = self.config
+        last = len(self.window) == c.grad_accum - 1
+        ddp = self.ddp_model is not self.model
+        with self.ddp_model.no_sync() if ddp and not last else contextlib.nullcontext():
             with self.autocast():
                 out = self.compute_loss(batch)
             finite = torch.isfinite(out.loss.detach()).float()
-            if D.is_dist():  # every rank must agree, or DDP's backward would hang
-                finite = D.all_reduce_mean(finite)
-            if finite.item() < 1.0:
-                self._handle_nonfinite(self._nonfinite_message("loss", out))
-            if self._window_bad is None:
-                loss = out.loss / accum
+            if D.all_reduce_mean(finite).item() < 1.0:  # every rank must agree, or DDP's backward would hang
+                self.skip(self.nonfinite_message(out))
+            if self.skip_reason is None:
+                loss = out.loss / c.grad_accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            elif self.ddp_model is not self.model and out.loss.requires_grad:
-                # keep DDP's reducer in step on every rank; these gradients are discarded at the step's end
+            elif ddp and out.loss.requires_grad:  # keep DDP's reducer in step; the gradients are dropped
                 (out.loss * 0.0).backward()
-        self._window_metrics.append({k: _float(v) for k, v in out.metrics.items()})
+        self.window.append({k: _float(v) for k, v in out.metrics.items()})
         self.batches_seen += 1
-        self._accum += 1
-        if not last:
-            return None
-        return self._optimizer_step(batch)
+        return self.optimizer_step(batch) if last else None
 
-    def _optimizer_step(self, batch: Any) -> dict:
-        self._accum = 0
-        record: dict[str, Any] = {"step": self.step + 1}
-        grad_norms = {}
-        active = []  # optimizers whose parameters received gradients this step
-        if self._window_bad is None:
-            for name, opt in self.optimizers.items():
-                params = [p for p in self.clip_params.get(name, []) if p.grad is not None]
-                if not params:  # e.g. a discriminator before its start step (GradScaler.step would fail)
-                    continue
-                active.append(opt)
-                if self.scaler is not None:
-                    self.scaler.unscale_(opt)
-                self._sync_extra_grads(name)
-                clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-                grad_norms[name] = torch.nn.utils.clip_grad_norm_(params, clip)
-            bad = [n for n, g in grad_norms.items() if not torch.isfinite(g)]
-            if bad and self.scaler is None:  # with fp16 the scaler skips inf steps itself
-                names = [pn for pn, p in self._named_params(bad[0]) if p.grad is not None
-                         and not torch.isfinite(p.grad).all()][:5]
-                self._handle_nonfinite(f"non-finite gradient norm of {bad} at step {self.step} "
-                                       f"(batch {self.batches_seen}); parameters: {names}")
-        if self._window_bad is None:
-            for opt in active:
-                if self.scaler is not None:
-                    self.scaler.step(opt)
-                else:
-                    opt.step()
-            if self.scaler is not None and active:
+    def optimizer_step(self, batch: Any) -> dict:
+        """Clip, step every optimizer whose parameters got gradients, update EMA and schedules,
+        log and checkpoint.  A step marked non-finite only advances the counters."""
+        norms = self.clip_gradients() if self.skip_reason is None else {}
+        bad = [name for name, g in norms.items() if not torch.isfinite(g)]
+        if bad and self.scaler is None:  # with fp16 the scaler skips inf steps itself
+            params = [f"{n}" for n, p in self.modules[bad[0]].named_parameters()
+                      if p.grad is not None and not torch.isfinite(p.grad).all()][:5]
+            self.skip(f"non-finite gradient norm of {bad} at step {self.step} (batch {self.batches_seen}); "
+                      f"parameters: {params}")
+        skipped = self.skip_reason is not None
+        if not skipped:
+            for name in norms:
+                opt = self.optimizers[name]
+                self.scaler.step(opt) if self.scaler is not None else opt.step()
+            if self.scaler is not None and norms:
                 self.scaler.update()
             if self.ema is not None:
                 self.ema.update(self.model)
-            record["skipped"] = 0
-        else:
-            self.nonfinite_steps += 1
-            record["skipped"] = 1
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        self._window_bad = None
+        self.nonfinite_steps += skipped
+        self.skip_reason = None
         self.step += 1
         for s in self.schedulers.values():
             s.step()
-        # metrics: mean over the micro-batches of the step
-        keys = self._window_metrics[-1].keys() if self._window_metrics else []
-        for k in keys:
-            vals = [m[k] for m in self._window_metrics if k in m]
+
+        record: dict[str, Any] = {"step": self.step, "skipped": int(skipped)}
+        for k in self.window[-1]:  # mean over the step's micro-batches
+            vals = [m[k] for m in self.window if k in m]
             record[k] = sum(vals) / len(vals)
-        self._window_metrics = []
-        for name, g in grad_norms.items():
-            record["grad_norm" if name == "model" else f"grad_norm_{name}"] = _float(g)
+        self.window = []
+        record.update({"grad_norm" if n == "model" else f"grad_norm_{n}": _float(g) for n, g in norms.items()})
         record["lr"] = self.optimizers["model"].param_groups[0]["lr"]
-        if record["skipped"] == 0:
+        if not skipped:
             record.update(self.on_step_end(batch))
         self.history.append(record)
-        if self.logger is not None and (self.step % max(1, self.config.log_every) == 0):
-            self.logger.log(self.step, {k: v for k, v in record.items() if k != "step"})
         c = self.config
+        if self.step % max(1, c.log_every) == 0:
+            self.log_metrics({k: v for k, v in record.items() if k != "step"}, "train")
         if c.ckpt_dir and c.ckpt_every > 0 and self.step % c.ckpt_every == 0:
             self.save()
         return record
 
-    def _named_params(self, opt_name: str) -> Iterable[tuple[str, nn.Parameter]]:
-        ids = {id(p) for p in self.clip_params.get(opt_name, [])}
-        for m in [self.model] + list(getattr(self, "_extra_modules", {}).values()):
-            for n, p in m.named_parameters():
-                if id(p) in ids:
-                    yield n, p
+    def clip_gradients(self) -> dict[str, torch.Tensor]:
+        """Per optimizer whose parameters received gradients: unscale (fp16), average the
+        gradients of unwrapped modules over ranks, clip; returns the gradient norms."""
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        norms = {}
+        for name, opt in self.optimizers.items():
+            # module order, not the optimizer's groups: the norm's float sum depends on the order
+            params = [p for p in self.modules[name].parameters() if p.grad is not None]
+            if not params:  # e.g. a discriminator before its start step (GradScaler.step would fail)
+                continue
+            if self.scaler is not None:
+                self.scaler.unscale_(opt)
+            if name != "model" and D.is_dist():  # DDP averages the model's gradients only
+                for p in params:
+                    p.grad.copy_(D.all_reduce_mean(p.grad))
+            norms[name] = torch.nn.utils.clip_grad_norm_(params, clip)
+        return norms
 
-    def _sync_extra_grads(self, name: str) -> None:
-        """Average gradients over ranks for parameters outside the DDP-wrapped model."""
-        if name == "model" or not D.is_dist():
-            return
-        for p in self.clip_params.get(name, []):
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad.div_(D.world_size())
+    def skip(self, msg: str) -> None:
+        """Mark the current step non-finite: raise, or warn and drop it (``on_nonfinite``)."""
+        if self.config.on_nonfinite == "raise":
+            raise NonFiniteError(msg)
+        warnings.warn(msg + "; skipping this step")
+        log.warning("%s; skipping this step", msg)
+        self.skip_reason = msg
+
+    def nonfinite_message(self, out: LossOutput) -> str:
+        msg = f"non-finite loss at step {self.step} (batch {self.batches_seen})"
+        if D.is_dist():
+            msg += f" on rank {D.rank()}"
+        if out.parts:
+            values = {k: _float(v) for k, v in out.parts.items()}
+            bad = [f"{k}={v:.4g}" for k, v in values.items() if not math.isfinite(v)]
+            ok = [k for k, v in values.items() if math.isfinite(v)]
+            msg += f": non-finite in {', '.join(bad) or 'none of the parts'}"
+            msg += f" (finite: {', '.join(ok)})" if ok else ""
+        return msg
 
     # ------------------------------------------------------------------ the loop
     def fit(self, loader: Iterable, steps: Optional[int] = None) -> list[dict]:
         """Train until ``self.step == steps`` (default ``config.total_steps``), resuming
-        first from ``config.ckpt_dir`` when ``config.resume``. ``steps`` is the absolute
+        first from ``config.ckpt_dir`` when ``config.resume``.  ``steps`` is the absolute
         target, so the same call finishes an interrupted run.  Returns the records of the
         steps taken in this call.  A checkpoint is written at the end when ``ckpt_dir`` is set.
         """
         from tqdm.auto import tqdm
 
-        target = self.config.total_steps if steps is None else int(steps)
         c = self.config
-        if c.resume and c.ckpt_dir and not self._resumed and self.step == 0:
+        target = c.total_steps if steps is None else int(steps)
+        if c.resume and c.ckpt_dir and self.step == 0 and self._pending_rng is None:
             self.resume()
-        start_len = len(self.history)
-        bar = tqdm(total=target, initial=min(self.step, target), disable=not (c.progress and D.is_main()),
-                   desc=type(self).__name__, dynamic_ncols=True)
-        try:
+        start = len(self.history)
+        with tqdm(total=target, initial=min(self.step, target), disable=not (c.progress and D.is_main()),
+                  desc=type(self).__name__, dynamic_ncols=True) as bar:
             while self.step < target:
-                sampler = getattr(loader, "sampler", None)
-                if hasattr(sampler, "set_epoch"):
-                    sampler.set_epoch(self.epoch)
-                if self.epoch_batches and isinstance(sampler, torch.utils.data.RandomSampler) \
-                        and sampler.generator is None:
-                    warnings.warn("resuming mid-epoch with a shuffling DataLoader whose order depends on the "
-                                  "global RNG: the batches will differ from the interrupted run; use "
-                                  "msar.training.build_loader (order fixed by seed and epoch) for exact resume")
-                it = iter(loader)
-                consumed = 0
-                for _ in range(self.epoch_batches):  # fast-forward to the resumed data position
-                    if next(it, None) is None:
-                        break
-                    consumed += 1
-                if self._pending_rng is not None:  # after fast-forwarding, which may draw random numbers
-                    restore_rng_state(self._pending_rng)
-                    self._pending_rng = None
-                stopped = False
-                for raw in it:
-                    consumed += 1
+                batches = self.epoch_iterator(loader)
+                for raw in batches:
                     self.epoch_batches += 1
                     rec = self.step_on(self.parse_batch(raw))
                     if rec is not None:
                         bar.update(1)
                         bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "lr") if k in rec})
                         if self.step >= target:
-                            stopped = True
                             break
-                if stopped:
-                    break
-                if consumed == 0:
-                    raise ValueError("the loader yielded no batches (empty dataset, or a one-shot iterator "
-                                     "that is already exhausted)")
-                self.epoch += 1
-                self.epoch_batches = 0
-        finally:
-            bar.close()
-        if c.ckpt_dir and self._last_saved != self.step:
+                else:  # the epoch ran out
+                    if self.epoch_batches == 0:
+                        raise ValueError("the loader yielded no batches (empty dataset, or a one-shot iterator "
+                                         "that is already exhausted)")
+                    self.epoch, self.epoch_batches = self.epoch + 1, 0
+        if c.ckpt_dir and self.saved_step != self.step:
             self.save()
-        return self.history[start_len:]
+        return self.history[start:]
+
+    def epoch_iterator(self, loader: Iterable):
+        """An iterator over the current epoch, fast-forwarded past the ``epoch_batches``
+        already consumed; the RNG state of a resumed checkpoint is restored after that."""
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        if self.epoch_batches and isinstance(sampler, torch.utils.data.RandomSampler) and sampler.generator is None:
+            warnings.warn("resuming mid-epoch with a shuffling DataLoader whose order depends on the global RNG: "
+                          "the batches will differ from the interrupted run; use msar.training.build_loader "
+                          "(order fixed by seed and epoch) for exact resume")
+        it = iter(loader)
+        for skipped in range(self.epoch_batches):
+            if next(it, None) is None:
+                self.epoch_batches = skipped  # the loader is shorter than the saved position
+                break
+        if self._pending_rng is not None:  # after iter() and fast-forwarding, which may draw random numbers
+            restore_rng_state(self._pending_rng)
+            self._pending_rng = None
+        return it
 
     # ------------------------------------------------------------------ checkpoints
     def state_extra(self) -> dict:
+        """Counters and every rank's RNG state (collective under DDP: call on every rank)."""
+        rng_ranks = None  # in a single process the checkpoint's own RNG state is this rank's
+        if D.is_dist():  # ranks draw different dropout masks / augmentations
+            rng_ranks = [None] * D.world_size()
+            torch.distributed.all_gather_object(rng_ranks, capture_rng_state())
         return {"step": self.step, "batches_seen": self.batches_seen, "epoch": self.epoch,
                 "epoch_batches": self.epoch_batches, "nonfinite_steps": self.nonfinite_steps,
-                "trainer": type(self).__name__, "module_counters": self._module_counters(),
-                "rng_ranks": self._rank_rng_states()}
-
-    def _counter_modules(self) -> Iterable[tuple[str, nn.Module]]:
-        for name, model in self.checkpoint_models().items():
-            if isinstance(model, nn.Module):  # (not the state-dict stand-ins of sharded trainers)
-                for path, m in unwrap_model(model).named_modules():
-                    if isinstance(getattr(m, "record_hit", None), int):
-                        yield f"{name}/{path}", m
-
-    def _module_counters(self) -> dict[str, int]:
-        """Plain-int training counters that live outside state dicts: the quantizer's
-        ``record_hit`` decides whether its usage EMA copies or mixes the next hits, and
-        whether dead codes may be restarted -- a resumed run must continue the count."""
-        return {key: m.record_hit for key, m in self._counter_modules()}
-
-    def _restore_module_counters(self, counters: Mapping[str, int]) -> None:
-        for key, m in self._counter_modules():
-            if key in counters:
-                m.record_hit = int(counters[key])
-
-    def _rank_rng_states(self) -> Optional[list]:
-        """Every rank's RNG state (ranks draw different dropout masks / augmentations);
-        ``None`` in a single process, where the checkpoint's own RNG state is this rank's."""
-        if not D.is_dist():
-            return None
-        states = [None] * D.world_size()
-        torch.distributed.all_gather_object(states, capture_rng_state())
-        return states
+                "trainer": type(self).__name__, "rng_ranks": rng_ranks}
 
     def save(self, ckpt_dir: Optional[str] = None) -> Optional[Path]:
         """Write a checkpoint of the current step (rank 0 only; all ranks wait)."""
         ckpt_dir = ckpt_dir or self.config.ckpt_dir
         if not ckpt_dir:
             raise ValueError("no checkpoint directory: set config.ckpt_dir or pass ckpt_dir")
-        if self._accum != 0:
+        if self.window:
             raise RuntimeError(f"cannot checkpoint in the middle of a gradient-accumulation window "
-                               f"({self._accum}/{self.config.grad_accum} batches)")
+                               f"({len(self.window)}/{self.config.grad_accum} batches)")
+        extra = self.state_extra()
         path = None
-        extra = self.state_extra()  # collective on every rank (RNG states of all ranks)
         if D.is_main():
             path = save_checkpoint(
-                ckpt_dir, self.step, self.checkpoint_models(), optimizer=self.optimizers,
-                scheduler=self.schedulers, scaler=self.scaler, extra=extra,
-                config={"trainer": config_dict(self.config), "model": config_dict(self.model_config())},
-                rng=True, keep_last=self.config.keep_last)
+                ckpt_dir, self.step, self.checkpoint_models(), optimizer=self.optimizers, scheduler=self.schedulers,
+                scaler=self.scaler, extra=extra, rng=True, keep_last=self.config.keep_last,
+                config={"trainer": config_dict(self.config), "model": config_dict(self.model_config())})
         D.barrier()
-        self._last_saved = self.step
+        self.saved_step = self.step
         return path
 
     def resume(self, path: Optional[str] = None) -> Optional[Checkpoint]:
         """Restore from checkpoint directory ``path`` or the newest good one in
         ``config.ckpt_dir``; returns the checkpoint, or ``None`` if there was none."""
-        if path is not None:
-            ck = load_checkpoint(path, map_location=self.device)
-        elif self.config.ckpt_dir:
-            ck = load_latest(self.config.ckpt_dir, map_location=self.device)
-        else:
+        if path is None and not self.config.ckpt_dir:
             raise ValueError("resume() needs a path or config.ckpt_dir")
-        self._resumed = True
+        ck = (load_checkpoint(path, map_location=self.device) if path is not None
+              else load_latest(self.config.ckpt_dir, map_location=self.device))
         if ck is None:
             return None
-        models = self.checkpoint_models()
-        ck.restore(models=models, optimizer=self.optimizers, scheduler=self.schedulers, scaler=self.scaler,
-                   rng=True)
+        ck.restore(models=self.checkpoint_models(), optimizer=self.optimizers, scheduler=self.schedulers,
+                   scaler=self.scaler, rng=True)  # the RNG now too: a finished run leaves it as it ended
         e = ck.extra
         self.step = int(e.get("step", ck.step))
-        self.batches_seen = int(e.get("batches_seen", 0))
-        self.epoch = int(e.get("epoch", 0))
-        self.epoch_batches = int(e.get("epoch_batches", 0))
-        self.nonfinite_steps = int(e.get("nonfinite_steps", 0))
-        self._restore_module_counters(e.get("module_counters") or {})
-        self._pending_rng = ck.state.get("rng")
+        for key in ("batches_seen", "epoch", "epoch_batches", "nonfinite_steps"):
+            setattr(self, key, int(e.get(key, 0)))
+        self._pending_rng = ck.state["rng"]
         ranks = e.get("rng_ranks")
         if D.is_dist():
             if ranks is not None and len(ranks) == D.world_size():
@@ -509,22 +454,30 @@ class Trainer:
             else:
                 warnings.warn(f"{ck.path} was saved by {len(ranks) if ranks else 1} process(es), resumed by "
                               f"{D.world_size()}: every rank restarts from rank 0's RNG state (not exact)")
-        self._last_saved = self.step
-        self._accum = 0
+        self.saved_step = self.step
+        self.window, self.skip_reason = [], None
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        if self.logger is not None:
-            self.logger.truncate_after(self.step)
+        logger = self._logger("train")
+        if logger is not None:
+            logger.truncate_after(self.step)  # rows a killed run logged after its last checkpoint
         log.info("resumed from %s at step %d", ck.path, self.step)
         return ck
 
-    # ------------------------------------------------------------------ evaluation helpers
-    def log_eval(self, metrics: Mapping[str, float], name: str = "val") -> None:
-        """Append evaluation metrics to ``log_dir/<name>.csv`` at the current step."""
-        if self.config.log_dir and D.is_main():
-            if self._val_logger is None or self._val_logger.name != name:
-                self._val_logger = CSVLogger(self.config.log_dir, name, self.config.tensorboard)
-            self._val_logger.log(self.step, metrics)
+    # ------------------------------------------------------------------ logging and evaluation helpers
+    def _logger(self, name: str) -> Optional[CSVLogger]:
+        c = self.config
+        if not (c.log_dir and D.is_main()):
+            return None
+        if name not in self.loggers:
+            self.loggers[name] = CSVLogger(c.log_dir, name, c.tensorboard)
+        return self.loggers[name]
+
+    def log_metrics(self, metrics: Mapping[str, float], name: str = "val") -> None:
+        """Append metrics to ``log_dir/<name>.csv`` at the current step (rank 0, when ``log_dir`` is set)."""
+        logger = self._logger(name)
+        if logger is not None:
+            logger.log(self.step, metrics)
 
     @property
     def eval_model(self) -> nn.Module:

@@ -22,10 +22,12 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
-# Substrings of parameter names that never get weight decay (VAR's ``nowd_keys``).
+# Substrings of parameter names that never get weight decay: VAR's ``nowd_keys`` and the names msar
+# gives the same tensors (pos_1LC = pos_embed, pos_start = start_pos, lvl_embed = level_embed,
+# ada_gss = adaln_offset, scale_mul_1H11 = attn_scale).
 VAR_NO_DECAY_KEYS: frozenset[str] = frozenset({
     "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
-    "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul",
+    "lvl_embed", "level_embed", "gamma", "beta", "ada_gss", "adaln_offset", "moe_bias", "scale_mul", "attn_scale",
 })
 
 

@@ -103,7 +103,7 @@ class TransformerTrainer(Trainer):
                                 f"(a list of {self.schedule.num_scales} (B, n_k) long tensors)")
             with torch.no_grad():
                 indices = [t.long() for t in self.tokenizer.encode(_to_device(data_or_indices, self.device))]
-        B = self.schedule.check_indices(indices, self.model.V)
+        B = self.schedule.check_indices(indices, self.model.vocab_size)
         labels = self._null_labels(B) if labels is None else torch.as_tensor(labels).to(self.device).long()
         if teacher_input is None:
             if self.tokenizer is None:
@@ -224,5 +224,5 @@ class TransformerTrainer(Trainer):
         for k in range(K):
             out[f"loss_k{k}"], out[f"acc_k{k}"] = loss_k[k], acc_k[k]
         if log:
-            self.log_eval(out)
+            self.log_metrics(out)
         return out

@@ -20,7 +20,8 @@ class VQVAETrainConfig(TrainConfig):
     + perceptual_weight * perceptual(x, recon) + d_weight * hinge_G``, where
     ``d_weight = disc_weight * ||grad_last nll|| / ||grad_last G||`` (taming-transformers'
     adaptive weight, clamped to [0, 1e4]) once ``step >= disc_start``.
-    ``restart_every`` > 0 re-seeds dead codewords every that many steps.
+    ``restart_every`` > 0 re-seeds dead codewords every that many steps, until step
+    ``restart_until`` (0 = to the end; a codeword re-seeded late has no time to train).
     """
 
     lr: float = 2e-4
@@ -36,6 +37,7 @@ class VQVAETrainConfig(TrainConfig):
     adaptive_disc_weight: bool = True
     restart_every: int = 0
     restart_threshold: float = 1e-3
+    restart_until: int = 0
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -90,31 +92,19 @@ class VQVAETrainer(Trainer):
         config = config or VQVAETrainConfig()
         super().__init__(tokenizer, config)
         self.tokenizer = tokenizer
+        self.quantizer = tokenizer.quantizer
         self.perceptual = perceptual
         self.recon_loss = recon_loss
         if config.perceptual_weight > 0 and perceptual is None:
             raise ValueError("perceptual_weight > 0 but no `perceptual` callable was given")
-        self.discriminator = discriminator
-        self._extra_modules = {}
+        self.discriminator = None
         if discriminator is not None:
-            self.discriminator = discriminator.to(self.device).train()
-            self._extra_modules["disc"] = self.discriminator
-            lr = config.disc_lr or config.lr
-            self.optimizers["disc"] = self.make_optimizer(self.discriminator, lr=lr, betas=config.disc_betas)
-            self.schedulers["disc"] = self.make_scheduler(self.optimizers["disc"], lr=lr)
-            self.clip_params["disc"] = [p for p in self.discriminator.parameters() if p.requires_grad]
-            if last_layer is None:
-                decoder = getattr(tokenizer, "decoder", tokenizer)
-                last_layer = _last_weight(decoder)
+            self.discriminator = self.add_trainable("disc", discriminator, lr=config.disc_lr or config.lr,
+                                                 betas=config.disc_betas)
+            last_layer = last_layer if last_layer is not None else _last_weight(tokenizer.decoder)
             if last_layer is None and config.adaptive_disc_weight:
                 raise ValueError("adaptive GAN weight needs `last_layer` (no multi-dimensional decoder weight found)")
         self.last_layer = last_layer
-
-    def checkpoint_models(self) -> dict[str, nn.Module]:
-        models = super().checkpoint_models()
-        if self.discriminator is not None:
-            models["disc"] = self.discriminator
-        return models
 
     # ------------------------------------------------------------------ batches
     def parse_batch(self, raw: Any) -> Any:
@@ -182,25 +172,29 @@ class VQVAETrainer(Trainer):
             loss = loss + d_weight * g_loss + d_loss
             metrics.update(g_loss=g_loss.detach(), d_loss=d_loss.detach(), d_weight=d_weight, loss=loss.detach())
             parts.update(g_loss=g_loss, d_loss=d_loss, d_weight=d_weight)  # the adaptive weight can go NaN too
-        for k, u in enumerate(q.usage):
-            metrics[f"usage_k{k}"] = u
+        if self.model.training:  # codebook usage: statistics of the whole (global) batch
+            hits = q.hits.detach()
+            if D.is_dist():
+                torch.distributed.all_reduce(hits)
+            self.quantizer.record_usage(hits)
+            for k, u in enumerate(self.quantizer.usage(int(hits[-1].sum()))):
+                metrics[f"usage_k{k}"] = u
         return LossOutput(loss, metrics, parts)
 
     def on_step_end(self, x: Any) -> dict:
         c = self.config
         if not (c.restart_every > 0 and self.step % c.restart_every == 0):
             return {}
-        quantizer = getattr(self.tokenizer, "quantize", None)
-        if quantizer is None or not hasattr(quantizer, "restart_dead_codes"):
+        if c.restart_until and self.step > c.restart_until:
             return {}
-        n = 0
+        quantizer, n = self.quantizer, 0
         if D.is_main():  # restart on rank 0, then share the codebook so ranks stay identical
             with torch.no_grad():
                 f = self.tokenizer.encode_latent(x)
             n = quantizer.restart_dead_codes(f, threshold=c.restart_threshold)
         if D.is_dist():
             torch.distributed.broadcast(quantizer.embedding.weight.data, src=0)
-            torch.distributed.broadcast(quantizer.ema_vocab_hit_SV, src=0)
+            torch.distributed.broadcast(quantizer.usage_ema, src=0)
         return {"restarted": n}
 
     def train_step(self, x: Any) -> Optional[dict]:
@@ -244,10 +238,8 @@ class VQVAETrainer(Trainer):
             keys = sorted(out)
             t = D.all_reduce_mean(torch.tensor([out[k] for k in keys], device=self.device, dtype=torch.float64))
             out = dict(zip(keys, t.tolist()))
-        quantizer = getattr(model, "quantize", None)
-        if quantizer is not None and hasattr(quantizer, "usage"):
-            for k, u in enumerate(quantizer.usage()):
-                out[f"usage_k{k}"] = u
+        for k, u in enumerate(model.quantizer.usage()):
+            out[f"usage_k{k}"] = u
         if log:
-            self.log_eval(out)
+            self.log_metrics(out)
         return out

@@ -135,7 +135,7 @@ class ImageNetTrainer(TransformerTrainer):
     # ------------------------------------------------------------------ resume without decoding
     def fit(self, loader: Iterable, steps: Optional[int] = None) -> list[dict]:
         c = self.config
-        if c.resume and c.ckpt_dir and not self._resumed and self.step == 0:
+        if c.resume and c.ckpt_dir and self.step == 0 and self._pending_rng is None:
             self.resume()
         sampler = getattr(loader, "sampler", None)
         if self.epoch_batches and isinstance(sampler, EpochSampler):
@@ -145,7 +145,7 @@ class ImageNetTrainer(TransformerTrainer):
     # ------------------------------------------------------------------ FSDP gradient accumulation
     def step_on(self, batch: Any) -> Optional[dict]:
         if self.fsdp and self.config.grad_accum > 1:  # reduce-scatter only on the window's last micro-batch
-            self.model.set_requires_gradient_sync(self._accum == self.config.grad_accum - 1)
+            self.model.set_requires_gradient_sync(len(self.window) == self.config.grad_accum - 1)
         return super().step_on(batch)
 
     # ------------------------------------------------------------------ FSDP checkpoints
