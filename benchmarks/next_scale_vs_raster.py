@@ -83,6 +83,18 @@ class RasterCodebookState:
         return self.codebook(idx)
 
 
+class RasterCodebookTokenizer:
+    """The tokenizer side of raster generation: a codebook, one token per scale (generation only)."""
+
+    def __init__(self, codebook: nn.Embedding, num_tokens: int):
+        self.codebook, self.num_tokens = codebook, num_tokens
+        self.schedule = ScaleSchedule.raster(num_tokens)
+        self.vocab_size, self.latent_dim = codebook.num_embeddings, codebook.embedding_dim
+
+    def start(self, batch_size: int, device, context=None) -> RasterCodebookState:
+        return RasterCodebookState(self.codebook, self.num_tokens)
+
+
 # ---------------------------------------------------------------------------- models
 def build_pair(p: dict, side: int, device: torch.device, seed: int) -> dict:
     """Next-scale and raster models of identical depth/width/vocab for final grid ``side``."""
@@ -119,9 +131,8 @@ def generate(pair: dict, order: str, batch: int, seed: int, top_k: int, top_p: f
     if order == "next_scale":
         return msar.sample(model, pair["tokenizer"], batch_size=batch, cfg=0, top_k=top_k, top_p=top_p,
                            seed=seed, decode=False)
-    state = RasterCodebookState(pair["codebook"], model.L)
-    return msar.sample(model, None, batch_size=batch, cfg=0, top_k=top_k, top_p=top_p, seed=seed,
-                       decode=False, state=state)
+    return msar.sample(model, RasterCodebookTokenizer(pair["codebook"], model.seq_len), batch_size=batch, cfg=0,
+                       top_k=top_k, top_p=top_p, seed=seed, decode=False)
 
 
 # ---------------------------------------------------------------------------- uncached raster
@@ -133,7 +144,7 @@ def prefix_logits(model: NextScaleTransformer, codebook: nn.Embedding, tokens: t
     cond, cond_blocks = model.condition(labels)
     h = model.embed_start(cond)
     if n > 0:
-        x = model.word_embed(codebook(tokens)) + model.level_pos()[:, 1:n + 1]
+        x = model.input_proj(codebook(tokens)) + model.level_pos()[:, 1:n + 1]
         h = torch.cat((h, x), dim=1)
     mask = model.attn_mask[:n + 1, :n + 1]
     for b in model.blocks:
@@ -144,10 +155,10 @@ def prefix_logits(model: NextScaleTransformer, codebook: nn.Embedding, tokens: t
 @torch.no_grad()
 def generate_uncached(model: NextScaleTransformer, codebook: nn.Embedding, batch: int, seed: int,
                       top_k: int, top_p: float) -> torch.Tensor:
-    device = model.pos_1LC.device
+    device = model.pos_embed.device
     gen = torch.Generator(device=device).manual_seed(seed)
     tokens = torch.zeros(batch, 0, dtype=torch.long, device=device)
-    for _ in range(model.L):
+    for _ in range(model.seq_len):
         logits = prefix_logits(model, codebook, tokens)
         nxt = msar.sample_tokens(logits.unsqueeze(1), top_k, top_p, generator=gen)
         tokens = torch.cat((tokens, nxt), dim=1)
@@ -168,7 +179,7 @@ def uncached_raster_flops(model: NextScaleTransformer, codebook: nn.Embedding) -
     """FLOPs of a whole uncached raster generation at batch 1 (see module docstring)."""
     meta_model = copy.deepcopy(model).to("meta")
     meta_cb = copy.deepcopy(codebook).to("meta")
-    T = model.L
+    T = model.seq_len
 
     def f(n: int) -> dict:
         toks = torch.zeros(1, n, dtype=torch.long, device="meta")
@@ -219,7 +230,7 @@ def run(args) -> dict:
                                     repeats=p["repeats"], warmup=1)
                 mem = common.peak_memory(lambda: generate(pair, order, p["batch"], args.seed, top_k, top_p), device)
             row[order] = {
-                "L": model.L, "steps": steps, "params": model.num_parameters(),
+                "L": model.seq_len, "steps": steps, "params": model.num_parameters(),
                 "flops": fl["total"], "flops_attention": fl["attention"], "flops_linear": fl["linear"],
                 "flops_by_op": fl["by_op"],
                 "time_per_sample_b1_s": t1.median_s, "time_b1": t1.as_dict(),

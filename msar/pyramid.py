@@ -26,22 +26,31 @@ from .schedule import ScaleSchedule
 class LatentPyramid(Protocol):
     """What the residual quantizer needs from a modality.
 
-    ``restrict(f, k)``: ``(B, C, *full) -> (B, C, *shape_k)``.
-    ``prolong(h, k)``:  ``(B, C, *shape_k) -> (B, C, *full)``.
-    ``full`` is the shape of the full-resolution latent: usually the last (finest) scale's
-    grid. A pyramid may define a ``full`` attribute when it differs (e.g. one spatial
-    pyramid per video frame, laid out frame after frame); the quantizer then uses it.
+    ==================================  ====================================================
+    ``schedule``                        the :class:`ScaleSchedule` (K scales)
+    ``full``                            shape of the full-resolution latent (without B, C);
+                                        usually the last scale's grid, but it may differ
+                                        (e.g. one spatial pyramid per video frame)
+    ``restrict(f, k)``                  ``(B, C, *full) -> (B, C, *shape_k)``: fine -> coarse;
+                                        an average (a constant field restricts to itself)
+    ``prolong(h, k)``                   ``(B, C, *shape_k) -> (B, C, *full)``: coarse -> fine
+    ``resample(f, k)``                  ``(B, C, *full) -> (B, C, *shape_k)``: the transformer
+                                        input of scale k from the accumulated latent (VAR: the
+                                        same area pooling as ``restrict``)
+    ==================================  ====================================================
+
+    ``msar.testing.check_pyramid`` checks the semantics (constants, round trip, no empty
+    clusters, token counts) of an implementation.
     """
 
     schedule: ScaleSchedule
+    full: tuple[int, ...]
 
     def restrict(self, f: torch.Tensor, k: int) -> torch.Tensor: ...
 
     def prolong(self, h: torch.Tensor, k: int) -> torch.Tensor: ...
 
-    def resample(self, f: torch.Tensor, k: int) -> torch.Tensor:
-        """Coarsen a full-resolution latent to scale k for use as transformer input."""
-        ...
+    def resample(self, f: torch.Tensor, k: int) -> torch.Tensor: ...
 
 
 _UP_MODES = {1: "linear", 2: "bicubic", 3: "trilinear"}
@@ -102,7 +111,13 @@ class OperatorPyramid:
         prolong_ops: per scale, ``(N, n_k)`` or ``(B, N, n_k)``: copies (or
             interpolates) coarse values back to the fine nodes.
 
-    Use :meth:`from_assignments` for the common case of hard clusters.
+    Raises:
+        ValueError: an operator of the wrong shape, or one with NaN or infinite entries
+            (they would poison every latent restricted or prolonged through it).
+
+    Use :meth:`from_assignments` for the common case of hard clusters, and
+    :func:`msar.testing.check_pyramid` to check the semantics (averaging restriction,
+    round trip, no empty clusters).
     """
 
     def __init__(self, schedule: ScaleSchedule | Sequence, restrict_ops: Sequence[torch.Tensor],
@@ -118,26 +133,47 @@ class OperatorPyramid:
                 raise ValueError(f"restrict_ops[{k}]: expected shape (n_k={n}, N={N}) or (B, {n}, {N}), got {tuple(R.shape)}")
             if P.dim() not in (2, 3) or tuple(P.shape[-2:]) != (N, n):
                 raise ValueError(f"prolong_ops[{k}]: expected shape (N={N}, n_k={n}) or (B, {N}, {n}), got {tuple(P.shape)}")
+            for name, op in (("restrict_ops", R), ("prolong_ops", P)):
+                bad = ~torch.isfinite(op)
+                if bad.any():
+                    where = tuple(int(i) for i in bad.nonzero()[0])
+                    raise ValueError(f"{name}[{k}] (scale {k}) has {int(bad.sum())} NaN or infinite entries, "
+                                     f"the first at index {where}")
         self.restrict_ops = list(restrict_ops)
         self.prolong_ops = list(prolong_ops)
         self.full = (N,)
 
     @classmethod
-    def from_assignments(cls, schedule: ScaleSchedule | Sequence, assignments: Sequence[torch.Tensor]) -> "OperatorPyramid":
+    def from_assignments(cls, schedule: ScaleSchedule | Sequence, assignments: Sequence[torch.Tensor],
+                         allow_empty: bool = False) -> "OperatorPyramid":
         """Hard clusters: ``assignments[k]`` is ``(N,)`` or ``(B, N)`` long, the scale-k
         cluster of every finest-level node. Restriction averages the members of a
         cluster (the graph analogue of area pooling); prolongation copies the cluster
-        value to every member. Empty clusters restrict to zero.
+        value to every member.
+
+        A cluster without members (a token of scale k whose restriction reads nothing) is an
+        error: usually the schedule counts more tokens than the hierarchy has clusters. Pass
+        ``allow_empty=True`` when empty clusters are intended (e.g. padding of a batch of
+        hierarchies of different sizes); they then restrict to zero.
         """
         schedule = ScaleSchedule(schedule)
+        if len(assignments) != len(schedule):
+            raise ValueError(f"expected {len(schedule)} assignments (one per scale of {schedule}), got {len(assignments)}")
         R_ops, P_ops = [], []
         for k, a in enumerate(assignments):
             n = schedule.token_counts[k]
             if a.numel() and (int(a.min()) < 0 or int(a.max()) >= n):
                 raise ValueError(f"assignments[{k}]: cluster ids must lie in [0, {n}), got [{int(a.min())}, {int(a.max())}]")
             P = F.one_hot(a.long(), n).float()  # (..., N, n)
-            counts = P.sum(dim=-2, keepdim=True).clamp_min(1.0)  # (..., 1, n)
-            R = (P / counts).transpose(-1, -2)  # (..., n, N)
+            sizes = P.sum(dim=-2, keepdim=True)  # (..., 1, n)
+            if not allow_empty and bool((sizes == 0).any()):
+                empty = (sizes[..., 0, :] == 0).nonzero()[0]  # (c,) or (b, c)
+                where = f"cluster {int(empty[-1])}" + (f" of sample {int(empty[0])}" if len(empty) == 2 else "")
+                raise ValueError(f"assignments[{k}] (scale {k}): {where} has no member "
+                                 f"({int((sizes == 0).sum())} empty clusters of {n} in all); does the schedule's "
+                                 f"n_{k} = {n} exceed the number of clusters of the hierarchy? Pass allow_empty=True "
+                                 f"if empty clusters are intended")
+            R = (P / sizes.clamp_min(1.0)).transpose(-1, -2)  # (..., n, N)
             R_ops.append(R)
             P_ops.append(P)
         return cls(schedule, R_ops, P_ops)

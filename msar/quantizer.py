@@ -18,7 +18,7 @@ the modality; everything here works on ``(B, C, *shape)`` latents of any rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,33 @@ class Phi(nn.Module):
         return h.mul(1 - self.ratio) + self.conv(h).mul_(self.ratio)
 
 
+class NeighbourhoodPhi(nn.Module):
+    """phi for latents without a grid: ``conv(h) = W_self h + W_nbr (h A^T)``.
+
+    ``A`` ``(N, N)`` is a neighbourhood operator on the full-resolution nodes (e.g. a
+    row-normalised adjacency of the finest graph level, or of cells on a sphere), the
+    non-grid analogue of a 3x3 stencil: each node mixes its own channels with the
+    average of its neighbours'.
+    """
+
+    def __init__(self, dim: int, ratio: float, neighbourhood: torch.Tensor):
+        super().__init__()
+        if neighbourhood.dim() != 2 or neighbourhood.shape[0] != neighbourhood.shape[1]:
+            raise ValueError(f"phi neighbourhood: expected a square (N, N) operator, got {tuple(neighbourhood.shape)}")
+        if not torch.isfinite(neighbourhood).all():
+            raise ValueError("phi neighbourhood: the operator contains NaN or infinite entries")
+        self.register_buffer("neighbourhood", neighbourhood.float().clone(), persistent=False)
+        self.self_mix = nn.Conv1d(dim, dim, 1)
+        self.nbr_mix = nn.Conv1d(dim, dim, 1, bias=False)
+        self.ratio = abs(ratio)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() != 3 or h.shape[-1] != self.neighbourhood.shape[0]:
+            raise ValueError(f"NeighbourhoodPhi: expected (B, C, N={self.neighbourhood.shape[0]}), got {tuple(h.shape)}")
+        nbr = h @ self.neighbourhood.to(h.dtype).T
+        return h.mul(1 - self.ratio) + (self.self_mix(h) + self.nbr_mix(nbr)).mul_(self.ratio)
+
+
 class PhiBank(nn.Module):
     """The set of phi convolutions and VAR's rule for which one serves scale k.
 
@@ -52,11 +79,13 @@ class PhiBank(nn.Module):
     all scales, n > 1 = n partially shared.  ``ratio == 0`` disables phi entirely.
     For n convs VAR places ticks at ``linspace(1/3n, 1 - 1/3n, n)`` when n == 4 and
     ``linspace(1/2n, 1 - 1/2n, n)`` otherwise; scale k of K uses the conv whose
-    tick is nearest to ``k / (K - 1)``.
+    tick is nearest to ``k / (K - 1)``.  ``neighbourhood`` ``(N, N)`` makes every phi a
+    :class:`NeighbourhoodPhi` (latents without a grid) instead of a convolution.
     """
 
     def __init__(self, dim: int, num_scales: int, share: int = 4, ratio: float = 0.5, rank: int = 2,
-                 kernel_size: int | tuple[int, ...] = 3, num: int | None = None):
+                 kernel_size: int | tuple[int, ...] = 3, num: int | None = None,
+                 neighbourhood: Optional[torch.Tensor] = None):
         super().__init__()
         if share < 0:
             raise ValueError(f"phi share must be >= 0 (0 = one per scale, 1 = shared, n = partially shared), got {share}")
@@ -64,7 +93,13 @@ class PhiBank(nn.Module):
         self.enabled = abs(ratio) > 1e-6
         n = (num or num_scales) if share == 0 else share
         self.share = share
-        self.convs = nn.ModuleList([Phi(dim, ratio, rank, kernel_size) for _ in range(n)] if self.enabled else [])
+
+        def make() -> nn.Module:
+            if neighbourhood is not None:
+                return NeighbourhoodPhi(dim, ratio, neighbourhood)
+            return Phi(dim, ratio, rank, kernel_size)
+
+        self.convs = nn.ModuleList([make() for _ in range(n)] if self.enabled else [])
         self.ticks = np.linspace(1 / 3 / n, 1 - 1 / 3 / n, n) if n == 4 else np.linspace(1 / 2 / n, 1 - 1 / 2 / n, n)
 
     def index(self, k: int) -> int:
@@ -87,13 +122,15 @@ class QuantizerOutput:
     f_hat: ``(B, C, *full)`` quantized latent with straight-through gradient to the input.
     indices: per scale ``(B, n_k)`` long.
     loss: scalar, VAR's commitment + codebook loss averaged over scales.
-    usage: per scale, percentage of the vocabulary hit at least ``margin`` times (EMA).
+    hits: ``(K, V)`` float, how often each codeword was chosen at each scale in this batch
+        (pass it, reduced over ranks when training data-parallel, to
+        :meth:`MultiScaleResidualQuantizer.record_usage`).
     """
 
     f_hat: torch.Tensor
     indices: list[torch.Tensor]
     loss: torch.Tensor
-    usage: list[float]
+    hits: torch.Tensor
 
 
 def to_tokens(h: torch.Tensor) -> torch.Tensor:
@@ -114,25 +151,31 @@ class MultiScaleResidualQuantizer(nn.Module):
         vocab_size: number of codewords V.
         dim: latent channels C.
         pyramid: restriction/prolongation of the modality; a schedule or list of grid
-            shapes builds a :class:`GridPyramid`. Methods accept ``pyramid=`` to use
-            per-batch operators (e.g. graphs) with the same codebook.
+            shapes builds a :class:`GridPyramid`.
         share_phi: 0 = one phi per scale, 1 = one shared, n = n partially shared.
         phi_ratio: r in ``(1 - r) h + r conv(h)``; 0 disables phi.
         phi_kernel: kernel size of phi (an int or a per-axis tuple); default 3 on grids, 1 on
             token-count scales.
+        phi_neighbourhood: ``(N, N)`` neighbourhood operator on the full latent for pyramids
+            without a grid (see :class:`NeighbourhoodPhi`); replaces the pointwise phi.
         beta: commitment weight.
         l2_norm: nearest codeword by cosine similarity (VAR's ``using_znorm``).
         num_phi: number of phi convs when ``share_phi == 0`` (default: number of scales).
+
+    State besides the codebook and phi: ``usage_ema`` ``(K, V)``, an EMA of codeword hits per
+    scale, and ``usage_steps``, how many batches it has seen (both saved with the module).
     """
 
     def __init__(self, vocab_size: int, dim: int, pyramid: LatentPyramid | ScaleSchedule | Sequence,
                  share_phi: int = 4, phi_ratio: float = 0.5, phi_kernel: int | tuple[int, ...] | None = None,
-                 beta: float = 0.25, l2_norm: bool = False, num_phi: int | None = None):
+                 beta: float = 0.25, l2_norm: bool = False, num_phi: int | None = None,
+                 phi_neighbourhood: Optional[torch.Tensor] = None):
         super().__init__()
         if not isinstance(pyramid, LatentPyramid):
             pyramid = GridPyramid(pyramid)
         self.pyramid = pyramid
         self.schedule: ScaleSchedule = pyramid.schedule
+        self.full_shape: tuple[int, ...] = tuple(pyramid.full)
         self.vocab_size, self.dim = int(vocab_size), int(dim)
         self.beta, self.l2_norm = beta, l2_norm
         # phi is a conv over the grid; on token-count scales (no neighbourhood) it is pointwise
@@ -140,26 +183,18 @@ class MultiScaleResidualQuantizer(nn.Module):
         rank = self.schedule.rank if all_grid else 1
         if phi_kernel is None:
             phi_kernel = 3 if all_grid else 1
+        if phi_neighbourhood is not None and self.full_shape != (phi_neighbourhood.shape[0],):
+            raise ValueError(f"phi_neighbourhood: expected an (N, N) operator with N = {self.full_shape} "
+                             f"(the full latent), got {tuple(phi_neighbourhood.shape)}")
         self.phi = PhiBank(dim, len(self.schedule), share=share_phi, ratio=phi_ratio, rank=rank,
-                           kernel_size=phi_kernel, num=num_phi)
+                           kernel_size=phi_kernel, num=num_phi, neighbourhood=phi_neighbourhood)
         self.embedding = nn.Embedding(self.vocab_size, self.dim)
-        # EMA of codeword hits per scale, for usage statistics and dead-code restarts.
-        self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.schedule), self.vocab_size))
-        self.record_hit = 0
+        self.register_buffer("usage_ema", torch.zeros(len(self.schedule), self.vocab_size))
+        self.register_buffer("usage_steps", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------------ helpers
-    def _pyr(self, pyramid: Optional[LatentPyramid]) -> LatentPyramid:
-        return self.pyramid if pyramid is None else pyramid
-
-    @staticmethod
-    def full_shape(pyr: LatentPyramid) -> tuple[int, ...]:
-        """Shape of the full-resolution latent: ``pyr.full`` when the pyramid defines it (it
-        may differ from the last scale's grid, e.g. per-frame video pyramids), else the last scale."""
-        full = getattr(pyr, "full", None)
-        return tuple(full) if full is not None else tuple(pyr.schedule.shape(-1))
-
-    def _check_latent(self, f: torch.Tensor, pyr: LatentPyramid) -> None:
-        full = self.full_shape(pyr)
+    def _check_latent(self, f: torch.Tensor) -> None:
+        full = self.full_shape
         if not isinstance(f, torch.Tensor) or not f.dtype.is_floating_point:
             raise TypeError(f"expected a floating-point latent tensor, got {type(f).__name__} {getattr(f, 'dtype', '')}")
         if f.dim() != 2 + len(full) or f.shape[1] != self.dim or tuple(f.shape[2:]) != tuple(full):
@@ -179,31 +214,23 @@ class MultiScaleResidualQuantizer(nn.Module):
         d.addmm_(z, E.T, alpha=-2, beta=1)
         return torch.argmin(d, dim=1)
 
-    def lookup(self, idx: torch.Tensor, k: int, pyramid: Optional[LatentPyramid] = None) -> torch.Tensor:
+    def lookup(self, idx: torch.Tensor, k: int) -> torch.Tensor:
         """Codewords of scale k: ``(B, n_k)`` long -> ``(B, C, *shape_k)``."""
-        shape = self._pyr(pyramid).schedule.shape(k)
-        return from_tokens(self.embedding(idx), shape)
+        return from_tokens(self.embedding(idx), self.schedule.shape(k))
 
-    def embed_probs(self, probs: torch.Tensor, k: int, pyramid: Optional[LatentPyramid] = None) -> torch.Tensor:
+    def embed_probs(self, probs: torch.Tensor, k: int) -> torch.Tensor:
         """Soft codewords (for Gumbel smoothing): ``(B, n_k, V)`` probabilities -> ``(B, C, *shape_k)``."""
-        shape = self._pyr(pyramid).schedule.shape(k)
-        return from_tokens(probs @ self.embedding.weight.unsqueeze(0), shape)
+        return from_tokens(probs @ self.embedding.weight.unsqueeze(0), self.schedule.shape(k))
 
-    def upsample(self, h_k: torch.Tensor, k: int, pyramid: Optional[LatentPyramid] = None) -> torch.Tensor:
+    def upsample(self, h_k: torch.Tensor, k: int) -> torch.Tensor:
         """``phi_k(prolong(h_k))``: a scale-k code map's contribution to the full latent."""
-        return self.phi(self._pyr(pyramid).prolong(h_k, k), k)
+        return self.phi(self.pyramid.prolong(h_k, k), k)
 
     # ------------------------------------------------------------------ encoding
-    @torch.no_grad()
-    def encode(self, f: torch.Tensor, pyramid: Optional[LatentPyramid] = None,
-               return_fhat: bool = False) -> list[torch.Tensor]:
-        """Tokenize a latent: ``(B, C, *full)`` -> per scale ``(B, n_k)`` long.
-
-        With ``return_fhat=True`` returns the cumulative quantized latents
-        ``(B, C, *full)`` after each scale instead.
-        """
-        pyr = self._pyr(pyramid)
-        self._check_latent(f, pyr)
+    def _residual_encode(self, f: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(idx_k (B, n_k), f_hat after scale k (B, C, *full))`` for k = 0..K-1 (f_hat is
+        updated in place: clone it to keep it)."""
+        self._check_latent(f)
         w = self.embedding.weight
         if f.dtype != w.dtype and not torch.is_autocast_enabled(f.device.type):
             raise TypeError(f"latent dtype {f.dtype} differs from the codebook's {w.dtype} "
@@ -211,126 +238,134 @@ class MultiScaleResidualQuantizer(nn.Module):
         B, C = f.shape[:2]
         f_rest = f.detach().clone()
         f_hat = torch.zeros_like(f_rest)
-        out: list[torch.Tensor] = []
-        for k in range(len(pyr.schedule)):
-            z = to_tokens(pyr.restrict(f_rest, k)).reshape(-1, C)
+        for k in range(len(self.schedule)):
+            z = to_tokens(self.pyramid.restrict(f_rest, k)).reshape(-1, C)
             idx = self.nearest(z).view(B, -1)
-            h = self.upsample(self.lookup(idx, k, pyr).contiguous(), k, pyr)
+            h = self.upsample(self.lookup(idx, k).contiguous(), k)
             f_hat.add_(h)
             f_rest.sub_(h)
-            out.append(f_hat.clone() if return_fhat else idx)
-        return out
+            yield idx, f_hat
 
-    def indices_to_fhat(self, indices: Sequence[torch.Tensor], pyramid: Optional[LatentPyramid] = None,
-                        cumulative: bool = False) -> torch.Tensor | list[torch.Tensor]:
-        """Sum the per-scale contributions of token indices: the final ``(B, C, *full)``
-        latent, or the list after each scale with ``cumulative=True``."""
-        pyr = self._pyr(pyramid)
-        B = pyr.schedule.check_indices(indices, self.vocab_size)
-        f_hat = self.embedding.weight.new_zeros(B, self.dim, *self.full_shape(pyr))
+    @torch.no_grad()
+    def encode(self, f: torch.Tensor) -> list[torch.Tensor]:
+        """Tokenize a latent: ``(B, C, *full)`` -> per scale ``(B, n_k)`` long."""
+        return [idx for idx, _ in self._residual_encode(f)]
+
+    @torch.no_grad()
+    def encode_progression(self, f: torch.Tensor) -> list[torch.Tensor]:
+        """The quantized latent ``(B, C, *full)`` after each scale of encoding ``f``."""
+        return [f_hat.clone() for _, f_hat in self._residual_encode(f)]
+
+    def indices_to_fhat_progression(self, indices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The latent ``(B, C, *full)`` accumulated over scales ``<= k``, for every k."""
+        B = self.schedule.check_indices(indices, self.vocab_size)
+        f_hat = self.embedding.weight.new_zeros(B, self.dim, *self.full_shape)
         steps = []
         for k, idx in enumerate(indices):
-            f_hat = f_hat + self.upsample(self.lookup(idx, k, pyr), k, pyr)
+            f_hat = f_hat + self.upsample(self.lookup(idx, k), k)
             steps.append(f_hat)
-        return steps if cumulative else f_hat
+        return steps
 
-    def teacher_forcing_input(self, indices: Sequence[torch.Tensor],
-                              pyramid: Optional[LatentPyramid] = None) -> torch.Tensor:
+    def indices_to_fhat(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Sum of the per-scale contributions of token indices: the ``(B, C, *full)`` latent."""
+        return self.indices_to_fhat_progression(indices)[-1]
+
+    def teacher_forcing_input(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
         """Transformer inputs for scales 1..K-1 from ground-truth tokens: ``(B, L - n_0, C)``.
 
         The input of scale k+1 is the latent accumulated over scales <= k, resampled
-        to scale k+1 -- exactly what :meth:`add_scale` produces at inference.
+        to scale k+1 -- exactly what :meth:`add_scale` produces at inference (it is the
+        same loop).
         """
-        pyr = self._pyr(pyramid)
-        sched = pyr.schedule
-        B = sched.check_indices(indices, self.vocab_size)
-        f_hat = self.embedding.weight.new_zeros(B, self.dim, *self.full_shape(pyr))
+        B = self.schedule.check_indices(indices, self.vocab_size)
+        f_hat = self.embedding.weight.new_zeros(B, self.dim, *self.full_shape)
         nexts = []
-        for k in range(len(sched) - 1):
-            f_hat.add_(self.upsample(self.lookup(indices[k], k, pyr), k, pyr))
-            nexts.append(to_tokens(pyr.resample(f_hat, k + 1)).clone())
+        for k in range(len(self.schedule) - 1):
+            f_hat, nxt = self.add_scale(f_hat, k, self.lookup(indices[k], k))
+            nexts.append(nxt)
         if not nexts:
             return f_hat.new_zeros(B, 0, self.dim)
         return torch.cat(nexts, dim=1)
 
-    def add_scale(self, f_hat: torch.Tensor, k: int, h_k: torch.Tensor,
-                  pyramid: Optional[LatentPyramid] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def add_scale(self, f_hat: torch.Tensor, k: int, h_k: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Inference step: add scale k's code map ``h_k`` ``(B, C, *shape_k)`` to ``f_hat``
         (in place) and return ``(f_hat, next_input)`` with ``next_input`` the
         ``(B, n_{k+1}, C)`` transformer input of scale k+1 (``None`` after the last scale).
         """
-        pyr = self._pyr(pyramid)
-        f_hat.add_(self.upsample(h_k, k, pyr))
-        if k == len(pyr.schedule) - 1:
+        f_hat.add_(self.upsample(h_k, k))
+        if k == len(self.schedule) - 1:
             return f_hat, None
         # clone: at the finest scale resample may return a view of f_hat, which later scales mutate
-        return f_hat, to_tokens(pyr.resample(f_hat, k + 1)).clone()
+        return f_hat, to_tokens(self.pyramid.resample(f_hat, k + 1)).clone()
 
     # ------------------------------------------------------------------ training
-    def forward(self, f: torch.Tensor, pyramid: Optional[LatentPyramid] = None) -> QuantizerOutput:
+    def forward(self, f: torch.Tensor) -> QuantizerOutput:
         """Training forward: quantize with gradients to codebook and phi, straight-through
-        to the encoder, VAR's loss ``mean_k [beta ||sg(f_hat_k) - f||^2 + ||f_hat_k - sg(f)||^2]``."""
-        pyr = self._pyr(pyramid)
-        self._check_latent(f, pyr)
+        to the encoder, VAR's loss ``mean_k [beta ||sg(f_hat_k) - f||^2 + ||f_hat_k - sg(f)||^2]``.
+
+        Pure: usage statistics are not updated here (the caller passes ``out.hits``,
+        reduced over ranks if need be, to :meth:`record_usage`)."""
+        self._check_latent(f)
         dtype = f.dtype
         f = f.float()
         B, C = f.shape[:2]
         f_no_grad = f.detach()
         f_rest = f_no_grad.clone()
         f_hat = torch.zeros_like(f_rest)
-        K = len(pyr.schedule)
+        K = len(self.schedule)
         loss = f.new_zeros(())
-        indices = []
+        indices, hits = [], []
         for k in range(K):
-            z = to_tokens(pyr.restrict(f_rest, k)).reshape(-1, C)
+            z = to_tokens(self.pyramid.restrict(f_rest, k)).reshape(-1, C)
             idx = self.nearest(z)
-            hits = idx.bincount(minlength=self.vocab_size).float()
-            if torch.distributed.is_available() and torch.distributed.is_initialized() and self.training:
-                torch.distributed.all_reduce(hits)
-            if self.training:
-                self._record_hits(k, hits)
+            hits.append(idx.bincount(minlength=self.vocab_size).float())
             idx = idx.view(B, -1)
             indices.append(idx)
-            h = self.upsample(self.lookup(idx, k, pyr).contiguous(), k, pyr)
+            h = self.upsample(self.lookup(idx, k).contiguous(), k)
             f_hat = f_hat + h
             f_rest = f_rest - h.detach()
             loss = loss + F.mse_loss(f_hat.detach(), f).mul(self.beta) + F.mse_loss(f_hat, f_no_grad)
         loss = loss / K
         f_hat_st = (f_hat.detach() - f_no_grad) + f  # straight-through: value of f_hat, gradient of f
         # (the codebook and phi learn through `loss`; the encoder through the straight-through path)
-        return QuantizerOutput(f_hat_st.to(dtype), indices, loss, self.usage(B * int(np.prod(self.full_shape(pyr)))))
+        return QuantizerOutput(f_hat_st.to(dtype), indices, loss, torch.stack(hits))
 
     @torch.no_grad()
-    def _record_hits(self, k: int, hits: torch.Tensor) -> None:
-        ema = self.ema_vocab_hit_SV[k]
-        if self.record_hit == 0:
-            ema.copy_(hits)
-        elif self.record_hit < 100:
-            ema.mul_(0.9).add_(hits.mul(0.1))
+    def record_usage(self, hits: torch.Tensor) -> None:
+        """Fold one batch's codeword hits ``(K, V)`` into ``usage_ema`` (VAR's schedule: copy
+        the first batch, then EMA 0.9 for 100 batches, then 0.99)."""
+        if tuple(hits.shape) != tuple(self.usage_ema.shape):
+            raise ValueError(f"record_usage: expected hits of shape {tuple(self.usage_ema.shape)} (K, V), "
+                             f"got {tuple(hits.shape)}")
+        hits = hits.to(self.usage_ema)
+        n = int(self.usage_steps)
+        if n == 0:
+            self.usage_ema.copy_(hits)
+        elif n < 100:
+            self.usage_ema.mul_(0.9).add_(hits.mul(0.1))
         else:
-            ema.mul_(0.99).add_(hits.mul(0.01))
-        if k == len(self.schedule) - 1:
-            self.record_hit += 1
+            self.usage_ema.mul_(0.99).add_(hits.mul(0.01))
+        self.usage_steps.add_(1)
 
     def usage(self, tokens_per_step: int | None = None) -> list[float]:
         """Per scale, % of codewords whose EMA hit count is above VAR's margin
-        (8% of a uniform share of ``tokens_per_step``)."""
+        (8% of a uniform share of ``tokens_per_step``, default: the finest scale's tokens per batch)."""
         if tokens_per_step is None:
-            tokens_per_step = int(self.ema_vocab_hit_SV[-1].sum().item()) or 1
+            tokens_per_step = int(self.usage_ema[-1].sum().item()) or 1
         margin = tokens_per_step / self.vocab_size * 0.08
-        return [(row >= margin).float().mean().item() * 100 for row in self.ema_vocab_hit_SV]
+        return [(row >= margin).float().mean().item() * 100 for row in self.usage_ema]
 
     @torch.no_grad()
     def restart_dead_codes(self, f: torch.Tensor, threshold: float = 1e-3,
                            generator: torch.Generator | None = None) -> int:
         """Re-seed codewords whose EMA hits (summed over scales) fall below ``threshold``
         with random latent vectors from ``f`` ``(B, C, *full)``; returns how many."""
-        dead = self.ema_vocab_hit_SV.sum(0) < threshold
+        dead = self.usage_ema.sum(0) < threshold
         n_dead = int(dead.sum())
-        if n_dead == 0 or self.record_hit == 0:
+        if n_dead == 0 or int(self.usage_steps) == 0:
             return 0
         pool = to_tokens(f.detach().float()).reshape(-1, self.dim)
         pick = torch.randint(0, pool.shape[0], (n_dead,), generator=generator, device=pool.device)
         self.embedding.weight.data[dead] = pool[pick].to(self.embedding.weight.dtype)
-        self.ema_vocab_hit_SV[:, dead] = threshold  # give them a grace period
+        self.usage_ema[:, dead] = threshold  # give them a grace period
         return n_dead

@@ -8,17 +8,20 @@ incremental generation from the shared :class:`~msar.quantizer.MultiScaleResidua
 
 Contract (``B`` batch, ``K`` scales, ``n_k`` tokens of scale k, ``L = sum n_k``, ``C`` latent dim):
 
-========================================  ==================================================
-``schedule``                              the :class:`ScaleSchedule`
-``vocab_size``, ``latent_dim``            V and C
-``encode(data) -> list[(B, n_k) long]``   token indices per scale
-``decode(indices) -> data``               inverse of encode (up to quantization)
-``teacher_forcing_input(indices)``        ``(B, L - n_0, C)`` transformer input of scales 1..K-1
-``start(batch_size, device)``             a :class:`DecodeState` for generation
-``state.add_scale(k, idx, probs=None)``   add scale k; returns the ``(B, n_{k+1}, C)`` input of
-                                          scale k+1, or ``None`` after the last scale
-``finish(state) -> data``                 decode what the state accumulated
-========================================  ==================================================
+==============================================  ==================================================
+``schedule``                                    the :class:`ScaleSchedule`
+``vocab_size``, ``latent_dim``                  V and C
+``encode(data) -> list[(B, n_k) long]``         token indices per scale
+``decode(indices) -> data``                     inverse of encode (up to quantization)
+``teacher_forcing_input(indices)``              ``(B, L - n_0, C)`` transformer input of scales 1..K-1
+``start(batch_size, device, context=None)``     a :class:`DecodeState` for generation; ``context`` is
+                                                the adapter's per-sample information (e.g. each
+                                                sample's own hierarchy), ``None`` when it needs none
+``state.add_scale(k, idx, probs=None)``         add scale k; returns the ``(B, n_{k+1}, C)`` input of
+                                                scale k+1, or ``None`` after the last scale
+``state.indices``                               the ``(B, n_j)`` tokens added so far (j < k)
+``finish(state) -> data``                       decode what the state accumulated
+==============================================  ==================================================
 
 The invariant that makes training and sampling agree (checked by
 :mod:`msar.testing`): feeding the ground-truth indices to ``state.add_scale``
@@ -31,14 +34,15 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 import torch
 import torch.nn as nn
 
-from .pyramid import LatentPyramid
 from .quantizer import MultiScaleResidualQuantizer, QuantizerOutput
 from .schedule import ScaleSchedule
 
 
 @runtime_checkable
 class DecodeState(Protocol):
-    """Incremental generation state of a tokenizer."""
+    """Incremental generation state of a tokenizer (made by ``tokenizer.start``)."""
+
+    indices: list[torch.Tensor]
 
     def add_scale(self, k: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Add the sampled tokens ``(B, n_k)`` of scale k (``probs`` ``(B, n_k, V)`` for
@@ -60,28 +64,35 @@ class PyramidTokenizer(Protocol):
 
     def teacher_forcing_input(self, indices: Sequence[torch.Tensor]) -> torch.Tensor: ...
 
-    def start(self, batch_size: int, device: torch.device | str) -> DecodeState: ...
+    def start(self, batch_size: int, device: torch.device | str, context: Any = None) -> DecodeState: ...
 
     def finish(self, state: DecodeState) -> Any: ...
 
 
 class ResidualDecodeState:
-    """Accumulates ``f_hat`` scale by scale through a quantizer (and pyramid)."""
+    """Accumulates ``f_hat`` ``(B, C, *full)`` scale by scale through a quantizer.
 
-    def __init__(self, quantizer: MultiScaleResidualQuantizer, batch_size: int, device,
-                 pyramid: Optional[LatentPyramid] = None):
+    ``add_scale`` validates its input (it is the public step a user may drive by hand)
+    and delegates to :meth:`MultiScaleResidualQuantizer.add_scale`, the same step
+    teacher forcing uses.
+    """
+
+    def __init__(self, quantizer: MultiScaleResidualQuantizer, batch_size: int, device: torch.device | str):
         if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or batch_size < 0:
             raise ValueError(f"batch_size: expected an int >= 0, got {batch_size!r}")
         self.quantizer = quantizer
-        self.pyramid = pyramid if pyramid is not None else quantizer.pyramid
-        self.schedule = self.pyramid.schedule
-        self.f_hat = quantizer.embedding.weight.new_zeros(batch_size, quantizer.dim, *quantizer.full_shape(self.pyramid)).to(device)
+        self.schedule = quantizer.schedule
+        self.f_hat = quantizer.embedding.weight.new_zeros(batch_size, quantizer.dim, *quantizer.full_shape).to(device)
         self.indices: list[torch.Tensor] = []
         self.k = 0
 
     def add_scale(self, k: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Add scale k's tokens ``(B, n_k)`` (or soft ``probs`` ``(B, n_k, V)``); returns the
+        ``(B, n_{k+1}, C)`` transformer input of scale k+1, ``None`` after the last scale."""
         if k != self.k:
             raise ValueError(f"scales must be added in order: expected scale {self.k}, got {k}")
+        if k >= len(self.schedule):
+            raise ValueError(f"all {len(self.schedule)} scales have been added already")
         n, B, q = self.schedule.token_counts[k], self.f_hat.shape[0], self.quantizer
         if not isinstance(idx, torch.Tensor):
             raise TypeError(f"scale {k}: expected indices as a tensor ({B}, {n}), got {type(idx).__name__}")
@@ -97,8 +108,8 @@ class ResidualDecodeState:
                                  f"{int(idx.min())}, max {int(idx.max())}")
         elif tuple(probs.shape) != (B, n, q.vocab_size):
             raise ValueError(f"scale {k}: expected probs of shape ({B}, {n}, {q.vocab_size}), got {tuple(probs.shape)}")
-        h = q.lookup(idx, k, self.pyramid) if probs is None else q.embed_probs(probs, k, self.pyramid)
-        self.f_hat, nxt = q.add_scale(self.f_hat, k, h, self.pyramid)
+        h = q.lookup(idx, k) if probs is None else q.embed_probs(probs, k)
+        self.f_hat, nxt = q.add_scale(self.f_hat, k, h)
         self.indices.append(idx)
         self.k += 1
         return nxt
@@ -119,26 +130,29 @@ class MultiScaleVQTokenizer(nn.Module):
                  quant_conv: Optional[nn.Module] = None, post_quant_conv: Optional[nn.Module] = None):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
-        self.quantize = quantizer
+        self.quantizer = quantizer
         self.quant_conv = quant_conv if quant_conv is not None else nn.Identity()
         self.post_quant_conv = post_quant_conv if post_quant_conv is not None else nn.Identity()
 
-    # protocol attributes
+    # ------------------------------------------------------------------ protocol attributes
     @property
     def schedule(self) -> ScaleSchedule:
-        return self.quantize.schedule
+        """The quantizer's scale schedule."""
+        return self.quantizer.schedule
 
     @property
     def vocab_size(self) -> int:
-        return self.quantize.vocab_size
+        """Codebook size V."""
+        return self.quantizer.vocab_size
 
     @property
     def latent_dim(self) -> int:
-        return self.quantize.dim
+        """Codeword size C (the transformer's input width)."""
+        return self.quantizer.dim
 
-    # latent <-> data
+    # ------------------------------------------------------------------ latent <-> data
     def check_data(self, data: torch.Tensor) -> None:
-        """Adapters override to raise a clear error for malformed input."""
+        """Raise a clear error for malformed input; adapters override (the default accepts all)."""
 
     def encode_latent(self, data: torch.Tensor) -> torch.Tensor:
         """``data -> (B, C, *full)`` continuous latent before quantization."""
@@ -146,35 +160,45 @@ class MultiScaleVQTokenizer(nn.Module):
         return self.quant_conv(self.encoder(data))
 
     def decode_latent(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *full)`` latent -> data."""
         return self.decoder(self.post_quant_conv(f_hat))
 
-    # protocol
+    # ------------------------------------------------------------------ protocol
     @torch.no_grad()
     def encode(self, data: torch.Tensor) -> list[torch.Tensor]:
-        return self.quantize.encode(self.encode_latent(data))
+        """``data`` -> per scale ``(B, n_k)`` long token indices."""
+        return self.quantizer.encode(self.encode_latent(data))
 
     @torch.no_grad()
     def decode(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.decode_latent(self.quantize.indices_to_fhat(indices))
+        """Per scale ``(B, n_k)`` indices -> data (the sum of all scales' contributions, decoded)."""
+        return self.decode_latent(self.quantizer.indices_to_fhat(indices))
 
     @torch.no_grad()
     def decode_progression(self, indices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Data decoded from scales ``<= k`` for every k: the coarse-to-fine progression."""
-        return [self.decode_latent(f) for f in self.quantize.indices_to_fhat(indices, cumulative=True)]
+        return [self.decode_latent(f) for f in self.quantizer.indices_to_fhat_progression(indices)]
 
     @torch.no_grad()
     def teacher_forcing_input(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.quantize.teacher_forcing_input(indices)
+        """Per scale ``(B, n_k)`` indices -> ``(B, L - n_0, C)`` transformer input of scales 1..K-1."""
+        return self.quantizer.teacher_forcing_input(indices)
 
-    def start(self, batch_size: int, device: torch.device | str) -> ResidualDecodeState:
-        return ResidualDecodeState(self.quantize, batch_size, device)
+    def start(self, batch_size: int, device: torch.device | str, context: Any = None) -> ResidualDecodeState:
+        """A fresh decode state for ``batch_size`` samples. This tokenizer needs no per-sample
+        ``context``; an adapter that does (e.g. per-sample operators) overrides ``start``."""
+        if context is not None:
+            raise TypeError(f"{type(self).__name__}.start takes no context (got {type(context).__name__}); "
+                            "adapters that need per-sample context override start()")
+        return ResidualDecodeState(self.quantizer, batch_size, device)
 
     @torch.no_grad()
     def finish(self, state: ResidualDecodeState) -> torch.Tensor:
+        """Decode the latent a state accumulated to data."""
         return self.decode_latent(state.f_hat)
 
-    # training
+    # ------------------------------------------------------------------ training
     def forward(self, data: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
         """Training forward: ``(reconstruction, quantizer output)``."""
-        q = self.quantize(self.encode_latent(data))
+        q = self.quantizer(self.encode_latent(data))
         return self.decode_latent(q.f_hat), q

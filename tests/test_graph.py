@@ -315,7 +315,7 @@ def test_allowed_edge_masks_and_full_capacity():
     with pytest.raises(ValueError, match="scale"):
         st3.allowed(0)
     with pytest.raises(TypeError, match="decode state"):
-        tok.valid_token_hook(st3)
+        tok.valid_token_hook(2, torch.zeros(1, 1, tok.vocab_size), st3)  # st3 is tok2's, not tok's
 
 
 def test_hook_samples_only_allowed_tokens():
@@ -324,8 +324,7 @@ def test_hook_samples_only_allowed_tokens():
     tok = _tok_for(gs)
     model = _tiny_model(tok)
     B = 8
-    st_ = tok.start(B)
-    res = msar.sample(model, tok, batch_size=B, cfg=0.0, seed=1, state=st_, logits_hook=tok.valid_token_hook(st_))
+    res = msar.sample(model, tok, batch_size=B, cfg=0.0, seed=1, logits_hook=tok.valid_token_hook)
     # replaying the sampled tokens through a fresh state: every token is allowed (so none is PAD at a
     # real position, none is reinterpreted), and the decoded graphs are those of the sample
     replay = _teacher_force_allowed(tok, res.indices)

@@ -32,21 +32,21 @@ def operator_setups(draw):
     return counts, levels, draw(st.integers(0, 2 ** 16))
 
 
-def _check_invariants(q, f, pyramid=None):
-    idx = q.encode(f, pyramid=pyramid)
-    sched = q.schedule if pyramid is None else pyramid.schedule
+def _check_invariants(q, f):
+    idx = q.encode(f)
+    sched = q.schedule
     assert [tuple(i.shape) for i in idx] == [(f.shape[0], n) for n in sched.token_counts]
     assert all(int(i.min()) >= 0 and int(i.max()) < q.vocab_size for i in idx)
     # per-scale contributions sum to the final latent
-    fhats = q.encode(f, pyramid=pyramid, return_fhat=True)
-    total = q.indices_to_fhat(idx, pyramid=pyramid)
+    fhats = q.encode_progression(f)
+    total = q.indices_to_fhat(idx)
     torch.testing.assert_close(fhats[-1], total, atol=1e-5, rtol=1e-5)
-    steps = q.indices_to_fhat(idx, pyramid=pyramid, cumulative=True)
+    steps = q.indices_to_fhat_progression(idx)
     contribs = [steps[0]] + [b - a for a, b in zip(steps, steps[1:])]
     torch.testing.assert_close(sum(contribs), fhats[-1], atol=1e-5, rtol=1e-5)
     # incremental state reproduces the teacher-forcing input exactly
-    tf = q.teacher_forcing_input(idx, pyramid=pyramid)
-    state = ResidualDecodeState(q, f.shape[0], f.device, pyramid)
+    tf = q.teacher_forcing_input(idx)
+    state = ResidualDecodeState(q, f.shape[0], f.device)
     nexts = [n for k, i in enumerate(idx) if (n := state.add_scale(k, i)) is not None]
     if nexts:
         torch.testing.assert_close(torch.cat(nexts, 1), tf)
@@ -73,7 +73,7 @@ def test_more_scales_never_increase_error_without_phi(setup):
     q = MultiScaleResidualQuantizer(64, 3, scales, phi_ratio=0.0)
     q.embedding.weight.data[0] = 0  # "add nothing" is always available
     f = torch.randn(3, 3, *scales[-1])
-    errs = [(fh - f).pow(2).mean().item() for fh in q.encode(f, return_fhat=True)]
+    errs = [(fh - f).pow(2).mean().item() for fh in q.encode_progression(f)]
     # at the finest scale each token picks its nearest codeword directly: error can only drop
     assert errs[-1] <= errs[-2] + 1e-6 if len(errs) > 1 else True
     assert errs[-1] <= f.pow(2).mean().item() + 1e-6
@@ -87,7 +87,7 @@ def test_more_scales_reduce_error_on_trained_like_codebook():
     q.embedding.weight.data = torch.randn(512, 2) * 0.7
     q.embedding.weight.data[0] = 0
     f = torch.randn(4, 2, 8, 8)
-    errs = [(fh - f).pow(2).mean().item() for fh in q.encode(f, return_fhat=True)]
+    errs = [(fh - f).pow(2).mean().item() for fh in q.encode_progression(f)]
     assert all(b <= a + 1e-6 for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < 0.1 * f.pow(2).mean().item()
 
@@ -102,7 +102,9 @@ def test_operator_hierarchy_invariants(setup):
     _check_invariants(q, f)
     # per-sample operators: the same hierarchy batched gives the same tokens
     pyr_b = OperatorPyramid.from_assignments(counts, [a.expand(2, -1) for a in assignments])
-    assert all(torch.equal(a, b) for a, b in zip(q.encode(f), q.encode(f, pyramid=pyr_b)))
+    q_b = MultiScaleResidualQuantizer(16, 3, pyr_b, share_phi=1)
+    q_b.load_state_dict(q.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(q.encode(f), q_b.encode(f)))
 
 
 def test_training_forward_straight_through_and_losses():
@@ -110,11 +112,57 @@ def test_training_forward_straight_through_and_losses():
     q = MultiScaleResidualQuantizer(16, 4, [(1, 1), (2, 2), (4, 4)])
     f = torch.randn(2, 4, 4, 4, requires_grad=True)
     out = q(f)
-    torch.testing.assert_close(out.f_hat, q.encode(f.detach(), return_fhat=True)[-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.f_hat, q.encode_progression(f.detach())[-1], atol=1e-5, rtol=1e-5)
     (out.f_hat.sum() + out.loss).backward()
     assert f.grad is not None and q.embedding.weight.grad is not None
     assert q.phi.convs[0].conv.weight.grad is not None
-    assert len(out.usage) == 3 and all(0 <= u <= 100 for u in out.usage)
+    # hits: per scale, how often each codeword was chosen (a bincount of the indices)
+    assert out.hits.shape == (3, 16)
+    for k, idx in enumerate(out.indices):
+        assert torch.equal(out.hits[k], idx.flatten().bincount(minlength=16).float())
+
+
+def test_forward_is_pure_and_record_usage_follows_vars_ema():
+    """The training forward leaves usage statistics alone (the trainer reduces hits over ranks
+    and records them); record_usage copies the first batch, then mixes with 0.9 / 0.99."""
+    torch.manual_seed(0)
+    q = MultiScaleResidualQuantizer(8, 2, [(1,), (4,)]).train()
+    out = q(torch.randn(3, 2, 4))
+    assert int(q.usage_steps) == 0 and not q.usage_ema.any()
+    h1, h2 = out.hits, out.hits.roll(1, dims=1)
+    q.record_usage(h1)
+    torch.testing.assert_close(q.usage_ema, h1)
+    q.record_usage(h2)
+    torch.testing.assert_close(q.usage_ema, 0.9 * h1 + 0.1 * h2)
+    assert int(q.usage_steps) == 2
+    q.usage_steps.fill_(100)
+    q.record_usage(h1)
+    torch.testing.assert_close(q.usage_ema, 0.99 * (0.9 * h1 + 0.1 * h2) + 0.01 * h1)
+    # the counter is module state: it travels with the state dict
+    q2 = MultiScaleResidualQuantizer(8, 2, [(1,), (4,)])
+    q2.load_state_dict(q.state_dict())
+    assert int(q2.usage_steps) == 101
+    with pytest.raises(ValueError, match=r"record_usage: expected hits of shape \(2, 8\)"):
+        q.record_usage(torch.zeros(8))
+
+
+def test_neighbourhood_phi_mixes_only_neighbours():
+    """phi with a neighbourhood operator on a non-grid latent: a change at node 0 reaches
+    node 0's neighbours through phi and nothing else (a pointwise phi reaches only node 0)."""
+    torch.manual_seed(0)
+    N = 5
+    A = torch.zeros(N, N)
+    A[0, 1] = A[1, 0] = 1.0  # nodes 0 and 1 are neighbours; 2, 3, 4 are isolated
+    pyr = OperatorPyramid.from_assignments([1, N], [torch.zeros(N, dtype=torch.long), torch.arange(N)])
+    q = MultiScaleResidualQuantizer(16, 3, pyr, share_phi=1, phi_neighbourhood=A)
+    h = torch.zeros(1, 3, N)
+    h2 = h.clone()
+    h2[0, :, 0] = 1.0
+    diff = (q.phi(h2, 1) - q.phi(h, 1)).abs().sum(1)[0]
+    assert diff[0] > 0 and diff[1] > 0 and torch.all(diff[2:] == 0)
+    _check_invariants(q, torch.randn(2, 3, N))
+    with pytest.raises(ValueError, match="phi_neighbourhood"):
+        MultiScaleResidualQuantizer(16, 3, pyr, phi_neighbourhood=torch.eye(4))
 
 
 def test_phi_tick_selection_matches_var():
@@ -136,7 +184,7 @@ def test_dead_code_restart_reseeds_unused_codes():
     q = MultiScaleResidualQuantizer(64, 2, [(1,), (4,)])
     f = torch.randn(8, 2, 4) * 0.01
     q.train()
-    q(f)
+    q.record_usage(q(f).hits)
     before = q.embedding.weight.detach().clone()
     n = q.restart_dead_codes(f)
     assert n > 0
@@ -178,7 +226,7 @@ def test_pyramid_full_shape_may_differ_from_last_scale():
     q = MultiScaleResidualQuantizer(32, 3, pyr, phi_kernel=(1, 3, 3))
     assert q.phi.convs[0].conv.kernel_size == (1, 3, 3) and q.phi.convs[0].conv.padding == (0, 1, 1)
     f = torch.randn(2, 3, 2, 2, 2)
-    fhats = _check_invariants(q, f, pyramid=pyr)
+    fhats = _check_invariants(q, f)
     assert fhats[-1].shape == f.shape
     # a (1, 3, 3) phi never mixes frames: what scale 0 (frame 0) holds cannot reach frame 1
     a = q.upsample(q.lookup(torch.zeros(2, 1, dtype=torch.long), 0), 0)

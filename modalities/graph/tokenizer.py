@@ -41,7 +41,7 @@ a padding position, mask bits naming a missing child), so no probability is spen
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import networkx as nx
 import numpy as np
@@ -230,7 +230,11 @@ class GraphPyramidTokenizer(PretrainedMixin):
         return torch.cat([idx != PAD for idx in indices], 1)
 
     # ------------------------------------------------------------------ decoding
-    def start(self, batch_size: int, device: torch.device | str = "cpu") -> "GraphDecodeState":
+    def start(self, batch_size: int, device: torch.device | str = "cpu", context: Any = None) -> "GraphDecodeState":
+        """A decode state that grows ``batch_size`` graphs from a single node. Graphs are
+        generated structure first, so no per-sample ``context`` is taken."""
+        if context is not None:
+            raise TypeError(f"GraphPyramidTokenizer.start takes no context, got {type(context).__name__}")
         return GraphDecodeState(self, batch_size, device)
 
     @torch.no_grad()
@@ -262,25 +266,20 @@ class GraphPyramidTokenizer(PretrainedMixin):
             st.add_scale(k, idx)
         return [[_graph(n, e) for n, e in lvl] for lvl in st.history]
 
-    def valid_token_hook(self, state: "GraphDecodeState") -> Callable[[int, torch.Tensor, list], torch.Tensor]:
-        """A ``logits_hook`` for :func:`msar.sample` that puts ``-inf`` on every token the decoder
-        would have to reinterpret (see :meth:`GraphDecodeState.allowed`); pass the same ``state``::
+    def valid_token_hook(self, k: int, logits: torch.Tensor, state: "GraphDecodeState") -> torch.Tensor:
+        """A ``logits_hook`` for :func:`msar.sample`: ``-inf`` on every token of scale k the decoder
+        would have to reinterpret, given the graph decoded so far (see :meth:`GraphDecodeState.allowed`)::
 
-            st = tok.start(B)
-            msar.sample(model, tok, batch_size=B, state=st, logits_hook=tok.valid_token_hook(st))
+            msar.sample(model, tok, batch_size=B, logits_hook=tok.valid_token_hook)
         """
         if not isinstance(state, GraphDecodeState) or state.tok is not self:
             raise TypeError("valid_token_hook needs a decode state made by this tokenizer's start(), "
                             f"got {type(state).__name__}")
-
-        def hook(k: int, logits: torch.Tensor, indices_so_far: list) -> torch.Tensor:
-            ok = state.allowed(k).to(logits.device)
-            if ok.shape != logits.shape:
-                raise ValueError(f"valid_token_hook: logits of shape {tuple(logits.shape)} at scale {k}, "
-                                 f"expected {tuple(ok.shape)}")
-            return logits.masked_fill(~ok, float("-inf"))
-
-        return hook
+        ok = state.allowed(k).to(logits.device)
+        if ok.shape != logits.shape:
+            raise ValueError(f"valid_token_hook: logits of shape {tuple(logits.shape)} at scale {k}, "
+                             f"expected {tuple(ok.shape)}")
+        return logits.masked_fill(~ok, float("-inf"))
 
     def finish(self, state: "GraphDecodeState") -> Batch:
         if not state.done:
@@ -308,7 +307,8 @@ class GraphPyramidTokenizer(PretrainedMixin):
                 full.append(np.concatenate([ak, pad]) if N > n else ak)
             rows.append(full)
         ass = [torch.as_tensor(np.stack([r[k] for r in rows]), dtype=torch.long) for k in range(self.K)]
-        return OperatorPyramid.from_assignments(ScaleSchedule(self.max_nodes), ass)
+        # padded levels leave clusters without members (a small graph has fewer clusters than the capacity)
+        return OperatorPyramid.from_assignments(ScaleSchedule(self.max_nodes), ass, allow_empty=True)
 
 
 def _mask_table() -> np.ndarray:
@@ -350,6 +350,7 @@ class GraphDecodeState:
         self.children: list[list[list[int]]] = [[] for _ in range(self.B)]
         self.fine: list[set] = [set() for _ in range(self.B)]
         self.history: list[list[tuple[int, list]]] = [[(1, [])] * self.B]
+        self.indices: list[torch.Tensor] = []  # the tokens added so far, per scale (B, n_k)
         self.done = False
 
     # ---- features
@@ -511,6 +512,7 @@ class GraphDecodeState:
             raise ValueError(f"scale {k}: expected indices of shape ({self.B}, {n}), got {got}")
         rows = idx.tolist()
         kind, lvl, chunk = tok.kinds[k]
+        self.indices.append(idx)
         self.s += 1
         if kind == "S":
             cap = tok.max_nodes[lvl + 1]

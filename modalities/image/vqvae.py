@@ -257,4 +257,4 @@ class VQVAE(PretrainedMixin, MultiScaleVQTokenizer):
     def reconstruct(self, img: torch.Tensor) -> torch.Tensor:
         """Encode, quantize over all scales, decode: ``(B, C, H, W)`` clamped to [-1, 1]."""
         f = self.encode_latent(img)
-        return self.decode_latent(self.quantize.encode(f, return_fhat=True)[-1]).clamp_(-1, 1)
+        return self.decode_latent(self.quantizer.encode_progression(f)[-1]).clamp_(-1, 1)

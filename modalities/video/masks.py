@@ -85,7 +85,7 @@ def video_known_masks(tokenizer, known_pixels: torch.Tensor, batch_size: int | N
     latent = pixel_to_latent_known(known_pixels, c.time_stride, c.space_stride)
     if batch_size is not None and latent.shape[0] == 1:
         latent = latent.expand(batch_size, *latent.shape[1:])
-    return token_known_masks(tokenizer.quantize.pyramid, latent)
+    return token_known_masks(tokenizer.quantizer.pyramid, latent)
 
 
 # ---------------------------------------------------------------------------- task masks (pixel level)
