@@ -18,11 +18,10 @@ Figures per configuration:
   quantizer's per-scale upsampling is included, as in VAR's loop) and included (the image
   modality's VQ-VAE, random init, decoding 256 x 256 images; its per-image time is measured on
   ``--decoder-batch`` images and added to the loop's per-image time);
-* the same for :func:`benchmarks.fast_sampling.sample_fast` (the proposed patch);
 * peak memory of a generation; ratio of throughput to the reference (goal >= 1.5x on CPU);
 * greedy equivalence: ``msar.sample(top_k=1)`` (KV cache, one scale per step) against an
   uncached greedy decoder that re-runs the full teacher-forced forward (block-causal mask)
-  once per scale; and ``sample_fast`` greedy against ``msar.sample`` greedy.
+  once per scale.
 """
 from __future__ import annotations
 
@@ -38,7 +37,6 @@ import msar
 from msar import GridPyramid, MultiScaleResidualQuantizer, MultiScaleVQTokenizer, NextScaleTransformer, TransformerConfig
 
 from . import common
-from .fast_sampling import sample_fast
 
 NAME = "sampling_throughput"
 SIDES_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -62,7 +60,7 @@ def build(name: str, device: torch.device, seed: int) -> tuple[NextScaleTransfor
         cfg = TransformerConfig(schedule=sched, vocab_size=c["vocab"], latent_dim=32 if name != "smoke" else 8,
                                 num_classes=1000 if name != "smoke" else 10, depth=c["depth"],
                                 embed_dim=c["width"], num_heads=c["heads"])
-    model = NextScaleTransformer(cfg).init_weights().to(device).eval()
+    model = NextScaleTransformer(cfg).to(device).eval()
     quant = MultiScaleResidualQuantizer(cfg.vocab_size, cfg.latent_dim, GridPyramid(sched)).to(device).eval()
     return model, MultiScaleVQTokenizer(nn.Identity(), nn.Identity(), quant).eval()
 
@@ -93,10 +91,9 @@ def greedy_uncached(model: NextScaleTransformer, tokenizer, labels: torch.Tensor
         x = tokenizer.teacher_forcing_input(full)
         if guided:
             x = x.repeat(2, 1, 1)
-        logits = model(run_labels, x)[:, sched.slice(k)]
+        logits = model(run_labels, x, allow_null=True)[:, sched.slice(k)]
         if guided:
-            t = msar.guidance_strength(cfg, k, K)
-            logits = (1 + t) * logits[:B] - t * logits[B:]
+            logits = msar.sampling.apply_guidance(logits[:B], logits[B:], msar.guidance_strength(cfg, k, K))
         indices.append(logits.argmax(-1))
     return indices
 
@@ -121,23 +118,15 @@ def bench_config(name: str, args, device: torch.device, repeats: int, with_decod
         with amp:
             return msar.sample(model, tok, labels, seed=args.seed, decode=False, **kw)
 
-    def run_fast():
-        with amp:
-            return sample_fast(model, tok, labels, seed=args.seed, **kw)
-
-    row: dict = {"config": name, "params": model.num_parameters(), "batch": B, "L": model.L,
+    row: dict = {"config": name, "params": model.num_parameters(), "batch": B, "L": model.seq_len,
                  "reference_s_per_batch": c["reference_s_per_batch"]}
     t = common.time_fn(run_msar, device, repeats=repeats, warmup=1)
     row["msar_sample"] = {"s_per_batch": t.median_s, "images_per_s": B / t.median_s, "timing": t.as_dict(),
                         "cpu_s_per_batch": t.as_dict()["median_process_cpu_s"]}
     row["msar_sample"]["peak_memory"] = common.peak_memory(run_msar, device)
-    t = common.time_fn(run_fast, device, repeats=repeats, warmup=1)
-    row["sample_fast"] = {"s_per_batch": t.median_s, "images_per_s": B / t.median_s, "timing": t.as_dict(),
-                        "cpu_s_per_batch": t.as_dict()["median_process_cpu_s"]}
     if c["reference_s_per_batch"] and device.type == "cpu":
         ref = c["reference_s_per_batch"]
-        row["speedup_vs_reference"] = {"msar_sample": ref / row["msar_sample"]["s_per_batch"],
-                                       "sample_fast": ref / row["sample_fast"]["s_per_batch"], "goal": 1.5,
+        row["speedup_vs_reference"] = {"msar_sample": ref / row["msar_sample"]["s_per_batch"], "goal": 1.5,
                                        "note": "wall time here vs the issue's idle 2-core reference time"}
     if with_decoder:
         vq = image_decoder_tokenizer(device, args.seed)
@@ -162,12 +151,11 @@ def bench_config(name: str, args, device: torch.device, repeats: int, with_decod
                 "decoder_batch": DB, "decoder_s_per_image": dec_img, "decoder_cpu_s_per_image": dec_cpu,
                 "s_per_batch": (loop_img + dec_img) * B, "images_per_s": 1 / (loop_img + dec_img),
                 "images_per_cpu_s": 1 / (loop_cpu + dec_cpu), "timing": t.as_dict()}
-    # greedy equivalence (fp32, no autocast): KV-cached vs uncached, fast vs msar
+    # greedy equivalence (fp32, no autocast): KV-cached vs uncached
     gb = min(B, args.greedy_batch)
     glabels = labels[:gb]
     cached = msar.sample(model, tok, glabels, cfg=SAMPLING["cfg"], top_k=1, seed=args.seed, decode=False).indices
     row["greedy_cached_vs_uncached"] = {"batch": gb, **compare(cached, greedy_uncached(model, tok, glabels, SAMPLING["cfg"]))}
-    row["greedy_fast_vs_msar"] = {"batch": gb, **compare(cached, sample_fast(model, tok, glabels, cfg=SAMPLING["cfg"], top_k=1))}
     return row
 
 
@@ -201,13 +189,11 @@ def run(args) -> dict:
         rows.append(row)
         s = row.get("speedup_vs_reference", {})
         print(f"{name}: msar.sample {row['msar_sample']['s_per_batch']:.2f} s/batch of {row['batch']} "
-              f"({row['msar_sample']['images_per_s']:.2f} img/s, x{s.get('msar_sample', float('nan')):.2f} vs ref), "
-              f"sample_fast {row['sample_fast']['s_per_batch']:.2f} s (x{s.get('sample_fast', float('nan')):.2f}); "
-              f"greedy cached==uncached {row['greedy_cached_vs_uncached']['identical']}, "
-              f"fast==msar {row['greedy_fast_vs_msar']['identical']}", flush=True)
+              f"({row['msar_sample']['images_per_s']:.2f} img/s, x{s.get('msar_sample', float('nan')):.2f} vs ref); "
+              f"greedy cached==uncached {row['greedy_cached_vs_uncached']['identical']}", flush=True)
     config = {"preset": "smoke" if args.smoke else "quick" if args.quick else "full", "configs": {n: CONFIGS[n] for n in names},
               "sampling": SAMPLING, "seed": args.seed, "bf16": bool(args.bf16), "compile": bool(args.compile),
-              "weights": "random init (init_weights)", "memory_method": "see benchmarks/common.py"}
+              "weights": "random init (VAR's, at construction)", "memory_method": "see benchmarks/common.py"}
     figures = {"rows": rows}
     path = common.write_result(NAME, info, config, figures, args.out)
     if not args.no_plot:
@@ -228,7 +214,6 @@ def plot(rows: list, out_dir: Optional[str]) -> str:
         if r["reference_s_per_batch"]:
             labels.append(f"{r['config']}\nVAR ref"); vals.append(B / r["reference_s_per_batch"]); colors.append("gray")
         labels.append(f"{r['config']}\nmsar.sample"); vals.append(r["msar_sample"]["images_per_s"]); colors.append("C0")
-        labels.append(f"{r['config']}\nsample_fast"); vals.append(r["sample_fast"]["images_per_s"]); colors.append("C2")
         if r.get("decoder_included"):
             labels.append(f"{r['config']}\n+decoder"); vals.append(r["decoder_included"]["images_per_s"]); colors.append("C1")
     ax.bar(range(len(vals)), vals, color=colors)

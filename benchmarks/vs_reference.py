@@ -11,13 +11,12 @@ For each configuration (see :mod:`benchmarks.sampling_throughput`) it builds the
 modality's strict converters (``modalities.image.checkpoint``), then
 
 * greedy equivalence: the reference ``autoregressive_infer_cfg(top_k=1)`` tokens (recorded
-  from its sampling helper) against ``msar.sample(top_k=1)`` and ``sample_fast(top_k=1)``,
-  guidance 1.5;
+  from its sampling helper) against ``msar.sample(top_k=1)``, guidance 1.5;
 * throughput, transformer loop only (the reference's final ``fhat_to_img`` is replaced by the
   identity; msar runs with ``decode=False``), guidance 1.5, top-k 900, top-p 0.96. Runs are
-  interleaved (reference, msar, fast, reference, ...) so that all three see the same load, and
-  both wall time and process CPU time are recorded: on a shared machine the CPU-time ratio is
-  the robust figure. ``sample_fast_fused`` adds the oneDNN fc1 + GELU fusion (CPU).
+  interleaved (reference, msar, reference, ...) so that both see the same load, and both wall
+  time and process CPU time are recorded: on a shared machine the CPU-time ratio is the robust
+  figure.
 """
 from __future__ import annotations
 
@@ -34,7 +33,6 @@ import msar
 from msar import TransformerConfig
 
 from . import common
-from .fast_sampling import sample_fast
 from .sampling_throughput import CONFIGS, SAMPLING, compare
 
 NAME = "vs_reference"
@@ -124,19 +122,12 @@ def run(args) -> dict:
         gl = labels[: args.greedy_batch]
         ref_greedy = reference_sample(ref, var, gl, args.seed, 1, 0.0, record=True)
         ours = msar.sample(model, tok, gl, cfg=SAMPLING["cfg"], top_k=1, decode=False).indices
-        fast = sample_fast(model, tok, gl, cfg=SAMPLING["cfg"], top_k=1)
-        fused = sample_fast(model, tok, gl, cfg=SAMPLING["cfg"], top_k=1, fused_mlp=True)
         row = {"config": name, "batch": B, "params": model.num_parameters(),
-               "greedy_msar_vs_reference": {"batch": len(gl), **compare(ref_greedy, ours)},
-               "greedy_fast_vs_reference": {"batch": len(gl), **compare(ref_greedy, fast)},
-               "greedy_fast_fused_vs_reference": {"batch": len(gl), **compare(ref_greedy, fused)}}
+               "greedy_msar_vs_reference": {"batch": len(gl), **compare(ref_greedy, ours)}}
         kw = dict(top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"])
         runners = {
             "reference": lambda: reference_sample(ref, var, labels, args.seed, record=False, **kw),
             "msar_sample": lambda: msar.sample(model, tok, labels, cfg=SAMPLING["cfg"], seed=args.seed, decode=False, **kw),
-            "sample_fast": lambda: sample_fast(model, tok, labels, cfg=SAMPLING["cfg"], seed=args.seed, **kw),
-            "sample_fast_fused": lambda: sample_fast(model, tok, labels, cfg=SAMPLING["cfg"], seed=args.seed,
-                                                     fused_mlp=True, **kw),
         }
         for fn in runners.values():  # warm-up
             fn()
@@ -154,16 +145,14 @@ def run(args) -> dict:
                              "median_cpu_s": med(cpu[k])} for k in runners}
         row["speedup_vs_reference"] = {
             k: {"wall": med(wall["reference"]) / med(wall[k]), "cpu": med(cpu["reference"]) / med(cpu[k])}
-            for k in ("msar_sample", "sample_fast", "sample_fast_fused")}
+            for k in ("msar_sample",)}
         row["goal"] = 1.5
         row["issue_reference_s_per_batch"] = CONFIGS[name]["reference_s_per_batch"]
         rows.append(row)
         s = row["speedup_vs_reference"]
-        print(f"{name}: greedy identical to reference: msar {row['greedy_msar_vs_reference']['identical']}, "
-              f"fast {row['greedy_fast_vs_reference']['identical']}; speed-up (cpu / wall): msar.sample "
-              f"{s['msar_sample']['cpu']:.2f} / {s['msar_sample']['wall']:.2f}, sample_fast "
-              f"{s['sample_fast']['cpu']:.2f} / {s['sample_fast']['wall']:.2f}, fused "
-              f"{s['sample_fast_fused']['cpu']:.2f} / {s['sample_fast_fused']['wall']:.2f}", flush=True)
+        print(f"{name}: greedy identical to reference: {row['greedy_msar_vs_reference']['identical']}; "
+              f"speed-up (cpu / wall): msar.sample {s['msar_sample']['cpu']:.2f} / {s['msar_sample']['wall']:.2f}",
+              flush=True)
         del vae, var, tok, model
     config = {"preset": "quick" if args.quick else "full", "configs": {n: CONFIGS[n] for n in names},
               "sampling": SAMPLING, "rounds": rounds, "seed": args.seed, "var_dir": os.path.abspath(args.var_dir),
@@ -208,7 +197,7 @@ def parse(argv=None):
                     help="checkout of FoundationVision/VAR (or set MSAR_VAR_DIR)")
     ap.add_argument("--configs", nargs="*", choices=["small", "d16", "d30"], default=None)
     ap.add_argument("--batch", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=0, help="timed rounds (each runs reference, msar, fast once)")
+    ap.add_argument("--rounds", type=int, default=0, help="timed rounds (each runs reference and msar once)")
     ap.add_argument("--greedy-batch", type=int, default=2)
     return ap.parse_args(argv)
 
