@@ -57,10 +57,10 @@ def flex_forward(block_mask, compiled: bool):
     def forward(self: SelfAttention, x: torch.Tensor, attn_mask=None, cache=None) -> torch.Tensor:
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
+        qkv = F.linear(x, self.qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if self.l2_norm:
-            scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+            scale_mul = self.attn_scale.clamp_max(self.max_log_scale).exp()
             q = F.normalize(q, dim=-1).mul(scale_mul)
             k = F.normalize(k, dim=-1)
         out = attend(q, k, v, block_mask=block_mask, scale=self.scale)
@@ -71,14 +71,14 @@ def flex_forward(block_mask, compiled: bool):
 
 def set_mask(model: NextScaleTransformer, kind: str, compiled: bool = False) -> None:
     """Switch the block-causal mask of ``model`` to ``kind`` (bool / additive / flex)."""
-    device = model.pos_1LC.device
+    device = model.pos_embed.device
     sched = model.schedule
     for b in model.blocks:  # undo a previous flex patch
         b.attn.__dict__.pop("forward", None)
     if kind == "bool":
         model.attn_mask = sched.attn_mask("bool", device=device)
     elif kind == "additive":
-        model.attn_mask = sched.attn_mask("additive", device=device, dtype=model.pos_1LC.dtype)
+        model.attn_mask = sched.attn_mask("additive", device=device, dtype=model.pos_embed.dtype)
     elif kind == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
         lvl = sched.level_ids(device)
@@ -86,7 +86,7 @@ def set_mask(model: NextScaleTransformer, kind: str, compiled: bool = False) -> 
         def block_causal(b, h, q_idx, kv_idx):
             return lvl[q_idx] >= lvl[kv_idx]
 
-        bm = create_block_mask(block_causal, B=None, H=None, Q_LEN=model.L, KV_LEN=model.L, device=str(device))
+        bm = create_block_mask(block_causal, B=None, H=None, Q_LEN=model.seq_len, KV_LEN=model.seq_len, device=str(device))
         fwd = flex_forward(bm, compiled)
         model.attn_mask = None
         for b in model.blocks:
@@ -98,15 +98,15 @@ def set_mask(model: NextScaleTransformer, kind: str, compiled: bool = False) -> 
 # ---------------------------------------------------------------------------- step
 def make_step(model, opt, batch: int, device: torch.device, amp_dtype: Optional[torch.dtype], fwd=None):
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(batch, model.L - model.first_l, model.Cvae, generator=g).to(device)
+    x = torch.randn(batch, model.seq_len - model.first_len, model.latent_dim, generator=g).to(device)
     labels = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
-    target = torch.randint(0, model.V, (batch, model.L), generator=g).to(device)
+    target = torch.randint(0, model.vocab_size, (batch, model.seq_len), generator=g).to(device)
     fwd = fwd or model
 
     def step() -> float:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = fwd(labels, x)
-            loss = F.cross_entropy(logits.float().reshape(-1, model.V), target.reshape(-1))
+            loss = F.cross_entropy(logits.float().reshape(-1, model.vocab_size), target.reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -121,7 +121,7 @@ def bench_variant(cfg_name: str, kind: str, compiled: bool, args, device: torch.
     torch.manual_seed(args.seed)
     cfg = TransformerConfig(schedule=[(p, p) for p in c["sides"]], vocab_size=c["vocab"], latent_dim=c["latent"],
                             num_classes=c["classes"], depth=c["depth"], embed_dim=c["width"], num_heads=c["heads"])
-    model = NextScaleTransformer(cfg).init_weights().to(device).train()
+    model = NextScaleTransformer(cfg).to(device).train()
     set_mask(model, kind, compiled)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
     fwd = torch.compile(model, dynamic=False) if (compiled and kind != "flex") else model
@@ -133,8 +133,8 @@ def bench_variant(cfg_name: str, kind: str, compiled: bool, args, device: torch.
     first = time.perf_counter() - t0
     t = common.time_fn(step, device, repeats=repeats, warmup=0)
     mem = common.peak_memory(step, device)
-    tokens = batch * model.L
-    return {"mask": kind, "compiled": compiled, "batch": batch, "L": model.L, "params": model.num_parameters(),
+    tokens = batch * model.seq_len
+    return {"mask": kind, "compiled": compiled, "batch": batch, "L": model.seq_len, "params": model.num_parameters(),
             "s_per_step": t.median_s, "tokens_per_s": tokens / t.median_s, "first_step_s": first,
             # load-robust on a shared CPU: tokens per second of CPU time the process consumed
             "tokens_per_cpu_s": tokens / t.as_dict()["median_process_cpu_s"],

@@ -268,7 +268,8 @@ def main(argv=None) -> dict:
     model = msar.NextScaleTransformer(msar.TransformerConfig(
         schedule=schedule.to_config(), vocab_size=tok.vocab_size, latent_dim=tok.latent_dim,
         num_classes=len(CLASSES), depth=args.depth, embed_dim=args.width, num_heads=4, cond_drop_rate=0.1,
-    )).init_weights()
+        init_std=0.02,
+    ))
     ar = TransformerTrainer(model, tok, TransformerTrainConfig(
         lr=1e-3, total_steps=args.ar_steps, warmup_steps=args.ar_steps // 20, lr_schedule="cos", weight_decay=0.05,
         ckpt_dir=os.path.join(args.out, "ckpt_transformer"), log_every=10,

@@ -112,7 +112,7 @@ def test_indices_of_wrong_dtype_shape_or_range(vq):
 def test_transformer_labels_and_input(var, vq):
     idx = vq.encode(torch.randn(2, 3, SIDE, SIDE))
     x = vq.teacher_forcing_input(idx)
-    with pytest.raises(ValueError, match=r"class label out of range \[0, 3\).*max 9"):
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, num_classes - 1\] = \[0, 2\].*max 9"):
         var(torch.tensor([0, 9]), x)
     with pytest.raises(ValueError, match=r"labels: expected a 1-D integer tensor \(B,\), got shape \(2,\) dtype torch.float32"):
         var(torch.tensor([0.0, 1.0]), x)
@@ -124,7 +124,8 @@ def test_transformer_labels_and_input(var, vq):
     (dict(top_k=-1), r"top_k must be an int >= 0"), (dict(top_k=2.5), r"top_k must be an int >= 0"),
     (dict(top_p=1.5), r"top_p must be in \[0, 1\]"), (dict(cfg=float("nan")), r"cfg must be a finite number"),
     (dict(temperature=0.0), r"temperature must be > 0"), (dict(labels=None, batch_size=-2), r"batch_size must be"),
-    (dict(labels=[0, 4]), r"class label out of range \[0, 3\)"),
+    (dict(labels=[0, 4]), r"class labels must lie in \[0, num_classes - 1\] = \[0, 2\]"),
+    (dict(labels=[0, 3]), r"the null class \(3\) is used only for guidance / dropout"),
 ])
 def test_sampling_knobs(var, vq, kw, msg):
     from msar import sample
@@ -141,7 +142,7 @@ def test_checkpoint_of_another_preset_or_schedule(tmp_path):
     # var-d36 uses the 512 px schedule and a shared AdaLN: another model entirely
     with pytest.raises(ImageCheckpointError, match="does not match the model|has shape"):
         load_var(tmp_path / "var_d16.pth", preset="var-d36", **small)
-    with pytest.raises(ImageCheckpointError, match=r"'pos_1LC' has shape \(1, 680, 32\).*expects \(1, 5, 32\)"
+    with pytest.raises(ImageCheckpointError, match=r"'pos_embed' has shape \(1, 680, 32\).*expects \(1, 5, 32\)"
                                                    r".*wrong preset or scale schedule"):
         load_var(tmp_path / "var_d16.pth", schedule=[(1, 1), (2, 2)], **small)
     shutil.copy(tmp_path / "var_d16.pth", tmp_path / "weights.pth")
@@ -155,7 +156,7 @@ def test_resuming_a_training_checkpoint_of_another_schedule(tmp_path, var):
     save_checkpoint(tmp_path, 3, {"model": var})
     other = NextScaleTransformer(TransformerConfig(schedule=[(1, 1), (3, 3)], vocab_size=16, latent_dim=4,
                                                    num_classes=3, depth=1, embed_dim=32, num_heads=2))
-    with pytest.raises(CheckpointError, match=r"(?s)step_000003: the weights of .model. do not fit the model .*pos_1LC"):
+    with pytest.raises(CheckpointError, match=r"(?s)step_000003: the weights of .model. do not fit the model .*pos_embed"):
         load_latest(tmp_path, models={"model": other})
 
 

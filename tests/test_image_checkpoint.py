@@ -8,7 +8,8 @@ import torch
 
 from modalities.image import (CheckpointError, VQVAE, VQVAEConfig, VQVAE_PRESETS, transformer_config,
                               transformer_from_state_dict, vqvae_from_state_dict)
-from modalities.image.checkpoint import map_vqvae_state_dict, strip_derived_buffers, validate_state_dict
+from modalities.image.checkpoint import (TRANSFORMER_VAR_TO_MSAR, map_transformer_state_dict, map_vqvae_state_dict,
+                                        transformer_to_var_state_dict, validate_state_dict, vqvae_to_var_state_dict)
 from modalities.image.presets import RELEASED_FILES
 from msar import NextScaleTransformer
 
@@ -55,7 +56,7 @@ def test_presets_match_released_manifest(fname):
         else:
             model = NextScaleTransformer(transformer_config(preset))
             sd = {k: torch.empty(s, device="meta") for k, s in entry["state_dict"].items()}
-            sd = strip_derived_buffers(sd, model)
+            sd = map_transformer_state_dict(sd, model)
     validate_state_dict(model, sd, fname)
     n_params = sum(p.numel() for p in model.parameters())
     # the manifest counts parameters (not buffers) of the reference module
@@ -78,8 +79,8 @@ def test_loader_names_unknown_missing_and_misshaped_keys():
     with pytest.raises(CheckpointError, match="missing keys.*decoder.conv_out.bias"):
         vqvae_from_state_dict(bad, cfg)
     bad = dict(sd)
-    bad["quantize.embedding.weight"] = torch.zeros(17, 4)
-    with pytest.raises(CheckpointError, match="quantize.embedding.weight.*\\(17, 4\\).*\\(16, 4\\)"):
+    bad["quantizer.embedding.weight"] = torch.zeros(17, 4)
+    with pytest.raises(CheckpointError, match="quantizer.embedding.weight.*\\(17, 4\\).*\\(16, 4\\)"):
         vqvae_from_state_dict(bad, cfg)
 
 
@@ -98,3 +99,57 @@ def test_reference_phi_names_map_for_every_sharing_mode():
         model = VQVAE(cfg)
         ours = map_vqvae_state_dict({ref_key: torch.zeros(1)}, model)
         assert list(ours)[0] in model.state_dict()
+
+
+def _fixture_parts():
+    from safetensors.torch import load_file
+    from modalities.image.parity import configs_from_fixture
+    t = load_file(TINY)
+    with open(os.path.join(FIXTURES, "tiny_a.json")) as f:
+        vae_cfg, var_cfg = configs_from_fixture(json.load(f))
+    vae_sd = {k[4:]: v for k, v in t.items() if k.startswith("vae.")}
+    var_sd = {k[4:]: v for k, v in t.items() if k.startswith("var.")}
+    return vae_sd, vae_cfg, var_sd, var_cfg
+
+
+@needs_fixtures
+def test_var_layout_round_trips_through_msar():
+    """VAR -> msar -> VAR gives back every key, shape, dtype and value of the reference's state
+    dicts (derived buffers included); catches a name missing from either direction of the map."""
+    vae_sd, vae_cfg, var_sd, var_cfg = _fixture_parts()
+    for ref, back in [(var_sd, transformer_to_var_state_dict(transformer_from_state_dict(var_sd, var_cfg))),
+                      (vae_sd, vqvae_to_var_state_dict(vqvae_from_state_dict(vae_sd, vae_cfg)))]:
+        assert sorted(back) == sorted(ref)
+        for k, v in ref.items():
+            # (VAR builds lvl_1L as int64; the fixture stores it as float: load_state_dict casts either way)
+            assert (back[k].dtype == v.dtype or k == "lvl_1L") and torch.equal(back[k].to(v.dtype), v), k
+
+
+@needs_fixtures
+def test_loaded_models_use_msar_names_only():
+    """VAR's names stay in the converter: none of them is a key of the loaded modules, and the
+    usage counter VAR lacks is filled (0, as VAR starts after loading)."""
+    vae_sd, vae_cfg, var_sd, var_cfg = _fixture_parts()
+    var = transformer_from_state_dict(var_sd, var_cfg)
+    for k in var.state_dict():
+        assert not set(k.split(".")) & set(TRANSFORMER_VAR_TO_MSAR), k
+    vae = vqvae_from_state_dict(vae_sd, vae_cfg)
+    assert not any(k.startswith("quantize.") or "ema_vocab_hit_SV" in k for k in vae.state_dict())
+    assert int(vae.quantizer.usage_steps) == 0
+    assert torch.equal(vae.quantizer.usage_ema, vae_sd["quantize.ema_vocab_hit_SV"])
+    # msar's own layout loads through the same converter
+    again = transformer_from_state_dict(var.state_dict(), var_cfg)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), var.state_dict().values()))
+
+
+@needs_fixtures
+def test_errors_name_keys_as_the_file_spells_them():
+    vae_sd, vae_cfg, var_sd, var_cfg = _fixture_parts()
+    bad = dict(var_sd, pos_1LC=torch.zeros(1, 3, var_cfg.embed_dim))
+    with pytest.raises(CheckpointError, match=r"'pos_embed' \(in the file: 'pos_1LC'\) has shape \(1, 3, "):
+        transformer_from_state_dict(bad, var_cfg)
+    bad = dict(var_sd)
+    bad["blocks.0.ada_lin.2.weight"] = bad.pop("blocks.0.ada_lin.1.weight")
+    with pytest.raises(CheckpointError, match=r"unknown keys \(1\): \['blocks.0.ada_lin.2.weight'\].*"
+                                              r"missing keys \(1\): \['blocks.0.adaln_proj.1.weight'\]"):
+        transformer_from_state_dict(bad, var_cfg)

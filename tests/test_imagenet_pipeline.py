@@ -213,7 +213,7 @@ def test_fsdp_constructs_trains_and_resumes_on_cpu(tmp_path):
 
     def make():
         torch.manual_seed(0)
-        m = NextScaleTransformer(r.transformer(3)).init_weights(init_std=-1)
+        m = NextScaleTransformer(r.transformer(3))
         cfg = TransformerTrainConfig(lr=1e-3, total_steps=4, ckpt_dir=str(tmp_path / "ck"), progress=False,
                                      tensorboard=False, grad_accum=2)
         return ImageNetTrainer(m, vq, cfg, r, steps_per_epoch=2, fsdp=True)

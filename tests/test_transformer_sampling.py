@@ -12,8 +12,9 @@ from msar import (MultiScaleResidualQuantizer, MultiScaleVQTokenizer, NextScaleT
 def tiny(schedule, V=16, C=4, classes=3, depth=2, width=32, heads=2, shared=False, l2=True, seed=0):
     torch.manual_seed(seed)
     cfg = TransformerConfig(schedule=schedule, vocab_size=V, latent_dim=C, num_classes=classes, depth=depth,
-                            embed_dim=width, num_heads=heads, shared_aln=shared, attn_l2_norm=l2)
-    model = NextScaleTransformer(cfg).init_weights(init_adaln_gamma=0.5, init_head=1.0, init_std=-1).eval()
+                            embed_dim=width, num_heads=heads, shared_aln=shared, attn_l2_norm=l2,
+                            init_adaln_gamma=0.5, init_head=1.0)  # larger than VAR's: logits that vary
+    model = NextScaleTransformer(cfg).eval()
     tok = MultiScaleVQTokenizer(nn.Identity(), nn.Identity(), MultiScaleResidualQuantizer(V, C, schedule))
     return model, tok
 
@@ -69,7 +70,7 @@ def test_raster_mode_is_causal_next_token():
     cfg = TransformerConfig(schedule=ScaleSchedule.raster(5).to_config(), vocab_size=8, latent_dim=4,
                             depth=1, embed_dim=16, num_heads=2)
     model = NextScaleTransformer(cfg)
-    assert model.L == 5 and model.first_l == 1
+    assert model.seq_len == 5 and model.first_len == 1
     assert torch.equal(model.attn_mask, torch.tril(torch.ones(5, 5, dtype=torch.bool)))
 
 
@@ -152,8 +153,8 @@ def test_logits_hook_restricts_tokens_per_scale():
     model, tok = tiny(SCHED, V=16)
     seen = []
 
-    def even_on_odd_scales(k, logits, so_far):
-        seen.append((k, tuple(logits.shape), [tuple(t.shape) for t in so_far]))
+    def even_on_odd_scales(k, logits, state):
+        seen.append((k, tuple(logits.shape), [tuple(t.shape) for t in state.indices]))
         if k % 2:
             logits = logits.clone()
             logits[..., 1::2] = float("-inf")
@@ -180,13 +181,13 @@ def test_bad_inputs_get_clear_errors():
     model, tok = tiny(SCHED)
     idx = tok.encode(torch.randn(2, 4, 3, 3))
     x = tok.teacher_forcing_input(idx)
-    with pytest.raises(ValueError, match=r"class label out of range \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, num_classes - 1\] = \[0, 2\]"):
         model(torch.tensor([0, 7]), x)
     with pytest.raises(ValueError, match="batch size 3 but the input has batch size 2"):
         model(torch.tensor([0, 1, 2]), x)
     with pytest.raises(ValueError, match=r"expected shape \(2, 13, 4\)"):
         model(torch.tensor([0, 1]), x[:, :5])
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match=r"must lie in \[0, num_classes - 1\] = \[0, 2\]"):
         sample(model, tok, [0, 5])
     with pytest.raises(ValueError, match=r"known\[2\]: expected shape \(B, 9\)"):
         sample(model, tok, [0, 1], known=[idx[0], idx[1], idx[2][:, :4]],
@@ -204,3 +205,98 @@ def test_unconditional_model_samples():
     model, tok = tiny(SCHED, classes=0)
     out = sample(model, tok, batch_size=3, seed=0, top_k=5)
     assert out.data.shape == (3, 4, 3, 3) and (out.labels == 0).all()
+
+
+# ---------------------------------------------------------------------------- model defaults and footguns
+def test_construction_applies_var_init_from_the_config():
+    """``NextScaleTransformer(cfg)`` is VAR-initialised (PyTorch's default init would give nonzero
+    biases, O(1/sqrt(C)) AdaLN gates and a full-size head), with the scales of the config's fields."""
+    C, depth = 64, 3
+    cfg = TransformerConfig(schedule=SCHED, vocab_size=256, latent_dim=4, num_classes=3, depth=depth,
+                            embed_dim=C, num_heads=2)
+    torch.manual_seed(0)
+    m = NextScaleTransformer(cfg)
+    std = (1 / (3 * C)) ** 0.5  # init_std = -1
+    for name, mod in m.named_modules():
+        if isinstance(mod, nn.Linear) and mod.bias is not None:
+            assert not mod.bias.any(), name
+    torch.testing.assert_close(m.head.weight.std().item(), 0.02 * std, rtol=0.1, atol=0)
+    for b in m.blocks:
+        w = b.adaln_proj[-1].weight
+        torch.testing.assert_close(w[:2 * C].std().item(), 1e-5 * std, rtol=0.1, atol=0)  # gates: near identity
+        torch.testing.assert_close(w[2 * C:].std().item(), 0.5 * std, rtol=0.1, atol=0)
+        torch.testing.assert_close(b.ffn.fc2.weight.std().item(), std / (2 * depth) ** 0.5, rtol=0.1, atol=0)
+    # the config's fields drive it; init_weights() re-applies them, arguments override them
+    torch.manual_seed(0)
+    big = NextScaleTransformer(TransformerConfig(**{**cfg.__dict__, "init_head": 1.0, "init_std": 0.05}))
+    torch.testing.assert_close(big.head.weight.std().item(), 0.05, rtol=0.1, atol=0)
+    big.init_weights(init_head=0.02)
+    torch.testing.assert_close(big.head.weight.std().item(), 0.02 * 0.05, rtol=0.1, atol=0)
+
+
+def test_null_label_only_when_asked_for():
+    """A label equal to num_classes is the null class: rejected (with the valid range) unless the
+    caller asks for it, so "labels 1..num_classes" cannot silently train unconditionally."""
+    model, tok = tiny(SCHED, classes=4)
+    idx = tok.encode(torch.randn(2, 4, 3, 3))
+    x = tok.teacher_forcing_input(idx)
+    msg = (r"class labels must lie in \[0, num_classes - 1\] = \[0, 3\]; the null class \(4\) is used only for "
+           r"guidance / dropout")
+    with pytest.raises(ValueError, match=msg):
+        model(torch.tensor([1, 4]), x)
+    with pytest.raises(ValueError, match=msg):
+        sample(model, tok, [4, 0])
+    assert model.null_label == 4
+    uncond = model(torch.full((2,), model.null_label), x, allow_null=True)
+    cond, _ = model.condition(torch.full((2,), 4))
+    assert torch.equal(cond, model.class_embed.weight[[4, 4]])  # the null row is what allow_null reaches
+    assert not torch.allclose(uncond, model(torch.tensor([0, 0]), x))
+    with pytest.raises(ValueError, match=r"\[0, num_classes\] = \[0, 4\] \(4 = the null class\)"):
+        model(torch.tensor([0, 5]), x, allow_null=True)
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        model(torch.tensor([-1, 0]), x)
+    # unconditional models: the null class 0 is the only label, no flag needed
+    m0, _ = tiny(SCHED, classes=0)
+    assert m0(torch.zeros(2, dtype=torch.long), x).shape == (2, 14, 16)
+    with pytest.raises(ValueError, match="unconditional"):
+        m0(torch.tensor([0, 1]), x)
+
+
+def _extra_pos(model, B, seed=0):
+    return torch.randn(B, model.seq_len, model.embed_dim, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_kv_cache_with_extra_pos_equals_full_forward(rows):
+    """Adapter positions reach every scale of the incremental path: the KV-cached scale-by-scale
+    logits equal the teacher-forced forward with the same ``extra_pos`` (per-sample or shared)."""
+    model, tok = tiny([(1, 1), (2, 2), (3, 3)], shared=rows == 2)
+    labels = torch.tensor([0, 2])
+    idx = tok.encode(torch.randn(2, 4, 3, 3))
+    extra = _extra_pos(model, rows)
+    full = model(labels, tok.teacher_forcing_input(idx), extra_pos=extra)
+    assert not torch.allclose(full, model(labels, tok.teacher_forcing_input(idx)), atol=1e-3)  # it matters
+    cond, cond_blocks = model.condition(labels)
+    caches = model.new_caches(2)
+    state = tok.start(2, "cpu")
+    lvl_pos = model.level_pos(extra)
+    h = model.embed_start(cond, extra_pos=extra)
+    out = []
+    for k, i in enumerate(idx):
+        out.append(model.step(h, cond, cond_blocks, caches))
+        nxt = state.add_scale(k, i)
+        if k + 1 < len(idx):
+            h = model.embed_scale(nxt, k + 1, extra_pos=extra)
+            assert torch.equal(h, model.embed_scale(nxt, k + 1, lvl_pos))  # precomputed = per-call
+    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_extra_pos_shape_errors():
+    model, tok = tiny(SCHED)
+    x = tok.teacher_forcing_input(tok.encode(torch.randn(2, 4, 3, 3)))
+    with pytest.raises(ValueError, match=r"extra_pos: expected shape \(B or 1, 14, 32\)"):
+        model(torch.tensor([0, 1]), x, extra_pos=torch.zeros(2, 13, 32))
+    with pytest.raises(ValueError, match="extra_pos has batch size 3"):
+        model(torch.tensor([0, 1]), x, extra_pos=torch.zeros(3, 14, 32))
+    with pytest.raises(ValueError, match="not both"):
+        model.embed_start(model.condition(torch.tensor([0]))[0], model.level_pos(), extra_pos=torch.zeros(1, 14, 32))

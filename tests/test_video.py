@@ -223,7 +223,7 @@ def test_training_steps_reduce_losses():
     labels = torch.tensor([0, 2])
     model = msar.NextScaleTransformer(msar.TransformerConfig(
         schedule=tok.schedule.to_config(), vocab_size=tok.vocab_size, latent_dim=tok.latent_dim, num_classes=3,
-        depth=1, embed_dim=32, num_heads=2, cond_drop_rate=0.0)).init_weights(init_std=-1)
+        depth=1, embed_dim=32, num_heads=2, cond_drop_rate=0.0))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     inp, target = tok.teacher_forcing_input(idx), torch.cat(idx, 1)
     ce = []

@@ -30,6 +30,7 @@ IMAGE_TOL = 1e-3    # anything that went through the decoder
 
 
 def configs_from_fixture(cfg: dict) -> tuple[VQVAEConfig, TransformerConfig]:
+    """The fixture's JSON (VAR's argument names: ``V``, ``Cvae``, ``patch_nums`` ...) -> msar configs."""
     required = ["V", "Cvae", "ch", "share_quant_resi", "patch_nums", "depth", "embed_dim", "num_heads",
                 "shared_aln", "attn_l2_norm", "num_classes"]
     missing = [k for k in required if k not in cfg]
@@ -55,10 +56,10 @@ def recompute(tensors: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Te
     with torch.no_grad():
         f = vae.encode_latent(img)
         out["out.encoder_f"] = f
-        idx = vae.quantize.encode(f)
+        idx = vae.quantizer.encode(f)
         for i, t in enumerate(idx):
             out[f"out.idx_{i}"] = t
-        fhat = vae.quantize.encode(f, return_fhat=True)[-1]
+        fhat = vae.quantizer.encode_progression(f)[-1]
         out["out.fhat_last"] = fhat
         out["out.recon"] = vae.decode_latent(fhat).clamp(-1, 1)
         out["out.idx_to_img_last"] = vae.decode(idx)
@@ -78,6 +79,8 @@ def recompute(tensors: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Te
 
 def compare(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
             print_fn: Callable[[str], None] = print) -> bool:
+    """Print one line per ``out.*`` key of ``ref`` (indices: count differing; floats: largest
+    error against :data:`LATENT_TOL` / :data:`IMAGE_TOL`); True when every key passes."""
     ok = True
     for key in sorted(k for k in ref if k.startswith("out.")):
         r = ref[key]

@@ -5,11 +5,19 @@ GPT-2 style pre-norm blocks whose LayerNorms are modulated by the condition
 attention with a learned per-head temperature (VAR's ``attn_l2_norm``),
 stochastic depth, and a class embedding that is both the start token and the
 condition (row ``num_classes`` is the null class used for classifier-free
-guidance).  Training runs all scales at once under the block-causal mask;
-inference runs one scale at a time against a preallocated KV cache.
+guidance and condition dropout).  Training runs all scales at once under the
+block-causal mask; inference runs one scale at a time against a preallocated
+KV cache::
 
-Parameter names follow the reference VAR implementation so released
-checkpoints load without renaming.
+    cond = class_embed(label)                                   # (B, C)
+    h    = [cond + start_pos, input_proj(x_1..x_{K-1})]         # (B, L, C)
+    h   += level_embed(level_ids) + pos_embed (+ extra_pos)
+    for block in blocks: h = block(h, cond, block-causal mask)
+    logits = head(head_norm(h, cond))                           # (B, L, V)
+
+The reference VAR implementation names these parameters differently
+(``word_embed``, ``pos_1LC``, ``ada_lin`` ...); its released checkpoints load
+through the converter in ``modalities/image/checkpoint.py``.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ class DropPath(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, ...)`` -> same shape, each sample zeroed with probability p (scaled by 1 / (1 - p))."""
         if self.p == 0.0 or not self.training:
             return x
         keep = 1 - self.p
@@ -57,6 +66,8 @@ class KVCache:
         self.length = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v (B, H, n, head_dim)`` after the cached positions; returns all keys and
+        values so far, ``(B, H, length + n, head_dim)`` each (views of the cache)."""
         n = k.shape[2]
         end = self.length + n
         if end > self.k.shape[2]:
@@ -72,23 +83,24 @@ class SelfAttention(nn.Module):
 
     Fused QKV projection with a bias on q and v only (k's bias is a zero buffer, as
     in VAR).  With ``l2_norm`` q and k are unit-normalized and q is multiplied by a
-    learned per-head scale ``exp(min(s, log 100))``; otherwise the logit scale is
-    VAR's ``0.25 / sqrt(head_dim)``.
+    learned per-head scale ``exp(min(attn_scale, log 100))`` (``attn_scale`` is
+    ``(1, H, 1, 1)``, initialised to ``log 4``); otherwise the logit scale is VAR's
+    ``0.25 / sqrt(head_dim)``.
     """
 
     def __init__(self, dim: int, heads: int, l2_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {heads}")
-        self.heads, self.head_dim = heads, dim // heads
+        self.num_heads, self.head_dim = heads, dim // heads
         self.l2_norm = l2_norm
         if l2_norm:
             self.scale = 1.0
-            self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
-            self.max_scale_mul = math.log(100)
+            self.attn_scale = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
+            self.max_log_scale = math.log(100)
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
-        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("zero_k_bias", torch.zeros(dim))
@@ -98,13 +110,17 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
-        """x: ``(B, L, C)``; attn_mask: bool ``(L, L)`` (True = may attend) or additive."""
+        """``x (B, n, C)`` -> ``(B, n, C)``.
+
+        ``attn_mask``: bool ``(n, n)`` (True = may attend) or additive; ``cache``: the
+        layer's :class:`KVCache` -- the new keys/values are appended and the queries
+        attend to everything cached (no mask needed for a whole scale)."""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
+        qkv = F.linear(x, self.qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
         if self.l2_norm:
-            scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+            scale_mul = self.attn_scale.clamp_max(self.max_log_scale).exp()
             q = F.normalize(q, dim=-1).mul(scale_mul)
             k = F.normalize(k, dim=-1)
         if cache is not None:
@@ -116,6 +132,8 @@ class SelfAttention(nn.Module):
 
 
 class FFN(nn.Module):
+    """Two-layer MLP with tanh-GELU: ``(B, n, C) -> (B, n, C)``."""
+
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -124,13 +142,15 @@ class FFN(nn.Module):
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, n, C)`` -> ``(B, n, C)``."""
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
-class SharedAdaLin(nn.Linear):
+class SharedAdaLNProjection(nn.Linear):
     """One AdaLN projection for all blocks: ``(B, D) -> (B, 1, 6, C)``."""
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        """``cond (B, D)`` -> ``(B, 1, 6, C)``."""
         C = self.weight.shape[0] // 6
         return super().forward(cond).view(-1, 1, 6, C)
 
@@ -150,39 +170,46 @@ class AdaLNBlock(nn.Module):
     """Pre-norm attention + MLP block with AdaLN modulation and gates.
 
     The condition yields six ``(B, 1, C)`` vectors ``gamma1, gamma2, scale1, scale2,
-    shift1, shift2``:  ``x += gamma1 * attn(LN(x) * (1 + scale1) + shift1)`` and the
-    same for the MLP.  With ``shared_aln`` the block holds a learned offset
-    ``ada_gss (1, 1, 6, C)`` added to the shared projection.
+    shift1, shift2``:  ``x += gamma1 * attn(norm(x) * (1 + scale1) + shift1)`` and the
+    same for the MLP.  Per-block AdaLN projects the condition with ``adaln_proj``
+    (SiLU + linear ``D -> 6C``); with ``shared_aln`` the model projects once for all
+    blocks and each block adds its learned ``adaln_offset (1, 1, 6, C)``.
     """
 
     def __init__(self, dim: int, cond_dim: int, heads: int, mlp_ratio: float = 4.0, shared_aln: bool = False,
                  l2_norm: bool = False, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  norm_eps: float = 1e-6):
         super().__init__()
-        self.C = dim
+        self.dim = dim
         self.shared_aln = shared_aln
         self.attn = SelfAttention(dim, heads, l2_norm=l2_norm, attn_drop=attn_drop, proj_drop=drop)
         self.ffn = FFN(dim, round(dim * mlp_ratio), drop=drop)
-        self.ln_wo_grad = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)  # affine comes from AdaLN
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if shared_aln:
-            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, dim) / dim ** 0.5)
+            self.adaln_offset = nn.Parameter(torch.randn(1, 1, 6, dim) / dim ** 0.5)
         else:
-            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+            self.adaln_proj = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
 
     def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The six AdaLN vectors ``(gamma1, gamma2, scale1, scale2, shift1, shift2)``, each ``(B, 1, C)``.
+
+        ``cond``: the class embedding ``(B, D)``, or with ``shared_aln`` the shared
+        projection ``(B, 1, 6, C)``."""
         if self.shared_aln:
-            return (self.ada_gss + cond).unbind(2)  # cond is (B, 1, 6, C) from the shared projection
-        return self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2)
+            return (self.adaln_offset + cond).unbind(2)
+        return self.adaln_proj(cond).view(-1, 1, 6, self.dim).unbind(2)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, mod: Optional[tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
-        # mod: this block's modulation precomputed by the sampler (it depends on the class only,
-        # so computing it once per generation saves depth x K matmuls)
+        """``x (B, n, C)`` -> ``(B, n, C)`` under the condition ``cond`` (see :meth:`modulation`).
+
+        ``mod``: this block's :meth:`modulation` precomputed by the sampler (it depends on
+        the class only, so computing it once per generation saves depth x K matmuls)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond) if mod is None else mod
-        h = self.attn(_modulate(self.ln_wo_grad(x), scale1, shift1), attn_mask=attn_mask, cache=cache)
+        h = self.attn(_modulate(self.norm(x), scale1, shift1), attn_mask=attn_mask, cache=cache)
         x = x + self.drop_path(h.mul_(gamma1))
-        h = self.ffn(_modulate(self.ln_wo_grad(x), scale2, shift2))
+        h = self.ffn(_modulate(self.norm(x), scale2, shift2))
         return x + self.drop_path(h.mul(gamma2))
 
 
@@ -191,13 +218,14 @@ class AdaLNBeforeHead(nn.Module):
 
     def __init__(self, dim: int, cond_dim: int, norm_eps: float = 1e-6):
         super().__init__()
-        self.C = dim
-        self.ln_wo_grad = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+        self.dim = dim
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.adaln_proj = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.C).unbind(2)
-        return _modulate(self.ln_wo_grad(x), scale, shift)
+        """``x (B, n, C)``, class embedding ``cond (B, D)`` -> ``(B, n, C)``."""
+        scale, shift = self.adaln_proj(cond).view(-1, 1, 2, self.dim).unbind(2)
+        return _modulate(self.norm(x), scale, shift)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -206,8 +234,10 @@ class TransformerConfig:
     """Hyper-parameters of :class:`NextScaleTransformer`.
 
     ``schedule`` is a list of scales (see :class:`ScaleSchedule`); ``latent_dim`` is
-    the tokenizer's codeword size (VAR's Cvae); ``num_classes = 0`` gives an
-    unconditional model (only the null class).
+    the tokenizer's codeword size; ``num_classes = 0`` gives an unconditional model
+    (only the null class).  The ``init_*`` fields are VAR's initialisation, applied
+    at construction (see :meth:`NextScaleTransformer.init_weights`): ``init_std < 0``
+    means ``sqrt(1 / (3 embed_dim))``.
     """
 
     schedule: list | ScaleSchedule
@@ -225,6 +255,10 @@ class TransformerConfig:
     attn_l2_norm: bool = True
     cond_drop_rate: float = 0.1
     norm_eps: float = 1e-6
+    init_adaln: float = 0.5
+    init_adaln_gamma: float = 1e-5
+    init_head: float = 0.02
+    init_std: float = -1.0
 
     @classmethod
     def var(cls, depth: int, schedule: list, vocab_size: int = 4096, latent_dim: int = 32,
@@ -238,9 +272,15 @@ class TransformerConfig:
 class NextScaleTransformer(PretrainedMixin, nn.Module):
     """VAR's transformer over a :class:`ScaleSchedule`.
 
-    ``forward(labels (B,), x (B, L - n_0, Cvae)) -> logits (B, L, V)``: teacher forcing
-    under the block-causal mask.  ``step`` runs one scale against KV caches.
-    A raster (next-token) model is the same class with ``ScaleSchedule.raster(N)``.
+    ``forward(labels (B,), x (B, L - n_0, latent_dim)) -> logits (B, L, vocab_size)``:
+    teacher forcing under the block-causal mask.  :meth:`step` runs one scale against
+    KV caches.  A raster (next-token) model is the same class with
+    ``ScaleSchedule.raster(N)``.  Weights are initialised with VAR's recipe at
+    construction (scales from the config's ``init_*`` fields).
+
+    Attributes: ``vocab_size`` (V), ``latent_dim``, ``embed_dim`` (C), ``seq_len``
+    (L, tokens over all scales), ``first_len`` (n_0, tokens of scale 0),
+    ``num_classes``, ``null_label`` (= ``num_classes``).
     """
 
     config_class = TransformerConfig  # save_pretrained / from_pretrained
@@ -251,44 +291,63 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         # a ScaleSchedule keeps its type (a subclass such as a per-frame video schedule)
         self.schedule = cfg.schedule if isinstance(cfg.schedule, ScaleSchedule) else ScaleSchedule(cfg.schedule)
         s = self.schedule
-        self.V, self.Cvae, self.C = cfg.vocab_size, cfg.latent_dim, cfg.embed_dim
+        self.vocab_size, self.latent_dim, self.embed_dim = cfg.vocab_size, cfg.latent_dim, cfg.embed_dim
         self.num_classes = cfg.num_classes
         self.depth, self.num_heads = cfg.depth, cfg.num_heads
-        self.L, self.first_l = s.L, s.first_len
+        self.seq_len, self.first_len = s.L, s.first_len
         self.cond_drop_rate = cfg.cond_drop_rate
-        init_std = math.sqrt(1 / self.C / 3)
+        C = self.embed_dim
+        init_std = math.sqrt(1 / C / 3)
 
-        self.word_embed = nn.Linear(self.Cvae, self.C)
-        self.class_emb = nn.Embedding(self.num_classes + 1, self.C)  # last row: null class
-        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, self.C))
-        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, self.C))
-        self.lvl_embed = nn.Embedding(len(s), self.C)
-        for t in (self.class_emb.weight, self.pos_start, self.pos_1LC, self.lvl_embed.weight):
+        self.input_proj = nn.Linear(self.latent_dim, C)
+        self.class_embed = nn.Embedding(self.num_classes + 1, C)  # last row: null class
+        self.start_pos = nn.Parameter(torch.empty(1, self.first_len, C))
+        self.pos_embed = nn.Parameter(torch.empty(1, self.seq_len, C))
+        self.level_embed = nn.Embedding(len(s), C)
+        for t in (self.class_embed.weight, self.start_pos, self.pos_embed, self.level_embed.weight):
             nn.init.trunc_normal_(t.data, mean=0, std=init_std)
 
-        self.shared_ada_lin = (nn.Sequential(nn.SiLU(), SharedAdaLin(self.C, 6 * self.C))
-                               if cfg.shared_aln else nn.Identity())
+        self.shared_adaln_proj = (nn.Sequential(nn.SiLU(), SharedAdaLNProjection(C, 6 * C))
+                                  if cfg.shared_aln else nn.Identity())
         # linearly increasing stochastic depth (plain Python so the model can be built on the meta device)
         dpr = [cfg.drop_path_rate * i / (cfg.depth - 1) if cfg.depth > 1 else 0.0 for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([
-            AdaLNBlock(self.C, self.C, cfg.num_heads, cfg.mlp_ratio, cfg.shared_aln, cfg.attn_l2_norm,
+            AdaLNBlock(C, C, cfg.num_heads, cfg.mlp_ratio, cfg.shared_aln, cfg.attn_l2_norm,
                        cfg.drop_rate, cfg.attn_drop_rate, dpr[i], cfg.norm_eps)
             for i in range(cfg.depth)
         ])
-        self.head_nm = AdaLNBeforeHead(self.C, self.C, cfg.norm_eps)
-        self.head = nn.Linear(self.C, self.V)
+        self.head_norm = AdaLNBeforeHead(C, C, cfg.norm_eps)
+        self.head = nn.Linear(C, self.vocab_size)
 
-        self.register_buffer("lvl_1L", s.level_ids().view(1, self.L), persistent=False)
+        self.register_buffer("level_ids", s.level_ids(), persistent=False)  # (L,) scale of every position
         self.register_buffer("attn_mask", s.attn_mask("bool"), persistent=False)
+        self.init_weights()
+
+    @property
+    def null_label(self) -> int:
+        """The null class (``num_classes``): the unconditional branch of guidance and condition dropout."""
+        return self.num_classes
 
     # ------------------------------------------------------------------ init (VAR's recipe)
     @torch.no_grad()
-    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
-                     init_std: float = 0.02) -> "NextScaleTransformer":
-        """VAR's initialisation; ``init_std < 0`` means ``sqrt(1 / 3C)``. Small AdaLN gates
-        (``init_adaln_gamma``) start every block close to the identity."""
+    def init_weights(self, init_adaln: Optional[float] = None, init_adaln_gamma: Optional[float] = None,
+                     init_head: Optional[float] = None, init_std: Optional[float] = None) -> "NextScaleTransformer":
+        """VAR's initialisation (the constructor already applies it with the config's values;
+        an argument left at ``None`` takes the config's ``init_*`` field).
+
+        Every linear and embedding weight ~ truncated normal(``init_std``; ``< 0`` means
+        ``sqrt(1 / 3C)``), biases 0; the head weight is scaled by ``init_head``; the output
+        projections of attention and MLP by ``1 / sqrt(2 depth)``; AdaLN scale/shift rows by
+        ``init_adaln`` and gate rows by ``init_adaln_gamma`` -- small gates start every block
+        close to the identity.  Returns ``self``."""
+        cfg = self.cfg
+        init_adaln = cfg.init_adaln if init_adaln is None else init_adaln
+        init_adaln_gamma = cfg.init_adaln_gamma if init_adaln_gamma is None else init_adaln_gamma
+        init_head = cfg.init_head if init_head is None else init_head
+        init_std = cfg.init_std if init_std is None else init_std
+        C = self.embed_dim
         if init_std < 0:
-            init_std = (1 / self.C / 3) ** 0.5
+            init_std = (1 / C / 3) ** 0.5
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=init_std)
@@ -298,80 +357,111 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
                 nn.init.trunc_normal_(m.weight, std=init_std)
         self.head.weight.mul_(init_head)
         self.head.bias.zero_()
-        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
-        self.head_nm.ada_lin[-1].bias.zero_()
+        self.head_norm.adaln_proj[-1].weight.mul_(init_adaln)
+        self.head_norm.adaln_proj[-1].bias.zero_()
         for b in self.blocks:
             b.attn.proj.weight.div_(math.sqrt(2 * self.depth))
             b.ffn.fc2.weight.div_(math.sqrt(2 * self.depth))
             if b.shared_aln:
-                b.ada_gss[:, :, 2:].mul_(init_adaln)
-                b.ada_gss[:, :, :2].mul_(init_adaln_gamma)
+                b.adaln_offset[:, :, 2:].mul_(init_adaln)
+                b.adaln_offset[:, :, :2].mul_(init_adaln_gamma)
             else:
-                w = b.ada_lin[-1].weight
-                w[2 * self.C:].mul_(init_adaln)
-                w[:2 * self.C].mul_(init_adaln_gamma)
-                b.ada_lin[-1].bias.zero_()
+                w = b.adaln_proj[-1].weight
+                w[2 * C:].mul_(init_adaln)
+                w[:2 * C].mul_(init_adaln_gamma)
+                b.adaln_proj[-1].bias.zero_()
         return self
 
     # ------------------------------------------------------------------ validation
-    def check_labels(self, labels: torch.Tensor, allow_null: bool = True) -> torch.Tensor:
+    def check_labels(self, labels: torch.Tensor, allow_null: bool = False) -> torch.Tensor:
+        """Validate class labels ``(B,)`` and return them as a long tensor.
+
+        Labels must lie in ``[0, num_classes - 1]``; the null class ``num_classes`` is
+        accepted only with ``allow_null=True`` (unconditional passes).  For an
+        unconditional model (``num_classes = 0``) the null class 0 is the only label."""
         if not isinstance(labels, torch.Tensor):
             labels = torch.as_tensor(labels)
         if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"labels: expected a 1-D integer tensor (B,), got shape {tuple(labels.shape)} dtype {labels.dtype}")
-        hi = self.num_classes if allow_null else self.num_classes - 1
+        nc = self.num_classes
+        hi = nc if (allow_null or nc == 0) else nc - 1
         compiling = hasattr(torch, "compiler") and torch.compiler.is_compiling()
         if labels.numel() and not compiling and (int(labels.min()) < 0 or int(labels.max()) > hi):
-            raise ValueError(
-                f"labels: class label out of range [0, {self.num_classes}) (null class {self.num_classes}); "
-                f"got min {int(labels.min())}, max {int(labels.max())}"
-            )
+            got = f"got min {int(labels.min())}, max {int(labels.max())}"
+            if nc == 0:
+                raise ValueError(f"labels: this model is unconditional (num_classes = 0): every label must be 0, "
+                                 f"the null class; {got}")
+            if allow_null:
+                raise ValueError(f"labels: class labels must lie in [0, num_classes] = [0, {nc}] ({nc} = the null "
+                                 f"class); {got}")
+            null_hint = (f" (label {nc} is the null class: pass allow_null=True / model.null_label for an "
+                         f"unconditional pass)" if int(labels.max()) == nc and int(labels.min()) >= 0 else "")
+            raise ValueError(f"labels: class labels must lie in [0, num_classes - 1] = [0, {nc - 1}]; the null class "
+                             f"({nc}) is used only for guidance / dropout; {got}{null_hint}")
         return labels.long()
 
     def _check_input(self, x: torch.Tensor, B: int) -> None:
-        want = (B, self.L - self.first_l, self.Cvae)
+        want = (B, self.seq_len - self.first_len, self.latent_dim)
         if x.dim() != 3 or tuple(x.shape) != want:
-            raise ValueError(f"teacher-forcing input: expected shape {want} (B, L - first_l, Cvae), got {tuple(x.shape)}")
+            raise ValueError(f"teacher-forcing input: expected shape {want} (B, L - first_len, latent_dim), "
+                             f"got {tuple(x.shape)}")
+
+    def _check_extra_pos(self, extra_pos: torch.Tensor) -> None:
+        if (extra_pos.dim() != 3 or tuple(extra_pos.shape[1:]) != (self.seq_len, self.embed_dim)):
+            raise ValueError(f"extra_pos: expected shape (B or 1, {self.seq_len}, {self.embed_dim}) "
+                             f"(B or 1, L, embed_dim), got {tuple(extra_pos.shape)}")
 
     # ------------------------------------------------------------------ pieces shared by training and inference
     def condition(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B,)`` labels -> (class embedding ``(B, C)``, block condition)."""
-        cond = self.class_emb(labels)
-        return cond, self.shared_ada_lin(cond)
+        """Labels ``(B,)`` (not validated; null class allowed) -> (class embedding ``(B, C)``,
+        block condition: the same ``(B, C)``, or with ``shared_aln`` the shared AdaLN
+        projection ``(B, 1, 6, C)``)."""
+        cond = self.class_embed(labels)
+        return cond, self.shared_adaln_proj(cond)
 
-    def level_pos(self) -> torch.Tensor:
-        """``(1, L, C)`` level + position embedding."""
-        return self.lvl_embed(self.lvl_1L) + self.pos_1LC
+    def level_pos(self, extra_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Level + position embedding ``(1, L, C)``, plus the adapter's ``extra_pos``
+        ``(B or 1, L, C)`` when given (then ``(B or 1, L, C)``)."""
+        pos = self.level_embed(self.level_ids).unsqueeze(0) + self.pos_embed
+        if extra_pos is not None:
+            self._check_extra_pos(extra_pos)
+            pos = pos + extra_pos
+        return pos
 
     def logits(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_nm(h.float(), cond).float()).float()
+        """Hidden states ``(B, n, C)`` and class embedding ``(B, C)`` -> float32 logits ``(B, n, V)``."""
+        return self.head(self.head_norm(h.float(), cond).float()).float()
 
     # ------------------------------------------------------------------ training forward
-    def forward(self, labels: torch.Tensor, x: torch.Tensor, extra_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, labels: torch.Tensor, x: torch.Tensor, extra_pos: Optional[torch.Tensor] = None,
+                allow_null: bool = False) -> torch.Tensor:
         """Teacher-forced logits.
 
         Args:
-            labels: ``(B,)`` class labels in ``[0, num_classes]`` (``num_classes`` = null);
-                during training a fraction ``cond_drop_rate`` is replaced by the null class.
-            x: ``(B, L - n_0, Cvae)`` teacher-forcing input from the tokenizer.
-            extra_pos: optional ``(B or 1, L, C)`` positions supplied by the adapter.
+            labels: ``(B,)`` class labels in ``[0, num_classes - 1]``; during training a
+                fraction ``cond_drop_rate`` is replaced by the null class.
+            x: ``(B, L - n_0, latent_dim)`` teacher-forcing input from the tokenizer.
+            extra_pos: optional ``(B or 1, L, C)`` positions supplied by the adapter
+                (e.g. embedded cell centres), added to the level + position embedding.
+            allow_null: accept the null class ``num_classes`` (``model.null_label``) in
+                ``labels``, for an unconditional pass.
         Returns:
             ``(B, L, V)`` logits.
         """
         B = x.shape[0]
-        labels = self.check_labels(labels)
+        labels = self.check_labels(labels, allow_null=allow_null)
         if labels.shape[0] != B:
             raise ValueError(f"labels has batch size {labels.shape[0]} but the input has batch size {B}")
         self._check_input(x, B)
+        if extra_pos is not None and extra_pos.shape[0] not in (1, B):
+            raise ValueError(f"extra_pos has batch size {extra_pos.shape[0]} but the input has batch size {B}")
         if self.training and self.cond_drop_rate > 0:
             drop = torch.rand(B, device=labels.device) < self.cond_drop_rate
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         cond, cond_blocks = self.condition(labels)
-        sos = cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
-        h = torch.cat((sos, self.word_embed(x.float())), dim=1)
-        h = h + self.level_pos()
-        if extra_pos is not None:
-            h = h + extra_pos
+        sos = cond.unsqueeze(1).expand(B, self.first_len, -1) + self.start_pos.expand(B, self.first_len, -1)
+        h = torch.cat((sos, self.input_proj(x.float())), dim=1)
+        h = h + self.level_pos(extra_pos)
         mask = self.attn_mask
         for b in self.blocks:
             h = b(h, cond_blocks, attn_mask=mask)
@@ -379,34 +469,56 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
 
     # ------------------------------------------------------------------ incremental inference
     def new_caches(self, batch: int, device=None, dtype=None) -> list[KVCache]:
-        p = self.pos_1LC
-        return [KVCache(batch, self.num_heads, self.L, self.C // self.num_heads, device or p.device, dtype or p.dtype)
+        """One empty :class:`KVCache` per block for ``batch`` sequences of up to L tokens."""
+        p = self.pos_embed
+        return [KVCache(batch, self.num_heads, self.seq_len, self.embed_dim // self.num_heads,
+                        device or p.device, dtype or p.dtype)
                 for _ in range(self.depth)]
 
-    def embed_start(self, cond: torch.Tensor, lvl_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Input of scale 0: start token(s) ``(B, n_0, C)``."""
-        lvl_pos = self.level_pos() if lvl_pos is None else lvl_pos
-        B = cond.shape[0]
-        return (cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
-                + lvl_pos[:, :self.first_l])
+    def _positions(self, lvl_pos: Optional[torch.Tensor], extra_pos: Optional[torch.Tensor]) -> torch.Tensor:
+        if lvl_pos is None:
+            return self.level_pos(extra_pos)
+        if extra_pos is not None:
+            raise ValueError("pass extra_pos or lvl_pos, not both (lvl_pos = level_pos(extra_pos) already holds it)")
+        return lvl_pos
 
-    def embed_scale(self, x: torch.Tensor, k: int, lvl_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Input of scale k >= 1 from the tokenizer's ``(B, n_k, Cvae)`` -> ``(B, n_k, C)``."""
-        lvl_pos = self.level_pos() if lvl_pos is None else lvl_pos
-        return self.word_embed(x) + lvl_pos[:, self.schedule.slice(k)]
+    def embed_start(self, cond: torch.Tensor, lvl_pos: Optional[torch.Tensor] = None,
+                    extra_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Input of scale 0: start token(s) ``(B, n_0, C)`` from the class embedding ``cond (B, C)``.
+
+        ``lvl_pos``: :meth:`level_pos` precomputed once per generation ``(B or 1, L, C)``;
+        or ``extra_pos (B or 1, L, C)``, the adapter's positions over the whole sequence
+        (the slice of scale 0 is taken here)."""
+        lvl_pos = self._positions(lvl_pos, extra_pos)
+        B = cond.shape[0]
+        return (cond.unsqueeze(1).expand(B, self.first_len, -1) + self.start_pos.expand(B, self.first_len, -1)
+                + lvl_pos[:, :self.first_len])
+
+    def embed_scale(self, x: torch.Tensor, k: int, lvl_pos: Optional[torch.Tensor] = None,
+                    extra_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Input of scale ``k >= 1``: the tokenizer's ``(B, n_k, latent_dim)`` -> ``(B, n_k, C)``.
+
+        ``lvl_pos`` / ``extra_pos`` as in :meth:`embed_start` (full length L; the slice of
+        scale k is taken here)."""
+        lvl_pos = self._positions(lvl_pos, extra_pos)
+        return self.input_proj(x) + lvl_pos[:, self.schedule.slice(k)]
 
     def modulations(self, cond_blocks: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-        """Per block, its six AdaLN vectors for this condition (constant over the scales)."""
+        """Per block, its six AdaLN vectors ``(B, 1, C)`` for this condition (constant over
+        the scales, so the sampler computes them once per generation)."""
         return [b.modulation(cond_blocks) for b in self.blocks]
 
     def step(self, h: torch.Tensor, cond: torch.Tensor, cond_blocks: torch.Tensor,
              caches: Sequence[KVCache], mods: Optional[Sequence[tuple[torch.Tensor, ...]]] = None,
              head_rows: Optional[int] = None) -> torch.Tensor:
-        """Run the tokens of one scale ``(B, n_k, C)`` through all blocks, extending the
+        """Run the tokens of one scale ``h (B, n_k, C)`` through all blocks, extending the
         KV caches; returns ``(B, n_k, V)`` logits. No mask is needed: a scale sees
-        everything cached so far and all of itself. ``mods``: precomputed
+        everything cached so far and all of itself.
+
+        ``cond`` / ``cond_blocks``: from :meth:`condition`; ``mods``: precomputed
         :meth:`modulations`; ``head_rows``: only the first rows need logits (the
-        unconditional half when its guidance weight is 0 needs only its KV cache)."""
+        unconditional half when its guidance weight is 0 needs only its KV cache);
+        then the result is ``(head_rows, n_k, V)``."""
         mods = mods if mods is not None else [None] * len(self.blocks)
         for b, c, m in zip(self.blocks, caches, mods):
             h = b(h, cond_blocks, attn_mask=None, cache=c, mod=m)
@@ -415,4 +527,5 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         return self.logits(h, cond)
 
     def num_parameters(self) -> int:
+        """Number of parameters (buffers excluded)."""
         return sum(p.numel() for p in self.parameters())

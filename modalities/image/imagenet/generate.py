@@ -143,7 +143,7 @@ def check_settings(out: str, settings: SamplingSettings, meta: dict) -> None:
 def generate_class(model: NextScaleTransformer, vqvae: VQVAE, c: int, s: SamplingSettings,
                    classifier: Optional[torch.nn.Module] = None) -> np.ndarray:
     """``per_class`` images of class ``c`` as uint8 ``(n, H, W, 3)``; seeded by ``(seed, c)``."""
-    device = model.pos_1LC.device
+    device = model.pos_embed.device
     gen = torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + c)
     n_total = s.per_class * max(1, s.reject_pool)
     images, scores = [], []
@@ -219,7 +219,7 @@ def benchmark_sampling(model: NextScaleTransformer, vqvae: VQVAE, batch: int = 6
                        amp: str = "fp16", seed: int = 0) -> dict:
     """Sampling throughput (images/s) at ``batch`` with guidance, the VQ-VAE decoder included
     (``decode=True``) or not (token generation only); CUDA peak memory in GiB."""
-    device = model.pos_1LC.device
+    device = model.pos_embed.device
     cuda = device.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if cuda else None
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -311,7 +311,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise SystemExit("--random-weights is only for --benchmark, with --preset")
         recipe = get_recipe(a.preset)
         torch.manual_seed(a.seed)
-        model = NextScaleTransformer(recipe.transformer(a.num_classes or 1000)).init_weights(init_std=-1).eval()
+        model = NextScaleTransformer(recipe.transformer(a.num_classes or 1000)).eval()
         vqvae = VQVAE(recipe.vqvae()).eval().requires_grad_(False)
     elif not a.var:
         raise SystemExit("--var PATH is required")

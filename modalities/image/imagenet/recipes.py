@@ -85,6 +85,8 @@ class Recipe:
             cfg = TransformerConfig(schedule=square_schedule(v.patch_nums), vocab_size=v.vocab_size,
                                     latent_dim=v.z_channels, num_classes=num_classes, **self.transformer_overrides)
         cfg.cond_drop_rate = self.cond_drop_rate
+        cfg.init_adaln, cfg.init_adaln_gamma = self.init_adaln, self.init_adaln_gamma
+        cfg.init_head, cfg.init_std = self.init_head, self.init_std
         return cfg
 
     def to_dict(self) -> dict:

@@ -148,9 +148,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     total = a.steps or recipe.epochs * steps_per_epoch
     warmup = round(total * recipe.warmup_epochs_frac)  # VAR: ep / 50 epochs of warm-up
 
-    model = NextScaleTransformer(recipe.transformer(num_classes)).init_weights(
-        init_adaln=recipe.init_adaln, init_adaln_gamma=recipe.init_adaln_gamma, init_head=recipe.init_head,
-        init_std=recipe.init_std)
+    model = NextScaleTransformer(recipe.transformer(num_classes))  # VAR's init with the recipe's scales
     if ws > 1:  # identical initial weights everywhere, but each rank its own dropout / class-dropout stream
         torch.manual_seed(a.seed * ws + D.rank())
     fsdp = recipe.fsdp if a.fsdp == "auto" else a.fsdp == "on"
