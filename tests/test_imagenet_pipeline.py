@@ -176,7 +176,7 @@ def test_train_two_steps_and_exact_resume(imagenet, tmp_path):
     T.main(_train_args(root, vae, a, "--ckpt-every", "3"))
     assert _losses(a) == _losses(b)
     assert {"loss_k0", "acc_k2", "lr", "grad_norm"} <= set(csv.DictReader(open(os.path.join(a, "train.csv"))).fieldnames)
-    assert os.path.isfile(os.path.join(a, "var.safetensors")) and os.path.isfile(os.path.join(a, "var.json"))
+    assert os.path.isfile(os.path.join(a, "pipeline", "transformer", "model.safetensors"))
 
 
 def test_progressive_loss_weights(imagenet):

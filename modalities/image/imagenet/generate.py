@@ -28,11 +28,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from msar import NextScaleTransformer, TransformerConfig, sample
+from msar import NextScaleTransformer, sample
 
 from ..checkpoint import read_state_dict, transformer_from_state_dict
 from ..data import to_uint8
-from ..vqvae import VQVAE, VQVAEConfig
+from ..pipeline import ImagePipeline
+from ..vqvae import VQVAE
 from .recipes import RECIPES, get_recipe
 from .train import load_tokenizer
 
@@ -57,37 +58,20 @@ def load_models(var: str, vae: Optional[str] = None, preset: Optional[str] = Non
                 vae_config: Optional[str] = None, random_vae: bool = False) -> tuple[NextScaleTransformer, VQVAE]:
     """The transformer and the tokenizer.
 
-    ``var``: a released ``var_d*.pth``, any state dict file (``.safetensors``, a trainer
-    checkpoint's ``model.model.safetensors``) with ``preset``, or a training output folder /
-    file with a ``var.json`` beside it (then the configs come from there).
+    ``var``: a saved :class:`~modalities.image.pipeline.ImagePipeline` (a training output
+    folder holding ``pipeline/``, or the pipeline folder itself; ``vae`` is then not needed),
+    or a released ``var_d*.pth`` / any state dict file (``.safetensors``, a trainer
+    checkpoint's ``model.model.safetensors``) with ``preset`` and ``vae``.
     """
-    meta = None
-    weights = var
     if os.path.isdir(var):
-        weights = os.path.join(var, "var.safetensors")
-    side = os.path.join(os.path.dirname(os.path.abspath(weights)), "var.json")
-    if os.path.isfile(side):
-        with open(side) as f:
-            meta = json.load(f)
-    if meta is not None and meta.get("transformer"):
-        t = dict(meta["transformer"])
-        t["schedule"] = [tuple(s) if isinstance(s, list) else s for s in t["schedule"]]
-        cfg = TransformerConfig(**t)
-        vcfg = VQVAEConfig(**meta["vqvae"])
-        if random_vae:
-            vqvae = VQVAE(vcfg).eval().requires_grad_(False)
-        else:
-            if not vae:
-                raise ValueError("--vae PATH is required (the tokenizer weights)")
-            from ..checkpoint import vqvae_from_state_dict
-            vqvae = vqvae_from_state_dict(read_state_dict(vae), vcfg)
-    else:
-        if preset is None:
-            raise ValueError(f"cannot tell the architecture of {var}: pass --preset (one of {sorted(RECIPES)})")
-        recipe = get_recipe(preset)
-        vqvae = load_tokenizer(recipe, vae, vae_config, random_vae)
-        cfg = recipe.transformer(num_classes or 1000)
-    model = transformer_from_state_dict(read_state_dict(weights), cfg)
+        folder = os.path.join(var, "pipeline") if os.path.isdir(os.path.join(var, "pipeline")) else var
+        pipe = ImagePipeline.from_pretrained(folder)  # an earlier var.json output: an error saying how to convert
+        return pipe.transformer, pipe.vqvae.requires_grad_(False)
+    if preset is None:
+        raise ValueError(f"cannot tell the architecture of {var}: pass --preset (one of {sorted(RECIPES)})")
+    recipe = get_recipe(preset)
+    vqvae = load_tokenizer(recipe, vae, vae_config, random_vae)
+    model = transformer_from_state_dict(read_state_dict(var), recipe.transformer(num_classes or 1000))
     return model.eval(), vqvae.eval()
 
 
@@ -265,13 +249,14 @@ def parse_classes(spec: str, num_classes: int) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m modalities.image.imagenet.generate", description=__doc__.split("\n")[0])
-    ap.add_argument("--var", help="transformer weights (var_d16.pth, a .safetensors, or a training OUT)")
+    ap.add_argument("--var", help="a training OUT / saved ImagePipeline folder, or transformer weights "
+                                  "(var_d16.pth, a .safetensors) with --preset and --vae")
     ap.add_argument("--vae", help="VQ-VAE weights")
     ap.add_argument("--vae-config", help="VQ-VAE preset name or JSON (default: the recipe's)")
     ap.add_argument("--random-vae", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--preset", choices=sorted(RECIPES), help="architecture when --var has no var.json beside it")
+    ap.add_argument("--preset", choices=sorted(RECIPES), help="architecture when --var is a weights file")
     ap.add_argument("--out", default="outputs/imagenet_samples")
-    ap.add_argument("--num-classes", type=int, help="classes of the model (default: var.json, else 1000)")
+    ap.add_argument("--num-classes", type=int, help="classes of a weights file's model (default 1000)")
     ap.add_argument("--classes", default="all", help="'all', '0-99' or '1,5,7'")
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--batch", type=int, default=50, help="images per forward pass")

@@ -14,8 +14,9 @@ Re-running the same command after a kill resumes from the newest good checkpoint
 ``OUT/ckpt`` on exactly the batches and random numbers the run would have used.
 Logs: ``OUT/train.csv`` (loss, accuracy and per-scale ``loss_k*`` / ``acc_k*``, lr, grad
 norm), ``OUT/val.csv`` (periodic validation), ``OUT/tb`` (TensorBoard, when installed).
-The final weights go to ``OUT/var.safetensors`` with ``OUT/var.json`` (configs) for
-:mod:`modalities.image.imagenet.generate`.
+The final model goes to ``OUT/pipeline/`` (an :class:`~modalities.image.pipeline.ImagePipeline`
+saved with ``save_pretrained``: the VQ-VAE and the transformer, EMA weights when EMA is on), which
+:mod:`modalities.image.imagenet.generate` and ``ImagePipeline.from_pretrained`` load.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import argparse
 import json
 import os
 import warnings
-from dataclasses import asdict
 from typing import Optional
 
 import torch
@@ -183,29 +183,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             val = trainer.evaluate(val_loader, max_batches=a.val_batches)
             if D.is_main():
                 print("validation: " + ", ".join(f"{k}={v:.4g}" for k, v in val.items() if "_k" not in k))
-        export(trainer, vqvae, recipe, num_classes, a.out, save_vae=a.random_vae)
+        export(trainer, model, vqvae, a.out)
     return 0
 
 
-def export(trainer: ImageNetTrainer, vqvae: VQVAE, recipe: Recipe, num_classes: int, out: str,
-           save_vae: bool = False) -> None:
-    """``OUT/var.safetensors`` (EMA weights when EMA is on) + ``OUT/var.json`` (configs); with
-    ``save_vae`` (a randomly initialised tokenizer) also ``OUT/vqvae.safetensors`` so samples can be decoded."""
-    from safetensors.torch import save_file
+def export(trainer: ImageNetTrainer, model: NextScaleTransformer, vqvae: VQVAE, out: str) -> None:
+    """``OUT/pipeline/``: ``ImagePipeline(vqvae, model).save_pretrained`` with the trained weights
+    (the EMA weights when EMA is on; gathered from every rank under FSDP)."""
+    from ..pipeline import ImagePipeline
 
     sd = ({k: v.detach().cpu() for k, v in trainer.ema.module.state_dict().items()} if trainer.ema is not None
           else trainer.full_state_dict())  # collective under FSDP
     if D.is_main():
-        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out, "var.safetensors"))
-        meta = {"format": "msar-imagenet-var", "preset": recipe.name, "num_classes": num_classes,
-                "transformer": asdict(trainer.model.cfg) if hasattr(trainer.model, "cfg") else None,
-                "vqvae": vqvae.cfg.to_dict(), "step": trainer.step}
-        with open(os.path.join(out, "var.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        if save_vae:
-            save_file({k: v.detach().cpu().contiguous() for k, v in vqvae.state_dict().items()},
-                      os.path.join(out, "vqvae.safetensors"))
-        print(f"wrote {out}/var.safetensors (step {trainer.step})")
+        path = os.path.join(out, "pipeline")
+        ImagePipeline(vqvae, model).save_pretrained(path, state_dicts={"transformer": sd})
+        print(f"wrote {path} (step {trainer.step})")
     D.barrier()
 
 
