@@ -234,6 +234,7 @@ def sample(
     decode: bool = True,
     context: Any = None,
     logits_hook: Optional[LogitsHook] = None,
+    extra_pos: Optional[torch.Tensor] = None,
 ) -> SampleOutput:
     """Generate a batch scale by scale (the loop of the module docstring).
 
@@ -258,6 +259,8 @@ def sample(
             decode state (``state.indices``: the tokens chosen so far). Return new logits,
             e.g. ``-inf`` on tokens that are invalid at scale k. Known tokens (editing) are
             forced afterwards, whatever the hook did.
+        extra_pos: optional ``(B or 1, L, C)`` adapter positions, as in the model's forward
+            (both halves of guidance get the same ones).
     """
     _check_knobs(batch_size, cfg, top_k, top_p, temperature)
     sched = model.schedule
@@ -275,10 +278,12 @@ def sample(
     cond, cond_blocks = model.condition(run_labels)
     mods = model.modulations(cond_blocks)
     caches = model.new_caches(run_labels.shape[0], device=device)
-    level_pos = model.level_pos()
+    if extra_pos is not None and extra_pos.shape[0] not in (1, B):
+        raise ValueError(f"extra_pos has batch size {extra_pos.shape[0]}, expected 1 or {B}")
+    level_pos = model.level_pos(None if extra_pos is None else extra_pos.to(device))  # (1 or B, L, C)
     state = tokenizer.start(B, device, context)
 
-    h = model.embed_start(cond, level_pos)
+    h = model.embed_start(cond, level_pos.repeat(2, 1, 1) if guided and level_pos.shape[0] > 1 else level_pos)
     for k in range(K):
         t = guidance_strength(cfg, k, K, cfg_schedule) if guided else 0.0
         if guided and t == 0:  # (VAR's ramp starts at 0) the null half only fills its KV cache
