@@ -40,7 +40,9 @@ EXTRAS = {k: _modules(v) for k, v in PYPROJECT["project"]["optional-dependencies
 def _third_party_imports(paths: list[str]) -> dict[str, set[str]]:
     """Top-level modules imported anywhere in the files (inside functions too) that are neither
     stdlib nor this repository's own packages: ``{module: {file, ...}}``."""
+    # this repository's packages, and test modules importing each other (pytest puts tests/ on sys.path)
     own = {"msar", "modalities", "benchmarks", "examples", "tests"}
+    own |= {n[:-3] for n in os.listdir(os.path.join(REPO, "tests")) if n.endswith(".py")}
     found: dict[str, set[str]] = {}
     files = []
     for p in paths:
