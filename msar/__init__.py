@@ -11,6 +11,8 @@ from .tokenizer import DecodeState, MultiScaleVQTokenizer, PyramidTokenizer, Res
 from .models.transformer import NextScaleTransformer, TransformerConfig
 from .pretrained import Pipeline, PretrainedError, PretrainedMixin, from_pretrained
 from .sampling import SampleOutput, filter_top_k_top_p, guidance_strength, sample, sample_tokens
+from .editing import known_masks
+from .diagnostics import ScaleDiagnostic, scale_diagnostic
 
 __version__ = "0.1.0"
 
@@ -21,4 +23,5 @@ __all__ = [
     "NextScaleTransformer", "TransformerConfig",
     "PretrainedMixin", "Pipeline", "PretrainedError", "from_pretrained",
     "sample", "SampleOutput", "sample_tokens", "filter_top_k_top_p", "guidance_strength",
+    "known_masks", "scale_diagnostic", "ScaleDiagnostic",
 ]
