@@ -69,12 +69,6 @@ def git_state() -> dict:
     return {"commit": sha, "dirty": bool(status) if status is not None else None}
 
 
-def git_commit() -> str:
-    """The commit, with ``+dirty`` when tracked files differ from it."""
-    g = git_state()
-    return g["commit"] + ("+dirty" if g["dirty"] else "")
-
-
 def command_line() -> str:
     """How this process was started, as one would retype it: ``python -m pkg.mod args`` for a
     module run with ``-m``, else ``python path/to/script.py args``."""
