@@ -331,3 +331,105 @@ def test_a_user_component_registers_itself(tmp_path):
     s.save_pretrained(tmp_path)
     back = msar.from_pretrained(tmp_path)
     assert type(back) is Scaler and back.config == {"dim": 3, "name": "x"} and same_state(s, back)
+
+
+# ---------------------------------------------------------------------------- converting earlier files
+def old_tokenizer_sd(tok) -> dict:
+    """The state dict as earlier versions saved it: ``quantize.*``, ``ema_vocab_hit_SV``, no step count."""
+    out = {}
+    for k, v in tok.state_dict().items():
+        if k == "quantizer.usage_steps":
+            continue
+        k = "quantize.ema_vocab_hit_SV" if k == "quantizer.usage_ema" else k
+        out["quantize." + k[len("quantizer."):] if k.startswith("quantizer.") else k] = v.contiguous()
+    return out
+
+
+def old_transformer_sd(model) -> dict:
+    from modalities.image.checkpoint import transformer_key_to_var
+    return {transformer_key_to_var(k): v.contiguous() for k, v in model.state_dict().items()}
+
+
+def old_transformer_config(model) -> dict:
+    c = msar.pretrained.config_to_dict(model.config)
+    c["schedule"] = model.schedule.to_config()
+    return {k: v for k, v in c.items() if not k.startswith("init_")}  # fields earlier versions did not have
+
+
+def same_but_usage_steps(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa if not k.endswith("usage_steps"))
+
+
+def test_convert_an_earlier_image_pipeline_and_imagenet_output(tmp_path):
+    """Catches: a converter that leaves an old key name (quantize.*, pos_1LC, ema_vocab_hit_SV) or
+    a config field behind, or that loads the old files into differently shaped models."""
+    from modalities.convert import convert
+
+    vq = with_usage(tiny_vqvae())
+    tr = tiny_transformer(vq.schedule.to_config(), vocab_size=16, latent_dim=4)
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(old_tokenizer_sd(vq), old / "vqvae.safetensors")
+    save_file(old_transformer_sd(tr), old / "transformer.safetensors")
+    (old / "pipeline.json").write_text(json.dumps({"format": "msar-image-pipeline", "vqvae": vq.cfg.to_dict(),
+                                                   "transformer": old_transformer_config(tr)}))
+    with pytest.raises(PretrainedError, match="python -m modalities.convert"):
+        msar.from_pretrained(old)
+    convert(old, tmp_path / "new")
+    pipe = msar.from_pretrained(tmp_path / "new")
+    assert type(pipe) is ImagePipeline and same_state(pipe.transformer, tr)
+    assert same_but_usage_steps(pipe.vqvae, vq) and torch.equal(pipe.vqvae.quantizer.usage_ema, vq.quantizer.usage_ema)
+    ref = ImagePipeline(vq, tr).sample([0, 1], top_k=4, seed=0)
+    assert torch.equal(pipe.sample([0, 1], top_k=4, seed=0), ref)
+    # ImageNet: var.json + var.safetensors, the VQ-VAE beside it
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(old_transformer_sd(tr), run / "var.safetensors")
+    shutil.copy(old / "vqvae.safetensors", run / "vqvae.safetensors")
+    (run / "var.json").write_text(json.dumps({"format": "msar-imagenet-var", "preset": "tiny", "num_classes": 3,
+                                              "transformer": old_transformer_config(tr), "vqvae": vq.cfg.to_dict()}))
+    convert(run, tmp_path / "run_new")
+    assert torch.equal(ImagePipeline.from_pretrained(tmp_path / "run_new").sample([0, 1], top_k=4, seed=0), ref)
+
+
+def test_convert_an_earlier_video_demo_output(tmp_path):
+    """Catches: the video tokenizer's .json config or the per-frame schedule type lost in conversion."""
+    from modalities.convert import convert
+
+    tok = with_usage(tiny_video_tokenizer("frame"))
+    model = tiny_transformer(tok.schedule)
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(old_tokenizer_sd(tok), old / "tokenizer.safetensors")
+    cfg = msar.pretrained.config_to_dict(tok.config)
+    (old / "tokenizer.safetensors.json").write_text(json.dumps(cfg))
+    torch.save({"config": old_transformer_config(model), "state_dict": old_transformer_sd(model)}, old / "transformer.pt")
+    convert(old / "tokenizer.safetensors", tmp_path / "tok")  # the tokenizer file alone
+    assert same_but_usage_steps(VideoTokenizer.from_pretrained(tmp_path / "tok"), tok)
+    convert(old, tmp_path / "new")
+    pipe = msar.from_pretrained(tmp_path / "new")
+    assert isinstance(pipe.transformer.schedule, FrameScaleSchedule)
+    kw = dict(cfg=2.0, top_k=8, seed=3)
+    assert torch.equal(pipe.sample([0, 1], **kw).data, Pipeline(tok, model).sample([0, 1], **kw).data)
+
+
+def test_convert_an_earlier_graph_demo_output_from_the_command_line(tmp_path):
+    """Catches: a graph run whose transformer is rebuilt with another architecture, and a command
+    line whose arguments do not reach the converter."""
+    from modalities.convert import main
+
+    graphs = [nx.cycle_graph(5), nx.path_graph(4)]
+    tok = GraphPyramidTokenizer.fit(graphs, edge_chunks=1)
+    torch.manual_seed(0)
+    model = NextScaleTransformer(TransformerConfig(schedule=tok.schedule.to_config(), vocab_size=tok.vocab_size,
+                                                   latent_dim=tok.latent_dim, depth=1, embed_dim=16, num_heads=2,
+                                                   cond_drop_rate=0.0))
+    old = tmp_path / "planar"
+    old.mkdir()
+    save_file(old_transformer_sd(model), old / "model.safetensors")
+    (old / "tokenizer.json").write_text(json.dumps(tok.config))
+    (old / "metrics.json").write_text(json.dumps({"train_config": {"depth": 1, "width": 16, "heads": 2}}))
+    assert main([str(old), str(old / "pipeline")]) == 0
+    pipe = msar.from_pretrained(old / "pipeline")
+    assert pipe.tokenizer.config == tok.config and same_state(pipe.transformer, model)
