@@ -406,7 +406,8 @@ def assert_sampling_reproducible(model: NextScaleTransformer, tokenizer: Any, la
 
 def assert_scales_matter(tokenizer: Any, indices: Sequence[torch.Tensor],
                          reference: Optional[torch.Tensor] = None) -> list[float]:
-    """Assert that changing the tokens of any one scale changes ``tokenizer.decode``.
+    """Assert that changing the tokens of any one scale changes ``tokenizer.decode`` (for
+    tokenizers whose ``decode`` returns a tensor).
 
     Every token of scale k is replaced by the next id (``(idx + 1) % V``) and the decoded
     tensor must move. A scale that does not move it is one the decoder never sees (a zero
