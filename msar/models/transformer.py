@@ -233,7 +233,8 @@ class AdaLNBeforeHead(nn.Module):
 class TransformerConfig:
     """Hyper-parameters of :class:`NextScaleTransformer`.
 
-    ``schedule`` is a list of scales (see :class:`ScaleSchedule`); ``latent_dim`` is
+    ``schedule`` is a :class:`ScaleSchedule` (kept as given, a subclass included, and saved
+    with its type by ``save_pretrained``) or a list of scales; ``latent_dim`` is
     the tokenizer's codeword size; ``num_classes = 0`` gives an unconditional model
     (only the null class).  The ``init_*`` fields are VAR's initialisation, applied
     at construction (see :meth:`NextScaleTransformer.init_weights`): ``init_std < 0``
