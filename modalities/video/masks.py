@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from msar import to_tokens
+from msar import known_masks
 
 
 def _as_batched_mask(mask: torch.Tensor, what: str) -> torch.Tensor:
@@ -67,12 +67,7 @@ def token_known_masks(pyramid, latent_known: torch.Tensor) -> list[torch.Tensor]
         latent_known = latent_known.unsqueeze(0)
     if tuple(latent_known.shape[1:]) != full:
         raise ValueError(f"latent_known: expected shape (B, {', '.join(map(str, full))}), got {tuple(latent_known.shape)}")
-    unknown = (~latent_known).unsqueeze(1).float()  # (B, 1, *full)
-    masks = []
-    for k in range(len(pyramid.schedule)):
-        r = to_tokens(pyramid.restrict(unknown, k))[..., 0]  # (B, n_k)
-        masks.append(r == 0)
-    return masks
+    return known_masks(pyramid, latent_known, threshold=1.0)
 
 
 def video_known_masks(tokenizer, known_pixels: torch.Tensor, batch_size: int | None = None) -> list[torch.Tensor]:
