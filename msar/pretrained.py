@@ -267,7 +267,12 @@ class PretrainedMixin:
         """Write ``directory/config.json`` and, for modules, ``directory/model.safetensors``
         (``state_dict`` overrides the module's own, e.g. EMA weights)."""
         directory = os.fspath(directory)
-        config = config_to_dict(self.config)  # fails before anything is written
+        config = config_to_dict(self.config)  # a config JSON cannot hold fails before anything is written
+        if state_dict is not None:  # e.g. EMA weights: they must load into this module later
+            if not isinstance(self, nn.Module):
+                raise TypeError(f"{type(self).__name__} has no weights; state_dict must be None")
+            check_state_dict(self, state_dict, f"save_pretrained({directory!r}): state_dict does not fit the "
+                                               f"{type(self).__name__}")
         os.makedirs(directory, exist_ok=True)
         cfg_path = os.path.join(directory, CONFIG_NAME)
         if os.path.exists(cfg_path):  # an interrupted save must not look complete with stale weights
@@ -275,8 +280,6 @@ class PretrainedMixin:
         if isinstance(self, nn.Module):
             _write_weights(self.state_dict() if state_dict is None else state_dict,
                            os.path.join(directory, WEIGHTS_NAME))
-        elif state_dict is not None:
-            raise TypeError(f"{type(self).__name__} has no weights; state_dict must be None")
         _write_json(cfg_path, self._meta(config))
 
     def _meta(self, config: dict) -> dict:

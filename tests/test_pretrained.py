@@ -179,6 +179,11 @@ def test_state_dict_override_saves_other_weights(tmp_path):
     model.save_pretrained(tmp_path, state_dict=ema)
     back = NextScaleTransformer.from_pretrained(tmp_path)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in ema.items())
+    # weights that would not load again (a wrapper's prefix) are refused before anything is written
+    with pytest.raises(PretrainedError, match=r"state_dict does not fit the NextScaleTransformer: missing keys: "
+                                              r"start_pos.*unexpected keys: module.start_pos"):
+        model.save_pretrained(tmp_path / "m2", state_dict={"module." + k: v for k, v in ema.items()})
+    assert not (tmp_path / "m2").exists()
 
 
 # ---------------------------------------------------------------------------- no pickle
