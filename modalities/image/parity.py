@@ -46,12 +46,13 @@ def configs_from_fixture(cfg: dict) -> tuple[VQVAEConfig, TransformerConfig]:
     return vae, var
 
 
-def recompute(tensors: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
-    """Recompute every ``out.*`` key of a fixture with msar."""
+def recompute(tensors: dict[str, torch.Tensor], cfg: dict,
+              device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Recompute every ``out.*`` key of a fixture with msar on ``device`` (results on the CPU)."""
     vae_cfg, var_cfg = configs_from_fixture(cfg)
-    vae = vqvae_from_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")}, vae_cfg)
-    var = transformer_from_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("var.")}, var_cfg)
-    img, labels = tensors["in.img"].float(), tensors["in.labels"].long()
+    vae = vqvae_from_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")}, vae_cfg).to(device)
+    var = transformer_from_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("var.")}, var_cfg).to(device)
+    img, labels = tensors["in.img"].float().to(device), tensors["in.labels"].long().to(device)
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         f = vae.encode_latent(img)
@@ -74,7 +75,7 @@ def recompute(tensors: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Te
             out[key] = res.data.add(1).mul(0.5)
             for i, t in enumerate(res.indices):
                 out[f"{key}_idx_{i}"] = t
-    return out
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def compare(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor],

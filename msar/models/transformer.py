@@ -386,8 +386,11 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
             raise ValueError(f"labels: expected a 1-D integer tensor (B,), got shape {tuple(labels.shape)} dtype {labels.dtype}")
         nc = self.num_classes
         hi = nc if (allow_null or nc == 0) else nc - 1
+        # the range check reads the labels back to the host, which neither a compiled graph nor a
+        # CUDA-graph capture can do: skipped there (eager calls before them have checked)
         compiling = hasattr(torch, "compiler") and torch.compiler.is_compiling()
-        if labels.numel() and not compiling and (int(labels.min()) < 0 or int(labels.max()) > hi):
+        capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
+        if labels.numel() and not compiling and not capturing and (int(labels.min()) < 0 or int(labels.max()) > hi):
             got = f"got min {int(labels.min())}, max {int(labels.max())}"
             if nc == 0:
                 raise ValueError(f"labels: this model is unconditional (num_classes = 0): every label must be 0, "

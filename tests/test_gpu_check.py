@@ -1,0 +1,172 @@
+"""``python -m benchmarks.gpu_check``: the smoke run goes through every phase of the GPU check on
+tiny models, and its guards (budget, per-phase timeout, errors, out-of-memory, flushing) hold."""
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from benchmarks import gpu_check
+
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                       "fixtures", "var_parity", "tiny_a.safetensors")
+PHASES = ["parity", "sampling/smoke-a", "sampling/smoke-b", "training/smoke-a", "training/smoke-b",
+          "compile/smoke-a", "compile/smoke-b"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu")
+    argv = ["--smoke", "--out", str(out)]
+    t0 = time.time()
+    path = gpu_check.main(argv)
+    with open(path) as f:
+        return {"json": json.load(f), "path": path, "argv": argv, "wall_s": time.time() - t0}
+
+
+def test_smoke_runs_every_phase_and_records_how(smoke):
+    """Catches: a phase that errors, or is skipped, on the code paths the GPU run takes; a JSON that
+    cannot say what produced it (command, commit, date, device) or lacks the published anchors."""
+    d = smoke["json"]
+    assert list(d["phases"]) == PHASES
+    for name, rec in d["phases"].items():
+        assert rec["status"] == "ok", (name, rec)
+    run = d["run"]
+    assert run["command"] == "python -m benchmarks.gpu_check " + " ".join(smoke["argv"])
+    assert run["commit"] and run["date"] and run["machine"]["device"] == "cpu"
+    assert d["device"] == "cpu" and d["smoke"] is True
+    assert os.path.basename(smoke["path"]) == "gpu_check_smoke.json"
+    assert d["anchors"]["var-d16"]["images_per_s"] == 123.0 and d["anchors"]["var-d30"]["images_per_s"] == 17.0
+    assert smoke["wall_s"] < 60
+
+
+def test_sampling_figures_are_measured_per_variant(smoke):
+    """Catches: ``decode`` not reaching the sampler (decoding 64 x 64 images costs far more than
+    the tokens of a tiny model), images/s not ``batch / s_per_call``, a fastest-variant summary
+    that is not the maximum, CUDA-only variants silently missing instead of marked skipped."""
+    d = smoke["json"]
+    for m in ("smoke-a", "smoke-b"):
+        rec = d["phases"][f"sampling/{m}"]
+        tok, dec = rec["eager_tokens"], rec["eager_decoded"]
+        assert tok["images_per_s"] == pytest.approx(rec["batch"] / tok["s_per_call"])
+        assert dec["s_per_call"] > tok["s_per_call"]
+        assert rec["cuda_graph_tokens"] == {"status": "skipped", "reason": "needs CUDA"}
+        comp = d["phases"][f"compile/{m}"]
+        assert comp["compiled_tokens"]["status"] == "ok" and comp["compiled_tokens"]["first_call_s"] > 0
+        tokens = [r["images_per_s"] for r in (tok, comp["compiled_tokens"])]
+        assert d["fastest_sampling"][m]["tokens"]["images_per_s"] == max(tokens)
+
+
+def test_training_through_the_trainer_with_fsdp(smoke):
+    """Catches: the FSDP model trained unsharded (or the group never created), tokens/s that is
+    not batch x L per step, a loss that is not the untrained model's ~log V."""
+    d = smoke["json"]
+    a, b = d["phases"]["training/smoke-a"], d["phases"]["training/smoke-b"]
+    assert "fsdp" not in a and a["sharded"] is False
+    assert b["fsdp"]["used"] is True and b["fsdp"]["why_not"] is None and b["sharded"] is True
+    for rec in (a, b):
+        assert rec["tokens_per_s"] == pytest.approx(rec["batch"] * rec["L"] / rec["s_per_call"])
+        assert rec["loss_first_step"] == pytest.approx(torch.log(torch.tensor(64.0)).item(), abs=0.3)
+        assert "peak_mb" in rec["peak_memory"]
+    assert not torch.distributed.is_initialized()  # the one-process group is torn down
+
+
+@pytest.mark.skipif(not os.path.isfile(FIXTURE), reason="shared/fixtures/var_parity not present")
+def test_parity_fp32_identical_and_bf16_really_bf16(smoke):
+    """Catches: the fp32 parity not recomputing the reference tokens; the bf16 check running in
+    fp32 (the logits would then be exact, not within bf16's rounding)."""
+    p = smoke["json"]["phases"]["parity"]
+    assert p["fp32"]["passed"] and p["fp32"]["tokens_differing"] == 0 and p["fp32"]["tokens_compared"] == 360
+    assert p["bf16"]["passed"]
+    assert 0 < p["bf16"]["logits_max_rel_error"] <= gpu_check.BF16_TOLERANCE["logits_max_rel_error"]
+    assert set(p["bf16"]["greedy_token_agreement"]) == {"cfg0.0", "cfg1.5", "cfg4.0"}
+
+
+def _check(tmp_path, *extra):
+    return gpu_check.Check(gpu_check.parse(["--smoke", "--out", str(tmp_path), *extra]))
+
+
+def test_budget_spent_skips_the_remaining_phases(tmp_path):
+    """Catches: a guard that starts phases without the time to finish them (the full run must
+    stay within its budget) or skips them without saying why."""
+    path = gpu_check.main(["--smoke", "--out", str(tmp_path), "--budget-s", "0"])
+    with open(path) as f:
+        d = json.load(f)
+    assert list(d["phases"]) == PHASES
+    for rec in d["phases"].values():
+        assert rec["status"] == "skipped" and "budget" in rec["reason"]
+
+
+def test_timeout_oom_and_errors_end_only_their_phase_and_results_are_flushed(tmp_path):
+    """Catches: a phase overrunning its budget (not interrupted), an out-of-memory or other error
+    ending the whole check, results kept in memory until the end (lost if the run is killed)."""
+    c = _check(tmp_path)
+    on_disk = {}
+
+    def slow(rec):
+        rec["started"] = True
+        time.sleep(60)
+
+    def oom(rec):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    def broken(rec):
+        raise ValueError("bad shape")
+
+    def partial(rec):
+        gpu_check.attempt(rec, "fine", lambda: {"x": 1}, c.device)
+        gpu_check.attempt(rec, "too_big", lambda: oom(rec), c.device)
+
+    def reads_disk(rec):
+        with open(c.path) as f:
+            on_disk.update(json.load(f)["phases"])
+
+    P = gpu_check.Phase
+    c.plan = lambda: [P("slow", slow, 0.5, 0), P("oom", oom, 5, 0), P("broken", broken, 5, 0),
+                      P("partial", partial, 5, 0), P("last", reads_disk, 5, 0)]
+    t0 = time.perf_counter()
+    c.run()
+    assert time.perf_counter() - t0 < 30  # each flush runs git: seconds on a loaded machine
+    with open(c.path) as f:
+        ph = json.load(f)["phases"]
+    assert ph["slow"]["status"] == "timeout" and ph["slow"]["started"] is True
+    assert ph["oom"]["status"] == "oom" and "80 GiB" in ph["oom"]["error"]
+    assert ph["broken"]["status"] == "error" and "bad shape" in ph["broken"]["error"]
+    assert ph["partial"]["status"] == "partial"
+    assert ph["partial"]["fine"] == {"status": "ok", "x": 1} and ph["partial"]["too_big"]["status"] == "oom"
+    assert ph["last"]["status"] == "ok"
+    assert [on_disk[k]["status"] for k in ("slow", "oom", "broken", "partial")] == ["timeout", "oom", "error", "partial"]
+
+
+def test_training_halves_the_batch_on_out_of_memory(tmp_path, monkeypatch):
+    """Catches: one out-of-memory at the planned batch losing the whole training figure."""
+    c = _check(tmp_path)
+    seen = []
+
+    def fake_train(ctx, m, B, fsdp):
+        seen.append(B)
+        if B > 1:
+            raise torch.cuda.OutOfMemoryError(f"no room for batch {B}")
+        return {"batch": B, "tokens_per_s": 1.0}
+
+    monkeypatch.setattr(gpu_check, "_train", fake_train)
+    rec = {}
+    gpu_check.phase_training(c, rec, c.models[0])
+    assert seen == [4, 2, 1] and rec["batch"] == 1
+    assert [t["batch"] for t in rec["out_of_memory_at"]] == [4, 2]
+
+
+@pytest.mark.cuda
+def test_smoke_on_cuda(tmp_path):
+    """On a GPU machine: the CUDA-only paths (CUDA-graph replay of a whole sample, NCCL FSDP,
+    bf16 autocast, TF32 off for fp32 parity) on tiny models."""
+    with open(gpu_check.main(["--smoke", "--device", "cuda", "--out", str(tmp_path)])) as f:
+        d = json.load(f)
+    for name, rec in d["phases"].items():
+        assert rec["status"] == "ok", (name, rec)
+    s = d["phases"]["sampling/smoke-a"]
+    assert s["cuda_graph_tokens"]["status"] == "ok" and s["cuda_graph_tokens"]["tokens_in_range"]
+    assert d["phases"]["training/smoke-b"]["fsdp"]["used"] is True
+    if os.path.isfile(FIXTURE):
+        assert d["phases"]["parity"]["fp32"]["tokens_differing"] == 0
