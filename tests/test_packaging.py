@@ -100,28 +100,50 @@ def test_import_msar_with_modality_packages_missing():
     """Catches ``import msar`` (or ``msar.training`` / ``msar.testing`` / any core module) failing
     on a machine with only the core dependencies installed: every optional package is blocked."""
     blocked = sorted(set().union(*EXTRAS.values()) - CORE)
-    code = textwrap.dedent(f"""
-        import importlib, pkgutil, sys
-
-        BLOCKED = {blocked!r}
-
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in BLOCKED:
-                    raise ImportError(f"{{name}} is blocked: not a core dependency")
-                return None
-
-        sys.meta_path.insert(0, Block())
+    code = _BLOCKER.format(blocked=blocked) + textwrap.dedent("""
+        import pkgutil
         import msar, msar.training, msar.testing
         for m in pkgutil.walk_packages(msar.__path__, "msar."):
             importlib.import_module(m.name)
-        loaded = sorted(n for n in sys.modules if n.split(".")[0] in BLOCKED)
+        loaded = sorted(n for n, m in sys.modules.items() if m is not None and n.split(".")[0] in BLOCKED)
         assert not loaded, loaded
         print("ok", msar.NextScaleTransformer.__name__, msar.training.TransformerTrainer.__name__)
     """)
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+
+
+# A name set to None in sys.modules imports as "not installed" (ModuleNotFoundError), and
+# importlib.util.find_spec returns None for it, as for a missing package (torch._dynamo probes
+# optional packages that way; a meta-path finder that raises would break that probe).
+_BLOCKER = """
+import importlib, sys
+
+BLOCKED = {blocked!r}
+for name in BLOCKED:
+    sys.modules[name] = None
+"""
+
+
+def _import_with_blocked(modules: list[str], blocked: set[str]) -> subprocess.CompletedProcess:
+    code = _BLOCKER.format(blocked=sorted(blocked)) + "".join(f"importlib.import_module({m!r})\n" for m in modules)
+    return subprocess.run([sys.executable, "-c", code + "print('ok')"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("modality,modules", [
+    ("image", ["modalities.cli", "modalities.image", "modalities.image.demo", "modalities.image.pipeline"]),
+    ("video", ["modalities.video", "examples.video_demo"]),
+    ("voxel", ["modalities.voxel", "examples.voxel_demo"]),
+    ("graph", ["modalities.graph", "examples.graph_demo"]),
+])
+def test_each_modality_imports_with_only_its_extra(modality, modules):
+    """Catches a modality that imports, through another modality or at import time, a package
+    its extra does not install (``pip install -e ".[image]"`` then ``python -m modalities demo``)."""
+    blocked = set().union(*EXTRAS.values()) - CORE - EXTRAS[modality]
+    r = _import_with_blocked(modules, blocked)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
 def _readme_commands() -> list[str]:
