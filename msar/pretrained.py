@@ -100,7 +100,14 @@ def config_to_dict(config: Any) -> dict:
 
 def _encode(v: Any, where: str) -> Any:
     if isinstance(v, ScaleSchedule):
-        return {SCHEDULE_KEY: v.to_dict()}
+        d = v.to_dict()
+        try:  # checked now: a schedule that cannot be rebuilt must not be found out at loading time
+            ok = type(ScaleSchedule.from_dict(d)) is type(v)
+        except (PretrainedError, ValueError) as e:
+            raise TypeError(f"config field {where}: {e}") from e
+        if not ok:
+            raise TypeError(f"config field {where}: a {type(v).__name__} is rebuilt as another type from {d}")
+        return {SCHEDULE_KEY: d}
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, (list, tuple)):

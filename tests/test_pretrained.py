@@ -144,6 +144,20 @@ def test_transformer_round_trip_with_a_custom_schedule_type(tmp_path):
         assert torch.equal(model(labels, x), back(labels, x))
 
 
+def test_a_schedule_type_that_cannot_be_rebuilt_fails_at_saving(tmp_path):
+    """Catches: a schedule subclass with its own constructor but no to_dict / _from_dict, saved
+    without complaint and impossible to load."""
+
+    class Ones(ScaleSchedule):
+        def __init__(self, n: int):
+            super().__init__([1] * n)
+
+    model = tiny_transformer(Ones(3), vocab_size=8, latent_dim=4)
+    with pytest.raises(TypeError, match="config field schedule: cannot rebuild a Ones .*override to_dict / _from_dict"):
+        model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 def test_pipeline_with_a_per_frame_schedule_samples_identically_after_reload(tmp_path):
     """Catches: a pipeline whose reloaded parts differ in any way that reaches sampling (weights,
     schedule type, the tokenizer's decode path); and a loader that moves the global RNG."""
