@@ -247,7 +247,10 @@ def transformer_to_var_state_dict(model: NextScaleTransformer) -> dict[str, torc
 def transformer_from_state_dict(sd: Mapping[str, torch.Tensor], cfg: TransformerConfig) -> NextScaleTransformer:
     """Build a :class:`NextScaleTransformer` for ``cfg`` and load a VAR-layout (or msar-layout)
     state dict strictly."""
-    model = NextScaleTransformer(cfg)
+    with torch.device("meta"):  # no time spent on an initialisation that the checkpoint overwrites
+        model = NextScaleTransformer(cfg)
+    model.to_empty(device="cpu")
+    model.build_buffers("cpu")
     _load_strict(model, map_transformer_state_dict(sd, model), "VAR", {transformer_key_from_var(k): k for k in sd})
     return model.eval()
 

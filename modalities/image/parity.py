@@ -110,6 +110,7 @@ def compare(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 when every output of the fixture matches, 1 otherwise, 2 for a missing file."""
     ap = argparse.ArgumentParser(prog="python -m modalities.image.parity", description=__doc__.split("\n\n")[0])
     ap.add_argument("fixture", help="FIXTURE.safetensors")
     ap.add_argument("--json", help="config JSON (default: same stem as the fixture)")

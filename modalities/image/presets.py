@@ -34,6 +34,7 @@ RELEASED_FILES = {
 
 
 def square_schedule(patch_nums) -> list[tuple[int, int]]:
+    """VAR's ``patch_nums`` (side of each square scale) -> the schedule ``[(p, p), ...]``."""
     return [(int(p), int(p)) for p in patch_nums]
 
 

@@ -320,9 +320,15 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         self.head_norm = AdaLNBeforeHead(C, C, cfg.norm_eps)
         self.head = nn.Linear(C, self.vocab_size)
 
-        self.register_buffer("level_ids", s.level_ids(), persistent=False)  # (L,) scale of every position
-        self.register_buffer("attn_mask", s.attn_mask("bool"), persistent=False)
+        self.build_buffers()
         self.init_weights()
+
+    def build_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)create the buffers derived from the schedule, which are not saved: ``level_ids``
+        ``(L,)`` (the scale of every position) and the block-causal ``attn_mask`` ``(L, L)``.
+        Needed after ``to_empty`` on a model built on the meta device."""
+        self.register_buffer("level_ids", self.schedule.level_ids(device), persistent=False)
+        self.register_buffer("attn_mask", self.schedule.attn_mask("bool", device=device), persistent=False)
 
     @property
     def null_label(self) -> int:
