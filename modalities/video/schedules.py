@@ -229,18 +229,3 @@ def make_pyramid(schedule: ScaleSchedule):
     if schedule.rank != 3 or any(not schedule.is_grid(k) for k in range(len(schedule))):
         raise ValueError(f"a video schedule needs rank-3 (t, h, w) grid scales, got {schedule}")
     return GridPyramid(schedule)
-
-
-def schedule_from_config(cfg: dict | list) -> ScaleSchedule:
-    """Inverse of :func:`schedule_to_config` (for checkpoints)."""
-    if isinstance(cfg, dict) and cfg.get("kind") == "frame":
-        return FrameScaleSchedule(tuple(cfg["full_shape"]), [tuple(s) for s in cfg["sides"]])
-    if isinstance(cfg, dict):
-        return ScaleSchedule(cfg["scales"])
-    return ScaleSchedule(cfg)
-
-
-def schedule_to_config(schedule: ScaleSchedule) -> dict:
-    if isinstance(schedule, FrameScaleSchedule):
-        return {"kind": "frame", "full_shape": list(schedule.full_shape), "sides": [list(s) for s in schedule.frame_sides]}
-    return {"kind": "grid", "scales": schedule.to_config()}
