@@ -27,7 +27,7 @@ not a pass mark.
 Guards: a phase that would start with less than its minimum time left is skipped, one that
 runs past its budget is interrupted (SIGALRM), an out-of-memory or any other error ends only
 its own measurement or phase; all three are recorded in the JSON with the reason. A watchdog
-writes the JSON and exits if the whole run passes the budget by a minute.
+writes the JSON and exits if the whole run passes the budget by 20 s (a hung CUDA or NCCL call).
 """
 from __future__ import annotations
 
@@ -73,6 +73,9 @@ BF16_TOLERANCE = {
     # positions whose teacher-forced argmax equals the reference's
     "logits_argmax_agreement": 0.95,
 }
+
+
+WATCHDOG_S = 20  # past the budget, the watchdog writes the JSON and exits
 
 
 @dataclass
@@ -316,6 +319,7 @@ def phase_sampling(ctx: "Check", rec: dict, m: Model) -> None:
     attempt(rec, "eager_tokens", eager(False), dev)
     attempt(rec, "eager_decoded", eager(True), dev)
     if dev.type == "cuda":
+        _free(dev)  # the graph's private pool comes on top of what the eager runs left cached
         attempt(rec, "cuda_graph_tokens", graphed(False), dev)
         _free(dev)
         attempt(rec, "cuda_graph_decoded", graphed(True), dev)
@@ -344,10 +348,11 @@ def phase_training(ctx: "Check", rec: dict, m: Model) -> None:
                        "how": "torch.distributed.fsdp.fully_shard per block and on the model, one-process group"}
     try:
         B = m.train_batch
+        fsdp = m.fsdp and fsdp_note is None
         tries = []
         while True:
             try:
-                rec.update(_train(ctx, m, B, fsdp=m.fsdp and fsdp_note is None))
+                rec.update(_train(ctx, m, B, fsdp=fsdp))
                 break
             except OOM as e:  # halve the batch (twice at most) before giving up
                 tries.append({"batch": B, **_error(e)})
@@ -355,6 +360,12 @@ def phase_training(ctx: "Check", rec: dict, m: Model) -> None:
                 if B <= 1 or len(tries) > 2:
                     raise
                 B //= 2
+            except Exception as e:  # noqa: BLE001 -- FSDP failed: say why, measure unsharded
+                if not fsdp:
+                    raise
+                rec["fsdp"].update(used=False, why_not=_error(e)["error"], where=_error(e)["where"])
+                _free(dev)
+                fsdp = False
         if tries:
             rec["out_of_memory_at"] = tries
     finally:
@@ -514,6 +525,7 @@ class Check:
 
     # ------------------------------------------------------------------ output
     def payload(self) -> dict:
+        fastest = self.fastest()
         return {"device": self._device_name(), "smoke": self.smoke, "budget_s": self.args.budget_s,
                 "config": {"models": {m.name: {"transformer": {k: (v if k != "schedule" else [list(p) for p in v])
                                                                for k, v in m.transformer.items()},
@@ -523,20 +535,41 @@ class Check:
                            "compile_backend": self.compile_backend, "seed": self.args.seed,
                            "weights": "random init (VAR's, at construction)"},
                 "anchors": {k: {**v, "source": "published (VAR), quoted for context; other GPUs"} for k, v in ANCHORS.items()},
-                "phases": self.phases, "fastest_sampling": self.fastest()}
+                "phases": self.phases, "fastest_sampling": fastest, "beside_anchors": self.beside_anchors(fastest)}
 
     def fastest(self) -> dict:
-        """Per model, tokens only and decoded: the fastest sampling variant that ran."""
+        """Per model, tokens only and decoded: the fastest sampling variant that ran, and its
+        speed-up over eager."""
         out = {}
         for m in self.models:
-            found = {}
+            found: dict = {}
             for ph in (f"sampling/{m.name}", f"compile/{m.name}"):
                 for key, r in self.phases.get(ph, {}).items():
                     if isinstance(r, dict) and r.get("status") == "ok" and "images_per_s" in r and key != "anchor_setting":
                         kind = "decoded" if key.endswith("decoded") else "tokens"
                         if r["images_per_s"] > found.get(kind, {}).get("images_per_s", 0):
                             found[kind] = {"variant": key, "images_per_s": r["images_per_s"]}
+            eager = self.phases.get(f"sampling/{m.name}", {})
+            for kind, best in found.items():
+                e = eager.get(f"eager_{kind}", {})
+                if e.get("status") == "ok":
+                    best["vs_eager"] = best["images_per_s"] / e["images_per_s"]
             out[m.name] = found
+        return out
+
+    def beside_anchors(self, fastest: dict) -> dict:
+        """The figure measured here in each anchor's setting (or the nearest one)."""
+        out = {}
+        for name, a in ANCHORS.items():
+            rec = self.phases.get(f"sampling/{name}", {})
+            same = rec.get("anchor_setting")
+            if same is None and rec.get("batch") == a["batch"] and self.bf16 == (a["precision"] == "bf16"):
+                best = fastest.get(name, {}).get("decoded" if a["decoder"] else "tokens")
+                same = {"images_per_s": best["images_per_s"], "variant": best["variant"]} if best else None
+            elif same is not None:
+                same = {"images_per_s": same.get("images_per_s"), "variant": "anchor_setting", "status": same.get("status")}
+            out[name] = {"anchor_images_per_s": a["images_per_s"], "anchor_gpu": a["gpu"],
+                         "measured_here": same, "setting": {k: a[k] for k in ("batch", "precision", "decoder")}}
         return out
 
     def flush(self, note: Optional[str] = None) -> str:
@@ -574,7 +607,7 @@ class Check:
     def run(self) -> str:
         watchdog = None
         if not self.smoke:
-            watchdog = threading.Timer(self.args.budget_s + 60, self._abort)
+            watchdog = threading.Timer(self.args.budget_s + WATCHDOG_S, self._abort)
             watchdog.daemon = True
             watchdog.start()
         try:
@@ -592,7 +625,8 @@ class Check:
 
     def _abort(self) -> None:
         try:
-            self.flush(note=f"watchdog: the run passed its {self.args.budget_s:.0f} s budget by 60 s and was stopped")
+            self.flush(note=f"watchdog: the run passed its {self.args.budget_s:.0f} s budget by {WATCHDOG_S} s "
+                            "(a call that SIGALRM cannot interrupt) and was stopped")
         finally:
             os._exit(3)
 

@@ -170,3 +170,49 @@ def test_smoke_on_cuda(tmp_path):
     assert d["phases"]["training/smoke-b"]["fsdp"]["used"] is True
     if os.path.isfile(FIXTURE):
         assert d["phases"]["parity"]["fp32"]["tokens_differing"] == 0
+
+
+def test_fsdp_failure_falls_back_to_unsharded_training(tmp_path, monkeypatch):
+    """Catches: an FSDP error (e.g. an optimizer without DTensor support) costing the d30 training
+    figure, or the fallback not saying that the figure is unsharded and why."""
+    c = _check(tmp_path)
+    calls = []
+
+    def fake_train(ctx, m, B, fsdp):
+        calls.append(fsdp)
+        if fsdp:
+            raise RuntimeError("fused AdamW does not support DTensor")
+        return {"batch": B, "sharded": False}
+
+    monkeypatch.setattr(gpu_check, "_train", fake_train)
+    rec = {}
+    gpu_check.phase_training(c, rec, c.models[1])
+    assert calls == [True, False] and rec["sharded"] is False
+    assert rec["fsdp"]["used"] is False and "DTensor" in rec["fsdp"]["why_not"]
+    assert not torch.distributed.is_initialized()
+
+
+def test_fastest_variant_and_the_figure_beside_each_anchor(tmp_path):
+    """Catches: an anchor set beside a figure of another setting (d30's anchor is fp32, batch 128,
+    decoded: only the run in that setting may stand beside it), a fastest variant that is not the
+    fastest, a speed-up over eager computed the wrong way round."""
+    c = _check(tmp_path)
+    c.models, c.bf16 = gpu_check._models(smoke=False), True
+    ok = {"status": "ok"}
+    c.phases = {
+        "sampling/var-d16": {"batch": 64, "eager_tokens": {**ok, "images_per_s": 100.0},
+                             "eager_decoded": {**ok, "images_per_s": 80.0},
+                             "cuda_graph_tokens": {**ok, "images_per_s": 150.0},
+                             "cuda_graph_decoded": {"status": "error", "images_per_s": 999.0}},
+        "compile/var-d16": {"compiled_decoded": {**ok, "images_per_s": 90.0}},
+        "sampling/var-d30": {"batch": 64, "eager_tokens": {**ok, "images_per_s": 30.0},
+                             "anchor_setting": {**ok, "images_per_s": 20.0}},
+    }
+    f = c.fastest()
+    assert f["var-d16"]["tokens"] == {"variant": "cuda_graph_tokens", "images_per_s": 150.0, "vs_eager": 1.5}
+    assert f["var-d16"]["decoded"]["variant"] == "compiled_decoded"
+    assert f["var-d30"]["tokens"]["variant"] == "eager_tokens"  # the anchor's own setting is not a variant
+    a = c.beside_anchors(f)
+    assert a["var-d16"]["measured_here"] == {"images_per_s": 150.0, "variant": "cuda_graph_tokens"}
+    assert a["var-d30"]["measured_here"]["images_per_s"] == 20.0
+    assert a["var-d30"]["anchor_images_per_s"] == 17.0
