@@ -76,8 +76,11 @@ def resolve_class(name: str, registry: Mapping[str, type], what: str = "class") 
                     module = module.rsplit(".", 1)[0]
                     continue
                 raise PretrainedError(f"{what} {name!r}: cannot import its module: {e}") from e
-            except ImportError as e:
-                raise PretrainedError(f"{what} {name!r}: cannot import its module: {e}") from e
+            except ImportError as e:  # a dependency of the module is missing
+                parts = module.split(".")
+                hint = (f" (install the modality's dependencies: pip install 'msar[{parts[1]}]')"
+                        if parts[0] == "modalities" and len(parts) > 1 else "")
+                raise PretrainedError(f"{what} {name!r}: cannot import its module: {e}{hint}") from e
     if name not in registry:
         known = ", ".join(sorted(registry)) or "none"
         raise PretrainedError(f"unknown {what} {name!r}: import the module that defines it before loading "

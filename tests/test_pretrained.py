@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 
 import networkx as nx
 import pytest
@@ -229,6 +230,39 @@ def saved(tmp_path):
     model = tiny_transformer([1, 2], vocab_size=8, latent_dim=4)
     model.save_pretrained(tmp_path / "m")
     return tmp_path / "m"
+
+
+def test_typed_schedule_dicts():
+    """Catches: a plain schedule that does not survive to_dict / from_dict (ints and grids), and a
+    malformed dict that surfaces as a KeyError."""
+    for s in (ScaleSchedule([1, 3, 8]), ScaleSchedule([(1, 1), (2, 3)]), ScaleSchedule.square([1, 2], rank=3)):
+        back = ScaleSchedule.from_dict(json.loads(json.dumps(s.to_dict())))
+        assert type(back) is ScaleSchedule and back == s
+    with pytest.raises(ValueError, match="a dict with a 'type' key"):
+        ScaleSchedule.from_dict({"scales": [1, 2]})
+    with pytest.raises(ValueError, match="unknown schedule type 'nowhere.Sched'"):
+        ScaleSchedule.from_dict({"type": "nowhere.Sched", "scales": [1]})
+
+
+def test_a_missing_dependency_names_the_extra(tmp_path, saved, monkeypatch):
+    """Catches: a bare ImportError when a modality's dependency is not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_networkx(name, *a, **k):
+        if name == "networkx" or name.startswith("networkx."):
+            raise ImportError("No module named 'networkx'")
+        return real_import(name, *a, **k)
+
+    name = "modalities.graph.tokenizer.GraphPyramidTokenizer"
+    edit_config(saved, **{"class": name})
+    for mod in [m for m in sys.modules if m.startswith("modalities.graph")]:  # as if never imported
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.delitem(msar.pretrained.REGISTRY, name)
+    monkeypatch.setattr(builtins, "__import__", no_networkx)
+    with pytest.raises(PretrainedError, match=r"No module named 'networkx' \(install .*msar\[graph\]"):
+        msar.from_pretrained(saved)
 
 
 def test_missing_folder_or_config(tmp_path, saved):
