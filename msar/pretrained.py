@@ -52,6 +52,8 @@ _OLD_FORMATS = {
     "pipeline.json": "an image pipeline saved by ImagePipeline.save",
     "var.json": "an ImageNet training output (var.json + var.safetensors)",
     "tokenizer.json": "a graph demo run (tokenizer.json + model.safetensors)",
+    "transformer.pt": "a video demo output (tokenizer.safetensors + transformer.pt)",
+    "tokenizer.safetensors.json": "a video demo output (tokenizer.safetensors + .json)",
 }
 
 

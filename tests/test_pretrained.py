@@ -274,7 +274,7 @@ def test_missing_folder_or_config(tmp_path, saved):
         msar.from_pretrained(saved)
 
 
-@pytest.mark.parametrize("old", ["pipeline.json", "var.json", "tokenizer.json"])
+@pytest.mark.parametrize("old", ["pipeline.json", "var.json", "tokenizer.json", "transformer.pt"])
 def test_earlier_formats_name_the_converter(tmp_path, old):
     """Catches: old files met with a generic 'not found' instead of how to convert them."""
     (tmp_path / old).write_text("{}")
