@@ -104,8 +104,8 @@ def build_pair(p: dict, side: int, device: torch.device, seed: int) -> dict:
     for order, sched in (("next_scale", ns_sched.to_config()), ("raster", ScaleSchedule.raster(side * side).to_config())):
         torch.manual_seed(seed)
         cfg = TransformerConfig(schedule=sched, vocab_size=p["vocab"], latent_dim=p["latent"], num_classes=0,
-                                depth=p["depth"], embed_dim=p["width"], num_heads=p["heads"])
-        out[order] = NextScaleTransformer(cfg).init_weights().to(device).eval()
+                                depth=p["depth"], embed_dim=p["width"], num_heads=p["heads"], init_std=0.02)
+        out[order] = NextScaleTransformer(cfg).to(device).eval()
     torch.manual_seed(seed)
     quant = MultiScaleResidualQuantizer(p["vocab"], p["latent"], GridPyramid(ns_sched)).to(device).eval()
     out["tokenizer"] = MultiScaleVQTokenizer(nn.Identity(), nn.Identity(), quant)

@@ -250,7 +250,7 @@ def main(argv=None) -> dict:
     tcfg = msar.TransformerConfig(schedule=sched, vocab_size=cfg.vocab_size, latent_dim=cfg.latent_dim,
                                   num_classes=10, depth=args.depth, embed_dim=args.width,
                                   num_heads=max(1, args.width // 32), cond_drop_rate=0.1)
-    model = msar.NextScaleTransformer(tcfg).init_weights(init_std=-1)
+    model = msar.NextScaleTransformer(tcfg)
     print(f"transformer {model.num_parameters() / 1e6:.2f}M params, codebook use on train {usage:.0%}")
     ar_log, ar_val = train_transformer(model, tok, train_set, test_set, args)
     print("transformer validation: " + ", ".join(f"{k} {ar_val[k]:.3f}" for k in
