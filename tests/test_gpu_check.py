@@ -52,10 +52,13 @@ def test_sampling_figures_are_measured_per_variant(smoke):
         assert tok["images_per_s"] == pytest.approx(rec["batch"] / tok["s_per_call"])
         assert dec["s_per_call"] > tok["s_per_call"]
         assert rec["cuda_graph_tokens"] == {"status": "skipped", "reason": "needs CUDA"}
+        assert ("anchor_setting" in rec) == (m == "smoke-b")
         comp = d["phases"][f"compile/{m}"]
         assert comp["compiled_tokens"]["status"] == "ok" and comp["compiled_tokens"]["first_call_s"] > 0
         tokens = [r["images_per_s"] for r in (tok, comp["compiled_tokens"])]
         assert d["fastest_sampling"][m]["tokens"]["images_per_s"] == max(tokens)
+    a = d["phases"]["sampling/smoke-b"]["anchor_setting"]
+    assert a["status"] == "ok" and a["batch"] == 6 and a["images_per_s"] == pytest.approx(6 / a["s_per_call"])
 
 
 def test_training_through_the_trainer_with_fsdp(smoke):
@@ -216,3 +219,24 @@ def test_fastest_variant_and_the_figure_beside_each_anchor(tmp_path):
     assert a["var-d16"]["measured_here"] == {"images_per_s": 150.0, "variant": "cuda_graph_tokens"}
     assert a["var-d30"]["measured_here"]["images_per_s"] == 20.0
     assert a["var-d30"]["anchor_images_per_s"] == 17.0
+
+
+def test_a_timeout_swallowed_by_library_code_is_raised_again(tmp_path):
+    """Catches: a one-shot alarm whose exception a library turns into another error (then caught
+    per measurement), after which the phase would run unbounded."""
+    c = _check(tmp_path)
+
+    def swallows(rec):
+        try:
+            time.sleep(60)
+        except gpu_check.PhaseTimeout:
+            pass  # as a capture's __exit__ replacing the exception would
+        gpu_check.attempt(rec, "after", lambda: time.sleep(60) or {}, c.device)
+        time.sleep(60)
+
+    c.plan = lambda: [gpu_check.Phase("swallows", swallows, 0.3, 0)]
+    t0 = time.perf_counter()
+    c.run()
+    assert time.perf_counter() - t0 < 20
+    with open(c.path) as f:
+        assert json.load(f)["phases"]["swallows"]["status"] == "timeout"
