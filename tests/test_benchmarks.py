@@ -152,7 +152,7 @@ LEGACY_FLAT = {  # command, git_commit and date at the top level
 }
 LEGACY_NO_PROVENANCE = {
     *(f"graph/{d}_T{t}.json" for d in ("community-small", "grid", "planar") for t in ("0.7", "1.0", "1.0_constrained")),
-    "graph/constraint_seed_sweep.json", "signal1d/metrics.json",
+    "graph/constraint_seed_sweep.json",
     *(f"video/{r}/metrics.json" for r in ("frame", "joint", "space", "space_short")),
     "video/space/sampling_sweep.json", "video/space_short/sampling_sweep.json",
     "voxel/metrics_ar1500.json", "voxel/metrics_ar500.json",
