@@ -12,6 +12,8 @@ image pipeline folder (``pipeline.json`` +          :class:`~modalities.image.pi
 ImageNet training output (``var.json`` +            ``ImagePipeline`` (the VQ-VAE from
 ``var.safetensors``)                                ``vqvae.safetensors`` beside it or ``--vae``),
                                                     else the transformer alone
+``train_vqvae`` output (``vqvae.json`` +             :class:`~modalities.image.vqvae.VQVAE`
+``vqvae.safetensors``)
 video tokenizer file (``X.safetensors`` +           :class:`~modalities.video.tokenizer.VideoTokenizer`
 ``X.safetensors.json``)
 video demo output (``tokenizer.safetensors`` +      :class:`msar.Pipeline`
@@ -116,6 +118,14 @@ def convert_imagenet_run(old: str, vae: Optional[str]):
     return ImagePipeline(vq, tr)
 
 
+def convert_vqvae(old: str):
+    from .image.vqvae import VQVAE, VQVAEConfig
+
+    path = os.path.join(old, "vqvae.safetensors")
+    return _filled(VQVAE(VQVAEConfig(**_json(os.path.join(old, "vqvae.json")))), tokenizer_state_dict(_weights(path)),
+                   path)
+
+
 def convert_video_tokenizer(path: str):
     from .video.tokenizer import VideoTokenizer, VideoTokenizerConfig
 
@@ -161,6 +171,8 @@ def convert(old: str, new: str, vae: Optional[str] = None) -> Any:
         obj = convert_image_pipeline(old)
     elif has("var.json"):
         obj = convert_imagenet_run(old, vae)
+    elif has("vqvae.json"):
+        obj = convert_vqvae(old)
     elif has("tokenizer.safetensors") and has("transformer.pt"):
         obj = convert_video_run(old)
     elif has("tokenizer.safetensors"):

@@ -54,6 +54,7 @@ _OLD_FORMATS = {
     "tokenizer.json": "a graph demo run (tokenizer.json + model.safetensors)",
     "transformer.pt": "a video demo output (tokenizer.safetensors + transformer.pt)",
     "tokenizer.safetensors.json": "a video demo output (tokenizer.safetensors + .json)",
+    "vqvae.json": "an image tokenizer trained by train_vqvae (vqvae.json + vqvae.safetensors)",
 }
 
 

@@ -94,7 +94,8 @@ def test_vqvae_training_reduces_reconstruction_error(tmp_path):
     first = np.mean([float(r["l1"]) for r in rows[:5]])
     last = np.mean([float(r["l1"]) for r in rows[-5:]])
     assert last < 0.8 * first, (first, last)
-    assert (out / "vqvae.safetensors").exists() and (out / "reconstructions.png").exists()
+    assert (out / "reconstructions.png").exists()
+    assert VQVAE.from_pretrained(out / "tokenizer").cfg.patch_nums[-1] > 1  # the trained tokenizer, loadable
 
 
 def test_vqvae_rejects_bad_images():

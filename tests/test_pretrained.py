@@ -274,7 +274,7 @@ def test_missing_folder_or_config(tmp_path, saved):
         msar.from_pretrained(saved)
 
 
-@pytest.mark.parametrize("old", ["pipeline.json", "var.json", "tokenizer.json", "transformer.pt"])
+@pytest.mark.parametrize("old", ["pipeline.json", "var.json", "tokenizer.json", "transformer.pt", "vqvae.json"])
 def test_earlier_formats_name_the_converter(tmp_path, old):
     """Catches: old files met with a generic 'not found' instead of how to convert them."""
     (tmp_path / old).write_text("{}")
@@ -444,6 +444,11 @@ def test_convert_an_earlier_image_pipeline_and_imagenet_output(tmp_path):
                                               "transformer": old_transformer_config(tr), "vqvae": vq.cfg.to_dict()}))
     convert(run, tmp_path / "run_new")
     assert torch.equal(ImagePipeline.from_pretrained(tmp_path / "run_new").sample([0, 1], top_k=4, seed=0), ref)
+    # train_vqvae: vqvae.json + vqvae.safetensors
+    (old / "vqvae.json").write_text(json.dumps(vq.cfg.to_dict()))
+    (old / "pipeline.json").unlink()
+    convert(old, tmp_path / "vq_new")
+    assert same_but_usage_steps(VQVAE.from_pretrained(tmp_path / "vq_new"), vq)
 
 
 def test_convert_an_earlier_video_demo_output(tmp_path):
@@ -486,3 +491,19 @@ def test_convert_an_earlier_graph_demo_output_from_the_command_line(tmp_path):
     assert main([str(old), str(old / "pipeline")]) == 0
     pipe = msar.from_pretrained(old / "pipeline")
     assert pipe.tokenizer.config == tok.config and same_state(pipe.transformer, model)
+
+
+def test_imagenet_training_takes_a_saved_tokenizer_folder(tmp_path):
+    """Catches: --vae accepting only weights files (train_vqvae writes a save_pretrained folder),
+    and an earlier train_vqvae output silently loaded with the recipe's architecture."""
+    from modalities.image.imagenet.recipes import get_recipe
+    from modalities.image.imagenet.train import load_tokenizer
+
+    vq = tiny_vqvae()
+    vq.save_pretrained(tmp_path / "tok")
+    got = load_tokenizer(get_recipe("tiny"), str(tmp_path / "tok"))
+    assert same_state(got, vq) and not any(p.requires_grad for p in got.parameters())
+    save_file(old_tokenizer_sd(vq), tmp_path / "vqvae.safetensors")
+    (tmp_path / "vqvae.json").write_text(json.dumps(vq.cfg.to_dict()))
+    with pytest.raises(ValueError, match="earlier train_vqvae output.*--vae-config .*vqvae.json.*modalities.convert"):
+        load_tokenizer(get_recipe("tiny"), str(tmp_path / "vqvae.safetensors"))

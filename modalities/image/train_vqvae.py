@@ -8,13 +8,13 @@ Multi-scale residual quantization in the training forward (straight-through),
 L1 + L2 reconstruction, commitment/codebook loss, per-scale codebook usage with
 dead-code restarts, optional LPIPS-style perceptual loss (VGG16 weights by path)
 and PatchGAN hinge loss with adaptive weight and delayed start.  Resumes from
-``--out/ckpt`` when run again.  The final tokenizer is written to
-``--out/vqvae.safetensors`` (+ ``vqvae.json``).
+``--out/ckpt`` when run again.  The final tokenizer is written to ``--out/tokenizer/``
+(``save_pretrained``: load it with ``VQVAE.from_pretrained``, or pass the folder as ``--vae``
+to :mod:`modalities.image.imagenet.train`).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
@@ -93,15 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     trainer = VQVAETrainer(model, tcfg, perceptual=perceptual, discriminator=disc)
     trainer.fit(build_loader(dataset, a.batch_size, seed=a.seed, num_workers=a.workers))
     model.eval()
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(a.out, "vqvae.safetensors"))
-    with open(os.path.join(a.out, "vqvae.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=1)
+    model.save_pretrained(os.path.join(a.out, "tokenizer"))
     x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
     save_grid(torch.cat([x, model.reconstruct(x)]), os.path.join(a.out, "reconstructions.png"), nrow=len(x),
               scale=max(1, 64 // a.size))
     last = trainer.history[-1] if trainer.history else {}
-    print(f"wrote {a.out}/vqvae.safetensors; last step: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()
+    print(f"wrote {a.out}/tokenizer; last step: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()
                                                                       if isinstance(v, float)))
     return 0
 

@@ -45,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--synthetic", type=int, default=0, metavar="N",
                     help="train on N synthetic ImageNet-shaped images instead of --data (throughput checks)")
     ap.add_argument("--preset", default="var-d16", choices=sorted(RECIPES))
-    ap.add_argument("--vae", help="VQ-VAE weights (.pth released layout or .safetensors)")
-    ap.add_argument("--vae-config", help="VQ-VAE architecture: a preset name or a JSON file (default: the recipe's, "
-                                         "or vqvae.json next to the weights)")
+    ap.add_argument("--vae", help="VQ-VAE: a saved tokenizer folder (train_vqvae's OUT/tokenizer) or weights "
+                                  "(.pth released layout or .safetensors)")
+    ap.add_argument("--vae-config", help="VQ-VAE architecture of a weights file: a preset name or a JSON file "
+                                         "(default: the recipe's)")
     ap.add_argument("--random-vae", action="store_true", help="randomly initialised VQ-VAE (smoke / speed tests only)")
     ap.add_argument("--out", default="outputs/imagenet_train")
     # optimisation (defaults: the recipe)
@@ -86,12 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_tokenizer(recipe: Recipe, path: Optional[str], config: Optional[str] = None,
                    random_init: bool = False) -> VQVAE:
-    """The frozen VQ-VAE: architecture from ``config`` (preset name or JSON file), a ``vqvae.json``
-    next to the weights, or the recipe; weights from ``path`` (strict)."""
+    """The frozen VQ-VAE: a ``save_pretrained`` folder (e.g. ``train_vqvae``'s ``OUT/tokenizer``),
+    or weights from ``path`` (strict) with the architecture from ``config`` (preset name or
+    JSON file) or the recipe."""
     from ..presets import VQVAE_PRESETS
 
-    if config is None and path and os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(path)), "vqvae.json")):
-        config = os.path.join(os.path.dirname(os.path.abspath(path)), "vqvae.json")
+    if path and os.path.isdir(path):
+        if config is not None:
+            raise ValueError(f"--vae {path} is a saved tokenizer with its own config; drop --vae-config")
+        return VQVAE.from_pretrained(path).requires_grad_(False)
+    side = os.path.join(os.path.dirname(os.path.abspath(path)), "vqvae.json") if path else ""
+    if config is None and os.path.isfile(side):
+        raise ValueError(f"{path}: an earlier train_vqvae output (vqvae.json beside it); pass --vae-config {side}, "
+                         f"or convert it once: python -m modalities.convert {os.path.dirname(path) or '.'} NEW_DIR")
     if config is None:
         cfg = recipe.vqvae()
     elif config in VQVAE_PRESETS:
