@@ -157,7 +157,8 @@ def attempt(rec: dict, key: str, fn: Callable[[], dict], device: torch.device) -
         rec[key] = {"status": "ok", **fn()}
     except Exception as e:  # noqa: BLE001 -- recorded, the check goes on
         rec[key] = _error(e)
-        _free(device)
+    if rec[key]["status"] != "ok":
+        _free(device)  # out here: inside `except` the traceback still holds the failed call's tensors
     return rec[key]
 
 
@@ -317,12 +318,16 @@ def phase_sampling(ctx: "Check", rec: dict, m: Model) -> None:
 
     def graphed(decode: bool) -> Callable[[], dict]:
         def go() -> dict:
+            before = torch.cuda.memory_allocated(dev)
             out, replay, capture_s = cuda_graph(call(decode, cache=False))
+            held = torch.cuda.memory_allocated(dev) - before
             r = measure(replay, dev, ctx.repeats)
             replay()
             torch.cuda.synchronize()
             ok = all(bool(((t >= 0) & (t < model.vocab_size)).all()) for t in out.indices)
-            return {**r, "images_per_s": B / r["s_per_call"], "capture_s": capture_s, "tokens_in_range": ok}
+            # a replay allocates nothing: the graph's memory is held from the capture on
+            return {**r, "images_per_s": B / r["s_per_call"], "capture_s": capture_s, "tokens_in_range": ok,
+                    "graph_memory_mb": held / 2**20}
         return go
 
     attempt(rec, "eager_tokens", eager(False), dev)
@@ -371,16 +376,17 @@ def phase_training(ctx: "Check", rec: dict, m: Model) -> None:
                 break
             except OOM as e:  # halve the batch (twice at most) before giving up
                 tries.append({"batch": B, **_error(e)})
-                _free(dev)
                 if B <= 1 or len(tries) > 2:
                     raise
                 B //= 2
             except Exception as e:  # noqa: BLE001 -- FSDP failed: say why, measure unsharded
                 if not fsdp:
                     raise
-                rec["fsdp"].update(used=False, why_not=_error(e)["error"], where=_error(e)["where"])
-                _free(dev)
+                err = _error(e)
+                rec["fsdp"].update(used=False, why_not=err["error"], where=err["where"])
                 fsdp = False
+            # out of the `except` blocks: their tracebacks hold the failed attempt's model and optimizer
+            _free(dev)
         if tries:
             rec["out_of_memory_at"] = tries
     finally:
@@ -514,7 +520,8 @@ class Check:
         # bf16 autocast on the GPU; fp32 in CPU smoke runs (bf16 is slow on most CPUs)
         self.bf16 = self.device.type == "cuda"
         self.repeats = 1 if args.smoke else 3
-        self.compile_backend = args.compile_backend or ("eager" if self.device.type == "cpu" else "inductor")
+        # smoke runs trace with dynamo only: inductor's code generation takes minutes on a small CPU
+        self.compile_backend = args.compile_backend or ("eager" if args.smoke or self.device.type == "cpu" else "inductor")
         self.models = _models(args.smoke)
         self.started = time.time()
         self.deadline = self.started + args.budget_s
@@ -655,7 +662,8 @@ def parse(argv=None):
                     help="whole-run budget in seconds (default 450; 120 with --smoke)")
     ap.add_argument("--out", default=None, help=f"output folder (default {os.path.relpath(OUT_DIR, REPO)})")
     ap.add_argument("--fixture", default=None, help=f"parity fixture (default ../shared/{FIXTURE_NAME})")
-    ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor on CUDA, eager on CPU)")
+    ap.add_argument("--compile-backend", default=None,
+                    help="torch.compile backend (default: inductor; eager with --smoke or on the CPU)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.budget_s is None:
