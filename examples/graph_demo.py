@@ -8,7 +8,9 @@ For each dataset it writes to ``--out/<dataset>/``: ``metrics.json`` (MMD of deg
 clustering, orbit and spectrum under GRAN's TV and GraphRNN's EMD kernels for samples vs
 test and for train vs test, V.U.N., sizes, training curve), ``samples.png`` (real test
 graphs above generated ones), ``progression.png`` (one sample decoded level by level)
-and ``pipeline/`` (tokenizer and transformer, ``msar.from_pretrained``).  ``--load DIR`` re-samples (e.g. at another
+and ``pipeline/`` (tokenizer and transformer, ``msar.from_pretrained``); the training state in
+``ckpt/`` and its per-step log in ``logs/train.csv`` (rerunning the same command resumes an
+interrupted run exactly, or only samples again once training has finished).  ``--load DIR`` re-samples (e.g. at another
 ``--temperature``) from the models of an earlier run without training again.  Sampling masks
 the tokens the decoder would reinterpret (:meth:`GraphPyramidTokenizer.valid_token_hook`);
 ``--no-constrain`` turns that off.
@@ -21,20 +23,21 @@ teacher forcing with cross-entropy on the real (non-PAD) positions -> :func:`msa
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import math
 import os
 import time
 
 import networkx as nx
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import msar
+from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
 from modalities.graph.tokenizer import PAD
+from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
 
 # per dataset: model width, depth, heads, training steps, batch size, random orderings per graph,
 # edge chunks (scales per level for the edge tokens; more = more sequential, same sequence length)
@@ -97,21 +100,20 @@ def draw_panel(rows: list[tuple[str, list[nx.Graph]]], path: str, seed: int = 0)
     plt.close(fig)
 
 
-def measuring_hook(tok: GraphPyramidTokenizer, state, constrain: bool, temperature: float, acc: dict):
+def measuring_hook(tok: GraphPyramidTokenizer, constrain: bool, temperature: float, acc: dict):
     """A logits hook for :func:`msar.sample` that measures, then (``constrain``) masks, invalid tokens.
 
     Adds to ``acc["mass"]`` the model's probability (at the sampling temperature) on tokens the
     decoder would reinterpret, summed over real positions, and to ``acc["positions"]`` their count.
     Masking is :meth:`GraphPyramidTokenizer.valid_token_hook`."""
-    mask = tok.valid_token_hook(state) if constrain else None
 
-    def hook(k: int, logits: torch.Tensor, so_far: list) -> torch.Tensor:
+    def hook(k: int, logits: torch.Tensor, state) -> torch.Tensor:
         ok = state.allowed(k).to(logits.device)
         real = ~ok[..., PAD]
         p_bad = (logits / temperature).softmax(-1).masked_fill(ok, 0.0).sum(-1)
         acc["mass"] += float(p_bad[real].sum())
         acc["positions"] += int(real.sum())
-        return mask(k, logits, so_far) if mask is not None else logits
+        return tok.valid_token_hook(k, logits, state) if constrain else logits
 
     return hook
 
@@ -131,41 +133,36 @@ def build_model(tok: GraphPyramidTokenizer, cfg: dict, dropout: float) -> msar.N
     return msar.NextScaleTransformer(msar.TransformerConfig(
         schedule=tok.schedule.to_config(), vocab_size=tok.vocab_size, latent_dim=tok.latent_dim, num_classes=0,
         depth=cfg["depth"], embed_dim=cfg["width"], num_heads=cfg["heads"], cond_drop_rate=0.0,
-        drop_rate=dropout)).init_weights()
+        drop_rate=dropout, init_std=0.02))
 
 
-def train(model: msar.NextScaleTransformer, X: torch.Tensor, TF: torch.Tensor, cfg: dict, seed: int,
-          desc: str) -> list[tuple[int, float]]:
-    """Plain AdamW loop, cross-entropy on the non-PAD positions only; returns the loss curve."""
-    valid = X != PAD
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.95), weight_decay=0.05)
-    steps, B = cfg["steps"], cfg["batch"]
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.zeros(B, dtype=torch.long)  # the null class: unconditional
-    curve = []
-    model.train()
-    bar = tqdm(range(steps), desc=desc, mininterval=5)
-    for step in bar:
-        pick = torch.randint(0, X.shape[0], (B,), generator=g)
-        x, tf, m = X[pick], TF[pick], valid[pick]
-        logits = model(labels, tf)
-        loss = (F.cross_entropy(logits.transpose(1, 2), x, reduction="none") * m).sum() / m.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 25 == 0 or step == steps - 1:
-            curve.append((step, loss.item()))
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+def train(model: msar.NextScaleTransformer, tok: GraphPyramidTokenizer, X: torch.Tensor, TF: torch.Tensor,
+          cfg: dict, seed: int, out: str, ckpt_every: int = 100) -> list[tuple[int, float]]:
+    """Teacher forcing with :class:`msar.training.TransformerTrainer`, cross-entropy on the
+    non-PAD positions only (``ignore_index=PAD``), unconditional.  Checkpoints go to
+    ``out/ckpt`` (a rerun resumes), the per-step log to ``out/logs/train.csv``; returns the
+    loss curve (every 25 steps and the last) read from that log."""
+    steps = cfg["steps"]
+    tc = TransformerTrainConfig(lr=cfg["lr"], total_steps=steps, warmup_steps=max(1, steps // 20), lr_schedule="cos",
+                                warmup_start=0.05, final_lr_ratio=0.01, weight_decay=0.05, grad_clip=1.0,
+                                ignore_index=PAD, ckpt_dir=os.path.join(out, "ckpt"), ckpt_every=ckpt_every,
+                                log_dir=os.path.join(out, "logs"), tensorboard=False)
+    counts = list(tok.schedule.token_counts)
+
+    def tokens_and_input(raw):  # (x (B, L), tf (B, L - n0, C)) -> per-scale tokens, no labels, teacher input
+        x, tf = raw
+        return list(x.split(counts, dim=1)), None, tf
+
+    trainer = TransformerTrainer(model, tok, tc, prepare_batch=tokens_and_input)
+    trainer.fit(build_loader(torch.utils.data.TensorDataset(X, TF), cfg["batch"], seed=seed))
     model.eval()
-    return curve
+    with open(os.path.join(out, "logs", "train.csv"), newline="") as f:
+        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+    return [(s_, l_) for s_, l_ in rows if (s_ - 1) % 25 == 0 or s_ == steps]
 
 
 def run(dataset: str, args: argparse.Namespace) -> dict:
+    started = time.time()
     torch.manual_seed(args.seed)
     cfg = dict(PRESETS[dataset])
     for k in ("steps", "batch", "width", "depth", "perms"):
@@ -204,7 +201,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
               f"latent_dim={tok.latent_dim}, tokenized in {seconds['tokenize']:.1f}s")
         model = build_model(tok, cfg, 0.1 if not args.quick else 0.0)
         t0 = time.time()
-        curve = train(model, X, TF, cfg, args.seed, f"train {dataset}")
+        curve = train(model, tok, X, TF, cfg, args.seed, out, args.ckpt_every)
         seconds["train"] = time.time() - t0
         msar.Pipeline(tok, model).save_pretrained(os.path.join(out, "pipeline"))
 
@@ -218,10 +215,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         b = min(32, n_gen - i)
         # the hook masks tokens the decoder would reinterpret (PAD at a real node / edge, a wrong
         # kind, mask bits naming a missing child); --no-constrain samples the raw distribution
-        st = tok.start(b)
-        hook = measuring_hook(tok, st, not args.no_constrain, args.temperature, invalid)
+        hook = measuring_hook(tok, not args.no_constrain, args.temperature, invalid)
         res = msar.sample(model, tok, batch_size=b, cfg=0.0, top_k=0, top_p=args.top_p,
-                          temperature=args.temperature, seed=sample_seed + i, state=st, logits_hook=hook)
+                          temperature=args.temperature, seed=sample_seed + i, logits_hook=hook)
         gen.extend(graphs_from(res.data))
         invalid["draws"] += count_invalid(tok, res.indices)
     seconds["sample"] = time.time() - t0
@@ -241,8 +237,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "loaded_from": args.load or None,
     })
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    write_result_json(os.path.join(out, "metrics.json"), metrics, started)  # + command, commit, date, machine
     draw_panel([("real", test[:8]), ("sample", gen[:8]), ("sample", gen[8:16])], os.path.join(out, "samples.png"))
     idx = [t[:1] for t in res.indices]
     prog = [lvl[0] for lvl in tok.decode_progression(idx)]
@@ -276,6 +271,7 @@ def main(argv=None) -> None:
                    help="sample without masking invalid tokens (the behaviour before the valid-token hook)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
     p.add_argument("--load", default="", help="a previous --out directory: sample and evaluate its trained models")
+    p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every that many training steps")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

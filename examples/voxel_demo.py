@@ -1,17 +1,22 @@
 """3-D voxel demo: train a voxel pyramid tokenizer and a class-conditional next-scale
 transformer on procedural shapes, then generate, complete half shapes and measure.
 
-    python examples/voxel_demo.py                 # full run (CPU, ~30-40 min on one heavily shared core)
-    python examples/voxel_demo.py --quick         # ~2-4 minute smoke run
-    python examples/voxel_demo.py --res 32 --latent 8 --vocab 512   # bigger grids (slower)
+    python -m examples.voxel_demo                 # full run (CPU, ~30-40 min on one heavily shared core)
+    python -m examples.voxel_demo --quick         # ~2-4 minute smoke run
+    python -m examples.voxel_demo --res 32 --latent 8 --vocab 512   # bigger grids (slower)
 
 Writes to ``--out`` (default ``outputs/voxel_demo``): ``metrics.json``, PNG renders
 (``data.png``, ``reconstructions.png``, ``progression.png``, ``samples.png``,
-``completion.png``), ``.obj`` meshes of samples under ``meshes/`` and the weights.
+``completion.png``), ``.obj`` meshes of samples under ``meshes/``, the trained tokenizer and
+transformer in ``pipeline/`` (``msar.from_pretrained``), and the training state:
+``ckpt_tokenizer/``, ``ckpt_transformer/`` (checkpoints of :mod:`msar.training`) with their CSV
+logs ``logs_*/train.csv``.  Rerunning the same command resumes an interrupted run exactly (or,
+once training has finished, only evaluates again).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import time
@@ -19,6 +24,8 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.common import write_result_json
+import msar
 from msar import NextScaleTransformer, TransformerConfig
 from modalities.voxel import (CLASSES, ReferenceSet, build_voxel_tokenizer, encode_dataset,
                               evaluate_completion, generate, half_mask, make_dataset, reconstruction_iou,
@@ -28,7 +35,7 @@ from modalities.voxel import (CLASSES, ReferenceSet, build_voxel_tokenizer, enco
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/voxel_demo")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (~2-4 min on a shared CPU)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (~2-4 min on a shared CPU); sets smaller defaults")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--res", type=int, default=16, help="occupancy grid side R (16, 32, 64)")
     p.add_argument("--latent", type=int, default=4, help="side of the finest token grid (R / latent = 2^n)")
@@ -46,14 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance strength")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--reuse", action="store_true",
-                   help="load tokenizer.pt / transformer.pt (and their training logs) from --out instead of training")
+    p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every that many steps")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.n_train, args.n_test, args.batch, args.points = 180, 45, 16, 64
-        args.tok_steps, args.ar_steps = 60, 60
-        args.width, args.depth, args.gen_per_class = 64, 2, 4
+    if args.quick:  # smaller defaults; options given explicitly still win
+        p.set_defaults(n_train=180, n_test=45, batch=16, points=64, tok_steps=60, ar_steps=60, width=64, depth=2,
+                       gen_per_class=4)
+        args = p.parse_args(argv)
     return args
 
 
@@ -63,6 +69,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     timings, t0 = {}, time.time()
+    started = t0
     metrics: dict = {"config": vars(args), "classes": list(CLASSES)}
 
     # ---------------------------------------------------------------- data
@@ -79,15 +86,11 @@ def main(argv=None) -> dict:
     # ---------------------------------------------------------------- tokenizer
     tic = time.time()
     tok = build_voxel_tokenizer(resolution=args.res, latent_side=args.latent, vocab_size=args.vocab)
-    if args.reuse and os.path.exists(f"{args.out}/tokenizer.pt"):
-        tok.load_state_dict(torch.load(f"{args.out}/tokenizer.pt"))
-        tok.eval()
-        hist = json.load(open(f"{args.out}/tokenizer_log.json"))
-    else:
-        hist = train_tokenizer(tok, train_x, steps=args.tok_steps, batch_size=args.batch, seed=args.seed)
-        torch.save(tok.state_dict(), f"{args.out}/tokenizer.pt")
-        json.dump(hist, open(f"{args.out}/tokenizer_log.json", "w"))
-        timings["tokenizer_train_s"] = time.time() - tic
+    # checkpoints in <out>/ckpt_tokenizer: a rerun resumes (or, when finished, trains nothing)
+    train_tokenizer(tok, train_x, steps=args.tok_steps, batch_size=args.batch, seed=args.seed, out=args.out,
+                    ckpt_every=args.ckpt_every)
+    timings["tokenizer_train_s"] = time.time() - tic
+    hist = read_log(f"{args.out}/logs_tokenizer/train.csv")
     rec_iou = reconstruction_iou(tok, test_x)
     with torch.no_grad():
         rec = torch.cat([tok.decode(tok.encode(test_x[i:i + 64].float())) > 0 for i in range(0, len(test_x), 64)])
@@ -97,8 +100,8 @@ def main(argv=None) -> dict:
         "heldout_iou_mean": float(rec_iou.mean()), "heldout_iou_median": float(rec_iou.median()),
         "heldout_iou_per_class": {CLASSES[c]: float(rec_iou[torch.from_numpy(test_lab == c)].mean())
                                   for c in range(len(CLASSES))},
-        "train_iou_last50": float(np.mean([h["iou"] for h in hist[-50:]])),
-        "codebook_usage_last": hist[-1]["usage"],
+        "train_occupancy_loss_last50": float(np.mean([h["recon"] for h in hist[-50:]])),
+        "codebook_usage_last": hist[-1][f"usage_k{tok.schedule.num_scales - 1}"],
         "reconstruction_validity": validity(rec.numpy(), test_lab),
     }
     render_grid([test_np[i] for i in show] + [rec[i].numpy() for i in show], f"{args.out}/reconstructions.png",
@@ -116,17 +119,13 @@ def main(argv=None) -> dict:
     cfg = TransformerConfig(schedule=tok.schedule.to_config(), vocab_size=tok.vocab_size, latent_dim=tok.latent_dim,
                             num_classes=len(CLASSES), depth=args.depth, embed_dim=args.width,
                             num_heads=max(1, args.width // 32), cond_drop_rate=0.1)
-    model = NextScaleTransformer(cfg).init_weights(init_std=-1)
-    if args.reuse and os.path.exists(f"{args.out}/transformer.pt"):
-        model.load_state_dict(torch.load(f"{args.out}/transformer.pt"))
-        model.eval()
-        ar_hist = json.load(open(f"{args.out}/transformer_log.json"))
-    else:
-        ar_hist = train_transformer(model, tok, indices, labels, steps=args.ar_steps, batch_size=args.batch,
-                                    lr=args.ar_lr, seed=args.seed)
-        torch.save(model.state_dict(), f"{args.out}/transformer.pt")
-        json.dump(ar_hist, open(f"{args.out}/transformer_log.json", "w"))
-        timings["transformer_train_s"] = time.time() - tic
+    torch.manual_seed(args.seed + 1)  # the same initial weights whether or not the tokenizer was resumed
+    model = NextScaleTransformer(cfg)
+    train_transformer(model, tok, indices, labels, steps=args.ar_steps, batch_size=args.batch, lr=args.ar_lr,
+                      seed=args.seed, out=args.out, ckpt_every=args.ckpt_every)
+    timings["transformer_train_s"] = time.time() - tic
+    msar.Pipeline(tok, model).save_pretrained(f"{args.out}/pipeline")  # msar.from_pretrained loads both
+    ar_hist = read_log(f"{args.out}/logs_transformer/train.csv")
     metrics["transformer"] = {"parameters": model.num_parameters(),
                               "loss_last50": float(np.mean([h["loss"] for h in ar_hist[-50:]])),
                               "acc_last50": float(np.mean([h["acc"] for h in ar_hist[-50:]]))}
@@ -153,7 +152,7 @@ def main(argv=None) -> dict:
         "reference_reconstruction_validity": validity(other_rec, other_lab),
     }
     timings["metrics_s"] = time.time() - tic
-    pick = [int(c * args.gen_per_class + j) for c in range(len(CLASSES)) for j in range(2)]
+    pick = [int(c * args.gen_per_class + j) for c in range(len(CLASSES)) for j in range(min(2, args.gen_per_class))]
     render_grid([gen_np[i] for i in pick], f"{args.out}/samples.png",
                 [f"{CLASSES[gen_lab[i]]} (sample)" for i in pick], cols=6)
     for i in pick[::2]:
@@ -175,10 +174,15 @@ def main(argv=None) -> dict:
 
     timings["total_s"] = time.time() - t0
     metrics["timings"] = timings
-    with open(f"{args.out}/metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_result_json(f"{args.out}/metrics.json", metrics, started)  # + command, commit, date, machine
     _summary(metrics)
     return metrics
+
+
+def read_log(path: str) -> list[dict]:
+    """The rows of a trainer's CSV log (every step once, also across a resume) as floats."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 @torch.no_grad()

@@ -283,6 +283,90 @@ def test_ddp_two_ranks_killed_with_sigkill_resume_exactly(tmp_path):
     _check_exact_resume(tmp_path, "transformer", world=2, kill_seed=2)
 
 
+# ---------------------------------------------------------------------------- 1b. the demos resume after a kill
+def _demo_child(main, argv: list, trainer: str, kill_step: int) -> None:
+    """Run a demo's ``main(argv)`` and SIGKILL this process right after ``trainer`` (a class
+    name) has written its checkpoint of ``kill_step``."""
+    from msar.training import base
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    real = base.Trainer.save
+
+    def save(self, ckpt_dir=None):
+        path = real(self, ckpt_dir)
+        if type(self).__name__ == trainer and self.step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+    base.Trainer.save = save
+    main(argv)
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _check_demo_resumes(tmp_path: Path, main, argv, metrics: str, logs: list[str], trainer: str, kill_step: int,
+                        volatile: set) -> None:
+    """An uninterrupted demo run and one killed after ``trainer``'s checkpoint of ``kill_step``,
+    then rerun with the same command, agree exactly: every logged step, every metric."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(argv(ref))
+    child = FORK.Process(target=_demo_child, args=(main, argv(run), trainer, kill_step))
+    child.start()
+    assert _join([child]) == [-signal.SIGKILL]
+    assert not (run / metrics).exists()  # it died before finishing
+    from msar.training import base
+    steps, real = [], base.Trainer.optimizer_step
+
+    def counting_step(self, batch):
+        steps.append((type(self).__name__, self.step + 1))
+        return real(self, batch)
+    base.Trainer.optimizer_step = counting_step
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            main(argv(run))
+    finally:
+        base.Trainer.optimizer_step = real
+    first = next(s for name, s in steps if name == trainer)
+    assert first == kill_step + 1, f"the rerun trained {trainer} from step {first}, not from its checkpoint"
+    for log in logs:  # each step once, with the uninterrupted run's numbers
+        assert _csv_rows(run / log) == _csv_rows(ref / log), log
+    got, want = (json.loads((d / metrics).read_text()) for d in (run, ref))
+    assert {k: v for k, v in got.items() if k not in volatile} == {k: v for k, v in want.items() if k not in volatile}
+
+
+@needs_fork
+def test_voxel_demo_killed_during_tokenizer_training_resumes_exactly(tmp_path):
+    """Killed after the tokenizer's checkpoint of step 2 of 4, the rerun resumes the tokenizer,
+    then trains the transformer: logs, reconstructions, samples and completions equal those of
+    a run that never stopped (catches e.g. a transformer initialised from an RNG state that
+    depends on whether the tokenizer was resumed)."""
+    from examples.voxel_demo import main
+
+    def argv(out):
+        return ["--quick", "--out", str(out), "--n-train", "16", "--n-test", "9", "--tok-steps", "4", "--ar-steps",
+                "3", "--batch", "4", "--gen-per-class", "1", "--points", "16", "--ckpt-every", "1"]
+    _check_demo_resumes(tmp_path, main, argv, "metrics.json",
+                        ["logs_tokenizer/train.csv", "logs_transformer/train.csv"], "VQVAETrainer", 2,
+                        volatile={"config", "timings", "run"})
+
+
+@needs_fork
+def test_graph_demo_killed_during_training_resumes_exactly(tmp_path):
+    from examples.graph_demo import main
+
+    def argv(out):
+        return ["--dataset", "community-small", "--quick", "--out", str(out), "--steps", "4", "--batch", "4",
+                "--perms", "1", "--num-samples", "4", "--ckpt-every", "1"]
+    _check_demo_resumes(tmp_path / "x", main, argv, "community-small/metrics.json",
+                        ["community-small/logs/train.csv"], "TransformerTrainer", 2,
+                        volatile={"seconds", "run"})
+
+
 # ---------------------------------------------------------------------------- 2. no pickled code runs
 class _Payload:
     """Unpickling this runs a shell command that creates ``marker``."""

@@ -84,9 +84,12 @@ def test_raw_data_and_indices_give_the_same_batch():
     a, b = tr.parse_batch((x, y)), tr.parse_batch((tok.encode(x), y))
     assert all(torch.equal(i, j) for i, j in zip(a[0], b[0]))
     assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
-    # data alone: unconditional (null class) labels
-    idx, labels, _ = tr.parse_batch(x)
-    assert labels.tolist() == [4] * 4
+    # data alone: unconditional; the loss runs the null class, while a label equal to
+    # num_classes given explicitly is rejected (it would silently train unconditionally)
+    batch = tr.parse_batch(x)
+    assert batch[1] is None and torch.isfinite(tr.compute_loss(batch).loss)
+    with pytest.raises(ValueError, match="null class"):
+        tr.train_step(tok.encode(x), torch.full((4,), 4))
     with pytest.raises(ValueError, match="token index out of range"):
         tr.train_step([i + V for i in tok.encode(x)], y)
 
@@ -102,7 +105,7 @@ def test_token_dataset_batches_equal_encoding_on_the_fly():
     assert all(torch.equal(i, j) for i, j in zip(a[0], b[0])) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
     # unconditional: labels None -> the null class
     idx, labels = collate_tokens([TokenDataset(ds.indices)[i] for i in range(2)])
-    assert labels is None and tr.parse_batch((idx, labels))[1].tolist() == [4, 4]
+    assert labels is None and tr.parse_batch((idx, labels))[1] is None
     with pytest.raises(ValueError, match=r"indices\[1\] must be a long tensor"):
         TokenDataset([ds.indices[0], ds.indices[1][:5]])
     with pytest.raises(ValueError, match="labels must be"):

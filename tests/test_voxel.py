@@ -149,7 +149,7 @@ def test_tokenizer_errors_are_clear():
 
 
 def test_tokenizer_trains_to_a_useful_round_trip():
-    """Twenty steps on boxes and tables already give a round trip far above trivial outputs
+    """24 steps on boxes and tables already give a round trip far above trivial outputs
     (the example's 800-step tokenizer reaches ~0.87 held-out IoU)."""
     torch.manual_seed(0)
     x = torch.from_numpy(make_dataset(8, R, seed=0, classes=["box", "table"])[0])
@@ -158,7 +158,7 @@ def test_tokenizer_trains_to_a_useful_round_trip():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny 3-D convs: one thread is faster than two fighting on a shared CPU
     try:
-        train_tokenizer(tok, x, steps=20, batch_size=4, lr=5e-3, seed=0, progress=False)
+        train_tokenizer(tok, x, steps=24, batch_size=4, lr=5e-3, seed=0, progress=False)
     finally:
         torch.set_num_threads(threads)
     after = reconstruction_iou(tok, x).mean().item()
@@ -223,8 +223,8 @@ def test_obj_and_png_export(tmp_path):
 
 
 def test_core_vqvae_trainer_takes_the_occupancy_loss():
-    """The voxel tokenizer also trains through msar.training.VQVAETrainer with the BCE
-    occupancy loss plugged in as recon_loss (the demo uses its own small loop)."""
+    """The voxel tokenizer trains through msar.training.VQVAETrainer with the BCE
+    occupancy loss plugged in as recon_loss (what train_tokenizer and the demo do)."""
     from msar.training.vqvae_trainer import VQVAETrainConfig, VQVAETrainer
 
     from modalities.voxel import occupancy_loss

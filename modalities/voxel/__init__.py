@@ -2,7 +2,7 @@
 
 * :mod:`.data`      procedural labelled shapes (primitives, CSG unions, furniture), seeded
 * :mod:`.tokenizer` 3-D conv multi-scale VQ-VAE (``msar.MultiScaleVQTokenizer`` over a rank-3 ``GridPyramid``)
-* :mod:`.train`     small CPU training loops (BCE occupancy loss)
+* :mod:`.train`     training with msar.training (BCE occupancy loss; checkpoints, exact resume)
 * :mod:`.generate`  class-conditional sampling and zero-shot shape completion
 * :mod:`.metrics`   IoU, validity (components, legs), MMD / COV / 1-NNA with Chamfer distance
 * :mod:`.export`    ``.obj`` meshes (marching cubes) and PNG renders

@@ -1,77 +1,64 @@
-"""Small CPU training loops for the voxel tokenizer and the next-scale transformer.
+"""Training the voxel tokenizer and the next-scale transformer with :mod:`msar.training`.
 
-Plain AdamW loops (the occupancy tokenizer needs a BCE reconstruction loss, see
-:func:`modalities.voxel.tokenizer.occupancy_loss`), seeded, with tqdm bars.
+Both go through the shared trainers, so a run checkpoints into ``<out>/ckpt_tokenizer`` /
+``<out>/ckpt_transformer`` and an interrupted run resumes exactly where it stopped:
+
+* tokenizer: :class:`~msar.training.VQVAETrainer` with the BCE occupancy loss
+  (:func:`modalities.voxel.tokenizer.occupancy_loss`) as ``recon_loss``, cosine learning rate,
+  dead codewords re-seeded every ``restart_every`` steps during the first 80% of training;
+* transformer: :class:`~msar.training.TransformerTrainer` on shapes tokenized once
+  (:class:`~msar.training.TokenDataset`), teacher-forced cross-entropy over all scales.
+
+Per-step metrics go to ``<out>/logs_*/train.csv`` (every step once, also across a resume).
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional
+import os
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from msar import NextScaleTransformer
+from msar.training import (TokenDataset, TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig, VQVAETrainer,
+                           build_loader, collate_tokens)
 
 from .metrics import iou
 from .tokenizer import VoxelTokenizer, occupancy_loss
 
 
-def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+def _dirs(out: Optional[str], name: str, ckpt_every: int) -> dict:
+    if out is None:
+        return {}
+    return {"ckpt_dir": os.path.join(out, f"ckpt_{name}"), "ckpt_every": ckpt_every,
+            "log_dir": os.path.join(out, f"logs_{name}"), "tensorboard": False}
 
 
 def train_tokenizer(tok: VoxelTokenizer, voxels: torch.Tensor, steps: int = 1000, batch_size: int = 32,
                     lr: float = 2e-3, seed: int = 0, pos_weight: float = 2.0, restart_every: int = 100,
-                    restart_threshold: float = 1.0, progress: bool = True, log: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
-    """Train the VQ-VAE on occupancy grids ``voxels (N, R, R, R)``; returns per-step logs.
+                    restart_threshold: float = 1.0, out: Optional[str] = None, ckpt_every: int = 100,
+                    progress: bool = True) -> list[dict]:
+    """Train the VQ-VAE on occupancy grids ``voxels (N, R, R, R)`` (bool or {0, 1} float).
 
-    Loss = :func:`occupancy_loss` + quantizer loss (commitment + codebook). Dead
-    codewords (EMA hits summed over scales < ``restart_threshold``) are re-seeded
-    from encoder outputs every ``restart_every`` steps during the first 80% of training.
+    Loss = :func:`occupancy_loss` + the quantizer loss. With ``out`` set, checkpoints (every
+    ``ckpt_every`` steps) and the CSV log go under it and a rerun resumes from the newest one. Returns the
+    step records of this call (none when the checkpoints already reach ``steps``).
     """
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(tok.parameters(), lr=lr, weight_decay=1e-4, betas=(0.9, 0.95))
-    tok.train()
-    history = []
-    bar = tqdm(range(steps), desc="tokenizer", disable=not progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr, warmup=min(50, steps // 10 + 1))
-        x = voxels[torch.randint(0, len(voxels), (batch_size,), generator=g)].float()
-        logits, q = tok(x)
-        rec = occupancy_loss(logits, x, pos_weight)
-        loss = rec + q.loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
-        opt.step()
-        restarted = 0
-        if restart_every and step % restart_every == restart_every - 1 and step < 0.8 * steps:
-            with torch.no_grad():
-                restarted = tok.quantize.restart_dead_codes(tok.encode_latent(x), threshold=restart_threshold,
-                                                           generator=g)
-        rec_iou = float(iou(logits.detach() > 0, x > 0.5).mean())
-        entry = {"step": step, "loss": loss.item(), "rec": rec.item(), "vq": q.loss.item(), "iou": rec_iou,
-                 "usage": q.usage[-1], "restarted": restarted}
-        history.append(entry)
-        if log is not None:
-            log(step, entry)
-        bar.set_postfix(rec=f"{rec.item():.3f}", iou=f"{rec_iou:.3f}", use=f"{q.usage[-1]:.0f}%")
+    cfg = VQVAETrainConfig(lr=lr, total_steps=steps, warmup_steps=min(50, steps // 10 + 1), lr_schedule="cos",
+                           warmup_start=0.02, final_lr_ratio=0.1, weight_decay=1e-4, grad_clip=1.0,
+                           restart_every=restart_every, restart_threshold=restart_threshold,
+                           restart_until=int(0.8 * steps), progress=progress, **_dirs(out, "tokenizer", ckpt_every))
+    trainer = VQVAETrainer(tok, cfg, recon_loss=lambda x, logits: occupancy_loss(logits, x, pos_weight))
+    data = torch.utils.data.TensorDataset(voxels.float())
+    records = trainer.fit(build_loader(data, batch_size, seed=seed))
     tok.eval()
-    return history
+    return records
 
 
 @torch.no_grad()
 def encode_dataset(tok: VoxelTokenizer, voxels: torch.Tensor, batch_size: int = 64) -> list[torch.Tensor]:
     """Tokenize a whole set once: per scale ``(N, n_k)`` long."""
     tok.eval()
-    parts = [tok.encode(voxels[i:i + batch_size].float()) for i in range(0, len(voxels), batch_size)]
-    return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+    return TokenDataset.encode(tok, voxels.float(), batch_size=batch_size).indices
 
 
 @torch.no_grad()
@@ -87,39 +74,18 @@ def reconstruction_iou(tok: VoxelTokenizer, voxels: torch.Tensor, batch_size: in
 
 def train_transformer(model: NextScaleTransformer, tok: VoxelTokenizer, indices: list[torch.Tensor],
                       labels: torch.Tensor, steps: int = 1000, batch_size: int = 32, lr: float = 1e-3,
-                      seed: int = 0, progress: bool = True,
-                      log: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
+                      seed: int = 0, out: Optional[str] = None, ckpt_every: int = 100,
+                      progress: bool = True) -> list[dict]:
     """Teacher-forced next-scale training on pre-tokenized shapes (frozen tokenizer).
 
-    ``indices``: per scale ``(N, n_k)``; ``labels``: ``(N,)``. Loss: cross-entropy of
-    the ``(B, L, V)`` logits against all tokens of all scales.
+    ``indices``: per scale ``(N, n_k)``; ``labels``: ``(N,)``. With ``out`` set, checkpoints
+    and the CSV log go under it and a rerun resumes. Returns the step records of this call.
     """
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # class-dropout draws of the model's forward
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
-    model.train()
-    tok.eval()
-    history = []
-    bar = tqdm(range(steps), desc="transformer", disable=not progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
-        pick = torch.randint(0, len(labels), (batch_size,), generator=g)
-        idx = [t[pick] for t in indices]
-        x = tok.teacher_forcing_input(idx)
-        logits = model(labels[pick], x)
-        target = torch.cat(idx, dim=1)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-        opt.step()
-        with torch.no_grad():
-            acc = (logits.argmax(-1) == target).float().mean().item()
-        entry = {"step": step, "loss": loss.item(), "acc": acc}
-        history.append(entry)
-        if log is not None:
-            log(step, entry)
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
+    cfg = TransformerTrainConfig(lr=lr, total_steps=steps, warmup_steps=min(100, steps // 10 + 1), lr_schedule="cos",
+                                 warmup_start=0.01, final_lr_ratio=0.1, weight_decay=0.05, grad_clip=2.0,
+                                 progress=progress, **_dirs(out, "transformer", ckpt_every))
+    trainer = TransformerTrainer(model, tok, cfg)
+    loader = build_loader(TokenDataset(indices, labels), batch_size, seed=seed, collate_fn=collate_tokens)
+    records = trainer.fit(loader)
     model.eval()
-    return history
+    return records

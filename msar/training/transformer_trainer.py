@@ -30,7 +30,8 @@ class TransformerTrainConfig(TrainConfig):
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
-TokenBatch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]  # indices, labels, teacher input
+# indices (per scale (B, n_k)), labels (B,) or None (unconditional: the null class), teacher input
+TokenBatch = tuple[list[torch.Tensor], Optional[torch.Tensor], torch.Tensor]
 
 
 class TransformerTrainer(Trainer):
@@ -55,7 +56,7 @@ class TransformerTrainer(Trainer):
         from msar import NextScaleTransformer, TransformerConfig
         from msar.training import TransformerTrainer, TransformerTrainConfig, build_loader
         model = NextScaleTransformer(TransformerConfig(schedule, vocab_size=V, latent_dim=C,
-                                                       num_classes=10, depth=2, embed_dim=64, num_heads=2)).init_weights()
+                                                       num_classes=10, depth=2, embed_dim=64, num_heads=2))
         cfg = TransformerTrainConfig(lr=3e-4, total_steps=2000, warmup_steps=100,
                                      ckpt_dir="runs/t/ckpt", ckpt_every=500, log_dir="runs/t")
         trainer = TransformerTrainer(model, tokenizer, cfg)
@@ -88,12 +89,9 @@ class TransformerTrainer(Trainer):
         return (isinstance(x, (list, tuple)) and len(x) == self.schedule.num_scales and len(x) > 0
                 and all(isinstance(t, torch.Tensor) and t.dim() == 2 and not t.dtype.is_floating_point for t in x))
 
-    def _null_labels(self, B: int) -> torch.Tensor:
-        return torch.full((B,), self.model.num_classes, dtype=torch.long, device=self.device)
-
     def make_batch(self, data_or_indices: Any, labels: Optional[torch.Tensor] = None,
                    teacher_input: Optional[torch.Tensor] = None) -> TokenBatch:
-        """``(indices (per scale (B, n_k)), labels (B,), teacher_input (B, L - n_0, C))`` on the device."""
+        """``(indices (per scale (B, n_k)), labels (B,) or None, teacher_input (B, L - n_0, C))`` on the device."""
         from .base import _to_device
         if self._looks_like_indices(data_or_indices):
             indices = [t.to(self.device).long() for t in data_or_indices]
@@ -103,8 +101,9 @@ class TransformerTrainer(Trainer):
                                 f"(a list of {self.schedule.num_scales} (B, n_k) long tensors)")
             with torch.no_grad():
                 indices = [t.long() for t in self.tokenizer.encode(_to_device(data_or_indices, self.device))]
-        B = self.schedule.check_indices(indices, self.model.vocab_size)
-        labels = self._null_labels(B) if labels is None else torch.as_tensor(labels).to(self.device).long()
+        self.schedule.check_indices(indices, self.model.vocab_size)
+        if labels is not None:
+            labels = torch.as_tensor(labels).to(self.device).long()
         if teacher_input is None:
             if self.tokenizer is None:
                 raise TypeError("no tokenizer to build the teacher-forcing input: pass teacher_input")
@@ -133,7 +132,11 @@ class TransformerTrainer(Trainer):
     def token_losses(self, model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token cross-entropy ``(B, L)``, per-token correctness ``(B, L)`` and logits ``(B, L, V)``."""
         indices, labels, x = batch
-        logits = model(labels, x)
+        if labels is None:  # unconditional data: the null class, asked for explicitly
+            null = torch.full((x.shape[0],), self.model.null_label, dtype=torch.long, device=x.device)
+            logits = model(null, x, allow_null=True)
+        else:
+            logits = model(labels, x)
         target = torch.cat(indices, dim=1)
         B, L, V = logits.shape
         ce = F.cross_entropy(logits.float().reshape(-1, V), target.reshape(-1),
