@@ -234,7 +234,8 @@ def phase_parity(ctx: "Check", rec: dict) -> None:
 
     path = find_fixture(ctx.args.fixture)
     if path is None or not os.path.isfile(path):
-        rec.update(status="skipped", reason=f"fixture not found ({ctx.args.fixture or FIXTURE_NAME} under ../shared)")
+        where = ctx.args.fixture or os.path.join("..", "shared", FIXTURE_NAME)
+        rec.update(status="skipped", reason=f"fixture not found: {where} (pass --fixture PATH)")
         return
     cfg_path = os.path.splitext(path)[0] + ".json"
     tensors = load_file(path)
