@@ -31,13 +31,13 @@ class DigitClassifier(nn.Module):
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, steps: int = 400, batch_size: int = 128,
-                     seed: int = 0, progress: bool = True) -> DigitClassifier:
+                     seed: int = 0, progress: bool = True, desc: str = "classifier") -> DigitClassifier:
     """Train on ``(N, C, H, W)`` real images in [-1, 1] with light noise/shift augmentation."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = DigitClassifier(images.shape[1])
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    for _ in tqdm(range(steps), desc="classifier", disable=not progress, leave=False):
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True):
         i = torch.randint(0, len(labels), (batch_size,), generator=g)
         x = images[i]
         shift = torch.randint(-1, 2, (2,), generator=g).tolist()

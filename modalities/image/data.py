@@ -4,8 +4,10 @@ Images are float tensors ``(C, H, W)`` in [-1, 1], VAR's convention.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,8 +23,8 @@ class DigitsSplit:
 
 
 def load_digits(size: int = 16, val_fraction: float = 0.15, seed: int = 0) -> tuple[DigitsSplit, DigitsSplit]:
-    """scikit-learn's 1797 8x8 digits, bilinearly upscaled to ``size``, split train / val
-    (stratified-by-shuffle with a fixed seed)."""
+    """scikit-learn's 1797 8x8 digits, bilinearly upscaled to ``size``, split train / held-out
+    (a seeded shuffle; ``val_fraction`` of the digits are held out)."""
     from sklearn.datasets import load_digits as _load
 
     d = _load()
@@ -36,6 +38,37 @@ def load_digits(size: int = 16, val_fraction: float = 0.15, seed: int = 0) -> tu
     n_val = int(round(len(y) * val_fraction))
     val, train = perm[:n_val], perm[n_val:]
     return DigitsSplit(x[train], y[train]), DigitsSplit(x[val], y[val])
+
+
+def digits_splits(size: int = 16, seed: int = 0, test_fraction: float = 0.15,
+                  val_fraction: float = 0.1) -> tuple[DigitsSplit, DigitsSplit, DigitsSplit]:
+    """``(train, val, test)``: the test split is :func:`load_digits`' held-out split (``test_fraction``
+    of all digits, never used for training or model selection); ``val_fraction`` of the rest
+    is carved off the training digits for early stopping."""
+    rest, test = load_digits(size, test_fraction, seed)
+    perm = torch.randperm(len(rest.labels), generator=torch.Generator().manual_seed(seed + 1))
+    n_val = int(round(len(rest.labels) * val_fraction))
+    val, train = perm[:n_val], perm[n_val:]
+    return (DigitsSplit(rest.images[train], rest.labels[train]), DigitsSplit(rest.images[val], rest.labels[val]), test)
+
+
+def augment_digits(images: torch.Tensor, generator: torch.Generator, max_shift: float = 1.5,
+                   max_rotate_deg: float = 10.0, max_scale: float = 0.1) -> torch.Tensor:
+    """Random small affine distortions of ``(N, C, H, W)`` images in [-1, 1] (background -1):
+    a rotation in ``+-max_rotate_deg``, a zoom in ``1 +- max_scale`` and a shift of up to
+    ``max_shift`` pixels per axis, bilinear; what moves in from outside is background."""
+    N, _, H, W = images.shape
+    u = torch.rand(N, 4, generator=generator) * 2 - 1  # one draw per image: angle, zoom, dx, dy
+    angle = u[:, 0] * max_rotate_deg * math.pi / 180
+    zoom = 1 + u[:, 1] * max_scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    # affine_grid works in [-1, 1] coordinates: one pixel is 2 / W
+    theta = torch.stack([torch.stack([cos, -sin, u[:, 2] * max_shift * 2 / W], 1),
+                         torch.stack([sin, cos, u[:, 3] * max_shift * 2 / H], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # zero padding is the background once the images are shifted to [0, 1]
+    out = F.grid_sample((images + 1) / 2, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (out * 2 - 1).clamp(-1, 1)
 
 
 def find_images(root: str) -> list[tuple[str, int, list[str]]]:
@@ -123,3 +156,35 @@ def save_grid(images: torch.Tensor, path: str, nrow: int, scale: int = 1, pad: i
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     im.save(path)
+
+
+def save_labelled_grid(images: torch.Tensor, path: str, row_labels: Optional[Sequence[str]] = None,
+                       col_labels: Optional[Sequence[str]] = None, title: str = "", cell: float = 0.75) -> None:
+    """Write ``(R, C, channels, H, W)`` images in [-1, 1] as a PNG grid with a label per row
+    (left), per column (top) and a title; ``cell`` is the size of one image in inches."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    R, C = images.shape[:2]
+    arr = to_uint8(images.flatten(0, 1)).reshape(R, C, *images.shape[-2:], 3)
+    left = 1.3 if row_labels else 0.1
+    top = (0.45 if col_labels else 0.1) + (0.25 * (title.count("\n") + 1) if title else 0)
+    fig, axes = plt.subplots(R, C, figsize=(max(4.0, left + C * cell), top + R * cell), squeeze=False)
+    for r in range(R):
+        for c in range(C):
+            ax = axes[r, c]
+            ax.imshow(arr[r, c], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0 and row_labels:
+                ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=8)
+            if r == 0 and col_labels:
+                ax.set_title(col_labels[c], fontsize=8)
+    W, H = fig.get_size_inches()
+    fig.subplots_adjust(left=left / W, right=1 - 0.05 / W, bottom=0.05 / H, top=1 - top / H, wspace=0.05, hspace=0.05)
+    if title:
+        fig.suptitle(title, fontsize=9, y=1 - 0.05 / H, va="top")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)

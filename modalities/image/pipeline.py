@@ -51,11 +51,14 @@ class ImagePipeline(Pipeline):
     @torch.no_grad()
     def edit(self, images: torch.Tensor, mask: torch.Tensor, labels: Sequence[int] | torch.Tensor | int,
              cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, seed: Optional[int] = None,
-             threshold: float = 0.5, more_smooth: bool = False, return_indices: bool = False):
+             threshold: float = 0.5, more_smooth: bool = False, return_indices: bool = False,
+             keep_from_scale: int = 0):
         """Zero-shot editing: regenerate the region where ``mask`` is True (inpainting; an
         inverted mask gives outpainting), conditioned on ``labels`` (class-conditional
-        editing). Tokens whose area lies mostly outside the mask are teacher-forced to the
-        encoded image's tokens at every scale; the rest are sampled."""
+        editing). Tokens of scales ``>= keep_from_scale`` with at least ``threshold`` of their
+        area outside the mask are teacher-forced to the encoded image's tokens; the rest are
+        sampled. To change the class, regenerate the coarse scales (``keep_from_scale`` >= 1
+        and ``threshold=1.0``): a coarse token straddling both regions decides the class."""
         images = images.to(self.device)
         B = images.shape[0]
         if isinstance(labels, int):
@@ -63,6 +66,7 @@ class ImagePipeline(Pipeline):
         ref = self.vqvae.encode(images)
         keep = self.latent_keep_mask((~mask.bool()).to(self.device))
         known_mask = grid_known_masks(self.vqvae.schedule, keep, threshold)
+        known_mask = [m & (k >= keep_from_scale) for k, m in enumerate(known_mask)]
         out = sample(self.transformer, self.vqvae, torch.as_tensor(labels, device=self.device), cfg=cfg, top_k=top_k,
                      top_p=top_p, seed=seed, known=ref, known_mask=known_mask, more_smooth=more_smooth)
         return (out.data, out.indices, ref, known_mask) if return_indices else out.data
