@@ -86,7 +86,7 @@ def test_raw_data_and_indices_give_the_same_batch():
     assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
     # data alone: unconditional; the loss runs the null class, while a label equal to
     # num_classes given explicitly is rejected (it would silently train unconditionally)
-    batch = tr.parse_batch(x)
+    batch = tr.parse_batch((x,))
     assert batch[1] is None and torch.isfinite(tr.compute_loss(batch).loss)
     with pytest.raises(ValueError, match="null class"):
         tr.train_step(tok.encode(x), torch.full((4,), 4))

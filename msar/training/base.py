@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from . import distributed as D
 from .checkpoint import (Checkpoint, capture_rng_state, load_checkpoint, load_latest, restore_rng_state,
-                         save_checkpoint, unwrap_model)
+                         save_checkpoint)
 from .metrics import EMA, CSVLogger
 from .optim import VAR_NO_DECAY_KEYS, WarmupDecaySchedule, build_optimizer
 
@@ -483,6 +483,3 @@ class Trainer:
     def eval_model(self) -> nn.Module:
         """The EMA copy when EMA is on, else the live model."""
         return self.ema.module if self.ema is not None else self.model
-
-    def unwrapped(self) -> nn.Module:
-        return unwrap_model(self.model)

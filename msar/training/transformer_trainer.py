@@ -40,16 +40,12 @@ class TransformerTrainer(Trainer):
     Loss: token cross-entropy averaged over all ``L`` positions (VAR), with per-scale
     loss and accuracy logged as ``loss_k{k}`` / ``acc_k{k}``.
 
-    Batches (from ``fit``'s loader or ``train_step``) may be
-
-    * precomputed tokens: ``(indices, labels)`` or ``{"indices": ..., "labels": ...}`` with
-      ``indices`` a list of ``(B, n_k)`` long tensors (one per scale);
-    * raw data encoded on the fly by the frozen tokenizer: ``(data, labels)``,
-      ``{"data": ..., "labels": ...}`` or ``data`` alone (labels default to the null
-      class, i.e. unconditional training);
-
-    or anything, when ``prepare_batch(raw) -> (indices, labels, teacher_input)`` is given
-    (e.g. graphs whose pyramid depends on the sample).
+    Batches (from ``fit``'s loader) are ``(x, labels)`` or ``(x,)``: ``x`` the precomputed tokens
+    (a list of ``(B, n_k)`` long tensors, one per scale; see :class:`~msar.training.TokenDataset`)
+    or raw data that the frozen tokenizer encodes on the fly; ``labels`` ``(B,)`` or ``None``
+    (unconditional: the null class).  Any other format goes through
+    ``prepare_batch(raw) -> (indices, labels, teacher_input)`` (e.g. graphs whose pyramid depends
+    on the sample, or a precomputed teacher input).
 
     Example::
 
@@ -112,16 +108,15 @@ class TransformerTrainer(Trainer):
         return indices, labels, teacher_input.to(self.device)
 
     def parse_batch(self, raw: Any) -> TokenBatch:
+        """``(x, labels)`` or ``(x,)`` -- ``x`` per-scale token indices or raw data for the tokenizer,
+        ``labels (B,)`` or ``None`` (unconditional) -- or whatever ``prepare_batch`` reads."""
         if self.prepare_batch is not None:
-            indices, labels, x = self.prepare_batch(raw)
-            return self.make_batch(indices, labels, x)
-        if isinstance(raw, dict):
-            key = "indices" if "indices" in raw else "data"
-            if key not in raw:
-                raise TypeError(f"dict batches need an 'indices' or 'data' key, got {sorted(raw)}")
-            return self.make_batch(raw[key], raw.get("labels"), raw.get("teacher_input"))
-        if self._looks_like_indices(raw):
-            return self.make_batch(raw)
+            return self.make_batch(*self.prepare_batch(raw))
+        if not isinstance(raw, (list, tuple)) or len(raw) not in (1, 2) or self._looks_like_indices(raw):
+            raise TypeError("a batch is (indices or data, labels) or (indices or data,); got "
+                            f"{type(raw).__name__} of length {len(raw) if isinstance(raw, (list, tuple)) else '-'} "
+                            "(pass prepare_batch= for other formats)")
+        return self.make_batch(*raw)
         if isinstance(raw, (list, tuple)) and len(raw) == 2:
             return self.make_batch(raw[0], raw[1])
         if isinstance(raw, (list, tuple)) and len(raw) == 1:
@@ -195,7 +190,7 @@ class TransformerTrainer(Trainer):
                  log: bool = True) -> dict[str, float]:
         """Per-scale validation loss / accuracy (token-weighted means over the loader,
         averaged over ranks); uses the EMA weights when EMA is on and ``use_ema``."""
-        model = self.ema.module if (use_ema and self.ema is not None) else self.model
+        model = self.eval_model if use_ema else self.model
         was_training = model.training
         model.eval()
         K = self.schedule.num_scales

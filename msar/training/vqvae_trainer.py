@@ -69,8 +69,7 @@ class VQVAETrainer(Trainer):
             the L1 + L2 terms (data that is not a tensor, e.g. graphs).
         last_layer: parameter for the adaptive GAN weight; default the decoder's last weight.
 
-    Batches: a tensor ``x``, a tuple/list whose first element is ``x`` (labels ignored),
-    or a dict with ``"data"``.  Logged: ``loss, l1, l2, vq, usage_k{k}`` (+ ``perceptual``,
+    Batches: ``x`` or a tuple/list whose first element is ``x`` (labels ignored).  Logged: ``loss, l1, l2, vq, usage_k{k}`` (+ ``perceptual``,
     ``g_loss, d_loss, d_weight``, ``restarted``).
 
     Example::
@@ -108,13 +107,8 @@ class VQVAETrainer(Trainer):
 
     # ------------------------------------------------------------------ batches
     def parse_batch(self, raw: Any) -> Any:
-        if isinstance(raw, dict):
-            if "data" not in raw:
-                raise TypeError(f"dict batches need a 'data' key, got {sorted(raw)}")
-            raw = raw["data"]
-        elif isinstance(raw, (list, tuple)):
-            raw = raw[0]
-        return _to_device(raw, self.device)
+        """``x`` or ``(x, ...)`` (labels ignored, e.g. a ``TensorDataset``) -> ``x`` on the device."""
+        return _to_device(raw[0] if isinstance(raw, (list, tuple)) else raw, self.device)
 
     # ------------------------------------------------------------------ loss
     def reconstruction_terms(self, x: Any, recon: Any) -> dict[str, torch.Tensor]:
@@ -207,7 +201,7 @@ class VQVAETrainer(Trainer):
                  log: bool = True) -> dict[str, float]:
         """Mean reconstruction L1 / MSE (or ``recon``), VQ loss and per-scale codebook
         usage over a loader (EMA weights when available)."""
-        model = self.ema.module if (use_ema and self.ema is not None) else self.model
+        model = self.eval_model if use_ema else self.model
         was_training = model.training
         model.eval()
         totals: dict[str, float] = {}
