@@ -206,7 +206,7 @@ class Trainer:
                                    wd=c.weight_decay, wd_end=c.weight_decay_end)
 
     def add_trainable(self, name: str, module: nn.Module, lr: Optional[float] = None,
-                   betas: Optional[tuple[float, float]] = None) -> nn.Module:
+                      betas: Optional[tuple[float, float]] = None) -> nn.Module:
         """Train ``module`` alongside the model with its own AdamW and schedule (e.g. a GAN
         discriminator).  It is checkpointed as ``name``; under DDP its gradients are averaged
         over ranks by the trainer (it is not wrapped)."""
@@ -270,7 +270,7 @@ class Trainer:
         norms = self.clip_gradients() if self.skip_reason is None else {}
         bad = [name for name, g in norms.items() if not torch.isfinite(g)]
         if bad and self.scaler is None:  # with fp16 the scaler skips inf steps itself
-            params = [f"{n}" for n, p in self.modules[bad[0]].named_parameters()
+            params = [n for n, p in self.modules[bad[0]].named_parameters()
                       if p.grad is not None and not torch.isfinite(p.grad).all()][:5]
             self.skip(f"non-finite gradient norm of {bad} at step {self.step} (batch {self.batches_seen}); "
                       f"parameters: {params}")
