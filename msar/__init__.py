@@ -6,7 +6,10 @@ block-causal transformer, KV-cached sampling, guidance and editing are shared.
 """
 from .schedule import ScaleSchedule
 from .pyramid import GridPyramid, LatentPyramid, OperatorPyramid
-from .quantizer import MultiScaleResidualQuantizer, PhiBank, QuantizerOutput, from_tokens, to_tokens
+from .quantizer import (MultiScaleResidualQuantizer, PhiBank, QuantizerOutput, ResidualQuantizer, from_tokens,
+                        make_quantizer, to_tokens)
+from .fsq import FSQQuantizer
+from .bitwise import BitwiseQuantizer
 from .tokenizer import DecodeState, MultiScaleVQTokenizer, PyramidTokenizer, ResidualDecodeState
 from .models.transformer import NextScaleTransformer, TransformerConfig
 from .pretrained import Pipeline, PretrainedError, PretrainedMixin, from_pretrained
@@ -19,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ScaleSchedule", "GridPyramid", "LatentPyramid", "OperatorPyramid",
     "MultiScaleResidualQuantizer", "PhiBank", "QuantizerOutput", "to_tokens", "from_tokens",
+    "ResidualQuantizer", "FSQQuantizer", "BitwiseQuantizer", "make_quantizer",
     "PyramidTokenizer", "DecodeState", "MultiScaleVQTokenizer", "ResidualDecodeState",
     "NextScaleTransformer", "TransformerConfig",
     "PretrainedMixin", "Pipeline", "PretrainedError", "from_pretrained",

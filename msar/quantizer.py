@@ -144,32 +144,32 @@ def from_tokens(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, C, *shape)
 
 
-class MultiScaleResidualQuantizer(nn.Module):
-    """One codebook, K scales, residual quantization through a :class:`LatentPyramid`.
+class ResidualQuantizer(nn.Module):
+    """The residual loop over scales (module docstring), shared by every multi-scale quantizer.
 
-    Args:
-        vocab_size: number of codewords V.
-        dim: latent channels C.
-        pyramid: restriction/prolongation of the modality; a schedule or list of grid
-            shapes builds a :class:`GridPyramid`.
-        share_phi: 0 = one phi per scale, 1 = one shared, n = n partially shared.
-        phi_ratio: r in ``(1 - r) h + r conv(h)``; 0 disables phi.
-        phi_kernel: kernel size of phi (an int or a per-axis tuple); default 3 on grids, 1 on
-            token-count scales.
-        phi_neighbourhood: ``(N, N)`` neighbourhood operator on the full latent for pyramids
-            without a grid (see :class:`NeighbourhoodPhi`); replaces the pointwise phi.
-        beta: commitment weight.
-        l2_norm: nearest codeword by cosine similarity (VAR's ``using_znorm``).
-        num_phi: number of phi convs when ``share_phi == 0`` (default: number of scales).
+    A subclass says how one scale's tokens become indices and back, and nothing else:
 
-    State besides the codebook and phi: ``usage_ema`` ``(K, V)``, an EMA of codeword hits per
-    scale, and ``usage_steps``, how many batches it has seen (both saved with the module).
+    ==================================  ====================================================
+    ``encode_tokens(z, k)``             ``(N, C)`` restricted residual of scale k -> ``(N,)`` long
+    ``lookup(idx, k)``                  ``(B, n_k)`` long -> code map ``(B, C, *shape_k)``
+    ``embed_probs(probs, k)``           ``(B, n_k, V)`` probabilities -> expected code map
+    ``code_map(z, idx, k)``             training: the code map with the gradients the subclass
+                                        wants (default: ``lookup``, the codebook learns through
+                                        the loss)
+    ``batch_hits(idx)``                 ``(N,)`` indices -> one batch's usage counts (default
+                                        ``(V,)`` codeword counts)
+    ``code_weight``                     a parameter whose dtype and device latents take
+    ==================================  ====================================================
+
+    Pyramid, phi, encoding, decoding, teacher forcing, the decode step, the training loss
+    and the usage EMA live here, so every quantizer behaves identically around its codes.
+    The constructor arguments are those of :class:`MultiScaleResidualQuantizer`; a subclass
+    calls :meth:`_init_usage` once its own parameters exist.
     """
 
     def __init__(self, vocab_size: int, dim: int, pyramid: LatentPyramid | ScaleSchedule | Sequence,
                  share_phi: int = 4, phi_ratio: float = 0.5, phi_kernel: int | tuple[int, ...] | None = None,
-                 beta: float = 0.25, l2_norm: bool = False, num_phi: int | None = None,
-                 phi_neighbourhood: Optional[torch.Tensor] = None):
+                 beta: float = 0.25, num_phi: int | None = None, phi_neighbourhood: Optional[torch.Tensor] = None):
         super().__init__()
         if not isinstance(pyramid, LatentPyramid):
             pyramid = GridPyramid(pyramid)
@@ -177,7 +177,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         self.schedule: ScaleSchedule = pyramid.schedule
         self.full_shape: tuple[int, ...] = tuple(pyramid.full)
         self.vocab_size, self.dim = int(vocab_size), int(dim)
-        self.beta, self.l2_norm = beta, l2_norm
+        self.beta = beta
         # phi is a conv over the grid; on token-count scales (no neighbourhood) it is pointwise
         all_grid = all(self.schedule.is_grid(k) for k in range(len(self.schedule)))
         rank = self.schedule.rank if all_grid else 1
@@ -188,9 +188,45 @@ class MultiScaleResidualQuantizer(nn.Module):
                              f"(the full latent), got {tuple(phi_neighbourhood.shape)}")
         self.phi = PhiBank(dim, len(self.schedule), share=share_phi, ratio=phi_ratio, rank=rank,
                            kernel_size=phi_kernel, num=num_phi, neighbourhood=phi_neighbourhood)
-        self.embedding = nn.Embedding(self.vocab_size, self.dim)
-        self.register_buffer("usage_ema", torch.zeros(len(self.schedule), self.vocab_size))
+
+    def _init_usage(self, per_scale: tuple[int, ...]) -> None:
+        """Register ``usage_ema`` ``(K, *per_scale)`` and ``usage_steps`` (after the subclass's
+        parameters, so the state dict keeps VAR's key order)."""
+        self.register_buffer("usage_ema", torch.zeros(len(self.schedule), *per_scale))
         self.register_buffer("usage_steps", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ what a subclass provides
+    @property
+    def code_weight(self) -> torch.Tensor:
+        """A parameter whose dtype and device the latents take (the codebook, a projection)."""
+        raise NotImplementedError
+
+    def encode_tokens(self, z: torch.Tensor, k: int) -> torch.Tensor:
+        """Token index of every row of scale k's restricted residual ``z`` ``(N, C)`` -> ``(N,)``."""
+        raise NotImplementedError
+
+    def lookup(self, idx: torch.Tensor, k: int) -> torch.Tensor:
+        """Codes of scale k: ``(B, n_k)`` long -> ``(B, C, *shape_k)``."""
+        raise NotImplementedError
+
+    def embed_probs(self, probs: torch.Tensor, k: int) -> torch.Tensor:
+        """Soft codes: ``(B, n_k, V)`` probabilities -> ``(B, C, *shape_k)``."""
+        raise NotImplementedError
+
+    def code_map(self, z: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+        """Training: scale k's code map ``(B, C, *shape_k)`` for the residual tokens ``z`` ``(B n_k, C)``
+        quantized to ``idx`` ``(B, n_k)``."""
+        return self.lookup(idx, k)
+
+    def batch_hits(self, idx: torch.Tensor) -> torch.Tensor:
+        """One scale's usage counts in a batch from its indices ``(N,)``: ``(V,)`` float."""
+        return idx.bincount(minlength=self.vocab_size).float()
+
+    @torch.no_grad()
+    def restart_dead_codes(self, f: torch.Tensor, threshold: float = 1e-3,
+                           generator: torch.Generator | None = None) -> int:
+        """Re-seed unused codes; quantizers without a learned codebook have none (returns 0)."""
+        return 0
 
     # ------------------------------------------------------------------ helpers
     def _check_latent(self, f: torch.Tensor) -> None:
@@ -204,24 +240,6 @@ class MultiScaleResidualQuantizer(nn.Module):
         if f.shape[0] == 0:
             raise ValueError(f"expected a latent batch of at least one sample, got shape {tuple(f.shape)}")
 
-    def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest codeword for every row of ``z`` ``(N, C)`` -> ``(N,)``."""
-        E = self.embedding.weight.data
-        if self.l2_norm:
-            return torch.argmax(F.normalize(z, dim=-1) @ F.normalize(E.T, dim=0), dim=1)
-        # ||z||^2 + ||e||^2 - 2 z.e, in VAR's exact order of operations (ties break identically)
-        d = torch.sum(z.square(), dim=1, keepdim=True) + torch.sum(E.square(), dim=1, keepdim=False)
-        d.addmm_(z, E.T, alpha=-2, beta=1)
-        return torch.argmin(d, dim=1)
-
-    def lookup(self, idx: torch.Tensor, k: int) -> torch.Tensor:
-        """Codewords of scale k: ``(B, n_k)`` long -> ``(B, C, *shape_k)``."""
-        return from_tokens(self.embedding(idx), self.schedule.shape(k))
-
-    def embed_probs(self, probs: torch.Tensor, k: int) -> torch.Tensor:
-        """Soft codewords (for Gumbel smoothing): ``(B, n_k, V)`` probabilities -> ``(B, C, *shape_k)``."""
-        return from_tokens(probs @ self.embedding.weight.unsqueeze(0), self.schedule.shape(k))
-
     def upsample(self, h_k: torch.Tensor, k: int) -> torch.Tensor:
         """``phi_k(prolong(h_k))``: a scale-k code map's contribution to the full latent."""
         return self.phi(self.pyramid.prolong(h_k, k), k)
@@ -231,7 +249,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         """Yield ``(idx_k (B, n_k), f_hat after scale k (B, C, *full))`` for k = 0..K-1 (f_hat is
         updated in place: clone it to keep it)."""
         self._check_latent(f)
-        w = self.embedding.weight
+        w = self.code_weight
         if f.dtype != w.dtype and not torch.is_autocast_enabled(f.device.type):
             raise TypeError(f"latent dtype {f.dtype} differs from the codebook's {w.dtype} "
                             f"(convert with .to({w.dtype}) or run under torch.autocast)")
@@ -240,7 +258,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         f_hat = torch.zeros_like(f_rest)
         for k in range(len(self.schedule)):
             z = to_tokens(self.pyramid.restrict(f_rest, k)).reshape(-1, C)
-            idx = self.nearest(z).view(B, -1)
+            idx = self.encode_tokens(z, k).view(B, -1)
             h = self.upsample(self.lookup(idx, k).contiguous(), k)
             f_hat.add_(h)
             f_rest.sub_(h)
@@ -259,7 +277,7 @@ class MultiScaleResidualQuantizer(nn.Module):
     def indices_to_fhat_progression(self, indices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The latent ``(B, C, *full)`` accumulated over scales ``<= k``, for every k."""
         B = self.schedule.check_indices(indices, self.vocab_size)
-        f_hat = self.embedding.weight.new_zeros(B, self.dim, *self.full_shape)
+        f_hat = self.code_weight.new_zeros(B, self.dim, *self.full_shape)
         steps = []
         for k, idx in enumerate(indices):
             f_hat = f_hat + self.upsample(self.lookup(idx, k), k)
@@ -278,7 +296,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         same loop).
         """
         B = self.schedule.check_indices(indices, self.vocab_size)
-        f_hat = self.embedding.weight.new_zeros(B, self.dim, *self.full_shape)
+        f_hat = self.code_weight.new_zeros(B, self.dim, *self.full_shape)
         nexts = []
         for k in range(len(self.schedule) - 1):
             f_hat, nxt = self.add_scale(f_hat, k, self.lookup(indices[k], k))
@@ -317,11 +335,11 @@ class MultiScaleResidualQuantizer(nn.Module):
         indices, hits = [], []
         for k in range(K):
             z = to_tokens(self.pyramid.restrict(f_rest, k)).reshape(-1, C)
-            idx = self.nearest(z)
-            hits.append(idx.bincount(minlength=self.vocab_size).float())
+            idx = self.encode_tokens(z, k)
+            hits.append(self.batch_hits(idx))
             idx = idx.view(B, -1)
             indices.append(idx)
-            h = self.upsample(self.lookup(idx, k).contiguous(), k)
+            h = self.upsample(self.code_map(z, idx, k).contiguous(), k)
             f_hat = f_hat + h
             f_rest = f_rest - h.detach()
             loss = loss + F.mse_loss(f_hat.detach(), f).mul(self.beta) + F.mse_loss(f_hat, f_no_grad)
@@ -332,10 +350,10 @@ class MultiScaleResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def record_usage(self, hits: torch.Tensor) -> None:
-        """Fold one batch's codeword hits ``(K, V)`` into ``usage_ema`` (VAR's schedule: copy
+        """Fold one batch's hits (``QuantizerOutput.hits``, ``(K, V)`` for codewords) into ``usage_ema`` (VAR's schedule: copy
         the first batch, then EMA 0.9 for 100 batches, then 0.99)."""
         if tuple(hits.shape) != tuple(self.usage_ema.shape):
-            raise ValueError(f"record_usage: expected hits of shape {tuple(self.usage_ema.shape)} (K, V), "
+            raise ValueError(f"record_usage: expected hits of shape {tuple(self.usage_ema.shape)}, "
                              f"got {tuple(hits.shape)}")
         hits = hits.to(self.usage_ema)
         n = int(self.usage_steps)
@@ -355,6 +373,65 @@ class MultiScaleResidualQuantizer(nn.Module):
         margin = tokens_per_step / self.vocab_size * 0.08
         return [(row >= margin).float().mean().item() * 100 for row in self.usage_ema]
 
+
+class MultiScaleResidualQuantizer(ResidualQuantizer):
+    """One codebook, K scales, residual quantization through a :class:`LatentPyramid`.
+
+    Args:
+        vocab_size: number of codewords V.
+        dim: latent channels C.
+        pyramid: restriction/prolongation of the modality; a schedule or list of grid
+            shapes builds a :class:`GridPyramid`.
+        share_phi: 0 = one phi per scale, 1 = one shared, n = n partially shared.
+        phi_ratio: r in ``(1 - r) h + r conv(h)``; 0 disables phi.
+        phi_kernel: kernel size of phi (an int or a per-axis tuple); default 3 on grids, 1 on
+            token-count scales.
+        phi_neighbourhood: ``(N, N)`` neighbourhood operator on the full latent for pyramids
+            without a grid (see :class:`NeighbourhoodPhi`); replaces the pointwise phi.
+        beta: commitment weight.
+        l2_norm: nearest codeword by cosine similarity (VAR's ``using_znorm``).
+        num_phi: number of phi convs when ``share_phi == 0`` (default: number of scales).
+
+    State besides the codebook and phi: ``usage_ema`` ``(K, V)``, an EMA of codeword hits per
+    scale, and ``usage_steps``, how many batches it has seen (both saved with the module).
+    """
+
+    def __init__(self, vocab_size: int, dim: int, pyramid: LatentPyramid | ScaleSchedule | Sequence,
+                 share_phi: int = 4, phi_ratio: float = 0.5, phi_kernel: int | tuple[int, ...] | None = None,
+                 beta: float = 0.25, l2_norm: bool = False, num_phi: int | None = None,
+                 phi_neighbourhood: Optional[torch.Tensor] = None):
+        super().__init__(vocab_size, dim, pyramid, share_phi=share_phi, phi_ratio=phi_ratio, phi_kernel=phi_kernel,
+                         beta=beta, num_phi=num_phi, phi_neighbourhood=phi_neighbourhood)
+        self.l2_norm = l2_norm
+        self.embedding = nn.Embedding(self.vocab_size, self.dim)
+        self._init_usage((self.vocab_size,))
+
+    @property
+    def code_weight(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    def encode_tokens(self, z: torch.Tensor, k: int) -> torch.Tensor:
+        return self.nearest(z)
+
+    # ------------------------------------------------------------------ codes
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest codeword for every row of ``z`` ``(N, C)`` -> ``(N,)``."""
+        E = self.embedding.weight.data
+        if self.l2_norm:
+            return torch.argmax(F.normalize(z, dim=-1) @ F.normalize(E.T, dim=0), dim=1)
+        # ||z||^2 + ||e||^2 - 2 z.e, in VAR's exact order of operations (ties break identically)
+        d = torch.sum(z.square(), dim=1, keepdim=True) + torch.sum(E.square(), dim=1, keepdim=False)
+        d.addmm_(z, E.T, alpha=-2, beta=1)
+        return torch.argmin(d, dim=1)
+
+    def lookup(self, idx: torch.Tensor, k: int) -> torch.Tensor:
+        """Codewords of scale k: ``(B, n_k)`` long -> ``(B, C, *shape_k)``."""
+        return from_tokens(self.embedding(idx), self.schedule.shape(k))
+
+    def embed_probs(self, probs: torch.Tensor, k: int) -> torch.Tensor:
+        """Soft codewords (for Gumbel smoothing): ``(B, n_k, V)`` probabilities -> ``(B, C, *shape_k)``."""
+        return from_tokens(probs @ self.embedding.weight.unsqueeze(0), self.schedule.shape(k))
+
     @torch.no_grad()
     def restart_dead_codes(self, f: torch.Tensor, threshold: float = 1e-3,
                            generator: torch.Generator | None = None) -> int:
@@ -369,3 +446,31 @@ class MultiScaleResidualQuantizer(nn.Module):
         self.embedding.weight.data[dead] = pool[pick].to(self.embedding.weight.dtype)
         self.usage_ema[:, dead] = threshold  # give them a grace period
         return n_dead
+
+
+def make_quantizer(kind: str, dim: int, pyramid: LatentPyramid | ScaleSchedule | Sequence, *,
+                   vocab_size: int | None = None, levels: Sequence[int] | None = None, bits: int | None = None,
+                   **kw) -> ResidualQuantizer:
+    """A multi-scale residual quantizer by name, all with the same contract:
+
+    * ``"vq"``: :class:`MultiScaleResidualQuantizer` with ``vocab_size`` codewords (VAR);
+    * ``"fsq"``: :class:`msar.fsq.FSQQuantizer` with grid ``levels`` (V = prod(levels));
+    * ``"bitwise"``: :class:`msar.bitwise.BitwiseQuantizer` with ``bits`` per token (V = 2^bits).
+
+    ``kw``: the phi and loss arguments common to all (``share_phi``, ``phi_ratio``, ``beta`` ...;
+    ``l2_norm`` is VQ's only)."""
+    if kind == "vq":
+        if vocab_size is None:
+            raise ValueError("make_quantizer('vq'): pass vocab_size")
+        return MultiScaleResidualQuantizer(vocab_size, dim, pyramid, **kw)
+    if kind == "fsq":
+        from .fsq import FSQQuantizer
+        if not levels:
+            raise ValueError("make_quantizer('fsq'): pass levels, e.g. (8, 8, 8, 8) for 12 bits per token")
+        return FSQQuantizer(levels, dim, pyramid, **kw)
+    if kind == "bitwise":
+        from .bitwise import BitwiseQuantizer
+        if bits is None:
+            raise ValueError("make_quantizer('bitwise'): pass bits")
+        return BitwiseQuantizer(bits, dim, pyramid, **kw)
+    raise ValueError(f"quantizer kind must be 'vq', 'fsq' or 'bitwise', got {kind!r}")

@@ -34,7 +34,7 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 import torch
 import torch.nn as nn
 
-from .quantizer import MultiScaleResidualQuantizer, QuantizerOutput
+from .quantizer import QuantizerOutput, ResidualQuantizer
 from .schedule import ScaleSchedule
 
 
@@ -73,16 +73,16 @@ class ResidualDecodeState:
     """Accumulates ``f_hat`` ``(B, C, *full)`` scale by scale through a quantizer.
 
     ``add_scale`` validates its input (it is the public step a user may drive by hand)
-    and delegates to :meth:`MultiScaleResidualQuantizer.add_scale`, the same step
+    and delegates to :meth:`ResidualQuantizer.add_scale`, the same step
     teacher forcing uses.
     """
 
-    def __init__(self, quantizer: MultiScaleResidualQuantizer, batch_size: int, device: torch.device | str):
+    def __init__(self, quantizer: ResidualQuantizer, batch_size: int, device: torch.device | str):
         if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or batch_size < 0:
             raise ValueError(f"batch_size: expected an int >= 0, got {batch_size!r}")
         self.quantizer = quantizer
         self.schedule = quantizer.schedule
-        self.f_hat = quantizer.embedding.weight.new_zeros(batch_size, quantizer.dim, *quantizer.full_shape).to(device)
+        self.f_hat = quantizer.code_weight.new_zeros(batch_size, quantizer.dim, *quantizer.full_shape).to(device)
         self.indices: list[torch.Tensor] = []
         self.k = 0
 
@@ -121,12 +121,13 @@ class MultiScaleVQTokenizer(nn.Module):
     Args:
         encoder: ``data -> (B, C, *full)`` module.
         decoder: ``(B, C, *full) -> data`` module.
-        quantizer: the shared residual quantizer (holds schedule and pyramid).
+        quantizer: the shared residual quantizer (holds schedule and pyramid): VQ, FSQ or bitwise
+            (:func:`msar.make_quantizer`).
         quant_conv, post_quant_conv: optional modules around the quantizer
             (VAR uses 3x3 convs); identity when omitted.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, quantizer: MultiScaleResidualQuantizer,
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, quantizer: ResidualQuantizer,
                  quant_conv: Optional[nn.Module] = None, post_quant_conv: Optional[nn.Module] = None):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
