@@ -366,7 +366,8 @@ def _ddp_worker(rank, world, port, out_dir):
     gathered = [torch.zeros_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     torch.save({"same": all(torch.equal(gathered[0], g) for g in gathered), "step": tr.step,
-                "skipped": [r["skipped"] for r in tr.history]},
+                "skipped": [r["skipped"] for r in tr.history],
+                "usage_total": float(vq.quantizer.usage_ema[-1].sum())},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -381,6 +382,9 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     for r in range(2):
         res = torch.load(tmp_path / f"rank{r}.pt")
         assert res["same"] and res["step"] == 3 and res["skipped"] == [0, 1, 0]
+        # codebook usage counts the global batch: 2 ranks x 2 images x 16 finest tokens
+        # (without the trainer's all_reduce it would count one rank's 32)
+        assert res["usage_total"] == pytest.approx(64, abs=0.5)
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [3]  # written once, by rank 0
 
 
