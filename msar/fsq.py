@@ -30,6 +30,15 @@ from .quantizer import ResidualQuantizer, from_tokens
 from .schedule import ScaleSchedule
 
 
+def default_levels(vocab_size: int) -> tuple[int, ...]:
+    """FSQ levels whose product is ``vocab_size = 2^b``: groups of 3 bits (8 levels), the
+    remainder as one 4- or 2-level dimension, e.g. ``4096 -> (8, 8, 8, 8)``, ``1024 -> (8, 8, 8, 2)``."""
+    if vocab_size < 2 or vocab_size & (vocab_size - 1):
+        raise ValueError(f"default FSQ levels need a vocab_size that is a power of 2, got {vocab_size}; pass levels")
+    b = vocab_size.bit_length() - 1
+    return (8,) * (b // 3) + ((2 ** (b % 3),) if b % 3 else ())
+
+
 class ProjectedQuantizer(ResidualQuantizer):
     """Codes ``g_k * proj_out(values(idx))`` with ``values`` a fixed map ``idx -> (d,)``.
 

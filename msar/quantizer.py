@@ -350,8 +350,8 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def record_usage(self, hits: torch.Tensor) -> None:
-        """Fold one batch's hits (``QuantizerOutput.hits``, ``(K, V)`` for codewords) into ``usage_ema`` (VAR's schedule: copy
-        the first batch, then EMA 0.9 for 100 batches, then 0.99)."""
+        """Fold one batch's hits (``QuantizerOutput.hits``; ``(K, V)`` for codewords) into ``usage_ema``
+        (VAR's schedule: copy the first batch, then EMA 0.9 for 100 batches, then 0.99)."""
         if tuple(hits.shape) != tuple(self.usage_ema.shape):
             raise ValueError(f"record_usage: expected hits of shape {tuple(self.usage_ema.shape)}, "
                              f"got {tuple(hits.shape)}")
@@ -451,12 +451,15 @@ class MultiScaleResidualQuantizer(ResidualQuantizer):
 def make_quantizer(kind: str, dim: int, pyramid: LatentPyramid | ScaleSchedule | Sequence, *,
                    vocab_size: int | None = None, levels: Sequence[int] | None = None, bits: int | None = None,
                    **kw) -> ResidualQuantizer:
-    """A multi-scale residual quantizer by name, all with the same contract:
+    """A multi-scale residual quantizer by name, all with the same contract and vocabulary V:
 
     * ``"vq"``: :class:`MultiScaleResidualQuantizer` with ``vocab_size`` codewords (VAR);
-    * ``"fsq"``: :class:`msar.fsq.FSQQuantizer` with grid ``levels`` (V = prod(levels));
-    * ``"bitwise"``: :class:`msar.bitwise.BitwiseQuantizer` with ``bits`` per token (V = 2^bits).
+    * ``"fsq"``: :class:`msar.fsq.FSQQuantizer` with grid ``levels`` (default
+      :func:`msar.fsq.default_levels` of ``vocab_size``; V = prod(levels));
+    * ``"bitwise"``: :class:`msar.bitwise.BitwiseQuantizer` with ``bits`` per token (default
+      ``log2(vocab_size)``; V = 2^bits).
 
+    So ``make_quantizer(kind, C, pyramid, vocab_size=4096)`` gives each kind 12 bits per token.
     ``kw``: the phi and loss arguments common to all (``share_phi``, ``phi_ratio``, ``beta`` ...;
     ``l2_norm`` is VQ's only)."""
     if kind == "vq":
@@ -464,13 +467,20 @@ def make_quantizer(kind: str, dim: int, pyramid: LatentPyramid | ScaleSchedule |
             raise ValueError("make_quantizer('vq'): pass vocab_size")
         return MultiScaleResidualQuantizer(vocab_size, dim, pyramid, **kw)
     if kind == "fsq":
-        from .fsq import FSQQuantizer
-        if not levels:
-            raise ValueError("make_quantizer('fsq'): pass levels, e.g. (8, 8, 8, 8) for 12 bits per token")
-        return FSQQuantizer(levels, dim, pyramid, **kw)
-    if kind == "bitwise":
+        from .fsq import FSQQuantizer, default_levels
+        if not levels and vocab_size is None:
+            raise ValueError("make_quantizer('fsq'): pass levels (e.g. (8, 8, 8, 8) for 12 bits) or vocab_size")
+        q = FSQQuantizer(levels or default_levels(vocab_size), dim, pyramid, **kw)
+    elif kind == "bitwise":
         from .bitwise import BitwiseQuantizer
         if bits is None:
-            raise ValueError("make_quantizer('bitwise'): pass bits")
-        return BitwiseQuantizer(bits, dim, pyramid, **kw)
-    raise ValueError(f"quantizer kind must be 'vq', 'fsq' or 'bitwise', got {kind!r}")
+            if vocab_size is None or vocab_size < 2 or vocab_size & (vocab_size - 1):
+                raise ValueError(f"make_quantizer('bitwise'): pass bits, or a vocab_size that is a power of 2 "
+                                 f"(got {vocab_size})")
+            bits = vocab_size.bit_length() - 1
+        q = BitwiseQuantizer(bits, dim, pyramid, **kw)
+    else:
+        raise ValueError(f"quantizer kind must be 'vq', 'fsq' or 'bitwise', got {kind!r}")
+    if vocab_size is not None and q.vocab_size != vocab_size:
+        raise ValueError(f"make_quantizer({kind!r}): its vocabulary is {q.vocab_size}, not vocab_size={vocab_size}")
+    return q

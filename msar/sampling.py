@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .bitwise import bits_to_index
 from .models.transformer import NextScaleTransformer
 
 LogitsHook = Callable[[int, torch.Tensor, Any], torch.Tensor]
@@ -123,6 +124,28 @@ def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, temp
         return logits.argmax(dim=-1)
     vals, ids = top_k_top_p_candidates(apply_temperature(logits, temperature), top_k, top_p)
     return draw(vals, ids, generator)
+
+
+def bit_pairs(logits: torch.Tensor) -> torch.Tensor:
+    """Bit logits ``(..., d)`` -> two-way logits ``(..., d, 2)`` ``(0, l)``: softmax gives
+    ``P(bit = 1) = sigmoid(l)``, so every token-level step applies per bit unchanged."""
+    return torch.stack((torch.zeros_like(logits), logits), dim=-1)
+
+
+def sample_bits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Draw one token per position from bit logits (a bitwise head): ``(B, n, d)`` -> ``(B, n)`` long.
+
+    Each bit is an independent two-way choice (Infinity): ``P(bit = 1) = sigmoid(l / temperature)``
+    filtered per bit by top-k / top-p (:func:`top_k_top_p_candidates` on :func:`bit_pairs`):
+    ``top_k == 1`` takes the likelier bit (greedy; ties give 0), and top-p keeps the less likely
+    bit only when the likelier one has mass below ``top_p``.  The token is the bits as an
+    integer (:func:`msar.bitwise.bits_to_index`).  Guidance and logits hooks act on the bit
+    logits before this step, exactly as on token logits."""
+    if top_k == 1:
+        return bits_to_index(logits > 0)
+    vals, ids = top_k_top_p_candidates(apply_temperature(bit_pairs(logits), temperature), top_k, top_p)
+    return bits_to_index(draw(vals, ids, generator))
 
 
 def gumbel_smoothing(logits: torch.Tensor, k: int, num_scales: int,
@@ -263,6 +286,9 @@ def sample(
             (both halves of guidance get the same ones).
     """
     _check_knobs(batch_size, cfg, top_k, top_p, temperature)
+    bitwise = model.cfg.head == "bitwise"  # logits are (B, n_k, bits): tokens are drawn bit by bit
+    if bitwise and more_smooth:
+        raise ValueError("more_smooth needs token probabilities: a transformer with a bitwise head has none")
     sched = model.schedule
     if tokenizer is not None and tokenizer.schedule.token_counts != sched.token_counts:
         raise ValueError(f"tokenizer schedule {tokenizer.schedule} does not match the model's {sched}")
@@ -295,7 +321,7 @@ def sample(
         if logits_hook is not None:
             logits = _apply_hook(logits_hook, k, logits, state)
         logits = apply_temperature(logits, temperature)
-        idx = sample_tokens(logits, top_k, top_p, 1.0, gen)
+        idx = (sample_bits if bitwise else sample_tokens)(logits, top_k, top_p, 1.0, gen)
         if known is not None:
             idx = torch.where(known_mask[k], known[k], idx)
         probs = None

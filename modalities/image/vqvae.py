@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msar import GridPyramid, MultiScaleResidualQuantizer, MultiScaleVQTokenizer, PretrainedMixin, ScaleSchedule
+from msar import GridPyramid, MultiScaleVQTokenizer, PretrainedMixin, ScaleSchedule, make_quantizer
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -184,6 +184,8 @@ class VQVAEConfig:
     patch_nums: tuple = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
     using_sa: bool = True
     using_mid_sa: bool = True
+    # "vq" (VAR's codebook), "fsq" or "bitwise": the residual quantizer, same vocab_size (msar.make_quantizer)
+    quantizer: str = "vq"
 
     @property
     def downsample(self) -> int:
@@ -213,9 +215,9 @@ class VQVAE(PretrainedMixin, MultiScaleVQTokenizer):
                     in_channels=cfg.in_channels, z_channels=cfg.z_channels, using_sa=cfg.using_sa,
                     using_mid_sa=cfg.using_mid_sa)
         pyramid = GridPyramid(ScaleSchedule.square(cfg.patch_nums), up_mode="bicubic", down_mode="area")
-        quantizer = MultiScaleResidualQuantizer(cfg.vocab_size, cfg.z_channels, pyramid,
-                                                share_phi=cfg.share_quant_resi, phi_ratio=cfg.quant_resi,
-                                                beta=cfg.beta, l2_norm=cfg.using_znorm)
+        quantizer = make_quantizer(cfg.quantizer, cfg.z_channels, pyramid, vocab_size=cfg.vocab_size,
+                                   share_phi=cfg.share_quant_resi, phi_ratio=cfg.quant_resi, beta=cfg.beta,
+                                   **({"l2_norm": cfg.using_znorm} if cfg.quantizer == "vq" else {}))
         ks = cfg.quant_conv_ks
         super().__init__(Encoder(**arch), Decoder(**arch), quantizer,
                          quant_conv=nn.Conv2d(cfg.z_channels, cfg.z_channels, ks, 1, ks // 2),

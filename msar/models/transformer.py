@@ -260,6 +260,10 @@ class TransformerConfig:
     init_adaln_gamma: float = 1e-5
     init_head: float = 0.02
     init_std: float = -1.0
+    # "softmax": a V-way classifier per token; "bitwise": ``bits`` binary classifiers (V = 2^bits,
+    # logits (B, L, bits)) for the tokens of msar.BitwiseQuantizer, trained with per-bit BCE
+    head: str = "softmax"
+    bits: int = 0
 
     @classmethod
     def var(cls, depth: int, schedule: list, vocab_size: int = 4096, latent_dim: int = 32,
@@ -270,6 +274,18 @@ class TransformerConfig:
                    shared_aln=shared_aln, attn_l2_norm=True, **kw)
 
 
+def head_outputs(cfg: TransformerConfig) -> int:
+    """Logits per token: V (softmax head) or ``bits`` (bitwise head, which needs ``V = 2^bits``)."""
+    if cfg.head == "softmax":
+        return cfg.vocab_size
+    if cfg.head != "bitwise":
+        raise ValueError(f"head must be 'softmax' or 'bitwise', got {cfg.head!r}")
+    if not (isinstance(cfg.bits, int) and cfg.bits >= 1 and cfg.vocab_size == 2 ** cfg.bits):
+        raise ValueError(f"a bitwise head needs bits >= 1 with vocab_size = 2^bits, got bits={cfg.bits!r}, "
+                         f"vocab_size={cfg.vocab_size}")
+    return cfg.bits
+
+
 class NextScaleTransformer(PretrainedMixin, nn.Module):
     """VAR's transformer over a :class:`ScaleSchedule`.
 
@@ -278,6 +294,9 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
     KV caches.  A raster (next-token) model is the same class with
     ``ScaleSchedule.raster(N)``.  Weights are initialised with VAR's recipe at
     construction (scales from the config's ``init_*`` fields).
+
+    With ``cfg.head == "bitwise"`` the logits are ``(B, L, bits)``, one per bit of the token
+    (:mod:`msar.bitwise`); everything else is unchanged.
 
     Attributes: ``vocab_size`` (V), ``latent_dim``, ``embed_dim`` (C), ``seq_len``
     (L, tokens over all scales), ``first_len`` (n_0, tokens of scale 0),
@@ -318,7 +337,7 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
             for i in range(cfg.depth)
         ])
         self.head_norm = AdaLNBeforeHead(C, C, cfg.norm_eps)
-        self.head = nn.Linear(C, self.vocab_size)
+        self.head = nn.Linear(C, head_outputs(cfg))
 
         self.build_buffers()
         self.init_weights()

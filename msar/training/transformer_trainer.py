@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..bitwise import bit_cross_entropy, bit_predictions
 from . import distributed as D
 from .base import LossOutput, TrainConfig, Trainer, config_dict
 
@@ -37,7 +38,8 @@ TokenBatch = tuple[list[torch.Tensor], Optional[torch.Tensor], torch.Tensor]
 class TransformerTrainer(Trainer):
     """Teacher-forced training of a :class:`~msar.models.transformer.NextScaleTransformer`.
 
-    Loss: token cross-entropy averaged over all ``L`` positions (VAR), with per-scale
+    Loss: token cross-entropy averaged over all ``L`` positions (VAR; with a bitwise head the
+    binary cross-entropy of each token's bits, averaged over bits), with per-scale
     loss and accuracy logged as ``loss_k{k}`` / ``acc_k{k}``.
 
     Batches (from ``fit``'s loader) are ``(x, labels)`` or ``(x,)``: ``x`` the precomputed tokens
@@ -73,6 +75,8 @@ class TransformerTrainer(Trainer):
         if tokenizer is not None and getattr(tokenizer, "schedule", self.schedule) != self.schedule:
             raise ValueError(f"tokenizer schedule {tokenizer.schedule} differs from the model's {self.schedule}")
         self.prepare_batch = prepare_batch
+        # a NextScaleTransformer with head="bitwise" predicts tokens bit by bit (msar.bitwise)
+        self.bitwise_head = getattr(getattr(model, "cfg", None), "head", "softmax") == "bitwise"
         self.level_ids = self.schedule.level_ids(self.device)
         self.level_counts = torch.tensor(self.schedule.token_counts, device=self.device, dtype=torch.float32)
 
@@ -133,6 +137,9 @@ class TransformerTrainer(Trainer):
         else:
             logits = model(labels, x)
         target = torch.cat(indices, dim=1)
+        if self.bitwise_head:  # d binary classifiers (logits (B, L, d)): BCE averaged over the bits
+            correct = (bit_predictions(logits.detach()) == target).float()
+            return bit_cross_entropy(logits.float(), target), correct, logits
         B, L, V = logits.shape
         ce = F.cross_entropy(logits.float().reshape(-1, V), target.reshape(-1),
                              label_smoothing=self.config.label_smoothing, reduction="none").view(B, L)
