@@ -72,17 +72,16 @@ class TransformerTrainer(Trainer):
         if isinstance(tokenizer, nn.Module):  # frozen: used in eval mode under no_grad, never optimized
             tokenizer.to(self.device).eval()
         self.schedule = model.schedule
-        if tokenizer is not None and getattr(tokenizer, "schedule", self.schedule) != self.schedule:
+        if tokenizer is not None and tokenizer.schedule != self.schedule:
             raise ValueError(f"tokenizer schedule {tokenizer.schedule} differs from the model's {self.schedule}")
         self.prepare_batch = prepare_batch
         # a NextScaleTransformer with head="bitwise" predicts tokens bit by bit (msar.bitwise)
-        self.bitwise_head = getattr(getattr(model, "cfg", None), "head", "softmax") == "bitwise"
+        self.bitwise_head = model.config.head == "bitwise"
         self.level_ids = self.schedule.level_ids(self.device)
         self.level_counts = torch.tensor(self.schedule.token_counts, device=self.device, dtype=torch.float32)
 
     def model_config(self) -> Any:
-        cfg = getattr(self.model, "cfg", None)
-        return config_dict(cfg) if cfg is not None else None
+        return config_dict(self.model.config)
 
     # ------------------------------------------------------------------ batches
     def _looks_like_indices(self, x: Any) -> bool:
