@@ -155,7 +155,6 @@ LEGACY_NO_PROVENANCE = {
     "graph/constraint_seed_sweep.json",
     *(f"video/{r}/metrics.json" for r in ("frame", "joint", "space", "space_short")),
     "video/space/sampling_sweep.json", "video/space_short/sampling_sweep.json",
-    "voxel/metrics_ar1500.json", "voxel/metrics_ar500.json",
 }
 
 
