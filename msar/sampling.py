@@ -24,7 +24,7 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ from .bitwise import bits_to_index
 from .models.transformer import NextScaleTransformer
 
 LogitsHook = Callable[[int, torch.Tensor, Any], torch.Tensor]
+
+if TYPE_CHECKING:
+    from .acceleration import Acceleration
 
 
 @dataclass
@@ -258,6 +261,7 @@ def sample(
     context: Any = None,
     logits_hook: Optional[LogitsHook] = None,
     extra_pos: Optional[torch.Tensor] = None,
+    accel: Optional["Acceleration"] = None,
 ) -> SampleOutput:
     """Generate a batch scale by scale (the loop of the module docstring).
 
@@ -284,6 +288,8 @@ def sample(
             forced afterwards, whatever the hook did.
         extra_pos: optional ``(B or 1, L, C)`` adapter positions, as in the model's forward
             (both halves of guidance get the same ones).
+        accel: opt-in approximate modes (:class:`msar.acceleration.Acceleration`: guidance off
+            at the finest scales, a draft/refine split, token pruning); None samples exactly.
     """
     _check_knobs(batch_size, cfg, top_k, top_p, temperature)
     bitwise = model.cfg.head == "bitwise"  # logits are (B, n_k, bits): tokens are drawn bit by bit
@@ -310,9 +316,14 @@ def sample(
     state = tokenizer.start(B, device, context)
 
     h = model.embed_start(cond, level_pos.repeat(2, 1, 1) if guided and level_pos.shape[0] > 1 else level_pos)
+    runner = None if accel is None else accel.runner(model, run_labels, guided, cond, cond_blocks, mods, caches,
+                                                     level_pos, extra_pos)
+    nxt = None  # the tokenizer's input of scale k (None at k = 0)
     for k in range(K):
         t = guidance_strength(cfg, k, K, cfg_schedule) if guided else 0.0
-        if guided and t == 0:  # (VAR's ramp starts at 0) the null half only fills its KV cache
+        if runner is not None:  # msar.acceleration's approximate modes
+            logits = runner.logits(k, h, nxt, t)
+        elif guided and t == 0:  # (VAR's ramp starts at 0) the null half only fills its KV cache
             logits = model.step(h, cond, cond_blocks, caches, mods, head_rows=B)
         else:
             logits = model.step(h, cond, cond_blocks, caches, mods)

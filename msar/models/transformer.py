@@ -116,8 +116,11 @@ class SelfAttention(nn.Module):
         layer's :class:`KVCache` -- the new keys/values are appended and the queries
         attend to everything cached (no mask needed for a whole scale)."""
         B, L, C = x.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        if isinstance(self.qkv, nn.Linear):
+            bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+            qkv = F.linear(x, self.qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        else:  # an int8 copy (msar.acceleration.quantize_int8): the quantised layer holds the q/v biases
+            qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
         if self.l2_norm:
             scale_mul = self.attn_scale.clamp_max(self.max_log_scale).exp()
