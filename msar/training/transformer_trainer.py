@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..bitwise import bit_cross_entropy, bit_predictions
 from . import distributed as D
-from .base import LossOutput, TrainConfig, Trainer, config_dict
+from .base import LossOutput, TrainConfig, Trainer, _to_device, config_dict
 
 
 @dataclass
@@ -91,7 +91,6 @@ class TransformerTrainer(Trainer):
     def make_batch(self, data_or_indices: Any, labels: Optional[torch.Tensor] = None,
                    teacher_input: Optional[torch.Tensor] = None) -> TokenBatch:
         """``(indices (per scale (B, n_k)), labels (B,) or None, teacher_input (B, L - n_0, C))`` on the device."""
-        from .base import _to_device
         if self._looks_like_indices(data_or_indices):
             indices = [t.to(self.device).long() for t in data_or_indices]
         else:
@@ -120,11 +119,6 @@ class TransformerTrainer(Trainer):
                             f"{type(raw).__name__} of length {len(raw) if isinstance(raw, (list, tuple)) else '-'} "
                             "(pass prepare_batch= for other formats)")
         return self.make_batch(*raw)
-        if isinstance(raw, (list, tuple)) and len(raw) == 2:
-            return self.make_batch(raw[0], raw[1])
-        if isinstance(raw, (list, tuple)) and len(raw) == 1:
-            return self.make_batch(raw[0])
-        return self.make_batch(raw)
 
     # ------------------------------------------------------------------ loss
     def token_losses(self, model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
