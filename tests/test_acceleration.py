@@ -200,3 +200,20 @@ def test_int8_copy_quantises_every_linear_layer_and_samples():
     assert (got - ref).abs().max() / ref.abs().max() < 0.05
     a = sample(q, tok, LABELS, seed=1, cfg=2.0, top_k=5)
     assert same(a, sample(q, tok, LABELS, seed=1, cfg=2.0, top_k=5))
+
+
+def test_benchmark_smoke(tmp_path):
+    """Catches: the benchmark script broken (modes, timing, metrics, report) before a long run."""
+    import json
+
+    from benchmarks import acceleration
+
+    res = acceleration.main(["--smoke", "--out", str(tmp_path)])
+    with open(res["path"]) as f:
+        rec = json.load(f)
+    assert {"commit", "command", "date", "machine", "wall_time_s"} <= set(rec["run"])
+    modes = {r["mode"]: r for r in rec["modes"]}
+    assert modes["exact"]["tokens_equal_to_exact_per_scale"] == [1.0] * 4
+    assert modes["exact"]["speed"]["tokens"]["speedup_cpu"] == 1.0
+    assert modes["cfg_off_last1"]["tokens_equal_to_exact_per_scale"][:3] == [1.0] * 3  # only the last scale changes
+    assert (tmp_path / "acceleration.png").exists() and "| `all` |" in (tmp_path / "README.md").read_text()

@@ -1,0 +1,265 @@
+"""Speed and quality of the approximate sampling modes (``msar.acceleration``) on digits.
+
+    python -m benchmarks.acceleration [--out outputs/acceleration] [--smoke]
+
+Training (once, resumed from ``OUT``): the digits demo's pipeline (its default config: the
+draft model) and a small refiner transformer on the same tokenizer and tokens. Then every
+mode samples the same labels with the same seeds; speed is measured interleaved (mode after
+mode, round after round; wall and process CPU time), quality on the decoded digits with the
+demo's independent classifier (accuracy, Fréchet distance of its features to the test digits).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from benchmarks.common import RESULTS, savefig, write_result_json
+from modalities.image import demo as digits_demo
+from modalities.image.classifier import predict, train_classifier
+from modalities.image.data import augment_digits, digits_splits
+from modalities.image.pipeline import ImagePipeline
+from msar import sample
+from msar.acceleration import Acceleration, quantize_int8
+from msar.metrics import frechet_distance_from_features
+from msar.training import TokenDataset, TransformerTrainConfig, TransformerTrainer, build_loader, collate_tokens
+
+
+def train_models(out: str, smoke: bool = False, progress: bool = False) -> tuple[ImagePipeline, torch.nn.Module]:
+    """The demo's pipeline (``OUT/demo/pipeline``) and a small refiner (``OUT/refiner``), trained
+    once; a second call loads both."""
+    c = digits_demo.DemoConfig.quick() if smoke else digits_demo.DemoConfig(edit_count=10)
+    demo_out = os.path.join(out, "demo")
+    if not os.path.exists(os.path.join(demo_out, "metrics.json")):
+        digits_demo.run(demo_out, c, progress=progress, quick=smoke)
+    pipe = ImagePipeline.from_pretrained(os.path.join(demo_out, "pipeline"))
+    pipe.transformer.eval()
+    small_c = replace(c, depth=2, width=64, heads=2)
+    refiner = digits_demo.build_transformer(small_c)
+    ref_dir = os.path.join(out, "refiner")
+    best = os.path.join(ref_dir, "var_selection", "best.safetensors")
+    done = os.path.join(ref_dir, "done")
+    if not os.path.exists(done):
+        torch.manual_seed(c.seed)
+        train, val, _ = digits_splits(c.size, seed=c.seed)
+        g = torch.Generator().manual_seed(c.seed)
+        pool = torch.cat([train.images] + [augment_digits(train.images, g, c.max_shift, c.max_rotate_deg, c.max_scale)
+                                           for _ in range(c.augment_copies)])
+        pool_labels = train.labels.repeat(1 + c.augment_copies)
+        tr_set = TokenDataset.encode(pipe.vqvae, pool, pool_labels, batch_size=512)
+        va_set = TokenDataset.encode(pipe.vqvae, val.images, val.labels, batch_size=512)
+        tcfg = TransformerTrainConfig(lr=c.var_lr, total_steps=c.var_steps, warmup_steps=min(100, c.var_steps // 10),
+                                      lr_schedule="lin0", final_lr_ratio=0.05, weight_decay=c.weight_decay,
+                                      ckpt_dir=os.path.join(ref_dir, "ckpt_var"), keep_last=1,
+                                      log_dir=os.path.join(ref_dir, "logs_var"), tensorboard=False, progress=False)
+        trainer = TransformerTrainer(refiner, pipe.vqvae, tcfg)
+        loader = build_loader(tr_set, c.var_batch, seed=c.seed, collate_fn=collate_tokens)
+        val_loader = build_loader(va_set, 256, shuffle=False, drop_last=False, collate_fn=collate_tokens)
+        from tqdm.auto import tqdm
+        with tqdm(total=c.var_steps, disable=not progress) as bar:
+            digits_demo._train_transformer(trainer, refiner, loader, val_loader, small_c,
+                                           os.path.join(ref_dir, "var_selection"), bar)
+        open(done, "w").close()
+    from safetensors.torch import load_file
+    refiner.load_state_dict(load_file(best))
+    refiner.eval()
+    return pipe, refiner
+
+
+
+# ---------------------------------------------------------------------------- the modes
+def build_modes(model, refiner, smoke: bool = False) -> dict:
+    """Name -> (transformer, Acceleration or None, description). ``model`` draws the coarse scales."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation notice of its quantised tensor constructors
+        q, q_ref = quantize_int8(model), quantize_int8(refiner)
+    K = len(model.schedule)
+    modes = {
+        "exact": (model, None, "msar.sample, no approximation"),
+        "int8": (q, None, "int8 dynamic quantisation of every linear layer"),
+        "cfg_off_last1": (model, Acceleration(guidance_off_last=1), "guidance off at the last scale"),
+        "cfg_off_last2": (model, Acceleration(guidance_off_last=2), "guidance off at the last 2 scales"),
+        "prune_last1_keep50": (model, Acceleration(prune_last=1, prune_keep=0.5),
+                               "pruning: half the tokens of the last scale recomputed"),
+        "prune_last2_keep50": (model, Acceleration(prune_last=2, prune_keep=0.5),
+                               "pruning: half the tokens of the last 2 scales recomputed"),
+        "refine_last1": (model, Acceleration(refiner=refiner, refine_last=1), "small refiner draws the last scale"),
+        "refine_last2": (model, Acceleration(refiner=refiner, refine_last=2),
+                         "small refiner draws the last 2 scales"),
+        "refine_last2+cfg_off_last1": (model, Acceleration(refiner=refiner, refine_last=2, guidance_off_last=1),
+                                       "refiner for the last 2 scales, guidance off at the last"),
+        "refine_last2+cfg_off_last2": (model, Acceleration(refiner=refiner, refine_last=2, guidance_off_last=2),
+                                       "refiner for the last 2 scales, guidance off there"),
+        "int8+refine_last2+cfg_off_last1": (q, Acceleration(refiner=q_ref, refine_last=2, guidance_off_last=1),
+                                            "int8 draft and refiner, refiner for the last 2, guidance off at the last"),
+        "int8+refine_last2+cfg_off_last2": (q, Acceleration(refiner=q_ref, refine_last=2, guidance_off_last=2),
+                                            "int8 draft and refiner, refiner and no guidance for the last 2"),
+        "all": (q, Acceleration(refiner=q_ref, refine_last=2, guidance_off_last=2, prune_last=1, prune_keep=0.5),
+                "int8, refiner + no guidance for the last 2 scales, half the last scale pruned"),
+    }
+    if K < 3:
+        raise ValueError("the modes above need a schedule of at least 3 scales")
+    if smoke:
+        modes = {k: modes[k] for k in ("exact", "int8", "cfg_off_last1", "prune_last1_keep50", "refine_last2", "all")}
+    return modes
+
+
+def _run(mode, vqvae, labels, knobs, seed, decode):
+    model, accel, _ = mode
+    return sample(model, vqvae, labels, seed=seed, accel=accel, decode=decode, **knobs)
+
+
+def measure_speed(modes: dict, vqvae, knobs: dict, batch: int, rounds: int) -> dict:
+    """Interleaved timing: every round runs every mode once (tokens only, then with decoding);
+    per mode the median wall and process-CPU milliseconds over the rounds."""
+    labels = torch.arange(batch) % 10
+    times = {name: {"tokens": ([], []), "decode": ([], [])} for name in modes}
+    for name, mode in modes.items():  # warm-up
+        _run(mode, vqvae, labels, knobs, 0, True)
+    for r in range(rounds):
+        for kind, decode in (("tokens", False), ("decode", True)):
+            for name, mode in modes.items():
+                w, c = time.perf_counter(), time.process_time()
+                _run(mode, vqvae, labels, knobs, r, decode)
+                times[name][kind][0].append(time.perf_counter() - w)
+                times[name][kind][1].append(time.process_time() - c)
+    out = {}
+    for name in modes:
+        rec = {}
+        for kind in ("tokens", "decode"):
+            wall, cpu = (statistics.median(v) * 1000 for v in times[name][kind])
+            base = statistics.median(times["exact"][kind][1]) * 1000
+            rec[kind] = {"wall_ms": round(wall, 2), "cpu_ms": round(cpu, 2), "speedup_cpu": round(base / cpu, 3),
+                         "speedup_wall": round(statistics.median(times["exact"][kind][0]) * 1000 / wall, 3)}
+        out[name] = rec
+    return out
+
+
+def measure_quality(modes: dict, vqvae, knobs: dict, clf, test_feat, per_class: int, batch: int = 100) -> dict:
+    """Per mode: classifier accuracy on ``per_class`` samples of every class, Fréchet distance of
+    the classifier features to the test digits, and the fraction of tokens equal to the exact
+    sampler's (same labels, same seeds)."""
+    labels = torch.arange(10).repeat_interleave(per_class)
+    out, exact_idx = {}, None
+    for name, mode in modes.items():
+        imgs, idx = [], []
+        for i in range(0, len(labels), batch):
+            o = _run(mode, vqvae, labels[i:i + batch], knobs, 1000 + i, True)
+            imgs.append(o.data)
+            idx.append(o.indices)
+        idx = [torch.cat([c[k] for c in idx]) for k in range(len(idx[0]))]
+        exact_idx = idx if name == "exact" else exact_idx
+        pred, feat = predict(clf, torch.cat(imgs))
+        same = [float((a == b).float().mean()) for a, b in zip(idx, exact_idx)]
+        out[name] = {"classifier_acc": float((pred == labels).float().mean()),
+                     "frechet_classifier_features": frechet_distance_from_features(feat.numpy(), test_feat.numpy()),
+                     "tokens_equal_to_exact_per_scale": [round(v, 4) for v in same]}
+    return out
+
+
+def write_report(res_dir: str, rows: list[dict], header: dict) -> list[str]:
+    """README.md table and the speed-vs-quality PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ex = next(r for r in rows if r["mode"] == "exact")
+    lines = [f"# Approximate sampling modes on digits{' (SMOKE RUN: untrained models, numbers mean nothing)' if header['smoke'] else ''}",
+             "",
+             f"`python -m benchmarks.acceleration` -- {header['what']}",
+             "",
+             "Speed-up: process CPU time of `msar.sample` for one batch of "
+             f"{header['batch']}, median of {header['rounds']} interleaved rounds, over the exact sampler "
+             "(tokens only | with VQ-VAE decoding). Quality: the demo's classifier on "
+             f"{header['per_class']} samples per class (same labels and seeds for every mode); Fréchet distance "
+             "of its features to the held-out test digits; tokens equal to the exact sampler's at the last scale.",
+             "",
+             "| mode | what is approximated | speed-up tokens | speed-up with decode | classifier acc | Δ acc (points) | Fréchet | same last-scale tokens |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| `{r['mode']}` | {r['description']} | {r['speed']['tokens']['speedup_cpu']:.2f}x | "
+                     f"{r['speed']['decode']['speedup_cpu']:.2f}x | {r['classifier_acc']:.3f} | "
+                     f"{100 * (r['classifier_acc'] - ex['classifier_acc']):+.1f} | {r['frechet_classifier_features']:.2f} | "
+                     f"{r['tokens_equal_to_exact_per_scale'][-1]:.2f} |")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for r in rows:
+        x, y = r["speed"]["tokens"]["speedup_cpu"], 100 * r["classifier_acc"]
+        ax.scatter(x, y, color="k" if r["mode"] == "exact" else "C0")
+        ax.annotate(r["mode"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(100 * ex["classifier_acc"] - 1, color="C3", ls="--", lw=1, label="exact - 1 point")
+    ax.axvline(3, color="C2", ls=":", lw=1, label="3x")
+    ax.set_xlabel("speed-up over exact msar.sample (CPU time, tokens only)")
+    ax.set_ylabel("classifier accuracy on samples (%)")
+    ax.set_title("digits: speed vs quality of the approximate modes" + (" (SMOKE)" if header["smoke"] else ""))
+    ax.legend(fontsize=8)
+    png = savefig(fig, "acceleration", res_dir)
+    readme = os.path.join(res_dir, "README.md")
+    with open(readme, "w") as f:
+        f.write("\n".join(lines + ["", f"![speed vs quality](acceleration.png)", ""]))
+    return [png, readme]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="outputs/acceleration", help="folder of the trained models")
+    p.add_argument("--out", default=os.path.join(RESULTS, "acceleration"), help="results folder")
+    p.add_argument("--smoke", action="store_true",
+                   help="untrained tiny models, few samples and rounds: a test of the script (< 20 s)")
+    p.add_argument("--train-only", action="store_true", help="train (or load) the models and stop")
+    p.add_argument("--per-class", type=int, default=200, help="samples per class for the quality metrics")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    p.add_argument("--batch", type=int, default=100, help="batch of a timed sample() call")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    a = p.parse_args(argv)
+    started = time.time()
+    torch.set_num_threads(a.threads)
+    c = digits_demo.DemoConfig.quick() if a.smoke else digits_demo.DemoConfig(edit_count=10)
+    if a.smoke:  # untrained models: the script's mechanics only
+        torch.manual_seed(0)
+        from modalities.image.vqvae import VQVAE  # noqa: F401  (build_vqvae returns one)
+        vqvae = digits_demo.build_vqvae(c).eval()
+        model = digits_demo.build_transformer(c).eval()
+        refiner = digits_demo.build_transformer(replace(c, depth=1, width=32, heads=2)).eval()
+        a.per_class, a.rounds, a.batch, clf_steps = 2, 1, 10, 5
+    else:
+        pipe, refiner = train_models(a.models, progress=True)
+        if a.train_only:
+            return {}
+        vqvae, model, clf_steps = pipe.vqvae, pipe.transformer, c.classifier_steps
+    train, _, test = digits_splits(c.size, seed=c.seed)
+    clf = train_classifier(train.images, train.labels, steps=clf_steps, seed=c.seed, progress=False)
+    _, test_feat = predict(clf, test.images)
+    knobs = {"cfg": c.cfg, "top_k": c.top_k, "top_p": c.top_p}
+    modes = build_modes(model, refiner, smoke=a.smoke)
+    load_start = list(os.getloadavg())
+    quality = measure_quality(modes, vqvae, knobs, clf, test_feat, a.per_class)
+    speed = measure_speed(modes, vqvae, knobs, a.batch, a.rounds)
+    rows = [{"mode": name, "description": modes[name][2], "speed": speed[name], **quality[name]} for name in modes]
+    header = {"smoke": a.smoke, "batch": a.batch, "rounds": a.rounds, "per_class": a.per_class, "threads": a.threads,
+              "what": (f"the digits demo's transformer (depth {model.depth}, width {model.embed_dim}, "
+                       f"{model.num_parameters()} parameters) as the draft, a refiner of depth {refiner.depth}, "
+                       f"width {refiner.embed_dim} ({refiner.num_parameters()} parameters) trained on the same tokens; "
+                       f"schedule {list(model.schedule)}; sampling cfg={c.cfg}, top_k={c.top_k}, top_p={c.top_p}; "
+                       f"{a.threads} thread(s)")}
+    files = write_report(a.out, rows, header)
+    ex = rows[0]
+    best = [r for r in rows if r["classifier_acc"] >= ex["classifier_acc"] - 0.01]
+    fastest = max(best, key=lambda r: r["speed"]["tokens"]["speedup_cpu"])
+    payload = {**header, "modes": rows, "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
+               "fastest_within_1_point": {"mode": fastest["mode"],
+                                          "speedup_tokens": fastest["speed"]["tokens"]["speedup_cpu"],
+                                          "speedup_with_decode": fastest["speed"]["decode"]["speedup_cpu"]},
+               "figures": files}
+    path = write_result_json(os.path.join(a.out, "acceleration.json"), payload, started)
+    print("\n".join(open(files[1]).read().splitlines()[6:-2]))
+    return {"path": path, **payload}
+
+
+if __name__ == "__main__":
+    main()
