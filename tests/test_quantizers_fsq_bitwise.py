@@ -286,3 +286,19 @@ def test_make_quantizer_equal_bits():
         make_quantizer("lfq2", 4, [(1, 1)], vocab_size=16)
     with pytest.raises(ValueError, match="levels"):
         FSQQuantizer((8, 1), 2, [(1, 1)])
+
+
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/quantizers.py --smoke: every variant trains, samples and is measured; the JSON has
+    provenance and one row per variant at the same bits per token."""
+    from benchmarks import quantizers
+    from test_benchmarks import load
+    rec = load(quantizers.main(["--smoke", "--threads", "1", "--out", str(tmp_path)]), png=False)
+    rows = rec["figures"]["rows"]
+    assert [(r["quantizer"], r["head"]) for r in rows] == list(quantizers.VARIANTS)
+    bits = rec["config"]["bits"]
+    for r in rows:
+        assert r["bits_per_token"] == bits and len(r["test_codes"]["codes_used"]) == len(quantizers.PATCH_NUMS)
+        assert all(1 <= u <= 2 ** bits for u in r["test_codes"]["codes_used"])
+        assert r["samples"] == 10 * rec["config"]["samples_per_class"] and r["sampling_images_per_s"] > 0
+    assert rec["figures"]["table"].count("\n") == len(rows) + 1
