@@ -13,7 +13,7 @@ and decoded frames of group t depend only on latent frames ``<= t``.  Together
 with the per-frame pyramid (:class:`~modalities.video.schedules.FramePyramid`) this
 makes frame prediction truly causal: given frames are reproduced exactly.
 
-The quantizer is the core :class:`msar.MultiScaleResidualQuantizer`; only the
+The quantizer is the core's (:func:`msar.make_quantizer`: VQ by default, FSQ or bitwise); only the
 pyramid (joint / space-only / per-frame, see :mod:`modalities.video.schedules`)
 is video-specific.
 """
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msar import MultiScaleResidualQuantizer, MultiScaleVQTokenizer, PretrainedMixin
+from msar import MultiScaleVQTokenizer, PretrainedMixin, make_quantizer
 
 from .schedules import FrameScaleSchedule, build_schedule, make_pyramid
 
@@ -176,6 +176,8 @@ class VideoTokenizerConfig:
     share_phi: int = 4
     phi_ratio: float = 0.5
     beta: float = 0.25
+    # "vq", "fsq" or "bitwise": the residual quantizer, same vocab_size (msar.make_quantizer)
+    quantizer: str = "vq"
 
     def __post_init__(self) -> None:
         for name in ("frames", "height", "width", "in_channels", "latent_dim", "vocab_size", "time_stride", "space_stride"):
@@ -221,8 +223,8 @@ class VideoTokenizer(PretrainedMixin, MultiScaleVQTokenizer):
         # per-frame pyramids: a 3x3x3 phi would smear a frame's codes into its neighbours
         # (and into the past), breaking frame causality, so phi is spatial-only there
         phi_kernel = (1, 3, 3) if isinstance(schedule, FrameScaleSchedule) else 3
-        quantizer = MultiScaleResidualQuantizer(c.vocab_size, c.latent_dim, pyramid, share_phi=c.share_phi,
-                                                phi_ratio=c.phi_ratio, beta=c.beta, phi_kernel=phi_kernel)
+        quantizer = make_quantizer(c.quantizer, c.latent_dim, pyramid, vocab_size=c.vocab_size, share_phi=c.share_phi,
+                                   phi_ratio=c.phi_ratio, beta=c.beta, phi_kernel=phi_kernel)
         super().__init__(
             VideoEncoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride),
             VideoDecoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride),

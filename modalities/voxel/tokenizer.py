@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msar import GridPyramid, MultiScaleResidualQuantizer, MultiScaleVQTokenizer, PretrainedMixin, ScaleSchedule
+from msar import GridPyramid, MultiScaleVQTokenizer, PretrainedMixin, ScaleSchedule, make_quantizer
 
 _DEFAULT_SIDES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
@@ -48,6 +48,8 @@ class VoxelTokenizerConfig:
     phi_ratio: float = 0.5
     share_phi: int = 4
     beta: float = 0.25
+    # "vq", "fsq" or "bitwise": the residual quantizer, same vocab_size (msar.make_quantizer)
+    quantizer: str = "vq"
 
     def __post_init__(self):
         R, S = self.resolution, self.latent_side
@@ -137,8 +139,8 @@ class VoxelTokenizer(PretrainedMixin, MultiScaleVQTokenizer):
 
     def __init__(self, cfg: VoxelTokenizerConfig):
         schedule = ScaleSchedule.square(cfg.sides, rank=3)
-        quantizer = MultiScaleResidualQuantizer(cfg.vocab_size, cfg.latent_dim, GridPyramid(schedule),
-                                                share_phi=cfg.share_phi, phi_ratio=cfg.phi_ratio, beta=cfg.beta)
+        quantizer = make_quantizer(cfg.quantizer, cfg.latent_dim, GridPyramid(schedule), vocab_size=cfg.vocab_size,
+                                   share_phi=cfg.share_phi, phi_ratio=cfg.phi_ratio, beta=cfg.beta)
         super().__init__(VoxelEncoder(cfg), VoxelDecoder(cfg), quantizer)
         self.cfg = self.config = cfg
         self.resolution = cfg.resolution
