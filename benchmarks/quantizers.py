@@ -42,8 +42,8 @@ from msar.training import (TokenDataset, TransformerTrainConfig, TransformerTrai
 NAME = "quantizers"
 PRESETS = {
     # bits per token; tokenizer / transformer steps; samples per class; augmented copies
-    "full": dict(bits=9, vae_steps=800, var_steps=1000, samples_per_class=30, copies=4, classifier_steps=500,
-                 vae_ch=32, depth=4, width=128, heads=4, batch=64),
+    "full": dict(bits=9, vae_steps=500, var_steps=700, samples_per_class=20, copies=2, classifier_steps=300,
+                 vae_ch=32, depth=3, width=96, heads=4, batch=64),
     "quick": dict(bits=9, vae_steps=200, var_steps=200, samples_per_class=10, copies=1, classifier_steps=200,
                   vae_ch=32, depth=2, width=64, heads=2, batch=64),
     "smoke": dict(bits=6, vae_steps=4, var_steps=4, samples_per_class=2, copies=0, classifier_steps=5,
@@ -183,7 +183,7 @@ def table(rows: list[dict]) -> str:
 def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (seconds)")
-    ap.add_argument("--quick", action="store_true", help="short training (~1 minute per variant)")
+    ap.add_argument("--quick", action="store_true", help="short training (its numbers are not meaningful)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", default=None, help=f"output folder (default benchmarks/results/{NAME})")
     ap.add_argument("--seed", type=int, default=0)
