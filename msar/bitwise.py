@@ -23,7 +23,7 @@ bit a fair coin).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,35 @@ def bit_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 def bit_predictions(logits: torch.Tensor) -> torch.Tensor:
     """The most likely token of bit logits ``(..., d)``: ``(...,)`` long (each bit its own argmax)."""
     return bits_to_index(logits > 0)
+
+
+def flip_bits(idx: torch.Tensor, bits: int, prob: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``idx`` ``(...)`` long with each of its ``bits`` bits flipped independently with probability ``prob``."""
+    flips = torch.rand(*idx.shape, bits, generator=generator, device=idx.device) < prob
+    return idx ^ bits_to_index(flips)
+
+
+@torch.no_grad()
+def self_correction_batch(tokenizer: Any, data: Any, labels: Optional[torch.Tensor], flip_prob: float,
+                          generator: Optional[torch.Generator] = None
+                          ) -> tuple[list[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    """Infinity's bitwise self-correction for ``TransformerTrainer(prepare_batch=...)``: the
+    teacher-forcing input is built from tokens with a fraction ``flip_prob`` of their bits flipped,
+    and the targets of every later scale are re-quantized from the residual the flips leave, so
+    the model learns to repair its own sampling mistakes.
+
+    ``tokenizer``: a :class:`~msar.MultiScaleVQTokenizer` with a :class:`BitwiseQuantizer`.
+    Returns ``(targets per scale (B, n_k), labels, teacher_input (B, L - n_0, C))``.
+
+    Example::
+
+        prep = lambda raw: self_correction_batch(tok, raw[0], raw[1], flip_prob=0.1)
+        TransformerTrainer(model, tok, cfg, prepare_batch=prep)
+    """
+    q = tokenizer.quantizer
+    f = tokenizer.encode_latent(data)
+    targets, inputs = q.encode_with_corruption(f, lambda idx, k: flip_bits(idx, q.bits, flip_prob, generator))
+    return targets, labels, q.teacher_forcing_input(inputs)
 
 
 class BitwiseQuantizer(ProjectedQuantizer):

@@ -18,7 +18,7 @@ the modality; everything here works on ``(B, C, *shape)`` latents of any rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -245,9 +245,11 @@ class ResidualQuantizer(nn.Module):
         return self.phi(self.pyramid.prolong(h_k, k), k)
 
     # ------------------------------------------------------------------ encoding
-    def _residual_encode(self, f: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _residual_encode(self, f: torch.Tensor, corrupt: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
+                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(idx_k (B, n_k), f_hat after scale k (B, C, *full))`` for k = 0..K-1 (f_hat is
-        updated in place: clone it to keep it)."""
+        updated in place: clone it to keep it).  ``corrupt(idx_k, k)``: the tokens whose codes are
+        accumulated instead of ``idx_k`` (see :meth:`encode_with_corruption`)."""
         self._check_latent(f)
         w = self.code_weight
         if f.dtype != w.dtype and not torch.is_autocast_enabled(f.device.type):
@@ -259,7 +261,7 @@ class ResidualQuantizer(nn.Module):
         for k in range(len(self.schedule)):
             z = to_tokens(self.pyramid.restrict(f_rest, k)).reshape(-1, C)
             idx = self.encode_tokens(z, k).view(B, -1)
-            h = self.upsample(self.lookup(idx, k).contiguous(), k)
+            h = self.upsample(self.lookup(idx if corrupt is None else corrupt(idx, k), k).contiguous(), k)
             f_hat.add_(h)
             f_rest.sub_(h)
             yield idx, f_hat
@@ -268,6 +270,23 @@ class ResidualQuantizer(nn.Module):
     def encode(self, f: torch.Tensor) -> list[torch.Tensor]:
         """Tokenize a latent: ``(B, C, *full)`` -> per scale ``(B, n_k)`` long."""
         return [idx for idx, _ in self._residual_encode(f)]
+
+    @torch.no_grad()
+    def encode_with_corruption(self, f: torch.Tensor, corrupt: Callable[[torch.Tensor, int], torch.Tensor]
+                               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Self-correction data (Infinity): encode ``f`` ``(B, C, *full)``, but accumulate the codes of
+        ``corrupt(idx_k, k)`` -- e.g. tokens with flipped bits, the mistakes a sampler makes --
+        instead of ``idx_k``, so every later scale quantizes the residual those mistakes leave.
+
+        Returns ``(targets, inputs)``, per scale ``(B, n_k)`` long: the tokens to predict and the
+        corrupted tokens, whose :meth:`teacher_forcing_input` is the transformer's input."""
+        inputs: list[torch.Tensor] = []
+
+        def recorded(idx: torch.Tensor, k: int) -> torch.Tensor:
+            inputs.append(corrupt(idx, k))
+            return inputs[-1]
+
+        return [idx for idx, _ in self._residual_encode(f, recorded)], inputs
 
     @torch.no_grad()
     def encode_progression(self, f: torch.Tensor) -> list[torch.Tensor]:

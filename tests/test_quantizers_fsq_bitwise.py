@@ -302,3 +302,29 @@ def test_benchmark_smoke(tmp_path):
         assert all(1 <= u <= 2 ** bits for u in r["test_codes"]["codes_used"])
         assert r["samples"] == 10 * rec["config"]["samples_per_class"] and r["sampling_images_per_s"] > 0
     assert rec["figures"]["table"].count("\n") == len(rows) + 1
+
+
+def test_bitwise_self_correction_requantizes_the_residual_of_flipped_bits():
+    """Targets of scale k are the tokens of the residual that the *flipped* tokens of scales < k
+    leave (so the model learns to repair sampling mistakes); the teacher input is built from the
+    flipped tokens; with flip_prob 0 it is plain encoding. Catches targets taken from the clean
+    encoding, or a teacher input built from the targets."""
+    from msar.bitwise import self_correction_batch
+    tok = tokenizer("bitwise")
+    q = tok.quantizer
+    x = torch.randn(6, 1, 4, 4)
+    clean, _, tf_clean = self_correction_batch(tok, x, None, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(clean, tok.encode(x)))
+    torch.testing.assert_close(tf_clean, tok.teacher_forcing_input(clean))
+    f = tok.encode_latent(x)
+    targets, inputs = q.encode_with_corruption(f, lambda i, k: msar.bitwise.flip_bits(i, q.bits, 0.3,
+                                                                                   torch.Generator().manual_seed(k)))
+    flipped = torch.cat([(index_to_bits(a, q.bits) != index_to_bits(b, q.bits)).flatten()
+                         for a, b in zip(targets, inputs)]).float().mean()
+    assert 0.2 < flipped < 0.4
+    steps = q.indices_to_fhat_progression(inputs)
+    for k in range(1, len(targets)):
+        residual = f - steps[k - 1]
+        z = msar.to_tokens(q.pyramid.restrict(residual, k)).reshape(-1, q.dim)
+        assert torch.equal(q.encode_tokens(z, k).view_as(targets[k]), targets[k]), k
+    assert not all(torch.equal(a, b) for a, b in zip(targets, clean))
