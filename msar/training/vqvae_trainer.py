@@ -187,7 +187,7 @@ class VQVAETrainer(Trainer):
                 f = self.tokenizer.encode_latent(x)
             n = quantizer.restart_dead_codes(f, threshold=c.restart_threshold)
         if D.is_dist():
-            torch.distributed.broadcast(quantizer.embedding.weight.data, src=0)
+            torch.distributed.broadcast(quantizer.code_weight.data, src=0)  # the codebook (VQ)
             torch.distributed.broadcast(quantizer.usage_ema, src=0)
         return {"restarted": n}
 
