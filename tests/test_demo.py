@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from modalities.cli import main
-from modalities.image.demo import (RUN_CONFIG, DemoConfig, RunFolderError, identical_fraction, prepare_run_folder,
-                                   run, unigram_loss)
+from modalities.image.demo import (FIGURES, RUN_CONFIG, DemoConfig, RunFolderError, identical_fraction,
+                                   prepare_run_folder, run, unigram_loss)
 from modalities.image.pipeline import ImagePipeline
 
 TIMING = ("timing_s", "wall_time_s", "cpu_time_s", "run")  # the fields that differ between identical runs
@@ -27,8 +27,7 @@ def demo(tmp_path_factory):
 # ---------------------------------------------------------------------------- outputs
 def test_demo_writes_labelled_figures_digits_and_metrics(demo):
     out, m = demo
-    for f in ("samples_per_class.png", "progression.png", "reconstructions.png", "class_edit.png",
-              "memorisation.png", "metrics.json", RUN_CONFIG, "pipeline/config.json"):
+    for f in FIGURES + ("metrics.json", RUN_CONFIG, "pipeline/config.json"):
         assert (out / f).stat().st_size > 0, f
     assert len(os.listdir(out / "digits")) == 10  # one real test digit per class, inputs for `msar edit`
     saved = json.loads((out / "metrics.json").read_text())
@@ -52,19 +51,46 @@ def test_quick_run_is_reproducible(demo, tmp_path):
     for k in TIMING:
         a.pop(k), b.pop(k)
     assert a == b
-    for f in ("samples_per_class.png", "progression.png", "reconstructions.png", "class_edit.png", "memorisation.png"):
+    for f in FIGURES:
         assert (out / f).read_bytes() == (tmp_path / f).read_bytes(), f
 
 
-def test_rerun_resumes_without_retraining(demo):
-    """The same command again finds the finished checkpoints: same weights, same metrics."""
-    out, first = demo
+def test_rerun_resumes_without_retraining(demo, tmp_path):
+    """The same command again finds the finished checkpoints and re-evaluates: same weights. Sampling
+    settings (here the guidance) may change between the runs; they are not part of the checkpoints."""
+    import dataclasses
+    import shutil
+    first = demo[1]
+    out = tmp_path / "copy"
+    shutil.copytree(demo[0], out)  # (the fixture's folder stays as the first run left it)
     before = ImagePipeline.from_pretrained(str(out / "pipeline"))
-    again = run(str(out), DemoConfig.quick(), progress=False, quick=True)
+    again = run(str(out), dataclasses.replace(DemoConfig.quick(), cfg=1.0), progress=False, quick=True)
     after = ImagePipeline.from_pretrained(str(out / "pipeline"))
     for a, b in zip(before.transformer.state_dict().values(), after.transformer.state_dict().values()):
         assert torch.equal(a, b)
-    assert again["transformer"] == first["transformer"] and again["samples"] == first["samples"]
+    assert again["transformer"] == first["transformer"] and again["samples"]["cfg"] == 1.0
+
+
+def test_run_killed_between_checkpoint_and_evaluation_resumes_to_the_same_result(demo, tmp_path, monkeypatch):
+    """Early stopping keeps its record (evaluations, best weights) beside the trainer's checkpoints;
+    a run that dies after a checkpoint but before evaluating it must evaluate that step on resume
+    (not skip it, not train past it), and end exactly where an uninterrupted run ends."""
+    import modalities.image.demo as D
+    real_evaluate, calls = D.TransformerTrainer.evaluate, []
+
+    def dying_evaluate(self, *a, **kw):
+        calls.append(self.step)
+        if len(calls) == 2:  # the evaluation of the second chunk: the checkpoint of step 40 is on disk
+            raise KeyboardInterrupt
+        return real_evaluate(self, *a, **kw)
+
+    monkeypatch.setattr(D.TransformerTrainer, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        run(str(tmp_path), DemoConfig.quick(), progress=False, quick=True)
+    assert calls == [20, 40]
+    monkeypatch.setattr(D.TransformerTrainer, "evaluate", real_evaluate)
+    resumed = run(str(tmp_path), DemoConfig.quick(), progress=False, quick=True)
+    assert resumed["transformer"] == demo[1]["transformer"] and resumed["samples"] == demo[1]["samples"]
 
 
 # ---------------------------------------------------------------------------- safe re-runs
@@ -77,11 +103,11 @@ def test_other_configuration_in_the_same_folder_is_refused_at_start(demo, capsys
     assert main(["demo", "--out", str(out), "--no-progress"]) == 2  # the full command: one line, no traceback
     err = capsys.readouterr().err
     assert "different configuration" in err and "Traceback" not in err
-    assert json.loads((out / RUN_CONFIG).read_text()) == DemoConfig.quick().to_json()  # the old run is intact
+    assert json.loads((out / RUN_CONFIG).read_text()) == DemoConfig.quick().training_json()  # the old run is intact
 
 
 def test_fresh_discards_only_the_runs_own_state(tmp_path):
-    a, b = DemoConfig.quick().to_json(), DemoConfig().to_json()
+    a, b = DemoConfig.quick().training_json(), DemoConfig().training_json()
     prepare_run_folder(str(tmp_path), a)
     (tmp_path / "ckpt_var").mkdir()
     (tmp_path / "notes.txt").write_text("mine")
@@ -95,10 +121,10 @@ def test_fresh_discards_only_the_runs_own_state(tmp_path):
 def test_checkpoints_of_unknown_configuration_are_refused(tmp_path):
     (tmp_path / "ckpt_vqvae").mkdir()  # e.g. written by an older version, without run_config.json
     with pytest.raises(RunFolderError, match="configuration is unknown"):
-        prepare_run_folder(str(tmp_path), DemoConfig().to_json())
+        prepare_run_folder(str(tmp_path), DemoConfig().training_json())
     (tmp_path / RUN_CONFIG).write_text("{trunc")
     with pytest.raises(RunFolderError, match="unreadable"):
-        prepare_run_folder(str(tmp_path), DemoConfig().to_json())
+        prepare_run_folder(str(tmp_path), DemoConfig().training_json())
 
 
 def test_quick_and_full_runs_default_to_separate_folders(monkeypatch, tmp_path):

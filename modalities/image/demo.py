@@ -34,7 +34,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
@@ -47,13 +47,16 @@ from msar.training import (TokenDataset, TransformerTrainConfig, TransformerTrai
                            build_loader, collate_tokens)
 
 from .classifier import predict, train_classifier
-from .data import DigitsSplit, augment_digits, digits_splits, save_grid, save_labelled_grid
+from .data import DigitsSplit, augment_digits, digits_splits, save_labelled_grid
 from .pipeline import ImagePipeline
 from .vqvae import VQVAE, VQVAEConfig
 
 RUN_CONFIG = "run_config.json"
 # what a run writes into its folder and ``--fresh`` removes (nothing else is touched)
 RUN_STATE = ("ckpt_vqvae", "ckpt_var", "logs_vqvae", "logs_var", "var_selection", "pipeline")
+# settings that only change sampling and evaluation, not the trained models
+EVALUATION_FIELDS = ("cfg", "top_k", "top_p", "samples_per_class", "edit_count", "edit_cfg", "edit_threshold",
+                     "edit_keep_from_scale", "classifier_steps")
 FIGURES = ("samples_per_class.png", "progression.png", "reconstructions.png", "class_edit.png", "memorisation.png")
 
 
@@ -103,8 +106,13 @@ class DemoConfig:
                    samples_per_class=4, edit_count=10, classifier_steps=60)
 
     def to_json(self) -> dict:
-        """The config as plain JSON values (tuples become lists), as stored in ``run_config.json``."""
+        """The config as plain JSON values (tuples become lists)."""
         return json.loads(json.dumps(asdict(self)))
+
+    def training_json(self) -> dict:
+        """What the checkpoints depend on (stored in ``run_config.json``): everything but the
+        evaluation settings, which a re-run may change without retraining."""
+        return {k: v for k, v in self.to_json().items() if k not in EVALUATION_FIELDS}
 
 
 def build_vqvae(c: DemoConfig) -> VQVAE:
@@ -127,7 +135,8 @@ class RunFolderError(ValueError):
 
 
 def prepare_run_folder(out: str, config: dict, fresh: bool = False) -> None:
-    """Refuse to resume a run of another configuration; record this run's configuration.
+    """Refuse to resume a run of another training configuration; record this run's (``config``:
+    :meth:`DemoConfig.training_json`).
 
     ``fresh`` first removes what an earlier run wrote (checkpoints, logs, the pipeline and
     ``run_config.json``); figures and other files are overwritten later, nothing else is deleted.
@@ -253,6 +262,14 @@ def _command() -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------- training
+def _loader(dataset, batch_size: int, seed: int, **kw):
+    """``build_loader`` (order fixed by seed and epoch) with its own generator: a DataLoader without
+    one draws its base seed from the global RNG at every ``iter()`` -- at the start of every ``fit``
+    chunk and every evaluation below -- which a resumed run cannot replay (the dropout stream
+    after a resume would differ from the uninterrupted run's)."""
+    return build_loader(dataset, batch_size, seed=seed, generator=torch.Generator().manual_seed(seed), **kw)
+
+
 def _fit_in_chunks(trainer, loader, total: int, chunk: int, bar) -> None:
     """``trainer.fit`` up to ``total`` steps, ``chunk`` steps per call (each call ends with a
     checkpoint), advancing the phase's progress bar."""
@@ -314,7 +331,7 @@ def run(out: str, c: DemoConfig, progress: bool = True, fresh: bool = False, qui
     """Train, evaluate and write everything to ``out``; returns the metrics (also in
     ``out/metrics.json``). ``quick`` marks the figures and metrics as a smoke run."""
     t_start, cpu_start = time.time(), time.process_time()
-    prepare_run_folder(out, c.to_json(), fresh)
+    prepare_run_folder(out, c.training_json(), fresh)
     run_record = provenance()  # when and how the run started
     timing: dict = {}
     smoke = "\nSMOKE RUN (--quick): tiny models, the numbers mean nothing" if quick else ""
@@ -338,8 +355,7 @@ def run(out: str, c: DemoConfig, progress: bool = True, fresh: bool = False, qui
                             log_dir=os.path.join(out, "logs_vqvae"), tensorboard=False, progress=False)
     vtrainer = VQVAETrainer(vqvae, vcfg)
     with pbar(c.vae_steps, "[1/5] tokenizer (VQ-VAE)") as bar:
-        _fit_in_chunks(vtrainer, build_loader(torch.utils.data.TensorDataset(pool), c.vae_batch, seed=c.seed),
-                       c.vae_steps, 100, bar)
+        _fit_in_chunks(vtrainer, _loader(torch.utils.data.TensorDataset(pool), c.vae_batch, c.seed), c.vae_steps, 100, bar)
     vqvae.eval()
     with torch.no_grad():
         rec = vqvae.reconstruct(test.images)
@@ -361,8 +377,8 @@ def run(out: str, c: DemoConfig, progress: bool = True, fresh: bool = False, qui
                                   ckpt_dir=os.path.join(out, "ckpt_var"), keep_last=1,
                                   log_dir=os.path.join(out, "logs_var"), tensorboard=False, progress=False)
     trainer = TransformerTrainer(model, vqvae, tcfg)
-    loader = build_loader(tr_set, c.var_batch, seed=c.seed, collate_fn=collate_tokens)
-    eval_loader = lambda ds: build_loader(ds, 256, shuffle=False, drop_last=False, collate_fn=collate_tokens)  # noqa: E731
+    loader = _loader(tr_set, c.var_batch, c.seed, collate_fn=collate_tokens)
+    eval_loader = lambda ds: _loader(ds, 256, c.seed, shuffle=False, drop_last=False, collate_fn=collate_tokens)  # noqa: E731
     with pbar(c.var_steps, "[2/5] transformer (early stopping on val)") as bar:
         selection = _train_transformer(trainer, model, loader, eval_loader(va_set), c,
                                        os.path.join(out, "var_selection"), bar)
