@@ -1,6 +1,6 @@
 """VQ vs FSQ vs bitwise multi-scale tokenizers on the digits, at equal bits per token.
 
-    python -m benchmarks.quantizers [--threads 1] [--quick | --smoke] [--out DIR]
+    python -m benchmarks.quantizers [--threads 1] [--quick | --smoke] [--out DIR] [--modality voxel]
 
 What it does (one process, one seed; every variant sees the same data and the same models
 apart from the quantizer and the head)::
@@ -16,6 +16,8 @@ apart from the quantizer and the head)::
                                                            classifier features vs test digits, images/s
 
 The classifier (``modalities.image.classifier``) is trained once on real training digits.
+``--modality voxel`` compares the tokenizers alone on the voxel demo's 16^3 shapes (reconstruction
+IoU, codes per scale), written to ``OUT/quantizers_voxel.json``.
 Writes ``OUT/quantizers.json`` (with provenance and the load average at start and end: the
 speeds are wall-clock rates on a CPU that may be shared) and prints the table of the README.
 """
@@ -165,6 +167,53 @@ def run(args: argparse.Namespace) -> dict:
     return {"path": path, "figures": figures, "config": config}
 
 
+VOXEL_PRESETS = {
+    "full": dict(bits=8, shapes=600, test_shapes=150, steps=300, batch=32),
+    "quick": dict(bits=8, shapes=200, test_shapes=50, steps=100, batch=32),
+    "smoke": dict(bits=6, shapes=8, test_shapes=4, steps=2, batch=4),
+}
+
+
+def run_voxel(args: argparse.Namespace) -> dict:
+    """The tokenizers alone on 16^3 occupancy grids (the voxel demo's shapes and training):
+    reconstruction IoU on held-out shapes, codes used and bit entropy per scale, steps/s."""
+    from modalities.voxel.data import make_dataset
+    from modalities.voxel.tokenizer import VoxelTokenizer, VoxelTokenizerConfig
+    from modalities.voxel.train import encode_dataset, reconstruction_iou, train_tokenizer
+
+    info = common.machine_info(torch.device("cpu"))
+    common.setup_threads(args.threads)
+    preset = "smoke" if args.smoke else "quick" if args.quick else "full"
+    p = dict(VOXEL_PRESETS[preset])
+    vox, _ = make_dataset(p["shapes"] + p["test_shapes"], resolution=16, seed=args.seed)
+    vox = torch.from_numpy(vox)
+    train, test = vox[:p["shapes"]], vox[p["shapes"]:]
+    rows = []
+    for kind in ("vq", "fsq", "bitwise"):
+        torch.manual_seed(args.seed)
+        tok = VoxelTokenizer(VoxelTokenizerConfig(resolution=16, latent_side=4, vocab_size=2 ** p["bits"],
+                                                  quantizer=kind))
+        _, t_fit = timed(lambda: train_tokenizer(tok, train, steps=p["steps"], batch_size=p["batch"], seed=args.seed,
+                                                 progress=False))
+        rows.append({"quantizer": kind, "bits_per_token": p["bits"],
+                     "test_recon_iou": float(reconstruction_iou(tok, test).mean()),
+                     "tokenizer_train_steps_per_s": p["steps"] / t_fit,
+                     "test_codes": code_statistics(encode_dataset(tok, test), tok.vocab_size, p["bits"])})
+        print(f"voxel {kind:8s} iou {rows[-1]['test_recon_iou']:.3f}", flush=True)
+    lines = ["| quantizer | recon IoU | codes used per scale (test) | bit entropy % per scale | tok. steps/s |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        c = r["test_codes"]
+        lines.append(f"| {r['quantizer']} | {r['test_recon_iou']:.3f} | {' / '.join(map(str, c['codes_used']))} | "
+                     f"{' / '.join(f'{v:.0f}' for v in c['bit_entropy_pct'])} | {r['tokenizer_train_steps_per_s']:.1f} |")
+    config = {"preset": preset, **p, "resolution": 16, "latent_side": 4, "seed": args.seed,
+              "threads": torch.get_num_threads()}
+    figures = {"rows": rows, "table": "\n".join(lines)}
+    path = common.write_result(NAME, info, config, figures, args.out or os.path.join(common.RESULTS, NAME), "voxel")
+    print(figures["table"])
+    return {"path": path, "figures": figures, "config": config}
+
+
 def table(rows: list[dict]) -> str:
     """The README's markdown table."""
     lines = ["| quantizer | head | recon MSE | codes used per scale (test) | bit entropy % per scale | "
@@ -187,11 +236,14 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", default=None, help=f"output folder (default benchmarks/results/{NAME})")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modality", choices=("digits", "voxel"), default="digits",
+                    help="digits: tokenizers, transformers and samples; voxel: the tokenizers alone")
     return ap.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    return run(parse(argv))
+    args = parse(argv)
+    return run_voxel(args) if args.modality == "voxel" else run(args)
 
 
 if __name__ == "__main__":
