@@ -73,7 +73,7 @@ def _edit(argv: list[str]) -> int:
     ap.add_argument("--box", required=True, help="region to regenerate as x0,y0,x1,y1 in [0,1] image fractions")
     ap.add_argument("--outpaint", action="store_true", help="regenerate everything outside the box instead")
     ap.add_argument("--label", type=int, required=True, help="class to condition on")
-    _sampling_options(ap)
+    _sampling_options(ap, cfg=6.0)
     ap.add_argument("--threshold", type=float, default=1.0,
                     help="a token is kept when at least this fraction of its area lies outside the box")
     ap.add_argument("--keep-from-scale", type=int, default=2,
@@ -128,9 +128,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _sampling_options(ap: argparse.ArgumentParser) -> None:
+def _sampling_options(ap: argparse.ArgumentParser, cfg: float = 3.0) -> None:
     # the digits demo's settings (the demo's pipeline is what these commands are first used with)
-    ap.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance strength (>= 0; 0 = off)")
+    ap.add_argument("--cfg", type=float, default=cfg, help="classifier-free guidance strength (>= 0; 0 = off)")
     ap.add_argument("--top-k", type=int, default=20, help="sample among the k most likely tokens (0 = all)")
     ap.add_argument("--top-p", type=float, default=0.9, help="nucleus: the smallest set holding this mass (0 = off)")
 

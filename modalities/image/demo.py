@@ -93,7 +93,7 @@ class DemoConfig:
     top_p: float = 0.9
     samples_per_class: int = 20
     edit_count: int = 100              # test digits whose right half is regenerated as another class
-    edit_cfg: float = 3.0
+    edit_cfg: float = 6.0              # stronger guidance than sampling: the kept half pulls toward its own class
     edit_threshold: float = 1.0        # keep a token only when its whole area lies in the kept half
     edit_keep_from_scale: int = 2      # coarser scales are regenerated: they decide the class
     classifier_steps: int = 500
