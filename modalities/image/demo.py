@@ -445,9 +445,10 @@ def run(out: str, c: DemoConfig, progress: bool = True, fresh: bool = False, qui
     timing["editing_and_figures"] = time.time() - t
 
     metrics["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
-    metrics["wall_time_s"] = round(time.time() - t_start, 1)
+    run_record["started"] = run_record["date"]
+    run_record["wall_time_s"] = round(time.time() - t_start, 1)
     # CPU seconds of all threads: close to the wall time of an idle machine at one thread
-    metrics["cpu_time_s"] = round(time.process_time() - cpu_start, 1)
+    run_record["cpu_time_s"] = round(time.process_time() - cpu_start, 1)
     metrics["run"] = run_record
     path = os.path.join(out, "metrics.json")
     with open(path + ".tmp", "w") as f:
@@ -514,7 +515,7 @@ def write_figures(out, c, samples, labels, pred, indices, vqvae, test, rec, edit
     p = os.path.join(out, "class_edit.png")
     save_labelled_grid(torch.stack([src[:k], edited[:k]]), p, row_labels=["test digit", "right half\nregenerated"],
                        col_labels=[f"{int(a)} -> {int(b)}" for a, b in zip(y[:k], target[:k])],
-                       title=f"class editing: the right half regenerated as the target class{smoke}")
+                       title=f"class editing: the right half regenerated as the target class (digit -> target){smoke}")
     paths.append(p)
 
     p = os.path.join(out, "memorisation.png")
@@ -562,7 +563,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     s, t, e = m["samples"], m["transformer"], m["class_edit"]
     mem = s["memorisation"]
     print(f"\n{'SMOKE RUN (--quick): tiny models, the numbers below mean nothing' if args.quick else 'digits demo'}"
-          f" -- {m['wall_time_s'] / 60:.1f} min")
+          f" -- {m['run']['wall_time_s'] / 60:.1f} min")
     print(f"  held-out loss per scale {_fmt(t['test_loss_per_scale'])} vs unigram {_fmt(t['unigram_test_loss_per_scale'])}"
           f" (best val step {t['selection']['best_step']})")
     print(f"  classifier accuracy on samples {s['classifier_acc_on_samples']:.3f} (on real test digits "
