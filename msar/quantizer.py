@@ -14,6 +14,10 @@ repairs the blur of prolongation (``h <- (1 - r) h + r conv(h)``), chosen by VAR
 tick rule from a bank of 0 (none), 1 (shared), n (partially shared) or K (one per
 scale) convolutions.  Only the pyramid (restriction / prolongation) depends on
 the modality; everything here works on ``(B, C, *shape)`` latents of any rank.
+
+The loop is :class:`ResidualQuantizer`'s; how a token is coded is its subclass's: a VQ
+codebook (:class:`MultiScaleResidualQuantizer`), an FSQ grid (:mod:`msar.fsq`) or sign bits
+(:mod:`msar.bitwise`), built by name with :func:`make_quantizer`.
 """
 from __future__ import annotations
 
