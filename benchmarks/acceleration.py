@@ -11,6 +11,7 @@ demo's independent classifier (accuracy, Fréchet distance of its features to th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -72,7 +73,7 @@ def train_models(out: str, smoke: bool = False, progress: bool = False) -> tuple
 
 
 # ---------------------------------------------------------------------------- the modes
-def build_modes(model, refiner, smoke: bool = False) -> dict:
+def build_modes(model, refiner, names=None) -> dict:
     """Name -> (transformer, Acceleration or None, description). ``model`` draws the coarse scales."""
     import warnings
 
@@ -87,6 +88,8 @@ def build_modes(model, refiner, smoke: bool = False) -> dict:
         "cfg_off_last2": (model, Acceleration(guidance_off_last=2), "guidance off at the last 2 scales"),
         "prune_last1_keep50": (model, Acceleration(prune_last=1, prune_keep=0.5),
                                "pruning: half the tokens of the last scale recomputed"),
+        "prune_last1_keep75": (model, Acceleration(prune_last=1, prune_keep=0.75),
+                               "pruning: three quarters of the tokens of the last scale recomputed"),
         "prune_last2_keep50": (model, Acceleration(prune_last=2, prune_keep=0.5),
                                "pruning: half the tokens of the last 2 scales recomputed"),
         "refine_last1": (model, Acceleration(refiner=refiner, refine_last=1), "small refiner draws the last scale"),
@@ -96,6 +99,9 @@ def build_modes(model, refiner, smoke: bool = False) -> dict:
                                        "refiner for the last 2 scales, guidance off at the last"),
         "refine_last2+cfg_off_last2": (model, Acceleration(refiner=refiner, refine_last=2, guidance_off_last=2),
                                        "refiner for the last 2 scales, guidance off there"),
+        "int8+refine_last1": (q, Acceleration(refiner=q_ref, refine_last=1), "int8 draft and refiner, refiner for the last scale"),
+        "int8+refine_last2": (q, Acceleration(refiner=q_ref, refine_last=2),
+                              "int8 draft and refiner, refiner for the last 2 scales"),
         "int8+refine_last2+cfg_off_last1": (q, Acceleration(refiner=q_ref, refine_last=2, guidance_off_last=1),
                                             "int8 draft and refiner, refiner for the last 2, guidance off at the last"),
         "int8+refine_last2+cfg_off_last2": (q, Acceleration(refiner=q_ref, refine_last=2, guidance_off_last=2),
@@ -105,9 +111,96 @@ def build_modes(model, refiner, smoke: bool = False) -> dict:
     }
     if K < 3:
         raise ValueError("the modes above need a schedule of at least 3 scales")
-    if smoke:
-        modes = {k: modes[k] for k in ("exact", "int8", "cfg_off_last1", "prune_last1_keep50", "refine_last2", "all")}
-    return modes
+    return modes if names is None else {k: modes[k] for k in names}
+
+
+SMOKE_MODES = ("exact", "int8", "cfg_off_last1", "prune_last1_keep50", "refine_last2", "all")
+VOXEL_MODES = ("exact", "int8", "cfg_off_last1", "cfg_off_last2", "prune_last1_keep50", "prune_last1_keep75",
+               "refine_last1", "refine_last2", "refine_last2+cfg_off_last1", "int8+refine_last2",
+               "int8+refine_last2+cfg_off_last1", "all")
+
+
+# ---------------------------------------------------------------------------- voxels
+def voxel_models(src: str, work: str, progress: bool = False):
+    """The voxel demo's tokenizer and transformer (resumed from the checkpoints of ``src``, copied to
+    ``work`` first so nothing is written into ``src``) and a small refiner trained on the same
+    tokens (``work/refiner``). Returns ``(tokenizer, model, refiner, (test voxels, labels))``."""
+    import shutil
+
+    from modalities.voxel import (CLASSES, build_voxel_tokenizer, encode_dataset, make_dataset, train_tokenizer,
+                                  train_transformer)
+    from msar import NextScaleTransformer, TransformerConfig
+
+    with open(os.path.join(src, "metrics.json")) as f:
+        a = json.load(f)["config"]
+    for d in ("ckpt_tokenizer", "ckpt_transformer"):
+        if not os.path.exists(os.path.join(work, d)):
+            shutil.copytree(os.path.join(src, d), os.path.join(work, d))
+    train_np, train_lab = make_dataset(a["n_train"], a["res"], seed=a["seed"])
+    test_np, test_lab = make_dataset(a["n_test"], a["res"], seed=a["seed"] + 1000)
+    train_x = torch.from_numpy(train_np)
+    tok = build_voxel_tokenizer(resolution=a["res"], latent_side=a["latent"], vocab_size=a["vocab"])
+    train_tokenizer(tok, train_x, steps=a["tok_steps"], batch_size=a["batch"], seed=a["seed"], out=work,
+                    progress=progress)
+    indices, labels = encode_dataset(tok, train_x), torch.from_numpy(train_lab)
+
+    def build(depth, width, seed):
+        cfg = TransformerConfig(schedule=tok.schedule.to_config(), vocab_size=tok.vocab_size,
+                                latent_dim=tok.latent_dim, num_classes=len(CLASSES), depth=depth, embed_dim=width,
+                                num_heads=max(1, width // 32), cond_drop_rate=0.1)
+        torch.manual_seed(seed)
+        return NextScaleTransformer(cfg)
+
+    model = build(a["depth"], a["width"], a["seed"] + 1)
+    train_transformer(model, tok, indices, labels, steps=a["ar_steps"], batch_size=a["batch"], lr=a["ar_lr"],
+                      seed=a["seed"], out=work, progress=progress)
+    refiner = build(1, 64, a["seed"] + 2)
+    train_transformer(refiner, tok, indices, labels, steps=800, batch_size=a["batch"], lr=a["ar_lr"],
+                      seed=a["seed"], out=os.path.join(work, "refiner"), progress=progress)
+    return tok.eval(), model.eval(), refiner.eval(), (test_np, test_lab), a
+
+
+def measure_voxel_quality(modes: dict, tok, knobs: dict, ref, per_class: int, num_classes: int,
+                          batch: int = 64) -> dict:
+    """Per mode: validity of the generated shapes (one connected component; four legs for tables
+    and chairs), Chamfer MMD / COV / 1-NNA against held-out shapes and the % whose nearest held-out
+    shape has the requested class; tokens equal to the exact sampler's."""
+    from modalities.voxel import validity
+
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    out, exact_idx = {}, None
+    for name, mode in modes.items():
+        occ, idx = [], []
+        for i in range(0, len(labels), batch):
+            o = _run(mode, tok, labels[i:i + batch], knobs, 2000 + i, True)
+            occ.append(tok.occupancy(o.data))
+            idx.append(o.indices)
+        idx = [torch.cat([c[k] for c in idx]) for k in range(len(idx[0]))]
+        exact_idx = idx if name == "exact" else exact_idx
+        gen = torch.cat(occ).numpy()
+        v, cmp = validity(gen, labels.numpy()), ref.compare(gen, labels.numpy())
+        out[name] = {"single_component_pct": v["single_component"], "legs_ok_pct": v["legs_ok"],
+                     "nn_class_agreement_pct": cmp["nn_class_agreement"], "mmd_cd": cmp["mmd_cd"],
+                     "cov_cd_pct": cmp["cov_cd"], "1nna_cd_pct": cmp["1nna_cd"],
+                     "tokens_equal_to_exact_per_scale": [round(float((x == y).float().mean()), 4)
+                                                          for x, y in zip(idx, exact_idx)]}
+    return out
+
+
+def voxel_section(src: str, work: str, rounds: int, per_class: int) -> dict:
+    from modalities.voxel import CLASSES, ReferenceSet
+
+    tok, model, refiner, (test_np, test_lab), a = voxel_models(src, work, progress=False)
+    knobs = {"cfg": a["cfg"], "top_k": a["top_k"], "top_p": a["top_p"]}
+    modes = build_modes(model, refiner, VOXEL_MODES)
+    ref = ReferenceSet(test_np, test_lab, n_points=a["points"], seed=a["seed"])
+    quality = measure_voxel_quality(modes, tok, knobs, ref, per_class, len(CLASSES))
+    speed = measure_speed(modes, tok, knobs, 64, rounds, num_classes=len(CLASSES))
+    return {"what": (f"the voxel demo's transformer (depth {model.depth}, width {model.embed_dim}) as the draft, a "
+                     f"refiner of depth {refiner.depth}, width {refiner.embed_dim} trained 800 steps on the same "
+                     f"tokens; schedule {list(model.schedule)}; {per_class} shapes per class ({len(CLASSES)} "
+                     f"classes); sampling {knobs}; timing batch 64"),
+            "modes": [{"mode": n, "description": modes[n][2], "speed": speed[n], **quality[n]} for n in modes]}
 
 
 def _run(mode, vqvae, labels, knobs, seed, decode):
@@ -115,10 +208,10 @@ def _run(mode, vqvae, labels, knobs, seed, decode):
     return sample(model, vqvae, labels, seed=seed, accel=accel, decode=decode, **knobs)
 
 
-def measure_speed(modes: dict, vqvae, knobs: dict, batch: int, rounds: int) -> dict:
+def measure_speed(modes: dict, vqvae, knobs: dict, batch: int, rounds: int, num_classes: int = 10) -> dict:
     """Interleaved timing: every round runs every mode once (tokens only, then with decoding);
     per mode the median wall and process-CPU milliseconds over the rounds."""
-    labels = torch.arange(batch) % 10
+    labels = torch.arange(batch) % num_classes
     times = {name: {"tokens": ([], []), "decode": ([], [])} for name in modes}
     for name, mode in modes.items():  # warm-up
         _run(mode, vqvae, labels, knobs, 0, True)
@@ -163,7 +256,7 @@ def measure_quality(modes: dict, vqvae, knobs: dict, clf, test_feat, per_class: 
     return out
 
 
-def write_report(res_dir: str, rows: list[dict], header: dict) -> list[str]:
+def write_report(res_dir: str, rows: list[dict], header: dict, voxel: dict | None = None) -> list[str]:
     """README.md table and the speed-vs-quality PNG."""
     import matplotlib
     matplotlib.use("Agg")
@@ -187,6 +280,16 @@ def write_report(res_dir: str, rows: list[dict], header: dict) -> list[str]:
                      f"{r['speed']['decode']['speedup_cpu']:.2f}x | {r['classifier_acc']:.3f} | "
                      f"{100 * (r['classifier_acc'] - ex['classifier_acc']):+.1f} | {r['frechet_classifier_features']:.2f} | "
                      f"{r['tokens_equal_to_exact_per_scale'][-1]:.2f} |")
+    if voxel is not None:
+        lines += ["", "## Voxels (second modality)", "", voxel["what"], "",
+                  "| mode | speed-up tokens | speed-up with decode | single component % | NN class agreement % "
+                  "| 1-NNA % (50 ideal) | MMD-CD | same last-scale tokens |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in voxel["modes"]:
+            lines.append(f"| `{r['mode']}` | {r['speed']['tokens']['speedup_cpu']:.2f}x | "
+                         f"{r['speed']['decode']['speedup_cpu']:.2f}x | {r['single_component_pct']:.1f} | "
+                         f"{r['nn_class_agreement_pct']:.1f} | {r['1nna_cd_pct']:.1f} | {r['mmd_cd']:.4f} | "
+                         f"{r['tokens_equal_to_exact_per_scale'][-1]:.2f} |")
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for r in rows:
         x, y = r["speed"]["tokens"]["speedup_cpu"], 100 * r["classifier_acc"]
@@ -216,6 +319,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     p.add_argument("--batch", type=int, default=100, help="batch of a timed sample() call")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--voxel", default="outputs/voxel_demo",
+                   help="a finished voxel demo run (its checkpoints are copied, not written to); '' skips voxels")
+    p.add_argument("--voxel-per-class", type=int, default=20, help="voxel shapes per class for the quality metrics")
     a = p.parse_args(argv)
     started = time.time()
     torch.set_num_threads(a.threads)
@@ -236,7 +342,7 @@ def main(argv=None) -> dict:
     clf = train_classifier(train.images, train.labels, steps=clf_steps, seed=c.seed, progress=False)
     _, test_feat = predict(clf, test.images)
     knobs = {"cfg": c.cfg, "top_k": c.top_k, "top_p": c.top_p}
-    modes = build_modes(model, refiner, smoke=a.smoke)
+    modes = build_modes(model, refiner, SMOKE_MODES if a.smoke else None)
     load_start = list(os.getloadavg())
     quality = measure_quality(modes, vqvae, knobs, clf, test_feat, a.per_class)
     speed = measure_speed(modes, vqvae, knobs, a.batch, a.rounds)
@@ -256,6 +362,10 @@ def main(argv=None) -> dict:
                                           "speedup_tokens": fastest["speed"]["tokens"]["speedup_cpu"],
                                           "speedup_with_decode": fastest["speed"]["decode"]["speedup_cpu"]},
                "figures": files}
+    if not a.smoke and a.voxel and os.path.exists(os.path.join(a.voxel, "metrics.json")):
+        payload["voxel"] = voxel_section(a.voxel, os.path.join(a.models, "voxel"), max(3, a.rounds // 2),
+                                         a.voxel_per_class)
+        payload["figures"] = files = write_report(a.out, rows, header, payload["voxel"])
     path = write_result_json(os.path.join(a.out, "acceleration.json"), payload, started)
     print("\n".join(open(files[1]).read().splitlines()[6:-2]))
     return {"path": path, **payload}
