@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .bitwise import bit_cross_entropy, bit_predictions
 from .models.transformer import NextScaleTransformer
 from .sampling import sample
 
@@ -91,6 +92,7 @@ def scale_diagnostic(model: NextScaleTransformer, tokenizer: Any, indices: Seque
     try:
         logits = model(labels, tokenizer.teacher_forcing_input(indices).to(device))  # (B, L, V)
         report = ScaleDiagnostic()
+        bitwise = model.cfg.head == "bitwise"  # logits (B, L, bits): loss and accuracy per token from its bits
         if metric is not None:
             report.reference_metric = float(metric(tokenizer.decode(indices)))
         who = {"labels": labels} if conditional else {"batch_size": B}
@@ -101,8 +103,9 @@ def scale_diagnostic(model: NextScaleTransformer, tokenizer: Any, indices: Seque
             lk = logits[:, sched.slice(k)]  # (B, n_k, V)
             row = {"k": k, "tokens": sched.token_counts[k],
                    "sampled_acc": float((out.indices[k] == indices[k]).float().mean()),
-                   "tf_loss": float(F.cross_entropy(lk.flatten(0, 1).float(), indices[k].flatten())),
-                   "tf_acc": float((lk.argmax(-1) == indices[k]).float().mean())}
+                   "tf_loss": float(F.cross_entropy(lk.flatten(0, 1).float(), indices[k].flatten())
+                                    if not bitwise else bit_cross_entropy(lk.float(), indices[k]).mean()),
+                   "tf_acc": float(((bit_predictions(lk) if bitwise else lk.argmax(-1)) == indices[k]).float().mean())}
             if metric is not None:
                 row["metric"] = float(metric(out.data))
             report.append(row)

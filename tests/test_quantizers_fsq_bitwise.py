@@ -328,3 +328,18 @@ def test_bitwise_self_correction_requantizes_the_residual_of_flipped_bits():
         z = msar.to_tokens(q.pyramid.restrict(residual, k)).reshape(-1, q.dim)
         assert torch.equal(q.encode_tokens(z, k).view_as(targets[k]), targets[k]), k
     assert not all(torch.equal(a, b) for a, b in zip(targets, clean))
+
+
+def test_scale_diagnostic_with_bitwise_head():
+    """The teacher-forced loss / accuracy of msar.scale_diagnostic read bit logits as bits (a
+    softmax cross-entropy over d 'classes' would fail or mislead). Catches the softmax path used."""
+    tok = tokenizer("bitwise")
+    model = tiny_transformer(tok, num_classes=0, head="bitwise", bits=5)
+    idx = tok.encode(torch.randn(3, 1, 4, 4))
+    report = msar.scale_diagnostic(model, tok, idx)
+    with torch.no_grad():
+        logits = model(torch.zeros(3, dtype=torch.long), tok.teacher_forcing_input(idx), allow_null=True)
+    for k, row in enumerate(report):
+        lk = logits[:, model.schedule.slice(k)]
+        assert row["tf_loss"] == pytest.approx(float(bit_cross_entropy(lk, idx[k]).mean()), rel=1e-5)
+        assert row["tf_acc"] == pytest.approx(float((bit_predictions(lk) == idx[k]).float().mean()))
