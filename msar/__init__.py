@@ -14,6 +14,7 @@ from .tokenizer import DecodeState, MultiScaleVQTokenizer, PyramidTokenizer, Res
 from .models.transformer import NextScaleTransformer, TransformerConfig
 from .pretrained import Pipeline, PretrainedError, PretrainedMixin, from_pretrained
 from .sampling import SampleOutput, filter_top_k_top_p, guidance_strength, sample, sample_tokens
+from .acceleration import Acceleration, quantize_int8
 from .editing import known_masks
 from .diagnostics import ScaleDiagnostic, scale_diagnostic
 
@@ -27,5 +28,6 @@ __all__ = [
     "NextScaleTransformer", "TransformerConfig",
     "PretrainedMixin", "Pipeline", "PretrainedError", "from_pretrained",
     "sample", "SampleOutput", "sample_tokens", "filter_top_k_top_p", "guidance_strength",
+    "Acceleration", "quantize_int8",
     "known_masks", "scale_diagnostic", "ScaleDiagnostic",
 ]
