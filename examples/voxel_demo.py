@@ -29,7 +29,7 @@ import msar
 from msar import NextScaleTransformer, TransformerConfig
 from modalities.voxel import (CLASSES, ReferenceSet, build_voxel_tokenizer, encode_dataset,
                               evaluate_completion, generate, half_mask, make_dataset, reconstruction_iou,
-                              render_grid, save_obj, train_tokenizer, train_transformer, validity)
+                              render_grid, save_obj, token_loss, train_tokenizer, train_transformer, validity)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -126,9 +126,16 @@ def main(argv=None) -> dict:
     timings["transformer_train_s"] = time.time() - tic
     msar.Pipeline(tok, model).save_pretrained(f"{args.out}/pipeline")  # msar.from_pretrained loads both
     ar_hist = read_log(f"{args.out}/logs_transformer/train.csv")
+    # teacher-forced loss on held-out shapes and on as many training shapes (no class dropout in
+    # either): the gap says whether the transformer overfits
+    n = len(test_x)
+    heldout = token_loss(model, tok, encode_dataset(tok, test_x), torch.from_numpy(test_lab))
+    train_part = token_loss(model, tok, [t[:n] for t in indices], labels[:n])
     metrics["transformer"] = {"parameters": model.num_parameters(),
                               "loss_last50": float(np.mean([h["loss"] for h in ar_hist[-50:]])),
-                              "acc_last50": float(np.mean([h["acc"] for h in ar_hist[-50:]]))}
+                              "acc_last50": float(np.mean([h["acc"] for h in ar_hist[-50:]])),
+                              "heldout_loss": heldout["loss"], "heldout_acc": heldout["acc"],
+                              "train_subset_loss": train_part["loss"], "train_subset_acc": train_part["acc"]}
 
     # ---------------------------------------------------------------- class-conditional generation
     tic = time.time()

@@ -14,7 +14,7 @@ from .metrics import (chamfer, count_legs, iou, mmd_cov_1nna, num_components, pa
                       set_metrics_from_distances, surface_points, validity)
 from .tokenizer import (VoxelTokenizer, VoxelTokenizerConfig, build_voxel_tokenizer, half_mask, known_token_masks,
                         occupancy_loss)
-from .train import encode_dataset, reconstruction_iou, train_tokenizer, train_transformer
+from .train import encode_dataset, reconstruction_iou, token_loss, train_tokenizer, train_transformer
 
 __all__ = [
     "CLASSES", "VoxelShapes", "make_dataset", "make_shape", "shape_at",
@@ -23,5 +23,5 @@ __all__ = [
     "chamfer", "count_legs", "iou", "mmd_cov_1nna", "num_components", "pairwise_chamfer", "point_clouds",
     "set_metrics_from_distances", "surface_points", "validity",
     "VoxelTokenizer", "VoxelTokenizerConfig", "build_voxel_tokenizer", "half_mask", "known_token_masks",
-    "occupancy_loss", "encode_dataset", "reconstruction_iou", "train_tokenizer", "train_transformer",
+    "occupancy_loss", "encode_dataset", "reconstruction_iou", "token_loss", "train_tokenizer", "train_transformer",
 ]

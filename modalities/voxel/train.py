@@ -89,3 +89,17 @@ def train_transformer(model: NextScaleTransformer, tok: VoxelTokenizer, indices:
     records = trainer.fit(loader)
     model.eval()
     return records
+
+
+@torch.no_grad()
+def token_loss(model: NextScaleTransformer, tok: VoxelTokenizer, indices: list[torch.Tensor], labels: torch.Tensor,
+               batch_size: int = 64) -> dict[str, float]:
+    """Teacher-forced cross-entropy / accuracy of ``model`` on pre-tokenized shapes (per scale
+    ``(N, n_k)``, labels ``(N,)``), e.g. held-out ones: ``{"loss", "acc", "loss_k{k}", "acc_k{k}"}``.
+    Leaves the model in eval mode."""
+    trainer = TransformerTrainer(model, tok, TransformerTrainConfig(progress=False, log_dir=None))
+    loader = build_loader(TokenDataset(indices, labels), batch_size, shuffle=False, drop_last=False,
+                          collate_fn=collate_tokens)
+    out = trainer.evaluate(loader, log=False)
+    model.eval()
+    return out
