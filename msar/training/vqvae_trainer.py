@@ -142,6 +142,21 @@ class VQVAETrainer(Trainer):
         w = g_nll.norm() / (g_adv.norm() + 1e-4)
         return w.clamp(0.0, 1e4).detach() * c.disc_weight
 
+    def gan_losses(self, x: torch.Tensor, recon: torch.Tensor, nll: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(g_loss, d_loss, d_weight)``: the generator's hinge loss ``-D(recon)`` (reaching only
+        the tokenizer), the discriminator's hinge loss (reaching only D) and the adaptive weight."""
+        disc = self.discriminator
+        flags = [p.requires_grad for p in disc.parameters()]
+        disc.requires_grad_(False)  # the generator loss must not reach D's parameters
+        g_loss = -disc(recon).float().mean()
+        for p, f in zip(disc.parameters(), flags):
+            p.requires_grad_(f)
+        d_weight = self.adaptive_weight(nll, g_loss) if torch.is_grad_enabled() else recon.new_tensor(0.0)
+        # D sees the reconstruction detached: its loss only reaches D's parameters
+        d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
+        return g_loss, d_loss, d_weight
+
     def compute_loss(self, x: Any) -> LossOutput:
         c = self.config
         recon, q = self.forward_model(x)
@@ -154,15 +169,7 @@ class VQVAETrainer(Trainer):
         metrics = {"loss": loss.detach(), "vq": vq.detach(), **{k: v.detach() for k, v in terms.items()}}
         parts = {**terms, "vq": vq}
         if self.gan_active():
-            disc = self.discriminator
-            flags = [p.requires_grad for p in disc.parameters()]
-            disc.requires_grad_(False)  # the generator loss must not reach D's parameters
-            g_loss = -disc(recon).float().mean()
-            for p, f in zip(disc.parameters(), flags):
-                p.requires_grad_(f)
-            d_weight = self.adaptive_weight(nll, g_loss) if torch.is_grad_enabled() else recon.new_tensor(0.0)
-            # D sees the reconstruction detached: its loss only reaches D's parameters
-            d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
+            g_loss, d_loss, d_weight = self.gan_losses(x, recon, nll)
             loss = loss + d_weight * g_loss + d_loss
             metrics.update(g_loss=g_loss.detach(), d_loss=d_loss.detach(), d_weight=d_weight, loss=loss.detach())
             parts.update(g_loss=g_loss, d_loss=d_loss, d_weight=d_weight)  # the adaptive weight can go NaN too
