@@ -30,18 +30,27 @@ from msar.metrics import frechet_distance_from_features
 from msar.training import TokenDataset, TransformerTrainConfig, TransformerTrainer, build_loader, collate_tokens
 
 
-def train_models(out: str, smoke: bool = False, progress: bool = False) -> tuple[ImagePipeline, torch.nn.Module]:
-    """The demo's pipeline (``OUT/demo/pipeline``) and a small refiner (``OUT/refiner``), trained
-    once; a second call loads both."""
+REFINERS = {"refiner": dict(depth=2, width=64, heads=2), "refiner_d1": dict(depth=1, width=64, heads=2)}
+
+
+def train_models(out: str, smoke: bool = False, progress: bool = False) -> tuple[ImagePipeline, dict]:
+    """The demo's pipeline (``OUT/demo/pipeline``) and the small refiners of :data:`REFINERS`
+    (``OUT/<name>``, early-stopped on the validation split as the demo's model), trained once;
+    a second call loads them. Returns ``(pipeline, {name: refiner})``."""
     c = digits_demo.DemoConfig.quick() if smoke else digits_demo.DemoConfig(edit_count=10)
     demo_out = os.path.join(out, "demo")
     if not os.path.exists(os.path.join(demo_out, "metrics.json")):
         digits_demo.run(demo_out, c, progress=progress, quick=smoke)
     pipe = ImagePipeline.from_pretrained(os.path.join(demo_out, "pipeline"))
     pipe.transformer.eval()
-    small_c = replace(c, depth=2, width=64, heads=2)
-    refiner = digits_demo.build_transformer(small_c)
-    ref_dir = os.path.join(out, "refiner")
+    return pipe, {name: _train_refiner(os.path.join(out, name), pipe, replace(c, **size), progress)
+                  for name, size in REFINERS.items()}
+
+
+def _train_refiner(ref_dir: str, pipe: ImagePipeline, c, progress: bool) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    refiner = digits_demo.build_transformer(c)
     best = os.path.join(ref_dir, "var_selection", "best.safetensors")
     done = os.path.join(ref_dir, "done")
     if not os.path.exists(done):
@@ -62,19 +71,17 @@ def train_models(out: str, smoke: bool = False, progress: bool = False) -> tuple
         val_loader = build_loader(va_set, 256, shuffle=False, drop_last=False, collate_fn=collate_tokens)
         from tqdm.auto import tqdm
         with tqdm(total=c.var_steps, disable=not progress) as bar:
-            digits_demo._train_transformer(trainer, refiner, loader, val_loader, small_c,
+            digits_demo._train_transformer(trainer, refiner, loader, val_loader, c,
                                            os.path.join(ref_dir, "var_selection"), bar)
         open(done, "w").close()
-    from safetensors.torch import load_file
     refiner.load_state_dict(load_file(best))
-    refiner.eval()
-    return pipe, refiner
-
+    return refiner.eval()
 
 
 # ---------------------------------------------------------------------------- the modes
-def build_modes(model, refiner, names=None) -> dict:
-    """Name -> (transformer, Acceleration or None, description). ``model`` draws the coarse scales."""
+def build_modes(model, refiner, names=None, refiner_d1=None) -> dict:
+    """Name -> (transformer, Acceleration or None, description). ``model`` draws the coarse scales;
+    ``refiner_d1``: an optional second, smaller refiner."""
     import warnings
 
     with warnings.catch_warnings():
@@ -111,6 +118,14 @@ def build_modes(model, refiner, names=None) -> dict:
     }
     if K < 3:
         raise ValueError("the modes above need a schedule of at least 3 scales")
+    if refiner_d1 is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q_d1 = quantize_int8(refiner_d1)
+        modes["refine_d1_last2"] = (model, Acceleration(refiner=refiner_d1, refine_last=2),
+                                    "depth-1 refiner draws the last 2 scales")
+        modes["int8+refine_d1_last2"] = (q, Acceleration(refiner=q_d1, refine_last=2),
+                                         "int8 draft and depth-1 refiner, refiner for the last 2 scales")
     return modes if names is None else {k: modes[k] for k in names}
 
 
@@ -281,7 +296,10 @@ def write_report(res_dir: str, rows: list[dict], header: dict, voxel: dict | Non
                      f"{100 * (r['classifier_acc'] - ex['classifier_acc']):+.1f} | {r['frechet_classifier_features']:.2f} | "
                      f"{r['tokens_equal_to_exact_per_scale'][-1]:.2f} |")
     if voxel is not None:
-        lines += ["", "## Voxels (second modality)", "", voxel["what"], "",
+        lines += ["", "## Voxels (second modality)", "", voxel["what"] + ". Speed-ups are CPU time as above.", "",
+                  "With 20 shapes per class these metrics are noisy: int8 alone moves the nearest-neighbour class "
+                  "agreement and the 1-NNA by several points in either direction, so only differences well "
+                  "beyond that (the refiner's lower class agreement) are signal.", "",
                   "| mode | speed-up tokens | speed-up with decode | single component % | NN class agreement % "
                   "| 1-NNA % (50 ideal) | MMD-CD | same last-scale tokens |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -290,17 +308,32 @@ def write_report(res_dir: str, rows: list[dict], header: dict, voxel: dict | Non
                          f"{r['speed']['decode']['speedup_cpu']:.2f}x | {r['single_component_pct']:.1f} | "
                          f"{r['nn_class_agreement_pct']:.1f} | {r['1nna_cd_pct']:.1f} | {r['mmd_cd']:.4f} | "
                          f"{r['tokens_equal_to_exact_per_scale'][-1]:.2f} |")
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for r in rows:
-        x, y = r["speed"]["tokens"]["speedup_cpu"], 100 * r["classifier_acc"]
-        ax.scatter(x, y, color="k" if r["mode"] == "exact" else "C0")
-        ax.annotate(r["mode"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(100 * ex["classifier_acc"] - 1, color="C3", ls="--", lw=1, label="exact - 1 point")
-    ax.axvline(3, color="C2", ls=":", lw=1, label="3x")
-    ax.set_xlabel("speed-up over exact msar.sample (CPU time, tokens only)")
-    ax.set_ylabel("classifier accuracy on samples (%)")
-    ax.set_title("digits: speed vs quality of the approximate modes" + (" (SMOKE)" if header["smoke"] else ""))
-    ax.legend(fontsize=8)
+    n = 10 * header["per_class"]
+    se = 100 * (ex["classifier_acc"] * (1 - ex["classifier_acc"]) / n) ** 0.5
+    within = [r for r in rows if r["classifier_acc"] >= ex["classifier_acc"] - 0.01]
+    best = max(within, key=lambda r: r["speed"]["tokens"]["speedup_cpu"])
+    lines[6:6] = [f"**Fastest within 1 point of the exact accuracy: `{best['mode']}`, "
+                  f"{best['speed']['tokens']['speedup_cpu']:.2f}x tokens only, "
+                  f"{best['speed']['decode']['speedup_cpu']:.2f}x with decoding** (accuracy "
+                  f"{best['classifier_acc']:.3f} vs {ex['classifier_acc']:.3f}; Fréchet "
+                  f"{best['frechet_classifier_features']:.1f} vs {ex['frechet_classifier_features']:.1f}). "
+                  f"Noise: one accuracy over {n} samples has a binomial standard error of about {se:.1f} points; "
+                  "the modes' samples share labels and seeds with the exact run, so differences are less noisy "
+                  "than that, but a change of a point or less is within noise. Decoding (the VQ-VAE's "
+                  "convolutions) is the same work in every mode, which caps the speed-up with decoding.", ""]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, key, scale, label in ((axes[0], "classifier_acc", 100, "classifier accuracy on samples (%), higher is better"),
+                                  (axes[1], "frechet_classifier_features", 1, "Fréchet distance to test digits (classifier features), lower is better")):
+        for r in rows:
+            x, y = r["speed"]["tokens"]["speedup_cpu"], scale * r[key]
+            ax.scatter(x, y, color="k" if r["mode"] == "exact" else "C0")
+            ax.annotate(r["mode"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(3, color="C2", ls=":", lw=1, label="3x")
+        ax.set_xlabel("speed-up over exact msar.sample (CPU time, tokens only)")
+        ax.set_ylabel(label)
+    axes[0].axhline(100 * ex["classifier_acc"] - 1, color="C3", ls="--", lw=1, label="exact - 1 point")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("digits: speed vs quality of the approximate modes" + (" (SMOKE)" if header["smoke"] else ""))
     png = savefig(fig, "acceleration", res_dir)
     readme = os.path.join(res_dir, "README.md")
     with open(readme, "w") as f:
@@ -332,17 +365,19 @@ def main(argv=None) -> dict:
         vqvae = digits_demo.build_vqvae(c).eval()
         model = digits_demo.build_transformer(c).eval()
         refiner = digits_demo.build_transformer(replace(c, depth=1, width=32, heads=2)).eval()
+        refiner_d1 = None
         a.per_class, a.rounds, a.batch, clf_steps = 2, 1, 10, 5
     else:
-        pipe, refiner = train_models(a.models, progress=True)
+        pipe, refiners = train_models(a.models, progress=True)
         if a.train_only:
             return {}
+        refiner, refiner_d1 = refiners["refiner"], refiners["refiner_d1"]
         vqvae, model, clf_steps = pipe.vqvae, pipe.transformer, c.classifier_steps
     train, _, test = digits_splits(c.size, seed=c.seed)
     clf = train_classifier(train.images, train.labels, steps=clf_steps, seed=c.seed, progress=False)
     _, test_feat = predict(clf, test.images)
     knobs = {"cfg": c.cfg, "top_k": c.top_k, "top_p": c.top_p}
-    modes = build_modes(model, refiner, SMOKE_MODES if a.smoke else None)
+    modes = build_modes(model, refiner, SMOKE_MODES if a.smoke else None, refiner_d1)
     load_start = list(os.getloadavg())
     quality = measure_quality(modes, vqvae, knobs, clf, test_feat, a.per_class)
     speed = measure_speed(modes, vqvae, knobs, a.batch, a.rounds)
@@ -350,7 +385,9 @@ def main(argv=None) -> dict:
     header = {"smoke": a.smoke, "batch": a.batch, "rounds": a.rounds, "per_class": a.per_class, "threads": a.threads,
               "what": (f"the digits demo's transformer (depth {model.depth}, width {model.embed_dim}, "
                        f"{model.num_parameters()} parameters) as the draft, a refiner of depth {refiner.depth}, "
-                       f"width {refiner.embed_dim} ({refiner.num_parameters()} parameters) trained on the same tokens; "
+                       f"width {refiner.embed_dim} ({refiner.num_parameters()} parameters) trained on the same tokens"
+                       + ("" if refiner_d1 is None else f" (`refine_d1`: depth 1, {refiner_d1.num_parameters()} parameters)")
+                       + "; "
                        f"schedule {list(model.schedule)}; sampling cfg={c.cfg}, top_k={c.top_k}, top_p={c.top_p}; "
                        f"{a.threads} thread(s)")}
     files = write_report(a.out, rows, header)
