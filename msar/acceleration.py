@@ -28,7 +28,14 @@ tokens for the same seed). The modes, by field:
 :func:`quantize_int8` is the fourth mode: a copy of a transformer whose linear layers are int8
 dynamically quantised (CPU), passed to ``sample`` in place of the float model.
 
-The modes compose: e.g. ``Acceleration(guidance_off_last=1, refiner=small, refine_last=2)``.
+The modes compose::
+
+    from msar import Acceleration, quantize_int8, sample
+    fast = Acceleration(refiner=small, refine_last=2, guidance_off_last=1)
+    out = sample(quantize_int8(model), tokenizer, labels, cfg=3.0, top_k=20, accel=fast)
+
+What each costs in quality, measured, is in ``benchmarks/results/acceleration/README.md``
+(``python -m benchmarks.acceleration``).
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from .models.transformer import KVCache, NextScaleTransformer
+from .sampling import apply_guidance
 
 
 @dataclass(frozen=True)
@@ -213,7 +221,6 @@ class AcceleratedRunner:
             else:
                 out = br.model.step(inp, br.cond, br.cond_blocks, br.caches, br.mods)
                 if self.guided:
-                    from .sampling import apply_guidance
                     out = apply_guidance(out[:B], out[B:], t)
         if keep is not None:
             parent = parent_positions(self.schedule, k, device=out.device)
