@@ -14,15 +14,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import multiprocessing as mp
 import os
 import pickle
 import random
 import signal
 import socket
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
