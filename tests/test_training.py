@@ -429,3 +429,25 @@ def test_ignore_index_leaves_padding_out_of_loss_and_metrics():
     assert ev["loss"] == pytest.approx(float(ce[keep].mean()), rel=1e-5)
     plain = TransformerTrainer(model, tok, cfg())
     assert not torch.allclose(plain.compute_loss(plain.make_batch(idx, labels)).loss, out.loss)
+
+
+def test_extra_pos_reaches_the_model_in_training():
+    """Adapter positions given to the trainer are added in every training forward: the trainer's
+    loss equals the model's loss with the same positions (and differs from the loss without)."""
+    model = tiny_transformer(cond_drop_rate=0.0, drop_rate=0.0).eval()
+    torch.manual_seed(2)
+    idx = [torch.randint(0, V, (3, n)) for n in (1, 4, 16)]
+    labels = torch.tensor([0, 1, 2])
+    tok = tiny_tokenizer()
+    pos = torch.randn(1, model.seq_len, model.embed_dim)
+    with_pos = TransformerTrainer(model, tok, cfg(), extra_pos=pos)
+    plain = TransformerTrainer(model, tok, cfg())
+    x = tok.teacher_forcing_input(idx)
+    with torch.no_grad():
+        want = F.cross_entropy(model(labels, x, extra_pos=pos).flatten(0, 1), torch.cat(idx, 1).flatten())
+        got = with_pos.compute_loss(with_pos.make_batch(idx, labels)).loss
+        other = plain.compute_loss(plain.make_batch(idx, labels)).loss
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, other)
+    with pytest.raises(ValueError, match=r"extra_pos: expected adapter positions \(1, L, embed_dim\)"):
+        TransformerTrainer(model, tok, cfg(), extra_pos=pos.expand(3, -1, -1))

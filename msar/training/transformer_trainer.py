@@ -32,7 +32,8 @@ class TransformerTrainConfig(TrainConfig):
 
 
 # indices (per scale (B, n_k)), labels (B,) or None (unconditional: the null class), teacher input
-TokenBatch = tuple[list[torch.Tensor], Optional[torch.Tensor], torch.Tensor]
+# (B, L - n_0, C), adapter positions (B or 1, L, embed_dim) or None
+TokenBatch = tuple[list[torch.Tensor], Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]
 
 
 class TransformerTrainer(Trainer):
@@ -46,8 +47,13 @@ class TransformerTrainer(Trainer):
     (a list of ``(B, n_k)`` long tensors, one per scale; see :class:`~msar.training.TokenDataset`)
     or raw data that the frozen tokenizer encodes on the fly; ``labels`` ``(B,)`` or ``None``
     (unconditional: the null class).  Any other format goes through
-    ``prepare_batch(raw) -> (indices, labels, teacher_input)`` (e.g. graphs whose pyramid depends
-    on the sample, or a precomputed teacher input).
+    ``prepare_batch(raw) -> (indices, labels, teacher_input[, extra_pos])`` (e.g. graphs whose
+    pyramid depends on the sample, or a precomputed teacher input).
+
+    ``extra_pos``: adapter-supplied positions ``(1, L, embed_dim)`` added to every batch (e.g.
+    embedded cell centres on a sphere; see ``NextScaleTransformer.forward``); per-sample
+    positions ``(B, L, embed_dim)`` come from ``prepare_batch``. Pass the same tensor to
+    :func:`msar.sample` (``extra_pos=``) when generating.
 
     Example::
 
@@ -65,7 +71,8 @@ class TransformerTrainer(Trainer):
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: Optional[TransformerTrainConfig] = None,
-                 prepare_batch: Optional[Callable[[Any], TokenBatch]] = None):
+                 prepare_batch: Optional[Callable[[Any], tuple]] = None,
+                 extra_pos: Optional[torch.Tensor] = None):
         config = config or TransformerTrainConfig()
         super().__init__(model, config)
         self.tokenizer = tokenizer
@@ -75,6 +82,10 @@ class TransformerTrainer(Trainer):
         if tokenizer is not None and tokenizer.schedule != self.schedule:
             raise ValueError(f"tokenizer schedule {tokenizer.schedule} differs from the model's {self.schedule}")
         self.prepare_batch = prepare_batch
+        if extra_pos is not None and (extra_pos.dim() != 3 or extra_pos.shape[0] != 1):
+            raise ValueError(f"extra_pos: expected adapter positions (1, L, embed_dim) shared by every batch, got "
+                             f"{tuple(extra_pos.shape)} (per-sample positions come from prepare_batch)")
+        self.extra_pos = None if extra_pos is None else extra_pos.to(self.device)
         # a NextScaleTransformer with head="bitwise" predicts tokens bit by bit (msar.bitwise)
         self.bitwise_head = model.config.head == "bitwise"
         self.level_ids = self.schedule.level_ids(self.device)
@@ -89,8 +100,10 @@ class TransformerTrainer(Trainer):
                 and all(isinstance(t, torch.Tensor) and t.dim() == 2 and not t.dtype.is_floating_point for t in x))
 
     def make_batch(self, data_or_indices: Any, labels: Optional[torch.Tensor] = None,
-                   teacher_input: Optional[torch.Tensor] = None) -> TokenBatch:
-        """``(indices (per scale (B, n_k)), labels (B,) or None, teacher_input (B, L - n_0, C))`` on the device."""
+                   teacher_input: Optional[torch.Tensor] = None, extra_pos: Optional[torch.Tensor] = None) -> TokenBatch:
+        """``(indices (per scale (B, n_k)), labels (B,) or None, teacher_input (B, L - n_0, C),
+        extra_pos (B or 1, L, embed_dim) or None)`` on the device (``extra_pos`` defaults to the
+        trainer's)."""
         if self._looks_like_indices(data_or_indices):
             indices = [t.to(self.device).long() for t in data_or_indices]
         else:
@@ -107,7 +120,8 @@ class TransformerTrainer(Trainer):
                 raise TypeError("no tokenizer to build the teacher-forcing input: pass teacher_input")
             with torch.no_grad():
                 teacher_input = self.tokenizer.teacher_forcing_input(indices)
-        return indices, labels, teacher_input.to(self.device)
+        extra_pos = self.extra_pos if extra_pos is None else extra_pos.to(self.device)
+        return indices, labels, teacher_input.to(self.device), extra_pos
 
     def parse_batch(self, raw: Any) -> TokenBatch:
         """``(x, labels)`` or ``(x,)`` -- ``x`` per-scale token indices or raw data for the tokenizer,
@@ -123,12 +137,12 @@ class TransformerTrainer(Trainer):
     # ------------------------------------------------------------------ loss
     def token_losses(self, model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token cross-entropy ``(B, L)``, per-token correctness ``(B, L)`` and logits ``(B, L, V)``."""
-        indices, labels, x = batch
+        indices, labels, x, extra_pos = batch
         if labels is None:  # unconditional data: the null class, asked for explicitly
             null = torch.full((x.shape[0],), self.model.null_label, dtype=torch.long, device=x.device)
-            logits = model(null, x, allow_null=True)
+            logits = model(null, x, extra_pos=extra_pos, allow_null=True)
         else:
-            logits = model(labels, x)
+            logits = model(labels, x, extra_pos=extra_pos)
         target = torch.cat(indices, dim=1)
         if self.bitwise_head:  # d binary classifiers (logits (B, L, d)): BCE averaged over the bits
             correct = (bit_predictions(logits.detach()) == target).float()
