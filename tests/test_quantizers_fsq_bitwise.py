@@ -343,3 +343,12 @@ def test_scale_diagnostic_with_bitwise_head():
         lk = logits[:, model.schedule.slice(k)]
         assert row["tf_loss"] == pytest.approx(float(bit_cross_entropy(lk, idx[k]).mean()), rel=1e-5)
         assert row["tf_acc"] == pytest.approx(float((bit_predictions(lk) == idx[k]).float().mean()))
+
+
+def test_benchmark_voxel_smoke(tmp_path):
+    """benchmarks/quantizers.py --modality voxel --smoke: the three voxel tokenizers train and are measured."""
+    from benchmarks import quantizers
+    from test_benchmarks import load
+    rec = load(quantizers.main(["--smoke", "--threads", "1", "--modality", "voxel", "--out", str(tmp_path)]), png=False)
+    assert [r["quantizer"] for r in rec["figures"]["rows"]] == ["vq", "fsq", "bitwise"]
+    assert all(0 <= r["test_recon_iou"] <= 1 and len(r["test_codes"]["codes_used"]) == 4 for r in rec["figures"]["rows"])
