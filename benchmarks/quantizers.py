@@ -36,7 +36,7 @@ from benchmarks import common
 from modalities.image.classifier import predict, train_classifier
 from modalities.image.data import augment_digits, digits_splits
 from modalities.image.vqvae import VQVAE, VQVAEConfig
-from msar.bitwise import index_to_bits
+from msar.bitwise import index_to_bits, self_correction_batch
 from msar.metrics import frechet_distance_from_features
 from msar.training import (TokenDataset, TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig, VQVAETrainer,
                            build_loader, collate_tokens)
@@ -53,6 +53,8 @@ PRESETS = {
 }
 PATCH_NUMS = (1, 2, 3, 4)
 VARIANTS = (("vq", "softmax"), ("fsq", "softmax"), ("bitwise", "softmax"), ("bitwise", "bitwise"))
+# --self-correction P adds: the bitwise head trained with a fraction P of the input bits flipped
+SELF_CORRECTION = ("bitwise", "bitwise+sc")
 SAMPLING = {"softmax": dict(cfg=3.0, top_k=20, top_p=0.9), "bitwise": dict(cfg=3.0, top_k=0, top_p=0.9)}
 
 
@@ -106,7 +108,9 @@ def run(args: argparse.Namespace) -> dict:
     clf = train_classifier(train.images, train.labels, steps=p["classifier_steps"], seed=args.seed, progress=False)
     test_pred, test_feat = predict(clf, test.images)
     rows, tokenizers = [], {}
-    for kind, head in VARIANTS:
+    variants = [v for v in VARIANTS if not args.only_self_correction]
+    variants += [SELF_CORRECTION] if args.self_correction > 0 else []
+    for kind, head in variants:
         row = {"quantizer": kind, "head": head, "bits_per_token": p["bits"]}
         if kind not in tokenizers:  # one tokenizer per quantizer, shared by its heads
             torch.manual_seed(args.seed)
@@ -132,17 +136,23 @@ def run(args: argparse.Namespace) -> dict:
         tok, tr_set, te_set, tok_row = tokenizers[kind]
         row.update(tok_row)
         torch.manual_seed(args.seed)
-        model = build_transformer(tok, head, p)
+        model = build_transformer(tok, head.removesuffix("+sc"), p)
+        prepare, loader = None, build_loader(tr_set, p["batch"], seed=args.seed, collate_fn=collate_tokens)
+        if head.endswith("+sc"):  # self-correction re-encodes every batch of images with flipped bits
+            row["self_correction_flip_prob"] = args.self_correction
+            gen = torch.Generator().manual_seed(args.seed)
+            prepare = lambda raw: self_correction_batch(tok, raw[0], raw[1], args.self_correction, gen)  # noqa: E731
+            loader = build_loader(torch.utils.data.TensorDataset(pool, pool_labels), p["batch"], seed=args.seed)
         trainer = TransformerTrainer(model, tok, TransformerTrainConfig(
             lr=1e-3, total_steps=p["var_steps"], warmup_steps=min(100, p["var_steps"] // 10), lr_schedule="lin0",
-            final_lr_ratio=0.05, weight_decay=0.05, progress=False, tensorboard=False))
-        loader = build_loader(tr_set, p["batch"], seed=args.seed, collate_fn=collate_tokens)
+            final_lr_ratio=0.05, weight_decay=0.05, progress=False, tensorboard=False), prepare_batch=prepare)
         _, t_fit = timed(lambda: trainer.fit(loader, steps=p["var_steps"]))
         model.eval()
+        trainer.prepare_batch = None  # evaluated on the clean test tokens
         ev = trainer.evaluate(build_loader(te_set, 256, shuffle=False, drop_last=False, collate_fn=collate_tokens),
                               log=False)
         labels = torch.arange(10).repeat_interleave(p["samples_per_class"])
-        s = SAMPLING[head]
+        s = SAMPLING[head.removesuffix("+sc")]
         out, t_sample = timed(lambda: msar.sample(model, tok, labels, seed=args.seed, **s))
         pred, feat = predict(clf, out.data)
         row.update({
@@ -162,7 +172,8 @@ def run(args: argparse.Namespace) -> dict:
               "seed": args.seed, "threads": torch.get_num_threads()}
     figures = {"rows": rows, "classifier_acc_on_test_reals": float((test_pred == test.labels).float().mean()),
                "table": table(rows)}
-    path = common.write_result(NAME, info, config, figures, out_dir)
+    config["self_correction"] = args.self_correction
+    path = common.write_result(NAME, info, config, figures, out_dir, "self_correction" if args.only_self_correction else "")
     print(figures["table"])
     return {"path": path, "figures": figures, "config": config}
 
@@ -236,6 +247,10 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", default=None, help=f"output folder (default benchmarks/results/{NAME})")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--self-correction", type=float, default=0.0, metavar="P",
+                    help="add the bitwise head trained with bitwise self-correction (bits flipped with probability P)")
+    ap.add_argument("--only-self-correction", action="store_true",
+                    help="with --self-correction: run that variant alone (written to OUT/quantizers_self_correction.json)")
     ap.add_argument("--modality", choices=("digits", "voxel"), default="digits",
                     help="digits: tokenizers, transformers and samples; voxel: the tokenizers alone")
     return ap.parse_args(argv)
