@@ -293,9 +293,11 @@ def test_benchmark_smoke(tmp_path):
     provenance and one row per variant at the same bits per token."""
     from benchmarks import quantizers
     from test_benchmarks import load
-    rec = load(quantizers.main(["--smoke", "--threads", "1", "--out", str(tmp_path)]), png=False)
+    rec = load(quantizers.main(["--smoke", "--threads", "1", "--self-correction", "0.2", "--out", str(tmp_path)]),
+               png=False)
     rows = rec["figures"]["rows"]
-    assert [(r["quantizer"], r["head"]) for r in rows] == list(quantizers.VARIANTS)
+    assert [(r["quantizer"], r["head"]) for r in rows] == [*quantizers.VARIANTS, quantizers.SELF_CORRECTION]
+    assert rows[-1]["self_correction_flip_prob"] == 0.2
     bits = rec["config"]["bits"]
     for r in rows:
         assert r["bits_per_token"] == bits and len(r["test_codes"]["codes_used"]) == len(quantizers.PATCH_NUMS)
