@@ -337,7 +337,7 @@ def write_report(res_dir: str, rows: list[dict], header: dict, voxel: dict | Non
     png = savefig(fig, "acceleration", res_dir)
     readme = os.path.join(res_dir, "README.md")
     with open(readme, "w") as f:
-        f.write("\n".join(lines + ["", f"![speed vs quality](acceleration.png)", ""]))
+        f.write("\n".join(lines + ["", "![speed vs quality](acceleration.png)", ""]))
     return [png, readme]
 
 
@@ -361,7 +361,6 @@ def main(argv=None) -> dict:
     c = digits_demo.DemoConfig.quick() if a.smoke else digits_demo.DemoConfig(edit_count=10)
     if a.smoke:  # untrained models: the script's mechanics only
         torch.manual_seed(0)
-        from modalities.image.vqvae import VQVAE  # noqa: F401  (build_vqvae returns one)
         vqvae = digits_demo.build_vqvae(c).eval()
         model = digits_demo.build_transformer(c).eval()
         refiner = digits_demo.build_transformer(replace(c, depth=1, width=32, heads=2)).eval()
@@ -404,7 +403,8 @@ def main(argv=None) -> dict:
                                          a.voxel_per_class)
         payload["figures"] = files = write_report(a.out, rows, header, payload["voxel"])
     path = write_result_json(os.path.join(a.out, "acceleration.json"), payload, started)
-    print("\n".join(open(files[1]).read().splitlines()[6:-2]))
+    with open(files[1]) as f:
+        print(f.read())
     return {"path": path, **payload}
 
 
