@@ -451,3 +451,15 @@ def test_extra_pos_reaches_the_model_in_training():
     assert not torch.allclose(got, other)
     with pytest.raises(ValueError, match=r"extra_pos: expected adapter positions \(1, L, embed_dim\)"):
         TransformerTrainer(model, tok, cfg(), extra_pos=pos.expand(3, -1, -1))
+
+
+def test_build_loader_leaves_the_global_random_stream_alone():
+    """iter(loader) must not draw from the global RNG: otherwise a run resumed between epochs or after
+    an evaluation loop replays a different dropout stream than an uninterrupted one."""
+    loader = build_loader(Images(8), batch_size=4, seed=3)
+    torch.manual_seed(0)
+    for _ in range(3):
+        list(iter(loader))
+    after_iterating = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after_iterating, torch.rand(3))

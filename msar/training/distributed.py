@@ -78,8 +78,13 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: 
     The order is a function of ``(seed, epoch)`` only -- the trainers call
     ``loader.sampler.set_epoch(epoch)`` -- so an interrupted run resumes on exactly
     the batches it would have seen.  ``batch_size`` is per rank.
+
+    The loader has its own generator (seeded with ``seed``): a DataLoader without one draws its
+    base seed from the global random stream at every ``iter()``, which would shift the dropout
+    stream of a run resumed between epochs or after an evaluation loop.
     """
     sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed,
                                  drop_last=drop_last)
+    generator = kw.pop("generator", None) or torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
-                      collate_fn=collate_fn, **kw)
+                      collate_fn=collate_fn, generator=generator, **kw)
