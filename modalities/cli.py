@@ -185,14 +185,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     runners = {"sample": _sample, "edit": _edit}
-    if cmd in COMMANDS:
-        import importlib
-        runners[cmd] = importlib.import_module(COMMANDS[cmd][1]).main
-    if cmd not in runners:
-        print(f"msar: unknown command {cmd!r}\n\n{usage}", file=sys.stderr)
-        return 2
     try:
+        if cmd in COMMANDS:
+            import importlib
+            runners[cmd] = importlib.import_module(COMMANDS[cmd][1]).main
+        if cmd not in runners:
+            print(f"msar: unknown command {cmd!r}\n\n{usage}", file=sys.stderr)
+            return 2
         return runners[cmd](rest)
+    except ModuleNotFoundError as e:  # the image commands need the [image] extra
+        print(f"msar {cmd}: error: {e}; the image commands need the image extra: pip install -e \".[image]\"",
+              file=sys.stderr)
+        return 2
     except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f"msar {cmd}: error: {e}", file=sys.stderr)
         return 2
