@@ -296,12 +296,12 @@ def test_cli_top_level(capsys):
     assert "(default: 0)" in capsys.readouterr().out  # defaults are shown
 
 
-def test_missing_image_extra_is_one_clear_line():
+def test_missing_image_extra_is_one_clear_line(tmp_path):
     """Without the [image] extra's packages the command says which extra to install (no traceback)."""
     import subprocess
     import sys
     code = ("import sys; sys.modules['sklearn'] = None; sys.modules['PIL'] = None\n"
             "from modalities.cli import main; raise SystemExit(main(['demo', '--quick', '--out', sys.argv[1]]))")
-    r = subprocess.run([sys.executable, "-c", code, "unused-out"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert 'pip install -e ".[image]"' in r.stderr and "Traceback" not in r.stderr
