@@ -6,7 +6,7 @@ Run from the repository root after changing a public signature or docstring::
     python docs/gen_api.py --check    # exit 1 if docs/api.md is out of date (for CI)
 
 Public names are those in ``__all__`` of ``msar``, ``msar.training`` and ``msar.testing``, and the
-functions and classes of ``msar.editing`` and ``msar.metrics``.
+functions and classes of ``msar.sampling`` (the sampler's steps), ``msar.editing`` and ``msar.metrics``.
 For classes, the constructor signature and every public method or property defined
 by the class itself (not inherited from ``torch.nn.Module``) are listed.
 """
@@ -20,7 +20,7 @@ import os
 import re
 import sys
 
-MODULES = ["msar", "msar.editing", "msar.metrics", "msar.training", "msar.testing"]
+MODULES = ["msar", "msar.sampling", "msar.editing", "msar.metrics", "msar.training", "msar.testing"]
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api.md")
 
 
