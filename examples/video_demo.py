@@ -96,8 +96,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 @torch.no_grad()
 def init_codebook_from_data(tok: VideoTokenizer, videos: torch.Tensor, gen: torch.Generator, n: int = 64) -> None:
     """Start every codeword at an encoder output so none begins far from the data (the usual
-    cause of early collapse on a small codebook)."""
+    cause of early collapse on a small codebook). FSQ and bitwise quantizers have no learned
+    codebook (their codes are a fixed grid): nothing to do."""
     q = tok.quantizer
+    if not isinstance(q, msar.MultiScaleResidualQuantizer):
+        return
     f = tok.encode_latent(videos[torch.randperm(len(videos), generator=gen)[:n]])
     pool = msar.to_tokens(f).reshape(-1, q.dim)
     q.embedding.weight.data.copy_(pool[torch.randint(0, len(pool), (q.vocab_size,), generator=gen)])
