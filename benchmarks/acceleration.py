@@ -22,12 +22,12 @@ import torch
 from benchmarks.common import RESULTS, savefig, write_result_json
 from modalities.image import demo as digits_demo
 from modalities.image.classifier import predict, train_classifier
-from modalities.image.data import augment_digits, digits_splits
+from modalities.image.data import digits_splits
 from modalities.image.pipeline import ImagePipeline
 from msar import sample
 from msar.acceleration import Acceleration, quantize_int8
 from msar.metrics import frechet_distance_from_features
-from msar.training import TokenDataset, TransformerTrainConfig, TransformerTrainer, build_loader, collate_tokens
+from msar.training import TokenDataset, TransformerTrainer, build_loader, collate_tokens
 
 
 REFINERS = {"refiner": dict(depth=2, width=64, heads=2), "refiner_d1": dict(depth=1, width=64, heads=2)}
@@ -56,17 +56,10 @@ def _train_refiner(ref_dir: str, pipe: ImagePipeline, c, progress: bool) -> torc
     if not os.path.exists(done):
         torch.manual_seed(c.seed)
         train, val, _ = digits_splits(c.size, seed=c.seed)
-        g = torch.Generator().manual_seed(c.seed)
-        pool = torch.cat([train.images] + [augment_digits(train.images, g, c.max_shift, c.max_rotate_deg, c.max_scale)
-                                           for _ in range(c.augment_copies)])
-        pool_labels = train.labels.repeat(1 + c.augment_copies)
+        pool, pool_labels = digits_demo.augmented_pool(train, c)
         tr_set = TokenDataset.encode(pipe.vqvae, pool, pool_labels, batch_size=512)
         va_set = TokenDataset.encode(pipe.vqvae, val.images, val.labels, batch_size=512)
-        tcfg = TransformerTrainConfig(lr=c.var_lr, total_steps=c.var_steps, warmup_steps=min(100, c.var_steps // 10),
-                                      lr_schedule="lin0", final_lr_ratio=0.05, weight_decay=c.weight_decay,
-                                      ckpt_dir=os.path.join(ref_dir, "ckpt_var"), keep_last=1,
-                                      log_dir=os.path.join(ref_dir, "logs_var"), tensorboard=False, progress=False)
-        trainer = TransformerTrainer(refiner, pipe.vqvae, tcfg)
+        trainer = TransformerTrainer(refiner, pipe.vqvae, digits_demo.transformer_train_config(c, ref_dir))
         loader = build_loader(tr_set, c.var_batch, seed=c.seed, collate_fn=collate_tokens)
         val_loader = build_loader(va_set, 256, shuffle=False, drop_last=False, collate_fn=collate_tokens)
         from tqdm.auto import tqdm

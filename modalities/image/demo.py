@@ -262,12 +262,21 @@ def _command() -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------- training
-def _loader(dataset, batch_size: int, seed: int, **kw):
-    """``build_loader`` (order fixed by seed and epoch) with its own generator: a DataLoader without
-    one draws its base seed from the global RNG at every ``iter()`` -- at the start of every ``fit``
-    chunk and every evaluation below -- which a resumed run cannot replay (the dropout stream
-    after a resume would differ from the uninterrupted run's)."""
-    return build_loader(dataset, batch_size, seed=seed, generator=torch.Generator().manual_seed(seed), **kw)
+def augmented_pool(train: DigitsSplit, c: DemoConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training digits followed by ``c.augment_copies`` randomly shifted / rotated / zoomed
+    copies (seeded by ``c.seed``), and their labels: ``(N, 1, H, W)``, ``(N,)``."""
+    g = torch.Generator().manual_seed(c.seed)
+    pool = torch.cat([train.images] + [augment_digits(train.images, g, c.max_shift, c.max_rotate_deg, c.max_scale)
+                                       for _ in range(c.augment_copies)])
+    return pool, train.labels.repeat(1 + c.augment_copies)
+
+
+def transformer_train_config(c: DemoConfig, out: str) -> TransformerTrainConfig:
+    """The demo's transformer recipe, checkpoints and logs under ``out``."""
+    return TransformerTrainConfig(lr=c.var_lr, total_steps=c.var_steps, warmup_steps=min(100, c.var_steps // 10),
+                                  lr_schedule="lin0", final_lr_ratio=0.05, weight_decay=c.weight_decay,
+                                  ckpt_dir=os.path.join(out, "ckpt_var"), keep_last=1,
+                                  log_dir=os.path.join(out, "logs_var"), tensorboard=False, progress=False)
 
 
 def _fit_in_chunks(trainer, loader, total: int, chunk: int, bar) -> None:
@@ -337,10 +346,7 @@ def run(out: str, c: DemoConfig, progress: bool = True, fresh: bool = False, qui
     smoke = "\nSMOKE RUN (--quick): tiny models, the numbers mean nothing" if quick else ""
     torch.manual_seed(c.seed)
     train, val, test = digits_splits(c.size, seed=c.seed)
-    g = torch.Generator().manual_seed(c.seed)
-    pool = torch.cat([train.images] + [augment_digits(train.images, g, c.max_shift, c.max_rotate_deg, c.max_scale)
-                                       for _ in range(c.augment_copies)])
-    pool_labels = train.labels.repeat(1 + c.augment_copies)
+    pool, pool_labels = augmented_pool(train, c)
     metrics: dict = {"smoke_run": quick, "config": c.to_json(),
                      "data": {"train": len(train.labels), "val": len(val.labels), "test": len(test.labels),
                               "train_with_augmented_copies": len(pool_labels)}}
@@ -355,7 +361,8 @@ def run(out: str, c: DemoConfig, progress: bool = True, fresh: bool = False, qui
                             log_dir=os.path.join(out, "logs_vqvae"), tensorboard=False, progress=False)
     vtrainer = VQVAETrainer(vqvae, vcfg)
     with pbar(c.vae_steps, "[1/5] tokenizer (VQ-VAE)") as bar:
-        _fit_in_chunks(vtrainer, _loader(torch.utils.data.TensorDataset(pool), c.vae_batch, c.seed), c.vae_steps, 100, bar)
+        _fit_in_chunks(vtrainer, build_loader(torch.utils.data.TensorDataset(pool), c.vae_batch, seed=c.seed),
+                       c.vae_steps, 100, bar)
     vqvae.eval()
     with torch.no_grad():
         rec = vqvae.reconstruct(test.images)
@@ -372,13 +379,10 @@ def run(out: str, c: DemoConfig, progress: bool = True, fresh: bool = False, qui
     va_set = TokenDataset.encode(vqvae, val.images, val.labels, batch_size=512)
     te_set = TokenDataset.encode(vqvae, test.images, test.labels, batch_size=512)
     model = build_transformer(c)
-    tcfg = TransformerTrainConfig(lr=c.var_lr, total_steps=c.var_steps, warmup_steps=min(100, c.var_steps // 10),
-                                  lr_schedule="lin0", final_lr_ratio=0.05, weight_decay=c.weight_decay,
-                                  ckpt_dir=os.path.join(out, "ckpt_var"), keep_last=1,
-                                  log_dir=os.path.join(out, "logs_var"), tensorboard=False, progress=False)
-    trainer = TransformerTrainer(model, vqvae, tcfg)
-    loader = _loader(tr_set, c.var_batch, c.seed, collate_fn=collate_tokens)
-    eval_loader = lambda ds: _loader(ds, 256, c.seed, shuffle=False, drop_last=False, collate_fn=collate_tokens)  # noqa: E731
+    trainer = TransformerTrainer(model, vqvae, transformer_train_config(c, out))
+    loader = build_loader(tr_set, c.var_batch, seed=c.seed, collate_fn=collate_tokens)
+    eval_loader = lambda ds: build_loader(ds, 256, seed=c.seed, shuffle=False, drop_last=False,  # noqa: E731
+                                          collate_fn=collate_tokens)
     with pbar(c.var_steps, "[2/5] transformer (early stopping on val)") as bar:
         selection = _train_transformer(trainer, model, loader, eval_loader(va_set), c,
                                        os.path.join(out, "var_selection"), bar)
