@@ -307,8 +307,10 @@ class PretrainedMixin:
         hold this class or a subclass (``msar.from_pretrained`` loads any class)."""
         directory = os.fspath(directory)
         meta = read_config(directory)
-        # the message names the file whose "class" entry is wrong
-        found = resolve_class(meta["class"], REGISTRY, f"{os.path.join(directory, CONFIG_NAME)}: class")
+        try:
+            found = resolve_class(meta["class"], REGISTRY)
+        except PretrainedError as e:  # name the file whose "class" entry is wrong
+            raise PretrainedError(f"{os.path.join(directory, CONFIG_NAME)}: {e}") from e
         if not issubclass(found, cls):
             raise PretrainedError(f"{directory} holds {found.__name__} ({meta['class']}), not {cls.__name__} or a "
                                   f"subclass; load it with {found.__name__}.from_pretrained or msar.from_pretrained")
