@@ -1,6 +1,6 @@
 """Text-to-image on captioned shapes: the scenes and their captions, the attribute detector that
 scores generated scenes, and the example (``python -m modalities text2image``) on tiny models."""
-import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -44,8 +44,11 @@ def test_captions_parse_back_to_the_scene_and_placement_makes_them_true():
     for split in SPLITS:
         for s in CaptionedScenes(split, 150, seed=1).scenes:
             assert parse_caption(caption(s)) == s.attributes()
-            if s.count == 2:  # the relation holds for the centres, along its dominant axis
-                assert relation_of((s.objects[0].cx, s.objects[0].cy), (s.objects[1].cx, s.objects[1].cy)) == s.relation
+            if s.count == 2:  # the relation holds for the centres, along an axis twice as long as the other
+                a, b = s.objects
+                assert relation_of((a.cx, a.cy), (b.cx, b.cy)) == s.relation
+                dx, dy = abs(a.cx - b.cx), abs(a.cy - b.cy)
+                assert max(dx, dy) >= 2 * min(dx, dy)
             if s.count == 3:
                 assert s.objects[0].cx < s.objects[1].cx < s.objects[2].cx
                 assert all(o.size == "small" for o in s.objects)
@@ -62,8 +65,11 @@ def test_render_draws_each_object_in_its_colour_without_overlap():
     img = (render(s) + 1) / 2  # (3, 32, 32) in [0, 1]
     red = (img[0] == 1) & (img[1] == 0) & (img[2] == 0)
     blue = (img[2] == 1) & (img[0] == 0)
-    assert red[:, :16].sum() > 80 and red[:, 16:].sum() == 0  # the large square, left
-    assert 25 < blue[:, 16:].sum() < 45 and blue[:, :16].sum() == 0  # the small circle, right
+    assert red[:, 16:].sum() == 0 and blue[:, :16].sum() == 0  # the square left, the circle right
+    ys, xs = red.nonzero(as_tuple=True)  # the large square: half-side 0.85 * 6.5 = 5.525 px -> 12 x 12 pixels, full
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (2, 13, 10, 21) and red.sum() == 144
+    ys, xs = blue.nonzero(as_tuple=True)  # the small circle: radius 4 -> an 8 x 8 box, about pi / 4 of it filled
+    assert (xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) == (8, 8) and 0.75 < blue.sum() / 64 < 0.85
     assert ((img.sum(0) > 0) == (red | blue)).all()  # nothing else drawn
 
 
@@ -104,3 +110,69 @@ def test_detector_scores_a_scene_against_a_wrong_caption_as_wrong(detector):
     assert one["count"] is False and one["shape"] and one["position"] is None
     assert score_detections(detector.detect(-torch.ones(3, 32, 32)), right) == {
         "count": False, "shape": False, "colour": False, "size": False, "position": False, "all": False}
+
+
+# ---------------------------------------------------------------------------- the example
+def test_guidance_is_chosen_on_val_only():
+    """Model selection must not read the test sets: here they prefer another guidance than val."""
+    from modalities.image.text2image import choose_guidance
+    sweep = {"0": {"val": {"all": 0.2}, "test_seen": {"all": 0.9}, "test_heldout": {"all": 0.9}},
+             "3": {"val": {"all": 0.6}, "test_seen": {"all": 0.1}, "test_heldout": {"all": 0.1}},
+             "6": {"val": {"all": 0.6}, "test_seen": {"all": 0.5}, "test_heldout": {"all": 0.5}}}
+    assert choose_guidance(sweep) == 3.0  # the best val accuracy; the weaker guidance on a tie
+
+
+def test_edit_targets_recolour_the_second_object_into_a_seen_pair():
+    from modalities.image.text2image import edit_target
+    scenes = [s for s in CaptionedScenes("test_seen", 60).scenes if s.count == 2]
+    for j, s in enumerate(scenes):
+        t = edit_target(s, j, HELD_OUT)
+        assert t.objects[0] == s.objects[0] and t.relation == s.relation
+        b, nb = s.objects[1], t.objects[1]
+        assert (nb.shape, nb.size, nb.cx, nb.cy) == (b.shape, b.size, b.cx, b.cy) and nb.colour != b.colour
+        assert nb.combo not in HELD_OUT
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from modalities.cli import main
+    out = tmp_path_factory.mktemp("text2image")
+    assert main(["text2image", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_quick_run_writes_figures_metrics_and_a_pipeline_that_samples_from_captions(quick_run):
+    import msar
+    from modalities.image.text2image import ATTRIBUTES, FIGURES, Text2ImageConfig
+    out, m = quick_run
+    for f in FIGURES + ("metrics.json", "run_config.json"):
+        assert (out / f).stat().st_size > 0, f
+    c = Text2ImageConfig.quick()
+    assert m["smoke_run"] is True and m["config"] == c.to_json()
+    assert set(m["guidance_sweep"]) == {f"{g:g}" for g in c.cfg_sweep}
+    for row in m["guidance_sweep"].values():
+        for name in ("val", "test_seen", "test_heldout"):
+            assert row[name]["n"] == c.n_eval and set(ATTRIBUTES) < set(row[name])
+    best = m["result"]["cfg_chosen_on_val"]
+    assert m["result"]["seen"] == m["guidance_sweep"][f"{best:g}"]["test_seen"]
+    assert m["detector"]["on_real"]["test_heldout"]["all"] == 1.0
+    assert m["run"]["commit"] and "text2image" in m["run"]["command"] and m["run"]["wall_time_s"] > 0
+    pipe = msar.from_pretrained(str(out / "pipeline"))
+    x = pipe.sample(captions=["a large red circle above a small blue square"], cfg=3.0, seed=0).data
+    assert x.shape == (1, 3, 32, 32)
+
+
+def test_rerun_with_other_training_settings_stops_at_start(quick_run, monkeypatch, capsys):
+    """A second run into the folder with another recipe must refuse before any work (and say why),
+    not train over the first run's checkpoints."""
+    import modalities.image.text2image as T
+    from modalities.cli import main
+    out, _ = quick_run
+
+    def too_late(*a, **k):
+        raise AssertionError("the run made its data before checking the folder")
+
+    monkeypatch.setattr(T, "CaptionedScenes", too_late)
+    assert main(["text2image", "--quick", "--out", str(out), "--var-steps", "7", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "var_steps: 10 there, 7 now" in err and "--fresh" in err

@@ -37,7 +37,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[float, float, float]] = {  # RGB in [0, 1]
     "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0),
 }
-SIZES: dict[str, float] = {"small": 3.5, "large": 6.0}  # "radius" in pixels (half the bounding box side)
+SIZES: dict[str, float] = {"small": 4.0, "large": 6.5}  # "radius" in pixels (half the bounding box side)
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 HELD_OUT: tuple[tuple[str, str], ...] = (("triangle", "green"), ("circle", "blue"))  # (shape, colour)
 SPLITS: tuple[str, ...] = ("train", "val", "test_seen", "test_heldout")

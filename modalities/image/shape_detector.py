@@ -91,7 +91,9 @@ class ShapeDetector:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        sides = {z: [_box_side(shape_mask(s, 16.3, 15.7, r)) for s in SHAPES] for z, r in SIZES.items()}
+        offsets = np.linspace(0, 1, 5, endpoint=False)
+        sides = {z: [_box_side(shape_mask(s, 16 + dx, 16 + dy, r)) for s in SHAPES for dx in offsets for dy in offsets]
+                 for z, r in SIZES.items()}
         threshold = (max(sides["small"]) + min(sides["large"])) / 2
         return cls(model.eval(), threshold, min_area)
 

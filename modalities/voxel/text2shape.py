@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 import msar
 from modalities.image.demo import RUN_STATE, RunFolderError, _fit_in_chunks, prepare_run_folder, provenance
-from modalities.image.text2image import CaptionTokens, generate, sweep_plot
+from modalities.image.text2image import CaptionTokens, choose_guidance, generate, sweep_plot
 from msar.text import TextEncoder, TextEncoderConfig, WordTokenizer
 from msar.training import TokenDataset, TransformerTrainConfig, TransformerTrainer, build_loader
 
@@ -244,7 +244,7 @@ def run(out: str, c: Text2ShapeConfig, progress: bool = True, fresh: bool = Fals
                 row[name] = score(tok.occupancy(logits).numpy(), caps[:c.n_eval], classifier)
                 bar.update(1)
             sweep[f"{cfg:g}"] = row
-    best = max(c.cfg_sweep, key=lambda g: (sweep[f"{g:g}"]["val"]["all"], -g))
+    best = choose_guidance(sweep)
     metrics["guidance_sweep"] = sweep
     metrics["result"] = {"cfg_chosen_on_val": best, "top_k": c.top_k, "top_p": c.top_p,
                          "seen": sweep[f"{best:g}"]["test_seen"], "held_out": sweep[f"{best:g}"]["test_heldout"]}
