@@ -90,7 +90,7 @@ class Text2ShapeConfig:
     @classmethod
     def quick(cls) -> "Text2ShapeConfig":
         """A smoke run of seconds: tiny models, few steps; its numbers mean nothing."""
-        return cls(n_train=64, n_val=12, n_eval=8, tok_steps=10, var_steps=10, vocab_size=32, text_dim=16,
+        return cls(n_train=48, n_val=12, n_eval=8, tok_steps=3, tok_batch=8, var_steps=10, vocab_size=32, text_dim=16,
                    text_heads=2, depth=1, width=32, heads=2, cfg_sweep=(0.0, 2.0), classifier_steps=20,
                    grid_captions=2, grid_samples=2)
 
