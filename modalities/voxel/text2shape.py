@@ -66,8 +66,8 @@ class Text2ShapeConfig:
     n_val: int = 120
     n_eval: int = 120                  # captions per evaluation set
     held_out: tuple = HELD_OUT         # (adjective, category) pairs never in train / val
-    tok_steps: int = 600
-    tok_batch: int = 32
+    tok_steps: int = 400
+    tok_batch: int = 16
     max_length: int = 10
     text_dim: int = 48
     text_depth: int = 1
