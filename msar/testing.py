@@ -48,7 +48,7 @@ from .tokenizer import MultiScaleVQTokenizer
 __all__ = [
     "check_adapter", "check_pyramid", "check_indices_contract", "assert_teacher_forcing_consistent",
     "assert_kv_cache_equivalent", "assert_sampling_reproducible", "assert_scales_matter", "assert_block_causal",
-    "tiny_transformer", "random_schedules", "random_indices",
+    "tiny_transformer", "random_schedules", "random_indices", "random_condition",
 ]
 
 # Relative round-trip error allowed for pyramids that only approximately satisfy

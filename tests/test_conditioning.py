@@ -119,8 +119,10 @@ def test_padding_changes_nothing():
 
 
 def test_fully_padded_row_gives_zero_cross_attention_not_nan():
-    """Bug: softmax over keys that are all masked gives NaN, which spreads through the batch."""
+    """Bug: softmax over keys that are all masked gives NaN (some SDPA kernels), or a row with no
+    condition token still gets the projection's bias."""
     attn = CrossAttention(16, 2)
+    attn.proj.bias.data.fill_(0.1)  # a row with nothing to attend to must not even add the bias
     kv = attn.keys_values(torch.randn(2, 3, 16), torch.tensor([[True, False, False], [False] * 3]))
     out = attn(torch.randn(2, 5, 16), kv)
     assert torch.isfinite(out).all() and out[1].abs().max() == 0 and out[0].abs().max() > 0
