@@ -2,7 +2,6 @@
 scores generated scenes, and the example (``python -m modalities text2image``) on tiny models."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

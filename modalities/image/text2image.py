@@ -34,7 +34,7 @@ import json
 import os
 import textwrap
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -47,7 +47,7 @@ from msar.editing import grid_known_masks
 from msar.text import TextEncoder, TextEncoderConfig, WordTokenizer
 from msar.training import TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig, VQVAETrainer, build_loader
 
-from .captioned_shapes import (COLOURS, HELD_OUT, CaptionAttributes, CaptionedScenes, Scene, SceneObject, caption,
+from .captioned_shapes import (COLOURS, HELD_OUT, CaptionedScenes, Scene, SceneObject, caption,
                                check_held_out)
 from .data import save_labelled_grid
 from .demo import RunFolderError, _fit_in_chunks, prepare_run_folder, provenance  # noqa: F401 (re-exported)
@@ -341,17 +341,26 @@ def run(out: str, c: Text2ImageConfig, progress: bool = True, fresh: bool = Fals
         bar.update(1)
     timing["editing_and_figures"] = time.time() - t
 
+    path = write_metrics(out, metrics, run_record, timing, t_start, cpu_start)
+    metrics["files"] = files + [path, os.path.join(out, "pipeline")]
+    return metrics
+
+
+def write_metrics(out: str, metrics: dict, run_record: dict, timing: dict, t_start: float, cpu_start: float) -> str:
+    """Add the phase timings and the run record (``provenance()`` taken at start, plus wall and
+    CPU time since ``t_start`` / ``cpu_start``) to ``metrics`` and write ``out/metrics.json``
+    atomically; returns its path."""
     metrics["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
     run_record["started"] = run_record["date"]
     run_record["wall_time_s"] = round(time.time() - t_start, 1)
+    # CPU seconds of all threads: close to the wall time of an idle machine at one thread
     run_record["cpu_time_s"] = round(time.process_time() - cpu_start, 1)
     metrics["run"] = run_record
     path = os.path.join(out, "metrics.json")
     with open(path + ".tmp", "w") as f:
         json.dump(metrics, f, indent=1)
     os.replace(path + ".tmp", path)
-    metrics["files"] = files + [path, os.path.join(out, "pipeline")]
-    return metrics
+    return path
 
 
 # ---------------------------------------------------------------------------- figures

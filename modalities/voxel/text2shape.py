@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 import msar
 from modalities.image.demo import RUN_STATE, RunFolderError, _fit_in_chunks, prepare_run_folder, provenance
-from modalities.image.text2image import CaptionTokens, choose_guidance, generate, sweep_plot
+from modalities.image.text2image import CaptionTokens, choose_guidance, generate, sweep_plot, write_metrics
 from msar.text import TextEncoder, TextEncoderConfig, WordTokenizer
 from msar.training import TokenDataset, TransformerTrainConfig, TransformerTrainer, build_loader
 
@@ -253,15 +253,7 @@ def run(out: str, c: Text2ShapeConfig, progress: bool = True, fresh: bool = Fals
     t = time.time()
     files = _figures(out, c, pipe, sets, recs, sweep, best, smoke)
     timing["figures"] = time.time() - t
-    metrics["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
-    run_record["started"] = run_record["date"]
-    run_record["wall_time_s"] = round(time.time() - t_start, 1)
-    run_record["cpu_time_s"] = round(time.process_time() - cpu_start, 1)
-    metrics["run"] = run_record
-    path = os.path.join(out, "metrics.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(path + ".tmp", path)
+    path = write_metrics(out, metrics, run_record, timing, t_start, cpu_start)
     metrics["files"] = files + [path, os.path.join(out, "pipeline")]
     return metrics
 
