@@ -329,6 +329,13 @@ def sample(
     gen = _as_generator(seed, generator, device)
     K = len(sched)
     cross = run_condition = null_rows = None
+    if isinstance(labels, Condition):  # sample(model, tok, Condition...) reads as condition=
+        if condition is not None:
+            raise ValueError("pass labels or condition, not both")
+        labels, condition = None, labels
+    if condition is not None and not isinstance(condition, Condition):
+        raise ValueError(f"condition must be a msar.Condition, got {type(condition).__name__} (plain class "
+                         f"labels go in labels=)")
     if condition is not None and condition.kind == "classes" and model.cond_kind == "classes":
         if labels is not None:
             raise ValueError("pass labels or condition, not both")

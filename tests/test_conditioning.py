@@ -5,9 +5,10 @@ Each test names the bug it catches."""
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings, strategies as st
 
-from msar import (Acceleration, Condition, MultiScaleResidualQuantizer, MultiScaleVQTokenizer, NextScaleTransformer,
-                  TransformerConfig, sample)
+from msar import (Acceleration, Condition, MultiScaleResidualQuantizer, MultiScaleVQTokenizer, sample,
+                  quantize_int8)
 from msar.models.transformer import CrossAttention
 from msar.testing import assert_kv_cache_equivalent, check_adapter, random_condition, tiny_transformer
 from msar.training import TransformerTrainConfig, TransformerTrainer
@@ -86,6 +87,19 @@ def test_every_kind_gives_logits_and_kv_cache_equals_full_forward(kind, cross):
         idx, x = teacher(t, 3)
         assert m(c, x).shape == (3, 14, V)
         assert assert_kv_cache_equivalent(m, t, idx, c, atol=1e-5) <= 1e-5
+
+
+@settings(max_examples=12, deadline=None)
+@given(rank=st.integers(1, 3), sides=st.lists(st.integers(1, 3), min_size=1, max_size=3), shared=st.booleans(),
+       T=st.integers(1, 5), seed=st.integers(0, 99))
+def test_kv_cache_with_cross_attention_on_random_schedules(rank, sides, shared, T, seed):
+    """The same property over schedules of rank 1-3, sequence lengths and paddings (the pattern
+    of test_transformer_sampling's KV-cache test)."""
+    sched = [(s,) * rank for s in sorted(sides)]
+    t = MultiScaleVQTokenizer(nn.Identity(), nn.Identity(), MultiScaleResidualQuantizer(V, C, sched))
+    m = tiny_transformer(t, depth=2, embed_dim=32, seed=seed, cond_kind="sequence", cond_dim=D, shared_aln=shared)
+    idx = t.encode(torch.randn(3, C, *sched[-1], generator=torch.Generator().manual_seed(seed)))
+    assert_kv_cache_equivalent(m, t, idx, random_condition(m, 3, length=T, seed=seed), atol=1e-5)
 
 
 def test_kv_cache_check_fails_when_cross_attention_is_skipped():
@@ -223,6 +237,9 @@ def test_editing_acceleration_and_unconditional_sampling_with_a_condition():
     with pytest.raises(ValueError, match="cond_dim"):
         sample(m, t, condition=cond, accel=Acceleration(refiner=model(seed=1, cond_dim=5), refine_last=1))
     assert sample(m, t, batch_size=2, seed=0).indices[-1].shape == (2, 9)
+    assert sample(quantize_int8(m), t, condition=cond, cfg=2.0, seed=5).indices[-1].shape == (3, 9)
+    positional = sample(m, t, cond, cfg=2.0, seed=5)  # a Condition in the labels slot is the condition
+    assert all(torch.equal(a, b) for a, b in zip(ref.indices, positional.indices))
 
 
 def test_conformance_kit_runs_with_conditioned_models():
