@@ -15,6 +15,16 @@ KV cache::
     for block in blocks: h = block(h, cond, block-causal mask)
     logits = head(head_norm(h, cond))                           # (B, L, V)
 
+Other conditions (:class:`~msar.Condition`, ``cfg.cond_kind``): a vector ``(B, D)`` or a
+sequence ``(B, T, D)`` with its padding mask is projected to the width; ``cond`` is the
+projected vector or the masked mean of the projected sequence, and with cross-attention
+every block is self-attention -> cross-attention to the sequence -> MLP::
+
+    seq  = cond_proj(features) where mask else 0                 # (B, T, C)
+    cond = sum(seq) / count(mask)                               # (B, C); null rows: class_embed[null]
+    kv   = per block cross_attn.keys_values(seq, mask)          # once per generation
+    for block, kv_b in zip(blocks, kv): h = block(h, cond, block-causal mask, cross=kv_b)
+
 The reference VAR implementation names these parameters differently
 (``word_embed``, ``pos_1LC``, ``ada_lin`` ...); its released checkpoints load
 through the converter in ``modalities/image/checkpoint.py``.
@@ -662,8 +672,10 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
             condition = self.check_condition(labels, B)
             self._check_input(x, B)
             drop = null_rows
-            if self.training and self.cond_drop_rate > 0:
-                drop = torch.rand(B, device=x.device) < self.cond_drop_rate
+            if self.training:  # a (possibly all-False) mask even at rate 0: the null parameters stay in the
+                # graph, which DDP without find_unused_parameters needs
+                drop = (torch.rand(B, device=x.device) < self.cond_drop_rate if self.cond_drop_rate > 0
+                        else torch.zeros(B, dtype=torch.bool, device=x.device))
                 drop = drop if null_rows is None else drop | null_rows
             cond, cond_blocks, cross = self.encode_condition(condition.to(x.device), drop)
         else:
