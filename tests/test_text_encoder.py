@@ -88,6 +88,46 @@ def test_joint_training_updates_the_text_encoder_and_resumes_exactly(tmp_path):
         assert torch.equal(a, b)
 
 
+def _ddp_worker(rank, world, port, out_dir):
+    import os
+    import warnings
+
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tok, enc, vq, model = text_setup()
+    model.cond_drop_rate = 0.0  # no row dropped: the null parameters must still be in the graph
+    items = [(torch.randn(C, 2, 2, generator=torch.Generator().manual_seed(i)), *tok.encode_one(CAPTIONS[i % 4]))
+             for i in range(8)]
+    cfg = TransformerTrainConfig(lr=3e-3, total_steps=2, warmup_steps=0, device="cpu", progress=False)
+    tr = TransformerTrainer(model, vq, cfg, condition_encoder=enc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(build_loader(items, batch_size=2, seed=3), 2)
+    flat = torch.cat([p.detach().flatten() for m in (tr.model, tr.condition_encoder) for p in m.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    torch.save({"same": all(torch.equal(gathered[0], g) for g in gathered), "step": tr.step},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_joint_training_under_ddp_keeps_ranks_in_sync(tmp_path):
+    """Bug: the text encoder's gradients are not averaged over ranks (its weights drift apart), or
+    DDP fails on parameters left out of the graph (the null condition when no row is dropped)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert res["same"] and res["step"] == 2
+
+
 def test_pipeline_saves_the_text_encoder_and_samples_from_captions(tmp_path):
     """Bug: the text encoder (or its vocabulary) is not saved with the pipeline, so a reloaded
     pipeline conditions on other features."""
