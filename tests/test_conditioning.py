@@ -230,6 +230,11 @@ def test_editing_acceleration_and_unconditional_sampling_with_a_condition():
     mask = [torch.rand(i.shape) < 0.5 for i in ref.indices]
     ed = sample(m, t, condition=cond, cfg=2.0, seed=5, known=known, known_mask=mask)
     assert all(torch.equal(e[mk], k[mk]) for e, k, mk in zip(ed.indices, known, mask))
+    # guidance off at every scale: the conditional rows alone (a wrong row slice of the cross keys /
+    # values would hand the null condition's to the conditional half)
+    off = sample(m, t, condition=cond, cfg=2.0, seed=5, accel=Acceleration(guidance_off_last=3))
+    plain = sample(m, t, condition=cond, cfg=0.0, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(off.indices, plain.indices))
     small = model(seed=1, depth=1)
     fast = sample(m, t, condition=cond, cfg=2.0, seed=5,
                   accel=Acceleration(guidance_off_last=1, prune_last=1, refiner=small, refine_last=1))
