@@ -188,6 +188,7 @@ def test_hf_text_encoder_loads_from_a_local_folder(tmp_path, arch):
     torch.testing.assert_close(cond.features[cond.mask], direct[:, :cond.length][cond.mask], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="caption 1 has 9 tokens, more than the text encoder's max_length 8"):
         enc.encode(["a red circle", "a red circle a red circle a red circle"])
+    assert all(p.requires_grad for p in load_hf_text_encoder(tmp_path, trainable=True).parameters())  # fine-tuning
     enc.save_pretrained(tmp_path / "saved")  # and it travels in a pipeline folder
     again = msar.from_pretrained(tmp_path / "saved")
     torch.testing.assert_close(again.encode(CAPTIONS[:2]).features, cond.features)
