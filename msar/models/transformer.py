@@ -665,30 +665,15 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
             ``(B, L, V)`` logits.
         """
         B = x.shape[0]
-        if isinstance(labels, Condition) and labels.kind == "classes" and self.cond_kind == "classes":
-            labels = labels.labels
-        cross = None
-        if isinstance(labels, Condition) or self.cond_kind != "classes":
-            condition = self.check_condition(labels, B)
-            self._check_input(x, B)
-            drop = null_rows
-            if self.training:  # a (possibly all-False) mask even at rate 0: the null parameters stay in the
-                # graph, which DDP without find_unused_parameters needs
-                drop = (torch.rand(B, device=x.device) < self.cond_drop_rate if self.cond_drop_rate > 0
-                        else torch.zeros(B, dtype=torch.bool, device=x.device))
-                drop = drop if null_rows is None else drop | null_rows
-            cond, cond_blocks, cross = self.encode_condition(condition.to(x.device), drop)
-        else:
-            labels = self.check_labels(labels, allow_null=allow_null)
-            if labels.shape[0] != B:
-                raise ValueError(f"labels has batch size {labels.shape[0]} but the input has batch size {B}")
-            self._check_input(x, B)
-            if self.training and self.cond_drop_rate > 0:
-                drop = torch.rand(B, device=labels.device) < self.cond_drop_rate
-                labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-            if null_rows is not None:
-                labels = torch.where(null_rows, torch.full_like(labels, self.num_classes), labels)
-            cond, cond_blocks = self.condition(labels)
+        condition = self.check_condition(labels, B, allow_null=allow_null)
+        self._check_input(x, B)
+        drop = null_rows
+        if self.training:  # condition dropout; an all-False mask at rate 0 (no random draw) keeps the null
+            # parameters of a conditioned model in the graph, which DDP without find_unused_parameters needs
+            drop = (torch.rand(B, device=x.device) < self.cond_drop_rate if self.cond_drop_rate > 0
+                    else torch.zeros(B, dtype=torch.bool, device=x.device))
+            drop = drop if null_rows is None else drop | null_rows
+        cond, cond_blocks, cross = self.encode_condition(condition.to(x.device), drop)
         if extra_pos is not None and extra_pos.shape[0] not in (1, B):
             raise ValueError(f"extra_pos has batch size {extra_pos.shape[0]} but the input has batch size {B}")
         sos = cond.unsqueeze(1).expand(B, self.first_len, -1) + self.start_pos.expand(B, self.first_len, -1)
