@@ -183,14 +183,15 @@ def test_null_condition_ignores_the_condition_and_dropout_uses_it():
 
 
 def _greedy_guided_logits(m, t, cond, out, cfg, schedule):
-    """Per scale, VAR's guided logits recomputed from two separate teacher-forced passes."""
-    from msar.sampling import apply_guidance, guidance_strength
+    """Per scale, VAR's guided logits ``(1 + t) cond - t uncond`` (written out here, not the
+    sampler's function) from two separate teacher-forced passes."""
+    from msar.sampling import guidance_strength
     x = t.teacher_forcing_input(out.indices)
     c = m(cond, x)
     u = m(cond, x, null_rows=torch.ones(cond.batch_size, dtype=torch.bool))
-    K = len(m.schedule)
-    return [apply_guidance(c[:, m.schedule.slice(k)], u[:, m.schedule.slice(k)],
-                           guidance_strength(cfg, k, K, schedule)) for k in range(K)]
+    K, sl = len(m.schedule), m.schedule.slice
+    ts = [guidance_strength(cfg, k, K, schedule) for k in range(K)]
+    return [(1 + ts[k]) * c[:, sl(k)] - ts[k] * u[:, sl(k)] for k in range(K)]
 
 
 @pytest.mark.parametrize("cfg,schedule", [(0.0, "linear"), (3.0, "constant"), (2.0, "linear")])
@@ -245,6 +246,30 @@ def test_editing_acceleration_and_unconditional_sampling_with_a_condition():
     assert sample(quantize_int8(m), t, condition=cond, cfg=2.0, seed=5).indices[-1].shape == (3, 9)
     positional = sample(m, t, cond, cfg=2.0, seed=5)  # a Condition in the labels slot is the condition
     assert all(torch.equal(a, b) for a, b in zip(ref.indices, positional.indices))
+
+
+def test_edit_keeps_the_known_region_of_the_decoded_data_under_any_condition():
+    """Bug: known tokens not forced for a vector / sequence condition (or only in one half of
+    guidance), so an edit moves the kept region of the decoded data; or the condition does not
+    reach the regenerated region. On decoded data, with any-overlap masks over a pointwise decoder
+    (as test_editing_masks does for class labels)."""
+    from msar.editing import known_masks
+    from test_conformance import sphere_data, sphere_pyramid, sphere_tokenizer
+
+    t = sphere_tokenizer(sphere_pyramid())
+    ref_idx = t.encode(sphere_data(2))
+    ref = t.decode(ref_idx)
+    keep = (torch.arange(96) // 16 < 3).expand(2, 96)  # faces 0-2 of the cube sphere
+    kept = keep[:, None, :].expand_as(ref)
+    masks = known_masks(t.quantizer.pyramid, keep, threshold=1e-3)
+    for kind in ("vector", "sequence"):
+        m = tiny_transformer(t, depth=2, embed_dim=32, cond_kind=kind, cond_dim=D)
+        outs = [sample(m, t, condition=random_condition(m, 2, seed=s), cfg=2.0, seed=0, known=ref_idx,
+                       known_mask=masks).data for s in (0, 1)]
+        for out in outs:
+            torch.testing.assert_close(out[kept], ref[kept], atol=1e-5, rtol=0)
+            assert (out[~kept] - ref[~kept]).abs().max() > 1e-3  # the rest is generated
+        assert (outs[0][~kept] - outs[1][~kept]).abs().max() > 1e-3, f"{kind}: the condition changes nothing"
 
 
 def test_conformance_kit_runs_with_conditioned_models():
