@@ -368,10 +368,10 @@ class Pipeline(PretrainedMixin):
                              f"match the transformer's {transformer.cfg.vocab_size} / {transformer.cfg.latent_dim}")
         if text_encoder is not None:
             cfg = transformer.cfg
-            if getattr(cfg, "cond_kind", "classes") != "sequence" or cfg.cond_dim != text_encoder.feature_dim:
+            if cfg.cond_kind != "sequence" or cfg.cond_dim != text_encoder.feature_dim:
                 raise ValueError(f"a text encoder with {text_encoder.feature_dim} features needs a transformer with "
                                  f"cond_kind='sequence' and cond_dim={text_encoder.feature_dim}, got cond_kind="
-                                 f"{getattr(cfg, 'cond_kind', 'classes')!r}, cond_dim={getattr(cfg, 'cond_dim', 0)}")
+                                 f"{cfg.cond_kind!r}, cond_dim={cfg.cond_dim}")
         self.tokenizer, self.transformer, self.text_encoder = tokenizer, transformer, text_encoder
         for part in (tokenizer, transformer, text_encoder):
             if isinstance(part, nn.Module):
@@ -388,7 +388,7 @@ class Pipeline(PretrainedMixin):
 
     def present_components(self) -> tuple[str, ...]:
         """The components this pipeline holds: ``components`` and the optional ones that are set."""
-        return self.components + tuple(n for n in self.optional_components if getattr(self, n, None) is not None)
+        return self.components + tuple(n for n in self.optional_components if getattr(self, n) is not None)
 
     def to(self, device: torch.device | str) -> "Pipeline":
         for name in self.present_components():
@@ -405,7 +405,7 @@ class Pipeline(PretrainedMixin):
         from .sampling import sample
 
         if captions is not None:
-            if getattr(self, "text_encoder", None) is None:
+            if self.text_encoder is None:
                 raise ValueError("captions need a pipeline with a text_encoder")
             if "condition" in kwargs:
                 raise ValueError("pass captions or condition, not both")
