@@ -12,7 +12,7 @@ What it does::
     tokenizer = fit the voxel tokenizer on train (16^3 grids, scales 1, 2, 3, 4)  # voxel.train
     words     = WordTokenizer.from_corpus(train captions)         # msar.text
     encoder, transformer = fit jointly (cross-attention on the caption's word features)
-    classifier = a small 3-D CNN on real train shapes -> category of a generated grid
+    classifier = a small 3-D CNN on real shapes of every category and size -> category of a generated grid
     for cfg in the guidance sweep: one sample per caption of val, test_seen and test_heldout,
               scored per attribute: category (classifier), adjective (tall / low, large / small:
               the caption's own measurement), parts (boards of a shelf, legs of a table or chair)
@@ -44,14 +44,15 @@ from modalities.image.text2image import CaptionTokens, choose_guidance, generate
 from msar.text import TextEncoder, TextEncoderConfig, WordTokenizer
 from msar.training import TokenDataset, TransformerTrainConfig, TransformerTrainer, build_loader
 
-from .captions import CATEGORIES, HELD_OUT, captioned_shapes, check_caption
+from .captions import CATEGORIES, HELD_OUT, captioned_shapes, check_caption, reference_shapes
 from .export import render_grid
 from .tokenizer import build_voxel_tokenizer
 from .train import reconstruction_iou, train_tokenizer
 
 RUN_CONFIG = "run_config.json"
 STATE = ("ckpt_tokenizer", "logs_tokenizer", "ckpt_transformer", "logs_transformer", "pipeline")
-EVALUATION_FIELDS = ("cfg_sweep", "top_k", "top_p", "n_eval", "classifier_steps", "grid_captions", "grid_samples")
+EVALUATION_FIELDS = ("cfg_sweep", "top_k", "top_p", "n_eval", "classifier_steps", "classifier_shapes", "grid_captions",
+                     "grid_samples")
 ATTRIBUTES = ("category", "adjective", "parts", "all")
 FIGURES = ("samples.png", "guidance_sweep.png", "reconstructions.png")
 EVAL_SETS = ("val", "test_seen", "test_heldout")
@@ -83,6 +84,7 @@ class Text2ShapeConfig:
     top_k: int = 0
     top_p: float = 0.9
     classifier_steps: int = 300
+    classifier_shapes: int = 1200
     grid_captions: int = 4
     grid_samples: int = 3
     seed: int = 0
@@ -91,7 +93,7 @@ class Text2ShapeConfig:
     def quick(cls) -> "Text2ShapeConfig":
         """A smoke run of seconds: tiny models, few steps; its numbers mean nothing."""
         return cls(n_train=48, n_val=12, n_eval=8, tok_steps=3, tok_batch=8, var_steps=10, vocab_size=32, text_dim=16,
-                   text_heads=2, depth=1, width=32, heads=2, cfg_sweep=(0.0, 2.0), classifier_steps=20,
+                   text_heads=2, depth=1, width=32, heads=2, cfg_sweep=(0.0, 2.0), classifier_steps=20, classifier_shapes=60,
                    grid_captions=2, grid_samples=2)
 
     def to_json(self) -> dict:
@@ -197,7 +199,9 @@ def run(out: str, c: Text2ShapeConfig, progress: bool = True, fresh: bool = Fals
 
     # ---- 2. category classifier on real shapes; the checks on real shapes
     t = time.time()
-    classifier = train_classifier(train_v, [x.category for x in train_c], c.classifier_steps, c.seed)
+    # real shapes of every category at every size (held-out pairs too: the classifier only scores)
+    classifier = train_classifier(*reference_shapes(c.classifier_shapes, c.seed, c.resolution), c.classifier_steps,
+                                  c.seed)
     with torch.no_grad():
         recs = {k: (tok.occupancy(tok.decode(tok.encode(torch.from_numpy(v[0][:c.n_eval]).float())))).numpy()
                 for k, v in sets.items() if k != "val"}
