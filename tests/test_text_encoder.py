@@ -88,6 +88,29 @@ def test_joint_training_updates_the_text_encoder_and_resumes_exactly(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_frozen_condition_encoder_trains_the_model_only(tmp_path):
+    """Bug: a frozen encoder (load_hf_text_encoder's default) as condition_encoder fails with "no
+    trainable parameters", is switched to training mode (its dropout makes the condition noisy),
+    or lands in the checkpoints."""
+    tok = WordTokenizer.from_corpus(CAPTIONS, max_length=8)
+    enc = TextEncoder(TextEncoderConfig.for_tokenizer(tok, dim=16, depth=1, num_heads=2, dropout=0.5))
+    enc.requires_grad_(False)
+    before = [p.clone() for p in enc.parameters()]
+    _, _, vq, model = text_setup()
+    items = [(torch.randn(C, 2, 2, generator=torch.Generator().manual_seed(i)), *tok.encode_one(CAPTIONS[i % 4]))
+             for i in range(8)]
+    cfg = TransformerTrainConfig(lr=3e-3, total_steps=2, warmup_steps=0, device="cpu", progress=False,
+                                 ckpt_dir=str(tmp_path), ckpt_every=2)
+    tr = TransformerTrainer(model, vq, cfg, condition_encoder=enc)
+    start = [p.detach().clone() for p in model.parameters()]
+    tr.fit(build_loader(items, batch_size=4), 2)
+    assert not enc.training and all(torch.equal(a, b) for a, b in zip(before, enc.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(start, model.parameters()))
+    ids, mask = tok(CAPTIONS[:2])
+    assert torch.equal(enc(ids, mask).features, enc(ids, mask).features)  # dropout off
+    assert "condition_encoder" not in tr.checkpoint_models()
+
+
 def _ddp_worker(rank, world, port, out_dir):
     import os
     import warnings

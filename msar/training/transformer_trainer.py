@@ -56,7 +56,9 @@ class TransformerTrainer(Trainer):
     (text: ``(x, token_ids (B, T) long, mask (B, T) bool)``) and ``condition_encoder(*inputs)``
     gives the Condition inside the loss, so the encoder trains jointly: its parameters get
     their own AdamW and schedule (``add_trainable("condition_encoder", ...)``) and are saved in
-    every checkpoint and resumed exactly.  Any other format goes through
+    every checkpoint and resumed exactly.  An encoder without trainable parameters (e.g.
+    :func:`msar.text.load_hf_text_encoder`'s default) is frozen instead: kept in eval mode, never
+    optimized, not checkpointed (pass the same one when resuming).  Any other format goes through
     ``prepare_batch(raw) -> (indices, labels, teacher_input[, extra_pos])`` (e.g. graphs whose
     pyramid depends on the sample, or a precomputed teacher input).
 
@@ -85,9 +87,14 @@ class TransformerTrainer(Trainer):
                  extra_pos: Optional[torch.Tensor] = None, condition_encoder: Optional[nn.Module] = None):
         config = config or TransformerTrainConfig()
         super().__init__(model, config)
-        # raw condition inputs -> a Condition, trained with the model (None: batches carry conditions)
-        self.condition_encoder = (None if condition_encoder is None
-                                  else self.add_trainable("condition_encoder", condition_encoder))
+        # raw condition inputs -> a Condition (None: batches carry conditions); trained with the model when
+        # it has trainable parameters, else frozen like the tokenizer (eval mode, not optimized or checkpointed)
+        self.condition_encoder = condition_encoder
+        if condition_encoder is not None:
+            if any(p.requires_grad for p in condition_encoder.parameters()):
+                self.condition_encoder = self.add_trainable("condition_encoder", condition_encoder)
+            else:
+                self.condition_encoder = condition_encoder.to(self.device).eval()
         self.tokenizer = tokenizer
         if isinstance(tokenizer, nn.Module):  # frozen: used in eval mode under no_grad, never optimized
             tokenizer.to(self.device).eval()
