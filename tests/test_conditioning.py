@@ -240,6 +240,11 @@ def test_editing_acceleration_and_unconditional_sampling_with_a_condition():
     fast = sample(m, t, condition=cond, cfg=2.0, seed=5,
                   accel=Acceleration(guidance_off_last=1, prune_last=1, refiner=small, refine_last=1))
     assert [i.shape for i in fast.indices] == [i.shape for i in ref.indices]
+    # the refiner builds its own condition, null half and cross keys / values: refining every scale is
+    # sampling with the refiner alone
+    every = sample(m, t, condition=cond, cfg=2.0, seed=5, accel=Acceleration(refiner=small, refine_last=3))
+    alone = sample(small, t, condition=cond, cfg=2.0, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(every.indices, alone.indices))
     with pytest.raises(ValueError, match="cond_dim"):
         sample(m, t, condition=cond, accel=Acceleration(refiner=model(seed=1, cond_dim=5), refine_last=1))
     assert sample(m, t, batch_size=2, seed=0).indices[-1].shape == (2, 9)
