@@ -247,7 +247,10 @@ def test_editing_acceleration_and_unconditional_sampling_with_a_condition():
     assert all(torch.equal(a, b) for a, b in zip(every.indices, alone.indices))
     with pytest.raises(ValueError, match="cond_dim"):
         sample(m, t, condition=cond, accel=Acceleration(refiner=model(seed=1, cond_dim=5), refine_last=1))
-    assert sample(m, t, batch_size=2, seed=0).indices[-1].shape == (2, 9)
+    # batch_size alone: the null condition; greedy tokens are the argmax of the null-row forward
+    free = sample(m, t, batch_size=2, top_k=1)
+    null = m(cond[:2], t.teacher_forcing_input(free.indices), null_rows=torch.ones(2, dtype=torch.bool))
+    assert all(torch.equal(i, null[:, m.schedule.slice(k)].argmax(-1)) for k, i in enumerate(free.indices))
     assert sample(quantize_int8(m), t, condition=cond, cfg=2.0, seed=5).indices[-1].shape == (3, 9)
     positional = sample(m, t, cond, cfg=2.0, seed=5)  # a Condition in the labels slot is the condition
     assert all(torch.equal(a, b) for a, b in zip(ref.indices, positional.indices))
