@@ -148,6 +148,7 @@ class Condition:
     # ------------------------------------------------------------------ views
     @property
     def batch_size(self) -> int:
+        """B, the number of conditions in the batch."""
         return int((self.labels if self.kind == "classes" else self.features).shape[0])
 
     @property
@@ -162,6 +163,7 @@ class Condition:
 
     @property
     def device(self) -> torch.device:
+        """The device of the labels / features."""
         return (self.labels if self.kind == "classes" else self.features).device
 
     def to(self, device: torch.device | str) -> "Condition":
@@ -171,8 +173,11 @@ class Condition:
         return Condition(self.kind, features=self.features.to(device),
                          mask=None if self.mask is None else self.mask.to(device))
 
-    def __getitem__(self, rows: slice | torch.Tensor) -> "Condition":
-        """The rows ``rows`` (a slice, or an index / bool tensor over the batch)."""
+    def __getitem__(self, rows: int | slice | torch.Tensor) -> "Condition":
+        """The rows ``rows`` (an int, a slice, or an index / bool tensor over the batch) as a
+        Condition; an int keeps the batch dimension (a batch of one)."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1 if rows != -1 else None)
         if self.kind == "classes":
             return Condition.classes(self.labels[rows])
         return Condition(self.kind, features=self.features[rows], mask=None if self.mask is None else self.mask[rows])

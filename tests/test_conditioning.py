@@ -59,6 +59,7 @@ def test_condition_validation_errors_name_what_is_wrong():
     c = Condition.cat([seq(2, 3), seq(1, 5)])  # right-padded to the longest
     assert (c.batch_size, c.length, c.dim) == (3, 5, D) and not c.mask[:2, 3:].any()
     assert Condition.from_tensors("sequence", c.features, c.mask).mask.equal(c.mask)
+    assert c[1].mask.equal(c.mask[1:2]) and c[-1].features.equal(c.features[2:])  # an int keeps the batch dim
 
 
 # ---------------------------------------------------------------------------- class models unchanged
