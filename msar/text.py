@@ -232,8 +232,7 @@ class HFTextEncoder(PretrainedMixin, nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        c = self.model.config
-        return int(getattr(c, "d_model", None) or c.hidden_size)
+        return int(self.model.get_input_embeddings().embedding_dim)  # T5's d_model, CLIP's hidden_size
 
     @property
     def tokenizer(self) -> "_HFTokenize":
@@ -309,7 +308,9 @@ def load_hf_text_encoder(path: str | os.PathLike, max_length: Optional[int] = No
     folder ``path`` (``local_files_only``: nothing is downloaded).
 
     ``max_length``: longest caption in tokens (default: the tokenizer's ``model_max_length`` when
-    set, else the model's position limit, else 512).  Needs ``transformers`` (``msar[text]``)."""
+    set, else the model's position limit -- CLIP's ``max_position_embeddings``; T5 has relative
+    positions and none --, else 512); more than CLIP's position limit is a ValueError.  Needs
+    ``transformers`` (``msar[text]``)."""
     tf = _transformers()
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -318,13 +319,16 @@ def load_hf_text_encoder(path: str | os.PathLike, max_length: Optional[int] = No
     kind = config.model_type
     if kind in ("t5", "mt5", "umt5"):
         model = tf.T5EncoderModel.from_pretrained(path, local_files_only=True)
+        limit = None
     elif kind in ("clip", "clip_text_model"):
         model = tf.CLIPTextModel.from_pretrained(path, local_files_only=True)
+        limit = int(model.config.max_position_embeddings)
     else:
         raise ValueError(f"{path}: a {kind!r} model; load_hf_text_encoder reads T5 encoders and CLIP text models")
     tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if max_length is None:
-        tm = getattr(tokenizer, "model_max_length", None)
-        limit = getattr(model.config, "max_position_embeddings", None)
-        max_length = int(tm) if isinstance(tm, int) and tm < 100_000 else int(limit or 512)
+    if max_length is None:  # HF tokenizers without a known limit report a huge model_max_length
+        tm = tokenizer.model_max_length
+        max_length = int(tm) if isinstance(tm, int) and tm < 100_000 else (limit or 512)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"{path}: max_length {max_length} is more than the CLIP text model's {limit} positions")
     return HFTextEncoder(model.to(device).eval(), tokenizer, int(max_length), trainable)

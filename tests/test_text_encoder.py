@@ -212,6 +212,9 @@ def test_hf_text_encoder_loads_from_a_local_folder(tmp_path, arch):
     with pytest.raises(ValueError, match="caption 1 has 9 tokens, more than the text encoder's max_length 8"):
         enc.encode(["a red circle", "a red circle a red circle a red circle"])
     assert all(p.requires_grad for p in load_hf_text_encoder(tmp_path, trainable=True).parameters())  # fine-tuning
+    if arch == "clip":  # more tokens than position embeddings: refused at load, not an index error later
+        with pytest.raises(ValueError, match="max_length 9 is more than the CLIP text model's 8 positions"):
+            load_hf_text_encoder(tmp_path, max_length=9)
     enc.save_pretrained(tmp_path / "saved")  # and it travels in a pipeline folder
     again = msar.from_pretrained(tmp_path / "saved")
     torch.testing.assert_close(again.encode(CAPTIONS[:2]).features, cond.features)
