@@ -35,7 +35,8 @@ class TransformerTrainConfig(TrainConfig):
 # indices (per scale (B, n_k)), the condition -- labels (B,), a Condition, a tuple of the condition
 # encoder's inputs, or None (unconditional: the null class) --, teacher input (B, L - n_0, C), adapter
 # positions (B or 1, L, embed_dim) or None
-TokenBatch = tuple[list[torch.Tensor], Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]
+TokenBatch = tuple[list[torch.Tensor], "torch.Tensor | Condition | tuple[torch.Tensor, ...] | None", torch.Tensor,
+                   Optional[torch.Tensor]]
 
 
 class TransformerTrainer(Trainer):
