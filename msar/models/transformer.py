@@ -552,7 +552,8 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         """Validate a condition for this model and return it as a :class:`Condition`: a label
         tensor or ``Condition.classes`` for a class model (labels checked as in
         :meth:`check_labels`), a ``Condition.vector`` / ``Condition.sequence`` with the model's
-        ``cond_dim`` otherwise; ``batch_size``: the batch it must have."""
+        ``cond_dim`` otherwise; ``batch_size``: the batch it must have; ``allow_null``: accept
+        the null class in class labels (as :meth:`check_labels`)."""
         kind = self.cond_kind
         if not isinstance(condition, Condition):
             if kind != "classes":
