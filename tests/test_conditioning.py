@@ -307,3 +307,5 @@ def test_trainer_takes_condition_batches_from_the_default_loader():
     shuffled = Condition.sequence(c.features.flip(0), c.mask.flip(0))
     assert torch.isfinite(loss) and loss != tr.compute_loss(tr.parse_batch((x, shuffled))).loss
     assert tr.train_step(x, c) is not None
+    with pytest.raises(ValueError, match=r"takes sequence conditions.*a batch is \(x, features \(B, T, D\)"):
+        tr.parse_batch((x, torch.tensor([0, 1, 2, 0])))  # class labels for a sequence model

@@ -160,7 +160,11 @@ class TransformerTrainer(Trainer):
             if len(tensors) != 1:
                 raise TypeError(f"a class model takes labels (B,), got {len(tensors)} condition tensors")
             return tensors[0].long()
-        return Condition.from_tensors(kind, *tensors)
+        try:
+            return Condition.from_tensors(kind, *tensors)
+        except ValueError as e:  # say which batch the model needs, not only what is wrong with this one
+            want = "(x, features (B, D))" if kind == "vector" else "(x, features (B, T, D)[, mask (B, T) bool])"
+            raise ValueError(f"the model takes {kind} conditions (cond_kind={kind!r}): a batch is {want}; {e}") from e
 
     def parse_batch(self, raw: Any) -> TokenBatch:
         """``(x, labels)`` or ``(x,)`` -- ``x`` per-scale token indices or raw data for the tokenizer,
