@@ -89,8 +89,8 @@ def test_detector_reads_real_held_out_scenes(detector):
 def test_detector_scores_a_scene_against_a_wrong_caption_as_wrong(detector):
     """Each attribute fails alone when only that part of the caption is wrong (a metric that
     ignored an attribute, or matched objects loosely, would pass these)."""
-    s = Scene((SceneObject("triangle", "yellow", "large", 9.0, 12.0), SceneObject("square", "green", "small", 25.0, 14.0)),
-              "left of")
+    s = Scene((SceneObject("triangle", "yellow", "large", 9.0, 12.0),
+               SceneObject("square", "green", "small", 25.0, 14.0)), "left of")
     dets = detector.detect(render(s))
     right = s.attributes()
     assert all(v for v in score_detections(dets, right).values())

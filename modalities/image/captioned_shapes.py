@@ -243,9 +243,11 @@ def check_held_out(held_out: Sequence[tuple[str, str]]) -> tuple[tuple[str, str]
     held = tuple(tuple(h) for h in held_out)
     bad = [h for h in held if h not in all_combos()]
     if bad:
-        raise ValueError(f"held_out: {bad} are not (shape, colour) pairs of shapes {SHAPES} and colours {tuple(COLOURS)}")
+        raise ValueError(f"held_out: {bad} are not (shape, colour) pairs of shapes {SHAPES} and colours "
+                         f"{tuple(COLOURS)}")
     seen = [c for c in all_combos() if c not in held]
-    missing = [s for s in SHAPES if s not in {c[0] for c in seen}] + [c for c in COLOURS if c not in {x[1] for x in seen}]
+    missing = ([s for s in SHAPES if s not in {c[0] for c in seen}]
+               + [c for c in COLOURS if c not in {x[1] for x in seen}])
     if missing:
         raise ValueError(f"held_out removes every scene with {missing} from training; hold out fewer combinations")
     return held

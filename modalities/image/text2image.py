@@ -161,9 +161,11 @@ def generate(pipe: msar.Pipeline, captions: Sequence[str], c: Text2ImageConfig, 
     for b, i in enumerate(range(0, len(captions), batch_size)):
         kw = {}
         if known is not None:
-            kw = {"known": [t[i:i + batch_size] for t in known], "known_mask": [m[i:i + batch_size] for m in known_mask]}
-        out = msar.sample(pipe.transformer, pipe.tokenizer, condition=pipe.text_encoder.encode(captions[i:i + batch_size]),
-                          cfg=cfg, top_k=c.top_k, top_p=c.top_p, seed=seed + b, **kw)
+            kw = {"known": [t[i:i + batch_size] for t in known],
+                  "known_mask": [m[i:i + batch_size] for m in known_mask]}
+        cond = pipe.text_encoder.encode(captions[i:i + batch_size])
+        out = msar.sample(pipe.transformer, pipe.tokenizer, condition=cond, cfg=cfg, top_k=c.top_k, top_p=c.top_p,
+                          seed=seed + b, **kw)
         imgs.append(out.data)
         idx.append(out.indices)
     return torch.cat(imgs), [torch.cat([p[k] for p in idx]) for k in range(len(idx[0]))]
@@ -288,7 +290,8 @@ def run(out: str, c: Text2ImageConfig, progress: bool = True, fresh: bool = Fals
         # the ceiling of generated scenes: what survives the tokenizer's round trip
         "on_tokenizer_reconstructions": {k: summarise(detector.score(r, [s.attributes() for s in sets[k].scenes]))
                                          for k, r in recs.items()}}
-    metrics["vqvae"] = {"test_seen_recon_mse": float((recs["test_seen"] - sets["test_seen"].images[:c.n_eval]).pow(2).mean()),
+    seen_mse = float((recs["test_seen"] - sets["test_seen"].images[:c.n_eval]).pow(2).mean())
+    metrics["vqvae"] = {"test_seen_recon_mse": seen_mse,
                         "codebook_usage_pct_per_scale": vqvae.quantizer.usage(c.vae_batch * c.patch_nums[-1] ** 2)}
     timing["detector"] = time.time() - t
 
@@ -456,7 +459,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         epilog="Running again with the same options resumes (or re-evaluates) the run in --out; "
                "other training options there are refused: use another --out, or --fresh.")
     ap.add_argument("--out", help="output folder; default outputs/text2image, or outputs/text2image_quick with --quick")
-    ap.add_argument("--quick", action="store_true", help="a smoke run of seconds with tiny models (numbers mean nothing)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run of seconds with tiny models (numbers mean nothing)")
     ap.add_argument("--fresh", action="store_true", help="discard the checkpoints of an earlier run in --out first")
     ap.add_argument("--seed", type=int, default=0, help="seed of data, training and sampling")
     ap.add_argument("--var-steps", type=int, help="transformer steps (default: the recipe's)")

@@ -92,9 +92,9 @@ class Text2ShapeConfig:
     @classmethod
     def quick(cls) -> "Text2ShapeConfig":
         """A smoke run of seconds: tiny models, few steps; its numbers mean nothing."""
-        return cls(n_train=48, n_val=12, n_eval=8, tok_steps=3, tok_batch=8, var_steps=10, vocab_size=32, text_dim=16,
-                   text_heads=2, depth=1, width=32, heads=2, cfg_sweep=(0.0, 2.0), classifier_steps=20, classifier_shapes=60,
-                   grid_captions=2, grid_samples=2)
+        return cls(n_train=48, n_val=12, n_eval=8, tok_steps=3, tok_batch=8, var_steps=10, vocab_size=32,
+                   text_dim=16, text_heads=2, depth=1, width=32, heads=2, cfg_sweep=(0.0, 2.0), classifier_steps=20,
+                   classifier_shapes=60, grid_captions=2, grid_samples=2)
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -295,7 +295,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         epilog="Running again with the same options resumes (or re-evaluates) the run in --out; "
                "other training options there are refused: use another --out, or --fresh.")
     ap.add_argument("--out", help="output folder; default outputs/text2shape, or outputs/text2shape_quick with --quick")
-    ap.add_argument("--quick", action="store_true", help="a smoke run of seconds with tiny models (numbers mean nothing)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run of seconds with tiny models (numbers mean nothing)")
     ap.add_argument("--fresh", action="store_true", help="discard the checkpoints of an earlier run in --out first")
     ap.add_argument("--seed", type=int, default=0, help="seed of data, training and sampling")
     ap.add_argument("--var-steps", type=int, help="transformer steps (default: the recipe's)")
