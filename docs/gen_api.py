@@ -20,7 +20,10 @@ import os
 import re
 import sys
 
-MODULES = ["msar", "msar.sampling", "msar.editing", "msar.metrics", "msar.training", "msar.testing"]
+# the checkout this script lives in, not whichever msar is installed (sys.path[0] is docs/)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODULES = ["msar", "msar.sampling", "msar.editing", "msar.metrics", "msar.text", "msar.training", "msar.testing"]
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api.md")
 
 

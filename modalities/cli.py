@@ -1,4 +1,4 @@
-"""The ``msar`` command line: ``msar demo | sample | edit | parity | train-vqvae``.
+"""The ``msar`` command line: ``msar demo | sample | edit | parity | train-vqvae | text2image | text2shape``.
 
 Lives beside the adapters (not in ``msar/``) because its commands are modality pipelines.
 """
@@ -163,16 +163,21 @@ COMMANDS = {
     "demo": ("VAR on the bundled digits: train tokenizer + transformer, sample, evaluate", "modalities.image.demo"),
     "parity": ("check parity with the reference VAR on a fixture", "modalities.image.parity"),
     "train-vqvae": ("train a multi-scale VQ-VAE on an image folder or the digits", "modalities.image.train_vqvae"),
+    "text2image": ("text-to-image on captioned shapes: train, sample per caption, score attributes",
+                   "modalities.image.text2image"),
+    "text2shape": ("text-to-shape on captioned voxel shapes: train, sample per caption, check geometry",
+                   "modalities.voxel.text2shape"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: msar [-h] [--version] {demo,sample,edit,parity,train-vqvae} [options]\n\n" + "\n".join(
+    usage = ("usage: msar [-h] [--version] {demo,sample,edit,parity,train-vqvae,text2image,text2shape} [options]\n\n"
+             + "\n".join(
         [f"  {k:12s} {v[0]}" for k, v in COMMANDS.items()]
         + ["  sample       class-conditional samples (PNGs + .npz) from a saved pipeline",
            "  edit         zero-shot inpainting / outpainting / class editing of an image"]
-        + ["", "msar COMMAND --help lists the options of COMMAND with their defaults."])
+        + ["", "msar COMMAND --help lists the options of COMMAND with their defaults."]))
     if not argv:  # a command is required
         print(usage, file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from .quantizer import (MultiScaleResidualQuantizer, PhiBank, QuantizerOutput, R
 from .fsq import FSQQuantizer
 from .bitwise import BitwiseQuantizer
 from .tokenizer import DecodeState, MultiScaleVQTokenizer, PyramidTokenizer, ResidualDecodeState
+from .conditioning import Condition
 from .models.transformer import NextScaleTransformer, TransformerConfig
 from .pretrained import Pipeline, PretrainedError, PretrainedMixin, from_pretrained
 from .sampling import SampleOutput, filter_top_k_top_p, guidance_strength, sample, sample_tokens
@@ -25,7 +26,7 @@ __all__ = [
     "MultiScaleResidualQuantizer", "PhiBank", "QuantizerOutput", "to_tokens", "from_tokens",
     "ResidualQuantizer", "FSQQuantizer", "BitwiseQuantizer", "make_quantizer",
     "PyramidTokenizer", "DecodeState", "MultiScaleVQTokenizer", "ResidualDecodeState",
-    "NextScaleTransformer", "TransformerConfig",
+    "NextScaleTransformer", "TransformerConfig", "Condition",
     "PretrainedMixin", "Pipeline", "PretrainedError", "from_pretrained",
     "sample", "SampleOutput", "sample_tokens", "filter_top_k_top_p", "guidance_strength",
     "Acceleration", "quantize_int8",

@@ -81,18 +81,23 @@ class Acceleration:
         if (self.refiner is None) != (self.refine_last == 0):
             raise ValueError("a draft/refine split needs both refiner (a model) and refine_last >= 1")
 
-    def runner(self, model: NextScaleTransformer, labels: torch.Tensor, guided: bool, cond: torch.Tensor,
+    def runner(self, model: NextScaleTransformer, labels: Optional[torch.Tensor], guided: bool, cond: torch.Tensor,
                cond_blocks: torch.Tensor, mods: list, caches: list[KVCache], level_pos: torch.Tensor,
-               extra_pos: Optional[torch.Tensor]) -> "AcceleratedRunner":
+               extra_pos: Optional[torch.Tensor], cross: Optional[list] = None,
+               condition: Optional[tuple] = None) -> "AcceleratedRunner":
         """The per-scale logits of one generation (called by :func:`msar.sample`, which has
-        computed the draft model's condition, modulations, caches and positions)."""
-        return AcceleratedRunner(self, model, labels, guided, cond, cond_blocks, mods, caches, level_pos, extra_pos)
+        computed the draft model's condition, modulations, caches and positions). ``labels``:
+        the run's class labels (None for a vector / sequence condition, which comes as
+        ``condition = (run Condition, null_rows)``); ``cross``: the draft's cross-attention
+        keys / values."""
+        return AcceleratedRunner(self, model, labels, guided, cond, cond_blocks, mods, caches, level_pos, extra_pos,
+                                 cross, condition)
 
 
 def _check_refiner(model: NextScaleTransformer, refiner: NextScaleTransformer) -> None:
     if not isinstance(refiner, NextScaleTransformer):
         raise TypeError(f"Acceleration.refiner must be a NextScaleTransformer, got {type(refiner).__name__}")
-    for name in ("vocab_size", "latent_dim", "num_classes"):
+    for name in ("vocab_size", "latent_dim", "num_classes", "cond_kind", "cond_dim"):
         if getattr(refiner, name) != getattr(model, name):
             raise ValueError(f"the refiner's {name} ({getattr(refiner, name)}) differs from the model's "
                              f"({getattr(model, name)}): both must share one tokenizer and its classes")
@@ -127,17 +132,22 @@ def pivotal_tokens(x: torch.Tensor, keep: int) -> torch.Tensor:
 class _Branch:
     """One transformer's per-generation state: condition, modulations, KV caches, positions."""
 
-    def __init__(self, model: NextScaleTransformer, cond, cond_blocks, mods, caches, level_pos):
+    def __init__(self, model: NextScaleTransformer, cond, cond_blocks, mods, caches, level_pos, cross=None):
         self.model, self.cond, self.cond_blocks, self.mods = model, cond, cond_blocks, mods
-        self.caches, self.level_pos = caches, level_pos
+        self.caches, self.level_pos, self.cross = caches, level_pos, cross
 
     @classmethod
-    def build(cls, model: NextScaleTransformer, run_labels: torch.Tensor, extra_pos) -> "_Branch":
-        cond, cond_blocks = model.condition(run_labels)
-        device = run_labels.device
+    def build(cls, model: NextScaleTransformer, run_labels: Optional[torch.Tensor], extra_pos,
+              condition: Optional[tuple] = None) -> "_Branch":
+        if run_labels is not None:
+            cond, cond_blocks = model.condition(run_labels)
+            cross = None
+        else:  # a vector / sequence condition: (run Condition, null_rows)
+            cond, cond_blocks, cross = model.encode_condition(*condition)
+        device = cond.device
         return cls(model, cond, cond_blocks, model.modulations(cond_blocks),
-                   model.new_caches(run_labels.shape[0], device=device),
-                   model.level_pos(None if extra_pos is None else extra_pos.to(device)))
+                   model.new_caches(cond.shape[0], device=device),
+                   model.level_pos(None if extra_pos is None else extra_pos.to(device)), cross)
 
     def drop_rows(self, B: int) -> None:
         """Keep the first B rows (the conditional half): condition, modulations and caches."""
@@ -145,6 +155,8 @@ class _Branch:
         self.mods = [tuple(v[:B] for v in m) for m in self.mods]
         for c in self.caches:
             c.k, c.v = c.k[:B], c.v[:B]
+        if self.cross is not None:
+            self.cross = [kv.rows(slice(0, B)) for kv in self.cross]
 
     def embed(self, k: int, x: Optional[torch.Tensor], rows: int) -> torch.Tensor:
         """This model's input of scale k ``(rows, n_k, C)`` from the tokenizer's ``x (B, n_k, latent)``."""
@@ -159,19 +171,19 @@ class AcceleratedRunner:
     """The scale loop's transformer work under an :class:`Acceleration`: ``logits(k, h, x, t)``
     returns the ``(B, n_k, V)`` logits of scale k (guidance applied), updating the caches."""
 
-    def __init__(self, accel: Acceleration, model: NextScaleTransformer, labels: torch.Tensor, guided: bool,
-                 cond, cond_blocks, mods, caches, level_pos, extra_pos):
+    def __init__(self, accel: Acceleration, model: NextScaleTransformer, labels: Optional[torch.Tensor], guided: bool,
+                 cond, cond_blocks, mods, caches, level_pos, extra_pos, cross=None, condition=None):
         self.accel, self.guided = accel, guided
-        self.B = labels.shape[0] // 2 if guided else labels.shape[0]
+        self.B = cond.shape[0] // 2 if guided else cond.shape[0]
         self.K = len(model.schedule)
-        self.draft = _Branch(model, cond, cond_blocks, mods, caches, level_pos)
+        self.draft = _Branch(model, cond, cond_blocks, mods, caches, level_pos, cross)
         self.refiner = None
         if accel.refiner is not None:
             _check_refiner(model, accel.refiner)
             if extra_pos is not None and accel.refiner.embed_dim != model.embed_dim:
                 raise ValueError(f"extra_pos has the model's width {model.embed_dim}; a refiner of width "
                                  f"{accel.refiner.embed_dim} cannot take it (use a refiner of the same width)")
-            self.refiner = _Branch.build(accel.refiner, labels, extra_pos)
+            self.refiner = _Branch.build(accel.refiner, labels, extra_pos, condition)
         self.schedule = model.schedule
         self.prev_logits: Optional[torch.Tensor] = None
         # the scale at which each mode starts (K: never)
@@ -214,12 +226,12 @@ class AcceleratedRunner:
                 inp = inp.gather(1, idx)
             if br is not active:  # the other model only extends its KV caches (no head)
                 if br is self.refiner or k < self.refine_from:
-                    br.model.step(inp, br.cond, br.cond_blocks, br.caches, br.mods, head_rows=0)
+                    br.model.step(inp, br.cond, br.cond_blocks, br.caches, br.mods, head_rows=0, cross=br.cross)
                 continue
             if self.guided and t == 0:  # as msar.sample: the null half only fills its KV cache
-                out = br.model.step(inp, br.cond, br.cond_blocks, br.caches, br.mods, head_rows=B)
+                out = br.model.step(inp, br.cond, br.cond_blocks, br.caches, br.mods, head_rows=B, cross=br.cross)
             else:
-                out = br.model.step(inp, br.cond, br.cond_blocks, br.caches, br.mods)
+                out = br.model.step(inp, br.cond, br.cond_blocks, br.caches, br.mods, cross=br.cross)
                 if self.guided:
                     out = apply_guidance(out[:B], out[B:], t)
         if keep is not None:

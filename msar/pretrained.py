@@ -349,24 +349,34 @@ def from_pretrained(directory: str | os.PathLike, device: torch.device | str = "
 
 # ---------------------------------------------------------------------------- pipelines
 class Pipeline(PretrainedMixin):
-    """A tokenizer and a transformer that generate together.
+    """A tokenizer and a transformer that generate together, optionally with a text encoder.
 
     Saved as a folder holding ``config.json`` and one sub-folder per component
-    (``tokenizer/``, ``transformer/``), each a saved component.  ``pipe.sample(labels)``
-    is :func:`msar.sample` with these two.
+    (``tokenizer/``, ``transformer/``, and ``text_encoder/`` when there is one), each a saved
+    component.  ``pipe.sample(labels)`` is :func:`msar.sample` with these two;
+    ``pipe.sample(captions=[...])`` conditions on ``text_encoder.encode(captions)`` (a
+    :class:`msar.text.TextEncoder`, or :func:`msar.text.load_hf_text_encoder`'s; both carry
+    their tokenizers).
     """
 
     components: ClassVar[tuple[str, ...]] = ("tokenizer", "transformer")
+    optional_components: ClassVar[tuple[str, ...]] = ("text_encoder",)
 
-    def __init__(self, tokenizer: Any, transformer: nn.Module):
+    def __init__(self, tokenizer: Any, transformer: nn.Module, text_encoder: Optional[nn.Module] = None):
         ts, ms = tokenizer.schedule, transformer.schedule
         if ts.token_counts != ms.token_counts:
             raise ValueError(f"tokenizer schedule {ts} does not match the transformer's {ms}")
         if (tokenizer.vocab_size, tokenizer.latent_dim) != (transformer.cfg.vocab_size, transformer.cfg.latent_dim):
             raise ValueError(f"tokenizer vocab_size / latent_dim {tokenizer.vocab_size} / {tokenizer.latent_dim} do not "
                              f"match the transformer's {transformer.cfg.vocab_size} / {transformer.cfg.latent_dim}")
-        self.tokenizer, self.transformer = tokenizer, transformer
-        for part in (tokenizer, transformer):
+        if text_encoder is not None:
+            cfg = transformer.cfg
+            if cfg.cond_kind != "sequence" or cfg.cond_dim != text_encoder.feature_dim:
+                raise ValueError(f"a text encoder with {text_encoder.feature_dim} features needs a transformer with "
+                                 f"cond_kind='sequence' and cond_dim={text_encoder.feature_dim}, got cond_kind="
+                                 f"{cfg.cond_kind!r}, cond_dim={cfg.cond_dim}")
+        self.tokenizer, self.transformer, self.text_encoder = tokenizer, transformer, text_encoder
+        for part in (tokenizer, transformer, text_encoder):
             if isinstance(part, nn.Module):
                 part.eval()
 
@@ -379,18 +389,30 @@ class Pipeline(PretrainedMixin):
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    def present_components(self) -> tuple[str, ...]:
+        """The components this pipeline holds: ``components`` and the optional ones that are set."""
+        return self.components + tuple(n for n in self.optional_components if getattr(self, n) is not None)
+
     def to(self, device: torch.device | str) -> "Pipeline":
-        for name in self.components:
+        for name in self.present_components():
             part = getattr(self, name)
             if isinstance(part, nn.Module):
                 part.to(device)
         return self
 
     @torch.no_grad()
-    def sample(self, labels: Any = None, batch_size: Optional[int] = None, **kwargs) -> Any:
-        """``msar.sample(self.transformer, self.tokenizer, labels, batch_size, **kwargs)``."""
+    def sample(self, labels: Any = None, batch_size: Optional[int] = None, *,
+               captions: Optional[list[str]] = None, **kwargs) -> Any:
+        """``msar.sample(self.transformer, self.tokenizer, labels, batch_size, **kwargs)``; with
+        ``captions``, ``condition=self.text_encoder.encode(captions)``."""
         from .sampling import sample
 
+        if captions is not None:
+            if self.text_encoder is None:
+                raise ValueError("captions need a pipeline with a text_encoder")
+            if "condition" in kwargs:
+                raise ValueError("pass captions or condition, not both")
+            kwargs["condition"] = self.text_encoder.encode(captions)
         return sample(self.transformer, self.tokenizer, labels, batch_size, **kwargs)
 
     def save_pretrained(self, directory: str | os.PathLike,
@@ -399,7 +421,7 @@ class Pipeline(PretrainedMixin):
         ``state_dicts`` maps a component name to weights that override its own."""
         directory = os.fspath(directory)
         config = config_to_dict(self.config)
-        for name in self.components:
+        for name in self.present_components():
             part = getattr(self, name)
             if not isinstance(part, PretrainedMixin):
                 raise TypeError(f"pipeline component {name!r} ({type(part).__name__}) cannot be saved: "
@@ -408,19 +430,20 @@ class Pipeline(PretrainedMixin):
         cfg_path = os.path.join(directory, CONFIG_NAME)
         if os.path.exists(cfg_path):
             os.remove(cfg_path)
-        for name in self.components:
+        for name in self.present_components():
             getattr(self, name).save_pretrained(os.path.join(directory, name), (state_dicts or {}).get(name))
         meta = self._meta(config)
-        meta["components"] = {name: name for name in self.components}
+        meta["components"] = {name: name for name in self.present_components()}
         _write_json(cfg_path, meta)
 
     @classmethod
     def _load(cls, directory: str, meta: dict, device: torch.device | str) -> "Pipeline":
         path = os.path.join(directory, CONFIG_NAME)
         subs = meta.get("components")
-        if not isinstance(subs, dict) or set(subs) != set(cls.components):
-            raise PretrainedError(f"{path}: 'components' must name the sub-folders of {list(cls.components)}, "
-                                  f"got {subs!r}")
+        if (not isinstance(subs, dict) or not set(cls.components) <= set(subs)
+                or not set(subs) <= set(cls.components) | set(cls.optional_components)):
+            raise PretrainedError(f"{path}: 'components' must name the sub-folders of {list(cls.components)} "
+                                  f"(optionally {list(cls.optional_components)}), got {subs!r}")
         parts = {}
         for name, sub in subs.items():
             if not isinstance(sub, str) or os.path.isabs(sub) or ".." in sub.replace("\\", "/").split("/"):

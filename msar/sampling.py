@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .bitwise import bits_to_index
+from .conditioning import Condition
 from .models.transformer import NextScaleTransformer
 
 LogitsHook = Callable[[int, torch.Tensor, Any], torch.Tensor]
@@ -40,11 +41,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class SampleOutput:
-    """``indices``: per scale ``(B, n_k)``; ``data``: the decoded batch (or None); ``labels``: ``(B,)``."""
+    """``indices``: per scale ``(B, n_k)``; ``data``: the decoded batch (or None); ``labels``: ``(B,)``
+    (class models; None otherwise); ``condition``: the :class:`~msar.Condition` sampled from (None
+    for a class model given labels, and for unconditional samples of a conditioned model)."""
 
     indices: list[torch.Tensor]
     data: Any
-    labels: torch.Tensor
+    labels: Optional[torch.Tensor]
+    condition: Optional[Condition] = None
 
 
 # ---------------------------------------------------------------------------- the steps
@@ -229,6 +233,23 @@ def _labels(model: NextScaleTransformer, labels: Any, batch_size: Optional[int],
     return model.check_labels(labels, allow_null=False)
 
 
+def _condition(model: NextScaleTransformer, condition: Condition, labels: Any, batch_size: Optional[int],
+               device: torch.device) -> Optional[Condition]:
+    """The validated Condition of a generation of a model with ``cond_kind`` vector / sequence
+    (None: every row unconditional, the null condition; needs ``batch_size``)."""
+    if labels is not None:
+        raise ValueError(f"this model is conditioned on {model.cond_kind} conditions: pass condition=, not labels")
+    if condition is None:
+        if batch_size is None:
+            raise ValueError(f"pass condition=msar.Condition.{model.cond_kind}(...) (or batch_size alone for "
+                             f"unconditional samples from the null condition)")
+        return None
+    condition = model.check_condition(condition).to(device)
+    if batch_size is not None and batch_size != condition.batch_size:
+        raise ValueError(f"batch_size {batch_size} differs from the condition's batch size {condition.batch_size}")
+    return condition
+
+
 def _known(sched, known, known_mask, V: int, B: int, device) -> tuple[Optional[list], Optional[list]]:
     if known is None and known_mask is None:
         return None, None
@@ -262,6 +283,7 @@ def sample(
     logits_hook: Optional[LogitsHook] = None,
     extra_pos: Optional[torch.Tensor] = None,
     accel: Optional["Acceleration"] = None,
+    condition: Optional[Condition] = None,
 ) -> SampleOutput:
     """Generate a batch scale by scale (the loop of the module docstring).
 
@@ -290,6 +312,11 @@ def sample(
             (both halves of guidance get the same ones).
         accel: opt-in approximate modes (:class:`msar.acceleration.Acceleration`: guidance off
             at the finest scales, a draft/refine split, token pruning); None samples exactly.
+        condition: a :class:`~msar.Condition` of the model's ``cond_kind`` (instead of
+            ``labels``; ``Condition.classes`` is the same as its labels). Guidance pairs it with
+            the learned null condition; a conditioned model given ``batch_size`` alone samples
+            unconditionally (the null condition, no guidance). Cross-attention keys / values
+            are computed once here and reused at every scale.
     """
     _check_knobs(batch_size, cfg, top_k, top_p, temperature)
     bitwise = model.cfg.head == "bitwise"  # logits are (B, n_k, bits): tokens are drawn bit by bit
@@ -301,15 +328,45 @@ def sample(
     device = next(model.parameters()).device
     gen = _as_generator(seed, generator, device)
     K = len(sched)
-    labels = _labels(model, labels, batch_size, gen, device)
-    B = labels.shape[0]
+    cross = run_condition = null_rows = None
+    if isinstance(labels, Condition):  # sample(model, tok, Condition...) reads as condition=
+        if condition is not None:
+            raise ValueError("pass labels or condition, not both")
+        labels, condition = None, labels
+    if condition is not None and not isinstance(condition, Condition):
+        raise ValueError(f"condition must be a msar.Condition, got {type(condition).__name__} (plain class "
+                         f"labels go in labels=)")
+    if condition is not None and condition.kind == "classes" and model.cond_kind == "classes":
+        if labels is not None:
+            raise ValueError("pass labels or condition, not both")
+        labels, condition = condition.labels, None
+    if model.cond_kind == "classes" and condition is None:
+        labels = _labels(model, labels, batch_size, gen, device)
+        B = labels.shape[0]
+        guided = cfg != 0 and model.num_classes > 0
+        run_labels = torch.cat((labels, torch.full_like(labels, model.num_classes))) if guided else labels
+        cond, cond_blocks = model.condition(run_labels)
+    else:
+        if model.cond_kind == "classes":
+            model.check_condition(condition)  # a vector / sequence Condition for a class model: a clear error
+        condition = _condition(model, condition, labels, batch_size, device)
+        if condition is None:  # unconditional: every row the null condition (features only give the shape)
+            B = batch_size
+            shape = (B, model.cond_dim) if model.cond_kind == "vector" else (B, 1, model.cond_dim)
+            run_condition = Condition(model.cond_kind, features=torch.zeros(shape, device=device))
+            null_rows = torch.ones(B, dtype=torch.bool, device=device)
+        else:
+            B = condition.batch_size
+            run_condition = condition
+        guided = cfg != 0 and condition is not None
+        if guided:
+            run_condition = Condition.cat([condition, condition])
+            null_rows = torch.arange(2 * B, device=device) >= B
+        run_labels = None
+        cond, cond_blocks, cross = model.encode_condition(run_condition, null_rows)
     known, known_mask = _known(sched, known, known_mask, model.cfg.vocab_size, B, device)
-
-    guided = cfg != 0 and model.num_classes > 0
-    run_labels = torch.cat((labels, torch.full_like(labels, model.num_classes))) if guided else labels
-    cond, cond_blocks = model.condition(run_labels)
     mods = model.modulations(cond_blocks)
-    caches = model.new_caches(run_labels.shape[0], device=device)
+    caches = model.new_caches(cond.shape[0], device=device)
     if extra_pos is not None and extra_pos.shape[0] not in (1, B):
         raise ValueError(f"extra_pos has batch size {extra_pos.shape[0]}, expected 1 or {B}")
     level_pos = model.level_pos(None if extra_pos is None else extra_pos.to(device))  # (1 or B, L, C)
@@ -317,16 +374,17 @@ def sample(
 
     h = model.embed_start(cond, level_pos.repeat(2, 1, 1) if guided and level_pos.shape[0] > 1 else level_pos)
     runner = None if accel is None else accel.runner(model, run_labels, guided, cond, cond_blocks, mods, caches,
-                                                     level_pos, extra_pos)
+                                                     level_pos, extra_pos, cross=cross,
+                                                     condition=(run_condition, null_rows))
     nxt = None  # the tokenizer's input of scale k (None at k = 0)
     for k in range(K):
         t = guidance_strength(cfg, k, K, cfg_schedule) if guided else 0.0
         if runner is not None:  # msar.acceleration's approximate modes
             logits = runner.logits(k, h, nxt, t)
         elif guided and t == 0:  # (VAR's ramp starts at 0) the null half only fills its KV cache
-            logits = model.step(h, cond, cond_blocks, caches, mods, head_rows=B)
+            logits = model.step(h, cond, cond_blocks, caches, mods, head_rows=B, cross=cross)
         else:
-            logits = model.step(h, cond, cond_blocks, caches, mods)
+            logits = model.step(h, cond, cond_blocks, caches, mods, cross=cross)
             if guided:
                 logits = apply_guidance(logits[:B], logits[B:], t)
         if logits_hook is not None:
@@ -347,4 +405,4 @@ def sample(
             if guided:
                 h = h.repeat(2, 1, 1)
     data = tokenizer.finish(state) if (decode and tokenizer is not None) else None
-    return SampleOutput(list(state.indices), data, labels)
+    return SampleOutput(list(state.indices), data, labels if run_labels is not None else None, condition)

@@ -38,6 +38,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .conditioning import Condition
 from .models.transformer import NextScaleTransformer, TransformerConfig
 from .pyramid import LatentPyramid, OperatorPyramid
 from .sampling import sample
@@ -47,7 +48,7 @@ from .tokenizer import MultiScaleVQTokenizer
 __all__ = [
     "check_adapter", "check_pyramid", "check_indices_contract", "assert_teacher_forcing_consistent",
     "assert_kv_cache_equivalent", "assert_sampling_reproducible", "assert_scales_matter", "assert_block_causal",
-    "tiny_transformer", "random_schedules", "random_indices",
+    "tiny_transformer", "random_schedules", "random_indices", "random_condition",
 ]
 
 # Relative round-trip error allowed for pyramids that only approximately satisfy
@@ -346,24 +347,29 @@ def assert_teacher_forcing_consistent(tokenizer: Any, indices: Sequence[torch.Te
 
 
 def assert_kv_cache_equivalent(model: NextScaleTransformer, tokenizer: Any, indices: Sequence[torch.Tensor],
-                               labels: torch.Tensor, *, atol: float = 1e-5, context: Any = None) -> float:
+                               labels: "torch.Tensor | Condition", *, atol: float = 1e-5, context: Any = None) -> float:
     """Assert that running ``model`` one scale at a time against its KV cache (inputs from the
     tokenizer's decode state fed ground-truth ``indices``) gives the logits of the full
     block-causal teacher-forced forward ``model(labels, teacher_forcing_input(indices))``.
+    ``labels``: class labels ``(B,)`` or a :class:`~msar.Condition` of the model's kind (with
+    cross-attention, its keys / values are computed once, as :func:`msar.sample` does).
     The model must be in eval mode. Returns the largest absolute difference."""
     sched = model.schedule
-    B = labels.shape[0]
     device = _model_device(model)
     with torch.no_grad():
         full = model(labels, tokenizer.teacher_forcing_input(indices), allow_null=True)  # (B, L, V)
-        cond, cond_blocks = model.condition(labels)
+        condition = model.check_condition(labels, allow_null=True).to(device)
+        cond, cond_blocks, cross = model.encode_condition(condition)
+        B = cond.shape[0]
         caches = model.new_caches(B, device=device)
         lvl_pos = model.level_pos()
         state = tokenizer.start(B, device, context)
         h = model.embed_start(cond, lvl_pos)
         worst = 0.0
         for k in range(len(sched)):
-            step = model.step(h, cond, cond_blocks, caches)
+            # cross only when the model has cross-attention: a step without that argument still fits
+            step = (model.step(h, cond, cond_blocks, caches) if cross is None
+                    else model.step(h, cond, cond_blocks, caches, cross=cross))
             d = _max_abs_diff(step, full[:, sched.slice(k)])
             if not d <= atol:
                 _fail("kv_cache", f"scale {k}: KV-cached logits differ from the full masked forward by {d:.3g} "
@@ -375,17 +381,21 @@ def assert_kv_cache_equivalent(model: NextScaleTransformer, tokenizer: Any, indi
     return worst
 
 
-def assert_sampling_reproducible(model: NextScaleTransformer, tokenizer: Any, labels: torch.Tensor, *,
+def assert_sampling_reproducible(model: NextScaleTransformer, tokenizer: Any, labels: "torch.Tensor | Condition", *,
                                  seed: int = 0, context: Any = None,
                                  known: Optional[Sequence[torch.Tensor]] = None) -> None:
     """Assert two :func:`msar.sample` calls with the same seed give identical tokens (valid for the
     schedule and vocabulary), that a decoded tensor batch has the right size, and -- when
-    ``known`` indices are given -- that forcing every token as known returns exactly ``known``."""
-    sched, B = model.schedule, labels.shape[0]
+    ``known`` indices are given -- that forcing every token as known returns exactly ``known``.
+    ``labels``: class labels ``(B,)`` or a :class:`~msar.Condition` (passed as ``condition=``)."""
+    sched, B = model.schedule, len(labels)
 
     def run(**kw: Any):
         # an unconditional model takes a batch size, not (null) labels
-        who = {"labels": labels} if model.num_classes > 0 else {"batch_size": B}
+        if isinstance(labels, Condition):
+            who = {"condition": labels}
+        else:
+            who = {"labels": labels} if model.num_classes > 0 else {"batch_size": B}
         return sample(model, tokenizer, **who, cfg=1.5, top_k=0, top_p=0.9, seed=seed, context=context, **kw)
 
     a, b = run(), run()
@@ -479,8 +489,9 @@ def check_adapter(tokenizer: Any, data: Any, *, model: Optional[NextScaleTransfo
         context: per-sample context passed to ``tokenizer.start(B, device, context)`` and
             :func:`msar.sample` (adapters whose decoding needs it, e.g. each sample's own
             hierarchy); None otherwise.
-        labels: ``(B,)`` class labels for the model checks; default ``arange(B) % num_classes``
-            (the null class for unconditional models).
+        labels: ``(B,)`` class labels for the model checks, or a :class:`~msar.Condition` of
+            the model's ``cond_kind``; default ``arange(B) % num_classes`` (the null class for
+            unconditional models), or :func:`random_condition` for a vector / sequence model.
         atol: tolerance of the float comparisons (teacher forcing, KV cache, finish vs decode).
         seed: seed of the sampling checks.
         exact_round_trip, nested: passed to :func:`check_pyramid`.
@@ -574,9 +585,14 @@ def check_adapter(tokenizer: Any, data: Any, *, model: Optional[NextScaleTransfo
                 _fail("model", f"model has vocab {model.vocab_size} / latent dim {model.latent_dim}, "
                                f"tokenizer {V} / {C}")
             mdev = _model_device(model)
+            if labels is None and model.cond_kind != "classes":
+                labels = random_condition(model, B, seed=seed)
             if labels is None:
                 labels = torch.arange(B) % model.num_classes if model.num_classes > 0 else torch.zeros(B)
-            labels = torch.as_tensor(labels).long().to(mdev)
+            if isinstance(labels, Condition):
+                labels = model.check_condition(labels, B).to(mdev)
+            else:
+                labels = torch.as_tensor(labels).long().to(mdev)
             idx_m = [t.to(mdev) for t in indices]
             report["kv_cache_max_abs_diff"] = assert_kv_cache_equivalent(
                 model, tokenizer, idx_m, labels, atol=atol, context=context)
@@ -588,15 +604,30 @@ def check_adapter(tokenizer: Any, data: Any, *, model: Optional[NextScaleTransfo
 
 
 # ---------------------------------------------------------------------------- builders for tests
+def random_condition(model: NextScaleTransformer, batch_size: int, length: int = 4, seed: int = 0) -> Condition:
+    """A random :class:`~msar.Condition` for ``model``: labels ``arange(B) % num_classes`` (the
+    null class when unconditional), ``randn(B, cond_dim)``, or a ``randn(B, length, cond_dim)``
+    sequence whose row i has ``length - i % length`` real tokens (every row a different padding)."""
+    if model.cond_kind == "classes":
+        return Condition.classes(torch.arange(batch_size) % max(model.num_classes, 1))
+    g = torch.Generator().manual_seed(seed)
+    if model.cond_kind == "vector":
+        return Condition.vector(torch.randn(batch_size, model.cond_dim, generator=g))
+    real = length - torch.arange(batch_size) % length
+    mask = torch.arange(length).unsqueeze(0) < real.unsqueeze(1)
+    return Condition.sequence(torch.randn(batch_size, length, model.cond_dim, generator=g), mask)
+
+
 def tiny_transformer(tokenizer: Any, num_classes: int = 0, depth: int = 1, embed_dim: int = 32,
                      num_heads: int = 2, seed: int = 0, **kw: Any) -> NextScaleTransformer:
     """A small untrained :class:`NextScaleTransformer` matching ``tokenizer`` (schedule, vocab,
     latent dim), in eval mode. Its AdaLN gates and head start at full strength (``init_adaln =
     init_adaln_gamma = init_head = 1``, not VAR's near-identity blocks), so every block really
-    mixes tokens and a KV-cache bug shows in the logits; ``kw`` overrides any config field."""
+    mixes tokens and a KV-cache bug shows in the logits (cross-attention too); ``kw`` overrides any config
+    field (e.g. ``cond_kind="sequence", cond_dim=8`` for a text-like condition)."""
     g = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    kw = {"init_adaln": 1.0, "init_adaln_gamma": 1.0, "init_head": 1.0, **kw}
+    kw = {"init_adaln": 1.0, "init_adaln_gamma": 1.0, "init_head": 1.0, "init_cross_attn": 1.0, **kw}
     try:
         cfg = TransformerConfig(schedule=tokenizer.schedule.to_config(), vocab_size=tokenizer.vocab_size,
                                 latent_dim=tokenizer.latent_dim, num_classes=num_classes, depth=depth,

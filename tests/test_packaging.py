@@ -17,10 +17,13 @@ with open(os.path.join(REPO, "pyproject.toml"), "rb") as _f:
 # distribution name -> the top-level module it provides
 MODULE_OF = {"torch": "torch", "numpy": "numpy", "safetensors": "safetensors", "tqdm": "tqdm", "scipy": "scipy",
              "pillow": "PIL", "scikit-learn": "sklearn", "scikit-image": "skimage", "torch-geometric": "torch_geometric",
-             "networkx": "networkx", "matplotlib": "matplotlib", "pytest": "pytest", "hypothesis": "hypothesis"}
+             "networkx": "networkx", "matplotlib": "matplotlib", "pytest": "pytest", "hypothesis": "hypothesis",
+             "transformers": "transformers"}
 # imports that need no declaration, each with its reason
 UNDECLARED_OK = {
-    "msar": {"hypothesis"},  # msar.testing.random_schedules: a hypothesis strategy for test authors (msar[test])
+    # msar.testing.random_schedules: a hypothesis strategy for test authors (msar[test]);
+    # msar.text.load_hf_text_encoder imports transformers lazily (the optional extra msar[text])
+    "msar": {"hypothesis", "transformers"},
     "benchmarks": {"huggingface_hub", "models"},  # vs_reference: the reference VAR checkout; huggingface_hub is stubbed
 }
 

@@ -15,6 +15,16 @@ KV cache::
     for block in blocks: h = block(h, cond, block-causal mask)
     logits = head(head_norm(h, cond))                           # (B, L, V)
 
+Other conditions (:class:`~msar.Condition`, ``cfg.cond_kind``): a vector ``(B, D)`` or a
+sequence ``(B, T, D)`` with its padding mask is projected to the width; ``cond`` is the
+projected vector or the masked mean of the projected sequence, and with cross-attention
+every block is self-attention -> cross-attention to the sequence -> MLP::
+
+    seq  = cond_proj(features) where mask else 0                 # (B, T, C)
+    cond = sum(seq) / count(mask)                               # (B, C); null rows: class_embed[null]
+    kv   = per block cross_attn.keys_values(seq, mask)          # once per generation
+    for block, kv_b in zip(blocks, kv): h = block(h, cond, block-causal mask, cross=kv_b)
+
 The reference VAR implementation names these parameters differently
 (``word_embed``, ``pos_1LC``, ``ada_lin`` ...); its released checkpoints load
 through the converter in ``modalities/image/checkpoint.py``.
@@ -29,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..conditioning import Condition
 from ..pretrained import PretrainedMixin
 from ..schedule import ScaleSchedule
 
@@ -216,6 +227,76 @@ class AdaLNBlock(nn.Module):
         return x + self.drop_path(h.mul(gamma2))
 
 
+class CrossKV:
+    """One block's cross-attention keys and values for a generation: ``k, v (B, H, T, head_dim)``,
+    ``mask (B, 1, 1, T)`` bool (True = real token; a row without any attends to all and is then
+    zeroed by ``valid``), ``valid (B, 1, 1)`` (0. for such a row).  Computed once per generation
+    and reused at every scale."""
+
+    __slots__ = ("k", "v", "mask", "valid")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor):
+        self.k, self.v, self.mask, self.valid = k, v, mask, valid
+
+    def rows(self, rows: slice) -> "CrossKV":
+        """The same keys / values for the rows ``rows`` of the batch."""
+        return CrossKV(self.k[rows], self.v[rows], self.mask[rows], self.valid[rows])
+
+
+class CrossAttention(nn.Module):
+    """Pre-norm multi-head attention from the tokens ``(B, n, C)`` to a condition sequence
+    ``(B, T, C)`` under its padding mask; the output projection starts at zero
+    (``TransformerConfig.init_cross_attn``), so a fresh block is its class-model self."""
+
+    def __init__(self, dim: int, heads: int, norm_eps: float = 1e-6):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def keys_values(self, context: torch.Tensor, mask: torch.Tensor) -> CrossKV:
+        """``context (B, T, C)``, ``mask (B, T)`` bool -> this layer's :class:`CrossKV`."""
+        B, T, C = context.shape
+        k, v = self.kv(context).view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        has = mask.any(1)
+        # a fully padded row would give softmax(-inf...) = NaN: it attends to everything, then is zeroed
+        attn = (mask | ~has.unsqueeze(1)).view(B, 1, 1, T)
+        return CrossKV(k, v, attn, has.view(B, 1, 1).to(k.dtype))
+
+    def forward(self, x: torch.Tensor, kv: CrossKV) -> torch.Tensor:
+        """``x (B, n, C)`` -> ``(B, n, C)``: attention of ``norm(x)`` to the condition in ``kv``."""
+        B, n, C = x.shape
+        q = self.q(self.norm(x)).view(B, n, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=kv.mask)
+        return self.proj(out.transpose(1, 2).reshape(B, n, C)) * kv.valid
+
+
+class CrossAttnBlock(AdaLNBlock):
+    """:class:`AdaLNBlock` with cross-attention to the condition sequence between self-attention
+    and MLP: ``x += gamma1 attn(...); x += cross_attn(x, cond seq); x += gamma2 mlp(...)``."""
+
+    def __init__(self, dim: int, cond_dim: int, heads: int, mlp_ratio: float = 4.0, shared_aln: bool = False,
+                 l2_norm: bool = False, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 norm_eps: float = 1e-6):
+        super().__init__(dim, cond_dim, heads, mlp_ratio, shared_aln, l2_norm, drop, attn_drop, drop_path, norm_eps)
+        self.cross_attn = CrossAttention(dim, heads, norm_eps)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, mod: Optional[tuple[torch.Tensor, ...]] = None,
+                cross: Optional[CrossKV] = None) -> torch.Tensor:
+        """As :meth:`AdaLNBlock.forward`; ``cross``: this block's :class:`CrossKV` (None skips
+        the cross-attention)."""
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond) if mod is None else mod
+        h = self.attn(_modulate(self.norm(x), scale1, shift1), attn_mask=attn_mask, cache=cache)
+        x = x + self.drop_path(h.mul_(gamma1))
+        if cross is not None:
+            x = x + self.drop_path(self.cross_attn(x, cross))
+        h = self.ffn(_modulate(self.norm(x), scale2, shift2))
+        return x + self.drop_path(h.mul(gamma2))
+
+
 class AdaLNBeforeHead(nn.Module):
     """Final AdaLN (scale and shift only) before the output projection."""
 
@@ -267,6 +348,14 @@ class TransformerConfig:
     # logits (B, L, bits)) for the tokens of msar.BitwiseQuantizer, trained with per-bit BCE
     head: str = "softmax"
     bits: int = 0
+    # the condition (msar.Condition): "classes" (labels, VAR), "vector" (B, cond_dim) or "sequence"
+    # (B, T, cond_dim) + padding mask; cross_attention None = on for "sequence" only; init_cross_attn
+    # scales the cross-attention output projection at init (0: a fresh model ignores the sequence
+    # except through its pooled mean, like the class model)
+    cond_kind: str = "classes"
+    cond_dim: int = 0
+    cross_attention: Optional[bool] = None
+    init_cross_attn: float = 0.0
 
     @classmethod
     def var(cls, depth: int, schedule: list, vocab_size: int = 4096, latent_dim: int = 32,
@@ -275,6 +364,22 @@ class TransformerConfig:
         return cls(schedule=schedule, vocab_size=vocab_size, latent_dim=latent_dim, num_classes=num_classes,
                    depth=depth, embed_dim=64 * depth, num_heads=depth, drop_path_rate=0.1 * depth / 24,
                    shared_aln=shared_aln, attn_l2_norm=True, **kw)
+
+
+def uses_cross_attention(cfg: TransformerConfig) -> bool:
+    """Whether blocks cross-attend to the condition; checks the condition fields of ``cfg``."""
+    if cfg.cond_kind not in ("classes", "vector", "sequence"):
+        raise ValueError(f"cond_kind must be 'classes', 'vector' or 'sequence', got {cfg.cond_kind!r}")
+    if cfg.cond_kind == "classes":
+        if cfg.cross_attention:
+            raise ValueError("cross_attention needs a 'vector' or 'sequence' condition (cond_kind), not class labels")
+        return False
+    if not (isinstance(cfg.cond_dim, int) and cfg.cond_dim >= 1):
+        raise ValueError(f"a {cfg.cond_kind!r} condition needs its feature size cond_dim >= 1, got {cfg.cond_dim!r}")
+    if cfg.num_classes != 0:
+        raise ValueError(f"num_classes must be 0 for a {cfg.cond_kind!r} condition (the one class embedding row is "
+                         f"its learned null condition), got {cfg.num_classes}")
+    return cfg.cond_kind == "sequence" if cfg.cross_attention is None else bool(cfg.cross_attention)
 
 
 def head_outputs(cfg: TransformerConfig) -> int:
@@ -319,6 +424,8 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         self.depth, self.num_heads = cfg.depth, cfg.num_heads
         self.seq_len, self.first_len = s.L, s.first_len
         self.cond_drop_rate = cfg.cond_drop_rate
+        self.cond_kind, self.cond_dim = cfg.cond_kind, cfg.cond_dim
+        self.cross_attention = uses_cross_attention(cfg)
         C = self.embed_dim
         init_std = math.sqrt(1 / C / 3)
 
@@ -334,13 +441,19 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
                                   if cfg.shared_aln else nn.Identity())
         # linearly increasing stochastic depth (plain Python so the model can be built on the meta device)
         dpr = [cfg.drop_path_rate * i / (cfg.depth - 1) if cfg.depth > 1 else 0.0 for i in range(cfg.depth)]
+        block_class = CrossAttnBlock if self.cross_attention else AdaLNBlock
         self.blocks = nn.ModuleList([
-            AdaLNBlock(C, C, cfg.num_heads, cfg.mlp_ratio, cfg.shared_aln, cfg.attn_l2_norm,
+            block_class(C, C, cfg.num_heads, cfg.mlp_ratio, cfg.shared_aln, cfg.attn_l2_norm,
                        cfg.drop_rate, cfg.attn_drop_rate, dpr[i], cfg.norm_eps)
             for i in range(cfg.depth)
         ])
         self.head_norm = AdaLNBeforeHead(C, C, cfg.norm_eps)
         self.head = nn.Linear(C, head_outputs(cfg))
+        if self.cond_kind != "classes":  # features (D) -> width C; class_embed's one row is the null condition
+            self.cond_proj = nn.Linear(cfg.cond_dim, C)
+        if self.cross_attention:  # the null condition's sequence: one learned token
+            self.null_context = nn.Parameter(torch.empty(1, C))
+            nn.init.trunc_normal_(self.null_context.data, mean=0, std=init_std)
 
         self.build_buffers()
         self.init_weights()
@@ -391,6 +504,8 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         for b in self.blocks:
             b.attn.proj.weight.div_(math.sqrt(2 * self.depth))
             b.ffn.fc2.weight.div_(math.sqrt(2 * self.depth))
+            if isinstance(b, CrossAttnBlock):
+                b.cross_attn.proj.weight.mul_(cfg.init_cross_attn)
             if b.shared_aln:
                 b.adaln_offset[:, :, 2:].mul_(init_adaln)
                 b.adaln_offset[:, :, :2].mul_(init_adaln_gamma)
@@ -432,6 +547,36 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
                              f"({nc}) is used only for guidance / dropout; {got}{null_hint}")
         return labels.long()
 
+    def check_condition(self, condition: "Condition | torch.Tensor", batch_size: Optional[int] = None,
+                        allow_null: bool = False) -> Condition:
+        """Validate a condition for this model and return it as a :class:`Condition`: a label
+        tensor or ``Condition.classes`` for a class model (labels checked as in
+        :meth:`check_labels`), a ``Condition.vector`` / ``Condition.sequence`` with the model's
+        ``cond_dim`` otherwise; ``batch_size``: the batch it must have; ``allow_null``: accept
+        the null class in class labels (as :meth:`check_labels`)."""
+        kind = self.cond_kind
+        if not isinstance(condition, Condition):
+            if kind != "classes":
+                want = ("Condition.vector(features (B, D))" if kind == "vector"
+                        else "Condition.sequence(features (B, T, D), mask (B, T))")
+                got = (f"a tensor of shape {tuple(condition.shape)}" if isinstance(condition, torch.Tensor)
+                       else type(condition).__name__)
+                raise ValueError(f"this model is conditioned on {kind} conditions (cond_kind={kind!r}, "
+                                 f"D = cond_dim = {self.cond_dim}): pass msar.{want}, got {got}")
+            condition = Condition.classes(self.check_labels(condition, allow_null=allow_null))
+        elif condition.kind != kind:
+            raise ValueError(f"this model takes {kind} conditions (cond_kind={kind!r}), got a {condition.kind} "
+                             f"Condition")
+        elif kind == "classes":
+            self.check_labels(condition.labels, allow_null=allow_null)
+        elif condition.dim != self.cond_dim:
+            raise ValueError(f"the Condition's feature size D = {condition.dim} does not match the model's "
+                             f"cond_dim = {self.cond_dim} (features {tuple(condition.features.shape)})")
+        if batch_size is not None and condition.batch_size != batch_size:
+            raise ValueError(f"the condition has batch size {condition.batch_size} but the input has batch size "
+                             f"{batch_size}")
+        return condition
+
     def _check_input(self, x: torch.Tensor, B: int) -> None:
         want = (B, self.seq_len - self.first_len, self.latent_dim)
         if x.dim() != 3 or tuple(x.shape) != want:
@@ -451,6 +596,42 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         cond = self.class_embed(labels)
         return cond, self.shared_adaln_proj(cond)
 
+    def encode_condition(self, condition: Condition, null_rows: Optional[torch.Tensor] = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, Optional[list[CrossKV]]]:
+        """A validated :class:`Condition` (see :meth:`check_condition`) -> ``(cond (B, C), cond_blocks,
+        cross)``: ``cond`` is the start token and AdaLN input (class embedding, projected vector,
+        or masked mean of the projected sequence), ``cond_blocks`` as in :meth:`condition`,
+        ``cross`` one :class:`CrossKV` per block (None without cross-attention).
+
+        ``null_rows (B,)`` bool: rows that get the learned null condition instead (guidance's
+        unconditional half, condition dropout): the null class embedding and, for cross-attention,
+        the one ``null_context`` token."""
+        if condition.kind == "classes":
+            labels = condition.labels
+            if null_rows is not None:
+                labels = torch.where(null_rows, torch.full_like(labels, self.num_classes), labels)
+            cond, cond_blocks = self.condition(labels)
+            return cond, cond_blocks, None
+        feats = condition.features.to(self.class_embed.weight.dtype)  # (a quantised cond_proj has no .weight)
+        if condition.kind == "vector":
+            pooled = self.cond_proj(feats)                                   # (B, C)
+            context, mask = pooled.unsqueeze(1), torch.ones_like(pooled[:, :1], dtype=torch.bool)
+        else:
+            mask = condition.mask
+            # where, not a product: padded features (even inf / NaN) must not reach the result
+            context = torch.where(mask.unsqueeze(-1), self.cond_proj(feats), 0.0)   # (B, T, C)
+            pooled = context.sum(1) / mask.sum(1, keepdim=True).to(context.dtype)
+        if null_rows is not None:
+            pooled = torch.where(null_rows.unsqueeze(1), self.class_embed.weight[self.num_classes], pooled)
+            if self.cross_attention:
+                first = torch.zeros_like(mask[:1])
+                first[:, 0] = True
+                null_ctx = torch.where(first.unsqueeze(-1), self.null_context, 0.0)       # (1, T, C)
+                context = torch.where(null_rows.view(-1, 1, 1), null_ctx, context)
+                mask = torch.where(null_rows.unsqueeze(1), first, mask)
+        cross = [b.cross_attn.keys_values(context, mask) for b in self.blocks] if self.cross_attention else None
+        return pooled, self.shared_adaln_proj(pooled), cross
+
     def level_pos(self, extra_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Level + position embedding ``(1, L, C)``, plus the adapter's ``extra_pos``
         ``(B or 1, L, C)`` when given (then ``(B or 1, L, C)``)."""
@@ -465,38 +646,47 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         return self.head(self.head_norm(h.float(), cond).float()).float()
 
     # ------------------------------------------------------------------ training forward
-    def forward(self, labels: torch.Tensor, x: torch.Tensor, extra_pos: Optional[torch.Tensor] = None,
-                allow_null: bool = False) -> torch.Tensor:
+    def forward(self, labels: "torch.Tensor | Condition", x: torch.Tensor, extra_pos: Optional[torch.Tensor] = None,
+                allow_null: bool = False, null_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Teacher-forced logits.
 
         Args:
-            labels: ``(B,)`` class labels in ``[0, num_classes - 1]``; during training a
-                fraction ``cond_drop_rate`` is replaced by the null class.
+            labels: the condition: ``(B,)`` class labels in ``[0, num_classes - 1]`` (or
+                ``Condition.classes``) for a class model, a :class:`~msar.Condition` of the
+                model's ``cond_kind`` otherwise; during training a fraction ``cond_drop_rate``
+                of the rows gets the null condition.
             x: ``(B, L - n_0, latent_dim)`` teacher-forcing input from the tokenizer.
             extra_pos: optional ``(B or 1, L, C)`` positions supplied by the adapter
                 (e.g. embedded cell centres), added to the level + position embedding.
             allow_null: accept the null class ``num_classes`` (``model.null_label``) in
                 ``labels``, for an unconditional pass.
+            null_rows: optional ``(B,)`` bool, rows that get the null condition (the
+                unconditional branch of guidance).
         Returns:
             ``(B, L, V)`` logits.
         """
         B = x.shape[0]
-        labels = self.check_labels(labels, allow_null=allow_null)
-        if labels.shape[0] != B:
-            raise ValueError(f"labels has batch size {labels.shape[0]} but the input has batch size {B}")
+        condition = self.check_condition(labels, B, allow_null=allow_null)
         self._check_input(x, B)
+        drop = null_rows
+        if self.training:  # condition dropout; an all-False mask at rate 0 (no random draw) keeps the null
+            # parameters of a conditioned model in the graph, which DDP without find_unused_parameters needs
+            drop = (torch.rand(B, device=x.device) < self.cond_drop_rate if self.cond_drop_rate > 0
+                    else torch.zeros(B, dtype=torch.bool, device=x.device))
+            drop = drop if null_rows is None else drop | null_rows
+        cond, cond_blocks, cross = self.encode_condition(condition.to(x.device), drop)
         if extra_pos is not None and extra_pos.shape[0] not in (1, B):
             raise ValueError(f"extra_pos has batch size {extra_pos.shape[0]} but the input has batch size {B}")
-        if self.training and self.cond_drop_rate > 0:
-            drop = torch.rand(B, device=labels.device) < self.cond_drop_rate
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        cond, cond_blocks = self.condition(labels)
         sos = cond.unsqueeze(1).expand(B, self.first_len, -1) + self.start_pos.expand(B, self.first_len, -1)
         h = torch.cat((sos, self.input_proj(x.float())), dim=1)
         h = h + self.level_pos(extra_pos)
         mask = self.attn_mask
-        for b in self.blocks:
-            h = b(h, cond_blocks, attn_mask=mask)
+        if cross is None:
+            for b in self.blocks:
+                h = b(h, cond_blocks, attn_mask=mask)
+        else:
+            for b, kv in zip(self.blocks, cross):
+                h = b(h, cond_blocks, attn_mask=mask, cross=kv)
         return self.logits(h, cond)
 
     # ------------------------------------------------------------------ incremental inference
@@ -542,7 +732,7 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
 
     def step(self, h: torch.Tensor, cond: torch.Tensor, cond_blocks: torch.Tensor,
              caches: Sequence[KVCache], mods: Optional[Sequence[tuple[torch.Tensor, ...]]] = None,
-             head_rows: Optional[int] = None) -> torch.Tensor:
+             head_rows: Optional[int] = None, cross: Optional[Sequence[CrossKV]] = None) -> torch.Tensor:
         """Run the tokens of one scale ``h (B, n_k, C)`` through all blocks, extending the
         KV caches; returns ``(B, n_k, V)`` logits. No mask is needed: a scale sees
         everything cached so far and all of itself.
@@ -550,10 +740,15 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         ``cond`` / ``cond_blocks``: from :meth:`condition`; ``mods``: precomputed
         :meth:`modulations`; ``head_rows``: only the first rows need logits (the
         unconditional half when its guidance weight is 0 needs only its KV cache);
-        then the result is ``(head_rows, n_k, V)``."""
+        then the result is ``(head_rows, n_k, V)``; ``cross``: the per-block :class:`CrossKV`
+        from :meth:`encode_condition` (models with cross-attention)."""
         mods = mods if mods is not None else [None] * len(self.blocks)
-        for b, c, m in zip(self.blocks, caches, mods):
-            h = b(h, cond_blocks, attn_mask=None, cache=c, mod=m)
+        if cross is None:
+            for b, c, m in zip(self.blocks, caches, mods):
+                h = b(h, cond_blocks, attn_mask=None, cache=c, mod=m)
+        else:
+            for b, c, m, kv in zip(self.blocks, caches, mods, cross):
+                h = b(h, cond_blocks, attn_mask=None, cache=c, mod=m, cross=kv)
         if head_rows is not None:
             h, cond = h[:head_rows], cond[:head_rows]
         return self.logits(h, cond)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..bitwise import bit_cross_entropy, bit_predictions
+from ..conditioning import Condition
 from . import distributed as D
 from .base import LossOutput, TrainConfig, Trainer, _to_device, config_dict
 
@@ -31,9 +32,11 @@ class TransformerTrainConfig(TrainConfig):
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
-# indices (per scale (B, n_k)), labels (B,) or None (unconditional: the null class), teacher input
-# (B, L - n_0, C), adapter positions (B or 1, L, embed_dim) or None
-TokenBatch = tuple[list[torch.Tensor], Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]
+# indices (per scale (B, n_k)), the condition -- labels (B,), a Condition, a tuple of the condition
+# encoder's inputs, or None (unconditional: the null class) --, teacher input (B, L - n_0, C), adapter
+# positions (B or 1, L, embed_dim) or None
+TokenBatch = tuple[list[torch.Tensor], "torch.Tensor | Condition | tuple[torch.Tensor, ...] | None", torch.Tensor,
+                   Optional[torch.Tensor]]
 
 
 class TransformerTrainer(Trainer):
@@ -46,7 +49,17 @@ class TransformerTrainer(Trainer):
     Batches (from ``fit``'s loader) are ``(x, labels)`` or ``(x,)``: ``x`` the precomputed tokens
     (a list of ``(B, n_k)`` long tensors, one per scale; see :class:`~msar.training.TokenDataset`)
     or raw data that the frozen tokenizer encodes on the fly; ``labels`` ``(B,)`` or ``None``
-    (unconditional: the null class).  Any other format goes through
+    (unconditional: the null class).  Models with another condition (``cond_kind``, see
+    :mod:`msar.conditioning`) take ``(x, cond)`` with ``cond`` a :class:`~msar.Condition` or the
+    tensors of ``Condition.from_tensors(model.cond_kind, ...)``: ``(x, features)`` or
+    ``(x, features, mask)``, which the default ``DataLoader`` collates.  With a
+    ``condition_encoder`` (e.g. :class:`msar.text.TextEncoder`) the batch is ``(x, *inputs)``
+    (text: ``(x, token_ids (B, T) long, mask (B, T) bool)``) and ``condition_encoder(*inputs)``
+    gives the Condition inside the loss, so the encoder trains jointly: its parameters get
+    their own AdamW and schedule (``add_trainable("condition_encoder", ...)``) and are saved in
+    every checkpoint and resumed exactly.  An encoder without trainable parameters (e.g.
+    :func:`msar.text.load_hf_text_encoder`'s default) is frozen instead: kept in eval mode, never
+    optimized, not checkpointed (pass the same one when resuming).  Any other format goes through
     ``prepare_batch(raw) -> (indices, labels, teacher_input[, extra_pos])`` (e.g. graphs whose
     pyramid depends on the sample, or a precomputed teacher input).
 
@@ -72,9 +85,17 @@ class TransformerTrainer(Trainer):
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: Optional[TransformerTrainConfig] = None,
                  prepare_batch: Optional[Callable[[Any], tuple]] = None,
-                 extra_pos: Optional[torch.Tensor] = None):
+                 extra_pos: Optional[torch.Tensor] = None, condition_encoder: Optional[nn.Module] = None):
         config = config or TransformerTrainConfig()
         super().__init__(model, config)
+        # raw condition inputs -> a Condition (None: batches carry conditions); trained with the model when
+        # it has trainable parameters, else frozen like the tokenizer (eval mode, not optimized or checkpointed)
+        self.condition_encoder = condition_encoder
+        if condition_encoder is not None:
+            if any(p.requires_grad for p in condition_encoder.parameters()):
+                self.condition_encoder = self.add_trainable("condition_encoder", condition_encoder)
+            else:
+                self.condition_encoder = condition_encoder.to(self.device).eval()
         self.tokenizer = tokenizer
         if isinstance(tokenizer, nn.Module):  # frozen: used in eval mode under no_grad, never optimized
             tokenizer.to(self.device).eval()
@@ -113,8 +134,7 @@ class TransformerTrainer(Trainer):
             with torch.no_grad():
                 indices = [t.long() for t in self.tokenizer.encode(_to_device(data_or_indices, self.device))]
         self.schedule.check_indices(indices, self.model.vocab_size)
-        if labels is not None:
-            labels = torch.as_tensor(labels).to(self.device).long()
+        labels = self.batch_condition(labels)
         if teacher_input is None:
             if self.tokenizer is None:
                 raise TypeError("no tokenizer to build the teacher-forcing input: pass teacher_input")
@@ -123,21 +143,53 @@ class TransformerTrainer(Trainer):
         extra_pos = self.extra_pos if extra_pos is None else extra_pos.to(self.device)
         return indices, labels, teacher_input.to(self.device), extra_pos
 
+    def batch_condition(self, cond: Any) -> Any:
+        """A batch's condition on the device: labels ``(B,)`` long (class models), a
+        :class:`~msar.Condition`, the condition encoder's inputs as a tuple of tensors (encoded
+        in the loss, with gradients), or None."""
+        if cond is None:
+            return None
+        if isinstance(cond, Condition):
+            return cond.to(self.device)
+        tensors = tuple(cond) if isinstance(cond, (list, tuple)) else (cond,)
+        tensors = tuple(torch.as_tensor(t).to(self.device) for t in tensors)
+        if self.condition_encoder is not None:
+            return tensors
+        kind = self.model.cond_kind
+        if kind == "classes":
+            if len(tensors) != 1:
+                raise TypeError(f"a class model takes labels (B,), got {len(tensors)} condition tensors")
+            return tensors[0].long()
+        try:
+            return Condition.from_tensors(kind, *tensors)
+        except ValueError as e:  # say which batch the model needs, not only what is wrong with this one
+            want = "(x, features (B, D))" if kind == "vector" else "(x, features (B, T, D)[, mask (B, T) bool])"
+            raise ValueError(f"the model takes {kind} conditions (cond_kind={kind!r}): a batch is {want}; {e}") from e
+
     def parse_batch(self, raw: Any) -> TokenBatch:
         """``(x, labels)`` or ``(x,)`` -- ``x`` per-scale token indices or raw data for the tokenizer,
         ``labels (B,)`` or ``None`` (unconditional) -- or whatever ``prepare_batch`` reads."""
         if self.prepare_batch is not None:
             return self.make_batch(*self.prepare_batch(raw))
-        if not isinstance(raw, (list, tuple)) or len(raw) not in (1, 2) or self._looks_like_indices(raw):
-            raise TypeError("a batch is (indices or data, labels) or (indices or data,); got "
+        many = self.condition_encoder is not None or self.model.cond_kind == "sequence"  # (x, *cond tensors)
+        if (not isinstance(raw, (list, tuple)) or not (len(raw) in (1, 2) or (many and len(raw) > 2))
+                or self._looks_like_indices(raw)):
+            raise TypeError("a batch is (indices or data, condition) or (indices or data,)"
+                            f"{' or (indices or data, *condition tensors)' if many else ''}; got "
                             f"{type(raw).__name__} of length {len(raw) if isinstance(raw, (list, tuple)) else '-'} "
                             "(pass prepare_batch= for other formats)")
+        if len(raw) > 2:
+            return self.make_batch(raw[0], tuple(raw[1:]))
         return self.make_batch(*raw)
 
     # ------------------------------------------------------------------ loss
     def token_losses(self, model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token cross-entropy ``(B, L)``, per-token correctness ``(B, L)`` and logits ``(B, L, V)``."""
         indices, labels, x, extra_pos = batch
+        if isinstance(labels, tuple):  # the condition encoder's inputs: encoded here, inside autograd
+            labels = self.condition_encoder(*labels)
+        if labels is None and self.model.cond_kind != "classes":
+            raise ValueError(f"the model is conditioned on {self.model.cond_kind} conditions: the batch has none")
         if labels is None:  # unconditional data: the null class, asked for explicitly
             null = torch.full((x.shape[0],), self.model.null_label, dtype=torch.long, device=x.device)
             logits = model(null, x, extra_pos=extra_pos, allow_null=True)
@@ -207,6 +259,9 @@ class TransformerTrainer(Trainer):
         model = self.eval_model if use_ema else self.model
         was_training = model.training
         model.eval()
+        enc_training = self.condition_encoder is not None and self.condition_encoder.training
+        if self.condition_encoder is not None:
+            self.condition_encoder.eval()
         K = self.schedule.num_scales
         # token-weighted sums over the whole loader: loss_k, acc_k, counted tokens_k
         sums = torch.zeros(3 * K, device=self.device, dtype=torch.float64)
@@ -225,6 +280,8 @@ class TransformerTrainer(Trainer):
                 sums[2 * K:] += cnt.double()
         finally:
             model.train(was_training)
+            if self.condition_encoder is not None:
+                self.condition_encoder.train(enc_training)
         if D.is_dist():
             torch.distributed.all_reduce(sums)
         n = sums[2 * K:].clamp_min(1.0)
