@@ -88,7 +88,11 @@ def top_k_top_p_candidates(logits: torch.Tensor, top_k: int = 0,
     """
     V = logits.shape[-1]
     if 0 < top_k < V:
-        vals, ids = logits.topk(top_k, dim=-1, largest=True, sorted=True)
+        # an unsorted top-k and then a sort of its k survivors: the same (values, ids) as a sorted
+        # top-k (exact ties in any order), about twice as fast on CPU for VAR's k=900 of V=4096
+        vals, ids = logits.topk(top_k, dim=-1, largest=True, sorted=False)
+        vals, order = vals.sort(dim=-1, descending=True)
+        ids = ids.gather(-1, order)
     else:
         vals, ids = logits.sort(dim=-1, descending=True)
     if 0 < top_p < 1:
