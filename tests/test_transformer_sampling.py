@@ -347,3 +347,24 @@ def test_kv_cache_follows_the_autocast_dtype():
     assert 0 < err < 0.05, f"bf16 logits differ from fp32 by {err:.3g} of their range"
     agree = torch.cat([(a == b).flatten() for a, b in zip(greedy16, greedy32)]).float().mean()
     assert agree >= 0.9, f"greedy tokens under bf16 agree with fp32 at {agree:.2f} of positions"
+
+
+def test_block_causal_attention_in_pieces_equals_the_masked_attention():
+    """The training forward runs its last scales without a mask (BlockCausalMask): same output and
+    gradients as one SDPA under the full block-causal mask; a mask that is not block-causal is not split."""
+    from msar.models.transformer import BlockCausalMask
+    model, _ = tiny([(1, 1), (2, 2), (3, 3), (4, 4)])
+    mask = model.attn_mask
+    tail = model._unmasked_tail(mask)
+    assert tail == (5, 14)  # scales 2 and 3 start at 1 + 4 and 1 + 4 + 9
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, model.seq_len, 8, requires_grad=True) for _ in range(3))
+    pieces = BlockCausalMask(mask, tail).attend(q, k, v, 0.0, 0.3)
+    whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(pieces, whole)
+    g1 = torch.autograd.grad(pieces.square().sum(), (q, k, v))
+    g2 = torch.autograd.grad(whole.square().sum(), (q, k, v))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+    assert model._unmasked_tail(torch.ones_like(mask)) == ()
+    assert model._unmasked_tail(torch.tril(torch.ones_like(mask))) == ()

@@ -78,6 +78,37 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+@dataclass
+class BlockCausalMask:
+    """The block-causal mask ``(L, L)`` (bool or additive) of a whole sequence, and where its last
+    scales start (``tail_starts``, ascending).
+
+    Attention under it runs in pieces (:meth:`attend`): the queries before the first tail scale under
+    the mask restricted to them, and each tail scale without a mask against every key up to its own
+    end -- which is exactly what the block-causal mask allows.  The last scales hold most queries
+    (256 of VAR's 680), so this skips the masked-out scores of the full ``(L, L)`` product (a third
+    of them for VAR's schedule) and runs the largest piece with the faster unmasked kernel."""
+
+    mask: torch.Tensor
+    tail_starts: tuple[int, ...] = ()
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+               scale: float) -> torch.Tensor:
+        """``q, k, v (B, H, L, hd)`` -> ``(B, H, L, hd)``, the same as SDPA under ``mask``."""
+        L = q.shape[2]
+        bounds = self.tail_starts + (L,)
+        first = bounds[0]
+        outs = []
+        if first > 0:
+            outs.append(F.scaled_dot_product_attention(q[:, :, :first], k[:, :, :first], v[:, :, :first],
+                                                       attn_mask=self.mask[:first, :first], dropout_p=dropout_p,
+                                                       scale=scale))
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            outs.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b], dropout_p=dropout_p,
+                                                       scale=scale))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``.
 
@@ -112,9 +143,9 @@ class SelfAttention(nn.Module):
                 cache: Optional[KVCache] = None) -> torch.Tensor:
         """``x (B, n, C)`` -> ``(B, n, C)``.
 
-        ``attn_mask``: bool ``(n, n)`` (True = may attend) or additive; ``cache``: the
-        layer's :class:`KVCache` -- the new keys/values are appended and the queries
-        attend to everything cached (no mask needed for a whole scale)."""
+        ``attn_mask``: bool ``(n, n)`` (True = may attend) or additive, or a
+        :class:`BlockCausalMask`; ``cache``: the layer's :class:`KVCache` -- the new keys/values
+        are appended and the queries attend to everything cached (no mask needed for a whole scale)."""
         B, L, C = x.shape
         if isinstance(self.qkv, nn.Linear):
             bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
@@ -128,9 +159,11 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         if cache is not None:
             k, v = cache.append(k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )
+        dropout_p = self.attn_drop if self.training else 0.0
+        if isinstance(attn_mask, BlockCausalMask):  # training: attention in pieces, skipping masked-out scores
+            out = attn_mask.attend(q, k, v, dropout_p, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=self.scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
 
 
@@ -468,6 +501,18 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         """Hidden states ``(B, n, C)`` and class embedding ``(B, C)`` -> float32 logits ``(B, n, V)``."""
         return self.head(self.head_norm(h.float(), cond).float()).float()
 
+    def _unmasked_tail(self, mask: Optional[torch.Tensor], scales: int = 2) -> tuple[int, ...]:
+        """Start positions of the last ``scales`` scales (scale 0 excluded) if ``mask`` lets each of
+        them attend to exactly the keys up to its own end (true of the block-causal bool mask;
+        checked because ``attn_mask`` may be replaced), else ``()``."""
+        if mask is None or mask.dtype != torch.bool or mask.shape != (self.seq_len, self.seq_len):
+            return ()
+        K = len(self.schedule)
+        starts = tuple(self.schedule.slice(k).start for k in range(max(K - scales, 1), K))
+        ends = starts[1:] + (self.seq_len,)
+        ok = all(bool(mask[a:b, :b].all()) and not bool(mask[a:b, b:].any()) for a, b in zip(starts, ends))
+        return starts if ok else ()
+
     # ------------------------------------------------------------------ training forward
     def forward(self, labels: torch.Tensor, x: torch.Tensor, extra_pos: Optional[torch.Tensor] = None,
                 allow_null: bool = False) -> torch.Tensor:
@@ -499,6 +544,11 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         h = torch.cat((sos, self.input_proj(x.float())), dim=1)
         h = h + self.level_pos(extra_pos)
         mask = self.attn_mask
+        tail = self._unmasked_tail(mask)
+        if tail:
+            # the last two scales attend without a mask (BlockCausalMask.attend): exact, and a third
+            # fewer attention scores for VAR's schedule
+            mask = BlockCausalMask(mask, tail)
         for b in self.blocks:
             h = b(h, cond_blocks, attn_mask=mask)
         return self.logits(h, cond)
