@@ -61,8 +61,10 @@ def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, t: float) -> torch.
     """Classifier-free guidance ``(1 + t) * cond - t * uncond`` on ``(B, n, V)`` logits.
 
     VAR's formula verbatim: a ``lerp`` is the same in exact arithmetic but orders the float
-    operations differently and can flip greedy ties, breaking token parity with VAR."""
-    return (1 + t) * cond - t * uncond
+    operations differently and can flip greedy ties, breaking token parity with VAR. The
+    subtraction is in place on the fresh product (the same values, one ``(B, n, V)`` temporary
+    fewer: at VAR's last scale that is a 34 MB allocation, page-faulted afresh on CPU)."""
+    return ((1 + t) * cond).sub_(t * uncond)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
