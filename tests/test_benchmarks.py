@@ -167,7 +167,7 @@ RESULTS = os.path.join(REPO, "benchmarks", "results")
 LEGACY_FLAT = {  # command, git_commit and date at the top level
     "next_scale_vs_raster/next_scale_vs_raster.json", "sampling_throughput/sampling_throughput.json",
     "training_throughput/training_throughput.json",
-    "vs_reference/vs_reference.json", "vs_reference/d16/vs_reference.json",
+    "vs_reference/d16/vs_reference.json",
     "vs_reference/small_2threads/vs_reference.json",
 }
 LEGACY_NO_PROVENANCE = {
