@@ -65,8 +65,10 @@ def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, t: float) -> torch.
     """Classifier-free guidance ``(1 + t) * cond - t * uncond`` on ``(B, n, V)`` logits.
 
     VAR's formula verbatim: a ``lerp`` is the same in exact arithmetic but orders the float
-    operations differently and can flip greedy ties, breaking token parity with VAR."""
-    return (1 + t) * cond - t * uncond
+    operations differently and can flip greedy ties, breaking token parity with VAR. The
+    subtraction is in place on the fresh product (the same values, one ``(B, n, V)`` temporary
+    fewer: at VAR's last scale that is a 34 MB allocation, page-faulted afresh on CPU)."""
+    return ((1 + t) * cond).sub_(t * uncond)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -92,7 +94,11 @@ def top_k_top_p_candidates(logits: torch.Tensor, top_k: int = 0,
     """
     V = logits.shape[-1]
     if 0 < top_k < V:
-        vals, ids = logits.topk(top_k, dim=-1, largest=True, sorted=True)
+        # an unsorted top-k and then a sort of its k survivors: the same (values, ids) as a sorted
+        # top-k (exact ties in any order), about twice as fast on CPU for VAR's k=900 of V=4096
+        vals, ids = logits.topk(top_k, dim=-1, largest=True, sorted=False)
+        vals, order = vals.sort(dim=-1, descending=True)
+        ids = ids.gather(-1, order)
     else:
         vals, ids = logits.sort(dim=-1, descending=True)
     if 0 < top_p < 1:

@@ -89,6 +89,37 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+@dataclass
+class BlockCausalMask:
+    """The block-causal mask ``(L, L)`` (bool or additive) of a whole sequence, and where its last
+    scales start (``tail_starts``, ascending).
+
+    Attention under it runs in pieces (:meth:`attend`): the queries before the first tail scale under
+    the mask restricted to them, and each tail scale without a mask against every key up to its own
+    end -- which is exactly what the block-causal mask allows.  The last scales hold most queries
+    (256 of VAR's 680), so this skips the masked-out scores of the full ``(L, L)`` product (a third
+    of them for VAR's schedule) and runs the largest piece with the faster unmasked kernel."""
+
+    mask: torch.Tensor
+    tail_starts: tuple[int, ...] = ()
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+               scale: float) -> torch.Tensor:
+        """``q, k, v (B, H, L, hd)`` -> ``(B, H, L, hd)``, the same as SDPA under ``mask``."""
+        L = q.shape[2]
+        bounds = self.tail_starts + (L,)
+        first = bounds[0]
+        outs = []
+        if first > 0:
+            outs.append(F.scaled_dot_product_attention(q[:, :, :first], k[:, :, :first], v[:, :, :first],
+                                                       attn_mask=self.mask[:first, :first], dropout_p=dropout_p,
+                                                       scale=scale))
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            outs.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b], dropout_p=dropout_p,
+                                                       scale=scale))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``.
 
@@ -123,9 +154,9 @@ class SelfAttention(nn.Module):
                 cache: Optional[KVCache] = None) -> torch.Tensor:
         """``x (B, n, C)`` -> ``(B, n, C)``.
 
-        ``attn_mask``: bool ``(n, n)`` (True = may attend) or additive; ``cache``: the
-        layer's :class:`KVCache` -- the new keys/values are appended and the queries
-        attend to everything cached (no mask needed for a whole scale)."""
+        ``attn_mask``: bool ``(n, n)`` (True = may attend) or additive, or a
+        :class:`BlockCausalMask`; ``cache``: the layer's :class:`KVCache` -- the new keys/values
+        are appended and the queries attend to everything cached (no mask needed for a whole scale)."""
         B, L, C = x.shape
         if isinstance(self.qkv, nn.Linear):
             bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
@@ -139,9 +170,11 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         if cache is not None:
             k, v = cache.append(k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )
+        dropout_p = self.attn_drop if self.training else 0.0
+        if isinstance(attn_mask, BlockCausalMask):  # training: attention in pieces, skipping masked-out scores
+            out = attn_mask.attend(q, k, v, dropout_p, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=self.scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
 
 
@@ -157,7 +190,11 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, n, C)`` -> ``(B, n, C)``."""
-        return self.drop(self.fc2(self.act(self.fc1(x))))
+        if torch.is_grad_enabled():
+            return self.drop(self.fc2(self.act(self.fc1(x))))
+        # sampling: GELU in place on fc1's fresh output -- the (B, n, 4C) activation is the largest
+        # tensor of a step, and on CPU every new one of that size costs page faults
+        return self.drop(self.fc2(torch.ops.aten.gelu_(self.fc1(x), approximate="tanh")))
 
 
 class SharedAdaLNProjection(nn.Linear):
@@ -215,14 +252,18 @@ class AdaLNBlock(nn.Module):
         return self.adaln_proj(cond).view(-1, 1, 6, self.dim).unbind(2)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, mod: Optional[tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, mod: Optional[tuple[torch.Tensor, ...]] = None,
+                cross: Optional["CrossKV"] = None) -> torch.Tensor:
         """``x (B, n, C)`` -> ``(B, n, C)`` under the condition ``cond`` (see :meth:`modulation`).
 
         ``mod``: this block's :meth:`modulation` precomputed by the sampler (it depends on
-        the class only, so computing it once per generation saves depth x K matmuls)."""
+        the condition only, so computing it once per generation saves depth x K matmuls);
+        ``cross``: this block's :class:`CrossKV` (only a :class:`CrossAttnBlock` takes one)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond) if mod is None else mod
         h = self.attn(_modulate(self.norm(x), scale1, shift1), attn_mask=attn_mask, cache=cache)
         x = x + self.drop_path(h.mul_(gamma1))
+        if cross is not None:
+            x = x + self.drop_path(self.cross_attn(x, cross))
         h = self.ffn(_modulate(self.norm(x), scale2, shift2))
         return x + self.drop_path(h.mul(gamma2))
 
@@ -275,26 +316,14 @@ class CrossAttention(nn.Module):
 
 class CrossAttnBlock(AdaLNBlock):
     """:class:`AdaLNBlock` with cross-attention to the condition sequence between self-attention
-    and MLP: ``x += gamma1 attn(...); x += cross_attn(x, cond seq); x += gamma2 mlp(...)``."""
+    and MLP: ``x += gamma1 attn(...); x += cross_attn(x, cond seq); x += gamma2 mlp(...)``
+    (:meth:`AdaLNBlock.forward` with its ``cross`` keys / values; None skips the cross-attention)."""
 
     def __init__(self, dim: int, cond_dim: int, heads: int, mlp_ratio: float = 4.0, shared_aln: bool = False,
                  l2_norm: bool = False, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  norm_eps: float = 1e-6):
         super().__init__(dim, cond_dim, heads, mlp_ratio, shared_aln, l2_norm, drop, attn_drop, drop_path, norm_eps)
         self.cross_attn = CrossAttention(dim, heads, norm_eps)
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, mod: Optional[tuple[torch.Tensor, ...]] = None,
-                cross: Optional[CrossKV] = None) -> torch.Tensor:
-        """As :meth:`AdaLNBlock.forward`; ``cross``: this block's :class:`CrossKV` (None skips
-        the cross-attention)."""
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond) if mod is None else mod
-        h = self.attn(_modulate(self.norm(x), scale1, shift1), attn_mask=attn_mask, cache=cache)
-        x = x + self.drop_path(h.mul_(gamma1))
-        if cross is not None:
-            x = x + self.drop_path(self.cross_attn(x, cross))
-        h = self.ffn(_modulate(self.norm(x), scale2, shift2))
-        return x + self.drop_path(h.mul(gamma2))
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -455,6 +484,7 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
             self.null_context = nn.Parameter(torch.empty(1, C))
             nn.init.trunc_normal_(self.null_context.data, mean=0, std=init_std)
 
+        self._tail_memo = None  # _unmasked_tail's last answer, keyed by the mask it checked
         self.build_buffers()
         self.init_weights()
 
@@ -645,6 +675,24 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         """Hidden states ``(B, n, C)`` and class embedding ``(B, C)`` -> float32 logits ``(B, n, V)``."""
         return self.head(self.head_norm(h.float(), cond).float()).float()
 
+    def _unmasked_tail(self, mask: Optional[torch.Tensor], scales: int = 2) -> tuple[int, ...]:
+        """Start positions of the last ``scales`` scales (scale 0 excluded) if ``mask`` lets each of
+        them attend to exactly the keys up to its own end (true of the block-causal bool mask;
+        checked because ``attn_mask`` may be replaced), else ``()``."""
+        if mask is None or mask.dtype != torch.bool or mask.shape != (self.seq_len, self.seq_len):
+            return ()
+        # the check reads the mask back to the host (a device sync on GPU): once per mask tensor and
+        # in-place version, not at every training step
+        memo = self._tail_memo  # (the mask itself, so that its id cannot be reused, version, scales, answer)
+        if memo is not None and memo[0] is mask and memo[1:3] == (mask._version, scales):
+            return memo[3]
+        K = len(self.schedule)
+        starts = tuple(self.schedule.slice(k).start for k in range(max(K - scales, 1), K))
+        ends = starts[1:] + (self.seq_len,)
+        ok = all(bool(mask[a:b, :b].all()) and not bool(mask[a:b, b:].any()) for a, b in zip(starts, ends))
+        self._tail_memo = (mask, mask._version, scales, starts if ok else ())
+        return self._tail_memo[3]
+
     # ------------------------------------------------------------------ training forward
     def forward(self, labels: "torch.Tensor | Condition", x: torch.Tensor, extra_pos: Optional[torch.Tensor] = None,
                 allow_null: bool = False, null_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -681,20 +729,29 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         h = torch.cat((sos, self.input_proj(x.float())), dim=1)
         h = h + self.level_pos(extra_pos)
         mask = self.attn_mask
-        if cross is None:
-            for b in self.blocks:
-                h = b(h, cond_blocks, attn_mask=mask)
-        else:
-            for b, kv in zip(self.blocks, cross):
-                h = b(h, cond_blocks, attn_mask=mask, cross=kv)
+        tail = self._unmasked_tail(mask)
+        if tail:
+            # the last two scales attend without a mask (BlockCausalMask.attend): exact, and a third
+            # fewer attention scores for VAR's schedule
+            mask = BlockCausalMask(mask, tail)
+        for b, kv in zip(self.blocks, cross or [None] * len(self.blocks)):
+            h = b(h, cond_blocks, attn_mask=mask, cross=kv)
         return self.logits(h, cond)
 
     # ------------------------------------------------------------------ incremental inference
     def new_caches(self, batch: int, device=None, dtype=None) -> list[KVCache]:
-        """One empty :class:`KVCache` per block for ``batch`` sequences of up to L tokens."""
+        """One empty :class:`KVCache` per block for ``batch`` sequences of up to L tokens.
+
+        ``dtype`` defaults to the compute dtype: the autocast dtype when autocast is on for the
+        device (keys and values are produced in it), else the parameters' dtype."""
         p = self.pos_embed
-        return [KVCache(batch, self.num_heads, self.seq_len, self.embed_dim // self.num_heads,
-                        device or p.device, dtype or p.dtype)
+        device = torch.device(device) if device is not None else p.device
+        if dtype is None:
+            # an fp32 cache under bf16 autocast doubles the cache (~40 GB at d30, batch 64) and makes
+            # attention read fp32 keys and values that were computed in bf16 anyway
+            dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                     else p.dtype)
+        return [KVCache(batch, self.num_heads, self.seq_len, self.embed_dim // self.num_heads, device, dtype)
                 for _ in range(self.depth)]
 
     def _positions(self, lvl_pos: Optional[torch.Tensor], extra_pos: Optional[torch.Tensor]) -> torch.Tensor:
@@ -743,12 +800,8 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         then the result is ``(head_rows, n_k, V)``; ``cross``: the per-block :class:`CrossKV`
         from :meth:`encode_condition` (models with cross-attention)."""
         mods = mods if mods is not None else [None] * len(self.blocks)
-        if cross is None:
-            for b, c, m in zip(self.blocks, caches, mods):
-                h = b(h, cond_blocks, attn_mask=None, cache=c, mod=m)
-        else:
-            for b, c, m, kv in zip(self.blocks, caches, mods, cross):
-                h = b(h, cond_blocks, attn_mask=None, cache=c, mod=m, cross=kv)
+        for b, c, m, kv in zip(self.blocks, caches, mods, cross or [None] * len(self.blocks)):
+            h = b(h, cond_blocks, attn_mask=None, cache=c, mod=m, cross=kv)
         if head_rows is not None:
             h, cond = h[:head_rows], cond[:head_rows]
         return self.logits(h, cond)
