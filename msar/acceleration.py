@@ -81,16 +81,14 @@ class Acceleration:
         if (self.refiner is None) != (self.refine_last == 0):
             raise ValueError("a draft/refine split needs both refiner (a model) and refine_last >= 1")
 
-    def runner(self, model: NextScaleTransformer, labels: Optional[torch.Tensor], guided: bool, cond: torch.Tensor,
-               cond_blocks: torch.Tensor, mods: list, caches: list[KVCache], level_pos: torch.Tensor,
-               extra_pos: Optional[torch.Tensor], cross: Optional[list] = None,
-               condition: Optional[tuple] = None) -> "AcceleratedRunner":
+    def runner(self, model: NextScaleTransformer, guided: bool, cond: torch.Tensor, cond_blocks: torch.Tensor,
+               mods: list, caches: list[KVCache], level_pos: torch.Tensor, extra_pos: Optional[torch.Tensor],
+               cross: Optional[list], condition: tuple) -> "AcceleratedRunner":
         """The per-scale logits of one generation (called by :func:`msar.sample`, which has
-        computed the draft model's condition, modulations, caches and positions). ``labels``:
-        the run's class labels (None for a vector / sequence condition, which comes as
-        ``condition = (run Condition, null_rows)``); ``cross``: the draft's cross-attention
-        keys / values."""
-        return AcceleratedRunner(self, model, labels, guided, cond, cond_blocks, mods, caches, level_pos, extra_pos,
+        computed the draft model's condition, modulations, caches and positions).  ``condition``:
+        the run's ``(Condition, null_rows)`` as given to ``model.encode_condition``; ``cross``:
+        the draft's cross-attention keys / values."""
+        return AcceleratedRunner(self, model, guided, cond, cond_blocks, mods, caches, level_pos, extra_pos,
                                  cross, condition)
 
 
@@ -137,13 +135,9 @@ class _Branch:
         self.caches, self.level_pos, self.cross = caches, level_pos, cross
 
     @classmethod
-    def build(cls, model: NextScaleTransformer, run_labels: Optional[torch.Tensor], extra_pos,
-              condition: Optional[tuple] = None) -> "_Branch":
-        if run_labels is not None:
-            cond, cond_blocks = model.condition(run_labels)
-            cross = None
-        else:  # a vector / sequence condition: (run Condition, null_rows)
-            cond, cond_blocks, cross = model.encode_condition(*condition)
+    def build(cls, model: NextScaleTransformer, extra_pos, condition: tuple) -> "_Branch":
+        """``condition``: the run's ``(Condition, null_rows)``."""
+        cond, cond_blocks, cross = model.encode_condition(*condition)
         device = cond.device
         return cls(model, cond, cond_blocks, model.modulations(cond_blocks),
                    model.new_caches(cond.shape[0], device=device),
@@ -171,8 +165,8 @@ class AcceleratedRunner:
     """The scale loop's transformer work under an :class:`Acceleration`: ``logits(k, h, x, t)``
     returns the ``(B, n_k, V)`` logits of scale k (guidance applied), updating the caches."""
 
-    def __init__(self, accel: Acceleration, model: NextScaleTransformer, labels: Optional[torch.Tensor], guided: bool,
-                 cond, cond_blocks, mods, caches, level_pos, extra_pos, cross=None, condition=None):
+    def __init__(self, accel: Acceleration, model: NextScaleTransformer, guided: bool,
+                 cond, cond_blocks, mods, caches, level_pos, extra_pos, cross, condition):
         self.accel, self.guided = accel, guided
         self.B = cond.shape[0] // 2 if guided else cond.shape[0]
         self.K = len(model.schedule)
@@ -183,7 +177,7 @@ class AcceleratedRunner:
             if extra_pos is not None and accel.refiner.embed_dim != model.embed_dim:
                 raise ValueError(f"extra_pos has the model's width {model.embed_dim}; a refiner of width "
                                  f"{accel.refiner.embed_dim} cannot take it (use a refiner of the same width)")
-            self.refiner = _Branch.build(accel.refiner, labels, extra_pos, condition)
+            self.refiner = _Branch.build(accel.refiner, extra_pos, condition)
         self.schedule = model.schedule
         self.prev_logits: Optional[torch.Tensor] = None
         # the scale at which each mode starts (K: never)

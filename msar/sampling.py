@@ -334,7 +334,6 @@ def sample(
     device = next(model.parameters()).device
     gen = _as_generator(seed, generator, device)
     K = len(sched)
-    cross = run_condition = null_rows = None
     if isinstance(labels, Condition):  # sample(model, tok, Condition...) reads as condition=
         if condition is not None:
             raise ValueError("pass labels or condition, not both")
@@ -342,34 +341,27 @@ def sample(
     if condition is not None and not isinstance(condition, Condition):
         raise ValueError(f"condition must be a msar.Condition, got {type(condition).__name__} (plain class "
                          f"labels go in labels=)")
-    if condition is not None and condition.kind == "classes" and model.cond_kind == "classes":
-        if labels is not None:
-            raise ValueError("pass labels or condition, not both")
-        labels, condition = condition.labels, None
-    if model.cond_kind == "classes" and condition is None:
-        labels = _labels(model, labels, batch_size, gen, device)
-        B = labels.shape[0]
+    if model.cond_kind == "classes":  # labels -> Condition.classes (the null class for unconditional models)
+        if condition is not None:
+            if labels is not None:
+                raise ValueError("pass labels or condition, not both")
+            labels = model.check_condition(condition).labels  # another kind: a clear error
+        condition = Condition.classes(_labels(model, labels, batch_size, gen, device))
         guided = cfg != 0 and model.num_classes > 0
-        run_labels = torch.cat((labels, torch.full_like(labels, model.num_classes))) if guided else labels
-        cond, cond_blocks = model.condition(run_labels)
     else:
-        if model.cond_kind == "classes":
-            model.check_condition(condition)  # a vector / sequence Condition for a class model: a clear error
         condition = _condition(model, condition, labels, batch_size, device)
-        if condition is None:  # unconditional: every row the null condition (features only give the shape)
-            B = batch_size
-            shape = (B, model.cond_dim) if model.cond_kind == "vector" else (B, 1, model.cond_dim)
-            run_condition = Condition(model.cond_kind, features=torch.zeros(shape, device=device))
-            null_rows = torch.ones(B, dtype=torch.bool, device=device)
-        else:
-            B = condition.batch_size
-            run_condition = condition
         guided = cfg != 0 and condition is not None
-        if guided:
-            run_condition = Condition.cat([condition, condition])
-            null_rows = torch.arange(2 * B, device=device) >= B
-        run_labels = None
-        cond, cond_blocks, cross = model.encode_condition(run_condition, null_rows)
+    # the generation's conditions: guidance appends the same rows as the null condition
+    B = batch_size if condition is None else condition.batch_size
+    run_condition, null_rows = condition, None
+    if condition is None:  # a conditioned model given batch_size alone: every row the null condition
+        shape = (B, model.cond_dim) if model.cond_kind == "vector" else (B, 1, model.cond_dim)
+        run_condition = Condition(model.cond_kind, features=torch.zeros(shape, device=device))
+        null_rows = torch.ones(B, dtype=torch.bool, device=device)
+    elif guided:
+        run_condition = Condition.cat([condition, condition])
+        null_rows = torch.arange(2 * B, device=device) >= B
+    cond, cond_blocks, cross = model.encode_condition(run_condition, null_rows)
     known, known_mask = _known(sched, known, known_mask, model.cfg.vocab_size, B, device)
     mods = model.modulations(cond_blocks)
     caches = model.new_caches(cond.shape[0], device=device)
@@ -379,9 +371,8 @@ def sample(
     state = tokenizer.start(B, device, context)
 
     h = model.embed_start(cond, level_pos.repeat(2, 1, 1) if guided and level_pos.shape[0] > 1 else level_pos)
-    runner = None if accel is None else accel.runner(model, run_labels, guided, cond, cond_blocks, mods, caches,
-                                                     level_pos, extra_pos, cross=cross,
-                                                     condition=(run_condition, null_rows))
+    runner = None if accel is None else accel.runner(model, guided, cond, cond_blocks, mods, caches, level_pos,
+                                                     extra_pos, cross, (run_condition, null_rows))
     nxt = None  # the tokenizer's input of scale k (None at k = 0)
     for k in range(K):
         t = guidance_strength(cfg, k, K, cfg_schedule) if guided else 0.0
@@ -411,4 +402,6 @@ def sample(
             if guided:
                 h = h.repeat(2, 1, 1)
     data = tokenizer.finish(state) if (decode and tokenizer is not None) else None
-    return SampleOutput(list(state.indices), data, labels if run_labels is not None else None, condition)
+    if model.cond_kind == "classes":
+        return SampleOutput(list(state.indices), data, condition.labels)
+    return SampleOutput(list(state.indices), data, None, condition)
