@@ -155,7 +155,8 @@ def test_quick_run_writes_figures_metrics_and_a_pipeline_that_samples_from_capti
     best = m["result"]["cfg_chosen_on_val"]
     assert m["result"]["seen"] == m["guidance_sweep"][f"{best:g}"]["test_seen"]
     assert m["detector"]["on_real"]["test_heldout"]["all"] == 1.0
-    assert m["run"]["commit"] and "text2image" in m["run"]["command"] and m["run"]["wall_time_s"] > 0
+    # the command is this process's (pytest's here): only its presence is checked
+    assert m["run"]["commit"] and m["run"]["command"] and m["run"]["wall_time_s"] > 0
     pipe = msar.from_pretrained(str(out / "pipeline"))
     x = pipe.sample(captions=["a large red circle above a small blue square"], cfg=3.0, seed=0).data
     assert x.shape == (1, 3, 32, 32)
