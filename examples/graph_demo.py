@@ -27,6 +27,7 @@ import csv
 import json
 import os
 import time
+from typing import Optional
 
 import networkx as nx
 import numpy as np
@@ -36,6 +37,7 @@ from tqdm import tqdm
 import msar
 from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
+from modalities.graph.constraints import PROPERTIES, StructureHook
 from modalities.graph.tokenizer import PAD
 from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
 
@@ -116,6 +118,27 @@ def measuring_hook(tok: GraphPyramidTokenizer, constrain: bool, temperature: flo
         return tok.valid_token_hook(k, logits, state) if constrain else logits
 
     return hook
+
+
+def chain_hooks(*hooks):
+    """One ``logits_hook`` applying ``hooks`` in order (each sees the previous one's logits)."""
+
+    def hook(k: int, logits: torch.Tensor, state) -> torch.Tensor:
+        for h in hooks:
+            logits = h(k, logits, state)
+        return logits
+
+    return hook
+
+
+def structure_for(dataset: str, args: argparse.Namespace) -> Optional[str]:
+    """The structure property sampling enforces: ``--structure``, where ``auto`` picks the
+    dataset's own (planar, grid) and none elsewhere; always none with ``--no-constrain``."""
+    if args.no_constrain or args.structure == "none":
+        return None
+    if args.structure == "auto":
+        return dataset if dataset in PROPERTIES else None
+    return args.structure
 
 
 def count_invalid(tok: GraphPyramidTokenizer, indices: list[torch.Tensor]) -> int:
@@ -210,16 +233,24 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     gen = []
     sample_seed = args.seed if args.sample_seed is None else args.sample_seed
     invalid = {"mass": 0.0, "positions": 0, "draws": 0}  # see measuring_hook / count_invalid
+    structure = structure_for(dataset, args)
+    struct_stats = {"positions": 0, "rejected": 0, "dropped": 0}
     n_gen = args.num_samples or len(test)
-    for i in range(0, n_gen, 32):
+    for i in tqdm(range(0, n_gen, 32), desc="sample", leave=False):
         b = min(32, n_gen - i)
         # the hook masks tokens the decoder would reinterpret (PAD at a real node / edge, a wrong
         # kind, mask bits naming a missing child); --no-constrain samples the raw distribution
         hook = measuring_hook(tok, not args.no_constrain, args.temperature, invalid)
+        if structure:  # edge tokens drawn one by one, each kept only if the graph stays `structure`
+            sh = StructureHook(tok, structure, args.temperature, seed=sample_seed + i)
+            hook = chain_hooks(hook, sh)
         res = msar.sample(model, tok, batch_size=b, cfg=0.0, top_k=0, top_p=args.top_p,
                           temperature=args.temperature, seed=sample_seed + i, logits_hook=hook)
         gen.extend(graphs_from(res.data))
-        invalid["draws"] += count_invalid(tok, res.indices)
+        if structure:
+            struct_stats = {key: struct_stats[key] + sh.stats[key] for key in struct_stats}
+        else:  # a structure hook drops coarse edges on purpose (PAD), which is not an invalid draw
+            invalid["draws"] += count_invalid(tok, res.indices)
     seconds["sample"] = time.time() - t0
     # mean probability on invalid tokens per real position, and the share of real positions whose drawn
     # token was invalid (read as SINGLE / a dropped edge / bits ignored); 0 by construction when constrained
@@ -233,8 +264,10 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         "tokenizer": tok.config, "schedule_L": tok.schedule.L, "num_scales": len(tok.schedule),
         "num_parameters": model.num_parameters(), "final_loss": curve[-1][1], "loss_curve": curve,
         "seconds": seconds, "sampling": {"top_p": args.top_p, "temperature": args.temperature,
-                                        "constrained": not args.no_constrain, "seed": sample_seed},
+                                        "constrained": not args.no_constrain, "seed": sample_seed,
+                                        "structure": structure},
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
+        "structure": structure, "structure_stats": struct_stats if structure else None,
         "loaded_from": args.load or None,
     })
     write_result_json(os.path.join(out, "metrics.json"), metrics, started)  # + command, commit, date, machine
@@ -269,6 +302,9 @@ def main(argv=None) -> None:
                    help="seed of the sampler only (default --seed, which also picks the data split)")
     p.add_argument("--no-constrain", action="store_true",
                    help="sample without masking invalid tokens (the behaviour before the valid-token hook)")
+    p.add_argument("--structure", default="auto", choices=["auto", "none", *sorted(PROPERTIES)],
+                   help="property kept while edge tokens are drawn (modalities.graph.constraints); auto: "
+                        "planar for planar, grid for grid, none elsewhere")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
     p.add_argument("--load", default="", help="a previous --out directory: sample and evaluate its trained models")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every that many training steps")
