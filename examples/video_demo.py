@@ -15,17 +15,18 @@ bouncing scikit-learn digits, then
 
 Run::
 
-    python -m examples.video_demo                      # ~80 min on 1 thread of a busy 2-core CPU
+    python -m examples.video_demo                      # ~30 min on 1 thread of a busy 2-core CPU
     python -m examples.video_demo --quick              # ~1 min smoke run
     python -m examples.video_demo --schedule joint     # t grows with the scale (coarse tokens mix frames)
     python -m examples.video_demo --schedule frame     # per-frame (frame-causal) pyramid
+    python -m examples.video_demo --time-stride 4 --time-upsample repeat --tok-motion-weight 0   # the earlier tokenizer
     python -m examples.video_demo --tokenizer out/pipeline/tokenizer   # reuse a trained tokenizer
     python -m examples.video_demo --feature-net i3d.pt # + Frechet distance (TorchScript net)
 
-The default recipe (space-only schedule, 255 tokens; tokenizer 0.81M params, 2500 steps at
-batch 16; transformer depth 4 / width 128, 1.33M params, 3000 steps at batch 32 on 16000
-videos) gives per-frame digit accuracy 0.91 on class-conditional samples (real 0.96); see
-``benchmarks/results/video``.  Interrupted runs resume from ``<out>/ckpt_*``.
+The default recipe: space-only schedule over a 5 x 8 x 8 latent (time stride 2, 425 tokens);
+tokenizer with depth-to-time upsampling and an L1 loss on frame differences, 600 steps at batch 16;
+transformer depth 4 / width 128, 500 steps at batch 32 on 8000 videos; sampling cfg 3.  Results and
+what moved them: ``benchmarks/results/video``.  Interrupted runs resume from ``<out>/ckpt_*``.
 
 Outputs (``--out``, default ``outputs/video_demo``): ``metrics.json``, ``samples.gif``,
 ``samples.png``, ``reconstructions.png``, ``progression.png``, ``edit_*.png``,
@@ -64,24 +65,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="space-time pyramid: joint (t grows with scale), space (time at full length), frame (per-frame, frame-causal)")
     p.add_argument("--frames", type=int, default=9, help="1 + time_stride * n (the first frame is encoded alone)")
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--time-stride", type=int, default=4)
+    p.add_argument("--time-stride", type=int, default=2)
     p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--num-train", type=int, default=16000)
+    p.add_argument("--num-train", type=int, default=8000)
     p.add_argument("--tokenizer", default=None, help="a trained VideoTokenizer (a save_pretrained folder, e.g. OUT/pipeline/tokenizer) to use instead of training one")
     p.add_argument("--tok-channels", type=int, nargs="+", default=[16, 32, 64])
-    p.add_argument("--tok-steps", type=int, default=2500)
+    p.add_argument("--tok-steps", type=int, default=600)
     p.add_argument("--tok-batch", type=int, default=16)
     p.add_argument("--tok-lr", type=float, default=2e-3)
     p.add_argument("--time-upsample", default="depth", choices=["depth", "repeat"],
                    help="decoder time upsampling: depth (each frame of a latent group its own features) or repeat (nearest)")
-    p.add_argument("--tok-motion-weight", type=float, default=0.0,
+    p.add_argument("--tok-motion-weight", type=float, default=1.0,
                    help="weight of an L1 loss on frame differences (x[t+1] - x[t]) in the tokenizer's training loss")
-    p.add_argument("--ar-steps", type=int, default=3000)
+    p.add_argument("--ar-steps", type=int, default=500)
     p.add_argument("--ar-batch", type=int, default=32)
     p.add_argument("--ar-lr", type=float, default=1e-3)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--width", type=int, default=128)
-    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the per-frame CNN digit classifier")

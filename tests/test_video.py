@@ -447,6 +447,13 @@ def test_demo_runs_end_to_end_and_a_rerun_resumes_from_its_checkpoints(tmp_path)
     assert first["transformer"]["final_train"]["step"] == 6
     v = first["transformer"]["validation"]
     assert {"loss", "acc", "loss_wrong_label", "loss_train_subset"} <= v.keys()
+    # frame prediction (a prefix of 5 frames given) is scored as a continuation, the other edits are not
+    cont = first["zero_shot"]["frame_prediction"]["continuation"]
+    assert cont["tokenizer_recon"]["steps"] <= 4 * 4 and "velocity_error" in cont["generated"]
+    assert "continuation" not in first["zero_shot"]["interpolation"] and "continuation" not in first["zero_shot"]["inpainting"]
+    rec = first["tokenizer"]["reconstruction"]  # the tokenizer's own evaluation, on the same test videos
+    assert rec["velocity_flips_real"] == first["real_test"]["motion"]["bounces_per_video"]
+    assert rec["velocity_flips"] == first["reconstructed_test"]["motion"]["bounces_per_video"]
     second = main(argv)
     assert second["tokenizer"]["final_train"] is None and second["transformer"]["final_train"] is None
     # compared as JSON text: a toy model's motion figures can be NaN (no trackable frame), and NaN != NaN
