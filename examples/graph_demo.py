@@ -13,7 +13,9 @@ and ``pipeline/`` (tokenizer and transformer, ``msar.from_pretrained``); the tra
 interrupted run exactly, or only samples again once training has finished).  ``--load DIR`` re-samples (e.g. at another
 ``--temperature``) from the models of an earlier run without training again.  Sampling masks
 the tokens the decoder would reinterpret (:meth:`GraphPyramidTokenizer.valid_token_hook`);
-``--no-constrain`` turns that off.
+``--no-constrain`` turns that off.  On planar and grid, sampling also keeps the finest level
+planar (grid: planar, degree <= 4, bipartite) while it draws the edge tokens
+(:class:`modalities.graph.constraints.StructureHook`; ``--structure none`` turns only that off).
 
 Pipeline: graphs -> :class:`GraphPyramidTokenizer` (exact tokens of a coarsening
 hierarchy; several random node orderings of each training graph give different
@@ -213,7 +215,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg, data_kw = prev["train_config"], prev["data_kw"]
         curve = prev["loss_curve"]
         seconds = dict(prev["seconds"])
+        trained_by = prev.get("trained_by") or prev.get("run")  # the training run's own record
     else:
+        trained_by = None  # this run (its record is "run")
         t0 = time.time()
         items = augment(train_graphs, cfg["perms"], args.seed)
         tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"])  # capacity covers every hierarchy
@@ -268,7 +272,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                         "structure": structure},
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "structure": structure, "structure_stats": struct_stats if structure else None,
-        "loaded_from": args.load or None,
+        "loaded_from": args.load or None, "trained_by": trained_by,
     })
     write_result_json(os.path.join(out, "metrics.json"), metrics, started)  # + command, commit, date, machine
     draw_panel([("real", test[:8]), ("sample", gen[:8]), ("sample", gen[8:16])], os.path.join(out, "samples.png"))
