@@ -47,7 +47,7 @@ from msar.training import TransformerTrainConfig, TransformerTrainer, build_load
 # edge chunks (scales per level for the edge tokens; more = more sequential, same sequence length)
 PRESETS = {
     "community-small": dict(width=96, depth=3, heads=4, steps=800, batch=32, perms=8, lr=1e-3, chunks=3),
-    "planar": dict(width=96, depth=3, heads=4, steps=1500, batch=12, perms=6, lr=1e-3, chunks=8),
+    "planar": dict(width=96, depth=3, heads=4, steps=1000, batch=12, perms=6, lr=1e-3, chunks=32),
     "grid": dict(width=64, depth=2, heads=4, steps=600, batch=4, perms=3, lr=1e-3, chunks=8),
     "sbm": dict(width=64, depth=2, heads=4, steps=400, batch=4, perms=3, lr=1e-3, chunks=8),
     "lobster": dict(width=96, depth=3, heads=4, steps=500, batch=12, perms=6, lr=1e-3, chunks=8),
