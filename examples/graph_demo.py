@@ -133,12 +133,15 @@ def chain_hooks(*hooks):
     return hook
 
 
-def structure_for(dataset: str, args: argparse.Namespace) -> Optional[str]:
+def structure_for(dataset: str, args: argparse.Namespace, tok: GraphPyramidTokenizer) -> Optional[str]:
     """The structure property sampling enforces: ``--structure``, where ``auto`` picks the
-    dataset's own (planar, grid) and none elsewhere; always none with ``--no-constrain``."""
+    dataset's own (grid; planar, on every level when the hierarchy's levels are planar, i.e.
+    ``matching="max"``) and none elsewhere; always none with ``--no-constrain``."""
     if args.no_constrain or args.structure == "none":
         return None
     if args.structure == "auto":
+        if dataset == "planar" and tok.matching == "max":
+            return "planar_levels"
         return dataset if dataset in PROPERTIES else None
     return args.structure
 
@@ -195,6 +198,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
             cfg[k] = getattr(args, k)
     if args.edge_chunks is not None:
         cfg["chunks"] = args.edge_chunks
+    if args.matching is not None:
+        cfg["matching"] = args.matching
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -220,7 +225,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         trained_by = None  # this run (its record is "run")
         t0 = time.time()
         items = augment(train_graphs, cfg["perms"], args.seed)
-        tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"])  # capacity covers every hierarchy
+        tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
+                                        matching=cfg.get("matching", "greedy"))
         X, TF = build_training_set(tok, items)
         seconds["tokenize"] = time.time() - t0
         print(f"[{dataset}] {len(train_graphs)} train / {len(test)} test graphs, {X.shape[0]} sequences, "
@@ -237,7 +243,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     gen = []
     sample_seed = args.seed if args.sample_seed is None else args.sample_seed
     invalid = {"mass": 0.0, "positions": 0, "draws": 0}  # see measuring_hook / count_invalid
-    structure = structure_for(dataset, args)
+    structure = structure_for(dataset, args, tok)
     struct_stats = {"positions": 0, "rejected": 0, "dropped": 0}
     n_gen = args.num_samples or len(test)
     for i in tqdm(range(0, n_gen, 32), desc="sample", leave=False):
@@ -309,6 +315,8 @@ def main(argv=None) -> None:
     p.add_argument("--structure", default="auto", choices=["auto", "none", *sorted(PROPERTIES)],
                    help="property kept while edge tokens are drawn (modalities.graph.constraints); auto: "
                         "planar for planar, grid for grid, none elsewhere")
+    p.add_argument("--matching", default=None, choices=["greedy", "max"],
+                   help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
     p.add_argument("--load", default="", help="a previous --out directory: sample and evaluate its trained models")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every that many training steps")

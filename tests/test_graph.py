@@ -27,9 +27,9 @@ def graphs(draw, max_n=24):
 
 
 # ---------------------------------------------------------------------------- coarsening
-@given(graphs())
-def test_coarsening_hierarchy_invariants(G):
-    levels = coarsen(G)
+@given(graphs(), st.sampled_from(["greedy", "max"]))
+def test_coarsening_hierarchy_invariants(G, matching):
+    levels = coarsen(G, matching=matching)
     N = G.number_of_nodes()
     assert levels[0].n == 1, "the top level has one node"
     assert len(levels) == num_levels_for(N)
@@ -73,9 +73,9 @@ def _tiny_model(tok):
         depth=1, embed_dim=32, num_heads=2)).init_weights().eval()
 
 
-@given(st.lists(graphs(max_n=20), min_size=1, max_size=4), st.integers(1, 3))
-def test_round_trip_is_isomorphic(gs, chunks):
-    tok = _tok_for(gs, chunks)
+@given(st.lists(graphs(max_n=20), min_size=1, max_size=4), st.integers(1, 3), st.sampled_from(["greedy", "max"]))
+def test_round_trip_is_isomorphic(gs, chunks, matching):
+    tok = GraphPyramidTokenizer.fit(gs, edge_slack=0.0, edge_chunks=chunks, matching=matching)
     idx = tok.encode(gs)
     tok.schedule.check_indices(idx, tok.vocab_size, batch_size=len(gs))
     out = graphs_from(tok.decode(idx))
@@ -430,3 +430,18 @@ def test_structure_hook_samples_satisfy_the_property(prop):
     # the same model without the structure hook breaks the property (so the check above means something)
     free = msar.sample(model, tok, batch_size=B, cfg=0.0, seed=1, logits_hook=dense)
     assert not any(PROPERTIES[prop](G, True) for G in graphs_from(free.data))
+
+
+def test_max_matching_keeps_every_level_of_planar_graphs_planar():
+    # catches: a "max" matching that still pairs non-adjacent nodes where a perfect matching exists
+    # (then planarity could not be enforced level by level); greedy matching does break it
+    gs = make_dataset("planar", seed=0, num=10)["train"][:4]
+
+    def nonplanar_levels(matching):
+        return sum(not nx.check_planarity(level_graph(l))[0] for G in gs for l in coarsen(G, matching=matching))
+    assert nonplanar_levels("max") == 0 and nonplanar_levels("greedy") > 0
+    tok = GraphPyramidTokenizer.fit(gs, matching="max")
+    assert GraphPyramidTokenizer(**tok.config).matching == "max"
+    assert GraphPyramidTokenizer(**{k: v for k, v in tok.config.items() if k != "matching"}).matching == "greedy"
+    with pytest.raises(ValueError, match="matching must be one of"):
+        coarsen(gs[0], matching="random")

@@ -18,10 +18,12 @@ earlier positions of the same scale added; the model's logits of a scale are sti
 one parallel pass, so this conditions the model's per-position distributions on validity, it does
 not make the model itself sequential.  Split scales (``S_k``) only get the valid-token mask.
 
-The properties are checked on the finest level only.  The coarser levels of a planar graph need
-not be planar: the coarsening pairs leftover nodes that share no edge, so a coarse level is not a
-minor of the graph (on the planar training set, 47-59 of 60 graphs have a non-planar level 3, 4
-or 5), and lattice properties (degree <= 4, bipartite) do not survive contraction at all.
+``planar`` and ``grid`` check the finest level only.  With the default greedy matching the coarser
+levels of a planar graph need not be planar: the coarsening pairs leftover nodes that share no
+edge, so a coarse level is not a minor of the graph (on the planar training set, 47-59 of 60
+graphs have a non-planar level 3, 4 or 5), and lattice properties (degree <= 4, bipartite) do not
+survive contraction at all.  With ``matching="max"`` every level of the planar training graphs is
+planar, and ``planar_levels`` keeps every level planar as it is built.
 
 The hook draws with its own generator (``seed``) and temperature, so pass the sampler's
 temperature here; ``msar.sample``'s ``top_k`` / ``top_p`` do not apply to the edge tokens it draws.
@@ -46,6 +48,11 @@ def planar_property(G: nx.Graph, final: bool) -> bool:
     return not final or nx.check_planarity(G)[0]
 
 
+def planar_levels_property(G: nx.Graph, final: bool) -> bool:
+    """Planar on every level, for hierarchies whose levels are planar (``matching="max"``)."""
+    return nx.check_planarity(G)[0]
+
+
 def grid_property(G: nx.Graph, final: bool) -> bool:
     """On the finest level: maximum degree 4, bipartite (no odd cycle) and planar, as every 2-D grid
     is. Necessary conditions for a grid, not sufficient; coarser levels are not checked."""
@@ -55,7 +62,8 @@ def grid_property(G: nx.Graph, final: bool) -> bool:
             and nx.check_planarity(G)[0])
 
 
-PROPERTIES: dict[str, Property] = {"planar": planar_property, "grid": grid_property}
+PROPERTIES: dict[str, Property] = {"planar": planar_property, "planar_levels": planar_levels_property,
+                                   "grid": grid_property}
 
 
 class StructureHook:
