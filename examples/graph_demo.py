@@ -13,7 +13,9 @@ and ``pipeline/`` (tokenizer and transformer, ``msar.from_pretrained``); the tra
 interrupted run exactly, or only samples again once training has finished).  ``--load DIR`` re-samples (e.g. at another
 ``--temperature``) from the models of an earlier run without training again.  Sampling masks
 the tokens the decoder would reinterpret (:meth:`GraphPyramidTokenizer.valid_token_hook`);
-``--no-constrain`` turns that off.
+``--no-constrain`` turns that off.  On planar and grid, sampling also keeps the finest level
+planar (grid: planar, degree <= 4, bipartite) while it draws the edge tokens
+(:class:`modalities.graph.constraints.StructureHook`; ``--structure none`` turns only that off).
 
 Pipeline: graphs -> :class:`GraphPyramidTokenizer` (exact tokens of a coarsening
 hierarchy; several random node orderings of each training graph give different
@@ -27,6 +29,7 @@ import csv
 import json
 import os
 import time
+from typing import Optional
 
 import networkx as nx
 import numpy as np
@@ -36,6 +39,7 @@ from tqdm import tqdm
 import msar
 from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
+from modalities.graph.constraints import PROPERTIES, StructureHook
 from modalities.graph.tokenizer import PAD
 from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
 
@@ -43,7 +47,7 @@ from msar.training import TransformerTrainConfig, TransformerTrainer, build_load
 # edge chunks (scales per level for the edge tokens; more = more sequential, same sequence length)
 PRESETS = {
     "community-small": dict(width=96, depth=3, heads=4, steps=800, batch=32, perms=8, lr=1e-3, chunks=3),
-    "planar": dict(width=96, depth=3, heads=4, steps=1500, batch=12, perms=6, lr=1e-3, chunks=8),
+    "planar": dict(width=96, depth=3, heads=4, steps=1000, batch=12, perms=6, lr=1e-3, chunks=32),
     "grid": dict(width=64, depth=2, heads=4, steps=600, batch=4, perms=3, lr=1e-3, chunks=8),
     "sbm": dict(width=64, depth=2, heads=4, steps=400, batch=4, perms=3, lr=1e-3, chunks=8),
     "lobster": dict(width=96, depth=3, heads=4, steps=500, batch=12, perms=6, lr=1e-3, chunks=8),
@@ -118,6 +122,30 @@ def measuring_hook(tok: GraphPyramidTokenizer, constrain: bool, temperature: flo
     return hook
 
 
+def chain_hooks(*hooks):
+    """One ``logits_hook`` applying ``hooks`` in order (each sees the previous one's logits)."""
+
+    def hook(k: int, logits: torch.Tensor, state) -> torch.Tensor:
+        for h in hooks:
+            logits = h(k, logits, state)
+        return logits
+
+    return hook
+
+
+def structure_for(dataset: str, args: argparse.Namespace, tok: GraphPyramidTokenizer) -> Optional[str]:
+    """The structure property sampling enforces: ``--structure``, where ``auto`` picks the
+    dataset's own (grid; planar, on every level when the hierarchy's levels are planar, i.e.
+    ``matching="max"``) and none elsewhere; always none with ``--no-constrain``."""
+    if args.no_constrain or args.structure == "none":
+        return None
+    if args.structure == "auto":
+        if dataset == "planar" and tok.matching == "max":
+            return "planar_levels"
+        return dataset if dataset in PROPERTIES else None
+    return args.structure
+
+
 def count_invalid(tok: GraphPyramidTokenizer, indices: list[torch.Tensor]) -> int:
     """Sampled tokens at real positions that the decoder has to reinterpret (replayed on a fresh state)."""
     st, bad = tok.start(indices[0].shape[0]), 0
@@ -170,6 +198,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
             cfg[k] = getattr(args, k)
     if args.edge_chunks is not None:
         cfg["chunks"] = args.edge_chunks
+    if args.matching is not None:
+        cfg["matching"] = args.matching
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -190,10 +220,13 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg, data_kw = prev["train_config"], prev["data_kw"]
         curve = prev["loss_curve"]
         seconds = dict(prev["seconds"])
+        trained_by = prev.get("trained_by") or prev.get("run")  # the training run's own record
     else:
+        trained_by = None  # this run (its record is "run")
         t0 = time.time()
         items = augment(train_graphs, cfg["perms"], args.seed)
-        tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"])  # capacity covers every hierarchy
+        tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
+                                        matching=cfg.get("matching", "greedy"))
         X, TF = build_training_set(tok, items)
         seconds["tokenize"] = time.time() - t0
         print(f"[{dataset}] {len(train_graphs)} train / {len(test)} test graphs, {X.shape[0]} sequences, "
@@ -210,16 +243,24 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     gen = []
     sample_seed = args.seed if args.sample_seed is None else args.sample_seed
     invalid = {"mass": 0.0, "positions": 0, "draws": 0}  # see measuring_hook / count_invalid
+    structure = structure_for(dataset, args, tok)
+    struct_stats = {"positions": 0, "rejected": 0, "dropped": 0}
     n_gen = args.num_samples or len(test)
-    for i in range(0, n_gen, 32):
+    for i in tqdm(range(0, n_gen, 32), desc="sample", leave=False):
         b = min(32, n_gen - i)
         # the hook masks tokens the decoder would reinterpret (PAD at a real node / edge, a wrong
         # kind, mask bits naming a missing child); --no-constrain samples the raw distribution
         hook = measuring_hook(tok, not args.no_constrain, args.temperature, invalid)
+        if structure:  # edge tokens drawn one by one, each kept only if the graph stays `structure`
+            sh = StructureHook(tok, structure, args.temperature, seed=sample_seed + i)
+            hook = chain_hooks(hook, sh)
         res = msar.sample(model, tok, batch_size=b, cfg=0.0, top_k=0, top_p=args.top_p,
                           temperature=args.temperature, seed=sample_seed + i, logits_hook=hook)
         gen.extend(graphs_from(res.data))
-        invalid["draws"] += count_invalid(tok, res.indices)
+        if structure:
+            struct_stats = {key: struct_stats[key] + sh.stats[key] for key in struct_stats}
+        else:  # a structure hook drops coarse edges on purpose (PAD), which is not an invalid draw
+            invalid["draws"] += count_invalid(tok, res.indices)
     seconds["sample"] = time.time() - t0
     # mean probability on invalid tokens per real position, and the share of real positions whose drawn
     # token was invalid (read as SINGLE / a dropped edge / bits ignored); 0 by construction when constrained
@@ -233,9 +274,11 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         "tokenizer": tok.config, "schedule_L": tok.schedule.L, "num_scales": len(tok.schedule),
         "num_parameters": model.num_parameters(), "final_loss": curve[-1][1], "loss_curve": curve,
         "seconds": seconds, "sampling": {"top_p": args.top_p, "temperature": args.temperature,
-                                        "constrained": not args.no_constrain, "seed": sample_seed},
+                                        "constrained": not args.no_constrain, "seed": sample_seed,
+                                        "structure": structure},
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
-        "loaded_from": args.load or None,
+        "structure": structure, "structure_stats": struct_stats if structure else None,
+        "loaded_from": args.load or None, "trained_by": trained_by,
     })
     write_result_json(os.path.join(out, "metrics.json"), metrics, started)  # + command, commit, date, machine
     draw_panel([("real", test[:8]), ("sample", gen[:8]), ("sample", gen[8:16])], os.path.join(out, "samples.png"))
@@ -269,6 +312,11 @@ def main(argv=None) -> None:
                    help="seed of the sampler only (default --seed, which also picks the data split)")
     p.add_argument("--no-constrain", action="store_true",
                    help="sample without masking invalid tokens (the behaviour before the valid-token hook)")
+    p.add_argument("--structure", default="auto", choices=["auto", "none", *sorted(PROPERTIES)],
+                   help="property kept while edge tokens are drawn (modalities.graph.constraints); auto: "
+                        "planar for planar, grid for grid, none elsewhere")
+    p.add_argument("--matching", default=None, choices=["greedy", "max"],
+                   help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
     p.add_argument("--load", default="", help="a previous --out directory: sample and evaluate its trained models")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every that many training steps")

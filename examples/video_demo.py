@@ -15,17 +15,18 @@ bouncing scikit-learn digits, then
 
 Run::
 
-    python -m examples.video_demo                      # ~80 min on 1 thread of a busy 2-core CPU
+    python -m examples.video_demo                      # ~30 min on 1 thread of a busy 2-core CPU
     python -m examples.video_demo --quick              # ~1 min smoke run
     python -m examples.video_demo --schedule joint     # t grows with the scale (coarse tokens mix frames)
     python -m examples.video_demo --schedule frame     # per-frame (frame-causal) pyramid
+    python -m examples.video_demo --time-stride 4 --time-upsample repeat --tok-motion-weight 0   # the earlier tokenizer
     python -m examples.video_demo --tokenizer out/pipeline/tokenizer   # reuse a trained tokenizer
     python -m examples.video_demo --feature-net i3d.pt # + Frechet distance (TorchScript net)
 
-The default recipe (space-only schedule, 255 tokens; tokenizer 0.81M params, 2500 steps at
-batch 16; transformer depth 4 / width 128, 1.33M params, 3000 steps at batch 32 on 16000
-videos) gives per-frame digit accuracy 0.91 on class-conditional samples (real 0.96); see
-``benchmarks/results/video``.  Interrupted runs resume from ``<out>/ckpt_*``.
+The default recipe: space-only schedule over a 5 x 8 x 8 latent (time stride 2, 425 tokens);
+tokenizer with depth-to-time upsampling and an L1 loss on frame differences, 600 steps at batch 16;
+transformer depth 4 / width 128, 500 steps at batch 32 on 8000 videos; sampling cfg 3.  Results and
+what moved them: ``benchmarks/results/video``.  Interrupted runs resume from ``<out>/ckpt_*``.
 
 Outputs (``--out``, default ``outputs/video_demo``): ``metrics.json``, ``samples.gif``,
 ``samples.png``, ``reconstructions.png``, ``progression.png``, ``edit_*.png``,
@@ -43,6 +44,7 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import msar
 from benchmarks.common import write_result_json
@@ -63,20 +65,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="space-time pyramid: joint (t grows with scale), space (time at full length), frame (per-frame, frame-causal)")
     p.add_argument("--frames", type=int, default=9, help="1 + time_stride * n (the first frame is encoded alone)")
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--time-stride", type=int, default=4)
+    p.add_argument("--time-stride", type=int, default=2)
     p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--num-train", type=int, default=16000)
+    p.add_argument("--num-train", type=int, default=8000)
     p.add_argument("--tokenizer", default=None, help="a trained VideoTokenizer (a save_pretrained folder, e.g. OUT/pipeline/tokenizer) to use instead of training one")
     p.add_argument("--tok-channels", type=int, nargs="+", default=[16, 32, 64])
-    p.add_argument("--tok-steps", type=int, default=2500)
+    p.add_argument("--tok-steps", type=int, default=600)
     p.add_argument("--tok-batch", type=int, default=16)
     p.add_argument("--tok-lr", type=float, default=2e-3)
-    p.add_argument("--ar-steps", type=int, default=3000)
+    p.add_argument("--time-upsample", default="depth", choices=["depth", "repeat"],
+                   help="decoder time upsampling: depth (each frame of a latent group its own features) or repeat (nearest)")
+    p.add_argument("--tok-motion-weight", type=float, default=1.0,
+                   help="weight of an L1 loss on frame differences (x[t+1] - x[t]) in the tokenizer's training loss")
+    p.add_argument("--ar-steps", type=int, default=500)
     p.add_argument("--ar-batch", type=int, default=32)
     p.add_argument("--ar-lr", type=float, default=1e-3)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--width", type=int, default=128)
-    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the per-frame CNN digit classifier")
@@ -111,11 +117,16 @@ def train_tokenizer(tok: VideoTokenizer, videos: torch.Tensor, args, gen: torch.
     codewords are re-seeded from encoder outputs every 25 steps.  Checkpoints go to
     ``<out>/ckpt_tokenizer`` and an interrupted run resumes from them."""
     init_codebook_from_data(tok, videos, gen)
+    def recon_loss(x: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
+        # the trainer's default terms (L1 + MSE), plus L1 on frame differences: motion lives there
+        return {"l1": F.l1_loss(recon, x), "l2": F.mse_loss(recon, x),
+                "motion": args.tok_motion_weight * F.l1_loss(recon.diff(dim=2), x.diff(dim=2))}
+
     cfg = VQVAETrainConfig(lr=args.tok_lr, total_steps=args.tok_steps, warmup_steps=min(20, args.tok_steps // 10),
                            lr_schedule="cos", final_lr_ratio=0.05, weight_decay=0.0, restart_every=25,
                            ckpt_dir=os.path.join(args.out, "ckpt_tokenizer"), ckpt_every=250,
                            log_dir=os.path.join(args.out, "logs_tokenizer"), log_every=10, tensorboard=False)
-    trainer = VQVAETrainer(tok, cfg)
+    trainer = VQVAETrainer(tok, cfg, recon_loss=recon_loss if args.tok_motion_weight else None)
     log = trainer.fit(build_loader(torch.utils.data.TensorDataset(videos), args.tok_batch, seed=args.seed))
     tok.eval()
     return log
@@ -159,7 +170,10 @@ def video_metrics(videos: torch.Tensor, labels: torch.Tensor, clf: vm.FrameDigit
 def zero_shot(name: str, model, tok: VideoTokenizer, videos: torch.Tensor, labels: torch.Tensor,
               known_pixels: torch.Tensor, recon: torch.Tensor, args, clf, out_dir: str) -> tuple[dict, torch.Tensor]:
     """Generate the unknown part of ``videos`` given ``known_pixels`` (T, H, W); figure + metrics.
-    ``recon``: the tokenizer's reconstruction of ``videos`` (the reference for the known region)."""
+    ``recon``: the tokenizer's reconstruction of ``videos`` (the reference for the known region).
+    When the given frames are a prefix (frame prediction), the continuation's velocity is compared
+    with the true one (:func:`modalities.video.metrics.velocity_error`), for the generated videos and
+    for the tokenizer's reconstructions (the best a model can do through this tokenizer)."""
     B = len(videos)
     masks = video_known_masks(tok, known_pixels, batch_size=B)
     known = tok.encode(fill_unknown(videos, known_pixels))
@@ -183,6 +197,11 @@ def zero_shot(name: str, model, tok: VideoTokenizer, videos: torch.Tensor, label
         "psnr_unknown_region": 10 * math.log10(1 / max(err_unknown, 1e-10)),
         "psnr_known_region_tokenizer_recon": 10 * math.log10(1 / max(float(((recon - videos).pow(2) / 4)[kp].mean()), 1e-10)),
     })
+    given = known_pixels.flatten(1).all(1)  # (T,) frames given whole
+    start = int(given.long().cumprod(0).sum())
+    if 0 < start < len(given) and not given[start:].any():  # a prefix of frames is given: a continuation
+        m["continuation"] = {"generated": vm.velocity_error(gen, videos, start),
+                             "tokenizer_recon": vm.velocity_error(recon, videos, start)}
     n = min(4, B)
     shown = torch.cat([fill_unknown(videos[:n], known_pixels, 0.0), gen[:n]], 0)
     unk = (~known_pixels).unsqueeze(0).expand(2 * n, -1, -1, -1).clone()
@@ -218,10 +237,11 @@ def main(argv=None) -> dict:
             raise ValueError(f"--tokenizer {args.tokenizer} was trained on {cfg.frames}x{cfg.height}x{cfg.width} "
                              f"videos, but --frames/--size ask for {args.frames}x{args.size}x{args.size}")
         args.schedule, args.vocab, args.time_stride = cfg.schedule, cfg.vocab_size, cfg.time_stride
+        args.time_upsample = cfg.time_upsample
     else:
         cfg = VideoTokenizerConfig(frames=args.frames, height=args.size, width=args.size, vocab_size=args.vocab,
                                    time_stride=args.time_stride, schedule=args.schedule,
-                                   channels=tuple(args.tok_channels))
+                                   channels=tuple(args.tok_channels), time_upsample=args.time_upsample)
         tok = VideoTokenizer(cfg)
     sched = tok.schedule
     print(f"latent {cfg.latent_shape}, schedule {cfg.schedule}: {len(sched)} scales, {sched.L} tokens; "
@@ -230,12 +250,12 @@ def main(argv=None) -> dict:
     tok_log = train_tokenizer(tok, Xtr, args, gen) if not args.tokenizer else []
     timings["tokenizer_train_s"] = time.time() - t0
     tok.save_pretrained(os.path.join(args.out, "pipeline", "tokenizer"))
-    test_set = TokenDataset.encode(tok, Xte, Yte)  # encoded once: reconstructions, figures, validation
-    with torch.no_grad():
-        rec_te = torch.cat([tok.decode([t[i:i + 64] for t in test_set.indices])
-                            for i in range(0, len(Xte), 64)]).clamp(-1, 1)
-    rec_psnr = vm.psnr(Xte, rec_te)
-    print(f"test reconstruction PSNR {rec_psnr:.2f} dB")
+    test_set = TokenDataset.encode(tok, Xte, Yte)  # encoded once: figures, validation
+    # the tokenizer's own evaluation: PSNR and motion of its reconstructions (it caps the samples' motion)
+    tok_eval, rec_te = vm.reconstruction_report(tok, Xte)
+    rec_psnr = tok_eval["psnr_db"]
+    print(f"test reconstruction PSNR {rec_psnr:.2f} dB, velocity sign flips per video {tok_eval['velocity_flips']:.2f} "
+          f"(real {tok_eval['velocity_flips_real']:.2f}), centroid track error {tok_eval['track_error']:.2f} px")
     save_filmstrip(torch.stack([v for pair in zip(Xte[:4], rec_te[:4]) for v in pair]),
                    os.path.join(args.out, "reconstructions.png"),
                    row_labels=[s for i in range(4) for s in (f"real {i}", f"recon {i}")], title="tokenizer round trip")
@@ -296,10 +316,10 @@ def main(argv=None) -> dict:
     Xe, Ye = Xte[:ne], Yte[:ne]
     edits = {}
     tasks = {
-        # given frame 0 and the first latent group: predict the rest
-        "frame_prediction": frame_prediction_mask(T, S, S, given=1 + ts),
-        # given frame 0 and the last latent group: fill in the middle
-        "interpolation": interpolation_mask(T, S, S, first=1, last=ts),
+        # given the first 5 frames (whole latent groups for time stride 1, 2 or 4): predict the rest
+        "frame_prediction": frame_prediction_mask(T, S, S, given=1 + ts * max(1, 4 // ts)),
+        # given frame 0 and the last 4 frames: fill in the middle
+        "interpolation": interpolation_mask(T, S, S, first=1, last=ts * max(1, 4 // ts)),
         # a centre square hidden in every frame
         "inpainting": box_mask(T, S, S, (S // 4, 3 * S // 4, S // 4, 3 * S // 4)),
     }
@@ -324,7 +344,7 @@ def main(argv=None) -> dict:
         "tokenizer": {"config": asdict(cfg), "latent_shape": cfg.latent_shape, "schedule": sched.to_config(),
                       "num_scales": len(sched), "tokens": sched.L,
                       "params": sum(p.numel() for p in tok.parameters()),
-                      "test_psnr_db": rec_psnr, "train_codebook_usage": usage,
+                      "test_psnr_db": rec_psnr, "train_codebook_usage": usage, "reconstruction": tok_eval,
                       "final_train": tok_log[-1] if tok_log else None, "loaded_from": args.tokenizer},
         "transformer": {"params": model.num_parameters(), "final_train": ar_log[-1] if ar_log else None,
                         "validation": ar_val},
@@ -345,9 +365,11 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.out, "train_log.json"), "w") as f:
         json.dump({"tokenizer": tok_log, "transformer": ar_log}, f)
     msar.Pipeline(tok, model).save_pretrained(os.path.join(args.out, "pipeline"))
-    print(json.dumps({"recon_psnr": rec_psnr, "generated": {k: v for k, v in gen_metrics.items() if k != "per_class_frame_accuracy"},
+    print(json.dumps({"recon_psnr": rec_psnr, "reconstructed": recon,
+                      "generated": {k: v for k, v in gen_metrics.items() if k != "per_class_frame_accuracy"},
                       "real": real, "zero_shot": {k: {kk: vv for kk, vv in v.items() if kk in
-                                                      ("frame_accuracy_generated_frames", "known_tokens_preserved", "psnr_unknown_region")}
+                                                      ("frame_accuracy_generated_frames", "known_tokens_preserved",
+                                                       "psnr_unknown_region", "continuation")}
                                                   for k, v in edits.items()},
                       "total_s": timings["total_s"]}, indent=1, default=float))
     return metrics

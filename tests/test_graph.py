@@ -15,7 +15,7 @@ from modalities.graph import (GraphPyramidTokenizer, assignments, coarsen, graph
                               num_levels_for, to_data, vun)
 from modalities.graph.metrics import (IsoSet, gaussian_emd, gaussian_tv, graphlet_counts, is_grid, is_lobster,
                                       is_planar_valid, mmd2, orbit_vector)
-from modalities.graph.tokenizer import EDGE0, PAD
+from modalities.graph.tokenizer import EDGE0, PAD, PAIR_EDGE
 
 
 @st.composite
@@ -27,9 +27,9 @@ def graphs(draw, max_n=24):
 
 
 # ---------------------------------------------------------------------------- coarsening
-@given(graphs())
-def test_coarsening_hierarchy_invariants(G):
-    levels = coarsen(G)
+@given(graphs(), st.sampled_from(["greedy", "max"]))
+def test_coarsening_hierarchy_invariants(G, matching):
+    levels = coarsen(G, matching=matching)
     N = G.number_of_nodes()
     assert levels[0].n == 1, "the top level has one node"
     assert len(levels) == num_levels_for(N)
@@ -73,9 +73,9 @@ def _tiny_model(tok):
         depth=1, embed_dim=32, num_heads=2)).init_weights().eval()
 
 
-@given(st.lists(graphs(max_n=20), min_size=1, max_size=4), st.integers(1, 3))
-def test_round_trip_is_isomorphic(gs, chunks):
-    tok = _tok_for(gs, chunks)
+@given(st.lists(graphs(max_n=20), min_size=1, max_size=4), st.integers(1, 3), st.sampled_from(["greedy", "max"]))
+def test_round_trip_is_isomorphic(gs, chunks, matching):
+    tok = GraphPyramidTokenizer.fit(gs, edge_slack=0.0, edge_chunks=chunks, matching=matching)
     idx = tok.encode(gs)
     tok.schedule.check_indices(idx, tok.vocab_size, batch_size=len(gs))
     out = graphs_from(tok.decode(idx))
@@ -334,3 +334,114 @@ def test_hook_samples_only_allowed_tokens():
     free = msar.sample(model, tok, batch_size=B, cfg=0.0, seed=1)
     with pytest.raises(AssertionError):
         _teacher_force_allowed(tok, free.indices)
+
+
+# ---------------------------------------------------------------------------- structure validity
+def _grid(a, b):
+    return nx.convert_node_labels_to_integers(nx.grid_2d_graph(a, b))
+
+
+def test_planar_and_grid_validity_on_known_graphs():
+    # catches: a validity check that skips planarity (K5, K3,3) or connectivity, or accepts near-grids
+    tri = make_dataset("planar", seed=1, num=5)["train"][0]  # a Delaunay triangulation
+    assert is_planar_valid(tri) and is_planar_valid(nx.complete_graph(4))
+    assert not is_planar_valid(nx.complete_graph(5))
+    assert not is_planar_valid(nx.complete_bipartite_graph(3, 3))
+    assert not is_planar_valid(nx.disjoint_union(nx.cycle_graph(4), nx.cycle_graph(4)))  # planar, disconnected
+    G = _grid(4, 5)
+    assert is_grid(G)
+    moved = G.copy()  # one edge moved: same node and edge counts, degrees nearly a grid's
+    moved.remove_edge(0, 1)
+    moved.add_edge(0, 6)
+    assert moved.number_of_edges() == G.number_of_edges() and not is_grid(moved)
+
+
+def test_vun_on_a_hand_made_planar_and_grid_set():
+    # grid: a 3x4 grid, the same grid relabelled (not unique), a 2x6 grid seen in training (not novel),
+    # a 3x4 grid with one edge moved (not valid), a 4x4 grid (valid, unique, novel)
+    bad = _grid(3, 4)
+    bad.remove_edge(0, 1)
+    bad.add_edge(0, 5)
+    relabelled = nx.relabel_nodes(_grid(3, 4), {i: 11 - i for i in range(12)})
+    r = vun([_grid(3, 4), relabelled, _grid(2, 6), bad, _grid(4, 4)], [_grid(2, 6)], "grid")
+    assert r == {"validity": 0.8, "uniqueness": 0.8, "novelty": 0.8, "vun": 0.4, "connected": 1.0}
+    # planar: K4 (valid), K5 (not planar), two triangles (planar, not connected), a wheel (valid, in training)
+    gen = [nx.complete_graph(4), nx.complete_graph(5), nx.disjoint_union(nx.cycle_graph(3), nx.cycle_graph(3)),
+           nx.wheel_graph(6)]
+    r = vun(gen, [nx.wheel_graph(6)], "planar")
+    assert r == {"validity": 0.5, "uniqueness": 1.0, "novelty": 0.75, "vun": 0.25, "connected": 0.75}
+
+
+def test_structure_hook_draw_is_the_model_distribution_given_the_property():
+    # catches: a rejection loop that does not renormalise (or redraws from the full distribution)
+    from modalities.graph.constraints import StructureHook
+    tok = _tok_for([nx.path_graph(4)])
+    no_bit0 = lambda G, final: not G.has_edge(0, 2)  # a mask with bit 0 (child 0 of u -- child 0 of v) fails
+    hook = StructureHook(tok, no_bit0, seed=0)
+    p = torch.zeros(tok.vocab_size)
+    p[EDGE0:EDGE0 + 15] = torch.arange(1, 16, dtype=torch.float)  # mask m has weight m
+    counts = torch.zeros(tok.vocab_size)
+    n = 6000
+    for _ in range(n):
+        G = nx.empty_graph(4)
+        counts[hook._draw(G, p.clone(), [0, 1], [2, 3], final=True)] += 1
+    masks = torch.arange(1, 16)
+    want = torch.where(masks % 2 == 0, masks.float(), torch.zeros(15))  # even masks: bit 0 unset
+    want = want / want.sum()
+    assert counts[EDGE0 + masks[masks % 2 == 1] - 1].sum() == 0
+    assert torch.allclose(counts[EDGE0:EDGE0 + 15] / n, want, atol=0.02)
+    assert hook.stats["positions"] == n and hook.stats["rejected"] > 0 and hook.stats["dropped"] == 0
+    # nothing passes: the coarse edge is dropped (PAD), and the graph is left as it was
+    G = nx.empty_graph(4)
+    assert StructureHook(tok, lambda G, final: G.number_of_edges() == 0)._draw(G, p.clone(), [0, 1], [2, 3], True) == PAD
+    assert G.number_of_edges() == 0
+    with pytest.raises(ValueError, match="unknown structure property"):
+        StructureHook(tok, "torus")
+
+
+@pytest.mark.parametrize("prop", ["planar", "grid"])
+def test_structure_hook_samples_satisfy_the_property(prop):
+    # catches: a hook that checks the wrong level, forgets the edges of earlier positions of the
+    # same scale, or lets the sampler draw anything but the token it chose
+    from modalities.graph.constraints import PROPERTIES, StructureHook
+    torch.manual_seed(0)
+    gs = make_dataset("community-small", seed=0, num=10)["train"]
+    tok = _tok_for(gs)
+    model = _tiny_model(tok)
+    B = 8
+    bias = torch.zeros(tok.vocab_size)
+    bias[[PAIR_EDGE, EDGE0 + 14]] = 4.0  # a model that wants dense graphs: split with an edge, join all pairs
+
+    def dense(k, logits, state):
+        return tok.valid_token_hook(k, logits + bias, state)
+
+    def structured(hook):
+        return lambda k, logits, state: hook(k, logits + bias, state)
+
+    hook = StructureHook(tok, prop, seed=3)
+    res = msar.sample(model, tok, batch_size=B, cfg=0.0, seed=1, logits_hook=structured(hook))
+    sampled = graphs_from(res.data)
+    assert all(PROPERTIES[prop](G, True) for G in sampled)
+    assert hook.stats["rejected"] > 0
+    # same seeds, same graphs
+    again = msar.sample(model, tok, batch_size=B, cfg=0.0, seed=1,
+                        logits_hook=structured(StructureHook(tok, prop, seed=3)))
+    assert all(nx.utils.graphs_equal(G, H) for G, H in zip(sampled, graphs_from(again.data)))
+    # the same model without the structure hook breaks the property (so the check above means something)
+    free = msar.sample(model, tok, batch_size=B, cfg=0.0, seed=1, logits_hook=dense)
+    assert not any(PROPERTIES[prop](G, True) for G in graphs_from(free.data))
+
+
+def test_max_matching_keeps_every_level_of_planar_graphs_planar():
+    # catches: a "max" matching that still pairs non-adjacent nodes where a perfect matching exists
+    # (then planarity could not be enforced level by level); greedy matching does break it
+    gs = make_dataset("planar", seed=0, num=10)["train"][:4]
+
+    def nonplanar_levels(matching):
+        return sum(not nx.check_planarity(level_graph(l))[0] for G in gs for l in coarsen(G, matching=matching))
+    assert nonplanar_levels("max") == 0 and nonplanar_levels("greedy") > 0
+    tok = GraphPyramidTokenizer.fit(gs, matching="max")
+    assert GraphPyramidTokenizer(**tok.config).matching == "max"
+    assert GraphPyramidTokenizer(**{k: v for k, v in tok.config.items() if k != "matching"}).matching == "greedy"
+    with pytest.raises(ValueError, match="matching must be one of"):
+        coarsen(gs[0], matching="random")

@@ -10,8 +10,14 @@ One coarsening step (fine -> coarse):
 1. heavy-edge matching: visit nodes by (degree, cluster size, id); match each
    unmatched node with the unmatched neighbour of heaviest edge weight (weight =
    number of fine edges between the two clusters), ties to the smaller cluster;
+   (``matching="max"``: instead a maximum-cardinality matching of maximum total weight,
+   which leaves as few nodes unmatched as possible);
 2. leftovers (no unmatched neighbour) are paired with each other, preferring a
    leftover two hops away (most common-neighbour weight), until at most one remains.
+
+A leftover pair shares no edge, so its level is not a minor of the graph: with greedy
+matching most coarse levels of a planar (Delaunay) graph are not planar; with
+``matching="max"`` on the planar training set every level is.
 
 So every coarse node has one or two children.  Children are then ordered
 top-down (the bigger / higher-degree child first) which fixes a *tree order* of
@@ -41,7 +47,11 @@ class Level:
     size: list[int] = field(default_factory=list)
 
 
-def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int]) -> list[list[int]]:
+MATCHINGS = ("greedy", "max")
+
+
+def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
+                matching: str = "greedy") -> list[list[int]]:
     """One coarsening step on a weighted graph; returns clusters (lists of 1 or 2 fine nodes)."""
     nbrs: list[dict[int, int]] = [dict() for _ in range(n)]
     for (u, v), x in w.items():
@@ -49,6 +59,12 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int]) -> list[
         nbrs[v][u] = x
     order = sorted(range(n), key=lambda u: (len(nbrs[u]), size[u], u))
     mate = [-1] * n
+    if matching == "max":
+        H = nx.Graph()
+        H.add_nodes_from(range(n))
+        H.add_weighted_edges_from((u, v, x) for (u, v), x in sorted(w.items()))
+        for u, v in nx.max_weight_matching(H, maxcardinality=True):
+            mate[u], mate[v] = v, u
     for u in order:
         if mate[u] >= 0:
             continue
@@ -85,12 +101,16 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int]) -> list[
     return clusters
 
 
-def coarsen(G: nx.Graph, num_levels: int | None = None) -> list[Level]:
+def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy") -> list[Level]:
     """Hierarchy ``[G_0, ..., G_K]`` of a simple undirected graph, coarsest first, all in tree order.
 
     ``num_levels``: pad the top with one-node levels to this many levels (must be at
     least ``ceil(log2 N) + 1``).  The finest level is isomorphic to ``G``.
+    ``matching``: ``"greedy"`` heavy-edge matching or ``"max"`` (maximum-cardinality matching
+    of maximum weight; fewer leftover pairs, so more levels are minors of ``G``).
     """
+    if matching not in MATCHINGS:
+        raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
     G = nx.convert_node_labels_to_integers(nx.Graph(G))
     G.remove_edges_from(nx.selfloop_edges(G))
     N = G.number_of_nodes()
@@ -102,7 +122,7 @@ def coarsen(G: nx.Graph, num_levels: int | None = None) -> list[Level]:
     steps: list[list[list[int]]] = []  # steps[t] clusters of level t (fine ids of level t)
     level_w = [w]
     while n > 1:
-        clusters = _match_step(n, w, size)
+        clusters = _match_step(n, w, size, matching)
         assign = np.empty(n, dtype=np.int64)
         for c, members in enumerate(clusters):
             assign[members] = c

@@ -50,7 +50,7 @@ from torch_geometric.data import Batch, Data
 
 from msar import OperatorPyramid, PretrainedMixin, ScaleSchedule
 
-from .coarsen import Level, assignments, coarsen, num_levels_for
+from .coarsen import MATCHINGS, Level, assignments, coarsen, num_levels_for
 from .datasets import graphs_from, to_data
 
 SINGLE, PAIR, PAIR_EDGE = 0, 1, 2
@@ -102,13 +102,14 @@ class GraphPyramidTokenizer(PretrainedMixin):
         nbits: bits of the binary tree-order index fed as a feature (default: enough for ``max_nodes[-1]``).
         edge_chunks: the edge tokens of a level are split into this many scales (edge j goes to
             chunk ``j % edge_chunks``), so later chunks see the fine edges earlier ones decided.
+        matching: the coarsening's matching, ``"greedy"`` or ``"max"`` (see :func:`coarsen`).
 
     Use :meth:`fit` to size it from a training set; ``save_pretrained(dir)`` /
     ``GraphPyramidTokenizer.from_pretrained(dir)`` save and load it (a config, no weights).
     """
 
     def __init__(self, max_nodes: Sequence[int], max_edges: Sequence[int], nbits: Optional[int] = None,
-                 edge_chunks: int = 3):
+                 edge_chunks: int = 3, matching: str = "greedy"):
         K = len(max_nodes)
         if K < 2:
             raise ValueError(f"need at least 2 levels (max_nodes of length >= 2), got {list(max_nodes)}")
@@ -123,6 +124,9 @@ class GraphPyramidTokenizer(PretrainedMixin):
         if int(edge_chunks) < 1:
             raise ValueError(f"edge_chunks must be >= 1, got {edge_chunks}")
         self.edge_chunks = int(edge_chunks)
+        if matching not in MATCHINGS:
+            raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+        self.matching = matching
         # scales: S_k for k in 0..K-2, then (k >= 1) the chunks E_k^0 .. E_k^{C-1}: ('S', k, 0) / ('E', k, c)
         self.kinds: list[tuple[str, int, int]] = []
         counts: list[int] = []
@@ -143,7 +147,7 @@ class GraphPyramidTokenizer(PretrainedMixin):
     # ------------------------------------------------------------------ construction
     @classmethod
     def fit(cls, graphs: Sequence[nx.Graph], edge_slack: float = 0.1, node_slack: int = 0,
-            edge_chunks: int = 3) -> "GraphPyramidTokenizer":
+            edge_chunks: int = 3, matching: str = "greedy") -> "GraphPyramidTokenizer":
         """Size a tokenizer for a training set: levels for the largest graph, edge capacity
         ``(1 + edge_slack) x`` the largest seen per level."""
         graphs = graphs_from(graphs)
@@ -152,16 +156,16 @@ class GraphPyramidTokenizer(PretrainedMixin):
         max_nodes = [int(math.ceil(nmax / 2 ** (K - 1 - k))) for k in range(K)]
         max_edges = [0] * K
         for G in graphs:
-            for k, lvl in enumerate(coarsen(G, K)):
+            for k, lvl in enumerate(coarsen(G, K, matching)):
                 max_edges[k] = max(max_edges[k], len(lvl.edges))
         max_edges = [int(math.ceil(m * (1 + edge_slack))) for m in max_edges]
-        return cls(max_nodes, max_edges, edge_chunks=edge_chunks)
+        return cls(max_nodes, max_edges, edge_chunks=edge_chunks, matching=matching)
 
     @property
     def config(self) -> dict:
         """The constructor's arguments (``save_pretrained`` writes them; no weights)."""
         return {"max_nodes": self.max_nodes, "max_edges": self.max_edges, "nbits": self.nbits,
-                "edge_chunks": self.edge_chunks}
+                "edge_chunks": self.edge_chunks, "matching": self.matching}
 
     # ------------------------------------------------------------------ encoding
     def check_data(self, graphs: list[nx.Graph]) -> None:
@@ -173,7 +177,7 @@ class GraphPyramidTokenizer(PretrainedMixin):
                 raise ValueError(f"graph {i}: {n} nodes, but this tokenizer holds at most {self.max_nodes[-1]}")
 
     def levels(self, G: nx.Graph) -> list[Level]:
-        return coarsen(G, self.K)
+        return coarsen(G, self.K, self.matching)
 
     def encode_graph(self, G: nx.Graph) -> list[list[int]]:
         """Token lists (unpadded) per scale for one graph."""

@@ -82,17 +82,38 @@ class ResBlock3d(nn.Module):
 
 
 class CausalUpsample(nn.Module):
-    """Nearest upsampling ``x (st in time, 2 in space)`` that keeps the first latent frame
-    as a single frame (it encodes frame 0 alone), then a causal conv."""
+    """Upsampling ``x (st in time, 2 in space)`` that keeps the first latent frame as a single
+    frame (it encodes frame 0 alone), then a causal conv.
 
-    def __init__(self, cin: int, cout: int, time_factor: int, kernel: Sequence[int] = (3, 3, 3)):
+    ``time_upsample="depth"`` (default): the ``st`` frames of a latent frame get their own
+    features, ``repeat(x) + to_time(x)`` where ``to_time`` is a spatial conv to ``st * C``
+    channels, one block per frame of the group (depth-to-time, as pixel shuffle does in space).
+    ``"repeat"``: nearest repetition only.  With repetition, a stage whose conv does not mix
+    time (the full-resolution one is spatial-only for CPU cost) outputs ``st`` identical
+    frames: the digit stands still inside a group and jumps to the next.  Either way frames
+    of group t depend only on latent frames ``<= t``.
+    """
+
+    def __init__(self, cin: int, cout: int, time_factor: int, kernel: Sequence[int] = (3, 3, 3),
+                 time_upsample: str = "depth"):
         super().__init__()
+        if time_upsample not in ("depth", "repeat"):
+            raise ValueError(f"time_upsample must be 'depth' or 'repeat', got {time_upsample!r}")
         self.time_factor = time_factor
+        self.to_time = (CausalConv3d(cin, cin * time_factor, kernel=(1, 3, 3))
+                        if time_upsample == "depth" and time_factor > 1 else None)
         self.conv = CausalConv3d(cin, cout, kernel=kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.time_factor > 1 and x.shape[2] > 1:
-            x = torch.cat((x[:, :, :1], x[:, :, 1:].repeat_interleave(self.time_factor, dim=2)), dim=2)
+        st = self.time_factor
+        if st > 1 and x.shape[2] > 1:
+            rep = torch.cat((x[:, :, :1], x[:, :, 1:].repeat_interleave(st, dim=2)), dim=2)
+            if self.to_time is not None:
+                B, C, T, H, W = x.shape
+                y = self.to_time(x)  # (B, st * C, T, H, W): channel block j = frame j of the group
+                rest = y[:, :, 1:].view(B, st, C, T - 1, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C, (T - 1) * st, H, W)
+                rep = rep + torch.cat((y[:, :C, :1], rest), dim=2)
+            x = rep
         x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
         return self.conv(x)
 
@@ -133,7 +154,8 @@ class VideoEncoder(nn.Module):
 class VideoDecoder(nn.Module):
     """``(B, D, T', H', W') -> (B, C_in, T, H, W)``, the mirror of :class:`VideoEncoder`."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int], latent_dim: int, time_stride: int, space_stride: int):
+    def __init__(self, in_channels: int, channels: Sequence[int], latent_dim: int, time_stride: int, space_stride: int,
+                 time_upsample: str = "depth"):
         super().__init__()
         strides = _stage_time_strides(time_stride, space_stride)[::-1]
         ch = list(channels)[::-1]
@@ -141,7 +163,8 @@ class VideoDecoder(nn.Module):
         stages = []
         for i, st in enumerate(strides):
             last = i == len(strides) - 1  # the full-resolution conv is spatial-only (CPU cost)
-            stages.append(CausalUpsample(ch[i], ch[i + 1], st, kernel=(1, 3, 3) if last else (3, 3, 3)))
+            stages.append(CausalUpsample(ch[i], ch[i + 1], st, kernel=(1, 3, 3) if last else (3, 3, 3),
+                                         time_upsample=time_upsample))
             if not last:
                 stages += [_norm(ch[i + 1]), nn.SiLU()]
         self.stages = nn.Sequential(*stages)
@@ -178,6 +201,9 @@ class VideoTokenizerConfig:
     beta: float = 0.25
     # "vq", "fsq" or "bitwise": the residual quantizer, same vocab_size (msar.make_quantizer)
     quantizer: str = "vq"
+    # how the decoder upsamples time: "depth" (every frame of a group its own features) or
+    # "repeat" (nearest; frames of a group come out nearly identical, see CausalUpsample)
+    time_upsample: str = "depth"
 
     def __post_init__(self) -> None:
         for name in ("frames", "height", "width", "in_channels", "latent_dim", "vocab_size", "time_stride", "space_stride"):
@@ -197,6 +223,8 @@ class VideoTokenizerConfig:
         if self.height % self.space_stride or self.width % self.space_stride:
             raise ValueError(f"height and width must be multiples of space_stride={self.space_stride}, "
                              f"got {self.height}x{self.width}")
+        if self.time_upsample not in ("depth", "repeat"):
+            raise ValueError(f"VideoTokenizerConfig.time_upsample must be 'depth' or 'repeat', got {self.time_upsample!r}")
         self.channels = tuple(int(c) for c in self.channels)
 
     @property
@@ -227,7 +255,7 @@ class VideoTokenizer(PretrainedMixin, MultiScaleVQTokenizer):
                                    phi_ratio=c.phi_ratio, beta=c.beta, phi_kernel=phi_kernel)
         super().__init__(
             VideoEncoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride),
-            VideoDecoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride),
+            VideoDecoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride, c.time_upsample),
             quantizer,
         )
         self.config = config

@@ -1,0 +1,133 @@
+"""Structure-constrained sampling: a ``logits_hook`` that keeps every partial graph inside a property.
+
+The valid-token hook (:meth:`GraphPyramidTokenizer.valid_token_hook`) only masks tokens the decoder
+would reinterpret; it knows nothing about planarity or lattices.  :class:`StructureHook` adds a
+*hereditary* property (one that survives deleting edges: planar, maximum degree, bipartite) and
+enforces it while the edge tokens are drawn::
+
+    for every edge scale E_k^c, for every real position p (coarse edge (u, v)), in order:
+        P(mask) = softmax(logits[p] / T) over the valid masks            # the model's distribution
+        repeat: draw mask ~ P; G' = fine graph so far + the child pairs the mask names
+                if prop(G') holds: keep the mask, G = G'; break
+                else: P(mask) = 0, renormalise                           # rejection = exact conditioning
+        if no mask is left: PAD (the decoder drops the coarse edge; deleting edges keeps prop)
+    return logits that are 0 at the drawn token and -inf elsewhere      # msar.sample then takes it
+
+Tokens of one scale are drawn one position after the other, each knowing the edges that the
+earlier positions of the same scale added; the model's logits of a scale are still computed in
+one parallel pass, so this conditions the model's per-position distributions on validity, it does
+not make the model itself sequential.  Split scales (``S_k``) only get the valid-token mask.
+
+``planar`` and ``grid`` check the finest level only.  With the default greedy matching the coarser
+levels of a planar graph need not be planar: the coarsening pairs leftover nodes that share no
+edge, so a coarse level is not a minor of the graph (on the planar training set, 47-59 of 60
+graphs have a non-planar level 3, 4 or 5), and lattice properties (degree <= 4, bipartite) do not
+survive contraction at all.  With ``matching="max"`` every level of the planar training graphs is
+planar, and ``planar_levels`` keeps every level planar as it is built.
+
+The hook draws with its own generator (``seed``) and temperature, so pass the sampler's
+temperature here; ``msar.sample``'s ``top_k`` / ``top_p`` do not apply to the edge tokens it draws.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import networkx as nx
+import torch
+
+from .tokenizer import EDGE0, PAD, GraphDecodeState, GraphPyramidTokenizer
+
+# prop(G, final) -> bool: G is the partial fine graph of the level being built, final says whether
+# it is the graph's last level.  Must be hereditary: true for G stays true after deleting edges.
+Property = Callable[[nx.Graph, bool], bool]
+
+
+def planar_property(G: nx.Graph, final: bool) -> bool:
+    """Planar on the finest level. Coarser levels are not checked: they are not minors of the graph
+    (leftover nodes are paired without an edge between them), and most are not planar."""
+    return not final or nx.check_planarity(G)[0]
+
+
+def planar_levels_property(G: nx.Graph, final: bool) -> bool:
+    """Planar on every level, for hierarchies whose levels are planar (``matching="max"``)."""
+    return nx.check_planarity(G)[0]
+
+
+def grid_property(G: nx.Graph, final: bool) -> bool:
+    """On the finest level: maximum degree 4, bipartite (no odd cycle) and planar, as every 2-D grid
+    is. Necessary conditions for a grid, not sufficient; coarser levels are not checked."""
+    if not final:
+        return True
+    return (max((d for _, d in G.degree()), default=0) <= 4 and nx.is_bipartite(G)
+            and nx.check_planarity(G)[0])
+
+
+PROPERTIES: dict[str, Property] = {"planar": planar_property, "planar_levels": planar_levels_property,
+                                   "grid": grid_property}
+
+
+class StructureHook:
+    """``logits_hook`` for :func:`msar.sample` drawing edge tokens under a hereditary property.
+
+    Args:
+        tok: the tokenizer whose decode state the sampler runs.
+        prop: ``prop(G, final) -> bool`` (see :data:`PROPERTIES`), or its name ``"planar"`` / ``"grid"``.
+        temperature: the temperature the edge tokens are drawn at (use the sampler's).
+        seed: seed of the hook's own generator (the same seed and logits give the same tokens).
+
+    ``stats`` counts, over real edge positions: ``positions``, ``rejected`` (draws undone because
+    they broke the property) and ``dropped`` (positions where every valid mask broke it, so the
+    coarse edge was dropped).
+    """
+
+    def __init__(self, tok: GraphPyramidTokenizer, prop: Property | str, temperature: float = 1.0,
+                 seed: int = 0):
+        if isinstance(prop, str):
+            if prop not in PROPERTIES:
+                raise ValueError(f"unknown structure property {prop!r}; expected one of {sorted(PROPERTIES)}")
+            prop = PROPERTIES[prop]
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.tok, self.prop, self.temperature = tok, prop, float(temperature)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.stats = {"positions": 0, "rejected": 0, "dropped": 0}
+
+    def __call__(self, k: int, logits: torch.Tensor, state: GraphDecodeState) -> torch.Tensor:
+        logits = self.tok.valid_token_hook(k, logits, state)  # also checks the state belongs to tok
+        kind, lvl, chunk = self.tok.kinds[k]
+        if kind == "S":
+            return logits
+        final = lvl + 1 == self.tok.K - 1
+        probs = (logits.detach().float().cpu() / self.temperature).softmax(-1)  # (B, n, V), 0 on invalid
+        chosen = torch.full(logits.shape[:2], PAD, dtype=torch.long)
+        C = self.tok.edge_chunks
+        for b, g in enumerate(state.graphs):
+            kids = state.children[b]
+            G = nx.Graph()
+            G.add_nodes_from(range(sum(len(c) for c in kids)))
+            G.add_edges_from(state.fine[b])
+            for p, j in enumerate(range(chunk, len(g.edges), C)):
+                if p >= chosen.shape[1]:
+                    break
+                u, v = g.edges[j]
+                chosen[b, p] = self._draw(G, probs[b, p].clone(), kids[u], kids[v], final)
+        out = torch.full_like(logits, float("-inf"))
+        return out.scatter_(-1, chosen.unsqueeze(-1).to(logits.device), 0.0)
+
+    def _draw(self, G: nx.Graph, p: torch.Tensor, ku: list[int], kv: list[int], final: bool) -> int:
+        """Draw one edge token from ``p`` (V,) whose child pairs keep ``prop``; add them to ``G``."""
+        self.stats["positions"] += 1
+        p[PAD] = 0.0
+        while p.sum() > 0:
+            t = int(torch.multinomial(p, 1, generator=self.generator))
+            mask = t - EDGE0 + 1
+            new = [(a, c) for i, a in enumerate(ku) for jj, c in enumerate(kv)
+                   if mask >> (2 * i + jj) & 1 and not G.has_edge(a, c)]
+            G.add_edges_from(new)
+            if self.prop(G, final):
+                return t
+            G.remove_edges_from(new)
+            self.stats["rejected"] += 1
+            p[t] = 0.0
+        self.stats["dropped"] += 1
+        return PAD
