@@ -21,7 +21,9 @@ def _load(name: str):
 def _env(rec: dict) -> str:
     if "run" in rec:
         run, m = rec["run"], rec["run"]["machine"]
-        threads, load, torch_v = m["torch_threads"], (m["loadavg_start"][0], m["loadavg_end"][0]), m["torch"]
+        # provenance() records "loadavg" at start; some benchmarks add the load at start and end
+        start, end = m.get("loadavg_start", m.get("loadavg")), m.get("loadavg_end", m.get("loadavg"))
+        threads, load, torch_v = m["torch_threads"], (start[0], end[0]), m["torch"]
         date, commit = run["date"], run["commit"][:8] + ("+dirty" if run["dirty"] else "")
     else:  # records written before the "run" block
         threads, load, torch_v = rec["torch_threads"], (rec["loadavg_start"][0], rec["loadavg_end"][0]), rec["torch"]
@@ -77,14 +79,30 @@ def sampling(rec: dict) -> list[str]:
 
 def vs_reference(rec: dict) -> list[str]:
     out = [f"### against the reference VAR code, interleaved runs ({_env(rec)}; VAR {rec['config']['reference_commit'][:8]})", "",
-           "| config | batch | reference CPU s (wall s) | msar.sample CPU s | speed-up CPU (wall) | "
-           "greedy tokens identical to reference |", "|---|---|---|---|---|---|"]
+           "| config | batch | threads | reference CPU s (wall s) | msar.sample CPU s | speed-up CPU (wall) | goal | "
+           "greedy tokens identical to reference |", "|---|---|---|---|---|---|---|---|"]
     for r in rec["figures"]["rows"]:
         t, s = r["timing"], r["speedup_vs_reference"]
         g = r["greedy_msar_vs_reference"]
-        out.append(f"| {r['config']} | {r['batch']} | {t['reference']['median_cpu_s']:.2f} ({t['reference']['median_wall_s']:.1f}) | "
+        goal = f"{r['goal']:.1f}x" if r.get("goal") else "-"  # older files have neither threads nor goal
+        out.append(f"| {r['config']} | {r['batch']} | {r.get('threads', '-')} | "
+                   f"{t['reference']['median_cpu_s']:.2f} ({t['reference']['median_wall_s']:.1f}) | "
                    f"{t['msar_sample']['median_cpu_s']:.2f} | **{s['msar_sample']['cpu']:.2f}x** ({s['msar_sample']['wall']:.2f}x) | "
-                   f"{g['identical']} ({g['tokens']} tokens) |")
+                   f"{goal} | {g['identical']} ({g['tokens']} tokens) |")
+    return out + [""]
+
+
+def vs_reference_training(rec: dict) -> list[str]:
+    f = rec["figures"]
+    loss = f["first_step_loss"]
+    out = [f"### training step against the reference VAR code (forward + backward + AdamW, interleaved; {_env(rec)}; "
+           f"first-step loss {loss['reference']:.4f} reference / {loss['msar']:.4f} msar)", "",
+           "| config | batch | threads | reference tokens/s wall | msar tokens/s wall | speed-up CPU (wall) | goal |",
+           "|---|---|---|---|---|---|---|"]
+    for r in f["rows"]:
+        t, s = r["timing"], r["speedup_vs_reference"]
+        out.append(f"| {r['config']} | {r['batch']} | {r['threads']} | {t['reference']['tokens_per_s_wall']:.0f} | "
+                   f"{t['msar']['tokens_per_s_wall']:.0f} | **{s['cpu']:.2f}x** ({s['wall']:.2f}x) | {r['goal']:.1f}x |")
     return out + [""]
 
 
@@ -130,6 +148,10 @@ def main() -> None:
                 if os.path.exists(path):
                     with open(path) as f:
                         parts += [f"(`{name}/{sub}`)", ""] + fn(json.load(f))
+            path = os.path.join(base, "vs_reference_training.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    parts += vs_reference_training(json.load(f))
     print("\n".join(parts))
 
 
