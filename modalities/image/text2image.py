@@ -24,8 +24,8 @@ Re-runs: as in the digits demo (:mod:`modalities.image.demo`), ``OUT/run_config.
 training configuration; the same configuration resumes from the checkpoints in ``OUT`` (or only
 re-evaluates), a different one is refused at start with the list of differences.
 
-Timing: the default run takes about 18 CPU-minutes at one thread (24 minutes of wall time on a
-shared, loaded core; the measured times are in ``metrics.json``); ``--quick`` (tiny models,
+Timing: the default run takes about 25 CPU-minutes at one thread (more wall time on a shared,
+loaded core; the measured times are in ``metrics.json``); ``--quick`` (tiny models,
 numbers that mean nothing) a few seconds.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Text2ImageConfig:
     vocab_size: int = 256
     z_channels: int = 16
     vae_ch: int = 32
-    vae_steps: int = 1200
+    vae_steps: int = 4000              # 1200 steps leave small squares with rounded corners
     vae_batch: int = 16
     vae_lr: float = 2e-3
     max_length: int = 16               # words + <eos> of the longest caption (14)
@@ -455,7 +455,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         prog="python -m modalities text2image", formatter_class=HelpFormatter,
         description="Text-to-image on captioned shapes, end to end on CPU: tokenizer, caption encoder + "
                     "text-conditioned transformer, attribute detector, guidance sweep, caption editing. "
-                    "The default run takes about 18 CPU-minutes at one thread, --quick seconds.",
+                    "The default run takes about 25 CPU-minutes at one thread, --quick seconds.",
         epilog="Running again with the same options resumes (or re-evaluates) the run in --out; "
                "other training options there are refused: use another --out, or --fresh.")
     ap.add_argument("--out", help="output folder; default outputs/text2image, or outputs/text2image_quick with --quick")
