@@ -35,7 +35,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
@@ -60,8 +60,27 @@ EVALUATION_FIELDS = ("cfg", "top_k", "top_p", "samples_per_class", "edit_count",
 FIGURES = ("samples_per_class.png", "progression.png", "reconstructions.png", "class_edit.png", "memorisation.png")
 
 
+class RunConfig:
+    """Base of the examples' dataclass configs that train into a run folder
+    (:func:`prepare_run_folder`): ``evaluation_fields`` are the settings a re-run may change
+    without retraining."""
+
+    evaluation_fields: ClassVar[tuple[str, ...]] = ()
+
+    def to_json(self) -> dict:
+        """The config as plain JSON values (tuples become lists)."""
+        return json.loads(json.dumps(asdict(self)))
+
+    def training_json(self) -> dict:
+        """What the checkpoints depend on (stored in ``run_config.json``): everything but the
+        evaluation settings, which a re-run may change without retraining."""
+        return {k: v for k, v in self.to_json().items() if k not in self.evaluation_fields}
+
+
 @dataclass
-class DemoConfig:
+class DemoConfig(RunConfig):
+    evaluation_fields: ClassVar[tuple[str, ...]] = EVALUATION_FIELDS
+
     size: int = 16
     patch_nums: tuple = (1, 2, 3, 4)   # 30 tokens over a 4x4 latent (downsample 4)
     vocab_size: int = 512
@@ -104,15 +123,6 @@ class DemoConfig:
         """A smoke run of about a minute: tiny models, few steps; its figures mean nothing."""
         return cls(augment_copies=1, vae_steps=60, var_steps=60, depth=2, width=64, heads=2, eval_every=20,
                    samples_per_class=4, edit_count=10, classifier_steps=60)
-
-    def to_json(self) -> dict:
-        """The config as plain JSON values (tuples become lists)."""
-        return json.loads(json.dumps(asdict(self)))
-
-    def training_json(self) -> dict:
-        """What the checkpoints depend on (stored in ``run_config.json``): everything but the
-        evaluation settings, which a re-run may change without retraining."""
-        return {k: v for k, v in self.to_json().items() if k not in EVALUATION_FIELDS}
 
 
 def build_vqvae(c: DemoConfig) -> VQVAE:
@@ -536,6 +546,35 @@ def write_figures(out, c, samples, labels, pred, indices, vqvae, test, rec, edit
     return paths
 
 
+def add_run_arguments(ap: argparse.ArgumentParser, name: str, steps: dict[str, str], seed_help: str) -> None:
+    """The options of every example that trains into a run folder: ``--out`` (default
+    ``outputs/NAME``, ``outputs/NAME_quick`` with ``--quick``), ``--quick``, ``--fresh``, ``--seed``,
+    one ``--X-steps`` per entry of ``steps`` (config field -> help) and ``--no-progress``."""
+    ap.add_argument("--out", help=f"output folder (figures, metrics.json, checkpoints, the pipeline); "
+                                  f"default outputs/{name}, or outputs/{name}_quick with --quick")
+    ap.add_argument("--quick", action="store_true", help="a smoke run with tiny models (numbers mean nothing)")
+    ap.add_argument("--fresh", action="store_true", help="discard the checkpoints of an earlier run in --out first")
+    ap.add_argument("--seed", type=int, default=0, help=seed_help)
+    for field_name, help_text in steps.items():
+        ap.add_argument("--" + field_name.replace("_", "-"), type=int, help=help_text)
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace, config_class: type,
+                     steps: dict[str, str]) -> RunConfig:
+    """The recipe (``config_class()`` or its ``quick()``) with the seed and step counts of
+    :func:`add_run_arguments`'s options; a step count below 1 is a usage error."""
+    c = config_class.quick() if args.quick else config_class()
+    c.seed = args.seed
+    for field_name in steps:
+        v = getattr(args, field_name)
+        if v is not None:
+            if v < 1:
+                ap.error(f"--{field_name.replace('_', '-')} must be >= 1, got {v}")
+            setattr(c, field_name, v)
+    return c
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from modalities.cli import HelpFormatter
 
@@ -546,22 +585,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "--quick about one.",
         epilog="Running again with the same options resumes (or re-evaluates) the run in --out; "
                "other options there are refused: use another --out, or --fresh.")
-    ap.add_argument("--out", help="output folder (figures, metrics.json, checkpoints, the pipeline); "
-                                  "default outputs/demo, or outputs/demo_quick with --quick")
-    ap.add_argument("--quick", action="store_true", help="a one-minute smoke run with tiny models (numbers mean nothing)")
-    ap.add_argument("--fresh", action="store_true", help="discard the checkpoints of an earlier run in --out first")
-    ap.add_argument("--seed", type=int, default=0, help="seed of data split, augmentation, training and sampling")
-    ap.add_argument("--var-steps", type=int, help="at most this many transformer steps (default: the recipe's)")
-    ap.add_argument("--vae-steps", type=int, help="VQ-VAE training steps (default: the recipe's)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    steps = {"var_steps": "at most this many transformer steps (default: the recipe's)",
+             "vae_steps": "VQ-VAE training steps (default: the recipe's)"}
+    add_run_arguments(ap, "demo", steps, "seed of data split, augmentation, training and sampling")
     args = ap.parse_args(argv)
-    c = DemoConfig.quick() if args.quick else DemoConfig()
-    c.seed = args.seed
-    for name, v in (("var_steps", args.var_steps), ("vae_steps", args.vae_steps)):
-        if v is not None:
-            if v < 1:
-                ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-            setattr(c, name, v)
+    c = config_from_args(ap, args, DemoConfig, steps)
     out = args.out or ("outputs/demo_quick" if args.quick else "outputs/demo")
     m = run(out, c, progress=not args.no_progress, fresh=args.fresh, quick=args.quick)
     s, t, e = m["samples"], m["transformer"], m["class_edit"]

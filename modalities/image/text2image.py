@@ -35,8 +35,8 @@ import json
 import os
 import textwrap
 import time
-from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
@@ -51,7 +51,8 @@ from msar.training import TransformerTrainConfig, TransformerTrainer, VQVAETrain
 from .captioned_shapes import (COLOURS, HELD_OUT, CaptionedScenes, Scene, SceneObject, caption,
                                check_held_out)
 from .data import save_labelled_grid
-from .demo import RunFolderError, _fit_in_chunks, prepare_run_folder, provenance  # noqa: F401 (re-exported)
+from .demo import (RunConfig, RunFolderError, _fit_in_chunks, add_run_arguments, config_from_args,  # noqa: F401
+                   prepare_run_folder, provenance)  # (RunFolderError and provenance are re-exported)
 from .shape_detector import ATTRIBUTES, ShapeDetector, summarise
 from .vqvae import VQVAE, VQVAEConfig
 
@@ -64,7 +65,9 @@ EVAL_SETS = ("val", "test_seen", "test_heldout")
 
 
 @dataclass
-class Text2ImageConfig:
+class Text2ImageConfig(RunConfig):
+    evaluation_fields: ClassVar[tuple[str, ...]] = EVALUATION_FIELDS
+
     n_train: int = 12000
     n_val: int = 200                   # val scenes: validation loss and the choice of guidance
     n_eval: int = 200                  # captions per evaluation set (val, test_seen, test_heldout)
@@ -106,14 +109,6 @@ class Text2ImageConfig:
         return cls(n_train=128, n_val=16, n_eval=12, vae_steps=8, var_steps=10, text_dim=16, text_depth=1,
                    text_heads=2, depth=1, width=32, heads=2, vocab_size=64, cfg_sweep=(0.0, 3.0), edit_count=4,
                    detector_steps=40, grid_captions=2, grid_samples=2)
-
-    def to_json(self) -> dict:
-        """The config as plain JSON values (tuples become lists)."""
-        return json.loads(json.dumps(asdict(self)))
-
-    def training_json(self) -> dict:
-        """What the checkpoints depend on (stored in ``run_config.json``)."""
-        return {k: v for k, v in self.to_json().items() if k not in EVALUATION_FIELDS}
 
 
 def build_vqvae(c: Text2ImageConfig) -> VQVAE:
@@ -458,22 +453,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "The default run takes about 25 CPU-minutes at one thread, --quick seconds.",
         epilog="Running again with the same options resumes (or re-evaluates) the run in --out; "
                "other training options there are refused: use another --out, or --fresh.")
-    ap.add_argument("--out", help="output folder; default outputs/text2image, or outputs/text2image_quick with --quick")
-    ap.add_argument("--quick", action="store_true",
-                    help="a smoke run of seconds with tiny models (numbers mean nothing)")
-    ap.add_argument("--fresh", action="store_true", help="discard the checkpoints of an earlier run in --out first")
-    ap.add_argument("--seed", type=int, default=0, help="seed of data, training and sampling")
-    ap.add_argument("--var-steps", type=int, help="transformer steps (default: the recipe's)")
-    ap.add_argument("--vae-steps", type=int, help="VQ-VAE steps (default: the recipe's)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    steps = {"var_steps": "transformer steps (default: the recipe's)", "vae_steps": "VQ-VAE steps (default: the recipe's)"}
+    add_run_arguments(ap, "text2image", steps, "seed of data, training and sampling")
     args = ap.parse_args(argv)
-    c = Text2ImageConfig.quick() if args.quick else Text2ImageConfig()
-    c.seed = args.seed
-    for name, v in (("var_steps", args.var_steps), ("vae_steps", args.vae_steps)):
-        if v is not None:
-            if v < 1:
-                ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-            setattr(c, name, v)
+    c = config_from_args(ap, args, Text2ImageConfig, steps)
     out = args.out or ("outputs/text2image_quick" if args.quick else "outputs/text2image")
     m = run(out, c, progress=not args.no_progress, fresh=args.fresh, quick=args.quick)
     r = m["result"]

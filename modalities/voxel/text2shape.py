@@ -29,8 +29,8 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import msar
-from modalities.image.demo import RUN_STATE, RunFolderError, _fit_in_chunks, prepare_run_folder, provenance
+from modalities.image.demo import (RUN_STATE, RunConfig, RunFolderError, _fit_in_chunks, add_run_arguments,
+                                   config_from_args, prepare_run_folder, provenance)
 from modalities.image.text2image import CaptionTokens, choose_guidance, generate, sweep_plot, write_metrics
 from msar.text import TextEncoder, TextEncoderConfig, WordTokenizer
 from msar.training import TokenDataset, TransformerTrainConfig, TransformerTrainer, build_loader
@@ -59,7 +60,9 @@ EVAL_SETS = ("val", "test_seen", "test_heldout")
 
 
 @dataclass
-class Text2ShapeConfig:
+class Text2ShapeConfig(RunConfig):
+    evaluation_fields: ClassVar[tuple[str, ...]] = EVALUATION_FIELDS
+
     resolution: int = 16
     latent_side: int = 4               # scales 1^3, 2^3, 3^3, 4^3: 100 tokens
     vocab_size: int = 256
@@ -95,12 +98,6 @@ class Text2ShapeConfig:
         return cls(n_train=48, n_val=12, n_eval=8, tok_steps=3, tok_batch=8, var_steps=10, vocab_size=32,
                    text_dim=16, text_heads=2, depth=1, width=32, heads=2, cfg_sweep=(0.0, 2.0), classifier_steps=20,
                    classifier_shapes=60, grid_captions=2, grid_samples=2)
-
-    def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
-
-    def training_json(self) -> dict:
-        return {k: v for k, v in self.to_json().items() if k not in EVALUATION_FIELDS}
 
 
 class CategoryClassifier(nn.Module):
@@ -294,20 +291,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "caption encoder + text-conditioned transformer, geometric checks, guidance sweep.",
         epilog="Running again with the same options resumes (or re-evaluates) the run in --out; "
                "other training options there are refused: use another --out, or --fresh.")
-    ap.add_argument("--out", help="output folder; default outputs/text2shape, or outputs/text2shape_quick with --quick")
-    ap.add_argument("--quick", action="store_true",
-                    help="a smoke run of seconds with tiny models (numbers mean nothing)")
-    ap.add_argument("--fresh", action="store_true", help="discard the checkpoints of an earlier run in --out first")
-    ap.add_argument("--seed", type=int, default=0, help="seed of data, training and sampling")
-    ap.add_argument("--var-steps", type=int, help="transformer steps (default: the recipe's)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    steps = {"var_steps": "transformer steps (default: the recipe's)"}
+    add_run_arguments(ap, "text2shape", steps, "seed of data, training and sampling")
     args = ap.parse_args(argv)
-    c = Text2ShapeConfig.quick() if args.quick else Text2ShapeConfig()
-    c.seed = args.seed
-    if args.var_steps is not None:
-        if args.var_steps < 1:
-            ap.error(f"--var-steps must be >= 1, got {args.var_steps}")
-        c.var_steps = args.var_steps
+    c = config_from_args(ap, args, Text2ShapeConfig, steps)
     out = args.out or ("outputs/text2shape_quick" if args.quick else "outputs/text2shape")
     m = run(out, c, progress=not args.no_progress, fresh=args.fresh, quick=args.quick)
     r = m["result"]
