@@ -116,7 +116,7 @@ def reference_sample(ref, var, labels: torch.Tensor, seed: int, top_k: int, top_
 
 
 def run(args) -> dict:
-    counts = args.thread_counts or ([args.threads] if args.threads else [1, 2])
+    counts = thread_counts(args)
     common.setup_threads(counts[0])
     device = torch.device("cpu")
     info = common.machine_info(device)
@@ -209,17 +209,28 @@ def _ref_commit(var_dir: str) -> str:
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(ap)
-    ap.add_argument("--var-dir", default=os.environ.get("MSAR_VAR_DIR", ""), required=not os.environ.get("MSAR_VAR_DIR"),
-                    help="checkout of FoundationVision/VAR (or set MSAR_VAR_DIR)")
+    add_reference_args(ap)
     ap.add_argument("--configs", nargs="*", choices=["small", "d16", "d30"], default=None)
     ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=0, help="timed rounds (each runs reference and msar once)")
     ap.add_argument("--greedy-batch", type=int, default=2)
+    return ap.parse_args(argv)
+
+
+def add_reference_args(ap: argparse.ArgumentParser) -> None:
+    """The options of every comparison with the reference code: the common ones, ``--var-dir``
+    and ``--thread-counts`` (read back by :func:`thread_counts`)."""
+    common.add_common_args(ap)
+    ap.add_argument("--var-dir", default=os.environ.get("MSAR_VAR_DIR", ""), required=not os.environ.get("MSAR_VAR_DIR"),
+                    help="checkout of FoundationVision/VAR (or set MSAR_VAR_DIR)")
     ap.add_argument("--thread-counts", type=int, nargs="*", default=None,
                     help="torch thread counts measured in the same interleaved rounds (default: --threads if "
                          "given, else 1 2)")
-    return ap.parse_args(argv)
+
+
+def thread_counts(args: argparse.Namespace) -> list[int]:
+    """The thread counts to measure: ``--thread-counts``, else ``--threads``, else 1 and 2."""
+    return args.thread_counts or ([args.threads] if args.threads else [1, 2])
 
 
 def main(argv=None) -> dict:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import common
 from .sampling_throughput import CONFIGS
-from .vs_reference import _ref_commit, build_pair, import_reference
+from .vs_reference import _ref_commit, add_reference_args, build_pair, import_reference, thread_counts
 
 NAME = "vs_reference_training"
 GOAL = 1.2
@@ -74,7 +74,7 @@ def first_losses(var, model, labels, x, target, seed: int) -> dict:
 
 
 def run(args) -> dict:
-    counts = args.thread_counts or ([args.threads] if args.threads else [1, 2])
+    counts = thread_counts(args)
     common.setup_threads(counts[0])
     info = common.machine_info(torch.device("cpu"))
     ref = import_reference(args.var_dir)
@@ -134,14 +134,9 @@ def run(args) -> dict:
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(ap)
-    ap.add_argument("--var-dir", default=os.environ.get("MSAR_VAR_DIR", ""), required=not os.environ.get("MSAR_VAR_DIR"),
-                    help="checkout of FoundationVision/VAR (or set MSAR_VAR_DIR)")
+    add_reference_args(ap)
     ap.add_argument("--batch", type=int, default=0, help="batch size (default 4; 2 with --quick)")
     ap.add_argument("--rounds", type=int, default=0, help="timed rounds (each runs one step of both)")
-    ap.add_argument("--thread-counts", type=int, nargs="*", default=None,
-                    help="torch thread counts measured in the same interleaved rounds (default: --threads if "
-                         "given, else 1 2)")
     return ap.parse_args(argv)
 
 
