@@ -190,8 +190,3 @@ class Condition:
             return f"Condition.classes(labels={tuple(self.labels.shape)})"
         m = "" if self.mask is None else f", mask={tuple(self.mask.shape)}"
         return f"Condition.{self.kind}(features={tuple(self.features.shape)}{m})"
-
-
-def as_condition(cond: "Condition | torch.Tensor | Sequence[int]") -> Condition:
-    """A Condition as is; a label tensor (or list of ints) as ``Condition.classes``."""
-    return cond if isinstance(cond, Condition) else Condition.classes(cond)

@@ -30,7 +30,7 @@ temperature here; ``msar.sample``'s ``top_k`` / ``top_p`` do not apply to the ed
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import networkx as nx
 import torch

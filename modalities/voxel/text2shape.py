@@ -25,7 +25,6 @@ start (another one), as in :mod:`modalities.image.text2image`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
