@@ -36,7 +36,7 @@ import os
 import textwrap
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
@@ -166,15 +166,17 @@ def generate(pipe: msar.Pipeline, captions: Sequence[str], c: Text2ImageConfig, 
     return torch.cat(imgs), [torch.cat([p[k] for p in idx]) for k in range(len(idx[0]))]
 
 
-def guidance_sweep(pipe: msar.Pipeline, detector: ShapeDetector, sets: dict, c: Text2ImageConfig, bar) -> dict:
-    """Per guidance strength and evaluation set: per-attribute accuracy of one sample per caption."""
+def guidance_sweep(pipe: msar.Pipeline, captions: dict[str, Sequence[str]], c, bar,
+                   score: Callable[[str, torch.Tensor], dict]) -> dict:
+    """Per guidance strength of ``c.cfg_sweep`` and evaluation set: ``score(set name, samples)`` of
+    one sample per caption (``captions``: set name -> its captions; set ``name`` is seeded
+    ``c.seed + 1000 * EVAL_SETS.index(name)``).  Used by every text-conditioned example."""
     out = {}
     for cfg in c.cfg_sweep:
         row = {}
-        for name, data in sets.items():
-            caps = data.captions[:c.n_eval]
-            imgs, _ = generate(pipe, caps, c, cfg, seed=c.seed + 1000 * EVAL_SETS.index(name))
-            row[name] = summarise(detector.score(imgs, [s.attributes() for s in data.scenes[:c.n_eval]]))
+        for name, caps in captions.items():
+            samples, _ = generate(pipe, caps, c, cfg, seed=c.seed + 1000 * EVAL_SETS.index(name))
+            row[name] = score(name, samples)
             bar.update(1)
         out[f"{cfg:g}"] = row
     return out
@@ -323,7 +325,9 @@ def run(out: str, c: Text2ImageConfig, progress: bool = True, fresh: bool = Fals
     # ---- 4. guidance sweep: per-attribute accuracy, seen and held-out pairs; val picks the guidance
     t = time.time()
     with pbar(len(c.cfg_sweep) * len(sets), "[4/5] sampling (guidance sweep)") as bar:
-        sweep = guidance_sweep(pipe, detector, sets, c, bar)
+        sweep = guidance_sweep(
+            pipe, {name: data.captions[:c.n_eval] for name, data in sets.items()}, c, bar,
+            lambda name, imgs: summarise(detector.score(imgs, [s.attributes() for s in sets[name].scenes[:c.n_eval]])))
     best = choose_guidance(sweep)
     chosen = sweep[f"{best:g}"]
     metrics["guidance_sweep"] = sweep

@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 import msar
 from modalities.image.demo import (RUN_STATE, RunConfig, RunFolderError, _fit_in_chunks, add_run_arguments,
                                    config_from_args, prepare_run_folder, provenance)
-from modalities.image.text2image import CaptionTokens, choose_guidance, generate, sweep_plot, write_metrics
+from modalities.image.text2image import (CaptionTokens, choose_guidance, generate, guidance_sweep, sweep_plot,
+                                         write_metrics)
 from msar.text import TextEncoder, TextEncoderConfig, WordTokenizer
 from msar.training import TokenDataset, TransformerTrainConfig, TransformerTrainer, build_loader
 
@@ -234,16 +235,10 @@ def run(out: str, c: Text2ShapeConfig, progress: bool = True, fresh: bool = Fals
 
     # ---- 4. guidance sweep, chosen on val
     t = time.time()
-    sweep = {}
     with pbar(len(c.cfg_sweep) * len(sets), "[4/4] sampling (guidance sweep)") as bar:
-        for cfg in c.cfg_sweep:
-            row = {}
-            for name, (_, caps) in sets.items():
-                logits, _ = generate(pipe, [x.text() for x in caps[:c.n_eval]], c, cfg,
-                                     seed=c.seed + 1000 * EVAL_SETS.index(name))
-                row[name] = score(tok.occupancy(logits).numpy(), caps[:c.n_eval], classifier)
-                bar.update(1)
-            sweep[f"{cfg:g}"] = row
+        sweep = guidance_sweep(
+            pipe, {name: [x.text() for x in caps[:c.n_eval]] for name, (_, caps) in sets.items()}, c, bar,
+            lambda name, logits: score(tok.occupancy(logits).numpy(), sets[name][1][:c.n_eval], classifier))
     best = choose_guidance(sweep)
     metrics["guidance_sweep"] = sweep
     metrics["result"] = {"cfg_chosen_on_val": best, "top_k": c.top_k, "top_p": c.top_p,
