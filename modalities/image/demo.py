@@ -35,7 +35,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
@@ -144,17 +144,18 @@ class RunFolderError(ValueError):
     """The output folder holds a run that this one must not resume."""
 
 
-def prepare_run_folder(out: str, config: dict, fresh: bool = False) -> None:
+def prepare_run_folder(out: str, config: dict, fresh: bool = False, state: Sequence[str] = RUN_STATE) -> None:
     """Refuse to resume a run of another training configuration; record this run's (``config``:
-    :meth:`DemoConfig.training_json`).
+    :meth:`RunConfig.training_json`).
 
-    ``fresh`` first removes what an earlier run wrote (checkpoints, logs, the pipeline and
-    ``run_config.json``); figures and other files are overwritten later, nothing else is deleted.
+    ``state``: the folders a run keeps in ``out`` (checkpoints, logs, the pipeline; the digits
+    demo's by default). ``fresh`` first removes them and ``run_config.json``; figures and other
+    files are overwritten later, nothing else is deleted.
     """
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, RUN_CONFIG)
     if fresh:
-        for name in RUN_STATE:
+        for name in state:
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
         if os.path.exists(path):
             os.remove(path)
@@ -172,7 +173,7 @@ def prepare_run_folder(out: str, config: dict, fresh: bool = False) -> None:
                     for k in keys if saved.get(k) != config.get(k)]
             raise RunFolderError(f"{out} holds a run with a different configuration ({'; '.join(diff)}); {what_to_do}")
         return
-    leftovers = [n for n in RUN_STATE if os.path.exists(os.path.join(out, n))]
+    leftovers = [n for n in state if os.path.exists(os.path.join(out, n))]
     if leftovers:
         raise RunFolderError(f"{out} holds checkpoints ({', '.join(leftovers)}) but no {RUN_CONFIG}, so their "
                              f"configuration is unknown; {what_to_do}")

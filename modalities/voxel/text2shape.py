@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from typing import ClassVar, Optional
@@ -38,8 +37,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import msar
-from modalities.image.demo import (RUN_STATE, RunConfig, RunFolderError, _fit_in_chunks, add_run_arguments,
-                                   config_from_args, prepare_run_folder, provenance)
+from modalities.image.demo import (RunConfig, _fit_in_chunks, add_run_arguments, config_from_args, prepare_run_folder,
+                                   provenance)
 from modalities.image.text2image import (CaptionTokens, choose_guidance, generate, guidance_sweep, sweep_plot,
                                          write_metrics)
 from msar.text import TextEncoder, TextEncoderConfig, WordTokenizer
@@ -147,25 +146,11 @@ def score(vox: np.ndarray, caps: list, classifier: CategoryClassifier) -> dict:
     return out
 
 
-def prepare(out: str, config: dict, fresh: bool) -> None:
-    """:func:`modalities.image.demo.prepare_run_folder` for this run's folders (``STATE``)."""
-    if fresh:
-        for name in STATE:
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-    elif not os.path.exists(os.path.join(out, RUN_CONFIG)):
-        leftovers = [n for n in STATE if os.path.exists(os.path.join(out, n))]
-        if leftovers:
-            raise RunFolderError(f"{out} holds checkpoints ({', '.join(leftovers)}) but no {RUN_CONFIG}; run with "
-                                 f"--out NEW_DIR, or add --fresh to discard them")
-    assert not set(STATE) & set(RUN_STATE) - {"pipeline"}  # (the image demo's names are its own)
-    prepare_run_folder(out, config, fresh)
-
-
 def run(out: str, c: Text2ShapeConfig, progress: bool = True, fresh: bool = False, quick: bool = False) -> dict:
     """Train, evaluate and write everything to ``out``; returns the metrics (also in ``out/metrics.json``)."""
     t_start, cpu_start = time.time(), time.process_time()
     c.held_out = tuple(tuple(h) for h in c.held_out)
-    prepare(out, c.training_json(), fresh)
+    prepare_run_folder(out, c.training_json(), fresh, state=STATE)
     run_record = provenance()
     timing: dict = {}
     smoke = "\nSMOKE RUN (--quick): tiny models, the numbers mean nothing" if quick else ""
