@@ -111,14 +111,11 @@ def test_a_frozen_condition_encoder_trains_the_model_only(tmp_path):
     assert "condition_encoder" not in tr.checkpoint_models()
 
 
-def _ddp_worker(rank, world, port, out_dir):
+def _ddp_worker(rank, world, out_dir):
     import os
     import warnings
 
     import torch.distributed as dist
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     tok, enc, vq, model = text_setup()
     model.cond_drop_rate = 0.0  # no row dropped: the null parameters must still be in the graph
     items = [(torch.randn(C, 2, 2, generator=torch.Generator().manual_seed(i)), *tok.encode_one(CAPTIONS[i % 4]))
@@ -133,19 +130,13 @@ def _ddp_worker(rank, world, port, out_dir):
     dist.all_gather(gathered, flat)
     torch.save({"same": all(torch.equal(gathered[0], g) for g in gathered), "step": tr.step},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 def test_joint_training_under_ddp_keeps_ranks_in_sync(tmp_path):
     """Bug: the text encoder's gradients are not averaged over ranks (its weights drift apart), or
     DDP fails on parameters left out of the graph (the null condition when no row is dropped)."""
-    import socket
-
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    from _distributed import run_ranks
+    run_ranks(_ddp_worker, str(tmp_path))
     for r in range(2):
         res = torch.load(tmp_path / f"rank{r}.pt")
         assert res["same"] and res["step"] == 2

@@ -345,11 +345,8 @@ def test_vqvae_gan_and_perceptual_terms(tmp_path):
 
 
 # ---------------------------------------------------------------------------- DDP (2 CPU processes, gloo)
-def _ddp_worker(rank, world, port, out_dir):
+def _ddp_worker(rank, world, out_dir):
     import os
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     import torch.distributed as dist
     import warnings
     tok = tiny_tokenizer()
@@ -369,16 +366,11 @@ def _ddp_worker(rank, world, port, out_dir):
                 "skipped": [r["skipped"] for r in tr.history],
                 "usage_total": float(vq.quantizer.usage_ema[-1].sum())},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    from _distributed import run_ranks
+    run_ranks(_ddp_worker, str(tmp_path))
     for r in range(2):
         res = torch.load(tmp_path / f"rank{r}.pt")
         assert res["same"] and res["step"] == 3 and res["skipped"] == [0, 1, 0]
