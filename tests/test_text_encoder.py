@@ -88,6 +88,41 @@ def test_joint_training_updates_the_text_encoder_and_resumes_exactly(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_ema_averages_the_jointly_trained_encoder_with_the_model(tmp_path):
+    """Bug: with EMA on, evaluation pairs the averaged transformer with the live text encoder
+    (weights from different points of training), or the encoder's average is not checkpointed,
+    so a resumed run evaluates with a restarted average."""
+    tok = WordTokenizer.from_corpus(CAPTIONS, max_length=8)
+    items = [(torch.randn(C, 2, 2, generator=torch.Generator().manual_seed(i)), *tok.encode_one(CAPTIONS[i % 4]))
+             for i in range(8)]
+
+    def trainer(out, ema=0.5, seed=0):
+        _, enc, vq, model = text_setup(seed=seed)
+        cfg = TransformerTrainConfig(lr=3e-2, total_steps=4, warmup_steps=0, device="cpu", progress=False,
+                                     ema_decay=ema, ckpt_dir=str(out), ckpt_every=2)
+        return TransformerTrainer(model, vq, cfg, condition_encoder=enc)
+
+    full = trainer(tmp_path / "a")
+    full.fit(build_loader(items, batch_size=4, seed=1), 4)
+    averaged = full.eval_module("condition_encoder")
+    assert averaged is not full.condition_encoder
+    assert any(not torch.equal(a, b) for a, b in zip(averaged.parameters(), full.condition_encoder.parameters()))
+    # the same numbers as a trainer without EMA whose live weights are the two averages
+    plain = trainer(tmp_path / "plain", ema=0.0)
+    plain.model.load_state_dict(full.eval_model.state_dict())
+    plain.condition_encoder.load_state_dict(averaged.state_dict())
+    val = build_loader(items, batch_size=4, shuffle=False)
+    assert full.evaluate(val, log=False) == pytest.approx(plain.evaluate(val, log=False), rel=1e-6)
+    assert full.evaluate(val, log=False)["loss"] != pytest.approx(full.evaluate(val, use_ema=False, log=False)["loss"])
+
+    half = trainer(tmp_path / "b")
+    half.fit(build_loader(items, batch_size=4, seed=1), 2)
+    resumed = trainer(tmp_path / "b", seed=7)
+    resumed.fit(build_loader(items, batch_size=4, seed=1), 4)
+    for a, b in zip(averaged.parameters(), resumed.eval_module("condition_encoder").parameters()):
+        assert torch.equal(a, b)
+
+
 def test_a_frozen_condition_encoder_trains_the_model_only(tmp_path):
     """Bug: a frozen encoder (load_hf_text_encoder's default) as condition_encoder fails with "no
     trainable parameters", is switched to training mode (its dropout makes the condition noisy),

@@ -170,6 +170,7 @@ class Trainer:
         self.optimizers = {"model": self.make_optimizer(self.model)}
         self.schedulers = {"model": self.make_scheduler(self.optimizers["model"])}
         self.ema = EMA(self.model, c.ema_decay) if c.ema_decay > 0 else None
+        self.averaged: dict[str, EMA] = {}  # EMA copies of trainables that are part of the model
         self.ddp_model = self.wrap_model(self.model)
         self.forward_model = torch.compile(self.ddp_model) if c.compile else self.ddp_model
 
@@ -206,14 +207,21 @@ class Trainer:
                                    wd=c.weight_decay, wd_end=c.weight_decay_end)
 
     def add_trainable(self, name: str, module: nn.Module, lr: Optional[float] = None,
-                      betas: Optional[tuple[float, float]] = None) -> nn.Module:
+                      betas: Optional[tuple[float, float]] = None, averaged: bool = False) -> nn.Module:
         """Train ``module`` alongside the model with its own AdamW and schedule (e.g. a GAN
         discriminator).  It is checkpointed as ``name``; under DDP its gradients are averaged
-        over ranks by the trainer (it is not wrapped)."""
+        over ranks by the trainer (it is not wrapped).
+
+        ``averaged=True`` declares it part of the model (e.g. a jointly trained text encoder): with
+        ``ema_decay > 0`` it gets its own EMA copy, updated with the model's, checkpointed as
+        ``ema_<name>`` and returned by :meth:`eval_module` -- an averaged model evaluated with the
+        live encoder would pair weights from different points of training."""
         module = module.to(self.device).train()
         self.modules[name] = module
         self.optimizers[name] = self.make_optimizer(module, lr=lr, betas=betas)
         self.schedulers[name] = self.make_scheduler(self.optimizers[name], lr=lr)
+        if averaged and self.config.ema_decay > 0:
+            self.averaged[name] = EMA(module, self.config.ema_decay)
         return module
 
     # ------------------------------------------------------------------ to implement
@@ -232,6 +240,8 @@ class Trainer:
         models = dict(self.modules)
         if self.ema is not None:
             models["ema"] = self.ema.module
+        for name, ema in self.averaged.items():
+            models[f"ema_{name}"] = ema.module
         return models
 
     def model_config(self) -> Any:
@@ -283,6 +293,8 @@ class Trainer:
                 self.scaler.update()
             if self.ema is not None:
                 self.ema.update(self.model)
+            for name, ema in self.averaged.items():
+                ema.update(self.modules[name])
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         self.nonfinite_steps += skipped
@@ -483,3 +495,10 @@ class Trainer:
     def eval_model(self) -> nn.Module:
         """The EMA copy when EMA is on, else the live model."""
         return self.ema.module if self.ema is not None else self.model
+
+    def eval_module(self, name: str) -> nn.Module:
+        """The EMA copy of the trainable ``name`` when it has one (``add_trainable(averaged=True)``
+        with EMA on), else the live module; ``eval_module("model")`` is :attr:`eval_model`."""
+        if name == "model":
+            return self.eval_model
+        return self.averaged[name].module if name in self.averaged else self.modules[name]

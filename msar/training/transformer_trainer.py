@@ -93,7 +93,7 @@ class TransformerTrainer(Trainer):
         self.condition_encoder = condition_encoder
         if condition_encoder is not None:
             if any(p.requires_grad for p in condition_encoder.parameters()):
-                self.condition_encoder = self.add_trainable("condition_encoder", condition_encoder)
+                self.condition_encoder = self.add_trainable("condition_encoder", condition_encoder, averaged=True)
             else:
                 self.condition_encoder = condition_encoder.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -183,11 +183,13 @@ class TransformerTrainer(Trainer):
         return self.make_batch(*raw)
 
     # ------------------------------------------------------------------ loss
-    def token_losses(self, model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-token cross-entropy ``(B, L)``, per-token correctness ``(B, L)`` and logits ``(B, L, V)``."""
+    def token_losses(self, model: nn.Module, batch: TokenBatch, encoder: Optional[nn.Module] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token cross-entropy ``(B, L)``, per-token correctness ``(B, L)`` and logits ``(B, L, V)``;
+        ``encoder`` encodes the batch's condition inputs (default: the live condition encoder)."""
         indices, labels, x, extra_pos = batch
         if isinstance(labels, tuple):  # the condition encoder's inputs: encoded here, inside autograd
-            labels = self.condition_encoder(*labels)
+            labels = (encoder or self.condition_encoder)(*labels)
         if labels is None and self.model.cond_kind != "classes":
             raise ValueError(f"the model is conditioned on {self.model.cond_kind} conditions: the batch has none")
         if labels is None:  # unconditional data: the null class, asked for explicitly
@@ -255,13 +257,17 @@ class TransformerTrainer(Trainer):
     def evaluate(self, loader: Iterable, max_batches: Optional[int] = None, use_ema: bool = True,
                  log: bool = True) -> dict[str, float]:
         """Per-scale validation loss / accuracy (token-weighted means over the loader,
-        averaged over ranks); uses the EMA weights when EMA is on and ``use_ema``."""
+        averaged over ranks); uses the EMA weights (of the model and of a jointly trained condition
+        encoder) when EMA is on and ``use_ema``."""
         model = self.eval_model if use_ema else self.model
+        encoder = self.condition_encoder
+        if encoder is not None and use_ema and "condition_encoder" in self.modules:
+            encoder = self.eval_module("condition_encoder")
         was_training = model.training
         model.eval()
-        enc_training = self.condition_encoder is not None and self.condition_encoder.training
-        if self.condition_encoder is not None:
-            self.condition_encoder.eval()
+        enc_training = encoder is not None and encoder.training
+        if encoder is not None:
+            encoder.eval()
         K = self.schedule.num_scales
         # token-weighted sums over the whole loader: loss_k, acc_k, counted tokens_k
         sums = torch.zeros(3 * K, device=self.device, dtype=torch.float64)
@@ -271,7 +277,7 @@ class TransformerTrainer(Trainer):
                     break
                 batch = self.parse_batch(raw)
                 with self.autocast():
-                    ce, correct, _ = self.token_losses(model, batch)
+                    ce, correct, _ = self.token_losses(model, batch, encoder)
                 w = self.token_weights(batch)
                 loss_s, cnt = self.per_scale_sums(ce, w)
                 acc_s, _ = self.per_scale_sums(correct, w)
@@ -280,8 +286,8 @@ class TransformerTrainer(Trainer):
                 sums[2 * K:] += cnt.double()
         finally:
             model.train(was_training)
-            if self.condition_encoder is not None:
-                self.condition_encoder.train(enc_training)
+            if encoder is not None:
+                encoder.train(enc_training)
         if D.is_dist():
             torch.distributed.all_reduce(sums)
         n = sums[2 * K:].clamp_min(1.0)
