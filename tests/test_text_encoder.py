@@ -244,3 +244,31 @@ def test_hf_text_encoder_loads_from_a_local_folder(tmp_path, arch):
     enc.save_pretrained(tmp_path / "saved")  # and it travels in a pipeline folder
     again = msar.from_pretrained(tmp_path / "saved")
     torch.testing.assert_close(again.encode(CAPTIONS[:2]).features, cond.features)
+
+
+def test_image_pipeline_edits_and_samples_from_captions():
+    """Bug: ImagePipeline.edit drops the captions (the edit is unconditional or class-conditional),
+    forgets the known tokens under a caption, or takes captions without a text encoder."""
+    from modalities.image.pipeline import ImagePipeline
+    from modalities.image.vqvae import VQVAE, VQVAEConfig
+    torch.manual_seed(0)
+    vq = VQVAE(VQVAEConfig(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_nums=(1, 2, 4),
+                           share_quant_resi=2, using_sa=False, using_mid_sa=False))
+    tok = WordTokenizer.from_corpus(CAPTIONS, max_length=8)
+    enc = TextEncoder(TextEncoderConfig.for_tokenizer(tok, dim=16, depth=1, num_heads=2)).eval()
+    pipe = ImagePipeline(vq, tiny_transformer(vq, depth=1, embed_dim=32, cond_kind="sequence", cond_dim=16),
+                         text_encoder=enc)
+    side = vq.cfg.image_size
+    images = torch.rand(2, 3, side, side) * 2 - 1
+    mask = torch.zeros(2, side, side, dtype=torch.bool)
+    mask[:, side // 2:] = True  # regenerate the bottom half
+    kw = dict(cfg=2.0, top_k=0, top_p=1.0, seed=3, threshold=1.0, return_indices=True)
+    out, idx, ref, known = pipe.edit(images, mask, captions=CAPTIONS[:2], **kw)
+    same = pipe.edit(images, mask, condition=enc.encode(CAPTIONS[:2]), **kw)
+    assert torch.equal(out, same[0])
+    assert all(torch.equal(i[m], r[m]) for i, r, m in zip(idx, ref, known)) and known[-1].any() and not known[-1].all()
+    other = pipe.edit(images, mask, captions=CAPTIONS[2:], **kw)
+    assert not torch.equal(out, other[0])  # the caption decides the regenerated half
+    assert torch.equal(pipe.sample(captions=CAPTIONS[:2], seed=1), pipe.sample(condition=enc.encode(CAPTIONS[:2]), seed=1))
+    with pytest.raises(ValueError, match="need a pipeline with a text_encoder"):
+        ImagePipeline(vq, tiny_transformer(vq, depth=1, embed_dim=32)).edit(images, mask, captions=CAPTIONS[:2])

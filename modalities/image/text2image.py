@@ -17,7 +17,7 @@ What it does::
     the guidance reported as the result is the one with the best val accuracy (val: seen pairs only;
               the test splits never choose anything)
     editing: regenerate the second object of two-object test scenes under a new caption
-             (known tokens outside its box, msar.editing.grid_known_masks), scored on the decoded image
+             (known tokens outside its box, ImagePipeline.edit), scored on the decoded image
     write PNG grids with their captions, metrics.json (with the run record) and the pipeline
 
 Re-runs: as in the digits demo (:mod:`modalities.image.demo`), ``OUT/run_config.json`` holds the
@@ -40,11 +40,9 @@ from typing import Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import msar
-from msar.editing import grid_known_masks
 from msar.text import TextEncoder, TextEncoderConfig, WordTokenizer
 from msar.training import TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig, VQVAETrainer, build_loader
 
@@ -53,6 +51,7 @@ from .captioned_shapes import (COLOURS, HELD_OUT, CaptionedScenes, Scene, SceneO
 from .data import save_labelled_grid
 from .demo import (RunConfig, RunFolderError, _fit_in_chunks, add_run_arguments, config_from_args,  # noqa: F401
                    prepare_run_folder, provenance)  # (RunFolderError and provenance are re-exported)
+from .pipeline import ImagePipeline
 from .shape_detector import ATTRIBUTES, ShapeDetector, summarise
 from .vqvae import VQVAE, VQVAEConfig
 
@@ -149,18 +148,13 @@ class CaptionTokens(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------- sampling and scoring
 @torch.no_grad()
 def generate(pipe: msar.Pipeline, captions: Sequence[str], c: Text2ImageConfig, cfg: float, seed: int,
-             batch_size: int = 100, known: Optional[list] = None, known_mask: Optional[list] = None
-             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+             batch_size: int = 100) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One image per caption ``(N, 3, 32, 32)`` and its tokens; batch b is seeded ``seed + b``."""
     imgs, idx = [], []
     for b, i in enumerate(range(0, len(captions), batch_size)):
-        kw = {}
-        if known is not None:
-            kw = {"known": [t[i:i + batch_size] for t in known],
-                  "known_mask": [m[i:i + batch_size] for m in known_mask]}
         cond = pipe.text_encoder.encode(captions[i:i + batch_size])
         out = msar.sample(pipe.transformer, pipe.tokenizer, condition=cond, cfg=cfg, top_k=c.top_k, top_p=c.top_p,
-                          seed=seed + b, **kw)
+                          seed=seed + b)
         imgs.append(out.data)
         idx.append(out.indices)
     return torch.cat(imgs), [torch.cat([p[k] for p in idx]) for k in range(len(idx[0]))]
@@ -206,7 +200,7 @@ def edit_box(obj: SceneObject, canvas: int, pad: float = 2.0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def caption_edit(pipe: msar.Pipeline, detector: ShapeDetector, test: CaptionedScenes, c: Text2ImageConfig,
+def caption_edit(pipe: ImagePipeline, detector: ShapeDetector, test: CaptionedScenes, c: Text2ImageConfig,
                  cfg: float) -> tuple[dict, tuple]:
     """Zero-shot editing with a new caption: for two-object test scenes, the second object's box is
     regenerated under a caption that recolours it; tokens whose whole area lies outside the box are
@@ -217,12 +211,9 @@ def caption_edit(pipe: msar.Pipeline, detector: ShapeDetector, test: CaptionedSc
     src = test.images[pick]
     targets = [edit_target(test.scenes[i], j, c.held_out) for j, i in enumerate(pick)]
     box = torch.stack([edit_box(test.scenes[i].objects[1], src.shape[-1]) for i in pick])  # (N, H, W)
-    keep = F.interpolate((~box).float().unsqueeze(1), size=pipe.tokenizer.schedule.shape(-1), mode="area")[:, 0]
-    known_mask = [m & (k >= c.edit_keep_from_scale)
-                  for k, m in enumerate(grid_known_masks(pipe.tokenizer.schedule, keep, c.edit_threshold))]
-    known = pipe.tokenizer.encode(src)
-    edited, _ = generate(pipe, [caption(t) for t in targets], c, cfg, seed=c.seed + 5000, known=known,
-                         known_mask=known_mask)
+    edited, _, _, known_mask = pipe.edit(src, box, captions=[caption(t) for t in targets], cfg=cfg, top_k=c.top_k,
+                                         top_p=c.top_p, seed=c.seed + 5000, threshold=c.edit_threshold,
+                                         keep_from_scale=c.edit_keep_from_scale, return_indices=True)
     rec = pipe.tokenizer.reconstruct(src)
     outside = (~box).unsqueeze(1).expand_as(src)
     m = {"n": len(pick), "cfg": cfg, "threshold": c.edit_threshold, "keep_from_scale": c.edit_keep_from_scale,
@@ -318,7 +309,7 @@ def run(out: str, c: Text2ImageConfig, progress: bool = True, fresh: bool = Fals
                               "caption_vocabulary": words.vocab_size, "steps": trainer.step,
                               "val_loss": val_loss["loss"], "val_loss_per_scale":
                               [val_loss[f"loss_k{k}"] for k in range(len(c.patch_nums))]}
-    pipe = msar.Pipeline(vqvae, model, text_encoder=encoder)
+    pipe = ImagePipeline(vqvae, model, text_encoder=encoder)
     pipe.save_pretrained(os.path.join(out, "pipeline"))
     timing["transformer"] = time.time() - t
 
