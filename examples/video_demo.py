@@ -15,17 +15,19 @@ bouncing scikit-learn digits, then
 
 Run::
 
-    python -m examples.video_demo                      # ~30 min on 1 thread of a busy 2-core CPU
+    python -m examples.video_demo                      # ~30 min on an idle 2-core CPU (2 threads)
     python -m examples.video_demo --quick              # ~1 min smoke run
+    python -m examples.video_demo --schedule space     # all latent frames at every scale
     python -m examples.video_demo --schedule joint     # t grows with the scale (coarse tokens mix frames)
-    python -m examples.video_demo --schedule frame     # per-frame (frame-causal) pyramid
     python -m examples.video_demo --time-stride 4 --time-upsample repeat --tok-motion-weight 0   # the earlier tokenizer
     python -m examples.video_demo --tokenizer out/pipeline/tokenizer   # reuse a trained tokenizer
     python -m examples.video_demo --feature-net i3d.pt # + Frechet distance (TorchScript net)
 
-The default recipe: space-only schedule over a 5 x 8 x 8 latent (time stride 2, 425 tokens);
-tokenizer with depth-to-time upsampling and an L1 loss on frame differences, 600 steps at batch 16;
-transformer depth 4 / width 128, 500 steps at batch 32 on 8000 videos; sampling cfg 3.  Results and
+The default recipe: per-frame (frame-causal) pyramid over a 5 x 8 x 8 latent (time stride 2, 425
+tokens in 20 scales: every frame is generated given the finished frames before it); tokenizer with
+depth-to-time upsampling and an L1 loss on frame differences, 600 steps at batch 16; transformer
+depth 4 / width 128, 1600 steps at batch 16 and learning rate 3e-3 on 8000 videos; sampling cfg 3;
+torch on 2 threads.  Results and
 what moved them: ``benchmarks/results/video``.  Interrupted runs resume from ``<out>/ckpt_*``.
 
 Outputs (``--out``, default ``outputs/video_demo``): ``metrics.json``, ``samples.gif``,
@@ -61,15 +63,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs/video_demo")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (~1-2 minutes)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--schedule", default="space", choices=["joint", "space", "frame"],
+    p.add_argument("--schedule", default="frame", choices=["joint", "space", "frame"],
                    help="space-time pyramid: joint (t grows with scale), space (time at full length), frame (per-frame, frame-causal)")
     p.add_argument("--frames", type=int, default=9, help="1 + time_stride * n (the first frame is encoded alone)")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--time-stride", type=int, default=2)
+    p.add_argument("--space-stride", type=int, default=4,
+                   help="spatial downsampling of the tokenizer (latent side = size / space_stride); the finest scale "
+                        "holds most tokens, so 8 makes every transformer step ~4x cheaper than 4")
     p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--quantizer", default="vq", choices=["vq", "fsq", "bitwise"],
+                   help="residual quantizer (msar.make_quantizer): fsq and bitwise have no codebook to collapse")
+    p.add_argument("--latent-dim", type=int, default=32)
     p.add_argument("--num-train", type=int, default=8000)
     p.add_argument("--tokenizer", default=None, help="a trained VideoTokenizer (a save_pretrained folder, e.g. OUT/pipeline/tokenizer) to use instead of training one")
-    p.add_argument("--tok-channels", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--tok-channels", type=int, nargs="+", default=None,
+                   help="tokenizer widths, one per stage + 1 (default 16 32 64, then 64 per extra stage)")
     p.add_argument("--tok-steps", type=int, default=600)
     p.add_argument("--tok-batch", type=int, default=16)
     p.add_argument("--tok-lr", type=float, default=2e-3)
@@ -77,9 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decoder time upsampling: depth (each frame of a latent group its own features) or repeat (nearest)")
     p.add_argument("--tok-motion-weight", type=float, default=1.0,
                    help="weight of an L1 loss on frame differences (x[t+1] - x[t]) in the tokenizer's training loss")
-    p.add_argument("--ar-steps", type=int, default=500)
-    p.add_argument("--ar-batch", type=int, default=32)
-    p.add_argument("--ar-lr", type=float, default=1e-3)
+    p.add_argument("--ar-steps", type=int, default=1600)
+    p.add_argument("--ar-batch", type=int, default=16)
+    p.add_argument("--ar-lr", type=float, default=3e-3)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--cfg", type=float, default=3.0)
@@ -87,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the per-frame CNN digit classifier")
     p.add_argument("--samples-per-class", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the default timing: 2 on an idle 2-core CPU)")
     p.add_argument("--feature-net", default=None,
                    help="optional I3D-style video feature network (B, 3, T, H, W) in [-1, 1] -> (B, D): torch.export .pt2, TorchScript file, or a state dict with --feature-net-factory")
     p.add_argument("--feature-net-factory", default=None, help="'package.module:function' that builds the network for a state dict")
@@ -95,7 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if p.parse_args(argv).quick:  # smaller defaults; flags given explicitly still win
         p.set_defaults(num_train=400, tok_steps=40, ar_steps=40, samples_per_class=2, depth=1, width=32,
                        classifier_steps=150)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tok_channels is None:  # one more 64-wide stage per extra factor 2 of space_stride
+        args.tok_channels = [16, 32, 64] + [64] * max(0, int(round(math.log2(max(args.space_stride, 1)))) - 2)
+    return args
 
 
 # ---------------------------------------------------------------------------- training
@@ -237,10 +249,13 @@ def main(argv=None) -> dict:
             raise ValueError(f"--tokenizer {args.tokenizer} was trained on {cfg.frames}x{cfg.height}x{cfg.width} "
                              f"videos, but --frames/--size ask for {args.frames}x{args.size}x{args.size}")
         args.schedule, args.vocab, args.time_stride = cfg.schedule, cfg.vocab_size, cfg.time_stride
+        args.space_stride, args.tok_channels = cfg.space_stride, list(cfg.channels)
+        args.quantizer, args.latent_dim = cfg.quantizer, cfg.latent_dim
         args.time_upsample = cfg.time_upsample
     else:
         cfg = VideoTokenizerConfig(frames=args.frames, height=args.size, width=args.size, vocab_size=args.vocab,
-                                   time_stride=args.time_stride, schedule=args.schedule,
+                                   time_stride=args.time_stride, space_stride=args.space_stride, schedule=args.schedule,
+                                   quantizer=args.quantizer, latent_dim=args.latent_dim,
                                    channels=tuple(args.tok_channels), time_upsample=args.time_upsample)
         tok = VideoTokenizer(cfg)
     sched = tok.schedule

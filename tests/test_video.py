@@ -168,6 +168,23 @@ def test_tokenizer_round_trip_and_conformance(kind):
     check_adapter(tok, x, model=tiny_transformer(tok, num_classes=3), labels=torch.tensor([0, 2]))
 
 
+@pytest.mark.parametrize("quantizer", ["vq", "fsq"])
+def test_coarser_latent_cuts_the_finest_scale_and_round_trips(quantizer):
+    """``--space-stride 8`` adds one 64-wide stage and quarters the finest scale (the bulk of the
+    tokens); the tokenizer still round-trips and meets the adapter contract with either quantizer."""
+    from examples.video_demo import parse_args
+    assert parse_args(["--space-stride", "8"]).tok_channels == [16, 32, 64, 64]
+    assert parse_args(["--space-stride", "8", "--tok-channels", "8", "8", "8", "8"]).tok_channels == [8, 8, 8, 8]
+    fine = tiny_tokenizer("space", quantizer=quantizer)
+    coarse = tiny_tokenizer("space", space_stride=8, channels=(8, 16, 16, 16), quantizer=quantizer)
+    assert coarse.latent_shape == (3, 2, 2)
+    assert 4 * coarse.schedule.token_counts[-1] == fine.schedule.token_counts[-1]
+    x = tiny_videos(2)
+    idx = coarse.encode(x)
+    assert [t.shape[1] for t in idx] == coarse.schedule.token_counts and coarse.decode(idx).shape == x.shape
+    check_adapter(coarse, x, model=tiny_transformer(coarse, num_classes=3), labels=torch.tensor([0, 2]))
+
+
 def test_tokenizer_is_causal_in_time():
     """Changing frames >= 3 changes neither the latent frames covering frames <= 2 nor,
     with the per-frame pyramid, their tokens and decoded frames."""
