@@ -200,6 +200,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg["chunks"] = args.edge_chunks
     if args.matching is not None:
         cfg["matching"] = args.matching
+    if args.final_chunks is not None:
+        cfg["final_chunks"] = None if args.final_chunks == "same" else args.final_chunks
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -226,7 +228,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         t0 = time.time()
         items = augment(train_graphs, cfg["perms"], args.seed)
         tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
-                                        matching=cfg.get("matching", "greedy"))
+                                        matching=cfg.get("matching", "greedy"),
+                                        final_chunks=cfg.get("final_chunks"))
         X, TF = build_training_set(tok, items)
         seconds["tokenize"] = time.time() - t0
         print(f"[{dataset}] {len(train_graphs)} train / {len(test)} test graphs, {X.shape[0]} sequences, "
@@ -318,6 +321,9 @@ def main(argv=None) -> None:
     p.add_argument("--matching", default=None, choices=["greedy", "max"],
                    help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
+    p.add_argument("--final-chunks", default=None, choices=["same", "all"],
+                   help="chunks of the finest expansion: 'all' = one per edge position (its edge masks are "
+                        "predicted one at a time), 'same' = --edge-chunks (preset)")
     p.add_argument("--load", default="", help="a previous --out directory: sample and evaluate its trained models")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every that many training steps")
     p.add_argument("--threads", type=int, default=1)

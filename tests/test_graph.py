@@ -73,9 +73,15 @@ def _tiny_model(tok):
         depth=1, embed_dim=32, num_heads=2)).init_weights().eval()
 
 
-@given(st.lists(graphs(max_n=20), min_size=1, max_size=4), st.integers(1, 3), st.sampled_from(["greedy", "max"]))
-def test_round_trip_is_isomorphic(gs, chunks, matching):
-    tok = GraphPyramidTokenizer.fit(gs, edge_slack=0.0, edge_chunks=chunks, matching=matching)
+@given(st.lists(graphs(max_n=20), min_size=1, max_size=4), st.integers(1, 3), st.sampled_from(["greedy", "max"]),
+       st.sampled_from([None, "all", 2]))
+def test_round_trip_is_isomorphic(gs, chunks, matching, final):
+    # catches: a finest expansion dealt into a different number of chunks by the encoder and the decoder
+    tok = GraphPyramidTokenizer.fit(gs, edge_slack=0.0, edge_chunks=chunks, matching=matching, final_chunks=final)
+    if tok.K >= 3:
+        want = {None: chunks, "all": max(1, tok.max_edges[tok.K - 2]), 2: 2}[final]
+        assert sum(kd == "E" and lvl == tok.K - 2 for kd, lvl, _ in tok.kinds) == want
+        assert GraphPyramidTokenizer(**tok.config).schedule.token_counts == tok.schedule.token_counts
     idx = tok.encode(gs)
     tok.schedule.check_indices(idx, tok.vocab_size, batch_size=len(gs))
     out = graphs_from(tok.decode(idx))
@@ -148,10 +154,11 @@ def test_pyramid_is_a_core_operator_pyramid():
     assert torch.allclose(pyr.restrict(f, len(tok.max_nodes) - 1), f)
 
 
-def test_conformance_kit():
+@pytest.mark.parametrize("final", [None, "all"])
+def test_conformance_kit(final):
     testing = pytest.importorskip("msar.testing")
     gs = make_dataset("community-small", seed=0, num=6)["train"][:3]
-    tok = _tok_for(gs)
+    tok = GraphPyramidTokenizer.fit(gs, edge_slack=0.0, edge_chunks=3, final_chunks=final)
     model = testing.tiny_transformer(tok)
     testing.check_adapter(tok, gs, model=model)
 
@@ -278,9 +285,9 @@ def _teacher_force_allowed(tok, idx):
     return st_
 
 
-@given(st.lists(graphs(max_n=16), min_size=1, max_size=3), st.integers(1, 3))
-def test_encoded_tokens_are_always_allowed(gs, chunks):
-    tok = _tok_for(gs, chunks)
+@given(st.lists(graphs(max_n=16), min_size=1, max_size=3), st.integers(1, 3), st.sampled_from([None, "all"]))
+def test_encoded_tokens_are_always_allowed(gs, chunks, final):
+    tok = GraphPyramidTokenizer.fit(gs, edge_slack=0.0, edge_chunks=chunks, final_chunks=final)
     idx = tok.encode(gs)
     st_ = tok.start(len(gs))
     for k, t in enumerate(idx):

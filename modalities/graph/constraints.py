@@ -100,7 +100,7 @@ class StructureHook:
         final = lvl + 1 == self.tok.K - 1
         probs = (logits.detach().float().cpu() / self.temperature).softmax(-1)  # (B, n, V), 0 on invalid
         chosen = torch.full(logits.shape[:2], PAD, dtype=torch.long)
-        C = self.tok.edge_chunks
+        C = self.tok.chunks_at(lvl)
         for b, g in enumerate(state.graphs):
             kids = state.children[b]
             G = nx.Graph()
