@@ -249,6 +249,10 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     structure = structure_for(dataset, args, tok)
     struct_stats = {"positions": 0, "rejected": 0, "dropped": 0}
     n_gen = args.num_samples or len(test)
+    if args.expand_test and not 1 <= args.expand_test <= tok.K - 2:
+        raise SystemExit(f"--expand-test must be in 1..{tok.K - 2} (expansions with edge scales), got {args.expand_test}")
+    if args.expand_test and n_gen > len(test):
+        raise SystemExit(f"--expand-test samples one graph per test graph: --num-samples <= {len(test)}, got {n_gen}")
     for i in tqdm(range(0, n_gen, 32), desc="sample", leave=False):
         b = min(32, n_gen - i)
         # the hook masks tokens the decoder would reinterpret (PAD at a real node / edge, a wrong
@@ -257,8 +261,14 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         if structure:  # edge tokens drawn one by one, each kept only if the graph stays `structure`
             sh = StructureHook(tok, structure, args.temperature, seed=sample_seed + i)
             hook = chain_hooks(hook, sh)
+        known = known_mask = None
+        if args.expand_test:  # the test graphs' own tokens up to the edge scales of the last N expansions
+            known = tok.encode(test[i:i + b])
+            first = next(s_ for s_, (kd, lvl, _) in enumerate(tok.kinds) if kd == "E" and lvl >= tok.K - 1 - args.expand_test)
+            known_mask = [torch.full_like(t, s_ < first, dtype=torch.bool) for s_, t in enumerate(known)]
         res = msar.sample(model, tok, batch_size=b, cfg=0.0, top_k=0, top_p=args.top_p,
-                          temperature=args.temperature, seed=sample_seed + i, logits_hook=hook)
+                          temperature=args.temperature, seed=sample_seed + i, logits_hook=hook,
+                          known=known, known_mask=known_mask)
         gen.extend(graphs_from(res.data))
         if structure:
             struct_stats = {key: struct_stats[key] + sh.stats[key] for key in struct_stats}
@@ -278,7 +288,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         "num_parameters": model.num_parameters(), "final_loss": curve[-1][1], "loss_curve": curve,
         "seconds": seconds, "sampling": {"top_p": args.top_p, "temperature": args.temperature,
                                         "constrained": not args.no_constrain, "seed": sample_seed,
-                                        "structure": structure},
+                                        "structure": structure, "expand_test": args.expand_test},
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "structure": structure, "structure_stats": struct_stats if structure else None,
         "loaded_from": args.load or None, "trained_by": trained_by,
@@ -324,6 +334,9 @@ def main(argv=None) -> None:
     p.add_argument("--final-chunks", default=None, choices=["same", "all"],
                    help="chunks of the finest expansion: 'all' = one per edge position (its edge masks are "
                         "predicted one at a time), 'same' = --edge-chunks (preset)")
+    p.add_argument("--expand-test", type=int, default=0, metavar="N",
+                   help="diagnostic: force the test graphs' own tokens and sample only the edge masks of the last "
+                        "N expansions (1: the finest level's masks, given the true coarse graph and splits)")
     p.add_argument("--load", default="", help="a previous --out directory: sample and evaluate its trained models")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every that many training steps")
     p.add_argument("--threads", type=int, default=1)
