@@ -247,6 +247,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     sample_seed = args.seed if args.sample_seed is None else args.sample_seed
     invalid = {"mass": 0.0, "positions": 0, "draws": 0}  # see measuring_hook / count_invalid
     structure = structure_for(dataset, args, tok)
+    if args.complete and not structure:
+        raise SystemExit("--complete adds edges under the structure property: it needs a structure "
+                         "(--structure auto / planar / grid, and not --no-constrain)")
     struct_stats = {"positions": 0, "rejected": 0, "dropped": 0}
     n_gen = args.num_samples or len(test)
     if args.expand_test and not 1 <= args.expand_test <= tok.K - 2:
@@ -269,9 +272,12 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         res = msar.sample(model, tok, batch_size=b, cfg=0.0, top_k=0, top_p=args.top_p,
                           temperature=args.temperature, seed=sample_seed + i, logits_hook=hook,
                           known=known, known_mask=known_mask)
-        gen.extend(graphs_from(res.data))
+        batch_graphs = graphs_from(res.data)
+        if structure and args.complete:  # add the finest level's likely candidate edges that keep the property
+            batch_graphs = sh.complete(batch_graphs)
+        gen.extend(batch_graphs)
         if structure:
-            struct_stats = {key: struct_stats[key] + sh.stats[key] for key in struct_stats}
+            struct_stats = {key: struct_stats.get(key, 0) + sh.stats.get(key, 0) for key in sh.stats}
         else:  # a structure hook drops coarse edges on purpose (PAD), which is not an invalid draw
             invalid["draws"] += count_invalid(tok, res.indices)
     seconds["sample"] = time.time() - t0
@@ -288,7 +294,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         "num_parameters": model.num_parameters(), "final_loss": curve[-1][1], "loss_curve": curve,
         "seconds": seconds, "sampling": {"top_p": args.top_p, "temperature": args.temperature,
                                         "constrained": not args.no_constrain, "seed": sample_seed,
-                                        "structure": structure, "expand_test": args.expand_test},
+                                        "structure": structure, "expand_test": args.expand_test,
+                                        "complete": args.complete},
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "structure": structure, "structure_stats": struct_stats if structure else None,
         "loaded_from": args.load or None, "trained_by": trained_by,
@@ -328,6 +335,10 @@ def main(argv=None) -> None:
     p.add_argument("--structure", default="auto", choices=["auto", "none", *sorted(PROPERTIES)],
                    help="property kept while edge tokens are drawn (modalities.graph.constraints); auto: "
                         "planar for planar, grid for grid, none elsewhere")
+    p.add_argument("--complete", action="store_true",
+                   help="after sampling with the structure hook, add the finest level's candidate edges "
+                        "(child pairs of its coarse edges), most probable under the model first, wherever "
+                        "the property holds (StructureHook.complete; a decoding rule, reported apart)")
     p.add_argument("--matching", default=None, choices=["greedy", "max"],
                    help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")

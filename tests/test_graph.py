@@ -452,3 +452,72 @@ def test_max_matching_keeps_every_level_of_planar_graphs_planar():
     assert GraphPyramidTokenizer(**{k: v for k, v in tok.config.items() if k != "matching"}).matching == "greedy"
     with pytest.raises(ValueError, match="matching must be one of"):
         coarsen(gs[0], matching="random")
+
+
+def test_completion_adds_the_most_probable_candidates_that_keep_the_property():
+    # catches: candidates added in the wrong order (the least probable first), an edge kept although it
+    # breaks the property, or a completion that stops before the graph is maximal
+    from modalities.graph.constraints import complete_graph, planar_property
+    k5 = list(itertools.combinations(range(5), 2))
+    for low in [(0, 1), (2, 3)]:  # K5 minus any one edge is planar: the least probable edge is the one left out
+        scores = {e: (0.1 if e == low else 0.9 - 0.01 * i) for i, e in enumerate(k5)}
+        H, added = complete_graph(nx.empty_graph(5), scores, planar_property)
+        assert added == 9 and set(H.edges()) == set(k5) - {low}
+    # edges already there stay; candidates naming a missing node are skipped
+    G = nx.Graph([(0, 1)])
+    G.add_nodes_from(range(5))
+    H, added = complete_graph(G, {(0, 1): 0.5, (1, 2): 0.2, (3, 7): 0.9}, planar_property)
+    assert set(H.edges()) == {(0, 1), (1, 2)} and added == 1
+
+
+def test_structure_hook_completion_is_maximal_over_the_finest_candidates():
+    # catches: marginals recorded for the wrong child pair (bit 2 * i + j), candidates outside the
+    # finest level's child pairs, and completed graphs that break the property or drop sampled edges
+    from modalities.graph.constraints import PROPERTIES, StructureHook
+    torch.manual_seed(0)
+    gs = make_dataset("community-small", seed=0, num=10)["train"]
+    tok = _tok_for(gs, edge_chunks=2)
+    model = _tiny_model(tok)
+    bias = torch.zeros(tok.vocab_size)
+    bias[[PAIR_EDGE, EDGE0 + 14]] = 4.0
+    bias[EDGE0] = 2.0  # mask 1: only child 0 of u -- child 0 of v
+    captured = {}
+
+    def hook_with(sh):
+        def hook(k, logits, state):
+            kind, lvl, chunk = tok.kinds[k]
+            if kind == "E" and lvl == tok.K - 2:  # the exact marginals of every position, from the same logits
+                p = tok.valid_token_hook(k, logits + bias, state).softmax(-1)
+                for b, g in enumerate(state.graphs):
+                    for q, j in enumerate(range(chunk, len(g.edges), tok.chunks_at(lvl))):
+                        if q < p.shape[1]:
+                            u, v = g.edges[j]
+                            for i, a in enumerate(state.children[b][u]):
+                                for jj, c in enumerate(state.children[b][v]):
+                                    m = torch.arange(1, 16)
+                                    want = p[b, q, EDGE0 + m[(m >> (2 * i + jj)) & 1 == 1] - 1].sum()
+                                    captured[(b, min(a, c), max(a, c))] = float(want)
+            return sh(k, logits + bias, state)
+        return hook
+
+    sh = StructureHook(tok, "planar", seed=0)
+    res = msar.sample(model, tok, batch_size=6, cfg=0.0, seed=2, logits_hook=hook_with(sh))
+    sampled = graphs_from(res.data)
+    done = sh.complete(sampled)
+    assert sh.stats["completed"] > 0
+    checked = 0
+    for b, (G, H) in enumerate(zip(sampled, done)):
+        sc = sh.scores[b]
+        for (a, c), pr in sc.items():
+            if (b, a, c) in captured:
+                assert abs(pr - captured[(b, a, c)]) < 1e-5, (b, a, c)
+                checked += 1
+        assert PROPERTIES["planar"](H, True) and set(G.edges()) <= set(H.edges())
+        assert set(H.edges()) - set(G.edges()) <= set(sc)
+        for a, c in set(sc) - set(H.edges()):  # maximal: every candidate left out breaks planarity
+            H.add_edge(a, c)
+            assert not nx.check_planarity(H)[0]
+            H.remove_edge(a, c)
+    assert checked > 20
+    with pytest.raises(ValueError, match="recorded the finest level"):
+        sh.complete(sampled[:2])

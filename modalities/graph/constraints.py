@@ -27,6 +27,21 @@ planar, and ``planar_levels`` keeps every level planar as it is built.
 
 The hook draws with its own generator (``seed``) and temperature, so pass the sampler's
 temperature here; ``msar.sample``'s ``top_k`` / ``top_p`` do not apply to the edge tokens it draws.
+
+Completion (:meth:`StructureHook.complete`, after sampling).  Rejection keeps a planar *subgraph* of
+the model's proposal, and the proposals of the finest level are far from planar-consistent, so the
+kept graphs are sparse.  While drawing the finest level the hook records the model's probability of
+every candidate fine edge: for a child pair of a coarse edge, the probability that its mask names
+the pair, ``P(bit) = sum of P(mask) over the masks with that bit``; for the two children of a split
+node, ``P(PAIR_EDGE) / (P(PAIR) + P(PAIR_EDGE))``.  ``complete`` then adds the candidates that are
+not in the graph, most probable first, wherever the property still holds::
+
+    for (a, c) in candidates, by P(a, c) descending:
+        if (a, c) not in G and prop(G + (a, c), final=True): G = G + (a, c)
+
+so the result is a maximal graph with the property among the pairs the hierarchy allows.  This is a
+deterministic decoding rule on top of the model's probabilities, not a sample of the model: report
+it apart from the hook's own samples.
 """
 from __future__ import annotations
 
@@ -35,7 +50,7 @@ from typing import Callable
 import networkx as nx
 import torch
 
-from .tokenizer import EDGE0, PAD, GraphDecodeState, GraphPyramidTokenizer
+from .tokenizer import EDGE0, PAD, PAIR, PAIR_EDGE, GraphDecodeState, GraphPyramidTokenizer
 
 # prop(G, final) -> bool: G is the partial fine graph of the level being built, final says whether
 # it is the graph's last level.  Must be hereditary: true for G stays true after deleting edges.
@@ -65,6 +80,26 @@ def grid_property(G: nx.Graph, final: bool) -> bool:
 PROPERTIES: dict[str, Property] = {"planar": planar_property, "planar_levels": planar_levels_property,
                                    "grid": grid_property}
 
+# _MASK_BITS[m - 1, q] = 1 if mask m (1..15) names child pair q = 2 * i + j
+_MASK_BITS = torch.tensor([[(m >> q) & 1 for q in range(4)] for m in range(1, 16)], dtype=torch.float32)
+
+
+def complete_graph(G: nx.Graph, scores: dict[tuple[int, int], float], prop: Property) -> tuple[nx.Graph, int]:
+    """Add the candidate edges ``scores`` (pair -> probability) missing from ``G``, most probable first,
+    each only if ``prop(G, True)`` still holds; returns the new graph and the number of edges added.
+    For a hereditary ``prop`` that ``G`` satisfies, the result is maximal: no candidate left out can
+    be added."""
+    H, added = G.copy(), 0
+    for (a, c), _ in sorted(scores.items(), key=lambda item: (-item[1], item[0])):  # ties: by pair
+        if a == c or H.has_edge(a, c) or not (H.has_node(a) and H.has_node(c)):
+            continue
+        H.add_edge(a, c)
+        if prop(H, True):
+            added += 1
+        else:
+            H.remove_edge(a, c)
+    return H, added
+
 
 class StructureHook:
     """``logits_hook`` for :func:`msar.sample` drawing edge tokens under a hereditary property.
@@ -77,7 +112,9 @@ class StructureHook:
 
     ``stats`` counts, over real edge positions: ``positions``, ``rejected`` (draws undone because
     they broke the property) and ``dropped`` (positions where every valid mask broke it, so the
-    coarse edge was dropped).
+    coarse edge was dropped); :meth:`complete` adds ``completed`` (edges it added).
+    ``scores[b]`` holds, once the finest level has been drawn, the model's probability of every
+    candidate fine edge of sample b (see the module docstring).
     """
 
     def __init__(self, tok: GraphPyramidTokenizer, prop: Property | str, temperature: float = 1.0,
@@ -91,13 +128,20 @@ class StructureHook:
         self.tok, self.prop, self.temperature = tok, prop, float(temperature)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.stats = {"positions": 0, "rejected": 0, "dropped": 0}
+        self.scores: list[dict[tuple[int, int], float]] = []
+        self._join: list[list[float]] = []  # per sample, per node of G_{K-2}: P(its two children are joined)
 
     def __call__(self, k: int, logits: torch.Tensor, state: GraphDecodeState) -> torch.Tensor:
         logits = self.tok.valid_token_hook(k, logits, state)  # also checks the state belongs to tok
         kind, lvl, chunk = self.tok.kinds[k]
-        if kind == "S":
-            return logits
         final = lvl + 1 == self.tok.K - 1
+        if kind == "S":
+            if final:  # record P(PAIR_EDGE | the node splits) for completion
+                p = (logits.detach().float().cpu() / self.temperature).softmax(-1)
+                self._join = [(p[b, :g.n, PAIR_EDGE] / (p[b, :g.n, PAIR] + p[b, :g.n, PAIR_EDGE]).clamp_min(1e-12))
+                              .tolist() for b, g in enumerate(state.graphs)]
+                self.scores = [{} for _ in state.graphs]
+            return logits
         probs = (logits.detach().float().cpu() / self.temperature).softmax(-1)  # (B, n, V), 0 on invalid
         chosen = torch.full(logits.shape[:2], PAD, dtype=torch.long)
         C = self.tok.chunks_at(lvl)
@@ -106,13 +150,35 @@ class StructureHook:
             G = nx.Graph()
             G.add_nodes_from(range(sum(len(c) for c in kids)))
             G.add_edges_from(state.fine[b])
+            if final and chunk == 0:  # the split pairs of the finest level are candidates too
+                for u, ks in enumerate(kids):
+                    if len(ks) == 2:
+                        self.scores[b][(ks[0], ks[1])] = self._join[b][u]
             for p, j in enumerate(range(chunk, len(g.edges), C)):
                 if p >= chosen.shape[1]:
                     break
                 u, v = g.edges[j]
+                if final:  # P(child pair q is joined) = sum of P(mask) over the masks naming q
+                    marg = probs[b, p, EDGE0:PAD] @ _MASK_BITS
+                    for i, a in enumerate(kids[u]):
+                        for jj, c in enumerate(kids[v]):
+                            self.scores[b][(min(a, c), max(a, c))] = float(marg[2 * i + jj])
                 chosen[b, p] = self._draw(G, probs[b, p].clone(), kids[u], kids[v], final)
         out = torch.full_like(logits, float("-inf"))
         return out.scatter_(-1, chosen.unsqueeze(-1).to(logits.device), 0.0)
+
+    def complete(self, graphs: list[nx.Graph]) -> list[nx.Graph]:
+        """The sampled ``graphs`` (this hook's batch, in order) with the missing candidate edges of the
+        finest level added, most probable first, wherever the property holds (:func:`complete_graph`)."""
+        if len(graphs) != len(self.scores):
+            raise ValueError(f"complete: {len(graphs)} graphs, but the hook recorded the finest level of "
+                             f"{len(self.scores)} samples (call it on the batch this hook sampled)")
+        out = []
+        for G, sc in zip(graphs, self.scores):
+            H, added = complete_graph(G, sc, self.prop)
+            self.stats["completed"] = self.stats.get("completed", 0) + added
+            out.append(H)
+        return out
 
     def _draw(self, G: nx.Graph, p: torch.Tensor, ku: list[int], kv: list[int], final: bool) -> int:
         """Draw one edge token from ``p`` (V,) whose child pairs keep ``prop``; add them to ``G``."""
