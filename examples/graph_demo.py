@@ -39,7 +39,7 @@ from tqdm import tqdm
 import msar
 from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
-from modalities.graph.constraints import PROPERTIES, StructureHook
+from modalities.graph.constraints import PROPERTIES, EdgeScores, StructureHook
 from modalities.graph.tokenizer import PAD
 from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
 
@@ -247,10 +247,18 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     sample_seed = args.seed if args.sample_seed is None else args.sample_seed
     invalid = {"mass": 0.0, "positions": 0, "draws": 0}  # see measuring_hook / count_invalid
     structure = structure_for(dataset, args, tok)
+    project = None
+    if args.project:  # the model's own sample (valid tokens), then projection onto the property
+        if args.no_constrain or args.complete or not structure:
+            raise SystemExit("--project samples with the valid-token mask only, completes by itself and needs a "
+                             "structure property (--structure auto on planar / grid, or a property name): "
+                             "drop --no-constrain / --complete")
+        project, structure = structure, None
     if args.complete and not structure:
         raise SystemExit("--complete adds edges under the structure property: it needs a structure "
                          "(--structure auto / planar / grid, and not --no-constrain)")
     struct_stats = {"positions": 0, "rejected": 0, "dropped": 0}
+    project_stats: dict[str, int] = {}
     n_gen = args.num_samples or len(test)
     if args.expand_test and not 1 <= args.expand_test <= tok.K - 2:
         raise SystemExit(f"--expand-test must be in 1..{tok.K - 2} (expansions with edge scales), got {args.expand_test}")
@@ -264,6 +272,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         if structure:  # edge tokens drawn one by one, each kept only if the graph stays `structure`
             sh = StructureHook(tok, structure, args.temperature, seed=sample_seed + i)
             hook = chain_hooks(hook, sh)
+        if project:  # records the model's probability of every finest-level candidate edge
+            rec = EdgeScores(tok, args.temperature)
+            hook = chain_hooks(hook, rec)
         known = known_mask = None
         if args.expand_test:  # the test graphs' own tokens up to the edge scales of the last N expansions
             known = tok.encode(test[i:i + b])
@@ -275,6 +286,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         batch_graphs = graphs_from(res.data)
         if structure and args.complete:  # add the finest level's likely candidate edges that keep the property
             batch_graphs = sh.complete(batch_graphs)
+        if project:
+            batch_graphs, pst = rec.project(batch_graphs, project)
+            project_stats = {key: project_stats.get(key, 0) + v for key, v in pst.items()}
         gen.extend(batch_graphs)
         if structure:
             struct_stats = {key: struct_stats.get(key, 0) + sh.stats.get(key, 0) for key in sh.stats}
@@ -295,9 +309,10 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         "seconds": seconds, "sampling": {"top_p": args.top_p, "temperature": args.temperature,
                                         "constrained": not args.no_constrain, "seed": sample_seed,
                                         "structure": structure, "expand_test": args.expand_test,
-                                        "complete": args.complete},
+                                        "complete": args.complete, "project": project},
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "structure": structure, "structure_stats": struct_stats if structure else None,
+        "project": project, "project_stats": project_stats or None,
         "loaded_from": args.load or None, "trained_by": trained_by,
     })
     write_result_json(os.path.join(out, "metrics.json"), metrics, started)  # + command, commit, date, machine
@@ -339,6 +354,10 @@ def main(argv=None) -> None:
                    help="after sampling with the structure hook, add the finest level's candidate edges "
                         "(child pairs of its coarse edges), most probable under the model first, wherever "
                         "the property holds (StructureHook.complete; a decoding rule, reported apart)")
+    p.add_argument("--project", action="store_true",
+                   help="sample the model with the valid-token mask only, then keep its finest-level edges most "
+                        "probable first while the structure property holds and add the other candidates the same "
+                        "way (modalities.graph.constraints.EdgeScores.project; a decoding rule, reported apart)")
     p.add_argument("--matching", default=None, choices=["greedy", "max"],
                    help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")

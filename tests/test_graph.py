@@ -521,3 +521,32 @@ def test_structure_hook_completion_is_maximal_over_the_finest_candidates():
     assert checked > 20
     with pytest.raises(ValueError, match="recorded the finest level"):
         sh.complete(sampled[:2])
+    # the same recorder without the structure hook: the model's own sample, projected onto planarity
+    from modalities.graph.constraints import EdgeScores
+    rec = EdgeScores(tok)
+    raw = graphs_from(msar.sample(model, tok, batch_size=6, cfg=0.0, seed=2,
+                                  logits_hook=lambda k, logits, state: rec(k, logits + bias, state)).data)
+    assert not all(nx.check_planarity(G)[0] for G in raw)
+    proj, stats = rec.project(raw, "planar")
+    assert stats["dropped"] > 0 and stats["kept"] + stats["dropped"] == sum(G.number_of_edges() for G in raw)
+    for G, H, sc in zip(raw, proj, rec.scores):
+        assert nx.check_planarity(H)[0] and set(H.edges()) <= set(G.edges()) | set(sc)
+        assert all(e in sc or (e[1], e[0]) in sc for e in G.edges())  # every sampled edge is a candidate
+
+
+def test_projection_keeps_the_sample_most_probable_first_then_completes():
+    # catches: a projection that drops the most probable edge of a conflict, that lets candidates
+    # outrank the sample's own edges, or that returns a graph without the property
+    from modalities.graph.constraints import planar_property, project_graph
+    k5 = list(itertools.combinations(range(5), 2))
+    for low in [(0, 1), (3, 4)]:
+        scores = {e: (0.05 if e == low else 0.5 + 0.01 * i) for i, e in enumerate(k5)}
+        H, dropped, added = project_graph(nx.Graph(k5), scores, planar_property)
+        assert set(H.edges()) == set(k5) - {low} and (dropped, added) == (1, 0)
+    # the sample's own edges come first: a candidate more probable than (0, 1) that conflicts with
+    # the kept sample is not added; a sample without conflicts stays whole
+    G = nx.Graph([e for e in k5 if e != (2, 3)])  # K5 minus (2, 3): planar
+    H, dropped, added = project_graph(G, {**{e: 0.1 for e in k5}, (2, 3): 0.99}, planar_property)
+    assert set(H.edges()) == set(G.edges()) and (dropped, added) == (0, 0)
+    H, dropped, added = project_graph(nx.empty_graph(5), {e: 0.5 for e in k5}, planar_property)
+    assert H.number_of_edges() == 9 and (dropped, added) == (0, 9)
