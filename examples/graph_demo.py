@@ -16,6 +16,9 @@ the tokens the decoder would reinterpret (:meth:`GraphPyramidTokenizer.valid_tok
 ``--no-constrain`` turns that off.  On planar and grid, sampling also keeps the finest level
 planar (grid: planar, degree <= 4, bipartite) while it draws the edge tokens
 (:class:`modalities.graph.constraints.StructureHook`; ``--structure none`` turns only that off).
+``--complete`` then adds the finest level's most probable candidate edges that keep the property;
+``--project`` samples without the structure hook and projects each sample onto the property, most
+probable edges first, then completes it (decoding rules on the model's probabilities, reported apart).
 
 Pipeline: graphs -> :class:`GraphPyramidTokenizer` (exact tokens of a coarsening
 hierarchy; several random node orderings of each training graph give different
@@ -248,15 +251,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     invalid = {"mass": 0.0, "positions": 0, "draws": 0}  # see measuring_hook / count_invalid
     structure = structure_for(dataset, args, tok)
     project = None
-    if args.project:  # the model's own sample (valid tokens), then projection onto the property
-        if args.no_constrain or args.complete or not structure:
-            raise SystemExit("--project samples with the valid-token mask only, completes by itself and needs a "
-                             "structure property (--structure auto on planar / grid, or a property name): "
-                             "drop --no-constrain / --complete")
+    if args.project:  # the model's own sample (valid tokens), then projection onto the property (checked in main)
         project, structure = structure, None
-    if args.complete and not structure:
-        raise SystemExit("--complete adds edges under the structure property: it needs a structure "
-                         "(--structure auto / planar / grid, and not --no-constrain)")
     struct_stats = {"positions": 0, "rejected": 0, "dropped": 0}
     project_stats: dict[str, int] = {}
     n_gen = args.num_samples or len(test)
@@ -372,10 +368,19 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for name in args.dataset.split(","):
-        name = name.strip()
+    names = [name.strip() for name in args.dataset.split(",")]
+    for name in names:  # every check before any training
         if name not in PRESETS:
             raise SystemExit(f"unknown dataset {name!r}; expected one of {sorted(PRESETS)}")
+        if (args.project or args.complete) and (args.no_constrain or args.structure == "none"
+                                                or (args.structure == "auto" and name not in PROPERTIES)):
+            raise SystemExit(f"--project / --complete keep a structure property, and {name} has none here: use "
+                             "--structure auto on planar / grid or name a property, without --no-constrain")
+    if args.project and args.complete:
+        raise SystemExit("--project completes by itself (it samples without the structure hook): drop --complete")
+    if args.expand_test < 0:
+        raise SystemExit(f"--expand-test must be >= 0, got {args.expand_test}")
+    for name in names:
         run(name, args)
 
 
