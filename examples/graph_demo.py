@@ -212,8 +212,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
             data_kw = {"max_side": 13}
     out = os.path.join(args.out, dataset)
     os.makedirs(out, exist_ok=True)
-    splits = make_dataset(dataset, seed=args.seed, **data_kw)
-    train_graphs, test = splits["train"], splits["test"]
+    if not args.load:  # a --load run uses the data settings of the run that trained the model (below)
+        splits = make_dataset(dataset, seed=args.seed, **data_kw)
+        train_graphs, test = splits["train"], splits["test"]
     seconds: dict[str, float] = {}
 
     if args.load:  # sample from a trained run instead of training
@@ -223,6 +224,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         with open(os.path.join(src, "metrics.json")) as f:
             prev = json.load(f)
         cfg, data_kw = prev["train_config"], prev["data_kw"]
+        splits = make_dataset(dataset, seed=args.seed, **data_kw)  # the data of the run that trained it
+        train_graphs, test = splits["train"], splits["test"]
         curve = prev["loss_curve"]
         seconds = dict(prev["seconds"])
         trained_by = prev.get("trained_by") or prev.get("run")  # the training run's own record
