@@ -16,6 +16,9 @@ the tokens the decoder would reinterpret (:meth:`GraphPyramidTokenizer.valid_tok
 ``--no-constrain`` turns that off.  On planar and grid, sampling also keeps the finest level
 planar (grid: planar, degree <= 4, bipartite) while it draws the edge tokens
 (:class:`modalities.graph.constraints.StructureHook`; ``--structure none`` turns only that off).
+``--complete`` then adds the finest level's most probable candidate edges that keep the property;
+``--project`` samples without the structure hook and projects each sample onto the property, most
+probable edges first, then completes it (decoding rules on the model's probabilities, reported apart).
 
 Pipeline: graphs -> :class:`GraphPyramidTokenizer` (exact tokens of a coarsening
 hierarchy; several random node orderings of each training graph give different
@@ -39,7 +42,7 @@ from tqdm import tqdm
 import msar
 from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
-from modalities.graph.constraints import PROPERTIES, StructureHook
+from modalities.graph.constraints import PROPERTIES, EdgeScores, StructureHook
 from modalities.graph.tokenizer import PAD
 from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
 
@@ -200,6 +203,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg["chunks"] = args.edge_chunks
     if args.matching is not None:
         cfg["matching"] = args.matching
+    if args.final_chunks is not None:
+        cfg["final_chunks"] = None if args.final_chunks == "same" else args.final_chunks
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -207,8 +212,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
             data_kw = {"max_side": 13}
     out = os.path.join(args.out, dataset)
     os.makedirs(out, exist_ok=True)
-    splits = make_dataset(dataset, seed=args.seed, **data_kw)
-    train_graphs, test = splits["train"], splits["test"]
+    if not args.load:  # a --load run uses the data settings of the run that trained the model (below)
+        splits = make_dataset(dataset, seed=args.seed, **data_kw)
+        train_graphs, test = splits["train"], splits["test"]
     seconds: dict[str, float] = {}
 
     if args.load:  # sample from a trained run instead of training
@@ -218,6 +224,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         with open(os.path.join(src, "metrics.json")) as f:
             prev = json.load(f)
         cfg, data_kw = prev["train_config"], prev["data_kw"]
+        splits = make_dataset(dataset, seed=args.seed, **data_kw)  # the data of the run that trained it
+        train_graphs, test = splits["train"], splits["test"]
         curve = prev["loss_curve"]
         seconds = dict(prev["seconds"])
         trained_by = prev.get("trained_by") or prev.get("run")  # the training run's own record
@@ -226,7 +234,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         t0 = time.time()
         items = augment(train_graphs, cfg["perms"], args.seed)
         tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
-                                        matching=cfg.get("matching", "greedy"))
+                                        matching=cfg.get("matching", "greedy"),
+                                        final_chunks=cfg.get("final_chunks"))
         X, TF = build_training_set(tok, items)
         seconds["tokenize"] = time.time() - t0
         print(f"[{dataset}] {len(train_graphs)} train / {len(test)} test graphs, {X.shape[0]} sequences, "
@@ -244,8 +253,16 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     sample_seed = args.seed if args.sample_seed is None else args.sample_seed
     invalid = {"mass": 0.0, "positions": 0, "draws": 0}  # see measuring_hook / count_invalid
     structure = structure_for(dataset, args, tok)
+    project = None
+    if args.project:  # the model's own sample (valid tokens), then projection onto the property (checked in main)
+        project, structure = structure, None
     struct_stats = {"positions": 0, "rejected": 0, "dropped": 0}
+    project_stats: dict[str, int] = {}
     n_gen = args.num_samples or len(test)
+    if args.expand_test and not 1 <= args.expand_test <= tok.K - 2:
+        raise SystemExit(f"--expand-test must be in 1..{tok.K - 2} (expansions with edge scales), got {args.expand_test}")
+    if args.expand_test and n_gen > len(test):
+        raise SystemExit(f"--expand-test samples one graph per test graph: --num-samples <= {len(test)}, got {n_gen}")
     for i in tqdm(range(0, n_gen, 32), desc="sample", leave=False):
         b = min(32, n_gen - i)
         # the hook masks tokens the decoder would reinterpret (PAD at a real node / edge, a wrong
@@ -254,11 +271,26 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         if structure:  # edge tokens drawn one by one, each kept only if the graph stays `structure`
             sh = StructureHook(tok, structure, args.temperature, seed=sample_seed + i)
             hook = chain_hooks(hook, sh)
+        if project:  # records the model's probability of every finest-level candidate edge
+            rec = EdgeScores(tok, args.temperature)
+            hook = chain_hooks(hook, rec)
+        known = known_mask = None
+        if args.expand_test:  # the test graphs' own tokens up to the edge scales of the last N expansions
+            known = tok.encode(test[i:i + b])
+            first = next(s_ for s_, (kd, lvl, _) in enumerate(tok.kinds) if kd == "E" and lvl >= tok.K - 1 - args.expand_test)
+            known_mask = [torch.full_like(t, s_ < first, dtype=torch.bool) for s_, t in enumerate(known)]
         res = msar.sample(model, tok, batch_size=b, cfg=0.0, top_k=0, top_p=args.top_p,
-                          temperature=args.temperature, seed=sample_seed + i, logits_hook=hook)
-        gen.extend(graphs_from(res.data))
+                          temperature=args.temperature, seed=sample_seed + i, logits_hook=hook,
+                          known=known, known_mask=known_mask)
+        batch_graphs = graphs_from(res.data)
+        if structure and args.complete:  # add the finest level's likely candidate edges that keep the property
+            batch_graphs = sh.complete(batch_graphs)
+        if project:
+            batch_graphs, pst = rec.project(batch_graphs, project)
+            project_stats = {key: project_stats.get(key, 0) + v for key, v in pst.items()}
+        gen.extend(batch_graphs)
         if structure:
-            struct_stats = {key: struct_stats[key] + sh.stats[key] for key in struct_stats}
+            struct_stats = {key: struct_stats.get(key, 0) + sh.stats.get(key, 0) for key in sh.stats}
         else:  # a structure hook drops coarse edges on purpose (PAD), which is not an invalid draw
             invalid["draws"] += count_invalid(tok, res.indices)
     seconds["sample"] = time.time() - t0
@@ -275,9 +307,11 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         "num_parameters": model.num_parameters(), "final_loss": curve[-1][1], "loss_curve": curve,
         "seconds": seconds, "sampling": {"top_p": args.top_p, "temperature": args.temperature,
                                         "constrained": not args.no_constrain, "seed": sample_seed,
-                                        "structure": structure},
+                                        "structure": structure, "expand_test": args.expand_test,
+                                        "complete": args.complete, "project": project},
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "structure": structure, "structure_stats": struct_stats if structure else None,
+        "project": project, "project_stats": project_stats or None,
         "loaded_from": args.load or None, "trained_by": trained_by,
     })
     write_result_json(os.path.join(out, "metrics.json"), metrics, started)  # + command, commit, date, machine
@@ -315,18 +349,41 @@ def main(argv=None) -> None:
     p.add_argument("--structure", default="auto", choices=["auto", "none", *sorted(PROPERTIES)],
                    help="property kept while edge tokens are drawn (modalities.graph.constraints); auto: "
                         "planar for planar, grid for grid, none elsewhere")
+    p.add_argument("--complete", action="store_true",
+                   help="after sampling with the structure hook, add the finest level's candidate edges "
+                        "(child pairs of its coarse edges), most probable under the model first, wherever "
+                        "the property holds (StructureHook.complete; a decoding rule, reported apart)")
+    p.add_argument("--project", action="store_true",
+                   help="sample the model with the valid-token mask only, then keep its finest-level edges most "
+                        "probable first while the structure property holds and add the other candidates the same "
+                        "way (modalities.graph.constraints.EdgeScores.project; a decoding rule, reported apart)")
     p.add_argument("--matching", default=None, choices=["greedy", "max"],
                    help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
+    p.add_argument("--final-chunks", default=None, choices=["same", "all"],
+                   help="chunks of the finest expansion: 'all' = one per edge position (its edge masks are "
+                        "predicted one at a time), 'same' = --edge-chunks (preset)")
+    p.add_argument("--expand-test", type=int, default=0, metavar="N",
+                   help="diagnostic: force the test graphs' own tokens and sample only the edge masks of the last "
+                        "N expansions (1: the finest level's masks, given the true coarse graph and splits)")
     p.add_argument("--load", default="", help="a previous --out directory: sample and evaluate its trained models")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every that many training steps")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for name in args.dataset.split(","):
-        name = name.strip()
+    names = [name.strip() for name in args.dataset.split(",")]
+    for name in names:  # every check before any training
         if name not in PRESETS:
             raise SystemExit(f"unknown dataset {name!r}; expected one of {sorted(PRESETS)}")
+        if (args.project or args.complete) and (args.no_constrain or args.structure == "none"
+                                                or (args.structure == "auto" and name not in PROPERTIES)):
+            raise SystemExit(f"--project / --complete keep a structure property, and {name} has none here: use "
+                             "--structure auto on planar / grid or name a property, without --no-constrain")
+    if args.project and args.complete:
+        raise SystemExit("--project completes by itself (it samples without the structure hook): drop --complete")
+    if args.expand_test < 0:
+        raise SystemExit(f"--expand-test must be >= 0, got {args.expand_test}")
+    for name in names:
         run(name, args)
 
 

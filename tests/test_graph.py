@@ -73,9 +73,15 @@ def _tiny_model(tok):
         depth=1, embed_dim=32, num_heads=2)).init_weights().eval()
 
 
-@given(st.lists(graphs(max_n=20), min_size=1, max_size=4), st.integers(1, 3), st.sampled_from(["greedy", "max"]))
-def test_round_trip_is_isomorphic(gs, chunks, matching):
-    tok = GraphPyramidTokenizer.fit(gs, edge_slack=0.0, edge_chunks=chunks, matching=matching)
+@given(st.lists(graphs(max_n=20), min_size=1, max_size=4), st.integers(1, 3), st.sampled_from(["greedy", "max"]),
+       st.sampled_from([None, "all", 2]))
+def test_round_trip_is_isomorphic(gs, chunks, matching, final):
+    # catches: a finest expansion dealt into a different number of chunks by the encoder and the decoder
+    tok = GraphPyramidTokenizer.fit(gs, edge_slack=0.0, edge_chunks=chunks, matching=matching, final_chunks=final)
+    if tok.K >= 3:
+        want = {None: chunks, "all": max(1, tok.max_edges[tok.K - 2]), 2: 2}[final]
+        assert sum(kd == "E" and lvl == tok.K - 2 for kd, lvl, _ in tok.kinds) == want
+        assert GraphPyramidTokenizer(**tok.config).schedule.token_counts == tok.schedule.token_counts
     idx = tok.encode(gs)
     tok.schedule.check_indices(idx, tok.vocab_size, batch_size=len(gs))
     out = graphs_from(tok.decode(idx))
@@ -148,10 +154,11 @@ def test_pyramid_is_a_core_operator_pyramid():
     assert torch.allclose(pyr.restrict(f, len(tok.max_nodes) - 1), f)
 
 
-def test_conformance_kit():
+@pytest.mark.parametrize("final", [None, "all"])
+def test_conformance_kit(final):
     testing = pytest.importorskip("msar.testing")
     gs = make_dataset("community-small", seed=0, num=6)["train"][:3]
-    tok = _tok_for(gs)
+    tok = GraphPyramidTokenizer.fit(gs, edge_slack=0.0, edge_chunks=3, final_chunks=final)
     model = testing.tiny_transformer(tok)
     testing.check_adapter(tok, gs, model=model)
 
@@ -278,9 +285,9 @@ def _teacher_force_allowed(tok, idx):
     return st_
 
 
-@given(st.lists(graphs(max_n=16), min_size=1, max_size=3), st.integers(1, 3))
-def test_encoded_tokens_are_always_allowed(gs, chunks):
-    tok = _tok_for(gs, chunks)
+@given(st.lists(graphs(max_n=16), min_size=1, max_size=3), st.integers(1, 3), st.sampled_from([None, "all"]))
+def test_encoded_tokens_are_always_allowed(gs, chunks, final):
+    tok = GraphPyramidTokenizer.fit(gs, edge_slack=0.0, edge_chunks=chunks, final_chunks=final)
     idx = tok.encode(gs)
     st_ = tok.start(len(gs))
     for k, t in enumerate(idx):
@@ -445,3 +452,101 @@ def test_max_matching_keeps_every_level_of_planar_graphs_planar():
     assert GraphPyramidTokenizer(**{k: v for k, v in tok.config.items() if k != "matching"}).matching == "greedy"
     with pytest.raises(ValueError, match="matching must be one of"):
         coarsen(gs[0], matching="random")
+
+
+def test_completion_adds_the_most_probable_candidates_that_keep_the_property():
+    # catches: candidates added in the wrong order (the least probable first), an edge kept although it
+    # breaks the property, or a completion that stops before the graph is maximal
+    from modalities.graph.constraints import complete_graph, planar_property
+    k5 = list(itertools.combinations(range(5), 2))
+    for low in [(0, 1), (2, 3)]:  # K5 minus any one edge is planar: the least probable edge is the one left out
+        scores = {e: (0.1 if e == low else 0.9 - 0.01 * i) for i, e in enumerate(k5)}
+        H, added = complete_graph(nx.empty_graph(5), scores, planar_property)
+        assert added == 9 and set(H.edges()) == set(k5) - {low}
+    # edges already there stay; candidates naming a missing node are skipped
+    G = nx.Graph([(0, 1)])
+    G.add_nodes_from(range(5))
+    H, added = complete_graph(G, {(0, 1): 0.5, (1, 2): 0.2, (3, 7): 0.9}, planar_property)
+    assert set(H.edges()) == {(0, 1), (1, 2)} and added == 1
+
+
+def test_structure_hook_completion_is_maximal_over_the_finest_candidates():
+    # catches: marginals recorded for the wrong child pair (bit 2 * i + j), candidates outside the
+    # finest level's child pairs, and completed graphs that break the property or drop sampled edges
+    from modalities.graph.constraints import PROPERTIES, StructureHook
+    torch.manual_seed(0)
+    gs = make_dataset("community-small", seed=0, num=10)["train"]
+    tok = _tok_for(gs, edge_chunks=2)
+    model = _tiny_model(tok)
+    bias = torch.zeros(tok.vocab_size)
+    bias[[PAIR_EDGE, EDGE0 + 14]] = 4.0
+    bias[EDGE0] = 2.0  # mask 1: only child 0 of u -- child 0 of v
+    captured = {}
+
+    def hook_with(sh):
+        def hook(k, logits, state):
+            kind, lvl, chunk = tok.kinds[k]
+            if kind == "E" and lvl == tok.K - 2:  # the exact marginals of every position, from the same logits
+                p = tok.valid_token_hook(k, logits + bias, state).softmax(-1)
+                for b, g in enumerate(state.graphs):
+                    for q, j in enumerate(range(chunk, len(g.edges), tok.chunks_at(lvl))):
+                        if q < p.shape[1]:
+                            u, v = g.edges[j]
+                            for i, a in enumerate(state.children[b][u]):
+                                for jj, c in enumerate(state.children[b][v]):
+                                    m = torch.arange(1, 16)
+                                    want = p[b, q, EDGE0 + m[(m >> (2 * i + jj)) & 1 == 1] - 1].sum()
+                                    captured[(b, min(a, c), max(a, c))] = float(want)
+            return sh(k, logits + bias, state)
+        return hook
+
+    sh = StructureHook(tok, "planar", seed=0)
+    res = msar.sample(model, tok, batch_size=6, cfg=0.0, seed=2, logits_hook=hook_with(sh))
+    sampled = graphs_from(res.data)
+    done = sh.complete(sampled)
+    assert sh.stats["completed"] > 0
+    checked = 0
+    for b, (G, H) in enumerate(zip(sampled, done)):
+        sc = sh.scores[b]
+        for (a, c), pr in sc.items():
+            if (b, a, c) in captured:
+                assert abs(pr - captured[(b, a, c)]) < 1e-5, (b, a, c)
+                checked += 1
+        assert PROPERTIES["planar"](H, True) and set(G.edges()) <= set(H.edges())
+        assert set(H.edges()) - set(G.edges()) <= set(sc)
+        for a, c in set(sc) - set(H.edges()):  # maximal: every candidate left out breaks planarity
+            H.add_edge(a, c)
+            assert not nx.check_planarity(H)[0]
+            H.remove_edge(a, c)
+    assert checked > 20
+    with pytest.raises(ValueError, match="recorded the finest level"):
+        sh.complete(sampled[:2])
+    # the same recorder without the structure hook: the model's own sample, projected onto planarity
+    from modalities.graph.constraints import EdgeScores
+    rec = EdgeScores(tok)
+    raw = graphs_from(msar.sample(model, tok, batch_size=6, cfg=0.0, seed=2,
+                                  logits_hook=lambda k, logits, state: rec(k, logits + bias, state)).data)
+    assert not all(nx.check_planarity(G)[0] for G in raw)
+    proj, stats = rec.project(raw, "planar")
+    assert stats["dropped"] > 0 and stats["kept"] + stats["dropped"] == sum(G.number_of_edges() for G in raw)
+    for G, H, sc in zip(raw, proj, rec.scores):
+        assert nx.check_planarity(H)[0] and set(H.edges()) <= set(G.edges()) | set(sc)
+        assert all(e in sc or (e[1], e[0]) in sc for e in G.edges())  # every sampled edge is a candidate
+
+
+def test_projection_keeps_the_sample_most_probable_first_then_completes():
+    # catches: a projection that drops the most probable edge of a conflict, that lets candidates
+    # outrank the sample's own edges, or that returns a graph without the property
+    from modalities.graph.constraints import planar_property, project_graph
+    k5 = list(itertools.combinations(range(5), 2))
+    for low in [(0, 1), (3, 4)]:
+        scores = {e: (0.05 if e == low else 0.5 + 0.01 * i) for i, e in enumerate(k5)}
+        H, dropped, added = project_graph(nx.Graph(k5), scores, planar_property)
+        assert set(H.edges()) == set(k5) - {low} and (dropped, added) == (1, 0)
+    # the sample's own edges come first: a candidate more probable than (0, 1) that conflicts with
+    # the kept sample is not added; a sample without conflicts stays whole
+    G = nx.Graph([e for e in k5 if e != (2, 3)])  # K5 minus (2, 3): planar
+    H, dropped, added = project_graph(G, {**{e: 0.1 for e in k5}, (2, 3): 0.99}, planar_property)
+    assert set(H.edges()) == set(G.edges()) and (dropped, added) == (0, 0)
+    H, dropped, added = project_graph(nx.empty_graph(5), {e: 0.5 for e in k5}, planar_property)
+    assert H.number_of_edges() == 9 and (dropped, added) == (0, 9)

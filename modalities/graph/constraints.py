@@ -27,6 +27,31 @@ planar, and ``planar_levels`` keeps every level planar as it is built.
 
 The hook draws with its own generator (``seed``) and temperature, so pass the sampler's
 temperature here; ``msar.sample``'s ``top_k`` / ``top_p`` do not apply to the edge tokens it draws.
+
+Completion (:meth:`StructureHook.complete`, after sampling).  Rejection keeps a planar *subgraph* of
+the model's proposal, and the proposals of the finest level are far from planar-consistent, so the
+kept graphs are sparse.  While drawing the finest level the hook records the model's probability of
+every candidate fine edge: for a child pair of a coarse edge, the probability that its mask names
+the pair, ``P(bit) = sum of P(mask) over the masks with that bit``; for the two children of a split
+node, ``P(PAIR_EDGE) / (P(PAIR) + P(PAIR_EDGE))``.  ``complete`` then adds the candidates that are
+not in the graph, most probable first, wherever the property still holds::
+
+    for (a, c) in candidates, by P(a, c) descending:
+        if (a, c) not in G and prop(G + (a, c), final=True): G = G + (a, c)
+
+so the result is a maximal graph with the property among the pairs the hierarchy allows.
+
+Projection (:class:`EdgeScores`, :func:`project_graph`), the same rule without the hook: sample the
+model with the valid-token mask only, recording the same probabilities, then keep the sample's own
+finest-level edges most probable first wherever the property holds and complete as above::
+
+    H = empty graph on G's nodes
+    for (a, c) in edges of G, by P descending:  if prop(H + (a, c)): H = H + (a, c)   # projection
+    for (a, c) in candidates, by P descending:  if prop(H + (a, c)): H = H + (a, c)   # completion
+
+Coarser levels are the model's own sample.  Completion and projection are deterministic decoding
+rules on top of the model's probabilities, not samples of the model: report them apart from the
+hook's own samples and from the raw ones.
 """
 from __future__ import annotations
 
@@ -35,7 +60,7 @@ from typing import Callable
 import networkx as nx
 import torch
 
-from .tokenizer import EDGE0, PAD, GraphDecodeState, GraphPyramidTokenizer
+from .tokenizer import EDGE0, PAD, PAIR, PAIR_EDGE, GraphDecodeState, GraphPyramidTokenizer
 
 # prop(G, final) -> bool: G is the partial fine graph of the level being built, final says whether
 # it is the graph's last level.  Must be hereditary: true for G stays true after deleting edges.
@@ -65,6 +90,107 @@ def grid_property(G: nx.Graph, final: bool) -> bool:
 PROPERTIES: dict[str, Property] = {"planar": planar_property, "planar_levels": planar_levels_property,
                                    "grid": grid_property}
 
+def _property(prop: Property | str) -> Property:
+    if isinstance(prop, str):
+        if prop not in PROPERTIES:
+            raise ValueError(f"unknown structure property {prop!r}; expected one of {sorted(PROPERTIES)}")
+        return PROPERTIES[prop]
+    return prop
+
+
+# _MASK_BITS[m - 1, q] = 1 if mask m (1..15) names child pair q = 2 * i + j
+_MASK_BITS = torch.tensor([[(m >> q) & 1 for q in range(4)] for m in range(1, 16)], dtype=torch.float32)
+
+
+def complete_graph(G: nx.Graph, scores: dict[tuple[int, int], float], prop: Property) -> tuple[nx.Graph, int]:
+    """Add the candidate edges ``scores`` (pair -> probability) missing from ``G``, most probable first,
+    each only if ``prop(G, True)`` still holds; returns the new graph and the number of edges added.
+    For a hereditary ``prop`` that ``G`` satisfies, the result is maximal: no candidate left out can
+    be added."""
+    H, added = G.copy(), 0
+    for (a, c), _ in sorted(scores.items(), key=lambda item: (-item[1], item[0])):  # ties: by pair
+        if a == c or H.has_edge(a, c) or not (H.has_node(a) and H.has_node(c)):
+            continue
+        H.add_edge(a, c)
+        if prop(H, True):
+            added += 1
+        else:
+            H.remove_edge(a, c)
+    return H, added
+
+
+def project_graph(G: nx.Graph, scores: dict[tuple[int, int], float], prop: Property) -> tuple[nx.Graph, int, int]:
+    """The largest-probability-first graph with the property inside ``G`` and its candidates: ``G``'s own
+    edges are kept most probable first wherever ``prop`` holds, then the other candidates are added the
+    same way (:func:`complete_graph`). Returns the graph, the edges of ``G`` dropped and the edges added."""
+    H = nx.Graph()
+    H.add_nodes_from(G.nodes())
+    H, kept = complete_graph(H, {(min(a, c), max(a, c)): scores.get((min(a, c), max(a, c)), 0.0)
+                                 for a, c in G.edges()}, prop)
+    H, added = complete_graph(H, scores, prop)
+    return H, G.number_of_edges() - kept, added
+
+
+class EdgeScores:
+    """``logits_hook`` (the valid-token mask, nothing else) that records the model's probability of every
+    candidate edge of the finest level: ``scores[b][(a, c)]`` for fine nodes ``a < c`` of sample b.
+
+    A child pair of a coarse edge gets ``P(bit) = sum of P(mask) over the masks naming it``, the two
+    children of a split node ``P(PAIR_EDGE) / (P(PAIR) + P(PAIR_EDGE))``; probabilities at
+    ``temperature`` over the valid tokens, from the logits the sampler sees.
+    """
+
+    def __init__(self, tok: GraphPyramidTokenizer, temperature: float = 1.0):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.tok, self.temperature = tok, float(temperature)
+        self.scores: list[dict[tuple[int, int], float]] = []
+        self._join: list[list[float]] = []  # per sample, per node of G_{K-2}: P(its two children are joined)
+
+    def __call__(self, k: int, logits: torch.Tensor, state: GraphDecodeState) -> torch.Tensor:
+        logits = self.tok.valid_token_hook(k, logits, state)  # also checks the state belongs to tok
+        kind, lvl, chunk = self.tok.kinds[k]
+        if lvl + 1 != self.tok.K - 1:
+            return logits
+        probs = (logits.detach().float().cpu() / self.temperature).softmax(-1)  # (B, n, V), 0 on invalid
+        if kind == "S":
+            self._join = [(probs[b, :g.n, PAIR_EDGE] / (probs[b, :g.n, PAIR] + probs[b, :g.n, PAIR_EDGE])
+                           .clamp_min(1e-12)).tolist() for b, g in enumerate(state.graphs)]
+            self.scores = [{} for _ in state.graphs]
+            return logits
+        C = self.tok.chunks_at(lvl)
+        for b, g in enumerate(state.graphs):
+            kids = state.children[b]
+            if chunk == 0:  # the split pairs are candidates too
+                for u, ks in enumerate(kids):
+                    if len(ks) == 2:
+                        self.scores[b][(ks[0], ks[1])] = self._join[b][u]
+            for p, j in enumerate(range(chunk, len(g.edges), C)):
+                if p >= probs.shape[1]:
+                    break
+                u, v = g.edges[j]
+                marg = probs[b, p, EDGE0:PAD] @ _MASK_BITS  # (4,): P(child pair 2 * i + j is joined)
+                for i, a in enumerate(kids[u]):
+                    for jj, c in enumerate(kids[v]):
+                        self.scores[b][(min(a, c), max(a, c))] = float(marg[2 * i + jj])
+        return logits
+
+    def project(self, graphs: list[nx.Graph], prop: Property | str) -> tuple[list[nx.Graph], dict[str, int]]:
+        """:func:`project_graph` of every sampled graph of this hook's batch; returns the graphs and the
+        total ``kept`` / ``dropped`` (edges of the samples) and ``added`` (candidates) counts."""
+        prop = _property(prop)
+        if len(graphs) != len(self.scores):
+            raise ValueError(f"project: {len(graphs)} graphs, but the hook recorded the finest level of "
+                             f"{len(self.scores)} samples (call it on the batch this hook sampled)")
+        out, stats = [], {"kept": 0, "dropped": 0, "added": 0}
+        for G, sc in zip(graphs, self.scores):
+            H, dropped, added = project_graph(G, sc, prop)
+            stats["kept"] += G.number_of_edges() - dropped
+            stats["dropped"] += dropped
+            stats["added"] += added
+            out.append(H)
+        return out, stats
+
 
 class StructureHook:
     """``logits_hook`` for :func:`msar.sample` drawing edge tokens under a hereditary property.
@@ -77,30 +203,34 @@ class StructureHook:
 
     ``stats`` counts, over real edge positions: ``positions``, ``rejected`` (draws undone because
     they broke the property) and ``dropped`` (positions where every valid mask broke it, so the
-    coarse edge was dropped).
+    coarse edge was dropped); :meth:`complete` adds ``completed`` (edges it added).
+    ``scores[b]`` holds, once the finest level has been drawn, the model's probability of every
+    candidate fine edge of sample b (see the module docstring).
     """
 
     def __init__(self, tok: GraphPyramidTokenizer, prop: Property | str, temperature: float = 1.0,
                  seed: int = 0):
-        if isinstance(prop, str):
-            if prop not in PROPERTIES:
-                raise ValueError(f"unknown structure property {prop!r}; expected one of {sorted(PROPERTIES)}")
-            prop = PROPERTIES[prop]
+        prop = _property(prop)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.tok, self.prop, self.temperature = tok, prop, float(temperature)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.stats = {"positions": 0, "rejected": 0, "dropped": 0}
+        self.recorder = EdgeScores(tok, temperature)
+
+    @property
+    def scores(self) -> list[dict[tuple[int, int], float]]:
+        return self.recorder.scores
 
     def __call__(self, k: int, logits: torch.Tensor, state: GraphDecodeState) -> torch.Tensor:
-        logits = self.tok.valid_token_hook(k, logits, state)  # also checks the state belongs to tok
+        logits = self.recorder(k, logits, state)  # valid-token mask (checks the state belongs to tok), scores
         kind, lvl, chunk = self.tok.kinds[k]
+        final = lvl + 1 == self.tok.K - 1
         if kind == "S":
             return logits
-        final = lvl + 1 == self.tok.K - 1
         probs = (logits.detach().float().cpu() / self.temperature).softmax(-1)  # (B, n, V), 0 on invalid
         chosen = torch.full(logits.shape[:2], PAD, dtype=torch.long)
-        C = self.tok.edge_chunks
+        C = self.tok.chunks_at(lvl)
         for b, g in enumerate(state.graphs):
             kids = state.children[b]
             G = nx.Graph()
@@ -113,6 +243,19 @@ class StructureHook:
                 chosen[b, p] = self._draw(G, probs[b, p].clone(), kids[u], kids[v], final)
         out = torch.full_like(logits, float("-inf"))
         return out.scatter_(-1, chosen.unsqueeze(-1).to(logits.device), 0.0)
+
+    def complete(self, graphs: list[nx.Graph]) -> list[nx.Graph]:
+        """The sampled ``graphs`` (this hook's batch, in order) with the missing candidate edges of the
+        finest level added, most probable first, wherever the property holds (:func:`complete_graph`)."""
+        if len(graphs) != len(self.scores):
+            raise ValueError(f"complete: {len(graphs)} graphs, but the hook recorded the finest level of "
+                             f"{len(self.scores)} samples (call it on the batch this hook sampled)")
+        out = []
+        for G, sc in zip(graphs, self.scores):
+            H, added = complete_graph(G, sc, self.prop)
+            self.stats["completed"] = self.stats.get("completed", 0) + added
+            out.append(H)
+        return out
 
     def _draw(self, G: nx.Graph, p: torch.Tensor, ku: list[int], kv: list[int], final: bool) -> int:
         """Draw one edge token from ``p`` (V,) whose child pairs keep ``prop``; add them to ``G``."""

@@ -103,13 +103,16 @@ class GraphPyramidTokenizer(PretrainedMixin):
         edge_chunks: the edge tokens of a level are split into this many scales (edge j goes to
             chunk ``j % edge_chunks``), so later chunks see the fine edges earlier ones decided.
         matching: the coarsening's matching, ``"greedy"`` or ``"max"`` (see :func:`coarsen`).
+        final_chunks: chunks of the finest expansion (level ``K - 2``, whose edge masks decide the
+            graph's own edges); default ``edge_chunks``. With as many chunks as that level has edge
+            positions (``max_edges[K - 2]``), every fine edge mask is predicted knowing all earlier ones.
 
     Use :meth:`fit` to size it from a training set; ``save_pretrained(dir)`` /
     ``GraphPyramidTokenizer.from_pretrained(dir)`` save and load it (a config, no weights).
     """
 
     def __init__(self, max_nodes: Sequence[int], max_edges: Sequence[int], nbits: Optional[int] = None,
-                 edge_chunks: int = 3, matching: str = "greedy"):
+                 edge_chunks: int = 3, matching: str = "greedy", final_chunks: Optional[int] = None):
         K = len(max_nodes)
         if K < 2:
             raise ValueError(f"need at least 2 levels (max_nodes of length >= 2), got {list(max_nodes)}")
@@ -124,17 +127,20 @@ class GraphPyramidTokenizer(PretrainedMixin):
         if int(edge_chunks) < 1:
             raise ValueError(f"edge_chunks must be >= 1, got {edge_chunks}")
         self.edge_chunks = int(edge_chunks)
+        if final_chunks is not None and int(final_chunks) < 1:
+            raise ValueError(f"final_chunks must be >= 1 (or None: edge_chunks), got {final_chunks}")
+        self.final_chunks = None if final_chunks is None else int(final_chunks)
         if matching not in MATCHINGS:
             raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
         self.matching = matching
         # scales: S_k for k in 0..K-2, then (k >= 1) the chunks E_k^0 .. E_k^{C-1}: ('S', k, 0) / ('E', k, c)
         self.kinds: list[tuple[str, int, int]] = []
         counts: list[int] = []
-        C = self.edge_chunks
         for k in range(K - 1):
             self.kinds.append(("S", k, 0))
             counts.append(self.max_nodes[k])
             if k >= 1:
+                C = self.chunks_at(k)
                 for c in range(C):
                     self.kinds.append(("E", k, c))
                     counts.append(max(1, -(-self.max_edges[k] // C)))
@@ -144,12 +150,18 @@ class GraphPyramidTokenizer(PretrainedMixin):
         raw = 5 + 2 * self.nbits + 2 * self._node_dim + 2 + 8
         self.latent_dim = int(8 * math.ceil(raw / 8))
 
+    def chunks_at(self, level: int) -> int:
+        """Edge chunks (scales) of the expansion of ``level``: ``final_chunks`` for ``K - 2``, else ``edge_chunks``."""
+        return self.final_chunks if level == self.K - 2 and self.final_chunks is not None else self.edge_chunks
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def fit(cls, graphs: Sequence[nx.Graph], edge_slack: float = 0.1, node_slack: int = 0,
-            edge_chunks: int = 3, matching: str = "greedy") -> "GraphPyramidTokenizer":
+            edge_chunks: int = 3, matching: str = "greedy",
+            final_chunks: Optional[int | str] = None) -> "GraphPyramidTokenizer":
         """Size a tokenizer for a training set: levels for the largest graph, edge capacity
-        ``(1 + edge_slack) x`` the largest seen per level."""
+        ``(1 + edge_slack) x`` the largest seen per level. ``final_chunks="all"``: one chunk per edge
+        position of the finest expansion (its masks are then predicted one at a time)."""
         graphs = graphs_from(graphs)
         nmax = max(2, max(G.number_of_nodes() for G in graphs) + int(node_slack))
         K = num_levels_for(nmax)
@@ -159,13 +171,17 @@ class GraphPyramidTokenizer(PretrainedMixin):
             for k, lvl in enumerate(coarsen(G, K, matching)):
                 max_edges[k] = max(max_edges[k], len(lvl.edges))
         max_edges = [int(math.ceil(m * (1 + edge_slack))) for m in max_edges]
-        return cls(max_nodes, max_edges, edge_chunks=edge_chunks, matching=matching)
+        if final_chunks == "all":
+            final_chunks = max(1, max_edges[K - 2]) if K >= 3 else None
+        elif isinstance(final_chunks, str):
+            raise ValueError(f"final_chunks must be an int, None or 'all', got {final_chunks!r}")
+        return cls(max_nodes, max_edges, edge_chunks=edge_chunks, matching=matching, final_chunks=final_chunks)
 
     @property
     def config(self) -> dict:
         """The constructor's arguments (``save_pretrained`` writes them; no weights)."""
         return {"max_nodes": self.max_nodes, "max_edges": self.max_edges, "nbits": self.nbits,
-                "edge_chunks": self.edge_chunks, "matching": self.matching}
+                "edge_chunks": self.edge_chunks, "matching": self.matching, "final_chunks": self.final_chunks}
 
     # ------------------------------------------------------------------ encoding
     def check_data(self, graphs: list[nx.Graph]) -> None:
@@ -210,7 +226,7 @@ class GraphPyramidTokenizer(PretrainedMixin):
                     raise ValueError(f"graph has {len(toks)} edges at level {k}, the tokenizer's capacity is "
                                      f"{self.max_edges[k]}; refit with a larger edge_slack")
                 edge_toks[k] = toks
-            out.append(edge_toks[k][c::self.edge_chunks])
+            out.append(edge_toks[k][c::self.chunks_at(k)])
         return out
 
     @torch.no_grad()
@@ -372,7 +388,7 @@ class GraphDecodeState:
     def _features(self, kind: str, k: int, chunk: int = 0) -> torch.Tensor:
         """``(B, n_pos, C)`` inputs of scale (kind, level k, chunk)."""
         tok = self.tok
-        nb, nd, C = tok.nbits, tok._node_dim, tok.edge_chunks
+        nb, nd, C = tok.nbits, tok._node_dim, tok.chunks_at(k)
         n_pos = tok.schedule.token_counts[self.s] if not self.done else 0
         X = np.zeros((self.B, n_pos, tok.latent_dim), dtype=np.float32)
         o_u, o_v = 5, 5 + nb
@@ -444,7 +460,7 @@ class GraphDecodeState:
                 if g.n < cap:  # with n >= cap, _read_splits forces every split to SINGLE
                     ok[b, :g.n, PAIR] = ok[b, :g.n, PAIR_EDGE] = True
             return torch.from_numpy(ok).to(self.device)
-        C = tok.edge_chunks
+        C = tok.chunks_at(lvl)
         for b, g in enumerate(self.graphs):
             kids = self.children[b]
             for p, j in enumerate(range(chunk, len(g.edges), C)):
@@ -476,8 +492,8 @@ class GraphDecodeState:
         self.children[b] = kids
         self.fine[b] = {(ks[0], ks[1]) for u, ks in enumerate(kids) if sp[u] == PAIR_EDGE}
 
-    def _apply_chunk(self, b: int, chunk: int, row: list[int]) -> None:
-        g, kids, C = self.graphs[b], self.children[b], self.tok.edge_chunks
+    def _apply_chunk(self, b: int, lvl: int, chunk: int, row: list[int]) -> None:
+        g, kids, C = self.graphs[b], self.children[b], self.tok.chunks_at(lvl)
         for p, j in enumerate(range(chunk, len(g.edges), C)):
             if p >= len(row):
                 break
@@ -527,8 +543,8 @@ class GraphDecodeState:
                 return self._features("E", lvl, 0)
         else:
             for b in range(self.B):
-                self._apply_chunk(b, chunk, rows[b])
-            if chunk + 1 < tok.edge_chunks:
+                self._apply_chunk(b, lvl, chunk, rows[b])
+            if chunk + 1 < tok.chunks_at(lvl):
                 return self._features("E", lvl, chunk + 1)
         # the level is complete: G_{lvl+1}
         self.graphs = [self._finish_expansion(b, self._edge_cap(lvl + 1)) for b in range(self.B)]
