@@ -26,7 +26,7 @@ Run::
 The default recipe: per-frame (frame-causal) pyramid over a 5 x 8 x 8 latent (time stride 2, 425
 tokens in 20 scales: every frame is generated given the finished frames before it); tokenizer with
 depth-to-time upsampling and an L1 loss on frame differences, 600 steps at batch 16; transformer
-depth 4 / width 128, 2200 steps at batch 16 and learning rate 3e-3 on 8000 videos; sampling cfg 3;
+depth 4 / width 128, 1600 steps at batch 16 and learning rate 3e-3 on 8000 videos; sampling cfg 3;
 torch on 2 threads.  Results and
 what moved them: ``benchmarks/results/video``.  Interrupted runs resume from ``<out>/ckpt_*``.
 
@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decoder time upsampling: depth (each frame of a latent group its own features) or repeat (nearest)")
     p.add_argument("--tok-motion-weight", type=float, default=1.0,
                    help="weight of an L1 loss on frame differences (x[t+1] - x[t]) in the tokenizer's training loss")
-    p.add_argument("--ar-steps", type=int, default=2200)
+    p.add_argument("--ar-steps", type=int, default=1600)
     p.add_argument("--ar-batch", type=int, default=16)
     p.add_argument("--ar-lr", type=float, default=3e-3)
     p.add_argument("--depth", type=int, default=4)
