@@ -31,6 +31,7 @@ import os
 import sys
 import time
 import types
+from typing import Callable
 
 import numpy as np
 import torch
@@ -137,30 +138,12 @@ def run(args) -> dict:
             "reference": lambda: reference_sample(ref, var, labels, args.seed, record=False, **kw),
             "msar_sample": lambda: msar.sample(model, tok, labels, cfg=SAMPLING["cfg"], seed=args.seed, decode=False, **kw),
         }
-        wall = {(t, k): [] for t in counts for k in runners}
-        cpu = {(t, k): [] for t in counts for k in runners}
-        for t in counts:  # warm-up at every thread count
-            torch.set_num_threads(t)
-            for fn in runners.values():
-                fn()
-        for _ in tqdm(range(rounds), desc=f"{name} rounds", disable=None):
-            for t in counts:
-                torch.set_num_threads(t)
-                for k, fn in runners.items():
-                    common.wait_for_quiet(args.wait_load, args.wait_timeout)
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    fn()
-                    wall[t, k].append(time.perf_counter() - t0)
-                    cpu[t, k].append(time.process_time() - c0)
-        med = lambda xs: float(np.median(xs))  # noqa: E731
+        timing = interleaved_timings(runners, counts, rounds, args, desc=f"{name} rounds")
         for t in counts:
             row = {"config": name, "batch": B, "threads": t, "params": model.num_parameters(),
                    "greedy_msar_vs_reference": greedy}
-            row["timing"] = {k: {"wall_s": wall[t, k], "process_cpu_s": cpu[t, k], "median_wall_s": med(wall[t, k]),
-                                 "median_cpu_s": med(cpu[t, k])} for k in runners}
-            row["speedup_vs_reference"] = {
-                k: {"wall": med(wall[t, "reference"]) / med(wall[t, k]), "cpu": med(cpu[t, "reference"]) / med(cpu[t, k])}
-                for k in ("msar_sample",)}
+            row["timing"] = {k: timing[t, k] for k in runners}
+            row["speedup_vs_reference"] = {k: speedup(timing[t, "reference"], timing[t, k]) for k in ("msar_sample",)}
             row["goal"] = GOALS.get(name)
             s = row["speedup_vs_reference"]["msar_sample"]
             row["goal_met"] = {m: bool(row["goal"] and s[m] >= row["goal"]) for m in ("wall", "cpu")}
@@ -226,6 +209,38 @@ def add_reference_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--thread-counts", type=int, nargs="*", default=None,
                     help="torch thread counts measured in the same interleaved rounds (default: --threads if "
                          "given, else 1 2)")
+
+
+def interleaved_timings(runners: dict[str, Callable[[], object]], counts: list[int], rounds: int,
+                        args: argparse.Namespace, desc: str = "rounds") -> dict[tuple[int, str], dict]:
+    """Time every runner at every thread count in interleaved rounds (after one warm-up call each
+    at every count), waiting for a quiet machine before each call (``--wait-load``).
+
+    Returns ``{(threads, name): {"wall_s": [...], "process_cpu_s": [...], "median_wall_s",
+    "median_cpu_s"}}``; interleaving spreads any drift of the machine's load over every runner."""
+    wall = {(t, k): [] for t in counts for k in runners}
+    cpu = {(t, k): [] for t in counts for k in runners}
+    for t in counts:
+        torch.set_num_threads(t)
+        for fn in runners.values():
+            fn()
+    for _ in tqdm(range(rounds), desc=desc, disable=None):
+        for t in counts:
+            torch.set_num_threads(t)
+            for k, fn in runners.items():
+                common.wait_for_quiet(args.wait_load, args.wait_timeout)
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                wall[t, k].append(time.perf_counter() - t0)
+                cpu[t, k].append(time.process_time() - c0)
+    return {key: {"wall_s": wall[key], "process_cpu_s": cpu[key], "median_wall_s": float(np.median(wall[key])),
+                  "median_cpu_s": float(np.median(cpu[key]))} for key in wall}
+
+
+def speedup(reference: dict, ours: dict) -> dict[str, float]:
+    """Median reference time over ours, in wall and process-CPU time (entries of :func:`interleaved_timings`)."""
+    return {"wall": reference["median_wall_s"] / ours["median_wall_s"],
+            "cpu": reference["median_cpu_s"] / ours["median_cpu_s"]}
 
 
 def thread_counts(args: argparse.Namespace) -> list[int]:

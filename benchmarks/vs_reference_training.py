@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import common
 from .sampling_throughput import CONFIGS
-from .vs_reference import _ref_commit, add_reference_args, build_pair, import_reference, thread_counts
+from .vs_reference import (_ref_commit, add_reference_args, build_pair, import_reference, interleaved_timings, speedup,
+                           thread_counts)
 
 NAME = "vs_reference_training"
 GOAL = 1.2
@@ -88,34 +86,17 @@ def run(args) -> dict:
     losses = first_losses(var, model, labels, x, target, args.seed)
     steps = {"reference": make_step(var, var.parameters(), labels, x, target),
              "msar": make_step(model, model.parameters(), labels, x, target)}
-    for t in counts:  # warm-up (AdamW state allocated) at every thread count
-        torch.set_num_threads(t)
-        for fn in steps.values():
-            fn()
-    wall = {(t, k): [] for t in counts for k in steps}
-    cpu = {(t, k): [] for t in counts for k in steps}
-    for _ in tqdm(range(rounds), desc="rounds", disable=None):
-        for t in counts:
-            torch.set_num_threads(t)
-            for k, fn in steps.items():
-                common.wait_for_quiet(args.wait_load, args.wait_timeout)
-                t0, c0 = time.perf_counter(), time.process_time()
-                fn()
-                wall[t, k].append(time.perf_counter() - t0)
-                cpu[t, k].append(time.process_time() - c0)
+    timing = interleaved_timings(steps, counts, rounds, args)  # the warm-up allocates AdamW's state
     tokens = B * model.seq_len
-    med = lambda xs: float(np.median(xs))  # noqa: E731
     rows = []
     for t in counts:
-        timing = {k: {"wall_s": wall[t, k], "process_cpu_s": cpu[t, k], "median_wall_s": med(wall[t, k]),
-                      "median_cpu_s": med(cpu[t, k]), "tokens_per_s_wall": tokens / med(wall[t, k])}
-                  for k in steps}
-        speed = {m: med(v[t, "reference"]) / med(v[t, "msar"]) for m, v in (("wall", wall), ("cpu", cpu))}
-        rows.append({"config": name, "batch": B, "threads": t, "tokens_per_step": tokens, "timing": timing,
+        row_timing = {k: {**timing[t, k], "tokens_per_s_wall": tokens / timing[t, k]["median_wall_s"]} for k in steps}
+        speed = speedup(timing[t, "reference"], timing[t, "msar"])
+        rows.append({"config": name, "batch": B, "threads": t, "tokens_per_step": tokens, "timing": row_timing,
                      "speedup_vs_reference": speed, "goal": GOAL,
                      "goal_met": {m: bool(s >= GOAL) for m, s in speed.items()}})
-        print(f"{name}, batch {B}, {t} thread(s): reference {timing['reference']['tokens_per_s_wall']:.0f} tok/s, "
-              f"msar {timing['msar']['tokens_per_s_wall']:.0f} tok/s; speed-up (cpu / wall) "
+        print(f"{name}, batch {B}, {t} thread(s): reference {row_timing['reference']['tokens_per_s_wall']:.0f} tok/s, "
+              f"msar {row_timing['msar']['tokens_per_s_wall']:.0f} tok/s; speed-up (cpu / wall) "
               f"{speed['cpu']:.2f} / {speed['wall']:.2f} (goal {GOAL})", flush=True)
     payload = {
         "config": {"preset": "quick" if args.quick else "full", "model": CONFIGS[name], "batch": B,
