@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="space-time pyramid: joint (t grows with scale), space (time at full length), frame (per-frame, frame-causal)")
     p.add_argument("--frames", type=int, default=9, help="1 + time_stride * n (the first frame is encoded alone)")
     p.add_argument("--size", type=int, default=32)
+    p.add_argument("--frame-coding", default="intra", choices=["intra", "delta"],
+                   help="per-frame schedule: quantize every frame from scratch (intra) or as its change from the "
+                        "previous frame's reconstruction (delta; every scale's input then shows the previous frame)")
     p.add_argument("--time-stride", type=int, default=2)
     p.add_argument("--space-stride", type=int, default=4,
                    help="spatial downsampling of the tokenizer (latent side = size / space_stride); the finest scale "
@@ -251,12 +254,13 @@ def main(argv=None) -> dict:
         args.schedule, args.vocab, args.time_stride = cfg.schedule, cfg.vocab_size, cfg.time_stride
         args.space_stride, args.tok_channels = cfg.space_stride, list(cfg.channels)
         args.quantizer, args.latent_dim = cfg.quantizer, cfg.latent_dim
-        args.time_upsample = cfg.time_upsample
+        args.time_upsample, args.frame_coding = cfg.time_upsample, cfg.frame_coding
     else:
         cfg = VideoTokenizerConfig(frames=args.frames, height=args.size, width=args.size, vocab_size=args.vocab,
                                    time_stride=args.time_stride, space_stride=args.space_stride, schedule=args.schedule,
                                    quantizer=args.quantizer, latent_dim=args.latent_dim,
-                                   channels=tuple(args.tok_channels), time_upsample=args.time_upsample)
+                                   channels=tuple(args.tok_channels), time_upsample=args.time_upsample,
+                                   frame_coding=args.frame_coding)
         tok = VideoTokenizer(cfg)
     sched = tok.schedule
     print(f"latent {cfg.latent_shape}, schedule {cfg.schedule}: {len(sched)} scales, {sched.L} tokens; "

@@ -138,6 +138,51 @@ def test_frame_pyramid_restrict_prolong_stay_in_frame():
         p.restrict(torch.randn(2, 5, 2, 4, 4), 0)
 
 
+def test_delta_frame_pyramid_carries_each_frame_into_the_next():
+    """Delta coding: a scale of frame t writes its code map into frames >= t (never the past),
+    and the transformer input of every scale is a plain pool of its own frame, which already
+    holds the finished previous frame."""
+    s = frame_schedule((3, 4, 4), [1, 2, 4])
+    p = FramePyramid(s, frame_coding="delta")
+    f = torch.randn(2, 5, 3, 4, 4)
+    for k in range(len(s)):
+        t = s.frame_of[k]
+        up = p.prolong(p.restrict(f, k), k)
+        assert (up[:, :, :t] == 0).all()
+        assert all(torch.equal(up[:, :, u], up[:, :, t]) for u in range(t, 3))
+        assert torch.allclose(p.resample(f, k)[:, :, 0], F.adaptive_avg_pool2d(f[:, :, t], s.spatial[k]))
+    intra = FramePyramid(s)  # intra coding shows the previous frame at a frame's first scale instead
+    assert torch.allclose(intra.resample(f, 3)[:, :, 0], f[:, :, 0].mean((-2, -1), keepdim=True))
+    with pytest.raises(ValueError, match="frame_coding"):
+        FramePyramid(s, frame_coding="p-frames")
+    with pytest.raises(ValueError, match="needs schedule='frame'"):
+        tiny_tokenizer("space", frame_coding="delta")
+
+
+def test_delta_coding_decodes_the_running_sum_of_frame_changes():
+    """The same tokens read as changes: with linear phi, the delta latent of frame t is the sum
+    over frames <= t of the intra latents, and a frame's scales quantize its change from the
+    previous frame's reconstruction."""
+    delta = tiny_tokenizer("frame", frame_coding="delta")
+    intra = tiny_tokenizer("frame")
+    intra.load_state_dict(delta.state_dict())
+    for m in delta.quantizer.phi.modules():  # phi's bias is added to every frame: drop it to compare
+        if getattr(m, "bias", None) is not None:
+            torch.nn.init.zeros_(m.bias)
+    intra.load_state_dict(delta.state_dict())
+    idx = delta.encode(tiny_videos(2))
+    f_delta, f_intra = delta.quantizer.indices_to_fhat(idx), intra.quantizer.indices_to_fhat(idx)
+    assert torch.allclose(f_delta, f_intra.cumsum(dim=2), atol=1e-5)
+    assert not torch.allclose(f_delta, f_intra, atol=1e-3)
+    # frame 1's scales quantize frame 1 minus the reconstruction of frame 0 (closed loop: the
+    # change also corrects frame 0's quantization error): intra coding of that change agrees
+    f = delta.encode_latent(tiny_videos(2))
+    change = f.clone()
+    change[:, :, 1] -= f_delta[:, :, 0]
+    n = 2 * delta.schedule.scales_per_frame
+    assert all(torch.equal(a, b) for a, b in zip(idx[:n], intra.quantizer.encode(change)[:n]))
+
+
 def test_pixel_to_latent_known_groups_first_frame_alone():
     m = frame_prediction_mask(9, 8, 8, given=5)
     lat = pixel_to_latent_known(m, time_stride=4, space_stride=4)
@@ -155,9 +200,9 @@ def test_pixel_to_latent_known_groups_first_frame_alone():
 
 
 # ---------------------------------------------------------------------------- tokenizer
-@pytest.mark.parametrize("kind", ["joint", "space", "frame"])
+@pytest.mark.parametrize("kind", ["joint", "space", "frame", "frame-delta"])
 def test_tokenizer_round_trip_and_conformance(kind):
-    tok = tiny_tokenizer(kind)
+    tok = tiny_tokenizer("frame", frame_coding="delta") if kind == "frame-delta" else tiny_tokenizer(kind)
     x = tiny_videos(2)
     idx = tok.encode(x)
     assert len(idx) == len(tok.schedule)
@@ -185,10 +230,11 @@ def test_coarser_latent_cuts_the_finest_scale_and_round_trips(quantizer):
     check_adapter(coarse, x, model=tiny_transformer(coarse, num_classes=3), labels=torch.tensor([0, 2]))
 
 
-def test_tokenizer_is_causal_in_time():
+@pytest.mark.parametrize("coding", ["intra", "delta"])
+def test_tokenizer_is_causal_in_time(coding):
     """Changing frames >= 3 changes neither the latent frames covering frames <= 2 nor,
     with the per-frame pyramid, their tokens and decoded frames."""
-    tok = tiny_tokenizer("frame")
+    tok = tiny_tokenizer("frame", frame_coding=coding)
     x = tiny_videos(2)
     y = x.clone()
     y[:, :, 3:] = torch.rand_like(y[:, :, 3:]) * 2 - 1
@@ -256,9 +302,9 @@ def test_training_steps_reduce_losses():
 
 
 # ---------------------------------------------------------------------------- editing and sampling
-@pytest.mark.parametrize("kind", ["frame", "joint"])
+@pytest.mark.parametrize("kind", ["frame", "frame-delta", "joint"])
 def test_frame_prediction_preserves_given_frames(kind):
-    tok = tiny_tokenizer(kind)
+    tok = tiny_tokenizer("frame", frame_coding="delta") if kind == "frame-delta" else tiny_tokenizer(kind)
     model = tiny_transformer(tok, num_classes=3)
     x = tiny_videos(2, seed=3)
     given = frame_prediction_mask(5, 16, 16, given=3)  # latent frames 0 and 1
@@ -268,7 +314,7 @@ def test_frame_prediction_preserves_given_frames(kind):
     out = msar.sample(model, tok, torch.tensor([0, 1]), cfg=1.0, top_k=8, seed=0, known=known, known_mask=masks)
     for o, k, m in zip(out.indices, known, masks):
         assert torch.equal(o[m], k[m])
-    if kind == "frame":  # causal tokenizer + per-frame pyramid: the given frames decode exactly as encoded
+    if kind != "joint":  # causal tokenizer + per-frame pyramid: the given frames decode exactly as encoded
         assert torch.allclose(out.data[:, :, :3], tok.decode(known)[:, :, :3], atol=1e-5)
         free = sum(int((~m).sum()) for m in masks)
         assert free == 2 * sum(tok.schedule.token_counts[2 * tok.schedule.scales_per_frame:])

@@ -173,18 +173,37 @@ class FramePyramid:
     ``prolong(h, k)`` upsamples bicubically back to ``(H, W)`` and places it in frame t
     (zeros elsewhere), so the residual of other frames is untouched.
 
-    ``resample(f_hat, k)`` (the transformer input of scale k) pools frame t's latent
-    accumulated so far -- except at the first scale of a frame t > 0, where frame t is
-    still empty: there it pools the finished previous frame, a "nothing moved" guess
-    the transformer refines (it also attends to every earlier token).
+    ``frame_coding`` says what frame t's scales quantize:
+
+    * ``"intra"``: frame t from scratch.  ``prolong`` writes frame t only, and
+      ``resample(f_hat, k)`` (the transformer input of scale k) pools frame t's latent
+      accumulated so far -- except at the first scale of a frame t > 0, where frame t is
+      still empty: there it pools the finished previous frame, a "nothing moved" guess.
+      The transformer never sees a finished frame at full resolution (the input of a
+      frame's finest scale holds only its coarser scales): the previous frame's finest
+      detail reaches the next frame only through the tokens' embeddings.
+    * ``"delta"`` (predictive coding, like a video codec's P-frames): ``prolong`` writes
+      scale k's code map into frame t *and every later frame*, so each frame starts
+      from the reconstruction of the one before and its scales quantize the change
+      ``f_t - f_hat_{t-1}``.  Quantization stays closed-loop (frame t's residual also
+      corrects frame t-1's error, so errors do not build up), and ``resample`` is a plain
+      pool of frame t: the input of every scale of frame t is the full-resolution
+      previous frame plus the change drawn so far.  The latent is still the sum of the
+      scales' prolongations, so encoding, decoding and teacher forcing are the core's.
+      Prolongation stays causal (scale k writes frames ``>= t`` only).
     """
 
-    def __init__(self, schedule: FrameScaleSchedule, up_mode: str = "bicubic"):
+    CODINGS = ("intra", "delta")
+
+    def __init__(self, schedule: FrameScaleSchedule, up_mode: str = "bicubic", frame_coding: str = "intra"):
         if not isinstance(schedule, FrameScaleSchedule):
             raise TypeError(f"FramePyramid needs a FrameScaleSchedule (see frame_schedule), got {type(schedule).__name__}")
+        if frame_coding not in self.CODINGS:
+            raise ValueError(f"frame_coding must be one of {self.CODINGS}, got {frame_coding!r}")
         self.schedule = schedule
         self.full = schedule.full_shape
         self.up_mode = up_mode
+        self.frame_coding = frame_coding
 
     def _check(self, x: torch.Tensor, shape: Sequence[int], what: str) -> None:
         if x.dim() != 5 or tuple(x.shape[2:]) != tuple(shape):
@@ -205,8 +224,8 @@ class FramePyramid:
         self._check(f, self.full, "resample")
         s = self.schedule
         t = s.frame_of[k]
-        if t > 0 and k == s.first_scale_of(t):
-            t = t - 1
+        if self.frame_coding == "intra" and t > 0 and k == s.first_scale_of(t):
+            t = t - 1  # frame t is still empty: show the finished previous frame
         return self._pool(f[:, :, t], s.spatial[k])
 
     def prolong(self, h: torch.Tensor, k: int) -> torch.Tensor:
@@ -217,15 +236,22 @@ class FramePyramid:
         if tuple(frame.shape[-2:]) != (H, W):
             frame = F.interpolate(frame, size=(H, W), mode=self.up_mode)
         out = h.new_zeros(h.shape[0], h.shape[1], T, H, W)
-        out[:, :, s.frame_of[k]] = frame
+        t = s.frame_of[k]
+        if self.frame_coding == "delta":  # frames > t start from this frame's reconstruction
+            out[:, :, t:] = frame.unsqueeze(2)
+        else:
+            out[:, :, t] = frame
         return out
 
 
-def make_pyramid(schedule: ScaleSchedule):
+def make_pyramid(schedule: ScaleSchedule, frame_coding: str = "intra"):
     """The latent pyramid for a video schedule: :class:`FramePyramid` for per-frame
-    schedules, :class:`msar.GridPyramid` (area down, trilinear up) otherwise."""
+    schedules (``frame_coding``: ``"intra"`` or ``"delta"``, see there), :class:`msar.GridPyramid`
+    (area down, trilinear up) otherwise."""
     if isinstance(schedule, FrameScaleSchedule):
-        return FramePyramid(schedule)
+        return FramePyramid(schedule, frame_coding=frame_coding)
+    if frame_coding != "intra":
+        raise ValueError(f"frame_coding={frame_coding!r} needs the per-frame schedule ('frame'), got {schedule}")
     if schedule.rank != 3 or any(not schedule.is_grid(k) for k in range(len(schedule))):
         raise ValueError(f"a video schedule needs rank-3 (t, h, w) grid scales, got {schedule}")
     return GridPyramid(schedule)

@@ -204,6 +204,9 @@ class VideoTokenizerConfig:
     # how the decoder upsamples time: "depth" (every frame of a group its own features) or
     # "repeat" (nearest; frames of a group come out nearly identical, see CausalUpsample)
     time_upsample: str = "depth"
+    # per-frame schedule only: "intra" (every frame quantized from scratch) or "delta" (each frame
+    # quantized as its change from the previous frame's reconstruction; see FramePyramid)
+    frame_coding: str = "intra"
 
     def __post_init__(self) -> None:
         for name in ("frames", "height", "width", "in_channels", "latent_dim", "vocab_size", "time_stride", "space_stride"):
@@ -225,6 +228,11 @@ class VideoTokenizerConfig:
                              f"got {self.height}x{self.width}")
         if self.time_upsample not in ("depth", "repeat"):
             raise ValueError(f"VideoTokenizerConfig.time_upsample must be 'depth' or 'repeat', got {self.time_upsample!r}")
+        if self.frame_coding not in ("intra", "delta"):
+            raise ValueError(f"VideoTokenizerConfig.frame_coding must be 'intra' or 'delta', got {self.frame_coding!r}")
+        if self.frame_coding == "delta" and self.schedule != "frame":
+            raise ValueError(f"frame_coding='delta' codes each frame against the previous one and needs "
+                             f"schedule='frame', got schedule={self.schedule!r}")
         self.channels = tuple(int(c) for c in self.channels)
 
     @property
@@ -247,7 +255,7 @@ class VideoTokenizer(PretrainedMixin, MultiScaleVQTokenizer):
     def __init__(self, config: VideoTokenizerConfig):
         c = config
         schedule = build_schedule(c.schedule, c.latent_shape, c.sides)
-        pyramid = make_pyramid(schedule)
+        pyramid = make_pyramid(schedule, c.frame_coding)
         # per-frame pyramids: a 3x3x3 phi would smear a frame's codes into its neighbours
         # (and into the past), breaking frame causality, so phi is spatial-only there
         phi_kernel = (1, 3, 3) if isinstance(schedule, FrameScaleSchedule) else 3
