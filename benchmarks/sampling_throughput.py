@@ -93,7 +93,7 @@ def greedy_uncached(model: NextScaleTransformer, tokenizer, labels: torch.Tensor
             x = x.repeat(2, 1, 1)
         logits = model(run_labels, x, allow_null=True)[:, sched.slice(k)]
         if guided:
-            logits = msar.sampling.apply_guidance(logits[:B], logits[B:], msar.guidance_strength(cfg, k, K))
+            logits = msar.sampling.apply_guidance(logits[:B], logits[B:], msar.guidance_strength(cfg, model.schedule.progress(k)))
         indices.append(logits.argmax(-1))
     return indices
 

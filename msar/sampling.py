@@ -14,8 +14,9 @@ function of this module with its own test against the exact distribution::
         idx_k  = where(known_mask_k, known_k, idx_k)            # editing: teacher-force known tokens
         input_{k+1} = state.add_scale(k, idx_k)
 
-``t_k = cfg * k / (K - 1)`` is VAR's linear ramp (``cfg_schedule="linear"``) or ``cfg``
-(``"constant"``). Known tokens at every scale are what make zero-shot inpainting,
+``t_k = cfg * p_k`` is VAR's linear ramp (``cfg_schedule="linear"``; ``p_k`` is the schedule's
+:meth:`~msar.ScaleSchedule.progress`, ``k / (K - 1)`` unless the schedule restarts its ramp, as
+per-frame video pyramids do) or ``cfg`` (``"constant"``). Known tokens at every scale are what make zero-shot inpainting,
 outpainting, frame prediction and shape completion work in every modality.
 """
 from __future__ import annotations
@@ -52,10 +53,12 @@ class SampleOutput:
 
 
 # ---------------------------------------------------------------------------- the steps
-def guidance_strength(cfg: float, k: int, num_scales: int, schedule: str = "linear") -> float:
-    """Guidance weight ``t_k`` of scale k: VAR's ramp ``cfg * k / (K - 1)`` (``"linear"``) or ``cfg``."""
+def guidance_strength(cfg: float, progress: float, schedule: str = "linear") -> float:
+    """Guidance weight ``t_k`` of a scale at ``progress`` (:meth:`msar.ScaleSchedule.progress`, in
+    [0, 1]): VAR's ramp ``cfg * progress`` (``"linear"``; ``cfg * k / (K - 1)`` on a plain schedule)
+    or ``cfg`` (``"constant"``)."""
     if schedule == "linear":
-        return cfg * k / (num_scales - 1) if num_scales > 1 else cfg
+        return cfg * progress
     if schedule == "constant":
         return cfg
     raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {schedule!r}")
@@ -161,12 +164,12 @@ def sample_bits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, temper
     return bits_to_index(draw(vals, ids, generator))
 
 
-def gumbel_smoothing(logits: torch.Tensor, k: int, num_scales: int,
+def gumbel_smoothing(logits: torch.Tensor, ratio: float,
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """VAR's ``more_smooth``: soft codeword weights ``(B, n, V)`` from a Gumbel-softmax of
-    ``logits * (1 + r)`` at temperature ``max(0.27 (1 - 0.95 r), 0.005)``, ``r = k / (K - 1)``
-    (after MaskGIT); visual smoothness only."""
-    ratio = k / (num_scales - 1) if num_scales > 1 else 1.0
+    ``logits * (1 + r)`` at temperature ``max(0.27 (1 - 0.95 r), 0.005)``, ``r`` the scale's
+    :meth:`~msar.ScaleSchedule.progress` (``k / (K - 1)`` in VAR; after MaskGIT); visual
+    smoothness only."""
     tau = max(0.27 * (1 - ratio * 0.95), 0.005)
     g = torch.empty_like(logits).exponential_(generator=generator).log_()
     return ((logits.mul(1 + ratio) - g) / tau).softmax(-1)
@@ -300,7 +303,7 @@ def sample(
             draw uniformly (unconditional models take ``batch_size`` only).
         batch_size: B when ``labels`` is None or an int.
         cfg: guidance strength; 0 disables guidance (and skips the unconditional pass).
-        cfg_schedule: ``"linear"`` (VAR's ramp over scales) or ``"constant"``.
+        cfg_schedule: ``"linear"`` (VAR's ramp, ``cfg * tokenizer.schedule.progress(k)``) or ``"constant"``.
         top_k, top_p, temperature: token filtering; ``top_k=1`` is greedy.
         more_smooth: VAR's Gumbel smoothing of the codewords (visual quality only).
         seed / generator: reproducibility; the same seed gives the same sample.
@@ -331,6 +334,9 @@ def sample(
     sched = model.schedule
     if tokenizer is not None and tokenizer.schedule.token_counts != sched.token_counts:
         raise ValueError(f"tokenizer schedule {tokenizer.schedule} does not match the model's {sched}")
+    # the modality's schedule says where each scale sits in its pyramid (progress: the guidance
+    # ramp); a model built from a plain list of scales has the token layout but not that
+    ramp = tokenizer.schedule if tokenizer is not None else sched
     device = next(model.parameters()).device
     gen = _as_generator(seed, generator, device)
     K = len(sched)
@@ -375,7 +381,7 @@ def sample(
                                                      extra_pos, cross, (run_condition, null_rows))
     nxt = None  # the tokenizer's input of scale k (None at k = 0)
     for k in range(K):
-        t = guidance_strength(cfg, k, K, cfg_schedule) if guided else 0.0
+        t = guidance_strength(cfg, ramp.progress(k), cfg_schedule) if guided else 0.0
         if runner is not None:  # msar.acceleration's approximate modes
             logits = runner.logits(k, h, nxt, t)
         elif guided and t == 0:  # (VAR's ramp starts at 0) the null half only fills its KV cache
@@ -392,7 +398,7 @@ def sample(
             idx = torch.where(known_mask[k], known[k], idx)
         probs = None
         if more_smooth:  # VAR smooths the filtered logits
-            probs = gumbel_smoothing(filter_top_k_top_p(logits, top_k, top_p), k, K, gen)
+            probs = gumbel_smoothing(filter_top_k_top_p(logits, top_k, top_p), ramp.progress(k), gen)
             if known is not None:
                 hard = F.one_hot(known[k], model.cfg.vocab_size).to(probs.dtype)
                 probs = torch.where(known_mask[k].unsqueeze(-1), hard, probs)

@@ -148,6 +148,20 @@ class ScaleSchedule:
         """Positions of scale k in the flat sequence of length L."""
         return slice(self.offsets[k], self.offsets[k + 1])
 
+    def progress(self, k: int) -> float:
+        """How far scale k is along the coarse-to-fine pyramid, from 0 (coarsest) to 1 (finest).
+
+        Samplers that ramp with the scale read it: VAR's linear guidance ``t_k = cfg * progress(k)``
+        and ``more_smooth``'s Gumbel temperature.  Here ``k / (K - 1)`` (1 for a single scale),
+        VAR's ramp.  Extension point: a schedule that lays out several pyramids one after
+        another (per-frame video pyramids) overrides it so that the ramp restarts with every
+        pyramid instead of running once over the whole sequence.
+        """
+        K = self.num_scales
+        if not 0 <= k < K:
+            raise IndexError(f"scale {k} out of range for a schedule of {K} scales")
+        return k / (K - 1) if K > 1 else 1.0
+
     def level_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``(L,)`` long tensor: the scale index of every position."""
         counts = torch.tensor(self.token_counts, device=device)

@@ -629,7 +629,7 @@ def tiny_transformer(tokenizer: Any, num_classes: int = 0, depth: int = 1, embed
     torch.manual_seed(seed)
     kw = {"init_adaln": 1.0, "init_adaln_gamma": 1.0, "init_head": 1.0, "init_cross_attn": 1.0, **kw}
     try:
-        cfg = TransformerConfig(schedule=tokenizer.schedule.to_config(), vocab_size=tokenizer.vocab_size,
+        cfg = TransformerConfig(schedule=tokenizer.schedule, vocab_size=tokenizer.vocab_size,
                                 latent_dim=tokenizer.latent_dim, num_classes=num_classes, depth=depth,
                                 embed_dim=embed_dim, num_heads=num_heads, **kw)
         model = NextScaleTransformer(cfg).eval()

@@ -191,7 +191,7 @@ def _greedy_guided_logits(m, t, cond, out, cfg, schedule):
     c = m(cond, x)
     u = m(cond, x, null_rows=torch.ones(cond.batch_size, dtype=torch.bool))
     K, sl = len(m.schedule), m.schedule.slice
-    ts = [guidance_strength(cfg, k, K, schedule) for k in range(K)]
+    ts = [guidance_strength(cfg, m.schedule.progress(k), schedule) for k in range(K)]
     return [(1 + ts[k]) * c[:, sl(k)] - ts[k] * u[:, sl(k)] for k in range(K)]
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from scipy.stats import chisquare
 
+import msar
 from msar import (MultiScaleResidualQuantizer, MultiScaleVQTokenizer, NextScaleTransformer, TransformerConfig,
                   sample)
 from msar.sampling import (apply_guidance, draw, filter_top_k_top_p, guidance_strength, gumbel_smoothing,
@@ -125,17 +126,19 @@ def test_guidance_formula_and_ramp():
     c, u = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.5, 1.0, 0.5])
     assert torch.equal(apply_guidance(c, u, 2.0), 3 * c - 2 * u)
     assert torch.equal(apply_guidance(c, u, 0.0), c)
-    assert [guidance_strength(3.0, k, 4) for k in range(4)] == [0.0, 1.0, 2.0, 3.0]
-    assert [guidance_strength(3.0, k, 4, "constant") for k in range(4)] == [3.0] * 4
+    s = msar.ScaleSchedule([1, 4, 16, 64])
+    assert [guidance_strength(3.0, s.progress(k)) for k in range(4)] == [0.0, 1.0, 2.0, 3.0]
+    assert [guidance_strength(3.0, s.progress(k), "constant") for k in range(4)] == [3.0] * 4
+    assert msar.ScaleSchedule([4]).progress(0) == 1.0  # one scale: full guidance, as VAR
     with pytest.raises(ValueError, match="cfg_schedule"):
-        guidance_strength(1.0, 0, 3, "cosine")
+        guidance_strength(1.0, 0.0, "cosine")
 
 
 def test_gumbel_smoothing_is_a_softmax_sample():
     """Gumbel-max: the argmax of the smoothed weights is distributed as softmax(logits * (1 + r));
-    r = k / (K - 1) = 1/2 at k = 1 of K = 3."""
+    r = 1/2 (k = 1 of K = 3)."""
     g = torch.Generator().manual_seed(3)
-    probs = gumbel_smoothing(many(LOGITS), 1, 3, generator=g)
+    probs = gumbel_smoothing(many(LOGITS), 0.5, generator=g)
     torch.testing.assert_close(probs.sum(-1), torch.ones(1, N_DRAWS))
     assert_matches(probs.argmax(-1), torch.softmax(LOGITS.double() * 1.5, -1).numpy(), "gumbel")
 

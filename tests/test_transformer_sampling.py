@@ -320,7 +320,8 @@ def test_sample_with_extra_pos_matches_teacher_forcing(cfg):
     if cfg:
         null = model(torch.full_like(labels, model.null_label), x, extra_pos=extra, allow_null=True)
         K = len(SCHED)
-        parts = [(1 + guidance_strength(cfg, k, K)) * logits[:, sl] - guidance_strength(cfg, k, K) * null[:, sl]
+        t = [guidance_strength(cfg, model.schedule.progress(k)) for k in range(K)]
+        parts = [(1 + t[k]) * logits[:, sl] - t[k] * null[:, sl]
                  for k, sl in enumerate(model.schedule.slice(k) for k in range(K))]
         logits = torch.cat(parts, 1)
     assert torch.equal(torch.cat(out.indices, 1), logits.argmax(-1))

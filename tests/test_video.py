@@ -320,6 +320,29 @@ def test_frame_prediction_preserves_given_frames(kind):
         assert free == 2 * sum(tok.schedule.token_counts[2 * tok.schedule.scales_per_frame:])
 
 
+def test_guidance_ramp_restarts_with_every_frame():
+    """VAR's linear guidance ramps over one pyramid; the per-frame schedule lays out one pyramid per
+    frame, so its ramp restarts with each frame.  Greedy guided samples equal the argmax of
+    ``(1 + t_k) cond - t_k uncond`` from teacher-forced passes with ``t_k = cfg * level / (n - 1)``
+    (catches a sampler that ramps once over the whole video: frame 0 barely guided)."""
+    tok = tiny_tokenizer("frame")
+    s = tok.schedule
+    assert [s.progress(k) for k in range(len(s))] == [0.0, 0.5, 1.0] * 3
+    assert msar.ScaleSchedule(s.scales).progress(1) == 1 / 8  # the plain schedule: one ramp
+    with pytest.raises(IndexError, match="out of range"):
+        s.progress(len(s))
+    model = tiny_transformer(tok, num_classes=3)
+    labels, cfg = torch.tensor([0, 2]), 4.0
+    out = msar.sample(model, tok, labels, cfg=cfg, top_k=1)
+    x = tok.teacher_forcing_input(out.indices)
+    with torch.no_grad():
+        c = model(labels, x)
+        u = model(torch.full_like(labels, model.null_label), x, allow_null=True)
+    t = torch.tensor([cfg * s.progress(k) for k in range(len(s))]).repeat_interleave(torch.tensor(s.token_counts))
+    guided = (1 + t)[:, None] * c - t[:, None] * u
+    assert torch.equal(torch.cat(out.indices, 1), guided.argmax(-1))
+
+
 def test_sampling_is_reproducible_with_a_seed():
     tok = tiny_tokenizer("joint")
     model = tiny_transformer(tok, num_classes=3)

@@ -135,6 +135,15 @@ class FrameScaleSchedule(ScaleSchedule):
     def _from_dict(cls, d: dict) -> "FrameScaleSchedule":
         return cls(tuple(d["latent_shape"]), [tuple(s) for s in d["sides"]])
 
+    def progress(self, k: int) -> float:
+        """Scale k's place in its own frame's pyramid, 0 (coarsest) to 1 (finest): samplers that ramp
+        with the scale (VAR's linear guidance) restart the ramp with every frame instead of barely
+        guiding the first frames and fully guiding the last."""
+        if not 0 <= k < self.num_scales:
+            raise IndexError(f"scale {k} out of range for a schedule of {self.num_scales} scales")
+        n = self.scales_per_frame
+        return (k - self.first_scale_of(self.frame_of[k])) / (n - 1) if n > 1 else 1.0
+
     def first_scale_of(self, t: int) -> int:
         """Index of the first (1x1-ish) scale of latent frame t."""
         return t * self.scales_per_frame
