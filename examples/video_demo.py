@@ -26,8 +26,8 @@ Run::
 The default recipe: per-frame (frame-causal) pyramid over a 5 x 8 x 8 latent (time stride 2, 425
 tokens in 20 scales: every frame is generated given the finished frames before it); tokenizer with
 depth-to-time upsampling and an L1 loss on frame differences, 600 steps at batch 16; transformer
-depth 4 / width 128, 1600 steps at batch 16 and learning rate 3e-3 on 8000 videos; sampling cfg 3;
-torch on 2 threads.  Results and
+depth 4 / width 128, 1600 steps at batch 16 and learning rate 3e-3 on 8000 videos; sampling cfg 3
+(the guidance ramp restarts with every frame's pyramid), top-p 0.9, temperature 0.7; torch on 2 threads.  Results and
 what moved them: ``benchmarks/results/video``.  Interrupted runs resume from ``<out>/ckpt_*``.
 
 Outputs (``--out``, default ``outputs/video_demo``): ``metrics.json``, ``samples.gif``,
@@ -97,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature (samples and edits); below 1 keeps a digit's shape from frame to frame")
     p.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the per-frame CNN digit classifier")
     p.add_argument("--samples-per-class", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the default timing: 2 on an idle 2-core CPU)")
@@ -108,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.set_defaults(num_train=400, tok_steps=40, ar_steps=40, samples_per_class=2, depth=1, width=32,
                        classifier_steps=150)
     args = p.parse_args(argv)
+    if not args.temperature > 0:  # checked here, not after the training it would follow
+        p.error(f"--temperature must be > 0, got {args.temperature}")
     if args.tok_channels is None:  # one more 64-wide stage per extra factor 2 of space_stride
         args.tok_channels = [16, 32, 64] + [64] * max(0, int(round(math.log2(max(args.space_stride, 1)))) - 2)
     return args
@@ -192,7 +196,8 @@ def zero_shot(name: str, model, tok: VideoTokenizer, videos: torch.Tensor, label
     B = len(videos)
     masks = video_known_masks(tok, known_pixels, batch_size=B)
     known = tok.encode(fill_unknown(videos, known_pixels))
-    out = msar.sample(model, tok, labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed + 7,
+    out = msar.sample(model, tok, labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                      temperature=args.temperature, seed=args.seed + 7,
                       known=known, known_mask=masks)
     gen = out.data.clamp(-1, 1)
     preserved = all(bool((o[m] == k[m]).all()) for o, k, m in zip(out.indices, known, masks))
@@ -309,7 +314,8 @@ def main(argv=None) -> dict:
     n = args.samples_per_class
     labels = torch.arange(10).repeat_interleave(n)
     with torch.no_grad():
-        out = msar.sample(model, tok, labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        out = msar.sample(model, tok, labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                          temperature=args.temperature, seed=args.seed)
     samples = out.data.clamp(-1, 1)
     gen_metrics = video_metrics(samples, labels, clf)
     # the stricter linear classifier (it also penalises blur), for comparison

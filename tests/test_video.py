@@ -415,6 +415,12 @@ def test_motion_check_counts_velocity_sign_flips_exactly():
     assert flips([4, 6, 8, 10, 12, 14, 16, 18, 20]) == 0  # constant velocity
     # stand still, jump, stand still (a decoder that repeats frames inside a latent group): 7 flips
     assert flips([4, 7, 7, 13, 13, 19, 19, 25, 25]) == 7
+    # where the flips come from: 1 px jitter around a standstill on x (median speed 0.5) is a
+    # still axis with 5 flips (y never moves: still, no flips); a real bounce is a moving axis
+    m = vm.motion_check(_square_video([10, 11, 10, 10, 11, 10, 10, 10, 10]))
+    assert (m["still_axes_per_video"], m["flips_on_still_axes"], m["bounces_per_video"]) == (2, 5, 5)
+    m = vm.motion_check(_square_video([4, 6, 8, 6, 4, 6, 8, 10, 8]))
+    assert (m["still_axes_per_video"], m["flips_on_still_axes"], m["mean_speed"]) == (1, 0, 1.0)
 
 
 def test_velocity_error_of_a_continuation():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -176,7 +177,7 @@ def temporal_consistency(pred: np.ndarray) -> float:
     return float((pred == pred[:, :1]).all(axis=1).mean())
 
 
-def motion_check(videos: torch.Tensor, tol: float = 1.0, min_speed: float = 0.5) -> dict:
+def motion_check(videos: torch.Tensor, tol: float = 1.0, min_speed: float = 0.5, still_speed: float = 0.75) -> dict:
     """Constant velocity between bounces, from the digit's centroid track.
 
     Velocities ``v_t = c_{t+1} - c_t`` per axis; a step ``v_t -> v_{t+1}`` on an axis is a
@@ -190,7 +191,11 @@ def motion_check(videos: torch.Tensor, tol: float = 1.0, min_speed: float = 0.5)
 
     Returns the mean over videos of ``constant_velocity_fraction`` (steps that keep the
     velocity / non-bounce steps), ``mean_abs_accel`` (px/frame^2 on non-bounce steps)
-    and the mean number of bounces per video.
+    and the mean number of bounces per video; and where the flips come from: an axis is
+    *still* when its median speed is below ``still_speed`` (between 0 and the slowest real
+    speed, 1 px/frame), ``still_axes_per_video`` counts them and ``flips_on_still_axes``
+    the flips on them (centroid jitter around a standstill), ``mean_speed`` is the mean
+    ``|v|`` per axis and step (px/frame).
     """
     c = centroids(videos)  # (B, T, 2)
     v = np.diff(c, axis=1)  # (B, T-1, 2)
@@ -211,11 +216,18 @@ def motion_check(videos: torch.Tensor, tol: float = 1.0, min_speed: float = 0.5)
             continue
         frac.append(float((np.abs(a[b][steady[b]]) <= tol).mean()))
         acc.append(float(np.abs(a[b][steady[b]]).mean()))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an empty track has no median
+        still = np.nanmedian(np.abs(v), axis=1) < still_speed  # (B, 2); NaN (no track) is not still
+    counted = flip & valid  # (B, T-2, 2)
     return {
         "constant_velocity_fraction": float(np.mean(frac)) if frac else float("nan"),
         "mean_abs_accel": float(np.mean(acc)) if acc else float("nan"),
-        "bounces_per_video": float((flip & valid).sum(axis=(1, 2)).mean()),
+        "bounces_per_video": float(counted.sum(axis=(1, 2)).mean()),
         "videos_with_track": len(frac),
+        "still_axes_per_video": float(still.sum(axis=1).mean()),
+        "flips_on_still_axes": float((counted.sum(axis=1) * still).sum(axis=1).mean()),
+        "mean_speed": float(np.nanmean(np.abs(v))) if np.isfinite(v).any() else float("nan"),
     }
 
 
