@@ -43,6 +43,7 @@ import msar
 from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
 from modalities.graph.constraints import PROPERTIES, EdgeScores, StructureHook
+from modalities.graph.metrics import structure_summary
 from modalities.graph.tokenizer import PAD
 from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
 
@@ -192,6 +193,14 @@ def train(model: msar.NextScaleTransformer, tok: GraphPyramidTokenizer, X: torch
     return [(s_, l_) for s_, l_ in rows if (s_ - 1) % 25 == 0 or s_ == steps]
 
 
+def _eval_split(splits: dict, name: str, dataset: str) -> list[nx.Graph]:
+    """The graphs samples are compared with: ``test`` for reported figures, ``val`` for choosing
+    settings (decoding rules, temperatures, training lengths) without looking at the test split."""
+    if not splits[name]:
+        raise SystemExit(f"--eval-split {name}: {dataset} has no {name} split (planar and sbm have one)")
+    return splits[name]
+
+
 def run(dataset: str, args: argparse.Namespace) -> dict:
     started = time.time()
     torch.manual_seed(args.seed)
@@ -205,6 +214,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg["matching"] = args.matching
     if args.final_chunks is not None:
         cfg["final_chunks"] = None if args.final_chunks == "same" else args.final_chunks
+    if args.face_features:
+        cfg["face_features"] = True
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -214,7 +225,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     os.makedirs(out, exist_ok=True)
     if not args.load:  # a --load run uses the data settings of the run that trained the model (below)
         splits = make_dataset(dataset, seed=args.seed, **data_kw)
-        train_graphs, test = splits["train"], splits["test"]
+        train_graphs, test = splits["train"], _eval_split(splits, args.eval_split, dataset)
     seconds: dict[str, float] = {}
 
     if args.load:  # sample from a trained run instead of training
@@ -225,7 +236,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
             prev = json.load(f)
         cfg, data_kw = prev["train_config"], prev["data_kw"]
         splits = make_dataset(dataset, seed=args.seed, **data_kw)  # the data of the run that trained it
-        train_graphs, test = splits["train"], splits["test"]
+        train_graphs, test = splits["train"], _eval_split(splits, args.eval_split, dataset)
         curve = prev["loss_curve"]
         seconds = dict(prev["seconds"])
         trained_by = prev.get("trained_by") or prev.get("run")  # the training run's own record
@@ -235,7 +246,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         items = augment(train_graphs, cfg["perms"], args.seed)
         tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
                                         matching=cfg.get("matching", "greedy"),
-                                        final_chunks=cfg.get("final_chunks"))
+                                        final_chunks=cfg.get("final_chunks"),
+                                        face_features=cfg.get("face_features", False))
         X, TF = build_training_set(tok, items)
         seconds["tokenize"] = time.time() - t0
         print(f"[{dataset}] {len(train_graphs)} train / {len(test)} test graphs, {X.shape[0]} sequences, "
@@ -301,8 +313,13 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                      "real_positions": invalid["positions"]}
 
     metrics = evaluate(gen, train_graphs, test, dataset)
+    # what the MMD statistics react to (edges, triangles, degree shares, non-triangular faces), per set
+    metrics["structure_summary"] = {"generated": structure_summary(gen), "test": structure_summary(test),
+                                    "train": structure_summary(train_graphs)}
+    with open(os.path.join(out, "graphs.json"), "w") as f:  # the generated graphs, for later analysis
+        json.dump([{"n": G.number_of_nodes(), "edges": sorted(map(sorted, G.edges()))} for G in gen], f)
     metrics.update({
-        "dataset": dataset, "seed": args.seed, "quick": args.quick, "data_kw": data_kw, "train_config": cfg,
+        "dataset": dataset, "eval_split": args.eval_split, "seed": args.seed, "quick": args.quick, "data_kw": data_kw, "train_config": cfg,
         "tokenizer": tok.config, "schedule_L": tok.schedule.L, "num_scales": len(tok.schedule),
         "num_parameters": model.num_parameters(), "final_loss": curve[-1][1], "loss_curve": curve,
         "seconds": seconds, "sampling": {"top_p": args.top_p, "temperature": args.temperature,
@@ -322,7 +339,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     g_mmd, b_mmd, v = metrics["mmd_gen_vs_test"], metrics["mmd_train_vs_test"], metrics["vun"]
     print(f"[{dataset}] loss {curve[-1][1]:.3f}  " + "  ".join(f"{k} {t:.0f}s" for k, t in seconds.items()))
     for key in ("degree_tv", "clustering_tv", "orbit_tv", "spectral_tv"):
-        print(f"  {key:14s} gen {g_mmd[key]:.4f}   train-vs-test {b_mmd[key]:.4f}")
+        print(f"  {key:14s} gen {g_mmd[key]:.4f}   train-vs-{args.eval_split} {b_mmd[key]:.4f}")
     print(f"  V.U.N. {v}")
     return metrics
 
@@ -363,9 +380,15 @@ def main(argv=None) -> None:
     p.add_argument("--final-chunks", default=None, choices=["same", "all"],
                    help="chunks of the finest expansion: 'all' = one per edge position (its edge masks are "
                         "predicted one at a time), 'same' = --edge-chunks (preset)")
+    p.add_argument("--face-features", action="store_true",
+                   help="feed the finest expansion's edge positions whether each child pair can still be added "
+                        "without breaking planarity (GraphPyramidTokenizer face_features; preset: off)")
     p.add_argument("--expand-test", type=int, default=0, metavar="N",
                    help="diagnostic: force the test graphs' own tokens and sample only the edge masks of the last "
                         "N expansions (1: the finest level's masks, given the true coarse graph and splits)")
+    p.add_argument("--eval-split", default="test", choices=["test", "val"],
+                   help="graphs the samples are compared with (MMD, and the train-vs-split baseline); use val to "
+                        "choose settings, test for the reported figures (the JSON keys keep the name 'test')")
     p.add_argument("--load", default="", help="a previous --out directory: sample and evaluate its trained models")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every that many training steps")
     p.add_argument("--threads", type=int, default=1)
