@@ -298,8 +298,21 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         if structure and args.complete:  # add the finest level's likely candidate edges that keep the property
             batch_graphs = sh.complete(batch_graphs)
         if project:
-            batch_graphs, pst = rec.project(batch_graphs, project)
-            project_stats = {key: project_stats.get(key, 0) + v for key, v in pst.items()}
+            best = [(G, H, d, a) for G, (H, d, a) in zip(batch_graphs, rec.project_each(batch_graphs, project))]
+            for r in range(1, args.best_of):  # further draws; keep, per output, the one that needed the fewest drops
+                rec_r = EdgeScores(tok, args.temperature)
+                res_r = msar.sample(model, tok, batch_size=b, cfg=0.0, top_k=0, top_p=args.top_p,
+                                    temperature=args.temperature, seed=sample_seed + i + r * 1_000_003,
+                                    logits_hook=rec_r,  # the valid-token mask and the scores
+                                    known=known, known_mask=known_mask)
+                drawn = graphs_from(res_r.data)
+                for j, (G, (H, d, a)) in enumerate(zip(drawn, rec_r.project_each(drawn, project))):
+                    if d < best[j][2]:
+                        best[j] = (G, H, d, a)
+            batch_graphs = [H for _, H, _, _ in best]
+            for G, _, d, a in best:
+                for key, v in (("kept", G.number_of_edges() - d), ("dropped", d), ("added", a)):
+                    project_stats[key] = project_stats.get(key, 0) + v
         gen.extend(batch_graphs)
         if structure:
             struct_stats = {key: struct_stats.get(key, 0) + sh.stats.get(key, 0) for key in sh.stats}
@@ -325,7 +338,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         "seconds": seconds, "sampling": {"top_p": args.top_p, "temperature": args.temperature,
                                         "constrained": not args.no_constrain, "seed": sample_seed,
                                         "structure": structure, "expand_test": args.expand_test,
-                                        "complete": args.complete, "project": project},
+                                        "complete": args.complete, "project": project,
+                                        "best_of": args.best_of},
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "structure": structure, "structure_stats": struct_stats if structure else None,
         "project": project, "project_stats": project_stats or None,
@@ -374,6 +388,10 @@ def main(argv=None) -> None:
                    help="sample the model with the valid-token mask only, then keep its finest-level edges most "
                         "probable first while the structure property holds and add the other candidates the same "
                         "way (modalities.graph.constraints.EdgeScores.project; a decoding rule, reported apart)")
+    p.add_argument("--best-of", type=int, default=1, metavar="N",
+                   help="with --project: draw N samples per output graph and keep the one whose projection drops "
+                        "the fewest of its edges (the closest to valid; N -> infinity with none dropped is the model "
+                        "conditioned on the property). A decoding rule, reported apart")
     p.add_argument("--matching", default=None, choices=["greedy", "max"],
                    help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
@@ -404,6 +422,8 @@ def main(argv=None) -> None:
                              "--structure auto on planar / grid or name a property, without --no-constrain")
     if args.project and args.complete:
         raise SystemExit("--project completes by itself (it samples without the structure hook): drop --complete")
+    if args.best_of < 1 or (args.best_of > 1 and not args.project):
+        raise SystemExit(f"--best-of N needs N >= 1 and --project (it picks among projections), got {args.best_of}")
     if args.expand_test < 0:
         raise SystemExit(f"--expand-test must be >= 0, got {args.expand_test}")
     for name in names:

@@ -550,3 +550,61 @@ def test_projection_keeps_the_sample_most_probable_first_then_completes():
     assert set(H.edges()) == set(G.edges()) and (dropped, added) == (0, 0)
     H, dropped, added = project_graph(nx.empty_graph(5), {e: 0.5 for e in k5}, planar_property)
     assert H.number_of_edges() == 9 and (dropped, added) == (0, 9)
+
+
+# ---------------------------------------------------------------------------- planar face features, structure summary
+def test_face_features_flag_exactly_the_child_pairs_that_keep_the_fine_graph_planar():
+    # catches: a flag read off one embedding only (embeddings are not unique: pairs that do not share
+    # a face in it can still be added), pairs in different components flagged unaddable, features
+    # written at the wrong offset or on the wrong level, and a latent size that ignores the option
+    from modalities.graph.datasets import planar_graphs
+    gs = planar_graphs(np.random.default_rng(3), num=4, n=24)
+    tok = GraphPyramidTokenizer.fit(gs, edge_chunks=4, face_features=True)
+    plain = GraphPyramidTokenizer.fit(gs, edge_chunks=4)
+    o = 5 + 2 * tok.nbits + 2 * tok._node_dim + 2 + 8  # the face block follows the edge block
+    assert tok.latent_dim >= o + 5 and plain.latent_dim == 8 * -(-o // 8)
+    assert GraphPyramidTokenizer(**tok.config).face_features
+    assert not GraphPyramidTokenizer(**{k: v for k, v in tok.config.items() if k != "face_features"}).face_features
+    idx = tok.encode(gs)
+    st, flags = tok.start(len(gs)), []
+    for k, t in enumerate(idx):
+        kind, lvl, chunk = tok.kinds[k]
+        if kind == "E":
+            X = st._features("E", lvl, chunk)
+            for b in range(len(gs)):
+                kids = st.children[b]
+                G = nx.Graph()
+                G.add_nodes_from(range(sum(len(c) for c in kids)))
+                G.add_edges_from(st.fine[b])
+                for p, j in enumerate(range(chunk, len(st.graphs[b].edges), tok.chunks_at(lvl))):
+                    u, v = st.graphs[b].edges[j]
+                    if lvl != tok.K - 2:  # only the finest expansion carries the block
+                        assert not X[b, p, o:o + 5].any()
+                        continue
+                    assert X[b, p, o] == 1.0  # the partial graph of a planar graph is planar
+                    for i, a in enumerate(kids[u]):
+                        for jj, c in enumerate(kids[v]):
+                            H = G.copy()
+                            H.add_edge(a, c)
+                            flags.append(float(X[b, p, o + 1 + 2 * i + jj]))
+                            assert flags[-1] == float(nx.check_planarity(H)[0]), (b, a, c)
+        st.add_scale(k, t)
+    assert 0.0 in flags and 1.0 in flags  # both answers occur, so the comparison above means something
+    # a non-planar partial graph: the whole block is 0
+    from modalities.graph.tokenizer import _face_block, _face_sets
+    k5 = {(a, c) for a in range(5) for c in range(a + 1, 5)}
+    assert _face_sets(6, k5) is None and not _face_block(None, [0, 1], [5]).any()
+
+
+def test_structure_summary_on_known_graphs():
+    # catches: the outer face counted as non-triangular, chords miscounted, degree shares not per node
+    from modalities.graph.metrics import face_sizes, structure_summary
+    wheel = nx.wheel_graph(7)  # a triangulated disc: 6 inner triangles, outer face = the hub-less rim
+    s = structure_summary([wheel])
+    assert s["nontriangular_faces"] == 0 and s["missing_chords"] == 0 and s["triangles"] == 6
+    assert sorted(face_sizes(wheel)) == [3] * 6 + [6]
+    g = structure_summary([_grid(3, 3)])  # 4 square faces, each missing one chord
+    assert g["nontriangular_faces"] == 4 and g["missing_chords"] == 4 and g["edges"] == 12
+    assert g["degree_share"][:5] == [0.0, 0.0, round(4 / 9, 4), round(4 / 9, 4), round(1 / 9, 4)]
+    assert structure_summary([nx.complete_graph(5)])["planar"] == 0.0
+    assert face_sizes(nx.complete_graph(5)) is None
