@@ -608,3 +608,16 @@ def test_structure_summary_on_known_graphs():
     assert g["degree_share"][:5] == [0.0, 0.0, round(4 / 9, 4), round(4 / 9, 4), round(1 / 9, 4)]
     assert structure_summary([nx.complete_graph(5)])["planar"] == 0.0
     assert face_sizes(nx.complete_graph(5)) is None
+
+
+def test_edge_flips_keep_a_triangulation_and_its_edge_count():
+    # catches: a flip that adds a duplicate edge, breaks planarity, or does nothing (the metric-sensitivity
+    # figures would then show no effect of flips)
+    from examples.graph_demo import flip_edges
+    from modalities.graph.datasets import planar_graphs
+    from modalities.graph.metrics import structure_summary
+    G = planar_graphs(np.random.default_rng(0), num=1, n=30)[0]
+    H = flip_edges(G, 5, np.random.default_rng(1))
+    assert H.number_of_edges() == G.number_of_edges() and nx.check_planarity(H)[0]
+    assert structure_summary([H])["nontriangular_faces"] == structure_summary([G])["nontriangular_faces"] == 0
+    assert len(set(map(frozenset, G.edges())) ^ set(map(frozenset, H.edges()))) >= 2
