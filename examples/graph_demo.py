@@ -18,7 +18,13 @@ planar (grid: planar, degree <= 4, bipartite) while it draws the edge tokens
 (:class:`modalities.graph.constraints.StructureHook`; ``--structure none`` turns only that off).
 ``--complete`` then adds the finest level's most probable candidate edges that keep the property;
 ``--project`` samples without the structure hook and projects each sample onto the property, most
-probable edges first, then completes it (decoding rules on the model's probabilities, reported apart).
+probable edges first, then completes it (decoding rules on the model's probabilities, reported apart);
+``--best-of N`` keeps, of N such draws, the one whose projection dropped the fewest edges.
+``--eval-split val`` compares with the validation graphs instead of the test graphs (for choosing
+settings); ``--face-features`` trains with the planarity inputs of the finest expansion;
+``--metric-sensitivity`` trains nothing and measures how the MMD statistics react to edge deletions
+and flips of real graphs.  Each run also stores the generated graphs (``graphs.json``) and a
+``structure_summary`` (edges, triangles, degree shares, non-triangular faces) in ``metrics.json``.
 
 Pipeline: graphs -> :class:`GraphPyramidTokenizer` (exact tokens of a coarsening
 hierarchy; several random node orderings of each training graph give different
