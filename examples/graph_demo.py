@@ -114,6 +114,15 @@ def draw_panel(rows: list[tuple[str, list[nx.Graph]]], path: str, seed: int = 0)
     plt.close(fig)
 
 
+def keep_fewest_dropped(best: list[tuple], drawn: list[tuple]) -> list[tuple]:
+    """``--best-of``: per output graph, of two ``(sample, projection, dropped, added)`` candidates keep
+    the one whose projection dropped fewer of the sample's edges (the closer to valid); on a tie the
+    earlier draw stays, so N = 1 and the first draw of N > 1 agree."""
+    if len(best) != len(drawn):
+        raise ValueError(f"keep_fewest_dropped: {len(best)} kept candidates but {len(drawn)} new ones")
+    return [new if new[2] < old[2] else old for old, new in zip(best, drawn)]
+
+
 def measuring_hook(tok: GraphPyramidTokenizer, constrain: bool, temperature: float, acc: dict):
     """A logits hook for :func:`msar.sample` that measures, then (``constrain``) masks, invalid tokens.
 
@@ -312,9 +321,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                     logits_hook=rec_r,  # the valid-token mask and the scores
                                     known=known, known_mask=known_mask)
                 drawn = graphs_from(res_r.data)
-                for j, (G, (H, d, a)) in enumerate(zip(drawn, rec_r.project_each(drawn, project))):
-                    if d < best[j][2]:
-                        best[j] = (G, H, d, a)
+                best = keep_fewest_dropped(best, [(G, H, d, a) for G, (H, d, a)
+                                                  in zip(drawn, rec_r.project_each(drawn, project))])
             batch_graphs = [H for _, H, _, _ in best]
             for G, _, d, a in best:
                 for key, v in (("kept", G.number_of_edges() - d), ("dropped", d), ("added", a)):

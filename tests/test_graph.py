@@ -621,3 +621,14 @@ def test_edge_flips_keep_a_triangulation_and_its_edge_count():
     assert H.number_of_edges() == G.number_of_edges() and nx.check_planarity(H)[0]
     assert structure_summary([H])["nontriangular_faces"] == structure_summary([G])["nontriangular_faces"] == 0
     assert len(set(map(frozenset, G.edges())) ^ set(map(frozenset, H.edges()))) >= 2
+
+
+def test_best_of_keeps_the_draw_whose_projection_dropped_fewest_edges():
+    # catches: keeping the draw that needed the most repairs, or replacing on a tie (then --best-of 1
+    # and the first draw of --best-of N would disagree)
+    from examples.graph_demo import keep_fewest_dropped
+    first = [("s0", "p0", 5, 1), ("s1", "p1", 2, 0), ("s2", "p2", 3, 3)]
+    second = [("t0", "q0", 4, 2), ("t1", "q1", 2, 9), ("t2", "q2", 7, 0)]
+    assert [c[0] for c in keep_fewest_dropped(first, second)] == ["t0", "s1", "s2"]
+    with pytest.raises(ValueError, match="kept candidates"):
+        keep_fewest_dropped(first, second[:2])
