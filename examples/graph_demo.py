@@ -18,7 +18,13 @@ planar (grid: planar, degree <= 4, bipartite) while it draws the edge tokens
 (:class:`modalities.graph.constraints.StructureHook`; ``--structure none`` turns only that off).
 ``--complete`` then adds the finest level's most probable candidate edges that keep the property;
 ``--project`` samples without the structure hook and projects each sample onto the property, most
-probable edges first, then completes it (decoding rules on the model's probabilities, reported apart).
+probable edges first, then completes it (decoding rules on the model's probabilities, reported apart);
+``--best-of N`` keeps, of N such draws, the one whose projection dropped the fewest edges.
+``--eval-split val`` compares with the validation graphs instead of the test graphs (for choosing
+settings); ``--face-features`` trains with the planarity inputs of the finest expansion;
+``--metric-sensitivity`` trains nothing and measures how the MMD statistics react to edge deletions
+and flips of real graphs.  Each run also stores the generated graphs (``graphs.json``) and a
+``structure_summary`` (edges, triangles, degree shares, non-triangular faces) in ``metrics.json``.
 
 Pipeline: graphs -> :class:`GraphPyramidTokenizer` (exact tokens of a coarsening
 hierarchy; several random node orderings of each training graph give different
@@ -43,6 +49,7 @@ import msar
 from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
 from modalities.graph.constraints import PROPERTIES, EdgeScores, StructureHook
+from modalities.graph.metrics import structure_summary
 from modalities.graph.tokenizer import PAD
 from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
 
@@ -105,6 +112,15 @@ def draw_panel(rows: list[tuple[str, list[nx.Graph]]], path: str, seed: int = 0)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def keep_fewest_dropped(best: list[tuple], drawn: list[tuple]) -> list[tuple]:
+    """``--best-of``: per output graph, of two ``(sample, projection, dropped, added)`` candidates keep
+    the one whose projection dropped fewer of the sample's edges (the closer to valid); on a tie the
+    earlier draw stays, so N = 1 and the first draw of N > 1 agree."""
+    if len(best) != len(drawn):
+        raise ValueError(f"keep_fewest_dropped: {len(best)} kept candidates but {len(drawn)} new ones")
+    return [new if new[2] < old[2] else old for old, new in zip(best, drawn)]
 
 
 def measuring_hook(tok: GraphPyramidTokenizer, constrain: bool, temperature: float, acc: dict):
@@ -192,6 +208,14 @@ def train(model: msar.NextScaleTransformer, tok: GraphPyramidTokenizer, X: torch
     return [(s_, l_) for s_, l_ in rows if (s_ - 1) % 25 == 0 or s_ == steps]
 
 
+def _eval_split(splits: dict, name: str, dataset: str) -> list[nx.Graph]:
+    """The graphs samples are compared with: ``test`` for reported figures, ``val`` for choosing
+    settings (decoding rules, temperatures, training lengths) without looking at the test split."""
+    if not splits[name]:
+        raise SystemExit(f"--eval-split {name}: {dataset} has no {name} split (planar and sbm have one)")
+    return splits[name]
+
+
 def run(dataset: str, args: argparse.Namespace) -> dict:
     started = time.time()
     torch.manual_seed(args.seed)
@@ -205,6 +229,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg["matching"] = args.matching
     if args.final_chunks is not None:
         cfg["final_chunks"] = None if args.final_chunks == "same" else args.final_chunks
+    if args.face_features:
+        cfg["face_features"] = True
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -214,7 +240,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     os.makedirs(out, exist_ok=True)
     if not args.load:  # a --load run uses the data settings of the run that trained the model (below)
         splits = make_dataset(dataset, seed=args.seed, **data_kw)
-        train_graphs, test = splits["train"], splits["test"]
+        train_graphs, test = splits["train"], _eval_split(splits, args.eval_split, dataset)
     seconds: dict[str, float] = {}
 
     if args.load:  # sample from a trained run instead of training
@@ -225,7 +251,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
             prev = json.load(f)
         cfg, data_kw = prev["train_config"], prev["data_kw"]
         splits = make_dataset(dataset, seed=args.seed, **data_kw)  # the data of the run that trained it
-        train_graphs, test = splits["train"], splits["test"]
+        train_graphs, test = splits["train"], _eval_split(splits, args.eval_split, dataset)
         curve = prev["loss_curve"]
         seconds = dict(prev["seconds"])
         trained_by = prev.get("trained_by") or prev.get("run")  # the training run's own record
@@ -235,7 +261,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         items = augment(train_graphs, cfg["perms"], args.seed)
         tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
                                         matching=cfg.get("matching", "greedy"),
-                                        final_chunks=cfg.get("final_chunks"))
+                                        final_chunks=cfg.get("final_chunks"),
+                                        face_features=cfg.get("face_features", False))
         X, TF = build_training_set(tok, items)
         seconds["tokenize"] = time.time() - t0
         print(f"[{dataset}] {len(train_graphs)} train / {len(test)} test graphs, {X.shape[0]} sequences, "
@@ -286,8 +313,20 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         if structure and args.complete:  # add the finest level's likely candidate edges that keep the property
             batch_graphs = sh.complete(batch_graphs)
         if project:
-            batch_graphs, pst = rec.project(batch_graphs, project)
-            project_stats = {key: project_stats.get(key, 0) + v for key, v in pst.items()}
+            best = [(G, H, d, a) for G, (H, d, a) in zip(batch_graphs, rec.project_each(batch_graphs, project))]
+            for r in range(1, args.best_of):  # further draws; keep, per output, the one that needed the fewest drops
+                rec_r = EdgeScores(tok, args.temperature)
+                res_r = msar.sample(model, tok, batch_size=b, cfg=0.0, top_k=0, top_p=args.top_p,
+                                    temperature=args.temperature, seed=sample_seed + i + r * 1_000_003,
+                                    logits_hook=rec_r,  # the valid-token mask and the scores
+                                    known=known, known_mask=known_mask)
+                drawn = graphs_from(res_r.data)
+                best = keep_fewest_dropped(best, [(G, H, d, a) for G, (H, d, a)
+                                                  in zip(drawn, rec_r.project_each(drawn, project))])
+            batch_graphs = [H for _, H, _, _ in best]
+            for G, _, d, a in best:
+                for key, v in (("kept", G.number_of_edges() - d), ("dropped", d), ("added", a)):
+                    project_stats[key] = project_stats.get(key, 0) + v
         gen.extend(batch_graphs)
         if structure:
             struct_stats = {key: struct_stats.get(key, 0) + sh.stats.get(key, 0) for key in sh.stats}
@@ -301,14 +340,20 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                      "real_positions": invalid["positions"]}
 
     metrics = evaluate(gen, train_graphs, test, dataset)
+    # what the MMD statistics react to (edges, triangles, degree shares, non-triangular faces), per set
+    metrics["structure_summary"] = {"generated": structure_summary(gen), "test": structure_summary(test),
+                                    "train": structure_summary(train_graphs)}
+    with open(os.path.join(out, "graphs.json"), "w") as f:  # the generated graphs, for later analysis
+        json.dump([{"n": G.number_of_nodes(), "edges": sorted(map(sorted, G.edges()))} for G in gen], f)
     metrics.update({
-        "dataset": dataset, "seed": args.seed, "quick": args.quick, "data_kw": data_kw, "train_config": cfg,
+        "dataset": dataset, "eval_split": args.eval_split, "seed": args.seed, "quick": args.quick, "data_kw": data_kw, "train_config": cfg,
         "tokenizer": tok.config, "schedule_L": tok.schedule.L, "num_scales": len(tok.schedule),
         "num_parameters": model.num_parameters(), "final_loss": curve[-1][1], "loss_curve": curve,
         "seconds": seconds, "sampling": {"top_p": args.top_p, "temperature": args.temperature,
                                         "constrained": not args.no_constrain, "seed": sample_seed,
                                         "structure": structure, "expand_test": args.expand_test,
-                                        "complete": args.complete, "project": project},
+                                        "complete": args.complete, "project": project,
+                                        "best_of": args.best_of},
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "structure": structure, "structure_stats": struct_stats if structure else None,
         "project": project, "project_stats": project_stats or None,
@@ -322,9 +367,62 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     g_mmd, b_mmd, v = metrics["mmd_gen_vs_test"], metrics["mmd_train_vs_test"], metrics["vun"]
     print(f"[{dataset}] loss {curve[-1][1]:.3f}  " + "  ".join(f"{k} {t:.0f}s" for k, t in seconds.items()))
     for key in ("degree_tv", "clustering_tv", "orbit_tv", "spectral_tv"):
-        print(f"  {key:14s} gen {g_mmd[key]:.4f}   train-vs-test {b_mmd[key]:.4f}")
+        print(f"  {key:14s} gen {g_mmd[key]:.4f}   train-vs-{args.eval_split} {b_mmd[key]:.4f}")
     print(f"  V.U.N. {v}")
     return metrics
+
+
+def flip_edges(G: nx.Graph, k: int, rng: np.random.Generator) -> nx.Graph:
+    """``G`` with ``k`` random edge flips: an edge (x, y) between two triangles (x, y, p), (x, y, q) is
+    replaced by (p, q) when p, q are not adjacent.  Planarity and the edge count are kept; a
+    triangulation stays one; only which nodes are joined changes."""
+    H = G.copy()
+    for _ in range(k):
+        edges = list(H.edges())
+        for e in rng.permutation(len(edges)):
+            x, y = edges[e]
+            common = sorted(set(H[x]) & set(H[y]))
+            if len(common) != 2 or H.has_edge(*common):
+                continue
+            H.remove_edge(x, y)
+            H.add_edge(*common)
+            break
+    return H
+
+
+def metric_sensitivity(dataset: str, args: argparse.Namespace) -> dict:
+    """How far the MMD statistics move when real graphs are perturbed: the validation graphs with
+    k random edges deleted, or k random edge flips (same edge count, same planarity), each against
+    the training graphs.  Train and validation splits only (the test split is not read)."""
+    started = time.time()
+    splits = make_dataset(dataset, seed=args.seed)
+    if not splits["val"]:
+        raise SystemExit(f"--metric-sensitivity needs a validation split; {dataset} has none")
+    train_graphs, val = splits["train"], splits["val"]
+    from modalities.graph.metrics import graph_stats, mmd_all
+    ref = graph_stats(train_graphs)
+    rng = np.random.default_rng(args.seed)
+    rows = [{"perturbation": "none", "k": 0, "mmd": mmd_all(ref, val, kernels=("tv",)),
+             "summary": structure_summary(val)}]
+    for kind in ("delete", "flip"):
+        for k in (2, 5, 10, 20):
+            pert = []
+            for G in val:
+                if kind == "delete":
+                    H = G.copy()
+                    edges = list(H.edges())
+                    H.remove_edges_from(edges[i] for i in rng.choice(len(edges), k, replace=False))
+                else:
+                    H = flip_edges(G, k, rng)
+                pert.append(H)
+            rows.append({"perturbation": kind, "k": k, "mmd": mmd_all(ref, pert, kernels=("tv",)),
+                         "summary": structure_summary(pert)})
+    for r in rows:
+        print(f"  {r['perturbation']:6s} k={r['k']:2d}  " + "  ".join(f"{key} {v:.4f}" for key, v in r["mmd"].items()))
+    out = {"dataset": dataset, "seed": args.seed, "reference": "train", "perturbed": "val", "rows": rows}
+    path = os.path.join(args.out, dataset, "metric_sensitivity.json")
+    write_result_json(path, out, started)
+    return out
 
 
 def main(argv=None) -> None:
@@ -357,15 +455,28 @@ def main(argv=None) -> None:
                    help="sample the model with the valid-token mask only, then keep its finest-level edges most "
                         "probable first while the structure property holds and add the other candidates the same "
                         "way (modalities.graph.constraints.EdgeScores.project; a decoding rule, reported apart)")
+    p.add_argument("--best-of", type=int, default=1, metavar="N",
+                   help="with --project: draw N samples per output graph and keep the one whose projection drops "
+                        "the fewest of its edges (the closest to valid; N -> infinity with none dropped is the model "
+                        "conditioned on the property). A decoding rule, reported apart")
     p.add_argument("--matching", default=None, choices=["greedy", "max"],
                    help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
     p.add_argument("--final-chunks", default=None, choices=["same", "all"],
                    help="chunks of the finest expansion: 'all' = one per edge position (its edge masks are "
                         "predicted one at a time), 'same' = --edge-chunks (preset)")
+    p.add_argument("--face-features", action="store_true",
+                   help="feed the finest expansion's edge positions whether each child pair can still be added "
+                        "without breaking planarity (GraphPyramidTokenizer face_features; preset: off)")
     p.add_argument("--expand-test", type=int, default=0, metavar="N",
                    help="diagnostic: force the test graphs' own tokens and sample only the edge masks of the last "
                         "N expansions (1: the finest level's masks, given the true coarse graph and splits)")
+    p.add_argument("--eval-split", default="test", choices=["test", "val"],
+                   help="graphs the samples are compared with (MMD, and the train-vs-split baseline); use val to "
+                        "choose settings, test for the reported figures (the JSON keys keep the name 'test')")
+    p.add_argument("--metric-sensitivity", action="store_true",
+                   help="no model: MMD of the validation graphs against the training graphs after k random edge "
+                        "deletions or edge flips (how sensitive each statistic is); writes metric_sensitivity.json")
     p.add_argument("--load", default="", help="a previous --out directory: sample and evaluate its trained models")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every that many training steps")
     p.add_argument("--threads", type=int, default=1)
@@ -381,10 +492,15 @@ def main(argv=None) -> None:
                              "--structure auto on planar / grid or name a property, without --no-constrain")
     if args.project and args.complete:
         raise SystemExit("--project completes by itself (it samples without the structure hook): drop --complete")
+    if args.best_of < 1 or (args.best_of > 1 and not args.project):
+        raise SystemExit(f"--best-of N needs N >= 1 and --project (it picks among projections), got {args.best_of}")
     if args.expand_test < 0:
         raise SystemExit(f"--expand-test must be >= 0, got {args.expand_test}")
     for name in names:
-        run(name, args)
+        if args.metric_sensitivity:
+            metric_sensitivity(name, args)
+        else:
+            run(name, args)
 
 
 if __name__ == "__main__":

@@ -550,3 +550,85 @@ def test_projection_keeps_the_sample_most_probable_first_then_completes():
     assert set(H.edges()) == set(G.edges()) and (dropped, added) == (0, 0)
     H, dropped, added = project_graph(nx.empty_graph(5), {e: 0.5 for e in k5}, planar_property)
     assert H.number_of_edges() == 9 and (dropped, added) == (0, 9)
+
+
+# ---------------------------------------------------------------------------- planar face features, structure summary
+def test_face_features_flag_exactly_the_child_pairs_that_keep_the_fine_graph_planar():
+    # catches: a flag read off one embedding only (embeddings are not unique: pairs that do not share
+    # a face in it can still be added), pairs in different components flagged unaddable, features
+    # written at the wrong offset or on the wrong level, and a latent size that ignores the option
+    from modalities.graph.datasets import planar_graphs
+    gs = planar_graphs(np.random.default_rng(3), num=4, n=24)
+    tok = GraphPyramidTokenizer.fit(gs, edge_chunks=4, face_features=True)
+    plain = GraphPyramidTokenizer.fit(gs, edge_chunks=4)
+    o = 5 + 2 * tok.nbits + 2 * tok._node_dim + 2 + 8  # the face block follows the edge block
+    assert tok.latent_dim >= o + 5 and plain.latent_dim == 8 * -(-o // 8)
+    assert GraphPyramidTokenizer(**tok.config).face_features
+    assert not GraphPyramidTokenizer(**{k: v for k, v in tok.config.items() if k != "face_features"}).face_features
+    idx = tok.encode(gs)
+    st, flags = tok.start(len(gs)), []
+    for k, t in enumerate(idx):
+        kind, lvl, chunk = tok.kinds[k]
+        if kind == "E":
+            X = st._features("E", lvl, chunk)
+            for b in range(len(gs)):
+                kids = st.children[b]
+                G = nx.Graph()
+                G.add_nodes_from(range(sum(len(c) for c in kids)))
+                G.add_edges_from(st.fine[b])
+                for p, j in enumerate(range(chunk, len(st.graphs[b].edges), tok.chunks_at(lvl))):
+                    u, v = st.graphs[b].edges[j]
+                    if lvl != tok.K - 2:  # only the finest expansion carries the block
+                        assert not X[b, p, o:o + 5].any()
+                        continue
+                    assert X[b, p, o] == 1.0  # the partial graph of a planar graph is planar
+                    for i, a in enumerate(kids[u]):
+                        for jj, c in enumerate(kids[v]):
+                            H = G.copy()
+                            H.add_edge(a, c)
+                            flags.append(float(X[b, p, o + 1 + 2 * i + jj]))
+                            assert flags[-1] == float(nx.check_planarity(H)[0]), (b, a, c)
+        st.add_scale(k, t)
+    assert 0.0 in flags and 1.0 in flags  # both answers occur, so the comparison above means something
+    # a non-planar partial graph: the whole block is 0
+    from modalities.graph.tokenizer import _face_block, _face_sets
+    k5 = {(a, c) for a in range(5) for c in range(a + 1, 5)}
+    assert _face_sets(6, k5) is None and not _face_block(None, [0, 1], [5]).any()
+
+
+def test_structure_summary_on_known_graphs():
+    # catches: the outer face counted as non-triangular, chords miscounted, degree shares not per node
+    from modalities.graph.metrics import face_sizes, structure_summary
+    wheel = nx.wheel_graph(7)  # a triangulated disc: 6 inner triangles, outer face = the hub-less rim
+    s = structure_summary([wheel])
+    assert s["nontriangular_faces"] == 0 and s["missing_chords"] == 0 and s["triangles"] == 6
+    assert sorted(face_sizes(wheel)) == [3] * 6 + [6]
+    g = structure_summary([_grid(3, 3)])  # 4 square faces, each missing one chord
+    assert g["nontriangular_faces"] == 4 and g["missing_chords"] == 4 and g["edges"] == 12
+    assert g["degree_share"][:5] == [0.0, 0.0, round(4 / 9, 4), round(4 / 9, 4), round(1 / 9, 4)]
+    assert structure_summary([nx.complete_graph(5)])["planar"] == 0.0
+    assert face_sizes(nx.complete_graph(5)) is None
+
+
+def test_edge_flips_keep_a_triangulation_and_its_edge_count():
+    # catches: a flip that adds a duplicate edge, breaks planarity, or does nothing (the metric-sensitivity
+    # figures would then show no effect of flips)
+    from examples.graph_demo import flip_edges
+    from modalities.graph.datasets import planar_graphs
+    from modalities.graph.metrics import structure_summary
+    G = planar_graphs(np.random.default_rng(0), num=1, n=30)[0]
+    H = flip_edges(G, 5, np.random.default_rng(1))
+    assert H.number_of_edges() == G.number_of_edges() and nx.check_planarity(H)[0]
+    assert structure_summary([H])["nontriangular_faces"] == structure_summary([G])["nontriangular_faces"] == 0
+    assert len(set(map(frozenset, G.edges())) ^ set(map(frozenset, H.edges()))) >= 2
+
+
+def test_best_of_keeps_the_draw_whose_projection_dropped_fewest_edges():
+    # catches: keeping the draw that needed the most repairs, or replacing on a tie (then --best-of 1
+    # and the first draw of --best-of N would disagree)
+    from examples.graph_demo import keep_fewest_dropped
+    first = [("s0", "p0", 5, 1), ("s1", "p1", 2, 0), ("s2", "p2", 3, 3)]
+    second = [("t0", "q0", 4, 2), ("t1", "q1", 2, 9), ("t2", "q2", 7, 0)]
+    assert [c[0] for c in keep_fewest_dropped(first, second)] == ["t0", "s1", "s2"]
+    with pytest.raises(ValueError, match="kept candidates"):
+        keep_fewest_dropped(first, second[:2])

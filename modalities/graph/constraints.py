@@ -178,18 +178,21 @@ class EdgeScores:
     def project(self, graphs: list[nx.Graph], prop: Property | str) -> tuple[list[nx.Graph], dict[str, int]]:
         """:func:`project_graph` of every sampled graph of this hook's batch; returns the graphs and the
         total ``kept`` / ``dropped`` (edges of the samples) and ``added`` (candidates) counts."""
-        prop = _property(prop)
-        if len(graphs) != len(self.scores):
-            raise ValueError(f"project: {len(graphs)} graphs, but the hook recorded the finest level of "
-                             f"{len(self.scores)} samples (call it on the batch this hook sampled)")
         out, stats = [], {"kept": 0, "dropped": 0, "added": 0}
-        for G, sc in zip(graphs, self.scores):
-            H, dropped, added = project_graph(G, sc, prop)
+        for G, (H, dropped, added) in zip(graphs, self.project_each(graphs, prop)):
             stats["kept"] += G.number_of_edges() - dropped
             stats["dropped"] += dropped
             stats["added"] += added
             out.append(H)
         return out, stats
+
+    def project_each(self, graphs: list[nx.Graph], prop: Property | str) -> list[tuple[nx.Graph, int, int]]:
+        """Per sampled graph of this hook's batch, :func:`project_graph`'s ``(graph, dropped, added)``."""
+        prop = _property(prop)
+        if len(graphs) != len(self.scores):
+            raise ValueError(f"project: {len(graphs)} graphs, but the hook recorded the finest level of "
+                             f"{len(self.scores)} samples (call it on the batch this hook sampled)")
+        return [project_graph(G, sc, prop) for G, sc in zip(graphs, self.scores)]
 
 
 class StructureHook:

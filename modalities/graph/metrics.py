@@ -204,6 +204,60 @@ def mmd_all(ref: Sequence[nx.Graph] | dict, pred: Sequence[nx.Graph] | dict,
     return out
 
 
+# ---------------------------------------------------------------------------- structure summary
+
+
+def face_sizes(G: nx.Graph) -> Optional[list[int]]:
+    """Sizes (boundary walk lengths) of the faces of a planar embedding of ``G``, or None when ``G``
+    is not planar.  Walk length counts a bridge twice, so a tree on n nodes has one face of 2(n-1).
+    A triangulated disc (a Delaunay graph) has every face of size 3 except the outer one."""
+    ok, emb = nx.check_planarity(G)
+    if not ok:
+        return None
+    seen, sizes = set(), []
+    for u, v in emb.edges():
+        if (u, v) in seen:
+            continue
+        face = emb.traverse_face(u, v, mark_half_edges=seen)
+        sizes.append(len(face))
+    return sizes
+
+
+def structure_summary(graphs: Sequence[nx.Graph], max_degree: int = 12) -> dict:
+    """Means over a set of the quantities the MMD statistics react to, for diagnosing a sample set:
+    nodes, edges, triangles, mean clustering, the degree distribution (share of nodes of degree
+    0..``max_degree``, the last entry also counting higher degrees), and for planar graphs the
+    faces of a planar embedding: ``nontriangular_faces`` (faces of size > 3 other than the largest
+    one, the outer face of a triangulated disc) and ``missing_chords`` (sum over those faces of
+    size - 3: the edges that would triangulate them)."""
+    if len(graphs) == 0:
+        raise ValueError("structure_summary: no graphs")
+    deg = np.zeros(max_degree + 1)
+    nontri, chords, planar = [], [], 0
+    for G in graphs:
+        d = np.minimum(np.fromiter((x for _, x in G.degree()), dtype=np.int64, count=G.number_of_nodes()),
+                       max_degree)
+        deg += np.bincount(d, minlength=max_degree + 1) / max(G.number_of_nodes(), 1)
+        fs = face_sizes(G) if G.number_of_edges() else None
+        if fs is not None:
+            planar += 1
+            inner = sorted(fs)[:-1]
+            nontri.append(sum(f > 3 for f in inner))
+            chords.append(sum(f - 3 for f in inner if f > 3))
+    return {
+        "graphs": len(graphs),
+        "nodes": float(np.mean([G.number_of_nodes() for G in graphs])),
+        "edges": float(np.mean([G.number_of_edges() for G in graphs])),
+        "triangles": float(np.mean([sum(nx.triangles(G).values()) / 3 for G in graphs])),
+        "mean_clustering": float(np.mean([nx.average_clustering(G) if G.number_of_nodes() else 0.0
+                                          for G in graphs])),
+        "degree_share": [round(float(x), 4) for x in deg / len(graphs)],
+        "planar": planar / len(graphs),
+        "nontriangular_faces": float(np.mean(nontri)) if nontri else None,
+        "missing_chords": float(np.mean(chords)) if chords else None,
+    }
+
+
 # ---------------------------------------------------------------------------- validity, uniqueness, novelty
 
 

@@ -106,13 +106,18 @@ class GraphPyramidTokenizer(PretrainedMixin):
         final_chunks: chunks of the finest expansion (level ``K - 2``, whose edge masks decide the
             graph's own edges); default ``edge_chunks``. With as many chunks as that level has edge
             positions (``max_edges[K - 2]``), every fine edge mask is predicted knowing all earlier ones.
+        face_features: add, for the edge positions of the finest expansion, whether each child pair
+            lies on a common face of a planar embedding of the fine graph decided so far (and whether
+            that graph is planar): what a pair's crossing an earlier edge depends on, which degrees and
+            common neighbours do not tell (see :meth:`GraphDecodeState._face_block`).
 
     Use :meth:`fit` to size it from a training set; ``save_pretrained(dir)`` /
     ``GraphPyramidTokenizer.from_pretrained(dir)`` save and load it (a config, no weights).
     """
 
     def __init__(self, max_nodes: Sequence[int], max_edges: Sequence[int], nbits: Optional[int] = None,
-                 edge_chunks: int = 3, matching: str = "greedy", final_chunks: Optional[int] = None):
+                 edge_chunks: int = 3, matching: str = "greedy", final_chunks: Optional[int] = None,
+                 face_features: bool = False):
         K = len(max_nodes)
         if K < 2:
             raise ValueError(f"need at least 2 levels (max_nodes of length >= 2), got {list(max_nodes)}")
@@ -133,6 +138,7 @@ class GraphPyramidTokenizer(PretrainedMixin):
         if matching not in MATCHINGS:
             raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
         self.matching = matching
+        self.face_features = bool(face_features)
         # scales: S_k for k in 0..K-2, then (k >= 1) the chunks E_k^0 .. E_k^{C-1}: ('S', k, 0) / ('E', k, c)
         self.kinds: list[tuple[str, int, int]] = []
         counts: list[int] = []
@@ -147,7 +153,7 @@ class GraphPyramidTokenizer(PretrainedMixin):
         self.schedule = ScaleSchedule(counts)
         self.vocab_size = VOCAB
         self._node_dim = 13
-        raw = 5 + 2 * self.nbits + 2 * self._node_dim + 2 + 8
+        raw = 5 + 2 * self.nbits + 2 * self._node_dim + 2 + 8 + (5 if self.face_features else 0)
         self.latent_dim = int(8 * math.ceil(raw / 8))
 
     def chunks_at(self, level: int) -> int:
@@ -158,7 +164,7 @@ class GraphPyramidTokenizer(PretrainedMixin):
     @classmethod
     def fit(cls, graphs: Sequence[nx.Graph], edge_slack: float = 0.1, node_slack: int = 0,
             edge_chunks: int = 3, matching: str = "greedy",
-            final_chunks: Optional[int | str] = None) -> "GraphPyramidTokenizer":
+            final_chunks: Optional[int | str] = None, face_features: bool = False) -> "GraphPyramidTokenizer":
         """Size a tokenizer for a training set: levels for the largest graph, edge capacity
         ``(1 + edge_slack) x`` the largest seen per level. ``final_chunks="all"``: one chunk per edge
         position of the finest expansion (its masks are then predicted one at a time)."""
@@ -175,13 +181,15 @@ class GraphPyramidTokenizer(PretrainedMixin):
             final_chunks = max(1, max_edges[K - 2]) if K >= 3 else None
         elif isinstance(final_chunks, str):
             raise ValueError(f"final_chunks must be an int, None or 'all', got {final_chunks!r}")
-        return cls(max_nodes, max_edges, edge_chunks=edge_chunks, matching=matching, final_chunks=final_chunks)
+        return cls(max_nodes, max_edges, edge_chunks=edge_chunks, matching=matching, final_chunks=final_chunks,
+                   face_features=face_features)
 
     @property
     def config(self) -> dict:
         """The constructor's arguments (``save_pretrained`` writes them; no weights)."""
         return {"max_nodes": self.max_nodes, "max_edges": self.max_edges, "nbits": self.nbits,
-                "edge_chunks": self.edge_chunks, "matching": self.matching, "final_chunks": self.final_chunks}
+                "edge_chunks": self.edge_chunks, "matching": self.matching, "final_chunks": self.final_chunks,
+                "face_features": self.face_features}
 
     # ------------------------------------------------------------------ encoding
     def check_data(self, graphs: list[nx.Graph]) -> None:
@@ -346,6 +354,51 @@ def _mask_table() -> np.ndarray:
 _MASK_OK = _mask_table()
 
 
+def _face_sets(n: int, edges: set) -> Optional[tuple[nx.Graph, list[set], list[int]]]:
+    """For the graph ``(n, edges)``: the graph, per node the ids of the faces of one planar embedding
+    it lies on, and per node its connected component; None when the graph is not planar."""
+    G = _graph(n, edges)
+    ok, emb = nx.check_planarity(G)
+    if not ok:
+        return None
+    on: list[set] = [set() for _ in range(n)]
+    seen: set = set()
+    for u, v in emb.edges():
+        if (u, v) in seen:
+            continue
+        f = len(seen)  # a fresh id per face (seen grows by the face's half-edges)
+        for w in emb.traverse_face(u, v, mark_half_edges=seen):
+            on[w].add(f)
+    comp = [0] * n
+    for i, cc in enumerate(nx.connected_components(G)):
+        for w in cc:
+            comp[w] = i
+    return G, on, comp
+
+
+def _face_block(faces: Optional[tuple[nx.Graph, list[set], list[int]]], ku: list[int], kv: list[int]) -> np.ndarray:
+    """``(5,)``: [the partial fine graph is planar, then per child pair 2 * i + j: the graph stays
+    planar with the pair's edge added (0 for a missing child)].  Exact: the fast answer "yes" when
+    the two nodes lie in different components or on a common face of one embedding, else a
+    planarity test (an embedding is not unique, so not sharing a face in it proves nothing)."""
+    out = np.zeros(5, dtype=np.float32)
+    if faces is None:
+        return out
+    G, on, comp = faces
+    out[0] = 1.0
+    for i, a in enumerate(ku):
+        for j, c in enumerate(kv):
+            if comp[a] != comp[c] or on[a] & on[c]:
+                out[1 + 2 * i + j] = 1.0
+            elif not G.has_edge(a, c):
+                G.add_edge(a, c)
+                out[1 + 2 * i + j] = float(nx.check_planarity(G)[0])
+                G.remove_edge(a, c)
+            else:
+                out[1 + 2 * i + j] = 1.0
+    return out
+
+
 def _graph(n: int, edges: Sequence[tuple[int, int]]) -> nx.Graph:
     G = nx.Graph()
     G.add_nodes_from(range(n))
@@ -410,6 +463,7 @@ class GraphDecodeState:
             for a, c in self.fine[b]:
                 Af[a, c] = Af[c, a] = 1.0
             degf, A2f = Af.sum(1), Af @ Af
+            faces = (_face_sets(nf, self.fine[b]) if tok.face_features and k == tok.K - 2 else None)
             for p, j in enumerate(range(chunk, len(g.edges), C)):
                 if p >= n_pos:
                     break
@@ -428,6 +482,8 @@ class GraphDecodeState:
                         X[b, p, o_e + 6 + 2 * i + jj] = math.log1p(A2f[a, c]) / 2
                 for jj, c in enumerate(kids[v]):
                     X[b, p, o_e + 4 + jj] = math.log1p(degf[c]) / 2
+                if faces is not None:
+                    X[b, p, o_e + 10:o_e + 15] = _face_block(faces, kids[u], kids[v])
         return torch.from_numpy(X).to(self.device)
 
     # ---- which tokens are valid
