@@ -23,7 +23,8 @@ probable edges first, then completes it (decoding rules on the model's probabili
 ``--eval-split val`` compares with the validation graphs instead of the test graphs (for choosing
 settings); ``--face-features`` trains with the planarity inputs of the finest expansion;
 ``--metric-sensitivity`` trains nothing and measures how the MMD statistics react to edge deletions
-and flips of real graphs.  Each run also stores the generated graphs (``graphs.json``) and a
+and flips of real graphs.  Each run also stores the generated graphs (``graphs.json``: ``{"graphs": [{"n",
+"edges"}, ...], "run": ...}``) and a
 ``structure_summary`` (edges, triangles, degree shares, non-triangular faces) in ``metrics.json``.
 
 Pipeline: graphs -> :class:`GraphPyramidTokenizer` (exact tokens of a coarsening
@@ -343,8 +344,10 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     # what the MMD statistics react to (edges, triangles, degree shares, non-triangular faces), per set
     metrics["structure_summary"] = {"generated": structure_summary(gen), "test": structure_summary(test),
                                     "train": structure_summary(train_graphs)}
-    with open(os.path.join(out, "graphs.json"), "w") as f:  # the generated graphs, for later analysis
-        json.dump([{"n": G.number_of_nodes(), "edges": sorted(map(sorted, G.edges()))} for G in gen], f)
+    # the generated graphs, for later analysis (with the same provenance record as metrics.json)
+    write_result_json(os.path.join(out, "graphs.json"),
+                      {"graphs": [{"n": G.number_of_nodes(), "edges": sorted(map(sorted, G.edges()))} for G in gen]},
+                      started)
     metrics.update({
         "dataset": dataset, "eval_split": args.eval_split, "seed": args.seed, "quick": args.quick, "data_kw": data_kw, "train_config": cfg,
         "tokenizer": tok.config, "schedule_L": tok.schedule.L, "num_scales": len(tok.schedule),
