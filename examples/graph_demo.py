@@ -49,7 +49,7 @@ from tqdm import tqdm
 import msar
 from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
-from modalities.graph.constraints import PROPERTIES, EdgeScores, StructureHook
+from modalities.graph.constraints import PROPERTIES, EdgeScores, StructureHook, count_projection
 from modalities.graph.metrics import structure_summary
 from modalities.graph.tokenizer import PAD
 from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
@@ -326,8 +326,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                                   in zip(drawn, rec_r.project_each(drawn, project))])
             batch_graphs = [H for _, H, _, _ in best]
             for G, _, d, a in best:
-                for key, v in (("kept", G.number_of_edges() - d), ("dropped", d), ("added", a)):
-                    project_stats[key] = project_stats.get(key, 0) + v
+                count_projection(project_stats, G, d, a)
         gen.extend(batch_graphs)
         if structure:
             struct_stats = {key: struct_stats.get(key, 0) + sh.stats.get(key, 0) for key in sh.stats}

@@ -131,6 +131,13 @@ def project_graph(G: nx.Graph, scores: dict[tuple[int, int], float], prop: Prope
     return H, G.number_of_edges() - kept, added
 
 
+def count_projection(stats: dict[str, int], sample: nx.Graph, dropped: int, added: int) -> None:
+    """Add one :func:`project_graph` result to ``stats``: ``kept`` / ``dropped`` (edges of the sample)
+    and ``added`` (candidates)."""
+    for key, v in (("kept", sample.number_of_edges() - dropped), ("dropped", dropped), ("added", added)):
+        stats[key] = stats.get(key, 0) + v
+
+
 class EdgeScores:
     """``logits_hook`` (the valid-token mask, nothing else) that records the model's probability of every
     candidate edge of the finest level: ``scores[b][(a, c)]`` for fine nodes ``a < c`` of sample b.
@@ -180,9 +187,7 @@ class EdgeScores:
         total ``kept`` / ``dropped`` (edges of the samples) and ``added`` (candidates) counts."""
         out, stats = [], {"kept": 0, "dropped": 0, "added": 0}
         for G, (H, dropped, added) in zip(graphs, self.project_each(graphs, prop)):
-            stats["kept"] += G.number_of_edges() - dropped
-            stats["dropped"] += dropped
-            stats["added"] += added
+            count_projection(stats, G, dropped, added)
             out.append(H)
         return out, stats
 
