@@ -52,6 +52,7 @@ import msar
 from benchmarks.common import write_result_json
 from msar.training import (TokenDataset, TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig, VQVAETrainer,
                            build_loader, collate_tokens)
+from modalities.video.schedules import FRAME_CODINGS
 from modalities.video import (MovingDigits, VideoTokenizerConfig, VideoTokenizer, box_mask, fill_unknown,
                               frame_prediction_mask, interpolation_mask, video_known_masks)
 from modalities.video import metrics as vm
@@ -67,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="space-time pyramid: joint (t grows with scale), space (time at full length), frame (per-frame, frame-causal)")
     p.add_argument("--frames", type=int, default=9, help="1 + time_stride * n (the first frame is encoded alone)")
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--frame-coding", default="intra", choices=["intra", "delta"],
+    p.add_argument("--frame-coding", default="intra", choices=list(FRAME_CODINGS),
                    help="per-frame schedule: quantize every frame from scratch (intra) or as its change from the "
                         "previous frame's reconstruction (delta; every scale's input then shows the previous frame)")
     p.add_argument("--time-stride", type=int, default=2)

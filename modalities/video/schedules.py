@@ -30,6 +30,8 @@ from msar import GridPyramid, ScaleSchedule
 Side = Union[int, Sequence[int]]
 
 SCHEDULE_KINDS = ("joint", "space", "frame")
+# what a per-frame pyramid's scales quantize: each frame from scratch, or its change from the previous one
+FRAME_CODINGS = ("intra", "delta")
 
 
 # ---------------------------------------------------------------------------- argument checks
@@ -202,13 +204,11 @@ class FramePyramid:
       Prolongation stays causal (scale k writes frames ``>= t`` only).
     """
 
-    CODINGS = ("intra", "delta")
-
     def __init__(self, schedule: FrameScaleSchedule, up_mode: str = "bicubic", frame_coding: str = "intra"):
         if not isinstance(schedule, FrameScaleSchedule):
             raise TypeError(f"FramePyramid needs a FrameScaleSchedule (see frame_schedule), got {type(schedule).__name__}")
-        if frame_coding not in self.CODINGS:
-            raise ValueError(f"frame_coding must be one of {self.CODINGS}, got {frame_coding!r}")
+        if frame_coding not in FRAME_CODINGS:
+            raise ValueError(f"frame_coding must be one of {FRAME_CODINGS}, got {frame_coding!r}")
         self.schedule = schedule
         self.full = schedule.full_shape
         self.up_mode = up_mode

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from msar import MultiScaleVQTokenizer, PretrainedMixin, make_quantizer
 
-from .schedules import FrameScaleSchedule, build_schedule, make_pyramid
+from .schedules import FRAME_CODINGS, FrameScaleSchedule, build_schedule, make_pyramid
 
 
 # ---------------------------------------------------------------------------- causal building blocks
@@ -228,8 +228,8 @@ class VideoTokenizerConfig:
                              f"got {self.height}x{self.width}")
         if self.time_upsample not in ("depth", "repeat"):
             raise ValueError(f"VideoTokenizerConfig.time_upsample must be 'depth' or 'repeat', got {self.time_upsample!r}")
-        if self.frame_coding not in ("intra", "delta"):
-            raise ValueError(f"VideoTokenizerConfig.frame_coding must be 'intra' or 'delta', got {self.frame_coding!r}")
+        if self.frame_coding not in FRAME_CODINGS:
+            raise ValueError(f"VideoTokenizerConfig.frame_coding must be one of {FRAME_CODINGS}, got {self.frame_coding!r}")
         if self.frame_coding == "delta" and self.schedule != "frame":
             raise ValueError(f"frame_coding='delta' codes each frame against the previous one and needs "
                              f"schedule='frame', got schedule={self.schedule!r}")
