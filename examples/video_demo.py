@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ar-lr", type=float, default=3e-3)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--width", type=int, default=128)
+    p.add_argument("--coord-frequencies", type=int, default=0,
+                   help="transformer positions: add sin/cos features of every token's (t, y, x) cell centre at this "
+                        "many octaves (msar.TransformerConfig.coord_frequencies); 0 learns every position on its own")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.9)
@@ -111,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.set_defaults(num_train=400, tok_steps=40, ar_steps=40, samples_per_class=2, depth=1, width=32,
                        classifier_steps=150)
     args = p.parse_args(argv)
+    if args.coord_frequencies < 0:
+        p.error(f"--coord-frequencies must be >= 0, got {args.coord_frequencies}")
     if not args.temperature > 0:  # checked here, not after the training it would follow
         p.error(f"--temperature must be > 0, got {args.temperature}")
     if args.tok_channels is None:  # one more 64-wide stage per extra factor 2 of space_stride
@@ -297,7 +302,8 @@ def main(argv=None) -> dict:
     usage = float(torch.cat(train_set.indices, 1).unique().numel()) / cfg.vocab_size
     tcfg = msar.TransformerConfig(schedule=sched, vocab_size=cfg.vocab_size, latent_dim=cfg.latent_dim,
                                   num_classes=10, depth=args.depth, embed_dim=args.width,
-                                  num_heads=max(1, args.width // 32), cond_drop_rate=0.1)
+                                  num_heads=max(1, args.width // 32), cond_drop_rate=0.1,
+                                  coord_frequencies=args.coord_frequencies)
     model = msar.NextScaleTransformer(tcfg)
     print(f"transformer {model.num_parameters() / 1e6:.2f}M params, codebook use on train {usage:.0%}")
     ar_log, ar_val = train_transformer(model, tok, train_set, test_set, args)

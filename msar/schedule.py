@@ -162,6 +162,27 @@ class ScaleSchedule:
             raise IndexError(f"scale {k} out of range for a schedule of {K} scales")
         return k / (K - 1) if K > 1 else 1.0
 
+    def coordinates(self, k: int) -> torch.Tensor:
+        """Where the tokens of scale k sit in the data: ``(n_k, rank)`` float, each row a
+        token's cell centre in ``[0, 1]`` per grid axis, in the token layout (row-major).
+
+        Here every grid scale covers the whole latent, so cell ``i`` of a side ``n`` is centred
+        at ``(i + 0.5) / n``: tokens of different scales over the same place get nearby
+        coordinates (what :attr:`TransformerConfig.coord_frequencies` embeds).  Extension point:
+        a schedule whose scales cover part of the latent (the per-frame video pyramids, one
+        frame each) overrides it.  A token-count scale has no grid and no coordinates.
+        """
+        if not 0 <= k < self.num_scales:
+            raise IndexError(f"scale {k} out of range for a schedule of {self.num_scales} scales")
+        if not self.is_grid(k):
+            raise ValueError(f"scale {k} is a token count ({self.scales[k]}), not a grid: it has no coordinates")
+        axes = [(torch.arange(n, dtype=torch.float32) + 0.5) / n for n in self.scales[k]]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(axes))
+
+    def token_coordinates(self) -> torch.Tensor:
+        """``(L, rank)``: :meth:`coordinates` of every scale, in sequence order."""
+        return torch.cat([self.coordinates(k) for k in range(self.num_scales)])
+
     def level_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``(L,)`` long tensor: the scale index of every position."""
         counts = torch.tensor(self.token_counts, device=device)

@@ -76,3 +76,42 @@ def test_check_indices_messages():
         s.check_indices([good[0], torch.zeros(3, 4, dtype=torch.long)], 8)
     with pytest.raises(TypeError, match="integer tensor"):
         s.check_indices([good[0], torch.zeros(2, 4)], 8)
+
+
+def _centre_map(shape):
+    """``(1, rank, *shape)``: channel d holds the cell centre ``(i_d + 0.5) / n_d``."""
+    axes = [(torch.arange(n, dtype=torch.float32) + 0.5) / n for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij")).unsqueeze(0)
+
+
+@st.composite
+def dividing_schedules(draw):
+    rank = draw(st.integers(1, 3))
+    finest = tuple(draw(st.sampled_from([1, 2, 4, 8])) for _ in range(rank))
+    coarse = draw(st.lists(st.tuples(*[st.sampled_from([d for d in (1, 2, 4, 8) if n % d == 0]) for n in finest]),
+                           min_size=0, max_size=3))
+    return ScaleSchedule(sorted(coarse, key=lambda s: s) + [finest])
+
+
+@given(dividing_schedules())
+def test_coordinates_follow_the_token_layout_and_the_pyramid(s):
+    """Catches a flatten order other than the tokens' and coordinates that do not sit where the
+    pyramid puts a token: a coarse token's centre is the area average of the finest centres it
+    pools (GridPyramid.restrict of the finest centre map)."""
+    from msar import GridPyramid
+    from msar.quantizer import to_tokens
+    pyr = GridPyramid(s)
+    fine = _centre_map(s[-1])
+    for k in range(len(s)):
+        c = s.coordinates(k)
+        assert c.shape == (s.token_counts[k], s.rank)
+        torch.testing.assert_close(c, to_tokens(_centre_map(s[k]))[0])
+        torch.testing.assert_close(c, to_tokens(pyr.restrict(fine, k))[0])
+    assert torch.equal(s.token_coordinates(), torch.cat([s.coordinates(k) for k in range(len(s))]))
+
+
+def test_coordinates_need_a_grid():
+    with pytest.raises(ValueError, match="token count"):
+        ScaleSchedule([3, 5]).coordinates(1)
+    with pytest.raises(IndexError, match="out of range"):
+        ScaleSchedule([(1, 1), (2, 2)]).coordinates(2)

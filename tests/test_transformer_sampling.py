@@ -9,11 +9,11 @@ from msar import (MultiScaleResidualQuantizer, MultiScaleVQTokenizer, NextScaleT
                   TransformerConfig, filter_top_k_top_p, sample, sample_tokens)
 
 
-def tiny(schedule, V=16, C=4, classes=3, depth=2, width=32, heads=2, shared=False, l2=True, seed=0):
+def tiny(schedule, V=16, C=4, classes=3, depth=2, width=32, heads=2, shared=False, l2=True, seed=0, coords=0):
     torch.manual_seed(seed)
     cfg = TransformerConfig(schedule=schedule, vocab_size=V, latent_dim=C, num_classes=classes, depth=depth,
                             embed_dim=width, num_heads=heads, shared_aln=shared, attn_l2_norm=l2,
-                            init_adaln_gamma=0.5, init_head=1.0)  # larger than VAR's: logits that vary
+                            init_adaln_gamma=0.5, init_head=1.0, coord_frequencies=coords)  # larger than VAR's: logits that vary
     model = NextScaleTransformer(cfg).eval()
     tok = MultiScaleVQTokenizer(nn.Identity(), nn.Identity(), MultiScaleResidualQuantizer(V, C, schedule))
     return model, tok
@@ -369,3 +369,57 @@ def test_block_causal_attention_in_pieces_equals_the_masked_attention():
         torch.testing.assert_close(a, b)
     assert model._unmasked_tail(torch.ones_like(mask)) == ()
     assert model._unmasked_tail(torch.tril(torch.ones_like(mask))) == ()
+
+
+def test_fourier_features_formula():
+    from msar.models.transformer import fourier_features
+    c = torch.rand(7, 3)
+    f = fourier_features(c, 4)
+    j = torch.arange(4, dtype=torch.float32)
+    ang = (c[:, :, None] * torch.pi * 2 ** j).reshape(7, 12)  # axis-major, octave-minor
+    torch.testing.assert_close(f, torch.cat((ang.sin(), ang.cos()), 1))
+
+
+@pytest.mark.parametrize("cfg", [0.0, 2.0])
+def test_coordinate_positions_reach_every_path(cfg, tmp_path):
+    """``coord_frequencies`` adds the embedded cell centres to the positions of the teacher-forced
+    forward, the KV-cached sampler (both halves of guidance) and a saved-and-loaded model:
+    greedy samples equal the argmax of the teacher-forced logits, and dropping the coordinate
+    term changes them (catches coordinates that one path leaves out)."""
+    from msar import from_pretrained, guidance_strength
+    model, tok = tiny(SCHED, V=64, coords=3)
+    labels = torch.tensor([0, 2])
+    out = sample(model, tok, labels, cfg=cfg, top_k=1)
+    x = tok.teacher_forcing_input(out.indices)
+
+    def guided(m):
+        logits = m(labels, x)
+        if not cfg:
+            return logits
+        null = m(torch.full_like(labels, m.null_label), x, allow_null=True)
+        t = torch.cat([torch.full((n,), guidance_strength(cfg, m.schedule.progress(k)))
+                       for k, n in enumerate(m.schedule.token_counts)]).view(1, -1, 1)
+        return (1 + t) * logits - t * null
+
+    assert torch.equal(torch.cat(out.indices, 1), guided(model).argmax(-1))
+    model.save_pretrained(tmp_path / "m")
+    loaded = from_pretrained(tmp_path / "m").eval()
+    assert loaded.cfg.coord_frequencies == 3
+    assert torch.equal(torch.cat(sample(loaded, tok, labels, cfg=cfg, top_k=1).indices, 1), torch.cat(out.indices, 1))
+    with torch.no_grad():
+        model.pos_embed_coords.weight.zero_()
+    assert not torch.equal(sample(model, tok, labels, cfg=cfg, top_k=1).indices[-1], out.indices[-1])
+
+
+def test_coordinate_positions_config():
+    from msar.training.optim import param_groups
+    plain, _ = tiny(SCHED)
+    assert plain.pos_embed_coords is None and not any("coords" in n for n, _ in plain.named_parameters())
+    model, _ = tiny(SCHED, coords=2)
+    decay, no_decay = param_groups(model, 0.05)
+    assert "pos_embed_coords.weight" in no_decay["names"] and "pos_embed_coords.weight" not in decay["names"]
+    assert model.pos_embed_coords.in_features == 2 * 2 * len(SCHED[0])
+    with pytest.raises(ValueError, match="grid scales"):
+        tiny([1, 3], coords=2)
+    with pytest.raises(ValueError, match="coord_frequencies"):
+        tiny(SCHED, coords=-1)

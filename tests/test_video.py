@@ -552,3 +552,21 @@ def test_demo_runs_end_to_end_and_a_rerun_resumes_from_its_checkpoints(tmp_path)
     same = lambda key: json.dumps(second[key], sort_keys=True) == json.dumps(first[key], sort_keys=True)
     assert same("generated") and same("zero_shot")
     assert second["tokenizer"]["test_psnr_db"] == first["tokenizer"]["test_psnr_db"]
+
+
+@given(shape_and_sides())
+def test_frame_schedule_coordinates_sit_in_their_frame(case):
+    """A per-frame scale's (t, y, x) coordinates are where FramePyramid pools it from: frame
+    ``frame_of[k]`` of a centre map of the whole latent (catches a time coordinate that runs
+    over the scales instead of the frames, as the plain grid formula would give)."""
+    (T, H, W), sides = case
+    s = frame_schedule((T, H, W), sides)
+    pyr = make_pyramid(s)
+    axes = [(torch.arange(n, dtype=torch.float32) + 0.5) / n for n in (T, H, W)]
+    centres = torch.stack(torch.meshgrid(*axes, indexing="ij")).unsqueeze(0)  # (1, 3, T, H, W)
+    for k in range(len(s)):
+        h, w = s.spatial[k]
+        if H % h or W % w:  # area pooling averages whole cells only when the side divides
+            continue
+        pooled = pyr.restrict(centres, k).flatten(2).transpose(1, 2)[0]  # (n_k, 3)
+        torch.testing.assert_close(s.coordinates(k), pooled)

@@ -146,6 +146,14 @@ class FrameScaleSchedule(ScaleSchedule):
         n = self.scales_per_frame
         return (k - self.first_scale_of(self.frame_of[k])) / (n - 1) if n > 1 else 1.0
 
+    def coordinates(self, k: int) -> torch.Tensor:
+        """``(n_k, 3)`` cell centres ``(t, y, x)`` in ``[0, 1]``: scale k's ``(1, h, w)`` grid covers
+        latent frame ``frame_of[k]`` only, so its time coordinate is that frame's centre
+        ``(t + 0.5) / T`` (the same place in two frames differs only in ``t``)."""
+        c = super().coordinates(k)
+        c[:, 0] = (self.frame_of[k] + 0.5) / self.full_shape[0]
+        return c
+
     def first_scale_of(self, t: int) -> int:
         """Index of the first (1x1-ish) scale of latent frame t."""
         return t * self.scales_per_frame

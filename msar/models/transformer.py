@@ -11,7 +11,7 @@ KV cache::
 
     cond = class_embed(label)                                   # (B, C)
     h    = [cond + start_pos, input_proj(x_1..x_{K-1})]         # (B, L, C)
-    h   += level_embed(level_ids) + pos_embed (+ extra_pos)
+    h   += level_embed(level_ids) + pos_embed (+ pos_embed_coords(fourier(cell centres))) (+ extra_pos)
     for block in blocks: h = block(h, cond, block-causal mask)
     logits = head(head_norm(h, cond))                           # (B, L, V)
 
@@ -385,6 +385,11 @@ class TransformerConfig:
     cond_dim: int = 0
     cross_attention: Optional[bool] = None
     init_cross_attn: float = 0.0
+    # coordinate positions: > 0 adds a learned projection of the tokens' cell centres
+    # (ScaleSchedule.token_coordinates, sin/cos at this many octaves per axis) to the learned
+    # per-position embedding, so the same place at another scale or in another frame starts
+    # with a similar position; 0 (VAR) learns every position on its own.  Grid schedules only.
+    coord_frequencies: int = 0
 
     @classmethod
     def var(cls, depth: int, schedule: list, vocab_size: int = 4096, latent_dim: int = 32,
@@ -393,6 +398,14 @@ class TransformerConfig:
         return cls(schedule=schedule, vocab_size=vocab_size, latent_dim=latent_dim, num_classes=num_classes,
                    depth=depth, embed_dim=64 * depth, num_heads=depth, drop_path_rate=0.1 * depth / 24,
                    shared_aln=shared_aln, attn_l2_norm=True, **kw)
+
+
+def fourier_features(coords: torch.Tensor, num_frequencies: int) -> torch.Tensor:
+    """``coords (L, D)`` in ``[0, 1]`` -> ``(L, 2 * num_frequencies * D)``: ``sin`` and ``cos`` of
+    ``2^j * pi * c`` for ``j < num_frequencies`` (octave j resolves cells of side ``2^-j``)."""
+    freqs = math.pi * 2.0 ** torch.arange(num_frequencies, dtype=torch.float32)  # (F,)
+    angles = (coords.float().unsqueeze(-1) * freqs).flatten(1)                     # (L, D * F)
+    return torch.cat((angles.sin(), angles.cos()), dim=1)
 
 
 def uses_cross_attention(cfg: TransformerConfig) -> bool:
@@ -463,6 +476,13 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         self.start_pos = nn.Parameter(torch.empty(1, self.first_len, C))
         self.pos_embed = nn.Parameter(torch.empty(1, self.seq_len, C))
         self.level_embed = nn.Embedding(len(s), C)
+        F_ = cfg.coord_frequencies
+        if not (isinstance(F_, int) and not isinstance(F_, bool) and F_ >= 0):
+            raise ValueError(f"coord_frequencies must be an int >= 0, got {F_!r}")
+        if F_ and not all(s.is_grid(k) for k in range(len(s))):
+            raise ValueError(f"coord_frequencies={F_} needs a schedule of grid scales (token coordinates), got {s}")
+        # named *pos_embed* so that it shares pos_embed's no-weight-decay rule (training.optim)
+        self.pos_embed_coords = nn.Linear(2 * F_ * s.rank, C, bias=False) if F_ else None
         for t in (self.class_embed.weight, self.start_pos, self.pos_embed, self.level_embed.weight):
             nn.init.trunc_normal_(t.data, mean=0, std=init_std)
 
@@ -494,6 +514,9 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         Needed after ``to_empty`` on a model built on the meta device."""
         self.register_buffer("level_ids", self.schedule.level_ids(device), persistent=False)
         self.register_buffer("attn_mask", self.schedule.attn_mask("bool", device=device), persistent=False)
+        if self.cfg.coord_frequencies:  # (L, 2 * F * rank), fixed by the schedule
+            coords = fourier_features(self.schedule.token_coordinates(), self.cfg.coord_frequencies)
+            self.register_buffer("coord_features", coords.to(device), persistent=False)
 
     @property
     def null_label(self) -> int:
@@ -666,6 +689,8 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         """Level + position embedding ``(1, L, C)``, plus the adapter's ``extra_pos``
         ``(B or 1, L, C)`` when given (then ``(B or 1, L, C)``)."""
         pos = self.level_embed(self.level_ids).unsqueeze(0) + self.pos_embed
+        if self.pos_embed_coords is not None:
+            pos = pos + self.pos_embed_coords(self.coord_features).unsqueeze(0)
         if extra_pos is not None:
             self._check_extra_pos(extra_pos)
             pos = pos + extra_pos
