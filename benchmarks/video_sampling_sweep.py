@@ -37,6 +37,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pipeline", required=True, help="a video pipeline folder (the demo's <out>/pipeline)")
     p.add_argument("--out", required=True, help="result JSON path")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="settings to measure")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--samples-per-class", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
@@ -50,7 +51,7 @@ def main(argv=None) -> dict:
     clf = vm.FrameDigitClassifier(crop=train.digit_size, steps=1500).fit(X[:1000], Y[:1000])
     labels = torch.arange(10).repeat_interleave(args.samples_per_class)
     rows = {}
-    for name, kw in tqdm(SETTINGS.items(), desc="settings"):
+    for name, kw in tqdm([(n, SETTINGS[n]) for n in args.settings], desc="settings"):
         per_seed = []
         for seed in args.seeds:
             with torch.no_grad():
