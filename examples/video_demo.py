@@ -59,6 +59,11 @@ from modalities.video import metrics as vm
 from modalities.video.viz import save_filmstrip, save_gif
 
 
+def test_videos(args: argparse.Namespace) -> int:
+    """Size of the held-out set (reconstructions, validation, edits)."""
+    return 64 if args.quick else 256
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/video_demo")
@@ -120,6 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.samples_per_class < 1 or args.edit_videos < 1:
         p.error(f"--samples-per-class and --edit-videos must be >= 1, got {args.samples_per_class}, {args.edit_videos}")
+    if args.edit_videos > test_videos(args):
+        p.error(f"--edit-videos {args.edit_videos}: the held-out set has {test_videos(args)} videos")
     if args.coord_frequencies < 0:
         p.error(f"--coord-frequencies must be >= 0, got {args.coord_frequencies}")
     if not args.temperature > 0:  # checked here, not after the training it would follow
@@ -256,7 +263,7 @@ def main(argv=None) -> dict:
 
     # ---------------- data
     train = MovingDigits(args.num_train, num_frames=args.frames, size=args.size, seed=args.seed, split="train")
-    test = MovingDigits(256 if not args.quick else 64, num_frames=args.frames, size=args.size, seed=args.seed + 1,
+    test = MovingDigits(test_videos(args), num_frames=args.frames, size=args.size, seed=args.seed + 1,
                         split="test")
     Xtr, Ytr = train.tensors()
     Xte, Yte = test.tensors()

@@ -570,3 +570,19 @@ def test_frame_schedule_coordinates_sit_in_their_frame(case):
             continue
         pooled = pyr.restrict(centres, k).flatten(2).transpose(1, 2)[0]  # (n_k, 3)
         torch.testing.assert_close(s.coordinates(k), pooled)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--coord-frequencies", "-1"], "--coord-frequencies must be >= 0"),
+    (["--samples-per-class", "0"], "must be >= 1"),
+    (["--edit-videos", "257"], "the held-out set has 256 videos"),
+    (["--quick", "--edit-videos", "65"], "the held-out set has 64 videos"),
+])
+def test_video_demo_refuses_bad_settings_before_training(argv, message, capsys):
+    """Settings that would fail (or be silently cut) after minutes of training are refused at parse time."""
+    from examples.video_demo import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+    assert parse_args(["--edit-videos", "256"]).edit_videos == 256
