@@ -476,13 +476,13 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         self.start_pos = nn.Parameter(torch.empty(1, self.first_len, C))
         self.pos_embed = nn.Parameter(torch.empty(1, self.seq_len, C))
         self.level_embed = nn.Embedding(len(s), C)
-        F_ = cfg.coord_frequencies
-        if not (isinstance(F_, int) and not isinstance(F_, bool) and F_ >= 0):
-            raise ValueError(f"coord_frequencies must be an int >= 0, got {F_!r}")
-        if F_ and not all(s.is_grid(k) for k in range(len(s))):
-            raise ValueError(f"coord_frequencies={F_} needs a schedule of grid scales (token coordinates), got {s}")
+        n_freq = cfg.coord_frequencies
+        if not (isinstance(n_freq, int) and not isinstance(n_freq, bool) and n_freq >= 0):
+            raise ValueError(f"coord_frequencies must be an int >= 0, got {n_freq!r}")
+        if n_freq and not all(s.is_grid(k) for k in range(len(s))):
+            raise ValueError(f"coord_frequencies={n_freq} needs a schedule of grid scales (token coordinates), got {s}")
         # named *pos_embed* so that it shares pos_embed's no-weight-decay rule (training.optim)
-        self.pos_embed_coords = nn.Linear(2 * F_ * s.rank, C, bias=False) if F_ else None
+        self.pos_embed_coords = nn.Linear(2 * n_freq * s.rank, C, bias=False) if n_freq else None
         for t in (self.class_embed.weight, self.start_pos, self.pos_embed, self.level_embed.weight):
             nn.init.trunc_normal_(t.data, mean=0, std=init_std)
 
