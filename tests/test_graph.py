@@ -697,4 +697,4 @@ def test_demo_rejects_a_projection_rule_without_projection():
     # catches: --projection silently ignored when nothing is projected (a run that claims a rule it never used)
     from examples.graph_demo import main
     with pytest.raises(SystemExit, match="add --project"):
-        main(["--dataset", "planar", "--projection", "degrees", "--out", "/nonexistent/never_written"])
+        main(["--dataset", "planar", "--projection", "degrees", "--out", "/dev/null/never_written"])
