@@ -69,7 +69,7 @@ rule keeps every node near the degree ``t(x)`` it has in the model's sample ``G`
             accept the flip lowering sum_x (deg_H(x) - t(x))^2 most, if prop(H')
 
 Every edge of the result is one the model gave probability to (an edge of the sample or a
-candidate), and the edge count is that of the completed projection.
+candidate), and the flips keep the edge count of the completed graph.
 """
 from __future__ import annotations
 
@@ -157,9 +157,10 @@ def project_graph(G: nx.Graph, scores: dict[tuple[int, int], float], prop: Prope
 def flip_to_degrees(H: nx.Graph, scores: dict[tuple[int, int], float], target: dict[int, int], prop: Property,
                     max_rounds: int = 10) -> tuple[nx.Graph, int]:
     """Edge flips ``(p, q) -> (x, r)`` (``x``, ``r`` common neighbours of ``p`` and ``q``, ``(x, r)`` a candidate
-    of ``scores`` not in ``H``) that lower ``sum (deg(x) - target(x))^2`` and keep ``prop``; per edge the flip
-    with the largest decrease (ties: the more probable candidate). Sweeps the edges until a sweep accepts
-    no flip, at most ``max_rounds`` times. Returns the new graph and the number of flips."""
+    of ``scores`` not in ``H``; pairs ``a < c`` as :class:`EdgeScores` records them) that lower
+    ``sum over nodes v of (deg(v) - target[v])^2``. Per edge, the flip with the largest decrease (ties: the
+    more probable candidate) is made if ``prop`` still holds, otherwise the edge stays. Sweeps the edges until
+    a sweep accepts no flip, at most ``max_rounds`` times. Returns a new graph and the number of flips."""
     H, flips = H.copy(), 0
 
     def cost_change(x: int, step: int) -> int:  # change of (deg(x) - t(x))^2 when deg(x) moves by step
@@ -229,8 +230,8 @@ PROJECTIONS = {"greedy": project_graph, "degrees": project_graph_degrees}
 
 
 def count_projection(stats: dict[str, int], sample: nx.Graph, dropped: int, added: int) -> None:
-    """Add one :func:`project_graph` result to ``stats``: ``kept`` / ``dropped`` (edges of the sample)
-    and ``added`` (candidates)."""
+    """Add one projection result (:data:`PROJECTIONS`) to ``stats``: ``kept`` / ``dropped`` (edges of the
+    sample) and ``added`` (candidates)."""
     for key, v in (("kept", sample.number_of_edges() - dropped), ("dropped", dropped), ("added", added)):
         stats[key] = stats.get(key, 0) + v
 
