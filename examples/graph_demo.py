@@ -19,7 +19,9 @@ planar (grid: planar, degree <= 4, bipartite) while it draws the edge tokens
 ``--complete`` then adds the finest level's most probable candidate edges that keep the property;
 ``--project`` samples without the structure hook and projects each sample onto the property, most
 probable edges first, then completes it (decoding rules on the model's probabilities, reported apart);
-``--best-of N`` keeps, of N such draws, the one whose projection dropped the fewest edges.
+``--best-of N`` keeps, of N such draws, the one whose projection dropped the fewest edges;
+``--projection degrees`` projects keeping every node near its degree in the sample
+(:func:`modalities.graph.constraints.project_graph_degrees`).
 ``--eval-split val`` compares with the validation graphs instead of the test graphs (for choosing
 settings); ``--face-features`` trains with the planarity inputs of the finest expansion;
 ``--metric-sensitivity`` trains nothing and measures how the MMD statistics react to edge deletions
@@ -49,7 +51,7 @@ from tqdm import tqdm
 import msar
 from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
-from modalities.graph.constraints import PROPERTIES, EdgeScores, StructureHook, count_projection
+from modalities.graph.constraints import PROJECTIONS, PROPERTIES, EdgeScores, StructureHook, count_projection
 from modalities.graph.metrics import structure_summary
 from modalities.graph.tokenizer import PAD
 from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
@@ -314,7 +316,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         if structure and args.complete:  # add the finest level's likely candidate edges that keep the property
             batch_graphs = sh.complete(batch_graphs)
         if project:
-            best = [(G, H, d, a) for G, (H, d, a) in zip(batch_graphs, rec.project_each(batch_graphs, project))]
+            best = [(G, H, d, a) for G, (H, d, a)
+                    in zip(batch_graphs, rec.project_each(batch_graphs, project, args.projection))]
             for r in range(1, args.best_of):  # further draws; keep, per output, the one that needed the fewest drops
                 rec_r = EdgeScores(tok, args.temperature)
                 res_r = msar.sample(model, tok, batch_size=b, cfg=0.0, top_k=0, top_p=args.top_p,
@@ -323,7 +326,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                     known=known, known_mask=known_mask)
                 drawn = graphs_from(res_r.data)
                 best = keep_fewest_dropped(best, [(G, H, d, a) for G, (H, d, a)
-                                                  in zip(drawn, rec_r.project_each(drawn, project))])
+                                                  in zip(drawn, rec_r.project_each(drawn, project, args.projection))])
             batch_graphs = [H for _, H, _, _ in best]
             for G, _, d, a in best:
                 count_projection(project_stats, G, d, a)
@@ -355,6 +358,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                         "constrained": not args.no_constrain, "seed": sample_seed,
                                         "structure": structure, "expand_test": args.expand_test,
                                         "complete": args.complete, "project": project,
+                                        "projection": args.projection if project else None,
                                         "best_of": args.best_of},
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "structure": structure, "structure_stats": struct_stats if structure else None,
@@ -457,6 +461,10 @@ def main(argv=None) -> None:
                    help="sample the model with the valid-token mask only, then keep its finest-level edges most "
                         "probable first while the structure property holds and add the other candidates the same "
                         "way (modalities.graph.constraints.EdgeScores.project; a decoding rule, reported apart)")
+    p.add_argument("--projection", default="greedy", choices=sorted(PROJECTIONS),
+                   help="with --project: the rule. greedy: the sample's edges most probable first, then the candidates; "
+                        "degrees: the same, then candidates at nodes below their sampled degree first, then edge flips "
+                        "toward the sampled degrees (modalities.graph.constraints.project_graph_degrees)")
     p.add_argument("--best-of", type=int, default=1, metavar="N",
                    help="with --project: draw N samples per output graph and keep the one whose projection drops "
                         "the fewest of its edges (the closest to valid; N -> infinity with none dropped is the model "
@@ -494,6 +502,8 @@ def main(argv=None) -> None:
                              "--structure auto on planar / grid or name a property, without --no-constrain")
     if args.project and args.complete:
         raise SystemExit("--project completes by itself (it samples without the structure hook): drop --complete")
+    if args.projection != "greedy" and not args.project:
+        raise SystemExit(f"--projection {args.projection} is a rule of --project: add --project")
     if args.best_of < 1 or (args.best_of > 1 and not args.project):
         raise SystemExit(f"--best-of N needs N >= 1 and --project (it picks among projections), got {args.best_of}")
     if args.expand_test < 0:

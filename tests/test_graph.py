@@ -532,6 +532,15 @@ def test_structure_hook_completion_is_maximal_over_the_finest_candidates():
     for G, H, sc in zip(raw, proj, rec.scores):
         assert nx.check_planarity(H)[0] and set(H.edges()) <= set(G.edges()) | set(sc)
         assert all(e in sc or (e[1], e[0]) in sc for e in G.edges())  # every sampled edge is a candidate
+    # the degree-keeping rule: planar, only edges the model proposed, the counts as the differences
+    proj_d, stats_d = rec.project(raw, "planar", rule="degrees")
+    for G, H, sc in zip(raw, proj_d, rec.scores):
+        assert nx.check_planarity(H)[0] and set(H.edges()) <= set(G.edges()) | set(sc)
+    assert stats_d["kept"] + stats_d["dropped"] == sum(G.number_of_edges() for G in raw)
+    assert stats_d["added"] == sum(len({frozenset(e) for e in H.edges()} - {frozenset(e) for e in G.edges()})
+                                   for G, H in zip(raw, proj_d))
+    with pytest.raises(ValueError, match="unknown projection rule"):
+        rec.project(raw, "planar", rule="nearest")
 
 
 def test_projection_keeps_the_sample_most_probable_first_then_completes():
@@ -550,6 +559,56 @@ def test_projection_keeps_the_sample_most_probable_first_then_completes():
     assert set(H.edges()) == set(G.edges()) and (dropped, added) == (0, 0)
     H, dropped, added = project_graph(nx.empty_graph(5), {e: 0.5 for e in k5}, planar_property)
     assert H.number_of_edges() == 9 and (dropped, added) == (0, 9)
+
+
+def test_degree_projection_fills_deficient_nodes_first():
+    # catches: a completion that ignores the sampled degrees (it would give the free slot to the most
+    # probable candidate, a node already at its degree), passes in the wrong order, or counts of
+    # dropped / added edges that are not the differences between sample and result
+    from modalities.graph.constraints import PROJECTIONS, project_graph, project_graph_degrees
+
+    def budget(m):  # hereditary: (2, 3) and (6, 7) never allowed, at most m edges
+        return lambda H, final: not (H.has_edge(2, 3) or H.has_edge(6, 7)) and H.number_of_edges() <= m
+
+    G = nx.Graph([(0, 1), (2, 3), (4, 5), (6, 7)])  # every node of degree 1 in the sample
+    scores = {(0, 1): 0.9, (2, 3): 0.9, (4, 5): 0.8, (6, 7): 0.8, (0, 4): 0.95, (3, 5): 0.5, (2, 6): 0.2}
+    H, dropped, added = project_graph_degrees(G, scores, budget(4))
+    assert set(H.edges()) == {(0, 1), (4, 5), (2, 6), (3, 5)} and (dropped, added) == (2, 2)
+    H, _, _ = PROJECTIONS["degrees"](G, scores, budget(3))  # both endpoints below their degree: first
+    assert set(H.edges()) == {(0, 1), (4, 5), (2, 6)}
+    H, _, _ = project_graph(G, scores, budget(4))  # the greedy rule: most probable candidates first
+    assert set(H.edges()) == {(0, 1), (4, 5), (0, 4), (3, 5)}
+
+
+def test_degree_flips_move_edges_toward_the_target_degrees():
+    # catches: a flip to a pair the model never proposed, a flip that breaks the property or raises the
+    # squared degree error, and a repair that stops before the flip that matches the targets
+    from modalities.graph.constraints import flip_to_degrees, planar_property
+    H = nx.Graph([(0, 1), (0, 2), (1, 2), (0, 3), (1, 3)])  # two triangles on (0, 1); 2 and 3 not joined
+    want = {0: 2, 1: 2, 2: 3, 3: 3}
+    out, flips = flip_to_degrees(H, {(2, 3): 0.1}, want, planar_property)
+    assert flips == 1 and set(out.edges()) == {(0, 2), (1, 2), (0, 3), (1, 3), (2, 3)}
+    assert set(H.edges()) == {(0, 1), (0, 2), (1, 2), (0, 3), (1, 3)}  # the input is not modified
+    out, flips = flip_to_degrees(H, {}, want, planar_property)  # (2, 3) not a candidate: no flip
+    assert flips == 0 and set(out.edges()) == set(H.edges())
+    out, flips = flip_to_degrees(H, {(2, 3): 0.1}, dict(H.degree()), planar_property)  # already at target
+    assert flips == 0
+    out, flips = flip_to_degrees(H, {(2, 3): 0.1}, want, lambda G, final: not G.has_edge(2, 3))
+    assert flips == 0 and set(out.edges()) == set(H.edges())
+    # the error is squared: one node two below its degree outweighs two nodes one off (an absolute error
+    # would see no gain), and a flip that leaves the error as it is, is not made
+    assert flip_to_degrees(H, {(2, 3): 0.1}, {0: 2, 1: 3, 2: 4, 3: 2}, planar_property)[1] == 1
+    assert flip_to_degrees(H, {(2, 3): 0.1}, {0: 3, 1: 2, 2: 3, 3: 2}, planar_property)[1] == 0
+    # a node stacked in a triangle of a wheel (degree 3, clustering 1) gains an edge from the hub's side
+    W = nx.wheel_graph(6)  # hub 0, rim 1..5
+    W.add_edges_from([(6, 0), (6, 1), (6, 5)])  # node 6 inside triangle (0, 1, 5)
+    target = dict(W.degree())
+    for x, step in ((0, -1), (1, -1), (2, 1), (6, 1)):  # reachable by the flip (0, 1) -> (2, 6)
+        target[x] += step
+    cands = {(a, c): 0.5 for a in range(7) for c in range(a + 1, 7)}
+    out, flips = flip_to_degrees(W, cands, target, planar_property)
+    assert flips >= 1 and all(out.degree(x) == target[x] for x in out)
+    assert planar_property(out, True) and out.number_of_edges() == W.number_of_edges()
 
 
 # ---------------------------------------------------------------------------- planar face features, structure summary
@@ -632,3 +691,10 @@ def test_best_of_keeps_the_draw_whose_projection_dropped_fewest_edges():
     assert [c[0] for c in keep_fewest_dropped(first, second)] == ["t0", "s1", "s2"]
     with pytest.raises(ValueError, match="kept candidates"):
         keep_fewest_dropped(first, second[:2])
+
+
+def test_demo_rejects_a_projection_rule_without_projection():
+    # catches: --projection silently ignored when nothing is projected (a run that claims a rule it never used)
+    from examples.graph_demo import main
+    with pytest.raises(SystemExit, match="add --project"):
+        main(["--dataset", "planar", "--projection", "degrees", "--out", "/dev/null/never_written"])

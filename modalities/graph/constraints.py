@@ -52,6 +52,24 @@ finest-level edges most probable first wherever the property holds and complete 
 Coarser levels are the model's own sample.  Completion and projection are deterministic decoding
 rules on top of the model's probabilities, not samples of the model: report them apart from the
 hook's own samples and from the raw ones.
+
+Degree-keeping projection (:func:`project_graph_degrees`, ``EdgeScores.project(..., rule="degrees")``).
+The projection above drops the edges that lose planarity conflicts, and those concentrate on a few
+nodes: each ends up joined to the three corners of the triangle it sits in (degree 3), while
+completion gives the freed candidates to neighbours that already have their edges (hubs).  This
+rule keeps every node near the degree ``t(x)`` it has in the model's sample ``G``::
+
+    H = G's edges, most probable first, where prop holds                      # as projection
+    for need in (both endpoints below t, one endpoint below t, none):         # completion, deficits first
+        for (a, c) in candidates, by P descending:
+            if need holds for (a, c) and prop(H + (a, c)): H = H + (a, c)
+    repeat until no flip is accepted:                                         # degree repair
+        for (p, q) in H, x and r common neighbours of p and q, (x, r) a candidate not in H:
+            H' = H - (p, q) + (x, r)          # an edge flip: same edge count, (x, r) the model proposed
+            accept the flip lowering sum_x (deg_H(x) - t(x))^2 most, if prop(H')
+
+Every edge of the result is one the model gave probability to (an edge of the sample or a
+candidate), and the flips keep the edge count of the completed graph.
 """
 from __future__ import annotations
 
@@ -102,13 +120,18 @@ def _property(prop: Property | str) -> Property:
 _MASK_BITS = torch.tensor([[(m >> q) & 1 for q in range(4)] for m in range(1, 16)], dtype=torch.float32)
 
 
+def _by_probability(scores: dict[tuple[int, int], float]) -> list[tuple[int, int]]:
+    """Candidate pairs, most probable first (ties: by pair, so the order is deterministic)."""
+    return [e for e, _ in sorted(scores.items(), key=lambda item: (-item[1], item[0]))]
+
+
 def complete_graph(G: nx.Graph, scores: dict[tuple[int, int], float], prop: Property) -> tuple[nx.Graph, int]:
     """Add the candidate edges ``scores`` (pair -> probability) missing from ``G``, most probable first,
     each only if ``prop(G, True)`` still holds; returns the new graph and the number of edges added.
     For a hereditary ``prop`` that ``G`` satisfies, the result is maximal: no candidate left out can
     be added."""
     H, added = G.copy(), 0
-    for (a, c), _ in sorted(scores.items(), key=lambda item: (-item[1], item[0])):  # ties: by pair
+    for a, c in _by_probability(scores):
         if a == c or H.has_edge(a, c) or not (H.has_node(a) and H.has_node(c)):
             continue
         H.add_edge(a, c)
@@ -131,9 +154,84 @@ def project_graph(G: nx.Graph, scores: dict[tuple[int, int], float], prop: Prope
     return H, G.number_of_edges() - kept, added
 
 
+def flip_to_degrees(H: nx.Graph, scores: dict[tuple[int, int], float], target: dict[int, int], prop: Property,
+                    max_rounds: int = 10) -> tuple[nx.Graph, int]:
+    """Edge flips ``(p, q) -> (x, r)`` (``x``, ``r`` common neighbours of ``p`` and ``q``, ``(x, r)`` a candidate
+    of ``scores`` not in ``H``; pairs ``a < c`` as :class:`EdgeScores` records them) that lower
+    ``sum over nodes v of (deg(v) - target[v])^2``. Per edge, the flip with the largest decrease (ties: the
+    more probable candidate) is made if ``prop`` still holds, otherwise the edge stays. Sweeps the edges until
+    a sweep accepts no flip, at most ``max_rounds`` times. Returns a new graph and the number of flips."""
+    H, flips = H.copy(), 0
+
+    def cost_change(x: int, step: int) -> int:  # change of (deg(x) - t(x))^2 when deg(x) moves by step
+        d = H.degree(x) - target[x]
+        return (d + step) ** 2 - d ** 2
+
+    for _ in range(max_rounds):
+        accepted = 0
+        for p, q in sorted(H.edges()):
+            if not H.has_edge(p, q):  # flipped away earlier in this sweep
+                continue
+            common = sorted(set(H[p]) & set(H[q]))
+            drop = cost_change(p, -1) + cost_change(q, -1)
+            best = None
+            for i, x in enumerate(common):
+                for r in common[i + 1:]:
+                    s = scores.get((x, r), 0.0)
+                    if s <= 0 or H.has_edge(x, r):
+                        continue
+                    gain = -(drop + cost_change(x, 1) + cost_change(r, 1))
+                    if gain > 0 and (best is None or (gain, s) > best[0]):
+                        best = ((gain, s), x, r)
+            if best is None:
+                continue
+            _, x, r = best
+            H.remove_edge(p, q)
+            H.add_edge(x, r)
+            if prop(H, True):
+                accepted += 1
+            else:
+                H.remove_edge(x, r)
+                H.add_edge(p, q)
+        flips += accepted
+        if not accepted:
+            break
+    return H, flips
+
+
+def project_graph_degrees(G: nx.Graph, scores: dict[tuple[int, int], float],
+                          prop: Property) -> tuple[nx.Graph, int, int]:
+    """Projection that keeps every node near its degree in ``G`` (the module docstring's degree-keeping
+    rule): ``G``'s edges most probable first where ``prop`` holds, then the candidates of ``scores`` whose
+    endpoints are both below their degree in ``G``, then those with one such endpoint, then the rest (each
+    pass most probable first, each edge only if ``prop`` holds), then :func:`flip_to_degrees`. Returns the
+    graph, the edges of ``G`` it lacks and the edges it has that ``G`` lacks."""
+    target = dict(G.degree())
+    H = nx.Graph()
+    H.add_nodes_from(G.nodes())
+    H, _ = complete_graph(H, {(min(a, c), max(a, c)): scores.get((min(a, c), max(a, c)), 0.0)
+                              for a, c in G.edges()}, prop)
+    ranked = [(a, c) for a, c in _by_probability(scores) if a != c and H.has_node(a) and H.has_node(c)]
+    for need in (2, 1, 0):  # endpoints that must be below their target degree
+        for a, c in ranked:
+            if H.has_edge(a, c) or (H.degree(a) < target[a]) + (H.degree(c) < target[c]) < need:
+                continue
+            H.add_edge(a, c)
+            if not prop(H, True):
+                H.remove_edge(a, c)
+    H, _ = flip_to_degrees(H, scores, target, prop)
+    own = {(min(a, c), max(a, c)) for a, c in G.edges()}
+    have = {(min(a, c), max(a, c)) for a, c in H.edges()}
+    return H, len(own - have), len(have - own)
+
+
+# name -> rule(G, scores, prop) -> (projected graph, edges of G dropped, edges added)
+PROJECTIONS = {"greedy": project_graph, "degrees": project_graph_degrees}
+
+
 def count_projection(stats: dict[str, int], sample: nx.Graph, dropped: int, added: int) -> None:
-    """Add one :func:`project_graph` result to ``stats``: ``kept`` / ``dropped`` (edges of the sample)
-    and ``added`` (candidates)."""
+    """Add one projection result (:data:`PROJECTIONS`) to ``stats``: ``kept`` / ``dropped`` (edges of the
+    sample) and ``added`` (candidates)."""
     for key, v in (("kept", sample.number_of_edges() - dropped), ("dropped", dropped), ("added", added)):
         stats[key] = stats.get(key, 0) + v
 
@@ -182,22 +280,27 @@ class EdgeScores:
                         self.scores[b][(min(a, c), max(a, c))] = float(marg[2 * i + jj])
         return logits
 
-    def project(self, graphs: list[nx.Graph], prop: Property | str) -> tuple[list[nx.Graph], dict[str, int]]:
-        """:func:`project_graph` of every sampled graph of this hook's batch; returns the graphs and the
-        total ``kept`` / ``dropped`` (edges of the samples) and ``added`` (candidates) counts."""
+    def project(self, graphs: list[nx.Graph], prop: Property | str,
+                rule: str = "greedy") -> tuple[list[nx.Graph], dict[str, int]]:
+        """The projection ``rule`` (:data:`PROJECTIONS`: ``"greedy"`` = :func:`project_graph`, ``"degrees"`` =
+        :func:`project_graph_degrees`) of every sampled graph of this hook's batch; returns the graphs and
+        the total ``kept`` / ``dropped`` (edges of the samples) and ``added`` (candidates) counts."""
         out, stats = [], {"kept": 0, "dropped": 0, "added": 0}
-        for G, (H, dropped, added) in zip(graphs, self.project_each(graphs, prop)):
+        for G, (H, dropped, added) in zip(graphs, self.project_each(graphs, prop, rule)):
             count_projection(stats, G, dropped, added)
             out.append(H)
         return out, stats
 
-    def project_each(self, graphs: list[nx.Graph], prop: Property | str) -> list[tuple[nx.Graph, int, int]]:
-        """Per sampled graph of this hook's batch, :func:`project_graph`'s ``(graph, dropped, added)``."""
+    def project_each(self, graphs: list[nx.Graph], prop: Property | str,
+                     rule: str = "greedy") -> list[tuple[nx.Graph, int, int]]:
+        """Per sampled graph of this hook's batch, the projection ``rule``'s ``(graph, dropped, added)``."""
         prop = _property(prop)
+        if rule not in PROJECTIONS:
+            raise ValueError(f"unknown projection rule {rule!r}; expected one of {sorted(PROJECTIONS)}")
         if len(graphs) != len(self.scores):
             raise ValueError(f"project: {len(graphs)} graphs, but the hook recorded the finest level of "
                              f"{len(self.scores)} samples (call it on the batch this hook sampled)")
-        return [project_graph(G, sc, prop) for G, sc in zip(graphs, self.scores)]
+        return [PROJECTIONS[rule](G, sc, prop) for G, sc in zip(graphs, self.scores)]
 
 
 class StructureHook:
