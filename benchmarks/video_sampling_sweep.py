@@ -27,6 +27,7 @@ SETTINGS = {  # name -> msar.sample keyword arguments
     "cfg3_T1": dict(cfg=3.0, top_p=0.9),
     "cfg3_T0.85": dict(cfg=3.0, top_p=0.9, temperature=0.85),
     "cfg3_T0.7": dict(cfg=3.0, top_p=0.9, temperature=0.7),
+    "cfg3_T0.5": dict(cfg=3.0, top_p=0.9, temperature=0.5),
     "cfg2_T1": dict(cfg=2.0, top_p=0.9),
     "cfg4_T1": dict(cfg=4.0, top_p=0.9),
     "unguided_unfiltered": dict(cfg=0.0),
