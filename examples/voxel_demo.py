@@ -55,7 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every that many steps")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    p.add_argument("--coord-frequencies", type=int, default=0,
+                   help="transformer positions: add sin/cos features of every token's (x, y, z) cell centre at this "
+                        "many octaves (msar.TransformerConfig.coord_frequencies); 0 learns every position on its own")
     args = p.parse_args(argv)
+    if args.coord_frequencies < 0:
+        p.error(f"--coord-frequencies must be >= 0, got {args.coord_frequencies}")
     if args.quick:  # smaller defaults; options given explicitly still win
         p.set_defaults(n_train=180, n_test=45, batch=16, points=64, tok_steps=60, ar_steps=60, width=64, depth=2,
                        gen_per_class=4)
@@ -118,7 +123,8 @@ def main(argv=None) -> dict:
     labels = torch.from_numpy(train_lab)
     cfg = TransformerConfig(schedule=tok.schedule.to_config(), vocab_size=tok.vocab_size, latent_dim=tok.latent_dim,
                             num_classes=len(CLASSES), depth=args.depth, embed_dim=args.width,
-                            num_heads=max(1, args.width // 32), cond_drop_rate=0.1)
+                            num_heads=max(1, args.width // 32), cond_drop_rate=0.1,
+                            coord_frequencies=args.coord_frequencies)
     torch.manual_seed(args.seed + 1)  # the same initial weights whether or not the tokenizer was resumed
     model = NextScaleTransformer(cfg)
     train_transformer(model, tok, indices, labels, steps=args.ar_steps, batch_size=args.batch, lr=args.ar_lr,
