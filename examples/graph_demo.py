@@ -316,17 +316,18 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         if structure and args.complete:  # add the finest level's likely candidate edges that keep the property
             batch_graphs = sh.complete(batch_graphs)
         if project:
-            best = [(G, H, d, a) for G, (H, d, a)
-                    in zip(batch_graphs, rec.project_each(batch_graphs, project, args.projection))]
+            def candidates(graphs: list[nx.Graph], scores: EdgeScores) -> list[tuple]:
+                """``(sample, projection, dropped, added)`` per graph of one draw."""
+                return [(G, *res) for G, res in zip(graphs, scores.project_each(graphs, project, args.projection))]
+
+            best = candidates(batch_graphs, rec)
             for r in range(1, args.best_of):  # further draws; keep, per output, the one that needed the fewest drops
                 rec_r = EdgeScores(tok, args.temperature)
                 res_r = msar.sample(model, tok, batch_size=b, cfg=0.0, top_k=0, top_p=args.top_p,
                                     temperature=args.temperature, seed=sample_seed + i + r * 1_000_003,
                                     logits_hook=rec_r,  # the valid-token mask and the scores
                                     known=known, known_mask=known_mask)
-                drawn = graphs_from(res_r.data)
-                best = keep_fewest_dropped(best, [(G, H, d, a) for G, (H, d, a)
-                                                  in zip(drawn, rec_r.project_each(drawn, project, args.projection))])
+                best = keep_fewest_dropped(best, candidates(graphs_from(res_r.data), rec_r))
             batch_graphs = [H for _, H, _, _ in best]
             for G, _, d, a in best:
                 count_projection(project_stats, G, d, a)

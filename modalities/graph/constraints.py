@@ -142,14 +142,24 @@ def complete_graph(G: nx.Graph, scores: dict[tuple[int, int], float], prop: Prop
     return H, added
 
 
+def _pair(a: int, c: int) -> tuple[int, int]:
+    """An undirected pair as :class:`EdgeScores` keys it, ``(a, c)`` with ``a < c``."""
+    return (a, c) if a < c else (c, a)
+
+
+def keep_own_edges(G: nx.Graph, scores: dict[tuple[int, int], float], prop: Property) -> tuple[nx.Graph, int]:
+    """``G``'s nodes with ``G``'s own edges added most probable first wherever ``prop`` holds (the first
+    step of every projection); returns the graph and the number of edges kept."""
+    H = nx.Graph()
+    H.add_nodes_from(G.nodes())
+    return complete_graph(H, {_pair(a, c): scores.get(_pair(a, c), 0.0) for a, c in G.edges()}, prop)
+
+
 def project_graph(G: nx.Graph, scores: dict[tuple[int, int], float], prop: Property) -> tuple[nx.Graph, int, int]:
     """The largest-probability-first graph with the property inside ``G`` and its candidates: ``G``'s own
     edges are kept most probable first wherever ``prop`` holds, then the other candidates are added the
     same way (:func:`complete_graph`). Returns the graph, the edges of ``G`` dropped and the edges added."""
-    H = nx.Graph()
-    H.add_nodes_from(G.nodes())
-    H, kept = complete_graph(H, {(min(a, c), max(a, c)): scores.get((min(a, c), max(a, c)), 0.0)
-                                 for a, c in G.edges()}, prop)
+    H, kept = keep_own_edges(G, scores, prop)
     H, added = complete_graph(H, scores, prop)
     return H, G.number_of_edges() - kept, added
 
@@ -207,10 +217,7 @@ def project_graph_degrees(G: nx.Graph, scores: dict[tuple[int, int], float],
     pass most probable first, each edge only if ``prop`` holds), then :func:`flip_to_degrees`. Returns the
     graph, the edges of ``G`` it lacks and the edges it has that ``G`` lacks."""
     target = dict(G.degree())
-    H = nx.Graph()
-    H.add_nodes_from(G.nodes())
-    H, _ = complete_graph(H, {(min(a, c), max(a, c)): scores.get((min(a, c), max(a, c)), 0.0)
-                              for a, c in G.edges()}, prop)
+    H, _ = keep_own_edges(G, scores, prop)
     ranked = [(a, c) for a, c in _by_probability(scores) if a != c and H.has_node(a) and H.has_node(c)]
     for need in (2, 1, 0):  # endpoints that must be below their target degree
         for a, c in ranked:
@@ -220,8 +227,8 @@ def project_graph_degrees(G: nx.Graph, scores: dict[tuple[int, int], float],
             if not prop(H, True):
                 H.remove_edge(a, c)
     H, _ = flip_to_degrees(H, scores, target, prop)
-    own = {(min(a, c), max(a, c)) for a, c in G.edges()}
-    have = {(min(a, c), max(a, c)) for a, c in H.edges()}
+    own = {_pair(a, c) for a, c in G.edges()}
+    have = {_pair(a, c) for a, c in H.edges()}
     return H, len(own - have), len(have - own)
 
 
@@ -277,7 +284,7 @@ class EdgeScores:
                 marg = probs[b, p, EDGE0:PAD] @ _MASK_BITS  # (4,): P(child pair 2 * i + j is joined)
                 for i, a in enumerate(kids[u]):
                     for jj, c in enumerate(kids[v]):
-                        self.scores[b][(min(a, c), max(a, c))] = float(marg[2 * i + jj])
+                        self.scores[b][_pair(a, c)] = float(marg[2 * i + jj])
         return logits
 
     def project(self, graphs: list[nx.Graph], prop: Property | str,
