@@ -19,13 +19,14 @@ Run::
     python -m examples.video_demo --quick              # ~1 min smoke run
     python -m examples.video_demo --schedule space     # all latent frames at every scale
     python -m examples.video_demo --schedule joint     # t grows with the scale (coarse tokens mix frames)
-    python -m examples.video_demo --time-stride 4 --time-upsample repeat --tok-motion-weight 0   # the earlier tokenizer
+    python -m examples.video_demo --time-stride 4 --time-upsample repeat --tok-motion-weight 0 --tok-layout 0   # the earlier tokenizer
     python -m examples.video_demo --tokenizer out/pipeline/tokenizer   # reuse a trained tokenizer
     python -m examples.video_demo --feature-net i3d.pt # + Frechet distance (TorchScript net)
 
 The default recipe: per-frame (frame-causal) pyramid over a 5 x 8 x 8 latent (time stride 2, 425
 tokens in 20 scales: every frame is generated given the finished frames before it); tokenizer with
-depth-to-time upsampling and an L1 loss on frame differences, 600 steps at batch 16; transformer
+depth-to-time upsampling, an L1 loss on frame differences and a layout loss that makes every
+frame's coarsest token say where the digit is (``--tok-layout 4``), 600 steps at batch 16; transformer
 depth 4 / width 128, 1600 steps at batch 16 and learning rate 3e-3 on 8000 videos; sampling cfg 3
 (the guidance ramp restarts with every frame's pyramid), top-p 0.9, temperature 0.7; torch on 2 threads.  Results and
 what moved them: ``benchmarks/results/video``.  Interrupted runs resume from ``<out>/ckpt_*``.
@@ -95,6 +96,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decoder time upsampling: depth (each frame of a latent group its own features) or repeat (nearest)")
     p.add_argument("--tok-motion-weight", type=float, default=1.0,
                    help="weight of an L1 loss on frame differences (x[t+1] - x[t]) in the tokenizer's training loss")
+    p.add_argument("--tok-layout", type=int, default=4, metavar="SIDE",
+                   help="> 0: the encoder sees pixel coordinates and every latent frame's mean (its coarsest token) "
+                        "is trained to predict a SIDE x SIDE thumbnail of the frame (VideoTokenizer.layout_loss), so "
+                        "one token commits where the digit is; 0: off")
+    p.add_argument("--tok-layout-weight", type=float, default=1.0, help="weight of the layout loss (with --tok-layout)")
     p.add_argument("--ar-steps", type=int, default=1600)
     p.add_argument("--ar-batch", type=int, default=16)
     p.add_argument("--ar-lr", type=float, default=3e-3)
@@ -127,6 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--samples-per-class and --edit-videos must be >= 1, got {args.samples_per_class}, {args.edit_videos}")
     if args.edit_videos > test_videos(args):
         p.error(f"--edit-videos {args.edit_videos}: the held-out set has {test_videos(args)} videos")
+    if not 0 <= args.tok_layout <= args.size:
+        p.error(f"--tok-layout must be in [0, --size={args.size}], got {args.tok_layout}")
     if args.coord_frequencies < 0:
         p.error(f"--coord-frequencies must be >= 0, got {args.coord_frequencies}")
     if not args.temperature > 0:  # checked here, not after the training it would follow
@@ -157,14 +165,17 @@ def train_tokenizer(tok: VideoTokenizer, videos: torch.Tensor, args, gen: torch.
     init_codebook_from_data(tok, videos, gen)
     def recon_loss(x: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
         # the trainer's default terms (L1 + MSE), plus L1 on frame differences: motion lives there
-        return {"l1": F.l1_loss(recon, x), "l2": F.mse_loss(recon, x),
-                "motion": args.tok_motion_weight * F.l1_loss(recon.diff(dim=2), x.diff(dim=2))}
+        terms = {"l1": F.l1_loss(recon, x), "l2": F.mse_loss(recon, x),
+                 "motion": args.tok_motion_weight * F.l1_loss(recon.diff(dim=2), x.diff(dim=2))}
+        if tok.layout_head is not None:
+            terms["layout"] = args.tok_layout_weight * tok.layout_loss(x)
+        return terms
 
     cfg = VQVAETrainConfig(lr=args.tok_lr, total_steps=args.tok_steps, warmup_steps=min(20, args.tok_steps // 10),
                            lr_schedule="cos", final_lr_ratio=0.05, weight_decay=0.0, restart_every=25,
                            ckpt_dir=os.path.join(args.out, "ckpt_tokenizer"), ckpt_every=250,
                            log_dir=os.path.join(args.out, "logs_tokenizer"), log_every=10, tensorboard=False)
-    trainer = VQVAETrainer(tok, cfg, recon_loss=recon_loss if args.tok_motion_weight else None)
+    trainer = VQVAETrainer(tok, cfg, recon_loss=recon_loss if args.tok_motion_weight or tok.layout_head is not None else None)
     log = trainer.fit(build_loader(torch.utils.data.TensorDataset(videos), args.tok_batch, seed=args.seed))
     tok.eval()
     return log
@@ -284,7 +295,8 @@ def main(argv=None) -> dict:
                                    time_stride=args.time_stride, space_stride=args.space_stride, schedule=args.schedule,
                                    quantizer=args.quantizer, latent_dim=args.latent_dim,
                                    channels=tuple(args.tok_channels), time_upsample=args.time_upsample,
-                                   frame_coding=args.frame_coding)
+                                   frame_coding=args.frame_coding, coord_input=args.tok_layout > 0,
+                                   layout_side=args.tok_layout)
         tok = VideoTokenizer(cfg)
     sched = tok.schedule
     print(f"latent {cfg.latent_shape}, schedule {cfg.schedule}: {len(sched)} scales, {sched.L} tokens; "

@@ -267,6 +267,39 @@ def test_tokenizer_save_load(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(tok.encode(x), tok2.encode(x)))
 
 
+def test_layout_loss_targets_the_last_frame_of_each_latent_group():
+    """The layout head reads latent frame t's spatial mean (what frame t's coarsest scale
+    quantizes) and is scored against an area thumbnail of frame t * time_stride, the last frame
+    latent frame t covers.  A target taken from another frame of the group, another latent
+    frame's, or the group's mean gives another number."""
+    tok = tiny_tokenizer("frame", coord_input=True, layout_side=2)  # frames 5, time stride 2: targets 0, 2, 4
+    B, H = 3, 16
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(B, 1, 5, H, H, generator=gen) * 2 - 1
+    with torch.no_grad():
+        mean = tok.encode_latent(x).mean(dim=(3, 4)).transpose(1, 2)  # (B, 3, D)
+    thumbs = F.avg_pool2d(x[:, 0, [0, 2, 4]].reshape(-1, 1, H, H), H // 2).reshape(B, 3, 4)
+    want = (tok.layout_head(mean) - thumbs).pow(2).mean()
+    assert torch.allclose(tok.layout_loss(x), want, atol=1e-6)
+    # the loss reaches the encoder (through the mean latent), not only the head
+    tok.layout_loss(x).backward()
+    assert tok.encoder.conv_in.conv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="layout_side > 0"):
+        tiny_tokenizer("frame").layout_loss(x)
+    with pytest.raises(ValueError, match="layout_side"):
+        VideoTokenizerConfig(frames=5, height=16, width=16, layout_side=17)
+
+
+def test_layout_tokenizer_saves_and_loads(tmp_path):
+    tok = tiny_tokenizer("frame", coord_input=True, layout_side=2)
+    tok.save_pretrained(tmp_path / "tok")
+    tok2 = VideoTokenizer.from_pretrained(tmp_path / "tok")
+    x = tiny_videos(2)
+    assert tok2.config.coord_input and tok2.config.layout_side == 2
+    assert all(torch.equal(a, b) for a, b in zip(tok.encode(x), tok2.encode(x)))
+    assert torch.equal(tok.layout_loss(x), tok2.layout_loss(x))
+
+
 def test_training_steps_reduce_losses():
     torch.manual_seed(0)
     tok = tiny_tokenizer("space").train()
@@ -575,6 +608,8 @@ def test_frame_schedule_coordinates_sit_in_their_frame(case):
 @pytest.mark.parametrize("argv, message", [
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--coord-frequencies", "-1"], "--coord-frequencies must be >= 0"),
+    (["--tok-layout", "-1"], "--tok-layout must be in [0, --size=32]"),
+    (["--tok-layout", "33"], "--tok-layout must be in [0, --size=32]"),
     (["--samples-per-class", "0"], "must be >= 1"),
     (["--edit-videos", "257"], "the held-out set has 256 videos"),
     (["--quick", "--edit-videos", "65"], "the held-out set has 64 videos"),

@@ -130,10 +130,17 @@ class VideoEncoder(nn.Module):
 
     conv_in (1x3x3) -> [causal down conv (stride st, 2, 2), norm, SiLU] per stage -> ResBlock
     -> norm/SiLU/conv_out.
+
+    ``coord_input=True`` appends two channels holding every pixel's (y, x) in [-1, 1] to the
+    input.  Convolutions are translation-equivariant, so without them a frame's spatial mean
+    latent (what the coarsest scale quantizes) says almost nothing about *where* things are.
     """
 
-    def __init__(self, in_channels: int, channels: Sequence[int], latent_dim: int, time_stride: int, space_stride: int):
+    def __init__(self, in_channels: int, channels: Sequence[int], latent_dim: int, time_stride: int, space_stride: int,
+                 coord_input: bool = False):
         super().__init__()
+        self.coord_input = coord_input
+        in_channels = in_channels + 2 * coord_input
         strides = _stage_time_strides(time_stride, space_stride)
         if len(channels) != len(strides) + 1:
             raise ValueError(f"channels needs {len(strides) + 1} entries for space_stride {space_stride}, got {list(channels)}")
@@ -148,6 +155,11 @@ class VideoEncoder(nn.Module):
         self.out = nn.Sequential(_norm(channels[-1]), nn.SiLU(), CausalConv3d(channels[-1], latent_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.coord_input:
+            B, _, T, H, W = x.shape
+            ys = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype).view(1, 1, 1, H, 1).expand(B, 1, T, H, W)
+            xs = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype).view(1, 1, 1, 1, W).expand(B, 1, T, H, W)
+            x = torch.cat([x, ys, xs], dim=1)
         return self.out(self.stages(self.conv_in(x)))
 
 
@@ -207,12 +219,23 @@ class VideoTokenizerConfig:
     # per-frame schedule only: "intra" (every frame quantized from scratch) or "delta" (each frame
     # quantized as its change from the previous frame's reconstruction; see FramePyramid)
     frame_coding: str = "intra"
+    # the encoder also sees every pixel's (y, x) (VideoEncoder.coord_input)
+    coord_input: bool = False
+    # > 0: a linear head from every latent frame's spatial mean (what a frame's coarsest scale
+    # quantizes) to a layout_side x layout_side thumbnail of the group's last frame, trained by
+    # VideoTokenizer.layout_loss; it makes the coarsest token say where the content is
+    layout_side: int = 0
 
     def __post_init__(self) -> None:
         for name in ("frames", "height", "width", "in_channels", "latent_dim", "vocab_size", "time_stride", "space_stride"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"VideoTokenizerConfig.{name} must be a positive int, got {v!r}")
+        if isinstance(self.layout_side, bool) or not isinstance(self.layout_side, int) or self.layout_side < 0:
+            raise ValueError(f"VideoTokenizerConfig.layout_side must be an int >= 0, got {self.layout_side!r}")
+        if self.layout_side > min(self.height, self.width):
+            raise ValueError(f"VideoTokenizerConfig.layout_side ({self.layout_side}) may not exceed the frame side "
+                             f"{min(self.height, self.width)}")
         for name in ("time_stride", "space_stride"):
             v = getattr(self, name)
             if v & (v - 1):
@@ -262,11 +285,30 @@ class VideoTokenizer(PretrainedMixin, MultiScaleVQTokenizer):
         quantizer = make_quantizer(c.quantizer, c.latent_dim, pyramid, vocab_size=c.vocab_size, share_phi=c.share_phi,
                                    phi_ratio=c.phi_ratio, beta=c.beta, phi_kernel=phi_kernel)
         super().__init__(
-            VideoEncoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride),
+            VideoEncoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride, c.coord_input),
             VideoDecoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride, c.time_upsample),
             quantizer,
         )
         self.config = config
+        self.layout_head = (nn.Linear(c.latent_dim, c.in_channels * c.layout_side ** 2) if c.layout_side else None)
+
+    def layout_loss(self, data: torch.Tensor) -> torch.Tensor:
+        """MSE of the layout head's thumbnails against the real ones (needs ``layout_side > 0``).
+
+        ``data`` ``(B, C, T, H, W)``.  Latent frame t's spatial mean ``(B, D)`` is mapped to an
+        ``(C, s, s)`` thumbnail (area average) of frame ``t * time_stride``, the last frame the
+        latent frame covers: the coarsest token of frame t then has to carry where the content of
+        that frame is, so a sampler commits to a position (and so a velocity) with one token
+        instead of with the several tokens of the next scales, drawn independently.
+        """
+        c = self.config
+        if self.layout_head is None:
+            raise ValueError("layout_loss needs a tokenizer built with layout_side > 0")
+        mean = self.encode_latent(data).mean(dim=(3, 4)).transpose(1, 2)  # (B, T', D)
+        last = data[:, :, ::c.time_stride]  # (B, C, T', H, W): frame 0, then each group's last frame
+        B, C, T, H, W = last.shape
+        thumbs = F.adaptive_avg_pool2d(last.transpose(1, 2).reshape(B * T, C, H, W), c.layout_side)
+        return F.mse_loss(self.layout_head(mean).reshape(B * T, C, c.layout_side, c.layout_side), thumbs)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
