@@ -3,10 +3,13 @@
 Level ``k`` of an ``N``-node graph's hierarchy has ``n_k = ceil(N / 2^(K-1-k))`` nodes
 (:func:`~modalities.graph.coarsen.level_sizes`), and the split scale ``S_k`` has one token per node
 of ``G_k``, so the number of ``PAIR`` / ``PAIR_EDGE`` tokens drawn at ``S_k`` decides ``n_{k+1}``.
-The tokens of one scale are drawn independently, so without a rule nothing keeps the level sizes
-those of any real ``N``.  :class:`NodeCountHook` takes one target ``N`` per sample (GRAN, DiGress
-and SPECTRE draw it from the training set's node counts first: :func:`draw_node_counts`) and, at
-every split scale::
+Consecutive sizes of one ``N`` satisfy ``n_{k+1} in {2 n_k - 1, 2 n_k}`` (every node of a level splits
+except at most one; the top levels of a small ``N`` are one-node levels that stay ``SINGLE``).  The tokens
+of one scale are drawn independently, so without a rule two or more nodes of a level can stay
+``SINGLE`` (the graph comes out smaller than any training size would give) and a one-node top level
+can split (the graph jumps to the next range of sizes).  :class:`NodeCountHook` takes one target
+``N`` per sample (GRAN, DiGress and SPECTRE draw it from the training set's node counts first:
+:func:`draw_node_counts`) and, at every split scale::
 
     n = nodes of G_k in the decode state;  m = clip(n_{k+1}(N) - n, 0, n)     # splits needed
     w_u = P(split at u) / P(no split at u)          # the model's odds at temperature T, real nodes u < n
@@ -22,14 +25,14 @@ elementary symmetric polynomial, computed by ``Z(i, r) = Z(i+1, r) + w_i Z(i+1, 
 position ``i`` is taken with probability ``w_i Z(i+1, r-1) / Z(i, r)`` when ``r`` splits are still to
 place.  (Gumbel-top-m on ``log p_u`` would instead draw ``m`` positions one after another proportional
 to ``p_u`` among those left, a different distribution that flattens the model's preferences as ``m``
-approaches ``n``.)  "Split" is what the decoder reads as a split (``PAIR`` or ``PAIR_EDGE``); every other
-token, PAD and wrong kinds included, reads as ``SINGLE``, so the hook works with or without the
-valid-token mask before it.
+approaches ``n``.)  With ``m = n - 1``, the usual case, the one node left ``SINGLE`` is drawn with
+probability ``(1 - p_u) / p_u`` over the sum of the same.  "Split" is what the decoder reads as a
+split (``PAIR`` or ``PAIR_EDGE``); every other token, PAD and wrong kinds included, reads as
+``SINGLE``, so the hook works with or without the valid-token mask before it.
 
 When every split scale goes through the hook, ``n_k`` equals the target at every level: ``G_0`` has one
-node, and ``0 <= n_{k+1} - n_k <= n_k`` for consecutive sizes of one ``N``.  For small ``N`` the top
-levels are one-node levels, where ``m = 0`` forces ``SINGLE`` (a free split there would already make the
-sizes those of no ``N``-node graph).  A state that is off target anyway (known tokens from editing,
+node, and ``0 <= n_{k+1} - n_k <= n_k`` for consecutive sizes of one ``N``.  At the one-node top
+levels of a small ``N``, ``m = 0`` forces ``SINGLE``.  A state that is off target anyway (known tokens from editing,
 a hook before this one that changed split tokens) is steered back: ``m`` is clipped to ``[0, n]``, so
 the level grows as close to the target as one scale allows; ``stats["off_target"]`` counts such levels.
 """
