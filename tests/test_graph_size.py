@@ -193,3 +193,27 @@ def test_demo_checks_node_count_options_at_start():
         main(["--dataset", "planar", "--node-count", "test", "--out", "/dev/null/never_written"])
     with pytest.raises(SystemExit, match="--expand-test"):
         main(["--dataset", "planar", "--node-count", "train", "--expand-test", "1", "--out", "/dev/null/never_written"])
+
+
+def test_demo_samples_every_draw_at_its_target_size(tmp_path):
+    # the demo end to end on an untrained small grid pipeline (--load), with --project --best-of 2.
+    # catches: a further --best-of draw sampled without the size hook, targets not from the training
+    # sizes, graphs off their target
+    import json
+    from examples.graph_demo import PRESETS, build_model, main
+    cfg = dict(PRESETS["grid"], width=16, depth=1, heads=2, chunks=2)
+    train = make_dataset("grid", seed=0, max_side=11)["train"]
+    tok = GraphPyramidTokenizer.fit(train, edge_chunks=2)
+    src = tmp_path / "run" / "grid"
+    msar.Pipeline(tok, build_model(tok, cfg, 0.0).init_weights().eval()).save_pretrained(str(src / "pipeline"))
+    (src / "metrics.json").write_text(json.dumps({"train_config": cfg, "data_kw": {"max_side": 11},
+                                                  "loss_curve": [[1, 0.0]], "seconds": {}}))
+    main(["--dataset", "grid", "--load", str(tmp_path / "run"), "--node-count", "train", "--num-samples", "3",
+          "--project", "--best-of", "2", "--out", str(tmp_path / "out")])
+    m = json.loads((tmp_path / "out" / "grid" / "metrics.json").read_text())
+    nc = m["node_count"]
+    assert m["sampling"]["node_count"] == "train" and nc["on_target"] == 1.0
+    assert set(nc["targets"]) <= {G.number_of_nodes() for G in train}
+    assert nc["stats"]["scales"] == 3 * 2 * (tok.K - 1)  # every sample of both draws, every split scale
+    graphs = json.loads((tmp_path / "out" / "grid" / "graphs.json").read_text())["graphs"]
+    assert [g["n"] for g in graphs] == nc["targets"]
