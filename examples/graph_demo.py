@@ -56,7 +56,7 @@ from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
 from modalities.graph.constraints import PROJECTIONS, PROPERTIES, EdgeScores, StructureHook, count_projection
 from modalities.graph.metrics import structure_summary
-from modalities.graph.size import NodeCountHook, draw_node_counts
+from modalities.graph.size import NodeCountHook, draw_node_counts, level_size_report
 from modalities.graph.tokenizer import PAD
 from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
 
@@ -307,6 +307,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         return h
 
     size_hooks: list[NodeCountHook] = []
+    level_counts: list[list[int]] = []  # per sample, the node count of every level (see level_size_report)
     if args.expand_test and not 1 <= args.expand_test <= tok.K - 2:
         raise SystemExit(f"--expand-test must be in 1..{tok.K - 2} (expansions with edge scales), got {args.expand_test}")
     if args.expand_test and n_gen > len(test):
@@ -355,6 +356,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
             for G, _, d, a in best:
                 count_projection(project_stats, G, d, a)
         gen.extend(batch_graphs)
+        levels = tok.decode_progression(res.indices)  # (level, sample) graphs of the (first) draw
+        level_counts.extend([lvl[b_].number_of_nodes() for lvl in levels] for b_ in range(b))
         if structure:
             struct_stats = {key: struct_stats.get(key, 0) + sh.stats.get(key, 0) for key in sh.stats}
         else:  # a structure hook drops coarse edges on purpose (PAD), which is not an invalid draw
@@ -362,9 +365,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     seconds["sample"] = time.time() - t0
     for h in size_hooks:
         size_stats = {key: size_stats[key] + h.stats[key] for key in size_stats}
-    node_count = None
+    node_count = {"level_sizes": level_size_report(level_counts)}  # with or without --node-count
     if targets is not None:  # every generated graph should have its target's node count (checked, not assumed)
-        node_count = {"targets": targets, "stats": size_stats,
+        node_count |= {"targets": targets, "stats": size_stats,
                       "on_target": sum(G.number_of_nodes() == N for G, N in zip(gen, targets)) / len(gen),
                       "mean_target": float(np.mean(targets))}
     # mean probability on invalid tokens per real position, and the share of real positions whose drawn
@@ -406,7 +409,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     for key in ("degree_tv", "clustering_tv", "orbit_tv", "spectral_tv"):
         print(f"  {key:14s} gen {g_mmd[key]:.4f}   train-vs-{args.eval_split} {b_mmd[key]:.4f}")
     print(f"  V.U.N. {v}")
-    if node_count is not None:
+    print(f"  levels: {node_count['level_sizes']['consistent']:.0%} of the samples have the level sizes of their "
+          f"node count, {node_count['level_sizes']['short_levels']:.2f} levels per sample leave two or more nodes single")
+    if "targets" in node_count:
         print(f"  node count: {node_count['on_target']:.0%} of the samples on their target (mean target "
               f"{node_count['mean_target']:.1f}, mean generated {metrics['mean_nodes_generated']:.1f})")
     return metrics

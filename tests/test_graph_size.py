@@ -10,7 +10,7 @@ import msar
 from modalities.graph import GraphPyramidTokenizer, coarsen, graphs_from, make_dataset, num_levels_for
 from modalities.graph.coarsen import level_sizes
 from modalities.graph.constraints import PROPERTIES, EdgeScores, StructureHook
-from modalities.graph.size import NodeCountHook, draw_node_counts, sample_exactly_m
+from modalities.graph.size import NodeCountHook, draw_node_counts, level_size_report, sample_exactly_m
 from modalities.graph.tokenizer import PAD, PAIR, PAIR_EDGE, SINGLE
 
 GRAPHS = make_dataset("community-small", seed=0, num=10)["train"]
@@ -72,12 +72,22 @@ def test_samples_have_the_target_node_count_at_every_level(Ns, seed, split_bias)
 
 
 def test_without_the_hook_the_sizes_drift():
-    # the control for the test above: the same biased model without the hook misses the targets
+    # the control for the test above: the same biased model without the hook misses the targets, and
+    # (too few splits) its levels are those of no real graph
     bias = torch.zeros(TOK.vocab_size)
-    bias[[PAIR, PAIR_EDGE]] = 3.0
+    bias[[PAIR, PAIR_EDGE]] = -1.0
     res = msar.sample(MODEL, TOK, batch_size=6, cfg=0.0, seed=0,
                       logits_hook=lambda k, logits, state: TOK.valid_token_hook(k, logits + bias, state))
     assert [G.number_of_nodes() for G in graphs_from(res.data)] != [5] * 6
+    assert level_size_report(_level_counts(TOK, res.indices))["consistent"] < 1
+
+
+def test_level_size_report_on_known_hierarchies():
+    # catches: a report that calls a short level (two nodes left SINGLE) consistent, or a one-node top
+    # level (small N) short
+    assert level_size_report([[1, 1, 2, 4, 7], [1, 1, 1, 2, 3]]) == {"consistent": 1.0, "short_levels": 0.0}
+    # 2 -> 2 leaves both single; 3 -> 4 leaves two of three single
+    assert level_size_report([[1, 2, 2, 4, 8], [1, 2, 3, 4, 8]]) == {"consistent": 0.0, "short_levels": 1.0}
 
 
 @pytest.mark.parametrize("prop", ["planar", "grid"])
@@ -213,6 +223,7 @@ def test_demo_samples_every_draw_at_its_target_size(tmp_path):
     m = json.loads((tmp_path / "out" / "grid" / "metrics.json").read_text())
     nc = m["node_count"]
     assert m["sampling"]["node_count"] == "train" and nc["on_target"] == 1.0
+    assert nc["level_sizes"] == {"consistent": 1.0, "short_levels": 0.0}
     assert set(nc["targets"]) <= {G.number_of_nodes() for G in train}
     assert nc["stats"]["scales"] == 3 * 2 * (tok.K - 1)  # every sample of both draws, every split scale
     graphs = json.loads((tmp_path / "out" / "grid" / "graphs.json").read_text())["graphs"]

@@ -165,3 +165,20 @@ class NodeCountHook:
         out[single] = ninf
         out[..., SINGLE] = torch.where(single, torch.zeros_like(out[..., SINGLE]), out[..., SINGLE])
         return out
+
+
+def level_size_report(level_counts: Sequence[Sequence[int]]) -> dict:
+    """How far sampled hierarchies are from those of real graphs, from the node counts of every level
+    (per sample, coarsest first, as :meth:`GraphPyramidTokenizer.decode_progression` gives them).
+
+    Returns ``consistent`` (share of samples whose levels are exactly ``level_sizes(N, K)`` of their own
+    final ``N``: what every encoded graph has) and ``short_levels`` (mean number of expansions per sample
+    with ``n_{k+1} < 2 n_k - 1``, i.e. two or more nodes left ``SINGLE``, which no encoded graph has).
+    """
+    if not level_counts:
+        raise ValueError("level_size_report: no samples")
+    consistent = short = 0
+    for counts in level_counts:
+        consistent += list(counts) == level_sizes(counts[-1], len(counts))
+        short += sum(b < 2 * a - 1 for a, b in zip(counts, counts[1:]))
+    return {"consistent": consistent / len(level_counts), "short_levels": short / len(level_counts)}
