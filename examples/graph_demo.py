@@ -22,6 +22,9 @@ probable edges first, then completes it (decoding rules on the model's probabili
 ``--best-of N`` keeps, of N such draws, the one whose projection dropped the fewest edges;
 ``--projection degrees`` projects keeping every node near its degree in the sample
 (:func:`modalities.graph.constraints.project_graph_degrees`).
+``--node-count train`` draws each sample's node count from the training graphs' sizes and makes every
+split scale produce the levels of a graph of that size (:class:`modalities.graph.size.NodeCountHook`;
+default ``none``: the size is whatever the split tokens give); it composes with the other options.
 ``--eval-split val`` compares with the validation graphs instead of the test graphs (for choosing
 settings); ``--face-features`` trains with the planarity inputs of the finest expansion;
 ``--metric-sensitivity`` trains nothing and measures how the MMD statistics react to edge deletions
@@ -53,6 +56,7 @@ from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
 from modalities.graph.constraints import PROJECTIONS, PROPERTIES, EdgeScores, StructureHook, count_projection
 from modalities.graph.metrics import structure_summary
+from modalities.graph.size import NodeCountHook, draw_node_counts, level_size_report
 from modalities.graph.tokenizer import PAD
 from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
 
@@ -289,6 +293,21 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     struct_stats = {"positions": 0, "rejected": 0, "dropped": 0}
     project_stats: dict[str, int] = {}
     n_gen = args.num_samples or len(test)
+    # --node-count train: one target N per output graph, drawn from the training graphs' sizes (GRAN /
+    # DiGress / SPECTRE do the same), then every split scale is made to produce the levels of an N-node graph
+    targets = draw_node_counts(train_graphs, n_gen, sample_seed) if args.node_count == "train" else None
+    size_stats = {"scales": 0, "splits": 0, "off_target": 0}
+
+    def sized(i: int, b: int, seed: int) -> Optional[NodeCountHook]:
+        """The node-count hook of the batch ``i : i + b`` (None without --node-count)."""
+        if targets is None:
+            return None
+        h = NodeCountHook(tok, targets[i:i + b], args.temperature, seed=seed)
+        size_hooks.append(h)
+        return h
+
+    size_hooks: list[NodeCountHook] = []
+    level_counts: list[list[int]] = []  # per sample, the node count of every level (see level_size_report)
     if args.expand_test and not 1 <= args.expand_test <= tok.K - 2:
         raise SystemExit(f"--expand-test must be in 1..{tok.K - 2} (expansions with edge scales), got {args.expand_test}")
     if args.expand_test and n_gen > len(test):
@@ -298,6 +317,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         # the hook masks tokens the decoder would reinterpret (PAD at a real node / edge, a wrong
         # kind, mask bits naming a missing child); --no-constrain samples the raw distribution
         hook = measuring_hook(tok, not args.no_constrain, args.temperature, invalid)
+        size = sized(i, b, sample_seed + i)
+        if size is not None:  # after the valid-token mask, before the structure hook / scores read the splits
+            hook = chain_hooks(hook, size)
         if structure:  # edge tokens drawn one by one, each kept only if the graph stays `structure`
             sh = StructureHook(tok, structure, args.temperature, seed=sample_seed + i)
             hook = chain_hooks(hook, sh)
@@ -322,21 +344,32 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
 
             best = candidates(batch_graphs, rec)
             for r in range(1, args.best_of):  # further draws; keep, per output, the one that needed the fewest drops
-                rec_r = EdgeScores(tok, args.temperature)
+                rec_r = EdgeScores(tok, args.temperature)  # the valid-token mask and the scores
+                size_r = sized(i, b, sample_seed + i + r * 1_000_003)  # the same target sizes as the first draw
                 res_r = msar.sample(model, tok, batch_size=b, cfg=0.0, top_k=0, top_p=args.top_p,
                                     temperature=args.temperature, seed=sample_seed + i + r * 1_000_003,
-                                    logits_hook=rec_r,  # the valid-token mask and the scores
+                                    logits_hook=rec_r if size_r is None else chain_hooks(tok.valid_token_hook,
+                                                                                         size_r, rec_r),
                                     known=known, known_mask=known_mask)
                 best = keep_fewest_dropped(best, candidates(graphs_from(res_r.data), rec_r))
             batch_graphs = [H for _, H, _, _ in best]
             for G, _, d, a in best:
                 count_projection(project_stats, G, d, a)
         gen.extend(batch_graphs)
+        levels = tok.decode_progression(res.indices)  # (level, sample) graphs of the (first) draw
+        level_counts.extend([lvl[b_].number_of_nodes() for lvl in levels] for b_ in range(b))
         if structure:
             struct_stats = {key: struct_stats.get(key, 0) + sh.stats.get(key, 0) for key in sh.stats}
         else:  # a structure hook drops coarse edges on purpose (PAD), which is not an invalid draw
             invalid["draws"] += count_invalid(tok, res.indices)
     seconds["sample"] = time.time() - t0
+    for h in size_hooks:
+        size_stats = {key: size_stats[key] + h.stats[key] for key in size_stats}
+    node_count = {"level_sizes": level_size_report(level_counts)}  # with or without --node-count
+    if targets is not None:  # every generated graph should have its target's node count (checked, not assumed)
+        node_count |= {"targets": targets, "stats": size_stats,
+                      "on_target": sum(G.number_of_nodes() == N for G, N in zip(gen, targets)) / len(gen),
+                      "mean_target": float(np.mean(targets))}
     # mean probability on invalid tokens per real position, and the share of real positions whose drawn
     # token was invalid (read as SINGLE / a dropped edge / bits ignored); 0 by construction when constrained
     invalid_stats = {"mean_invalid_mass": invalid["mass"] / max(invalid["positions"], 1),
@@ -360,10 +393,10 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                         "structure": structure, "expand_test": args.expand_test,
                                         "complete": args.complete, "project": project,
                                         "projection": args.projection if project else None,
-                                        "best_of": args.best_of},
+                                        "best_of": args.best_of, "node_count": args.node_count},
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "structure": structure, "structure_stats": struct_stats if structure else None,
-        "project": project, "project_stats": project_stats or None,
+        "project": project, "project_stats": project_stats or None, "node_count": node_count,
         "loaded_from": args.load or None, "trained_by": trained_by,
     })
     write_result_json(os.path.join(out, "metrics.json"), metrics, started)  # + command, commit, date, machine
@@ -376,6 +409,11 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     for key in ("degree_tv", "clustering_tv", "orbit_tv", "spectral_tv"):
         print(f"  {key:14s} gen {g_mmd[key]:.4f}   train-vs-{args.eval_split} {b_mmd[key]:.4f}")
     print(f"  V.U.N. {v}")
+    print(f"  levels: {node_count['level_sizes']['consistent']:.0%} of the samples have the level sizes of their "
+          f"node count, {node_count['level_sizes']['short_levels']:.2f} levels per sample leave two or more nodes single")
+    if "targets" in node_count:
+        print(f"  node count: {node_count['on_target']:.0%} of the samples on their target (mean target "
+              f"{node_count['mean_target']:.1f}, mean generated {metrics['mean_nodes_generated']:.1f})")
     return metrics
 
 
@@ -470,6 +508,11 @@ def main(argv=None) -> None:
                    help="with --project: draw N samples per output graph and keep the one whose projection drops "
                         "the fewest of its edges (the closest to valid; N -> infinity with none dropped is the model "
                         "conditioned on the property). A decoding rule, reported apart")
+    p.add_argument("--node-count", default="none", choices=["none", "train"],
+                   help="train: draw each sample's node count N from the training graphs' sizes and make every "
+                        "split scale produce the levels of an N-node graph, choosing which nodes split by the "
+                        "model's own probabilities (modalities.graph.size.NodeCountHook); none: the node count "
+                        "is whatever the split tokens give")
     p.add_argument("--matching", default=None, choices=["greedy", "max"],
                    help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
@@ -509,6 +552,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"--best-of N needs N >= 1 and --project (it picks among projections), got {args.best_of}")
     if args.expand_test < 0:
         raise SystemExit(f"--expand-test must be >= 0, got {args.expand_test}")
+    if args.node_count != "none" and args.expand_test:
+        raise SystemExit("--node-count with --expand-test: the test graphs' own split tokens fix the sizes there; "
+                         "drop one of the two")
     for name in names:
         if args.metric_sensitivity:
             metric_sensitivity(name, args)

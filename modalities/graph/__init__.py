@@ -3,13 +3,14 @@
 * :mod:`.datasets`  -- grid, community-small, SBM, planar, lobster made on the fly from a seed;
 * :mod:`.coarsen`   -- deterministic heavy-edge-matching hierarchy with exact halving;
 * :mod:`.tokenizer` -- :class:`GraphPyramidTokenizer`, an exact (lossless) PyramidTokenizer;
+* :mod:`.size`      -- :class:`~.size.NodeCountHook`, sampling with a given node count per graph;
 * :mod:`.metrics`   -- MMD (degree, clustering, 4-node orbits, spectrum; TV and EMD kernels), V.U.N.
 """
-from .coarsen import Level, assignments, coarsen, num_levels_for
+from .coarsen import Level, assignments, coarsen, level_sizes, num_levels_for
 from .datasets import DATASETS, graphs_from, make_dataset, to_data, to_networkx
 from .metrics import evaluate, graph_stats, mmd_all, vun
 from .tokenizer import GraphDecodeState, GraphPyramidTokenizer
 
-__all__ = ["Level", "coarsen", "assignments", "num_levels_for", "DATASETS", "make_dataset", "to_data",
+__all__ = ["Level", "coarsen", "assignments", "num_levels_for", "level_sizes", "DATASETS", "make_dataset", "to_data",
            "to_networkx", "graphs_from", "evaluate", "graph_stats", "mmd_all", "vun",
            "GraphPyramidTokenizer", "GraphDecodeState"]

@@ -181,6 +181,15 @@ def num_levels_for(n: int) -> int:
     return int(np.ceil(np.log2(max(n, 1)))) + 1
 
 
+def level_sizes(n: int, num_levels: int) -> list[int]:
+    """Node counts of the ``num_levels`` levels of an ``n``-node graph's hierarchy, coarsest first:
+    ``ceil(n / 2^(num_levels - 1 - k))`` (exact halving; the top levels of a small graph have one node)."""
+    if n < 1 or num_levels < num_levels_for(n):
+        raise ValueError(f"level_sizes: an {n}-node graph needs n >= 1 and at least {num_levels_for(max(n, 1))} "
+                         f"levels, got {num_levels}")
+    return [-(-n // 2 ** (num_levels - 1 - k)) for k in range(num_levels)]
+
+
 def assignments(levels: list[Level]) -> list[np.ndarray]:
     """Per level, the cluster of every finest-level node: ``(N,)`` int arrays, coarsest first
     (the input of :meth:`msar.OperatorPyramid.from_assignments`)."""

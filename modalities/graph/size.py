@@ -1,0 +1,184 @@
+"""Node-count conditioned sampling: a ``logits_hook`` that makes every sample an ``N``-node graph.
+
+Level ``k`` of an ``N``-node graph's hierarchy has ``n_k = ceil(N / 2^(K-1-k))`` nodes
+(:func:`~modalities.graph.coarsen.level_sizes`), and the split scale ``S_k`` has one token per node
+of ``G_k``, so the number of ``PAIR`` / ``PAIR_EDGE`` tokens drawn at ``S_k`` decides ``n_{k+1}``.
+Consecutive sizes of one ``N`` satisfy ``n_{k+1} in {2 n_k - 1, 2 n_k}`` (every node of a level splits
+except at most one; the top levels of a small ``N`` are one-node levels that stay ``SINGLE``).  The tokens
+of one scale are drawn independently, so without a rule two or more nodes of a level can stay
+``SINGLE`` (the graph comes out smaller than any training size would give) and a one-node top level
+can split (the graph jumps to the next range of sizes).  :class:`NodeCountHook` takes one target
+``N`` per sample (GRAN, DiGress and SPECTRE draw it from the training set's node counts first:
+:func:`draw_node_counts`) and, at every split scale::
+
+    n = nodes of G_k in the decode state;  m = clip(n_{k+1}(N) - n, 0, n)     # splits needed
+    w_u = P(split at u) / P(no split at u)          # the model's odds at temperature T, real nodes u < n
+    S ~ P(S) ∝ prod_{u in S} w_u  over the sets of exactly m real nodes      # conditional Bernoulli
+    logits: u in S -> only PAIR / PAIR_EDGE kept (msar.sample draws the kind from the model's
+            conditional P(PAIR | split), P(PAIR_EDGE | split)); u not in S -> SINGLE only
+
+``P(S)`` is the model's own product distribution over the scale (position ``u`` splits with
+probability ``p_u``, independently) conditioned on exactly ``m`` splits: ``prod_{u in S} p_u prod_{u not
+in S} (1 - p_u)`` is ``prod_{u in S} w_u`` times a constant.  It is sampled exactly, position by
+position: with ``Z(i, r)`` the sum of ``prod w`` over the ``r``-sets of positions ``i..n-1`` (an
+elementary symmetric polynomial, computed by ``Z(i, r) = Z(i+1, r) + w_i Z(i+1, r-1)`` in log space),
+position ``i`` is taken with probability ``w_i Z(i+1, r-1) / Z(i, r)`` when ``r`` splits are still to
+place.  (Gumbel-top-m on ``log p_u`` would instead draw ``m`` positions one after another proportional
+to ``p_u`` among those left, a different distribution that flattens the model's preferences as ``m``
+approaches ``n``.)  With ``m = n - 1``, the usual case, the one node left ``SINGLE`` is drawn with
+probability ``(1 - p_u) / p_u`` over the sum of the same.  "Split" is what the decoder reads as a
+split (``PAIR`` or ``PAIR_EDGE``); every other token, PAD and wrong kinds included, reads as
+``SINGLE``, so the hook works with or without the valid-token mask before it.
+
+When every split scale goes through the hook, ``n_k`` equals the target at every level: ``G_0`` has one
+node, and ``0 <= n_{k+1} - n_k <= n_k`` for consecutive sizes of one ``N``.  At the one-node top
+levels of a small ``N``, ``m = 0`` forces ``SINGLE``.  A state that is off target anyway (known tokens from editing,
+a hook before this one that changed split tokens) is steered back: ``m`` is clipped to ``[0, n]``, so
+the level grows as close to the target as one scale allows; ``stats["off_target"]`` counts such levels.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import networkx as nx
+import numpy as np
+import torch
+
+from .coarsen import level_sizes
+from .tokenizer import PAIR, PAIR_EDGE, SINGLE, GraphDecodeState, GraphPyramidTokenizer
+
+_LOG_ODDS_CLIP = 50.0  # keeps a certain (p = 0 or 1) split finite, so an infeasible m still has a solution
+
+
+def draw_node_counts(graphs: Sequence[nx.Graph] | Sequence[int], num: int, seed: int) -> list[int]:
+    """``num`` node counts drawn with replacement from the sizes of ``graphs`` (graphs or ints): the
+    training set's empirical distribution of ``N``, reproducible from ``seed``."""
+    sizes = [g if isinstance(g, (int, np.integer)) else g.number_of_nodes() for g in graphs]
+    if not sizes:
+        raise ValueError("draw_node_counts: no graphs to take node counts from")
+    rng = np.random.default_rng(int(seed))
+    return [int(sizes[i]) for i in rng.integers(0, len(sizes), size=int(num))]
+
+
+def sample_exactly_m(log_w: torch.Tensor, m: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sets of exactly ``m[b]`` positions with ``P(S) ∝ prod_{i in S} exp(log_w[b, i])`` (conditional
+    Bernoulli; see the module docstring).
+
+    Args:
+        log_w: ``(B, n)`` log-weights (log-odds); ``-inf`` marks a position that is never taken.
+        m: ``(B,)`` set sizes, ``0 <= m[b] <=`` the number of finite weights of row b.
+    Returns:
+        ``(B, n)`` bool, ``m[b]`` True entries per row.
+    """
+    B, n = log_w.shape
+    m = m.to(torch.long).cpu()
+    log_w = log_w.detach().double().cpu()
+    finite = torch.isfinite(log_w).sum(1)
+    if (m < 0).any() or (m > finite).any():
+        b = int(((m < 0) | (m > finite)).nonzero()[0])
+        raise ValueError(f"sample_exactly_m: row {b} asks for {int(m[b])} of {int(finite[b])} available positions")
+    M = int(m.max()) if B else 0
+    ninf = float("-inf")
+    # logZ[:, i, r] = log of the sum of prod w over the r-sets of positions i..n-1
+    logZ = torch.full((B, n + 1, M + 1), ninf, dtype=torch.float64)
+    logZ[:, :, 0] = 0.0
+    for i in range(n - 1, -1, -1):
+        take = log_w[:, i:i + 1] + logZ[:, i + 1, :-1]
+        logZ[:, i, 1:] = torch.logaddexp(logZ[:, i + 1, 1:], take)
+    chosen = torch.zeros(B, n, dtype=torch.bool)
+    r = m.clone()
+    rows = torch.arange(B)
+    u = torch.rand(B, n, generator=generator, dtype=torch.float64)
+    for i in range(n):
+        left = r > 0
+        rm1 = (r - 1).clamp_min(0)
+        p = torch.exp(log_w[:, i] + logZ[rows, i + 1, rm1] - logZ[rows, i, r]).nan_to_num(0.0)
+        pick = left & (u[:, i] < p)
+        chosen[:, i] = pick
+        r = r - pick.long()
+    return chosen
+
+
+class NodeCountHook:
+    """``logits_hook`` for :func:`msar.sample` that makes sample b an ``node_counts[b]``-node graph.
+
+    Args:
+        tok: the tokenizer whose decode state the sampler runs.
+        node_counts: ``B`` target node counts, each in ``1 .. tok.max_nodes[-1]``
+            (e.g. :func:`draw_node_counts` over the training graphs).
+        temperature: the temperature of the split probabilities the positions are chosen by (use the
+            sampler's; the kind, ``PAIR`` or ``PAIR_EDGE``, is drawn by the sampler at its own).
+        seed: seed of the hook's own generator (the same seed and logits choose the same positions).
+
+    At a split scale it chooses which real nodes split (see the module docstring) and returns logits
+    with only the split tokens kept at those nodes and only ``SINGLE`` at the others; padding
+    positions and edge scales pass through unchanged.  Chain it after the valid-token mask and
+    before :class:`~modalities.graph.constraints.StructureHook` / ``EdgeScores``
+    (``chain_hooks(mask, size, structure)`` in the demo).  ``stats``: ``scales`` (split scales seen, per
+    sample), ``splits`` (positions made to split) and ``off_target`` (levels whose size already
+    differed from the target's when their split scale came).
+    """
+
+    def __init__(self, tok: GraphPyramidTokenizer, node_counts: Sequence[int], temperature: float = 1.0,
+                 seed: int = 0):
+        counts = [int(n) for n in node_counts]
+        bad = [n for n in counts if not 1 <= n <= tok.max_nodes[-1]]
+        if bad:
+            raise ValueError(f"node counts must be in 1..{tok.max_nodes[-1]} (the tokenizer's capacity), got {bad[:5]}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.tok, self.node_counts, self.temperature = tok, counts, float(temperature)
+        self.targets = [level_sizes(n, tok.K) for n in counts]  # per sample, n_k of every level
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.stats = {"scales": 0, "splits": 0, "off_target": 0}
+
+    def __call__(self, k: int, logits: torch.Tensor, state: GraphDecodeState) -> torch.Tensor:
+        kind, lvl, _ = self.tok.kinds[k]
+        if kind != "S":
+            return logits
+        if state.B != len(self.node_counts):
+            raise ValueError(f"NodeCountHook has {len(self.node_counts)} node counts for a batch of {state.B}")
+        B, n_pos, _ = logits.shape
+        n = torch.tensor([g.n for g in state.graphs])
+        want = torch.tensor([t[lvl + 1] for t in self.targets])
+        self.stats["off_target"] += sum(int(g.n != t[lvl]) for g, t in zip(state.graphs, self.targets))
+        m = torch.minimum((want - n).clamp_min(0), n)
+        x = logits.detach().double().cpu() / self.temperature
+        is_split = torch.zeros(x.shape[-1], dtype=torch.bool)
+        is_split[[PAIR, PAIR_EDGE]] = True
+        log_odds = (x[..., is_split].logsumexp(-1) - x[..., ~is_split].logsumexp(-1)).nan_to_num(0.0)
+        log_odds = log_odds.clamp(-_LOG_ODDS_CLIP, _LOG_ODDS_CLIP)
+        real = torch.arange(n_pos)[None, :] < n[:, None]
+        log_w = log_odds.masked_fill(~real, float("-inf"))
+        split = sample_exactly_m(log_w, m, self.generator).to(logits.device)
+        real = real.to(logits.device)
+        self.stats["scales"] += B
+        self.stats["splits"] += int(m.sum())
+        out = logits.clone()
+        ninf = float("-inf")
+        keep = logits[..., [PAIR, PAIR_EDGE]]
+        keep = torch.where(torch.isfinite(keep).any(-1, keepdim=True), keep, torch.zeros_like(keep))  # no split
+        # token left (a hook before this one banned both): the two kinds are equally likely
+        out[split] = ninf
+        out[..., [PAIR, PAIR_EDGE]] = torch.where(split[..., None], keep, out[..., [PAIR, PAIR_EDGE]])
+        single = real & ~split
+        out[single] = ninf
+        out[..., SINGLE] = torch.where(single, torch.zeros_like(out[..., SINGLE]), out[..., SINGLE])
+        return out
+
+
+def level_size_report(level_counts: Sequence[Sequence[int]]) -> dict:
+    """How far sampled hierarchies are from those of real graphs, from the node counts of every level
+    (per sample, coarsest first, as :meth:`GraphPyramidTokenizer.decode_progression` gives them).
+
+    Returns ``consistent`` (share of samples whose levels are exactly ``level_sizes(N, K)`` of their own
+    final ``N``: what every encoded graph has) and ``short_levels`` (mean number of expansions per sample
+    with ``n_{k+1} < 2 n_k - 1``, i.e. two or more nodes left ``SINGLE``, which no encoded graph has).
+    """
+    if not level_counts:
+        raise ValueError("level_size_report: no samples")
+    consistent = short = 0
+    for counts in level_counts:
+        consistent += list(counts) == level_sizes(counts[-1], len(counts))
+        short += sum(b < 2 * a - 1 for a, b in zip(counts, counts[1:]))
+    return {"consistent": consistent / len(level_counts), "short_levels": short / len(level_counts)}
