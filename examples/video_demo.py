@@ -19,14 +19,14 @@ Run::
     python -m examples.video_demo --quick              # ~1 min smoke run
     python -m examples.video_demo --schedule space     # all latent frames at every scale
     python -m examples.video_demo --schedule joint     # t grows with the scale (coarse tokens mix frames)
-    python -m examples.video_demo --time-stride 4 --time-upsample repeat --tok-motion-weight 0 --tok-layout 0   # the earlier tokenizer
+    python -m examples.video_demo --time-stride 4 --time-upsample repeat --tok-motion-weight 0   # the earlier tokenizer
+    python -m examples.video_demo --tok-layout 4       # every frame's coarsest token says where the digit is
     python -m examples.video_demo --tokenizer out/pipeline/tokenizer   # reuse a trained tokenizer
     python -m examples.video_demo --feature-net i3d.pt # + Frechet distance (TorchScript net)
 
 The default recipe: per-frame (frame-causal) pyramid over a 5 x 8 x 8 latent (time stride 2, 425
 tokens in 20 scales: every frame is generated given the finished frames before it); tokenizer with
-depth-to-time upsampling, an L1 loss on frame differences and a layout loss that makes every
-frame's coarsest token say where the digit is (``--tok-layout 4``), 600 steps at batch 16; transformer
+depth-to-time upsampling and an L1 loss on frame differences, 600 steps at batch 16; transformer
 depth 4 / width 128, 1600 steps at batch 16 and learning rate 3e-3 on 8000 videos; sampling cfg 3
 (the guidance ramp restarts with every frame's pyramid), top-p 0.9, temperature 0.7; torch on 2 threads.  Results and
 what moved them: ``benchmarks/results/video``.  Interrupted runs resume from ``<out>/ckpt_*``.
@@ -96,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decoder time upsampling: depth (each frame of a latent group its own features) or repeat (nearest)")
     p.add_argument("--tok-motion-weight", type=float, default=1.0,
                    help="weight of an L1 loss on frame differences (x[t+1] - x[t]) in the tokenizer's training loss")
-    p.add_argument("--tok-layout", type=int, default=4, metavar="SIDE",
+    p.add_argument("--tok-layout", type=int, default=0, metavar="SIDE",
                    help="> 0: the encoder sees pixel coordinates and every latent frame's mean (its coarsest token) "
                         "is trained to predict a SIDE x SIDE thumbnail of the frame (VideoTokenizer.layout_loss), so "
                         "one token commits where the digit is; 0: off")
