@@ -7,6 +7,11 @@ compared with the truth (centroid tracks, as ``modalities.video.metrics.velocity
 scale whose tokens bring the error down is where the model commits the digit's motion: if that is a
 scale of several tokens, they are drawn independently of each other and can disagree.
 
+It also probes the tokenizer alone: a ridge regression from the codewords of scale ``s`` of every
+latent frame (concatenated over the scale's tokens) to the centroid of the frame the latent frame
+ends on, fit on half of the videos and scored on the other half, says how much of the digit's
+position each scale's tokens carry (next to the error of always guessing the mean centre).
+
 Run::
 
     python -m benchmarks.video_velocity_commit --pipeline outputs/video/default/pipeline \\
@@ -35,11 +40,30 @@ def first_steps(videos: torch.Tensor, steps: int) -> np.ndarray:
     return c[:, 1:steps + 1] - c[:, :steps]
 
 
+def position_probe(tok, known: list[torch.Tensor], videos: torch.Tensor, scale: int) -> dict:
+    """Linear probe of the digit's centre from the codewords of ``scale`` of every latent frame:
+    mean absolute error (px, held-out half) and the same for guessing the mean centre."""
+    sched, c = tok.schedule, tok.config
+    n, T = sched.scales_per_frame, len(sched) // sched.scales_per_frame
+    codebook = tok.quantizer.embedding.weight.detach()
+    feats = torch.cat([codebook[known[t * n + scale]].flatten(1) for t in range(T)]).double().numpy()
+    centre = vm.centroids(videos[:, :, ::c.time_stride])  # (B, T', 2): frame 0, then each group's last frame
+    target = np.concatenate([centre[:, t] for t in range(T)])
+    ok = ~np.isnan(target).any(1)
+    A, y = np.c_[feats[ok], np.ones(int(ok.sum()))], target[ok]
+    half = len(A) // 2
+    w = np.linalg.solve(A[:half].T @ A[:half] + 1e-2 * np.eye(A.shape[1]), A[:half].T @ y[:half])
+    return {"scale": scale, "side": list(sched.shape(scale))[1:],
+            "distinct_codes": int(torch.cat([known[t * n + scale].flatten() for t in range(T)]).unique().numel()),
+            "centre_error_px": float(np.abs(A[half:] @ w - y[half:]).mean()),
+            "centre_error_if_mean_px": float(np.abs(y[half:] - y[:half].mean(0)).mean())}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pipeline", required=True, help="a video pipeline folder with a per-frame schedule")
     p.add_argument("--out", required=True, help="result JSON path")
-    p.add_argument("--videos", type=int, default=128)
+    p.add_argument("--videos", type=int, default=128, help="held-out videos sampled (the probe uses all 256)")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -53,7 +77,11 @@ def main(argv=None) -> dict:
     sched = tok.schedule
     if not isinstance(sched, FrameScaleSchedule):
         raise SystemExit(f"--pipeline {args.pipeline}: needs a per-frame schedule (schedule='frame'), got {c.schedule!r}")
-    X, Y = MovingDigits(args.videos, num_frames=c.frames, size=c.height, seed=1, split="test").tensors()
+    X, Y = MovingDigits(256, num_frames=c.frames, size=c.height, seed=1, split="test").tensors()
+    with torch.no_grad():
+        probes = [position_probe(tok, tok.encode(X), X, s) for s in range(2)]
+    print(probes)
+    X, Y = X[:args.videos], Y[:args.videos]
     with torch.no_grad():
         known = tok.encode(X)
         rec = tok.decode(known).clamp(-1, 1)
@@ -83,6 +111,7 @@ def main(argv=None) -> dict:
                     "still_axis_fraction": float(np.nanmean(np.abs(v_true).mean(1) < 0.75)),
                     "velocity_error_if_static": float(np.nanmean(np.linalg.norm(v_true, axis=-1)))},
            "tokenizer_reconstruction": score(first_steps(rec, steps)),
+           "position_probe": probes,
            "rows": rows}
     write_result_json(args.out, out, started)
     return out
