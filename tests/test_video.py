@@ -621,3 +621,22 @@ def test_video_demo_refuses_bad_settings_before_training(argv, message, capsys):
         parse_args(argv)
     assert message in capsys.readouterr().err
     assert parse_args(["--edit-videos", "256"]).edit_videos == 256
+
+
+def test_velocity_commit_benchmark_given_every_scale_reproduces_the_tokenizer(tmp_path):
+    """benchmarks.video_velocity_commit: with all of frame 1's scales given, the sampled frames 1-2
+    are the tokenizer's reconstruction, so the last row scores exactly what the tokenizer does (a
+    wrong scale offset in the known masks breaks this); with none given they are drawn (an
+    untrained model: another velocity)."""
+    from benchmarks import video_velocity_commit as vc
+    tok = tiny_tokenizer("frame", frames=5, height=32, width=32)  # latent (3, 8, 8): scales 1, 2, 4, 8 per frame
+    model = tiny_transformer(tok, num_classes=10)
+    msar.Pipeline(tok, model).save_pretrained(tmp_path / "pipe")
+    out = vc.main(["--pipeline", str(tmp_path / "pipe"), "--out", str(tmp_path / "vc.json"), "--videos", "8",
+                   "--threads", "1"])
+    rows = out["rows"]
+    assert [r["frame1_scales_given"] for r in rows] == list(range(tok.schedule.scales_per_frame + 1))
+    assert rows[-1]["velocity_error"] == pytest.approx(out["tokenizer_reconstruction"]["velocity_error"], abs=1e-9)
+    assert rows[0]["velocity_error"] != pytest.approx(rows[-1]["velocity_error"], abs=1e-6)
+    assert [p["side"] for p in out["position_probe"]] == [[1, 1], [2, 2]]
+    assert json.load(open(tmp_path / "vc.json"))["run"]["command"]
