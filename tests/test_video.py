@@ -288,6 +288,8 @@ def test_layout_loss_targets_the_last_frame_of_each_latent_group():
         tiny_tokenizer("frame").layout_loss(x)
     with pytest.raises(ValueError, match="layout_side"):
         VideoTokenizerConfig(frames=5, height=16, width=16, layout_side=17)
+    with pytest.raises(ValueError, match="coord_input must be True or False"):
+        VideoTokenizerConfig(frames=5, height=16, width=16, coord_input=2)
 
 
 def test_layout_tokenizer_saves_and_loads(tmp_path):

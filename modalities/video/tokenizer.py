@@ -231,6 +231,8 @@ class VideoTokenizerConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"VideoTokenizerConfig.{name} must be a positive int, got {v!r}")
+        if not isinstance(self.coord_input, bool):
+            raise ValueError(f"VideoTokenizerConfig.coord_input must be True or False, got {self.coord_input!r}")
         if isinstance(self.layout_side, bool) or not isinstance(self.layout_side, int) or self.layout_side < 0:
             raise ValueError(f"VideoTokenizerConfig.layout_side must be an int >= 0, got {self.layout_side!r}")
         if self.layout_side > min(self.height, self.width):
