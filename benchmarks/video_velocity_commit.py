@@ -79,11 +79,11 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--pipeline {args.pipeline}: needs a per-frame schedule (schedule='frame'), got {c.schedule!r}")
     X, Y = MovingDigits(256, num_frames=c.frames, size=c.height, seed=1, split="test").tensors()
     with torch.no_grad():
-        probes = [position_probe(tok, tok.encode(X), X, s) for s in range(2)]
+        known = tok.encode(X)  # every video encoded once: the probe uses all, sampling the first --videos
+    probes = [position_probe(tok, known, X, s) for s in range(2)]
     print(probes)
-    X, Y = X[:args.videos], Y[:args.videos]
+    X, Y, known = X[:args.videos], Y[:args.videos], [k[:args.videos] for k in known]
     with torch.no_grad():
-        known = tok.encode(X)
         rec = tok.decode(known).clamp(-1, 1)
     steps = c.time_stride  # the real frames latent frame 1 covers
     v_true = first_steps(X, steps)
