@@ -21,6 +21,7 @@ Run::
     python -m examples.video_demo --schedule joint     # t grows with the scale (coarse tokens mix frames)
     python -m examples.video_demo --time-stride 4 --time-upsample repeat --tok-motion-weight 0   # the earlier tokenizer
     python -m examples.video_demo --tok-layout 4       # every frame's coarsest token says where the digit is
+    python -m examples.video_demo --condition motion   # condition on class + velocity (drawn from the data)
     python -m examples.video_demo --tokenizer out/pipeline/tokenizer   # reuse a trained tokenizer
     python -m examples.video_demo --feature-net i3d.pt # + Frechet distance (TorchScript net)
 
@@ -57,6 +58,7 @@ from modalities.video.schedules import FRAME_CODINGS
 from modalities.video import (MovingDigits, VideoTokenizerConfig, VideoTokenizer, box_mask, fill_unknown,
                               frame_prediction_mask, interpolation_mask, video_known_masks)
 from modalities.video import metrics as vm
+from modalities.video.motion import draw_velocities, motion_condition_dim, motion_features, motion_following
 from modalities.video.viz import save_filmstrip, save_gif
 
 
@@ -109,6 +111,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--coord-frequencies", type=int, default=4,
                    help="transformer positions: add sin/cos features of every token's (t, y, x) cell centre at this "
                         "many octaves (msar.TransformerConfig.coord_frequencies); 0 learns every position on its own")
+    p.add_argument("--condition", default="class", choices=["class", "motion"],
+                   help="what the transformer is conditioned on: the digit class, or the class and the velocity "
+                        "(modalities.video.motion; samples then move at velocities drawn from the training videos)")
+    p.add_argument("--motion-dropout", type=float, default=0.2,
+                   help="with --condition motion: share of training videos whose velocity is not given, so the model "
+                        "also generates from the class alone (class-only samples and the edits use that)")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.9)
@@ -137,6 +145,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--tok-layout must be in [0, --size={args.size}], got {args.tok_layout}")
     if args.coord_frequencies < 0:
         p.error(f"--coord-frequencies must be >= 0, got {args.coord_frequencies}")
+    if not 0 <= args.motion_dropout < 1:
+        p.error(f"--motion-dropout must be in [0, 1), got {args.motion_dropout}")
     if not args.temperature > 0:  # checked here, not after the training it would follow
         p.error(f"--temperature must be > 0, got {args.temperature}")
     if args.tok_channels is None:  # one more 64-wide stage per extra factor 2 of space_stride
@@ -182,12 +192,13 @@ def train_tokenizer(tok: VideoTokenizer, videos: torch.Tensor, args, gen: torch.
 
 
 def train_transformer(model: msar.NextScaleTransformer, tok: VideoTokenizer, train_set: TokenDataset,
-                      val_set: TokenDataset, args) -> tuple[list[dict], dict]:
+                      val_set: TokenDataset, val_conditions: dict[str, torch.Tensor], args) -> tuple[list[dict], dict]:
     """Teacher-forced cross-entropy over all scales at once (block-causal mask) with
     :class:`msar.training.TransformerTrainer`; checkpoints in ``<out>/ckpt_transformer``.
 
-    Returns the training records and validation metrics, including the loss under
-    *wrong* labels: the gap says how much the model uses the class at all."""
+    Returns the training records and validation metrics, including the validation loss under
+    each of ``val_conditions`` (name -> other conditions of the validation videos, e.g. wrong
+    labels: the gap says how much the model uses the condition at all)."""
     cfg = TransformerTrainConfig(lr=args.ar_lr, total_steps=args.ar_steps, warmup_steps=min(100, args.ar_steps // 10),
                                  lr_schedule="lin0", final_lr_ratio=0.05, weight_decay=0.05,
                                  ckpt_dir=os.path.join(args.out, "ckpt_transformer"), ckpt_every=250,
@@ -200,14 +211,20 @@ def train_transformer(model: msar.NextScaleTransformer, tok: VideoTokenizer, tra
         return build_loader(ds, 64, shuffle=False, drop_last=False, collate_fn=collate_tokens)
 
     val = trainer.evaluate(loader(val_set), log=False)
-    wrong = TokenDataset(val_set.indices, (val_set.labels + 1) % 10)
-    val["loss_wrong_label"] = trainer.evaluate(loader(wrong), log=False)["loss"]
+    for name, cond in val_conditions.items():
+        val[name] = trainer.evaluate(loader(TokenDataset(val_set.indices, cond)), log=False)["loss"]
     val["loss_train_subset"] = trainer.evaluate(loader(TokenDataset([t[:len(val_set)] for t in train_set.indices],
                                                                     train_set.labels[:len(val_set)])), log=False)["loss"]
     return log, val
 
 
 # ---------------------------------------------------------------------------- evaluation helpers
+def condition_kwargs(cond: torch.Tensor) -> dict:
+    """``msar.sample``'s condition argument: class labels ``(B,)`` long, or motion features
+    ``(B, D)`` float (:func:`modalities.video.motion.motion_features`) as a vector Condition."""
+    return {"condition": msar.Condition.vector(cond)} if cond.is_floating_point() else {"labels": cond}
+
+
 def video_metrics(videos: torch.Tensor, labels: torch.Tensor, clf: vm.FrameDigitClassifier) -> dict:
     pred = clf.predict(videos)
     return {"frame_accuracy": vm.frame_accuracy(pred, labels),
@@ -216,9 +233,10 @@ def video_metrics(videos: torch.Tensor, labels: torch.Tensor, clf: vm.FrameDigit
 
 
 @torch.no_grad()
-def zero_shot(name: str, model, tok: VideoTokenizer, videos: torch.Tensor, labels: torch.Tensor,
+def zero_shot(name: str, model, tok: VideoTokenizer, videos: torch.Tensor, labels: torch.Tensor, cond: torch.Tensor,
               known_pixels: torch.Tensor, recon: torch.Tensor, args, clf, out_dir: str) -> tuple[dict, torch.Tensor]:
-    """Generate the unknown part of ``videos`` given ``known_pixels`` (T, H, W); figure + metrics.
+    """Generate the unknown part of ``videos`` (class ``labels``, conditioned on ``cond``: see
+    :func:`condition_kwargs`) given ``known_pixels`` (T, H, W); figure + metrics.
     ``recon``: the tokenizer's reconstruction of ``videos`` (the reference for the known region).
     When the given frames are a prefix (frame prediction), the continuation's velocity is compared
     with the true one (:func:`modalities.video.metrics.velocity_error`), for the generated videos and
@@ -226,7 +244,7 @@ def zero_shot(name: str, model, tok: VideoTokenizer, videos: torch.Tensor, label
     B = len(videos)
     masks = video_known_masks(tok, known_pixels, batch_size=B)
     known = tok.encode(fill_unknown(videos, known_pixels))
-    out = msar.sample(model, tok, labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+    out = msar.sample(model, tok, **condition_kwargs(cond), cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                       temperature=args.temperature, seed=args.seed + 7,
                       known=known, known_mask=masks)
     gen = out.data.clamp(-1, 1)
@@ -278,6 +296,19 @@ def main(argv=None) -> dict:
                         split="test")
     Xtr, Ytr = train.tensors()
     Xte, Yte = test.tensors()
+    motion = args.condition == "motion"
+
+    def conditions(labels: torch.Tensor, velocities=None, given=None) -> torch.Tensor:
+        """What the transformer is conditioned on: the class labels (B,), or with --condition motion
+        the class and the velocity as features (B, D) (rows with ``given`` False: class only)."""
+        if not motion:
+            return labels
+        v = None if velocities is None else torch.as_tensor(velocities)
+        return motion_features(labels, v, num_classes=10, max_speed=train.max_speed, given=given)
+
+    # the videos whose velocity the training leaves out (fixed by the seed, so a resumed run sees the same)
+    given_tr = torch.rand(len(Ytr), generator=torch.Generator().manual_seed(args.seed + 5)) >= args.motion_dropout
+    C_tr, C_te = conditions(Ytr, train.velocities, given_tr), conditions(Yte, test.velocities)
 
     # ---------------- tokenizer
     if args.tokenizer:  # a trained tokenizer (its own config wins over the command line)
@@ -305,7 +336,7 @@ def main(argv=None) -> dict:
     tok_log = train_tokenizer(tok, Xtr, args, gen) if not args.tokenizer else []
     timings["tokenizer_train_s"] = time.time() - t0
     tok.save_pretrained(os.path.join(args.out, "pipeline", "tokenizer"))
-    test_set = TokenDataset.encode(tok, Xte, Yte)  # encoded once: figures, validation
+    test_set = TokenDataset.encode(tok, Xte, C_te)  # encoded once: figures, validation
     # the tokenizer's own evaluation: PSNR and motion of its reconstructions (it caps the samples' motion)
     tok_eval, rec_te = vm.reconstruction_report(tok, Xte)
     rec_psnr = tok_eval["psnr_db"]
@@ -323,17 +354,22 @@ def main(argv=None) -> dict:
 
     # ---------------- transformer
     t0 = time.time()
-    train_set = TokenDataset.encode(tok, Xtr, Ytr)
+    train_set = TokenDataset.encode(tok, Xtr, C_tr)
     usage = float(torch.cat(train_set.indices, 1).unique().numel()) / cfg.vocab_size
+    cond_args = (dict(num_classes=0, cond_kind="vector", cond_dim=motion_condition_dim(10)) if motion
+                 else dict(num_classes=10))
     tcfg = msar.TransformerConfig(schedule=sched, vocab_size=cfg.vocab_size, latent_dim=cfg.latent_dim,
-                                  num_classes=10, depth=args.depth, embed_dim=args.width,
-                                  num_heads=max(1, args.width // 32), cond_drop_rate=0.1,
-                                  coord_frequencies=args.coord_frequencies)
+                                  depth=args.depth, embed_dim=args.width, num_heads=max(1, args.width // 32),
+                                  cond_drop_rate=0.1, coord_frequencies=args.coord_frequencies, **cond_args)
     model = msar.NextScaleTransformer(tcfg)
     print(f"transformer {model.num_parameters() / 1e6:.2f}M params, codebook use on train {usage:.0%}")
-    ar_log, ar_val = train_transformer(model, tok, train_set, test_set, args)
+    val_conditions = {"loss_wrong_label": conditions((Yte + 1) % 10, test.velocities)}
+    if motion:  # how much the velocity tells the model: the loss with the class alone, and with a wrong velocity
+        val_conditions["loss_motion_not_given"] = conditions(Yte)
+        val_conditions["loss_wrong_motion"] = conditions(Yte, -torch.as_tensor(test.velocities))
+    ar_log, ar_val = train_transformer(model, tok, train_set, test_set, val_conditions, args)
     print("transformer validation: " + ", ".join(f"{k} {ar_val[k]:.3f}" for k in
-                                                 ("loss", "acc", "loss_wrong_label", "loss_train_subset")))
+                                                 ("loss", "acc", *val_conditions, "loss_train_subset")))
     timings["transformer_train_s"] = time.time() - t0
 
     # ---------------- classifier on real frames, reference metrics
@@ -345,11 +381,18 @@ def main(argv=None) -> dict:
     # ---------------- class-conditional samples
     n = args.samples_per_class
     labels = torch.arange(10).repeat_interleave(n)
+    knobs = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed)
+    velocities = draw_velocities(train.velocities, len(labels), torch.Generator().manual_seed(args.seed + 11))
     with torch.no_grad():
-        out = msar.sample(model, tok, labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                          temperature=args.temperature, seed=args.seed)
+        out = msar.sample(model, tok, **condition_kwargs(conditions(labels, velocities)), **knobs)
     samples = out.data.clamp(-1, 1)
     gen_metrics = video_metrics(samples, labels, clf)
+    if motion:  # the asked-for velocities against the samples' (real videos against their own: the floor)
+        gen_metrics["motion_following"] = motion_following(samples, velocities)
+        real["motion_following"] = motion_following(Xte, test.velocities)
+        with torch.no_grad():  # the same model from the class alone (the velocity not given)
+            class_only = msar.sample(model, tok, **condition_kwargs(conditions(labels)), **knobs).data.clamp(-1, 1)
+        gen_metrics["class_only"] = video_metrics(class_only, labels, clf)
     # the stricter linear classifier (it also penalises blur), for comparison
     strict = vm.FrameDigitClassifier(crop=train.digit_size, kind="logistic").fit(Xtr[:1000], Ytr[:1000])
     strict_acc = {name: vm.frame_accuracy(strict.predict(v), y)
@@ -362,7 +405,8 @@ def main(argv=None) -> dict:
     gen_metrics["per_class_frame_accuracy"] = per_class
     show = torch.stack([samples[labels == c][0] for c in range(10)])
     save_filmstrip(show, os.path.join(args.out, "samples.png"), row_labels=[f"class {c}" for c in range(10)],
-                   title=f"class-conditional samples ({args.schedule} schedule, cfg {args.cfg})")
+                   title=f"{'class + velocity' if motion else 'class'}-conditional samples ({args.schedule} schedule, "
+                         f"cfg {args.cfg})")
     grid = torch.cat([samples[labels == c][:min(4, n)] for c in range(10)])
     save_gif(grid, os.path.join(args.out, "samples.gif"), nrow=min(4, n) * 2 if n > 1 else 10)
 
@@ -382,7 +426,8 @@ def main(argv=None) -> dict:
     }
     edit_vids = []
     for name, mask in tasks.items():
-        edits[name], g = zero_shot(name, model, tok, Xe, Ye, mask, rec_te[:ne], args, clf, args.out)
+        # the edits are told the class only: the given frames carry the motion (the continuation is measured)
+        edits[name], g = zero_shot(name, model, tok, Xe, Ye, conditions(Ye), mask, rec_te[:ne], args, clf, args.out)
         edit_vids.append(torch.stack([Xe[0], g[0]]))
     save_gif(torch.cat(edit_vids), os.path.join(args.out, "edits.gif"), nrow=2)
 

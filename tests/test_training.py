@@ -112,6 +112,28 @@ def test_token_dataset_batches_equal_encoding_on_the_fly():
         TokenDataset(ds.indices, y[:3])
 
 
+def test_token_dataset_carries_vector_conditions_to_the_loss():
+    """(N, D) float features: a batch becomes a vector Condition with each sample's own row, so the
+    loss equals the loss on the features passed directly (a shuffled or dropped row would differ)."""
+    tok = tiny_tokenizer()
+    x, _ = Images(6)[:]
+    feats = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    ds = TokenDataset.encode(tok, x, feats)
+    model = tiny_transformer(num_classes=0, cond_kind="vector", cond_dim=5, cond_drop_rate=0.0, drop_rate=0.0)
+    with torch.no_grad():  # VAR's init zeroes the condition's AdaLN path: make the condition matter
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    tr = TransformerTrainer(model, tok, cfg())
+    batch = tr.parse_batch(collate_tokens([ds[i] for i in (4, 1, 3)]))
+    assert batch[1].kind == "vector" and torch.equal(batch[1].features, feats[[4, 1, 3]])
+    direct = tr.compute_loss(tr.parse_batch((x[[4, 1, 3]], feats[[4, 1, 3]]))).loss
+    assert torch.allclose(tr.compute_loss(batch).loss, direct)
+    other = tr.compute_loss(tr.parse_batch((x[[4, 1, 3]], feats[[1, 4, 3]]))).loss
+    assert not torch.allclose(other, direct)
+    with pytest.raises(ValueError, match="labels must be class labels"):
+        TokenDataset(ds.indices, feats[:, 0])  # (N,) floats: neither labels nor features
+
+
 def _run(tmp_path, steps, resume_from_fresh=False, seed=0, accum=1, **kw):
     tok = tiny_tokenizer()
     model = tiny_transformer(seed=seed)

@@ -71,7 +71,7 @@ class MovingDigits(torch.utils.data.Dataset):
             raise ValueError(f"digit_size {digit_size} does not fit the canvas {size}")
         if split not in ("train", "test", "all"):
             raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-        self.num_frames, self.size, self.digit_size = num_frames, size, digit_size
+        self.num_frames, self.size, self.digit_size, self.max_speed = num_frames, size, digit_size, max_speed
         imgs, labels = _digit_images(digit_size)
         cut = int(0.8 * len(imgs))
         pool = {"train": np.arange(cut), "test": np.arange(cut, len(imgs)), "all": np.arange(len(imgs))}[split]

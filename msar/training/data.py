@@ -9,15 +9,16 @@ from torch.utils.data import Dataset
 
 
 class TokenDataset(Dataset):
-    """Per-scale token maps of ``N`` samples with their labels.
+    """Per-scale token maps of ``N`` samples with their conditions.
 
     Args:
         indices: one ``(N, n_k)`` long tensor per scale (what ``tokenizer.encode`` returns
             for a batch of ``N``).
-        labels: ``(N,)`` long class labels, or ``None`` for unconditional data.
+        labels: ``(N,)`` long class labels, ``(N, D)`` float features of a ``vector``
+            condition (:meth:`msar.Condition.vector`), or ``None`` for unconditional data.
 
     Item ``i`` is ``([indices[k][i] for k], labels[i])``; batch with :func:`collate_tokens`,
-    which gives ``(list of (B, n_k), (B,))`` -- the batch format
+    which gives ``(list of (B, n_k), (B,) or (B, D))`` -- the batch format
     :class:`~msar.training.TransformerTrainer` reads.
     """
 
@@ -29,8 +30,12 @@ class TokenDataset(Dataset):
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != n or t.dtype != torch.long:
                 raise ValueError(f"TokenDataset: indices[{k}] must be a long tensor (N={n}, n_k), got "
                                  f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-        if labels is not None and (labels.dim() != 1 or labels.shape[0] != n):
-            raise ValueError(f"TokenDataset: labels must be (N={n},), got {tuple(labels.shape)}")
+        if labels is not None:
+            is_class = labels.dim() == 1 and not labels.dtype.is_floating_point
+            is_vector = labels.dim() == 2 and labels.dtype.is_floating_point
+            if not (is_class or is_vector) or labels.shape[0] != n:
+                raise ValueError(f"TokenDataset: labels must be class labels (N={n},) of an integer dtype or vector "
+                                 f"features (N={n}, D) of a float dtype, got {tuple(labels.shape)} {labels.dtype}")
         self.indices = list(indices)
         self.labels = labels
 
@@ -53,7 +58,7 @@ class TokenDataset(Dataset):
 
 
 def collate_tokens(batch: list[tuple[list[torch.Tensor], Any]]) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
-    """Stack :class:`TokenDataset` items into ``(list of (B, n_k), labels (B,) or None)``."""
+    """Stack :class:`TokenDataset` items into ``(list of (B, n_k), labels (B,) / features (B, D) or None)``."""
     idx = [torch.stack([b[0][k] for b in batch]) for k in range(len(batch[0][0]))]
     labels = None if batch[0][1] is None else torch.stack([torch.as_tensor(b[1]) for b in batch])
     return idx, labels
