@@ -14,8 +14,8 @@ class TokenDataset(Dataset):
     Args:
         indices: one ``(N, n_k)`` long tensor per scale (what ``tokenizer.encode`` returns
             for a batch of ``N``).
-        labels: ``(N,)`` long class labels, ``(N, D)`` float features of a ``vector``
-            condition (:meth:`msar.Condition.vector`), or ``None`` for unconditional data.
+        labels: ``(N,)`` long class labels, ``(N, D)`` float features of a vector
+            condition (``msar.Condition.vector``), or ``None`` for unconditional data.
 
     Item ``i`` is ``([indices[k][i] for k], labels[i])``; batch with :func:`collate_tokens`,
     which gives ``(list of (B, n_k), (B,) or (B, D))`` -- the batch format
