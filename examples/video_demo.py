@@ -106,6 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ar-steps", type=int, default=1600)
     p.add_argument("--ar-batch", type=int, default=16)
     p.add_argument("--ar-lr", type=float, default=3e-3)
+    p.add_argument("--ar-scale-loss-power", type=float, default=0.0,
+                   help="weight of scale k's tokens in the transformer's loss, n_k ** -POWER "
+                        "(TransformerTrainConfig.scale_loss_power): 0 every token the same (VAR), 1 every scale the "
+                        "same, so the few coarse tokens that place the digit count as much as the 64 of a frame's finest")
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--coord-frequencies", type=int, default=4,
@@ -145,6 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--tok-layout must be in [0, --size={args.size}], got {args.tok_layout}")
     if args.coord_frequencies < 0:
         p.error(f"--coord-frequencies must be >= 0, got {args.coord_frequencies}")
+    if not 0 <= args.ar_scale_loss_power <= 1:
+        p.error(f"--ar-scale-loss-power must be in [0, 1], got {args.ar_scale_loss_power}")
     if not 0 <= args.motion_dropout < 1:
         p.error(f"--motion-dropout must be in [0, 1), got {args.motion_dropout}")
     if not args.temperature > 0:  # checked here, not after the training it would follow
@@ -201,6 +207,7 @@ def train_transformer(model: msar.NextScaleTransformer, tok: VideoTokenizer, tra
     labels: the gap says how much the model uses the condition at all)."""
     cfg = TransformerTrainConfig(lr=args.ar_lr, total_steps=args.ar_steps, warmup_steps=min(100, args.ar_steps // 10),
                                  lr_schedule="lin0", final_lr_ratio=0.05, weight_decay=0.05,
+                                 scale_loss_power=args.ar_scale_loss_power,
                                  ckpt_dir=os.path.join(args.out, "ckpt_transformer"), ckpt_every=250,
                                  log_dir=os.path.join(args.out, "logs_transformer"), log_every=10, tensorboard=False)
     trainer = TransformerTrainer(model, tok, cfg)

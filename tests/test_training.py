@@ -477,3 +477,25 @@ def test_build_loader_leaves_the_global_random_stream_alone():
     after_iterating = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after_iterating, torch.rand(3))
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_scale_loss_power_weighs_each_scale_by_its_token_count(power):
+    """The optimized loss is sum_k n_k^(1-p) * mean_k / sum_k n_k^(1-p) over the per-scale mean
+    cross-entropies: p = 0 the plain token mean (VAR), p = 1 the plain mean over scales (a weight on
+    the wrong axis, or left unnormalized, changes the value); the logged loss stays the token mean."""
+    tok = tiny_tokenizer()
+    x, y = Images(4)[:]
+    tr = TransformerTrainer(tiny_transformer(drop_rate=0.0, cond_drop_rate=0.0), tok, cfg(scale_loss_power=power))
+    batch = tr.parse_batch((x, y))
+    out = tr.compute_loss(batch)
+    ce = tr.token_losses(tr.forward_model, batch)[0].detach()
+    counts = torch.tensor([h * w for h, w in SCHED], dtype=torch.float32)
+    means = torch.stack([part.mean() for part in ce.split(counts.long().tolist(), dim=1)])
+    expected = (counts.pow(1 - power) * means).sum() / counts.pow(1 - power).sum()
+    torch.testing.assert_close(out.loss.detach(), expected)
+    torch.testing.assert_close(out.metrics["loss"], ce.mean())
+    if power == 1.0:
+        torch.testing.assert_close(out.loss.detach(), means.mean())
+    with pytest.raises(ValueError, match="scale_loss_power must be in"):
+        cfg(scale_loss_power=1.5).validate()

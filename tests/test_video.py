@@ -632,6 +632,8 @@ def test_frame_schedule_coordinates_sit_in_their_frame(case):
 @pytest.mark.parametrize("argv, message", [
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--coord-frequencies", "-1"], "--coord-frequencies must be >= 0"),
+    (["--ar-scale-loss-power", "2"], "--ar-scale-loss-power must be in [0, 1]"),
+    (["--motion-dropout", "1"], "--motion-dropout must be in [0, 1)"),
     (["--tok-layout", "-1"], "--tok-layout must be in [0, --size=32]"),
     (["--tok-layout", "33"], "--tok-layout must be in [0, --size=32]"),
     (["--samples-per-class", "0"], "must be >= 1"),

@@ -16,8 +16,9 @@ from .base import LossOutput, TrainConfig, Trainer, _to_device, config_dict
 
 @dataclass
 class TransformerTrainConfig(TrainConfig):
-    """:class:`~msar.training.base.TrainConfig` plus ``label_smoothing`` of the cross-entropy and
-    ``ignore_index``, a target token left out of loss and accuracy (padding).
+    """:class:`~msar.training.base.TrainConfig` plus ``label_smoothing`` of the cross-entropy,
+    ``ignore_index``, a target token left out of loss and accuracy (padding), and
+    ``scale_loss_power``, how much a scale's tokens weigh in the training loss.
 
     Class dropout for classifier-free guidance lives in the model (``cond_drop_rate``).
     """
@@ -25,11 +26,18 @@ class TransformerTrainConfig(TrainConfig):
     label_smoothing: float = 0.0
     # token id excluded from loss and accuracy (padding in fixed schedules, e.g. graphs); None = none
     ignore_index: Optional[int] = None
+    # every token of scale k weighs n_k ** -power in the training loss: 0 = every token the same (VAR),
+    # 1 = every scale the same (Infinity's reweighting by scale).  Coarse scales hold few tokens but
+    # decide the layout every finer scale refines; validation losses stay per token either way.
+    scale_loss_power: float = 0.0
 
     def validate(self) -> None:
         super().validate()
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.scale_loss_power <= 1.0:
+            raise ValueError(f"scale_loss_power must be in [0, 1] (0: per token, 1: per scale), got "
+                             f"{self.scale_loss_power}")
 
 
 # indices (per scale (B, n_k)), the condition -- labels (B,), a Condition, a tuple of the condition
@@ -111,6 +119,9 @@ class TransformerTrainer(Trainer):
         self.bitwise_head = model.config.head == "bitwise"
         self.level_ids = self.schedule.level_ids(self.device)
         self.level_counts = torch.tensor(self.schedule.token_counts, device=self.device, dtype=torch.float32)
+        # (L,) training-loss weight of every token position (None: all equal, VAR's plain mean)
+        power = self.config.scale_loss_power
+        self.scale_loss_weights = None if power == 0 else self.level_counts.pow(-power)[self.level_ids]
 
     def model_config(self) -> Any:
         return config_dict(self.model.config)
@@ -235,9 +246,13 @@ class TransformerTrainer(Trainer):
         else:
             n = w.sum().clamp_min(1.0)
             loss, acc = (ce * w).sum() / n, (correct * w).sum() / n
+        metrics = {"loss": loss.detach(), "acc": acc}
+        if self.scale_loss_weights is not None:  # the optimized loss; "loss" in the logs stays per token
+            sw = self.scale_loss_weights.expand_as(ce) if w is None else w * self.scale_loss_weights
+            loss = (ce * sw).sum() / sw.sum().clamp_min(1e-12)
+            metrics["loss_scale_weighted"] = loss.detach()
         loss_k = self.per_scale(ce.detach(), w)
         acc_k = self.per_scale(correct, w)
-        metrics = {"loss": loss.detach(), "acc": acc}
         parts = {}
         for k in range(self.schedule.num_scales):
             metrics[f"loss_k{k}"] = loss_k[k]
