@@ -25,6 +25,8 @@ probable edges first, then completes it (decoding rules on the model's probabili
 ``--node-count train`` draws each sample's node count from the training graphs' sizes and makes every
 split scale produce the levels of a graph of that size (:class:`modalities.graph.size.NodeCountHook`;
 default ``none``: the size is whatever the split tokens give); it composes with the other options.
+``--matching aligned`` coarsens with pairs lined up side by side and in line, so that every level of a
+grid's hierarchy is a grid (:func:`modalities.graph.coarsen.coarsen`).
 ``--eval-split val`` compares with the validation graphs instead of the test graphs (for choosing
 settings); ``--face-features`` trains with the planarity inputs of the finest expansion;
 ``--metric-sensitivity`` trains nothing and measures how the MMD statistics react to edge deletions
@@ -54,6 +56,7 @@ from tqdm import tqdm
 import msar
 from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
+from modalities.graph.coarsen import MATCHINGS
 from modalities.graph.constraints import PROJECTIONS, PROPERTIES, EdgeScores, StructureHook, count_projection
 from modalities.graph.metrics import structure_summary
 from modalities.graph.size import NodeCountHook, draw_node_counts, level_size_report
@@ -513,8 +516,9 @@ def main(argv=None) -> None:
                         "split scale produce the levels of an N-node graph, choosing which nodes split by the "
                         "model's own probabilities (modalities.graph.size.NodeCountHook); none: the node count "
                         "is whatever the split tokens give")
-    p.add_argument("--matching", default=None, choices=["greedy", "max"],
-                   help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels)")
+    p.add_argument("--matching", default=None, choices=list(MATCHINGS),
+                   help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels; aligned: "
+                        "pairs lined up side by side and in line, so a grid's levels are grids)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
     p.add_argument("--final-chunks", default=None, choices=["same", "all"],
                    help="chunks of the finest expansion: 'all' = one per edge position (its edge masks are "

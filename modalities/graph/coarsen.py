@@ -11,13 +11,28 @@ One coarsening step (fine -> coarse):
    unmatched node with the unmatched neighbour of heaviest edge weight (weight =
    number of fine edges between the two clusters), ties to the smaller cluster;
    (``matching="max"``: instead a maximum-cardinality matching of maximum total weight,
-   which leaves as few nodes unmatched as possible);
+   which leaves as few nodes unmatched as possible; ``matching="aligned"``: see below);
 2. leftovers (no unmatched neighbour) are paired with each other, preferring a
    leftover two hops away (most common-neighbour weight), until at most one remains.
 
 A leftover pair shares no edge, so its level is not a minor of the graph: with greedy
 matching most coarse levels of a planar (Delaunay) graph are not planar; with
 ``matching="max"`` on the planar training set every level is.
+
+``matching="aligned"`` is heavy-edge matching that lines pairs up, so that lattices coarsen into
+lattices.  Nodes are visited from a frontier (the unmatched neighbours of the pairs formed so far,
+first in first out; the static order above only seeds a new region), and among the unmatched
+neighbours of the heaviest edge weight the partner is chosen by
+
+* *ladder* (most first): matched pairs ``(a, b)`` with ``u ~ a`` and ``v ~ b``, so that
+  ``u - a - b - v`` is a 4-cycle and the new pair lies side by side with an old one;
+* *triangles* (fewest first): pairs of already formed clusters that both touch ``{u, v}`` and touch
+  each other, i.e. triangles the pair would close in the coarse graph.
+
+On a 2-D grid the first pair is a domino at a corner; the ladder rule stacks dominoes beside it,
+and the triangle rule makes the next strip continue in line instead of turning, so an ``r x 2c``
+grid coarsens into an ``r x c`` grid whose edges across the dominoes carry weight 2; heavy-edge
+matching then pairs those next.  Every level of a grid whose sides stay even is a grid.
 
 So every coarse node has one or two children.  Children are then ordered
 top-down (the bigger / higher-degree child first) which fixes a *tree order* of
@@ -26,6 +41,7 @@ The decoder rebuilds the same order from the tokens alone.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -47,7 +63,7 @@ class Level:
     size: list[int] = field(default_factory=list)
 
 
-MATCHINGS = ("greedy", "max")
+MATCHINGS = ("greedy", "max", "aligned")
 
 
 def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
@@ -65,6 +81,8 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
         H.add_weighted_edges_from((u, v, x) for (u, v), x in sorted(w.items()))
         for u, v in nx.max_weight_matching(H, maxcardinality=True):
             mate[u], mate[v] = v, u
+    if matching == "aligned":
+        mate = _aligned_matching(nbrs, size, order)
     for u in order:
         if mate[u] >= 0:
             continue
@@ -101,13 +119,87 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
     return clusters
 
 
+def _aligned_matching(nbrs: list[dict[int, int]], size: list[int], order: list[int]) -> list[int]:
+    """``matching="aligned"``: the mate of every node (``-1``: unmatched) of a maximal matching grown
+    from a frontier (see the module docstring).  The first pair is tried with every neighbour of the
+    first node; the matching kept is the one whose coarse graph has the fewest unmatched nodes, then
+    the fewest triangles, then the most weight inside pairs."""
+    seed = next((u for u in order if nbrs[u]), None)
+    if seed is None:
+        return [-1] * len(nbrs)
+    best, best_score = None, None
+    for first in sorted(nbrs[seed]):
+        mate = _grow_aligned(nbrs, size, order, (seed, first))
+        score = _matching_score(nbrs, mate)
+        if best_score is None or score < best_score:
+            best, best_score = mate, score
+    return best
+
+
+def _grow_aligned(nbrs: list[dict[int, int]], size: list[int], order: list[int],
+                  first: tuple[int, int]) -> list[int]:
+    """A maximal matching that starts with the pair ``first`` and grows from a frontier, partners
+    ranked by (ladder, -triangles, edge weight, the greedy tie-breaks)."""
+    mate = [-1] * len(nbrs)
+
+    def touching(c: tuple[int, int]) -> set[int]:
+        """Formed pairs (named by their smaller node) next to the nodes ``c``."""
+        return {min(a, mate[a]) for x in c for a in nbrs[x] if mate[a] >= 0 and a not in c}
+
+    def adjacent(p: int, q: int) -> bool:
+        return any(b in nbrs[a] for a in (p, mate[p]) for b in (q, mate[q]))
+
+    def rank(u: int, v: int) -> tuple:
+        ladder = sum(1 for a in nbrs[u] if mate[a] >= 0 and mate[a] in nbrs[v])
+        near = sorted(touching((u, v)))
+        triangles = sum(adjacent(p, q) for i, p in enumerate(near) for q in near[i + 1:])
+        return ladder, -triangles, nbrs[u][v], -size[v], -len(nbrs[v]), -v
+
+    frontier: deque[int] = deque()
+    seeds = iter(order)
+    pair: tuple[int, int] | None = first
+    while True:
+        if pair is None:
+            u = frontier.popleft() if frontier else next(seeds, None)
+            if u is None:
+                return mate
+            if mate[u] >= 0:
+                continue
+            cands = [v for v in nbrs[u] if mate[v] < 0 and v != u]
+            if not cands:
+                continue
+            pair = (u, max(cands, key=lambda v: rank(u, v)))
+        u, v = pair
+        mate[u], mate[v] = v, u
+        frontier.extend(x for x in (*sorted(nbrs[u]), *sorted(nbrs[v])) if mate[x] < 0)
+        pair = None
+
+
+def _matching_score(nbrs: list[dict[int, int]], mate: list[int]) -> tuple[int, int, int]:
+    """(unmatched nodes, triangles of the coarse graph, -weight inside pairs): lower is better."""
+    cluster = [min(u, m) if m >= 0 else u for u, m in enumerate(mate)]
+    coarse: dict[int, set[int]] = {}
+    inside = 0
+    for u, nb in enumerate(nbrs):
+        for v, x in nb.items():
+            a, b = cluster[u], cluster[v]
+            if a != b:
+                coarse.setdefault(a, set()).add(b)
+            elif u < v:
+                inside += x
+    triangles = sum(len(coarse[a] & coarse.get(b, set())) for a in coarse for b in coarse[a] if a < b) // 3
+    return sum(m < 0 for m in mate), triangles, -inside
+
+
 def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy") -> list[Level]:
     """Hierarchy ``[G_0, ..., G_K]`` of a simple undirected graph, coarsest first, all in tree order.
 
     ``num_levels``: pad the top with one-node levels to this many levels (must be at
     least ``ceil(log2 N) + 1``).  The finest level is isomorphic to ``G``.
-    ``matching``: ``"greedy"`` heavy-edge matching or ``"max"`` (maximum-cardinality matching
-    of maximum weight; fewer leftover pairs, so more levels are minors of ``G``).
+    ``matching``: ``"greedy"`` heavy-edge matching, ``"max"`` (maximum-cardinality matching
+    of maximum weight; fewer leftover pairs, so more levels are minors of ``G``) or ``"aligned"``
+    (heavy-edge matching grown from a frontier that lines pairs up side by side and in line, so
+    that a grid's levels are grids; see the module docstring).
     """
     if matching not in MATCHINGS:
         raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")

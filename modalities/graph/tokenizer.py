@@ -102,7 +102,7 @@ class GraphPyramidTokenizer(PretrainedMixin):
         nbits: bits of the binary tree-order index fed as a feature (default: enough for ``max_nodes[-1]``).
         edge_chunks: the edge tokens of a level are split into this many scales (edge j goes to
             chunk ``j % edge_chunks``), so later chunks see the fine edges earlier ones decided.
-        matching: the coarsening's matching, ``"greedy"`` or ``"max"`` (see :func:`coarsen`).
+        matching: the coarsening's matching, ``"greedy"``, ``"max"`` or ``"aligned"`` (see :func:`coarsen`).
         final_chunks: chunks of the finest expansion (level ``K - 2``, whose edge masks decide the
             graph's own edges); default ``edge_chunks``. With as many chunks as that level has edge
             positions (``max_edges[K - 2]``), every fine edge mask is predicted knowing all earlier ones.
