@@ -492,7 +492,17 @@ def test_aligned_matching_coarsens_grids_into_grids():
             else:
                 assert sides[-2] is None  # the first coarsening of a grid is already not a grid
         if G.number_of_nodes() == 256:  # 16 x 16: every level is a grid, down to the single node
-            assert all(s is not None for s in map(_grid_sides, map(level_graph, coarsen(G, matching="aligned"))))
+            levels = coarsen(G, matching="aligned")
+            assert all(s is not None for s in map(_grid_sides, map(level_graph, levels)))
+            # children oriented alike (first child left / top everywhere): an edge's mask (which child pairs
+            # are joined) then depends only on the edge's direction, so each level uses at most 2 masks;
+            # catches: children ordered by label (greedy tie-breaks), 3-6 masks per level
+            for coarse, fine in zip(levels[1:-1], levels[2:]):
+                joined = set(fine.edges)
+                masks = {sum(1 << (2 * i + j) for i, a in enumerate(coarse.children[u])
+                             for j, b in enumerate(coarse.children[v]) if (min(a, b), max(a, b)) in joined)
+                         for u, v in coarse.edges}
+                assert len(masks) <= 2, masks
 
 
 def test_completion_adds_the_most_probable_candidates_that_keep_the_property():

@@ -19,23 +19,29 @@ A leftover pair shares no edge, so its level is not a minor of the graph: with g
 matching most coarse levels of a planar (Delaunay) graph are not planar; with
 ``matching="max"`` on the planar training set every level is.
 
-``matching="aligned"`` is heavy-edge matching that lines pairs up, so that lattices coarsen into
-lattices.  Nodes are visited from a frontier (the unmatched neighbours of the pairs formed so far,
-first in first out; the static order above only seeds a new region), and among the unmatched
-neighbours of the heaviest edge weight the partner is chosen by
+``matching="aligned"`` lines pairs up, so that lattices coarsen into lattices.  Nodes are visited
+from a frontier (the unmatched neighbours of the pairs formed so far, first in first out; the static
+order above only seeds a new region), and each is matched with the unmatched neighbour ranked first by
 
-* *ladder* (most first): matched pairs ``(a, b)`` with ``u ~ a`` and ``v ~ b``, so that
+* *ladder* (most first): formed pairs ``(a, b)`` with ``u ~ a`` and ``v ~ b``, so that
   ``u - a - b - v`` is a 4-cycle and the new pair lies side by side with an old one;
-* *triangles* (fewest first): pairs of already formed clusters that both touch ``{u, v}`` and touch
-  each other, i.e. triangles the pair would close in the coarse graph.
+* *triangles* (fewest first): pairs of formed clusters that both touch ``{u, v}`` and touch each
+  other, i.e. triangles the new pair would close in the coarse graph;
+* then edge weight and the greedy tie-breaks.
 
-On a 2-D grid the first pair is a domino at a corner; the ladder rule stacks dominoes beside it,
-and the triangle rule makes the next strip continue in line instead of turning, so an ``r x 2c``
-grid coarsens into an ``r x c`` grid whose edges across the dominoes carry weight 2; heavy-edge
-matching then pairs those next.  Every level of a grid whose sides stay even is a grid.
+The first pair is tried with every neighbour of the first node, and the matching kept is the one
+with the fewest unmatched nodes, then the fewest coarse triangles, then the most weight inside pairs.
+On a 2-D grid the first pair is a domino at a corner, along an even side; the ladder rule stacks
+dominoes beside it and the triangle rule makes the next strip continue in line instead of turning,
+so an ``r x 2c`` grid coarsens into an ``r x c`` grid (the edges across the dominoes carry weight 2,
+which the first-pair choice prefers next when both sides are even).  Every level of a grid whose
+sides stay even is a grid.  The two children of a pair are oriented like the pairs it lines up with
+(beside ``(a, b)``: the node next to ``a`` takes ``a``'s place; in line after it: the other place),
+so on a grid the first child is the left (top) one everywhere, the tree order is a Morton (Z) order,
+and which children of two adjacent clusters are joined depends only on the direction of the edge.
 
 So every coarse node has one or two children.  Children are then ordered
-top-down (the bigger / higher-degree child first) which fixes a *tree order* of
+top-down (the bigger / higher-degree child first; ``"aligned"``: as oriented by the matching) which fixes a *tree order* of
 the nodes of every level: the children of coarse node 0, then of node 1, ...
 The decoder rebuilds the same order from the tokens alone.
 """
@@ -75,6 +81,7 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
         nbrs[v][u] = x
     order = sorted(range(n), key=lambda u: (len(nbrs[u]), size[u], u))
     mate = [-1] * n
+    lead: list[bool | None] = [None] * n  # aligned pairs: whether the node is the first child
     if matching == "max":
         H = nx.Graph()
         H.add_nodes_from(range(n))
@@ -82,7 +89,7 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
         for u, v in nx.max_weight_matching(H, maxcardinality=True):
             mate[u], mate[v] = v, u
     if matching == "aligned":
-        mate = _aligned_matching(nbrs, size, order)
+        mate, lead = _aligned_matching(nbrs, size, order)
     for u in order:
         if mate[u] >= 0:
             continue
@@ -114,33 +121,39 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
         if u in seen:
             continue
         c = [u] if mate[u] < 0 else [u, mate[u]]
+        if matching == "aligned" and len(c) == 2:  # children in order here (coarsen sorts the others)
+            c = c if lead[u] else c[::-1] if lead[u] is False else sorted(c, key=lambda x: (-size[x], -len(nbrs[x]), x))
         seen.update(c)
         clusters.append(c)
     return clusters
 
 
-def _aligned_matching(nbrs: list[dict[int, int]], size: list[int], order: list[int]) -> list[int]:
+def _aligned_matching(nbrs: list[dict[int, int]], size: list[int],
+                      order: list[int]) -> tuple[list[int], list[bool | None]]:
     """``matching="aligned"``: the mate of every node (``-1``: unmatched) of a maximal matching grown
-    from a frontier (see the module docstring).  The first pair is tried with every neighbour of the
-    first node; the matching kept is the one whose coarse graph has the fewest unmatched nodes, then
-    the fewest triangles, then the most weight inside pairs."""
+    from a frontier, and for every matched node whether it is its pair's first child (see the module
+    docstring).  The first pair is tried with every neighbour of the first node; the matching kept is
+    the one whose coarse graph has the fewest unmatched nodes, then the fewest triangles, then the
+    most weight inside pairs."""
     seed = next((u for u in order if nbrs[u]), None)
     if seed is None:
-        return [-1] * len(nbrs)
+        return [-1] * len(nbrs), [None] * len(nbrs)
     best, best_score = None, None
     for first in sorted(nbrs[seed]):
-        mate = _grow_aligned(nbrs, size, order, (seed, first))
+        mate, lead = _grow_aligned(nbrs, size, order, (seed, first))
         score = _matching_score(nbrs, mate)
         if best_score is None or score < best_score:
-            best, best_score = mate, score
+            best, best_score = (mate, lead), score
     return best
 
 
 def _grow_aligned(nbrs: list[dict[int, int]], size: list[int], order: list[int],
-                  first: tuple[int, int]) -> list[int]:
+                  first: tuple[int, int]) -> tuple[list[int], list[bool | None]]:
     """A maximal matching that starts with the pair ``first`` and grows from a frontier, partners
-    ranked by (ladder, -triangles, edge weight, the greedy tie-breaks)."""
+    ranked by (ladder, -triangles, edge weight, the greedy tie-breaks); and which node of each pair
+    is its first child (``lead``), oriented like the pairs it lines up with."""
     mate = [-1] * len(nbrs)
+    lead: list[bool | None] = [None] * len(nbrs)
 
     def touching(c: tuple[int, int]) -> set[int]:
         """Formed pairs (named by their smaller node) next to the nodes ``c``."""
@@ -155,6 +168,22 @@ def _grow_aligned(nbrs: list[dict[int, int]], size: list[int], order: list[int],
         triangles = sum(adjacent(p, q) for i, p in enumerate(near) for q in near[i + 1:])
         return ladder, -triangles, nbrs[u][v], -size[v], -len(nbrs[v]), -v
 
+    def u_leads(u: int, v: int) -> bool:
+        """Orientation of a new pair ``(u, v)``: side by side with a pair ``(a, b)`` (``u ~ a``,
+        ``v ~ b``), ``u`` takes ``a``'s place; in line after it (``u ~ a``, nothing else shared),
+        ``u`` takes the other place, as the next domino of a row does.  Side by side decides first."""
+        beside = inline = 0
+        for x, y, sign in ((u, v, 1), (v, u, -1)):  # sign: +1 votes for u first
+            for a in nbrs[x]:
+                if mate[a] < 0 or a == y:
+                    continue
+                first_a = 1 if lead[a] else -1
+                if mate[a] in nbrs[y]:
+                    beside += sign * first_a
+                elif a not in nbrs[y] and mate[a] not in nbrs[x]:
+                    inline -= sign * first_a
+        return (beside or inline or 1) > 0
+
     frontier: deque[int] = deque()
     seeds = iter(order)
     pair: tuple[int, int] | None = first
@@ -162,7 +191,7 @@ def _grow_aligned(nbrs: list[dict[int, int]], size: list[int], order: list[int],
         if pair is None:
             u = frontier.popleft() if frontier else next(seeds, None)
             if u is None:
-                return mate
+                return mate, lead
             if mate[u] >= 0:
                 continue
             cands = [v for v in nbrs[u] if mate[v] < 0 and v != u]
@@ -170,6 +199,8 @@ def _grow_aligned(nbrs: list[dict[int, int]], size: list[int], order: list[int],
                 continue
             pair = (u, max(cands, key=lambda v: rank(u, v)))
         u, v = pair
+        lead[u] = pair == first or u_leads(u, v)
+        lead[v] = not lead[u]
         mate[u], mate[v] = v, u
         frontier.extend(x for x in (*sorted(nbrs[u]), *sorted(nbrs[v])) if mate[x] < 0)
         pair = None
@@ -256,7 +287,8 @@ def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy"
         if t > 0:
             nxt, children = [], []
             for lab in order:
-                kids = sorted(steps[t - 1][lab], key=lambda c: (-sizes_bu[t - 1][c], -deg_bu[t - 1][c], c))
+                kids = (list(steps[t - 1][lab]) if matching == "aligned" else  # oriented by the matching
+                        sorted(steps[t - 1][lab], key=lambda c: (-sizes_bu[t - 1][c], -deg_bu[t - 1][c], c)))
                 children.append(list(range(len(nxt), len(nxt) + len(kids))))
                 nxt.extend(kids)
             lvl.children = children
