@@ -26,7 +26,8 @@ probable edges first, then completes it (decoding rules on the model's probabili
 split scale produce the levels of a graph of that size (:class:`modalities.graph.size.NodeCountHook`;
 default ``none``: the size is whatever the split tokens give); it composes with the other options.
 ``--matching aligned`` coarsens with pairs lined up side by side and in line, so that every level of a
-grid's hierarchy is a grid (:func:`modalities.graph.coarsen.coarsen`).
+grid's hierarchy is a grid (:func:`modalities.graph.coarsen.coarsen`); ``--parent-links`` tells each
+edge position how many edges join its endpoints' parents (the mask one level up).
 ``--eval-split val`` compares with the validation graphs instead of the test graphs (for choosing
 settings); ``--face-features`` trains with the planarity inputs of the finest expansion;
 ``--metric-sensitivity`` trains nothing and measures how the MMD statistics react to edge deletions
@@ -241,6 +242,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg["final_chunks"] = None if args.final_chunks == "same" else args.final_chunks
     if args.face_features:
         cfg["face_features"] = True
+    if args.parent_links:
+        cfg["parent_links"] = True
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -272,7 +275,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
                                         matching=cfg.get("matching", "greedy"),
                                         final_chunks=cfg.get("final_chunks"),
-                                        face_features=cfg.get("face_features", False))
+                                        face_features=cfg.get("face_features", False),
+                                        parent_links=cfg.get("parent_links", False))
         X, TF = build_training_set(tok, items)
         seconds["tokenize"] = time.time() - t0
         print(f"[{dataset}] {len(train_graphs)} train / {len(test)} test graphs, {X.shape[0]} sequences, "
@@ -526,6 +530,9 @@ def main(argv=None) -> None:
     p.add_argument("--face-features", action="store_true",
                    help="feed the finest expansion's edge positions whether each child pair can still be added "
                         "without breaking planarity (GraphPyramidTokenizer face_features; preset: off)")
+    p.add_argument("--parent-links", action="store_true",
+                   help="edge inputs say how many edges join the two endpoints' parents' children (the parent "
+                        "edge's mask bit count; GraphPyramidTokenizer parent_links; preset: off)")
     p.add_argument("--expand-test", type=int, default=0, metavar="N",
                    help="diagnostic: force the test graphs' own tokens and sample only the edge masks of the last "
                         "N expansions (1: the finest level's masks, given the true coarse graph and splits)")

@@ -1,5 +1,6 @@
 """Graph modality: coarsening invariants, exact tokenizer round trip, metrics on known cases,
 validity and reproducibility of samples, protocol conformance. Tiny graphs and models only."""
+import collections
 import itertools
 
 import networkx as nx
@@ -465,44 +466,77 @@ def _grid_sides(G: nx.Graph):
                 if n % a == 0 and G.number_of_edges() == a * (n // a - 1) + (n // a) * (a - 1))
 
 
+def _masks(coarse, fine) -> list[tuple[bool, int]]:
+    """Per edge ``(u, v)`` of ``coarse``: (u and v are siblings, its mask: bit ``2 i + j`` set when child
+    ``i`` of u and child ``j`` of v are joined in ``fine``); siblings need the level above, so this
+    takes ``(above, coarse, fine)`` as ``coarse``."""
+    above, coarse = coarse
+    parent = {c: p for p, cs in enumerate(above.children) for c in cs}
+    joined = set(fine.edges)
+    return [(parent[u] == parent[v], sum(1 << (2 * i + j) for i, a in enumerate(coarse.children[u])
+                                          for j, b in enumerate(coarse.children[v]) if (min(a, b), max(a, b)) in joined))
+            for u, v in coarse.edges]
+
+
 def test_aligned_matching_coarsens_grids_into_grids():
     # catches: a matching that does not line its pairs up (greedy heavy-edge matching turns even the
-    # first level of every grid into an irregular graph), or one that pairs along an odd side
+    # first level of every grid into an irregular graph), one that pairs along an odd side, children
+    # oriented by label, or pairs that do not alternate direction where the sides allow it
     from examples.graph_demo import augment
     train = make_dataset("grid", seed=0)["train"]
     pick = list({G.number_of_nodes(): G for G in train if G.number_of_nodes() in (256, 13 * 16, 10 * 12, 14 * 19)}.values())
     assert len(pick) == 4
     for G in augment(pick, 2, seed=0):  # each grid as given and relabelled (other tie-breaks)
+        a, b = _grid_sides(G)
         for matching in ("aligned", "greedy"):
             levels = coarsen(G, matching=matching)
-            sides = [_grid_sides(level_graph(lvl)) for lvl in levels]
-            # while the finer level has an even side, halving it leaves a grid
-            expected = 0
-            for k in range(len(levels) - 1, 0, -1):
-                if sides[k] is None or all(x % 2 for x in sides[k]):
-                    break
-                expected += 1
-                if matching == "aligned":
-                    assert sides[k - 1] is not None, (sides[k], levels[k - 1].n)
-                    a, b = sides[k]
-                    assert sorted(sides[k - 1]) in (sorted((a // 2, b)), sorted((a, b // 2)))
+            first = _grid_sides(level_graph(levels[-2]))  # one side is even: halving it leaves a grid
             if matching == "aligned":
-                n = G.number_of_nodes()  # every factor 2 of a * b is one grid-to-grid halving
-                assert expected == (n & -n).bit_length() - 1, (n, sides)
+                assert first is not None and sorted(first) in (sorted((a // 2, b)), sorted((a, b // 2))), first
             else:
-                assert sides[-2] is None  # the first coarsening of a grid is already not a grid
+                assert first is None
         if G.number_of_nodes() == 256:  # 16 x 16: every level is a grid, down to the single node
             levels = coarsen(G, matching="aligned")
             assert all(s is not None for s in map(_grid_sides, map(level_graph, levels)))
-            # children oriented alike (first child left / top everywhere): an edge's mask (which child pairs
-            # are joined) then depends only on the edge's direction, so each level uses at most 2 masks;
-            # catches: children ordered by label (greedy tie-breaks), 3-6 masks per level
-            for coarse, fine in zip(levels[1:-1], levels[2:]):
-                joined = set(fine.edges)
-                masks = {sum(1 << (2 * i + j) for i, a in enumerate(coarse.children[u])
-                             for j, b in enumerate(coarse.children[v]) if (min(a, b), max(a, b)) in joined)
-                         for u, v in coarse.edges}
-                assert len(masks) <= 2, masks
+            for above, coarse, fine in zip(levels, levels[1:-1], levels[2:]):
+                masks = _masks((above, coarse), fine)
+                # children oriented alike (first child left / top everywhere): a mask depends only on the
+                # edge's direction, 2 masks per level (label-ordered children: 3-6)
+                assert len({m for _, m in masks}) <= 2, masks
+                # directions alternate: two siblings (split along the previous direction) lie across the
+                # next one, so both of their child pairs are joined (mask 0b1001)
+                assert all(m == 0b1001 for sib, m in masks if sib), masks
+
+
+def test_parent_links_input_counts_the_edges_between_the_parents_children():
+    # catches: the count taken over the wrong pairs (siblings, or the fine level), written at the wrong
+    # position, or a tokenizer whose config forgets the option (a reloaded model would get other inputs)
+    G = nx.convert_node_labels_to_integers(nx.grid_2d_graph(6, 8))
+    tok = GraphPyramidTokenizer.fit([G], edge_chunks=2, matching="aligned", parent_links=True)
+    plain = GraphPyramidTokenizer.fit([G], edge_chunks=2, matching="aligned")
+    assert GraphPyramidTokenizer(**tok.config).parent_links and not plain.parent_links
+    idx = tok.encode([G])
+    tf, tf_plain = tok.teacher_forcing_input(idx)[0], plain.teacher_forcing_input(plain.encode([G]))[0]
+    at = tok._links_at
+    assert torch.equal(tf[:, :at], tf_plain[:, :at])  # the other inputs are unchanged
+    levels = coarsen(G, tok.K, "aligned")
+    offsets = np.cumsum([0] + tok.schedule.token_counts[1:])
+    seen = set()
+    for s_, (kind, k, c) in enumerate(tok.kinds):
+        if kind != "E":
+            continue
+        parent = {x: p for p, xs in enumerate(levels[k - 1].children) for x in xs}
+        between = collections.Counter(tuple(sorted((parent[x], parent[y]))) for x, y in levels[k].edges
+                                      if parent[x] != parent[y])
+        C = tok.chunks_at(k)
+        for j, (u, v) in enumerate(levels[k].edges):
+            if j % C != c:
+                continue
+            row = tf[offsets[s_ - 1] + j // C, at:at + 2].tolist()
+            n = 0 if parent[u] == parent[v] else between[tuple(sorted((parent[u], parent[v])))]
+            assert row == [float(n == 1), float(n >= 2)], (k, u, v, n, row)
+            seen.add(n if n < 2 else 2)
+    assert seen == {0, 1, 2}
 
 
 def test_completion_adds_the_most_probable_candidates_that_keep_the_property():

@@ -23,6 +23,8 @@ matching most coarse levels of a planar (Delaunay) graph are not planar; with
 from a frontier (the unmatched neighbours of the pairs formed so far, first in first out; the static
 order above only seeds a new region), and each is matched with the unmatched neighbour ranked first by
 
+* *child links* (most first): edges of the level below joining the two clusters' children, i.e.
+  the bits of the mask that will say which children are joined;
 * *ladder* (most first): formed pairs ``(a, b)`` with ``u ~ a`` and ``v ~ b``, so that
   ``u - a - b - v`` is a 4-cycle and the new pair lies side by side with an old one;
 * *triangles* (fewest first): pairs of formed clusters that both touch ``{u, v}`` and touch each
@@ -30,15 +32,18 @@ order above only seeds a new region), and each is matched with the unmatched nei
 * then edge weight and the greedy tie-breaks.
 
 The first pair is tried with every neighbour of the first node, and the matching kept is the one
-with the fewest unmatched nodes, then the fewest coarse triangles, then the most weight inside pairs.
-On a 2-D grid the first pair is a domino at a corner, along an even side; the ladder rule stacks
-dominoes beside it and the triangle rule makes the next strip continue in line instead of turning,
-so an ``r x 2c`` grid coarsens into an ``r x c`` grid (the edges across the dominoes carry weight 2,
-which the first-pair choice prefers next when both sides are even).  Every level of a grid whose
-sides stay even is a grid.  The two children of a pair are oriented like the pairs it lines up with
-(beside ``(a, b)``: the node next to ``a`` takes ``a``'s place; in line after it: the other place),
-so on a grid the first child is the left (top) one everywhere, the tree order is a Morton (Z) order,
-and which children of two adjacent clusters are joined depends only on the direction of the edge.
+with the fewest unmatched nodes, then the most child links inside pairs, then the fewest coarse
+triangles, then the most weight inside pairs.  On a 2-D grid the first pair is a domino at a corner,
+along an even side; the ladder rule stacks dominoes beside it and the triangle rule makes the next
+strip continue in line instead of turning, so an ``r x 2c`` grid coarsens into an ``r x c`` grid.
+Its edges across the dominoes join two child pairs, so the next step pairs across them: directions
+alternate, and a ``2^a x 2^b`` grid is a grid at every level.  (Where the side to halve is odd, the
+level gets one irregular row or column.)  The two children of a pair are oriented like the pairs it
+lines up with (beside ``(a, b)``: the node next to ``a`` takes ``a``'s place; in line after it: the
+other place), so on a grid the first child is the left (top) one everywhere, the tree order is a
+Morton (Z) order, and which children of two adjacent clusters are joined depends only on the
+direction of the edge: across the last split (siblings, and clusters whose parents were joined by
+one edge) both child pairs, along it one.
 
 So every coarse node has one or two children.  Children are then ordered
 top-down (the bigger / higher-degree child first; ``"aligned"``: as oriented by the matching) which fixes a *tree order* of
@@ -73,7 +78,7 @@ MATCHINGS = ("greedy", "max", "aligned")
 
 
 def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
-                matching: str = "greedy") -> list[list[int]]:
+                matching: str = "greedy", links: dict[tuple[int, int], int] | None = None) -> list[list[int]]:
     """One coarsening step on a weighted graph; returns clusters (lists of 1 or 2 fine nodes)."""
     nbrs: list[dict[int, int]] = [dict() for _ in range(n)]
     for (u, v), x in w.items():
@@ -89,7 +94,10 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
         for u, v in nx.max_weight_matching(H, maxcardinality=True):
             mate[u], mate[v] = v, u
     if matching == "aligned":
-        mate, lead = _aligned_matching(nbrs, size, order)
+        lk: list[dict[int, int]] = [dict() for _ in range(n)]
+        for (u, v), x in (links if links is not None else w).items():
+            lk[u][v] = lk[v][u] = x
+        mate, lead = _aligned_matching(nbrs, lk, size, order)
     for u in order:
         if mate[u] >= 0:
             continue
@@ -128,29 +136,29 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
     return clusters
 
 
-def _aligned_matching(nbrs: list[dict[int, int]], size: list[int],
+def _aligned_matching(nbrs: list[dict[int, int]], links: list[dict[int, int]], size: list[int],
                       order: list[int]) -> tuple[list[int], list[bool | None]]:
     """``matching="aligned"``: the mate of every node (``-1``: unmatched) of a maximal matching grown
     from a frontier, and for every matched node whether it is its pair's first child (see the module
     docstring).  The first pair is tried with every neighbour of the first node; the matching kept is
-    the one whose coarse graph has the fewest unmatched nodes, then the fewest triangles, then the
-    most weight inside pairs."""
+    the one with the fewest unmatched nodes, then the most child links inside pairs, then the fewest
+    coarse triangles, then the most weight inside pairs."""
     seed = next((u for u in order if nbrs[u]), None)
     if seed is None:
         return [-1] * len(nbrs), [None] * len(nbrs)
     best, best_score = None, None
     for first in sorted(nbrs[seed]):
-        mate, lead = _grow_aligned(nbrs, size, order, (seed, first))
-        score = _matching_score(nbrs, mate)
+        mate, lead = _grow_aligned(nbrs, links, size, order, (seed, first))
+        score = _matching_score(nbrs, links, mate)
         if best_score is None or score < best_score:
             best, best_score = (mate, lead), score
     return best
 
 
-def _grow_aligned(nbrs: list[dict[int, int]], size: list[int], order: list[int],
+def _grow_aligned(nbrs: list[dict[int, int]], links: list[dict[int, int]], size: list[int], order: list[int],
                   first: tuple[int, int]) -> tuple[list[int], list[bool | None]]:
     """A maximal matching that starts with the pair ``first`` and grows from a frontier, partners
-    ranked by (ladder, -triangles, edge weight, the greedy tie-breaks); and which node of each pair
+    ranked by (child links, ladder, -triangles, edge weight, the greedy tie-breaks); and which node of each pair
     is its first child (``lead``), oriented like the pairs it lines up with."""
     mate = [-1] * len(nbrs)
     lead: list[bool | None] = [None] * len(nbrs)
@@ -166,7 +174,7 @@ def _grow_aligned(nbrs: list[dict[int, int]], size: list[int], order: list[int],
         ladder = sum(1 for a in nbrs[u] if mate[a] >= 0 and mate[a] in nbrs[v])
         near = sorted(touching((u, v)))
         triangles = sum(adjacent(p, q) for i, p in enumerate(near) for q in near[i + 1:])
-        return ladder, -triangles, nbrs[u][v], -size[v], -len(nbrs[v]), -v
+        return links[u][v], ladder, -triangles, nbrs[u][v], -size[v], -len(nbrs[v]), -v
 
     def u_leads(u: int, v: int) -> bool:
         """Orientation of a new pair ``(u, v)``: side by side with a pair ``(a, b)`` (``u ~ a``,
@@ -206,11 +214,13 @@ def _grow_aligned(nbrs: list[dict[int, int]], size: list[int], order: list[int],
         pair = None
 
 
-def _matching_score(nbrs: list[dict[int, int]], mate: list[int]) -> tuple[int, int, int]:
-    """(unmatched nodes, triangles of the coarse graph, -weight inside pairs): lower is better."""
+def _matching_score(nbrs: list[dict[int, int]], links: list[dict[int, int]],
+                    mate: list[int]) -> tuple[int, int, int, int]:
+    """(unmatched nodes, -child links inside pairs, triangles of the coarse graph, -weight inside
+    pairs): lower is better."""
     cluster = [min(u, m) if m >= 0 else u for u, m in enumerate(mate)]
     coarse: dict[int, set[int]] = {}
-    inside = 0
+    inside = inside_links = 0
     for u, nb in enumerate(nbrs):
         for v, x in nb.items():
             a, b = cluster[u], cluster[v]
@@ -218,8 +228,9 @@ def _matching_score(nbrs: list[dict[int, int]], mate: list[int]) -> tuple[int, i
                 coarse.setdefault(a, set()).add(b)
             elif u < v:
                 inside += x
+                inside_links += links[u][v]
     triangles = sum(len(coarse[a] & coarse.get(b, set())) for a in coarse for b in coarse[a] if a < b) // 3
-    return sum(m < 0 for m in mate), triangles, -inside
+    return sum(m < 0 for m in mate), -inside_links, triangles, -inside
 
 
 def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy") -> list[Level]:
@@ -229,8 +240,8 @@ def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy"
     least ``ceil(log2 N) + 1``).  The finest level is isomorphic to ``G``.
     ``matching``: ``"greedy"`` heavy-edge matching, ``"max"`` (maximum-cardinality matching
     of maximum weight; fewer leftover pairs, so more levels are minors of ``G``) or ``"aligned"``
-    (heavy-edge matching grown from a frontier that lines pairs up side by side and in line, so
-    that a grid's levels are grids; see the module docstring).
+    (a matching grown from a frontier that lines pairs up side by side and in line, alternating
+    direction, so that a grid's levels are grids; see the module docstring).
     """
     if matching not in MATCHINGS:
         raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
@@ -241,20 +252,23 @@ def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy"
         raise ValueError("cannot coarsen an empty graph (0 nodes)")
     # ---- bottom-up: clusters of every step, in the fine level's original labels
     w = {(min(u, v), max(u, v)): 1 for u, v in G.edges()}
+    links = dict(w)  # per edge: the edges of the level below it joining its two clusters
     n, size = N, [1] * N
     steps: list[list[list[int]]] = []  # steps[t] clusters of level t (fine ids of level t)
     level_w = [w]
     while n > 1:
-        clusters = _match_step(n, w, size, matching)
+        clusters = _match_step(n, w, size, matching, links)
         assign = np.empty(n, dtype=np.int64)
         for c, members in enumerate(clusters):
             assign[members] = c
         nw: dict[tuple[int, int], int] = {}
+        links = {}
         for (u, v), x in w.items():
             a, b = int(assign[u]), int(assign[v])
             if a != b:
                 key = (min(a, b), max(a, b))
                 nw[key] = nw.get(key, 0) + x
+                links[key] = links.get(key, 0) + 1
         size = [sum(size[m] for m in members) for members in clusters]
         steps.append(clusters)
         w, n = nw, len(clusters)
