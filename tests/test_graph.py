@@ -535,7 +535,7 @@ def test_parent_links_input_counts_the_edges_between_the_parents_children():
             row = tf[offsets[s_ - 1] + j // C, at:at + 2].tolist()
             n = 0 if parent[u] == parent[v] else between[tuple(sorted((parent[u], parent[v])))]
             assert row == [float(n == 1), float(n >= 2)], (k, u, v, n, row)
-            seen.add(n if n < 2 else 2)
+            seen.add(min(n, 2))
     assert seen == {0, 1, 2}
 
 

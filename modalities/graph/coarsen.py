@@ -94,7 +94,7 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
         for u, v in nx.max_weight_matching(H, maxcardinality=True):
             mate[u], mate[v] = v, u
     if matching == "aligned":
-        lk: list[dict[int, int]] = [dict() for _ in range(n)]
+        lk: list[dict[int, int]] = [{} for _ in range(n)]
         for (u, v), x in (links if links is not None else w).items():
             lk[u][v] = lk[v][u] = x
         mate, lead = _aligned_matching(nbrs, lk, size, order)
@@ -130,7 +130,10 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
             continue
         c = [u] if mate[u] < 0 else [u, mate[u]]
         if matching == "aligned" and len(c) == 2:  # children in order here (coarsen sorts the others)
-            c = c if lead[u] else c[::-1] if lead[u] is False else sorted(c, key=lambda x: (-size[x], -len(nbrs[x]), x))
+            if lead[u] is None:  # a leftover pair: coarsen's order (bigger cluster, higher degree first)
+                c.sort(key=lambda x: (-size[x], -len(nbrs[x]), x))
+            elif not lead[u]:
+                c.reverse()
         seen.update(c)
         clusters.append(c)
     return clusters
@@ -158,8 +161,8 @@ def _aligned_matching(nbrs: list[dict[int, int]], links: list[dict[int, int]], s
 def _grow_aligned(nbrs: list[dict[int, int]], links: list[dict[int, int]], size: list[int], order: list[int],
                   first: tuple[int, int]) -> tuple[list[int], list[bool | None]]:
     """A maximal matching that starts with the pair ``first`` and grows from a frontier, partners
-    ranked by (child links, ladder, -triangles, edge weight, the greedy tie-breaks); and which node of each pair
-    is its first child (``lead``), oriented like the pairs it lines up with."""
+    ranked by (child links, ladder, -triangles, edge weight, the greedy tie-breaks); and which node
+    of each pair is its first child (``lead``), oriented like the pairs it lines up with."""
     mate = [-1] * len(nbrs)
     lead: list[bool | None] = [None] * len(nbrs)
 
