@@ -25,8 +25,11 @@ probable edges first, then completes it (decoding rules on the model's probabili
 ``--node-count train`` draws each sample's node count from the training graphs' sizes and makes every
 split scale produce the levels of a graph of that size (:class:`modalities.graph.size.NodeCountHook`;
 default ``none``: the size is whatever the split tokens give); it composes with the other options.
-``--eval-split val`` compares with the validation graphs instead of the test graphs (for choosing
-settings); ``--face-features`` trains with the planarity inputs of the finest expansion;
+``--matching aligned`` (the grid preset) coarsens with pairs lined up side by side and in line, so that
+every level of a grid's hierarchy is a grid (:func:`modalities.graph.coarsen.coarsen`); ``--parent-links`` tells each
+edge position how many edges join its endpoints' parents (the mask one level up).
+``--eval-split val`` (``train`` where there is no validation split) compares with those graphs instead
+of the test graphs (for choosing settings); ``--face-features`` trains with the planarity inputs of the finest expansion;
 ``--metric-sensitivity`` trains nothing and measures how the MMD statistics react to edge deletions
 and flips of real graphs.  Each run also stores the generated graphs (``graphs.json``: ``{"graphs": [{"n",
 "edges"}, ...], "run": ...}``) and a
@@ -54,6 +57,7 @@ from tqdm import tqdm
 import msar
 from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
+from modalities.graph.coarsen import MATCHINGS
 from modalities.graph.constraints import PROJECTIONS, PROPERTIES, EdgeScores, StructureHook, count_projection
 from modalities.graph.metrics import structure_summary
 from modalities.graph.size import NodeCountHook, draw_node_counts, level_size_report
@@ -65,7 +69,8 @@ from msar.training import TransformerTrainConfig, TransformerTrainer, build_load
 PRESETS = {
     "community-small": dict(width=96, depth=3, heads=4, steps=800, batch=32, perms=8, lr=1e-3, chunks=3),
     "planar": dict(width=96, depth=3, heads=4, steps=1000, batch=12, perms=6, lr=1e-3, chunks=32),
-    "grid": dict(width=64, depth=2, heads=4, steps=600, batch=4, perms=3, lr=1e-3, chunks=8),
+    # grid: the aligned coarsening (every level of a grid a grid; benchmarks/results/graph/aligned/)
+    "grid": dict(width=64, depth=2, heads=4, steps=600, batch=4, perms=3, lr=1e-3, chunks=8, matching="aligned"),
     "sbm": dict(width=64, depth=2, heads=4, steps=400, batch=4, perms=3, lr=1e-3, chunks=8),
     "lobster": dict(width=96, depth=3, heads=4, steps=500, batch=12, perms=6, lr=1e-3, chunks=8),
 }
@@ -217,9 +222,11 @@ def train(model: msar.NextScaleTransformer, tok: GraphPyramidTokenizer, X: torch
 
 def _eval_split(splits: dict, name: str, dataset: str) -> list[nx.Graph]:
     """The graphs samples are compared with: ``test`` for reported figures, ``val`` for choosing
-    settings (decoding rules, temperatures, training lengths) without looking at the test split."""
+    settings (decoding rules, temperatures, training lengths) without looking at the test split;
+    ``train`` for choosing on a dataset without a validation split (grid: its baseline is 0)."""
     if not splits[name]:
-        raise SystemExit(f"--eval-split {name}: {dataset} has no {name} split (planar and sbm have one)")
+        raise SystemExit(f"--eval-split {name}: {dataset} has no {name} split (planar and sbm have one; "
+                         f"--eval-split train compares with the training graphs)")
     return splits[name]
 
 
@@ -238,6 +245,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg["final_chunks"] = None if args.final_chunks == "same" else args.final_chunks
     if args.face_features:
         cfg["face_features"] = True
+    if args.parent_links:
+        cfg["parent_links"] = True
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -269,7 +278,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
                                         matching=cfg.get("matching", "greedy"),
                                         final_chunks=cfg.get("final_chunks"),
-                                        face_features=cfg.get("face_features", False))
+                                        face_features=cfg.get("face_features", False),
+                                        parent_links=cfg.get("parent_links", False))
         X, TF = build_training_set(tok, items)
         seconds["tokenize"] = time.time() - t0
         print(f"[{dataset}] {len(train_graphs)} train / {len(test)} test graphs, {X.shape[0]} sequences, "
@@ -513,8 +523,9 @@ def main(argv=None) -> None:
                         "split scale produce the levels of an N-node graph, choosing which nodes split by the "
                         "model's own probabilities (modalities.graph.size.NodeCountHook); none: the node count "
                         "is whatever the split tokens give")
-    p.add_argument("--matching", default=None, choices=["greedy", "max"],
-                   help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels)")
+    p.add_argument("--matching", default=None, choices=list(MATCHINGS),
+                   help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels; aligned: "
+                        "pairs lined up side by side and in line, so a grid's levels are grids)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
     p.add_argument("--final-chunks", default=None, choices=["same", "all"],
                    help="chunks of the finest expansion: 'all' = one per edge position (its edge masks are "
@@ -522,12 +533,16 @@ def main(argv=None) -> None:
     p.add_argument("--face-features", action="store_true",
                    help="feed the finest expansion's edge positions whether each child pair can still be added "
                         "without breaking planarity (GraphPyramidTokenizer face_features; preset: off)")
+    p.add_argument("--parent-links", action="store_true",
+                   help="edge inputs say how many edges join the two endpoints' parents' children (the parent "
+                        "edge's mask bit count; GraphPyramidTokenizer parent_links; preset: off)")
     p.add_argument("--expand-test", type=int, default=0, metavar="N",
                    help="diagnostic: force the test graphs' own tokens and sample only the edge masks of the last "
                         "N expansions (1: the finest level's masks, given the true coarse graph and splits)")
-    p.add_argument("--eval-split", default="test", choices=["test", "val"],
+    p.add_argument("--eval-split", default="test", choices=["test", "val", "train"],
                    help="graphs the samples are compared with (MMD, and the train-vs-split baseline); use val to "
-                        "choose settings, test for the reported figures (the JSON keys keep the name 'test')")
+                        "choose settings (train where there is no val split), test for the reported figures "
+                        "(the JSON keys keep the name 'test')")
     p.add_argument("--metric-sensitivity", action="store_true",
                    help="no model: MMD of the validation graphs against the training graphs after k random edge "
                         "deletions or edge flips (how sensitive each statistic is); writes metric_sensitivity.json")

@@ -11,7 +11,7 @@ One coarsening step (fine -> coarse):
    unmatched node with the unmatched neighbour of heaviest edge weight (weight =
    number of fine edges between the two clusters), ties to the smaller cluster;
    (``matching="max"``: instead a maximum-cardinality matching of maximum total weight,
-   which leaves as few nodes unmatched as possible);
+   which leaves as few nodes unmatched as possible; ``matching="aligned"``: see below);
 2. leftovers (no unmatched neighbour) are paired with each other, preferring a
    leftover two hops away (most common-neighbour weight), until at most one remains.
 
@@ -19,13 +19,40 @@ A leftover pair shares no edge, so its level is not a minor of the graph: with g
 matching most coarse levels of a planar (Delaunay) graph are not planar; with
 ``matching="max"`` on the planar training set every level is.
 
+``matching="aligned"`` lines pairs up, so that lattices coarsen into lattices.  Nodes are visited
+from a frontier (the unmatched neighbours of the pairs formed so far, first in first out; the static
+order above only seeds a new region), and each is matched with the unmatched neighbour ranked first by
+
+* *child links* (most first): edges of the level below joining the two clusters' children, i.e.
+  the bits of the mask that will say which children are joined;
+* *ladder* (most first): formed pairs ``(a, b)`` with ``u ~ a`` and ``v ~ b``, so that
+  ``u - a - b - v`` is a 4-cycle and the new pair lies side by side with an old one;
+* *triangles* (fewest first): pairs of formed clusters that both touch ``{u, v}`` and touch each
+  other, i.e. triangles the new pair would close in the coarse graph;
+* then edge weight and the greedy tie-breaks.
+
+The first pair is tried with every neighbour of the first node, and the matching kept is the one
+with the fewest unmatched nodes, then the most child links inside pairs, then the fewest coarse
+triangles, then the most weight inside pairs.  On a 2-D grid the first pair is a domino at a corner,
+along an even side; the ladder rule stacks dominoes beside it and the triangle rule makes the next
+strip continue in line instead of turning, so an ``r x 2c`` grid coarsens into an ``r x c`` grid.
+Its edges across the dominoes join two child pairs, so the next step pairs across them: directions
+alternate, and a ``2^a x 2^b`` grid is a grid at every level.  (Where the side to halve is odd, the
+level gets one irregular row or column.)  The two children of a pair are oriented like the pairs it
+lines up with (beside ``(a, b)``: the node next to ``a`` takes ``a``'s place; in line after it: the
+other place), so on a grid the first child is the left (top) one everywhere, the tree order is a
+Morton (Z) order, and which children of two adjacent clusters are joined depends only on the
+direction of the edge: across the last split (siblings, and clusters whose parents were joined by
+one edge) both child pairs, along it one.
+
 So every coarse node has one or two children.  Children are then ordered
-top-down (the bigger / higher-degree child first) which fixes a *tree order* of
+top-down (the bigger / higher-degree child first; ``"aligned"``: as oriented by the matching) which fixes a *tree order* of
 the nodes of every level: the children of coarse node 0, then of node 1, ...
 The decoder rebuilds the same order from the tokens alone.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -47,11 +74,11 @@ class Level:
     size: list[int] = field(default_factory=list)
 
 
-MATCHINGS = ("greedy", "max")
+MATCHINGS = ("greedy", "max", "aligned")
 
 
 def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
-                matching: str = "greedy") -> list[list[int]]:
+                matching: str = "greedy", links: dict[tuple[int, int], int] | None = None) -> list[list[int]]:
     """One coarsening step on a weighted graph; returns clusters (lists of 1 or 2 fine nodes)."""
     nbrs: list[dict[int, int]] = [dict() for _ in range(n)]
     for (u, v), x in w.items():
@@ -59,12 +86,18 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
         nbrs[v][u] = x
     order = sorted(range(n), key=lambda u: (len(nbrs[u]), size[u], u))
     mate = [-1] * n
+    lead: list[bool | None] = [None] * n  # aligned pairs: whether the node is the first child
     if matching == "max":
         H = nx.Graph()
         H.add_nodes_from(range(n))
         H.add_weighted_edges_from((u, v, x) for (u, v), x in sorted(w.items()))
         for u, v in nx.max_weight_matching(H, maxcardinality=True):
             mate[u], mate[v] = v, u
+    if matching == "aligned":
+        lk: list[dict[int, int]] = [{} for _ in range(n)]
+        for (u, v), x in (links if links is not None else w).items():
+            lk[u][v] = lk[v][u] = x
+        mate, lead = _aligned_matching(nbrs, lk, size, order)
     for u in order:
         if mate[u] >= 0:
             continue
@@ -96,9 +129,111 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
         if u in seen:
             continue
         c = [u] if mate[u] < 0 else [u, mate[u]]
+        if matching == "aligned" and len(c) == 2:  # children in order here (coarsen sorts the others)
+            if lead[u] is None:  # a leftover pair: coarsen's order (bigger cluster, higher degree first)
+                c.sort(key=lambda x: (-size[x], -len(nbrs[x]), x))
+            elif not lead[u]:
+                c.reverse()
         seen.update(c)
         clusters.append(c)
     return clusters
+
+
+def _aligned_matching(nbrs: list[dict[int, int]], links: list[dict[int, int]], size: list[int],
+                      order: list[int]) -> tuple[list[int], list[bool | None]]:
+    """``matching="aligned"``: the mate of every node (``-1``: unmatched) of a maximal matching grown
+    from a frontier, and for every matched node whether it is its pair's first child (see the module
+    docstring).  The first pair is tried with every neighbour of the first node; the matching kept is
+    the one with the fewest unmatched nodes, then the most child links inside pairs, then the fewest
+    coarse triangles, then the most weight inside pairs."""
+    seed = next((u for u in order if nbrs[u]), None)
+    if seed is None:
+        return [-1] * len(nbrs), [None] * len(nbrs)
+    best, best_score = None, None
+    for first in sorted(nbrs[seed]):
+        mate, lead = _grow_aligned(nbrs, links, size, order, (seed, first))
+        score = _matching_score(nbrs, links, mate)
+        if best_score is None or score < best_score:
+            best, best_score = (mate, lead), score
+    return best
+
+
+def _grow_aligned(nbrs: list[dict[int, int]], links: list[dict[int, int]], size: list[int], order: list[int],
+                  first: tuple[int, int]) -> tuple[list[int], list[bool | None]]:
+    """A maximal matching that starts with the pair ``first`` and grows from a frontier, partners
+    ranked by (child links, ladder, -triangles, edge weight, the greedy tie-breaks); and which node
+    of each pair is its first child (``lead``), oriented like the pairs it lines up with."""
+    mate = [-1] * len(nbrs)
+    lead: list[bool | None] = [None] * len(nbrs)
+
+    def touching(c: tuple[int, int]) -> set[int]:
+        """Formed pairs (named by their smaller node) next to the nodes ``c``."""
+        return {min(a, mate[a]) for x in c for a in nbrs[x] if mate[a] >= 0 and a not in c}
+
+    def adjacent(p: int, q: int) -> bool:
+        return any(b in nbrs[a] for a in (p, mate[p]) for b in (q, mate[q]))
+
+    def rank(u: int, v: int) -> tuple:
+        ladder = sum(1 for a in nbrs[u] if mate[a] >= 0 and mate[a] in nbrs[v])
+        near = sorted(touching((u, v)))
+        triangles = sum(adjacent(p, q) for i, p in enumerate(near) for q in near[i + 1:])
+        return links[u][v], ladder, -triangles, nbrs[u][v], -size[v], -len(nbrs[v]), -v
+
+    def u_leads(u: int, v: int) -> bool:
+        """Orientation of a new pair ``(u, v)``: side by side with a pair ``(a, b)`` (``u ~ a``,
+        ``v ~ b``), ``u`` takes ``a``'s place; in line after it (``u ~ a``, nothing else shared),
+        ``u`` takes the other place, as the next domino of a row does.  Side by side decides first."""
+        beside = inline = 0
+        for x, y, sign in ((u, v, 1), (v, u, -1)):  # sign: +1 votes for u first
+            for a in nbrs[x]:
+                if mate[a] < 0 or a == y:
+                    continue
+                first_a = 1 if lead[a] else -1
+                if mate[a] in nbrs[y]:
+                    beside += sign * first_a
+                elif a not in nbrs[y] and mate[a] not in nbrs[x]:
+                    inline -= sign * first_a
+        return (beside or inline or 1) > 0
+
+    frontier: deque[int] = deque()
+    seeds = iter(order)
+    pair: tuple[int, int] | None = first
+    while True:
+        if pair is None:
+            u = frontier.popleft() if frontier else next(seeds, None)
+            if u is None:
+                return mate, lead
+            if mate[u] >= 0:
+                continue
+            cands = [v for v in nbrs[u] if mate[v] < 0 and v != u]
+            if not cands:
+                continue
+            pair = (u, max(cands, key=lambda v: rank(u, v)))
+        u, v = pair
+        lead[u] = pair == first or u_leads(u, v)
+        lead[v] = not lead[u]
+        mate[u], mate[v] = v, u
+        frontier.extend(x for x in (*sorted(nbrs[u]), *sorted(nbrs[v])) if mate[x] < 0)
+        pair = None
+
+
+def _matching_score(nbrs: list[dict[int, int]], links: list[dict[int, int]],
+                    mate: list[int]) -> tuple[int, int, int, int]:
+    """(unmatched nodes, -child links inside pairs, triangles of the coarse graph, -weight inside
+    pairs): lower is better."""
+    cluster = [min(u, m) if m >= 0 else u for u, m in enumerate(mate)]
+    coarse: dict[int, set[int]] = {}
+    inside = inside_links = 0
+    for u, nb in enumerate(nbrs):
+        for v, x in nb.items():
+            a, b = cluster[u], cluster[v]
+            if a != b:
+                coarse.setdefault(a, set()).add(b)
+            elif u < v:
+                inside += x
+                inside_links += links[u][v]
+    triangles = sum(len(coarse[a] & coarse.get(b, set())) for a in coarse for b in coarse[a] if a < b) // 3
+    return sum(m < 0 for m in mate), -inside_links, triangles, -inside
 
 
 def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy") -> list[Level]:
@@ -106,8 +241,10 @@ def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy"
 
     ``num_levels``: pad the top with one-node levels to this many levels (must be at
     least ``ceil(log2 N) + 1``).  The finest level is isomorphic to ``G``.
-    ``matching``: ``"greedy"`` heavy-edge matching or ``"max"`` (maximum-cardinality matching
-    of maximum weight; fewer leftover pairs, so more levels are minors of ``G``).
+    ``matching``: ``"greedy"`` heavy-edge matching, ``"max"`` (maximum-cardinality matching
+    of maximum weight; fewer leftover pairs, so more levels are minors of ``G``) or ``"aligned"``
+    (a matching grown from a frontier that lines pairs up side by side and in line, alternating
+    direction, so that a grid's levels are grids; see the module docstring).
     """
     if matching not in MATCHINGS:
         raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
@@ -118,20 +255,23 @@ def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy"
         raise ValueError("cannot coarsen an empty graph (0 nodes)")
     # ---- bottom-up: clusters of every step, in the fine level's original labels
     w = {(min(u, v), max(u, v)): 1 for u, v in G.edges()}
+    links = dict(w)  # per edge: the edges of the level below it joining its two clusters
     n, size = N, [1] * N
     steps: list[list[list[int]]] = []  # steps[t] clusters of level t (fine ids of level t)
     level_w = [w]
     while n > 1:
-        clusters = _match_step(n, w, size, matching)
+        clusters = _match_step(n, w, size, matching, links)
         assign = np.empty(n, dtype=np.int64)
         for c, members in enumerate(clusters):
             assign[members] = c
         nw: dict[tuple[int, int], int] = {}
+        links = {}
         for (u, v), x in w.items():
             a, b = int(assign[u]), int(assign[v])
             if a != b:
                 key = (min(a, b), max(a, b))
                 nw[key] = nw.get(key, 0) + x
+                links[key] = links.get(key, 0) + 1
         size = [sum(size[m] for m in members) for members in clusters]
         steps.append(clusters)
         w, n = nw, len(clusters)
@@ -164,7 +304,8 @@ def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy"
         if t > 0:
             nxt, children = [], []
             for lab in order:
-                kids = sorted(steps[t - 1][lab], key=lambda c: (-sizes_bu[t - 1][c], -deg_bu[t - 1][c], c))
+                kids = (list(steps[t - 1][lab]) if matching == "aligned" else  # oriented by the matching
+                        sorted(steps[t - 1][lab], key=lambda c: (-sizes_bu[t - 1][c], -deg_bu[t - 1][c], c)))
                 children.append(list(range(len(nxt), len(nxt) + len(kids))))
                 nxt.extend(kids)
             lvl.children = children

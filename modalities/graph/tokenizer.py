@@ -102,7 +102,7 @@ class GraphPyramidTokenizer(PretrainedMixin):
         nbits: bits of the binary tree-order index fed as a feature (default: enough for ``max_nodes[-1]``).
         edge_chunks: the edge tokens of a level are split into this many scales (edge j goes to
             chunk ``j % edge_chunks``), so later chunks see the fine edges earlier ones decided.
-        matching: the coarsening's matching, ``"greedy"`` or ``"max"`` (see :func:`coarsen`).
+        matching: the coarsening's matching, ``"greedy"``, ``"max"`` or ``"aligned"`` (see :func:`coarsen`).
         final_chunks: chunks of the finest expansion (level ``K - 2``, whose edge masks decide the
             graph's own edges); default ``edge_chunks``. With as many chunks as that level has edge
             positions (``max_edges[K - 2]``), every fine edge mask is predicted knowing all earlier ones.
@@ -110,6 +110,11 @@ class GraphPyramidTokenizer(PretrainedMixin):
             lies on a common face of a planar embedding of the fine graph decided so far (and whether
             that graph is planar): what a pair's crossing an earlier edge depends on, which degrees and
             common neighbours do not tell (see :meth:`GraphDecodeState._face_block`).
+        parent_links: add, for every edge position ``(u, v)`` of ``G_k`` whose endpoints have different
+            parents, how many edges of ``G_k`` join the children of those two parents (1, or 2 and more):
+            the bit count of the parent edge's mask, one level up.  With ``matching="aligned"`` on a
+            lattice it says whether the edge runs along or across the previous split, which decides
+            its own mask.
 
     Use :meth:`fit` to size it from a training set; ``save_pretrained(dir)`` /
     ``GraphPyramidTokenizer.from_pretrained(dir)`` save and load it (a config, no weights).
@@ -117,7 +122,7 @@ class GraphPyramidTokenizer(PretrainedMixin):
 
     def __init__(self, max_nodes: Sequence[int], max_edges: Sequence[int], nbits: Optional[int] = None,
                  edge_chunks: int = 3, matching: str = "greedy", final_chunks: Optional[int] = None,
-                 face_features: bool = False):
+                 face_features: bool = False, parent_links: bool = False):
         K = len(max_nodes)
         if K < 2:
             raise ValueError(f"need at least 2 levels (max_nodes of length >= 2), got {list(max_nodes)}")
@@ -139,6 +144,7 @@ class GraphPyramidTokenizer(PretrainedMixin):
             raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
         self.matching = matching
         self.face_features = bool(face_features)
+        self.parent_links = bool(parent_links)
         # scales: S_k for k in 0..K-2, then (k >= 1) the chunks E_k^0 .. E_k^{C-1}: ('S', k, 0) / ('E', k, c)
         self.kinds: list[tuple[str, int, int]] = []
         counts: list[int] = []
@@ -153,7 +159,8 @@ class GraphPyramidTokenizer(PretrainedMixin):
         self.schedule = ScaleSchedule(counts)
         self.vocab_size = VOCAB
         self._node_dim = 13
-        raw = 5 + 2 * self.nbits + 2 * self._node_dim + 2 + 8 + (5 if self.face_features else 0)
+        self._links_at = 5 + 2 * self.nbits + 2 * self._node_dim + 2 + 8 + (5 if self.face_features else 0)
+        raw = self._links_at + (2 if self.parent_links else 0)
         self.latent_dim = int(8 * math.ceil(raw / 8))
 
     def chunks_at(self, level: int) -> int:
@@ -164,7 +171,8 @@ class GraphPyramidTokenizer(PretrainedMixin):
     @classmethod
     def fit(cls, graphs: Sequence[nx.Graph], edge_slack: float = 0.1, node_slack: int = 0,
             edge_chunks: int = 3, matching: str = "greedy",
-            final_chunks: Optional[int | str] = None, face_features: bool = False) -> "GraphPyramidTokenizer":
+            final_chunks: Optional[int | str] = None, face_features: bool = False,
+            parent_links: bool = False) -> "GraphPyramidTokenizer":
         """Size a tokenizer for a training set: levels for the largest graph, edge capacity
         ``(1 + edge_slack) x`` the largest seen per level. ``final_chunks="all"``: one chunk per edge
         position of the finest expansion (its masks are then predicted one at a time)."""
@@ -182,14 +190,14 @@ class GraphPyramidTokenizer(PretrainedMixin):
         elif isinstance(final_chunks, str):
             raise ValueError(f"final_chunks must be an int, None or 'all', got {final_chunks!r}")
         return cls(max_nodes, max_edges, edge_chunks=edge_chunks, matching=matching, final_chunks=final_chunks,
-                   face_features=face_features)
+                   face_features=face_features, parent_links=parent_links)
 
     @property
     def config(self) -> dict:
         """The constructor's arguments (``save_pretrained`` writes them; no weights)."""
         return {"max_nodes": self.max_nodes, "max_edges": self.max_edges, "nbits": self.nbits,
                 "edge_chunks": self.edge_chunks, "matching": self.matching, "final_chunks": self.final_chunks,
-                "face_features": self.face_features}
+                "face_features": self.face_features, "parent_links": self.parent_links}
 
     # ------------------------------------------------------------------ encoding
     def check_data(self, graphs: list[nx.Graph]) -> None:
@@ -464,6 +472,12 @@ class GraphDecodeState:
                 Af[a, c] = Af[c, a] = 1.0
             degf, A2f = Af.sum(1), Af @ Af
             faces = (_face_sets(nf, self.fine[b]) if tok.face_features and k == tok.K - 2 else None)
+            links: dict[tuple[int, int], int] = {}  # parent pair -> edges of this level joining their children
+            if tok.parent_links:
+                for x, y in g.edges:
+                    px, py = g.parent_of[x], g.parent_of[y]
+                    if px != py:
+                        links[(min(px, py), max(px, py))] = links.get((min(px, py), max(px, py)), 0) + 1
             for p, j in enumerate(range(chunk, len(g.edges), C)):
                 if p >= n_pos:
                     break
@@ -484,6 +498,9 @@ class GraphDecodeState:
                     X[b, p, o_e + 4 + jj] = math.log1p(degf[c]) / 2
                 if faces is not None:
                     X[b, p, o_e + 10:o_e + 15] = _face_block(faces, kids[u], kids[v])
+                if tok.parent_links and g.parent_of[u] != g.parent_of[v]:
+                    pu, pv = g.parent_of[u], g.parent_of[v]
+                    X[b, p, tok._links_at + min(links[(min(pu, pv), max(pu, pv))], 2) - 1] = 1.0
         return torch.from_numpy(X).to(self.device)
 
     # ---- which tokens are valid
