@@ -389,7 +389,8 @@ def main(argv=None) -> dict:
     n = args.samples_per_class
     labels = torch.arange(10).repeat_interleave(n)
     knobs = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed)
-    velocities = draw_velocities(train.velocities, len(labels), torch.Generator().manual_seed(args.seed + 11))
+    velocities = (draw_velocities(train.velocities, len(labels), torch.Generator().manual_seed(args.seed + 11))
+                  if motion else None)  # with --condition motion: the velocities asked for, drawn from the data
     with torch.no_grad():
         out = msar.sample(model, tok, **condition_kwargs(conditions(labels, velocities)), **knobs)
     samples = out.data.clamp(-1, 1)
