@@ -82,8 +82,8 @@ def main(argv=None) -> dict:
         print(name, {k: round(rows[name]["mean"][k], 3) for k in ("frame_accuracy", "temporal_consistency",
                                                                    "bounces_per_video", "still_axes_per_video",
                                                                    *(["motion_speed_error"] if motion else []))})
-    out = {"pipeline": args.pipeline, "condition": "class + velocity" if motion else "class", "seeds": args.seeds, "samples_per_class": args.samples_per_class,
-           "settings": rows}
+    out = {"pipeline": args.pipeline, "condition": "class + velocity" if motion else "class", "seeds": args.seeds,
+           "samples_per_class": args.samples_per_class, "settings": rows}
     write_result_json(args.out, out, started)
     return out
 
