@@ -475,9 +475,9 @@ class GraphDecodeState:
             links: dict[tuple[int, int], int] = {}  # parent pair -> edges of this level joining their children
             if tok.parent_links:
                 for x, y in g.edges:
-                    px, py = g.parent_of[x], g.parent_of[y]
+                    px, py = sorted((g.parent_of[x], g.parent_of[y]))
                     if px != py:
-                        links[(min(px, py), max(px, py))] = links.get((min(px, py), max(px, py)), 0) + 1
+                        links[(px, py)] = links.get((px, py), 0) + 1
             for p, j in enumerate(range(chunk, len(g.edges), C)):
                 if p >= n_pos:
                     break
@@ -498,9 +498,10 @@ class GraphDecodeState:
                     X[b, p, o_e + 4 + jj] = math.log1p(degf[c]) / 2
                 if faces is not None:
                     X[b, p, o_e + 10:o_e + 15] = _face_block(faces, kids[u], kids[v])
-                if tok.parent_links and g.parent_of[u] != g.parent_of[v]:
-                    pu, pv = g.parent_of[u], g.parent_of[v]
-                    X[b, p, tok._links_at + min(links[(min(pu, pv), max(pu, pv))], 2) - 1] = 1.0
+                if tok.parent_links:
+                    pu, pv = sorted((g.parent_of[u], g.parent_of[v]))
+                    if pu != pv:
+                        X[b, p, tok._links_at + min(links[(pu, pv)], 2) - 1] = 1.0
         return torch.from_numpy(X).to(self.device)
 
     # ---- which tokens are valid
