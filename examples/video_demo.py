@@ -44,7 +44,7 @@ import math
 import os
 import shlex
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ import msar
 from benchmarks.common import write_result_json
 from msar.training import (TokenDataset, TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig, VQVAETrainer,
                            build_loader, collate_tokens)
-from modalities.video.schedules import FRAME_CODINGS
+from modalities.video.schedules import FRAME_CODINGS, FRAME_INPUTS
 from modalities.video import (MovingDigits, VideoTokenizerConfig, VideoTokenizer, box_mask, fill_unknown,
                               frame_prediction_mask, interpolation_mask, video_known_masks)
 from modalities.video import metrics as vm
@@ -79,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frame-coding", default="intra", choices=list(FRAME_CODINGS),
                    help="per-frame schedule: quantize every frame from scratch (intra) or as its change from the "
                         "previous frame's reconstruction (delta; every scale's input then shows the previous frame)")
+    p.add_argument("--frame-input", default=None, choices=list(FRAME_INPUTS),
+                   help="per-frame intra schedule: the transformer input of frame t > 0 shows the frame's own coarse "
+                        "scales (own, the default) or also the finished previous frame's finer detail (previous); "
+                        "the codes are the same, so it may differ from a --tokenizer's")
     p.add_argument("--time-stride", type=int, default=2)
     p.add_argument("--space-stride", type=int, default=4,
                    help="spatial downsampling of the tokenizer (latent side = size / space_stride); the finest scale "
@@ -328,12 +332,19 @@ def main(argv=None) -> dict:
         args.space_stride, args.tok_channels = cfg.space_stride, list(cfg.channels)
         args.quantizer, args.latent_dim = cfg.quantizer, cfg.latent_dim
         args.time_upsample, args.frame_coding = cfg.time_upsample, cfg.frame_coding
+        if args.frame_input not in (None, cfg.frame_input):  # only the transformer's input changes: same weights
+            state = tok.state_dict()
+            tok = VideoTokenizer(replace(cfg, frame_input=args.frame_input))
+            tok.load_state_dict(state)
+            cfg = tok.config
+        args.frame_input = cfg.frame_input
     else:
         cfg = VideoTokenizerConfig(frames=args.frames, height=args.size, width=args.size, vocab_size=args.vocab,
                                    time_stride=args.time_stride, space_stride=args.space_stride, schedule=args.schedule,
                                    quantizer=args.quantizer, latent_dim=args.latent_dim,
                                    channels=tuple(args.tok_channels), time_upsample=args.time_upsample,
-                                   frame_coding=args.frame_coding, coord_input=args.tok_layout > 0,
+                                   frame_coding=args.frame_coding, frame_input=args.frame_input or "own",
+                                   coord_input=args.tok_layout > 0,
                                    layout_side=args.tok_layout)
         tok = VideoTokenizer(cfg)
     sched = tok.schedule

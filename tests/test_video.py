@@ -138,6 +138,38 @@ def test_frame_pyramid_restrict_prolong_stay_in_frame():
         p.restrict(torch.randn(2, 5, 2, 4, 4), 0)
 
 
+def test_previous_frame_input_shows_the_finished_previous_frame_at_every_scale():
+    """frame_input='previous': where frame t's scales so far equal frame t-1's coarse content (nothing
+    moved), the input of every scale of frame t is the finished frame t-1 pooled to that scale -- its
+    finest detail included, which the 'own' input never shows; frames other than t-1 and t never
+    reach the input, and the codes (restrict / prolong) are the same as 'own'."""
+    s = frame_schedule((3, 8, 8), [1, 2, 4, 8])
+    own, prev = FramePyramid(s), FramePyramid(s, frame_input="previous")
+    x = torch.randn(2, 5, 8, 8)  # frame 0's finished latent
+    for k in range(s.first_scale_of(1) + 1, s.first_scale_of(2)):
+        f = torch.zeros(2, 5, 3, 8, 8)
+        f[:, :, 0] = x
+        coarse = F.interpolate(F.adaptive_avg_pool2d(x, s.spatial[k - 1]), size=(8, 8), mode="bicubic")
+        f[:, :, 1] = coarse  # frame 1 so far: frame 0's content down to scale k-1
+        assert torch.allclose(prev.resample(f, k)[:, :, 0], F.adaptive_avg_pool2d(x, s.spatial[k]), atol=1e-5)
+        assert torch.allclose(own.resample(f, k)[:, :, 0], F.adaptive_avg_pool2d(coarse, s.spatial[k]), atol=1e-5)
+        g = f.clone()
+        g[:, :, 2] = torch.randn(2, 5, 8, 8)  # the future
+        assert torch.equal(prev.resample(g, k), prev.resample(f, k))
+    f = torch.randn(2, 5, 3, 8, 8)
+    for k in range(len(s)):  # frame 0 and the first scale of every frame: as 'own'; codes: as 'own'
+        if s.frame_of[k] == 0 or k == s.first_scale_of(s.frame_of[k]):
+            assert torch.equal(prev.resample(f, k), own.resample(f, k))
+        assert torch.equal(prev.restrict(f, k), own.restrict(f, k))
+        assert torch.equal(prev.prolong(prev.restrict(f, k), k), own.prolong(own.restrict(f, k), k))
+    with pytest.raises(ValueError, match="frame_input"):
+        FramePyramid(s, frame_input="next")
+    with pytest.raises(ValueError, match="for intra coding"):
+        FramePyramid(s, frame_coding="delta", frame_input="previous")
+    with pytest.raises(ValueError, match="frame_input='previous' needs schedule='frame'"):
+        tiny_tokenizer("space", frame_input="previous")
+
+
 def test_delta_frame_pyramid_carries_each_frame_into_the_next():
     """Delta coding: a scale of frame t writes its code map into frames >= t (never the past),
     and the transformer input of every scale is a plain pool of its own frame, which already

@@ -32,6 +32,7 @@ Side = Union[int, Sequence[int]]
 SCHEDULE_KINDS = ("joint", "space", "frame")
 # what a per-frame pyramid's scales quantize: each frame from scratch, or its change from the previous one
 FRAME_CODINGS = ("intra", "delta")
+FRAME_INPUTS = ("own", "previous")
 
 
 # ---------------------------------------------------------------------------- argument checks
@@ -210,17 +211,34 @@ class FramePyramid:
       previous frame plus the change drawn so far.  The latent is still the sum of the
       scales' prolongations, so encoding, decoding and teacher forcing are the core's.
       Prolongation stays causal (scale k writes frames ``>= t`` only).
+
+    ``frame_input`` says what the transformer input of an intra-coded frame t > 0 shows (the
+    codes, and so encoding and decoding, are the same either way):
+
+    * ``"own"``: frame t's latent accumulated so far (the previous frame at its first scale only).
+    * ``"previous"``: the finished previous frame with its coarse content replaced by frame t's
+      scales drawn so far, ``f_hat_t + f_hat_{t-1} - up(pool(f_hat_{t-1}, s_{k-1}))`` pooled to
+      scale k, i.e. "frame t-1's finer detail has not moved".  Every scale of frame t then sees
+      the finished previous frame down to its finest detail, which the ``"own"`` input never
+      shows, while the quantized content stays intra (the ``"delta"`` input with intra codes).
     """
 
-    def __init__(self, schedule: FrameScaleSchedule, up_mode: str = "bicubic", frame_coding: str = "intra"):
+    def __init__(self, schedule: FrameScaleSchedule, up_mode: str = "bicubic", frame_coding: str = "intra",
+                 frame_input: str = "own"):
         if not isinstance(schedule, FrameScaleSchedule):
             raise TypeError(f"FramePyramid needs a FrameScaleSchedule (see frame_schedule), got {type(schedule).__name__}")
         if frame_coding not in FRAME_CODINGS:
             raise ValueError(f"frame_coding must be one of {FRAME_CODINGS}, got {frame_coding!r}")
+        if frame_input not in FRAME_INPUTS:
+            raise ValueError(f"frame_input must be one of {FRAME_INPUTS}, got {frame_input!r}")
+        if frame_input == "previous" and frame_coding != "intra":
+            raise ValueError("frame_input='previous' is for intra coding: with frame_coding='delta' every scale's "
+                             "input already holds the finished previous frame")
         self.schedule = schedule
         self.full = schedule.full_shape
         self.up_mode = up_mode
         self.frame_coding = frame_coding
+        self.frame_input = frame_input
 
     def _check(self, x: torch.Tensor, shape: Sequence[int], what: str) -> None:
         if x.dim() != 5 or tuple(x.shape[2:]) != tuple(shape):
@@ -241,8 +259,14 @@ class FramePyramid:
         self._check(f, self.full, "resample")
         s = self.schedule
         t = s.frame_of[k]
-        if self.frame_coding == "intra" and t > 0 and k == s.first_scale_of(t):
-            t = t - 1  # frame t is still empty: show the finished previous frame
+        if self.frame_coding == "intra" and t > 0:
+            if k == s.first_scale_of(t):  # frame t is still empty: show the finished previous frame
+                return self._pool(f[:, :, t - 1], s.spatial[k])
+            if self.frame_input == "previous":  # frame t's coarse content + frame t-1's finer detail
+                prev = f[:, :, t - 1]
+                low = prev if tuple(s.spatial[k - 1]) == tuple(self.full[1:]) else F.interpolate(
+                    F.interpolate(prev, size=s.spatial[k - 1], mode="area"), size=self.full[1:], mode=self.up_mode)
+                return self._pool(f[:, :, t] + (prev - low), s.spatial[k])
         return self._pool(f[:, :, t], s.spatial[k])
 
     def prolong(self, h: torch.Tensor, k: int) -> torch.Tensor:
@@ -261,14 +285,15 @@ class FramePyramid:
         return out
 
 
-def make_pyramid(schedule: ScaleSchedule, frame_coding: str = "intra"):
+def make_pyramid(schedule: ScaleSchedule, frame_coding: str = "intra", frame_input: str = "own"):
     """The latent pyramid for a video schedule: :class:`FramePyramid` for per-frame
-    schedules (``frame_coding``: ``"intra"`` or ``"delta"``, see there), :class:`msar.GridPyramid`
-    (area down, trilinear up) otherwise."""
+    schedules (``frame_coding``: ``"intra"`` or ``"delta"``; ``frame_input``: ``"own"`` or
+    ``"previous"``; see there), :class:`msar.GridPyramid` (area down, trilinear up) otherwise."""
     if isinstance(schedule, FrameScaleSchedule):
-        return FramePyramid(schedule, frame_coding=frame_coding)
-    if frame_coding != "intra":
-        raise ValueError(f"frame_coding={frame_coding!r} needs the per-frame schedule ('frame'), got {schedule}")
+        return FramePyramid(schedule, frame_coding=frame_coding, frame_input=frame_input)
+    if frame_coding != "intra" or frame_input != "own":
+        raise ValueError(f"frame_coding={frame_coding!r} / frame_input={frame_input!r} need the per-frame schedule "
+                         f"('frame'), got {schedule}")
     if schedule.rank != 3 or any(not schedule.is_grid(k) for k in range(len(schedule))):
         raise ValueError(f"a video schedule needs rank-3 (t, h, w) grid scales, got {schedule}")
     return GridPyramid(schedule)

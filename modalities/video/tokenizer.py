@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from msar import MultiScaleVQTokenizer, PretrainedMixin, make_quantizer
 
-from .schedules import FRAME_CODINGS, FrameScaleSchedule, build_schedule, make_pyramid
+from .schedules import FRAME_CODINGS, FRAME_INPUTS, FrameScaleSchedule, build_schedule, make_pyramid
 
 
 # ---------------------------------------------------------------------------- causal building blocks
@@ -219,6 +219,10 @@ class VideoTokenizerConfig:
     # per-frame schedule only: "intra" (every frame quantized from scratch) or "delta" (each frame
     # quantized as its change from the previous frame's reconstruction; see FramePyramid)
     frame_coding: str = "intra"
+    # per-frame intra schedule only: what the transformer input of frame t > 0 shows, "own" (the
+    # frame's coarse scales so far) or "previous" (plus the finished previous frame's finer detail;
+    # see FramePyramid). Only the transformer's input changes: the codes are the same.
+    frame_input: str = "own"
     # the encoder also sees every pixel's (y, x) (VideoEncoder.coord_input)
     coord_input: bool = False
     # > 0: a linear head from every latent frame's spatial mean (what a frame's coarsest scale
@@ -258,6 +262,11 @@ class VideoTokenizerConfig:
         if self.frame_coding == "delta" and self.schedule != "frame":
             raise ValueError(f"frame_coding='delta' codes each frame against the previous one and needs "
                              f"schedule='frame', got schedule={self.schedule!r}")
+        if self.frame_input not in FRAME_INPUTS:
+            raise ValueError(f"VideoTokenizerConfig.frame_input must be one of {FRAME_INPUTS}, got {self.frame_input!r}")
+        if self.frame_input == "previous" and (self.schedule != "frame" or self.frame_coding != "intra"):
+            raise ValueError(f"frame_input='previous' needs schedule='frame' with frame_coding='intra', got "
+                             f"schedule={self.schedule!r}, frame_coding={self.frame_coding!r}")
         self.channels = tuple(int(c) for c in self.channels)
 
     @property
@@ -280,7 +289,7 @@ class VideoTokenizer(PretrainedMixin, MultiScaleVQTokenizer):
     def __init__(self, config: VideoTokenizerConfig):
         c = config
         schedule = build_schedule(c.schedule, c.latent_shape, c.sides)
-        pyramid = make_pyramid(schedule, c.frame_coding)
+        pyramid = make_pyramid(schedule, c.frame_coding, c.frame_input)
         # per-frame pyramids: a 3x3x3 phi would smear a frame's codes into its neighbours
         # (and into the past), breaking frame causality, so phi is spatial-only there
         phi_kernel = (1, 3, 3) if isinstance(schedule, FrameScaleSchedule) else 3
