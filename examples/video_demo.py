@@ -44,7 +44,7 @@ import math
 import os
 import shlex
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -333,9 +333,7 @@ def main(argv=None) -> dict:
         args.quantizer, args.latent_dim = cfg.quantizer, cfg.latent_dim
         args.time_upsample, args.frame_coding = cfg.time_upsample, cfg.frame_coding
         if args.frame_input not in (None, cfg.frame_input):  # only the transformer's input changes: same weights
-            state = tok.state_dict()
-            tok = VideoTokenizer(replace(cfg, frame_input=args.frame_input))
-            tok.load_state_dict(state)
+            tok = tok.with_frame_input(args.frame_input)
             cfg = tok.config
         args.frame_input = cfg.frame_input
     else:

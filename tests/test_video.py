@@ -162,6 +162,15 @@ def test_previous_frame_input_shows_the_finished_previous_frame_at_every_scale()
             assert torch.equal(prev.resample(f, k), own.resample(f, k))
         assert torch.equal(prev.restrict(f, k), own.restrict(f, k))
         assert torch.equal(prev.prolong(prev.restrict(f, k), k), own.prolong(own.restrict(f, k), k))
+    tok = tiny_tokenizer("frame", frames=5, height=32, width=32)  # latent (3, 8, 8): scales 1, 2, 4, 8 per frame
+    carried = tok.with_frame_input("previous")
+    x = MovingDigits(2, num_frames=5, size=32, seed=0).tensors()[0]
+    idx = tok.encode(x)
+    assert all(torch.equal(a, b) for a, b in zip(carried.encode(x), idx))  # same weights, same codes
+    k = tok.schedule.first_scale_of(1) + 1  # frame 1's second scale: the first input where the two differ
+    n = sum(tok.schedule.token_counts[1:k])
+    x_own, x_prev = tok.teacher_forcing_input(idx), carried.teacher_forcing_input(idx)
+    assert torch.equal(x_own[:, :n], x_prev[:, :n]) and not torch.allclose(x_own[:, n:], x_prev[:, n:])
     with pytest.raises(ValueError, match="frame_input"):
         FramePyramid(s, frame_input="next")
     with pytest.raises(ValueError, match="for intra coding"):
@@ -624,12 +633,13 @@ def test_demo_runs_end_to_end_and_a_rerun_resumes_from_its_checkpoints(tmp_path)
 def test_demo_with_motion_condition_reports_how_samples_follow_it(tmp_path):
     """``--condition motion``: the transformer takes class + velocity vectors, the samples are scored
     against the velocities they were asked for (and real videos against theirs), the same model also
-    samples from the class alone, and the saved pipeline loads as that vector-conditioned model."""
+    samples from the class alone, and the saved pipeline loads as that vector-conditioned model (run with
+    ``--frame-input previous``, which the saved tokenizer keeps)."""
     from examples.video_demo import main
     from modalities.video.motion import motion_condition
     first = main(["--quick", "--out", str(tmp_path), "--num-train", "64", "--tok-steps", "4", "--ar-steps", "4",
                   "--samples-per-class", "1", "--edit-videos", "2", "--classifier-steps", "10",
-                  "--condition", "motion"])
+                  "--condition", "motion", "--frame-input", "previous"])
     follow = first["generated"]["motion_following"]
     assert {"speed_error", "direction_agreement", "videos"} <= follow.keys()
     assert first["real_test"]["motion_following"]["speed_error"] < 1e-4  # real videos move at their velocity
@@ -639,6 +649,7 @@ def test_demo_with_motion_condition_reports_how_samples_follow_it(tmp_path):
     assert all(e["known_tokens_preserved"] for e in first["zero_shot"].values())
     pipe = msar.from_pretrained(str(tmp_path / "pipeline"))
     assert pipe.transformer.cond_kind == "vector" and pipe.transformer.cond_dim == 13
+    assert pipe.tokenizer.config.frame_input == "previous" and pipe.tokenizer.quantizer.pyramid.frame_input == "previous"
     cond = motion_condition(torch.tensor([1, 7]), torch.tensor([[2, -1], [0, 3]]), num_classes=10, max_speed=3)
     assert pipe.sample(condition=cond, seed=0).data.shape == (2, 1, 9, 32, 32)
 

@@ -20,7 +20,7 @@ is video-specific.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -302,6 +302,14 @@ class VideoTokenizer(PretrainedMixin, MultiScaleVQTokenizer):
         )
         self.config = config
         self.layout_head = (nn.Linear(c.latent_dim, c.in_channels * c.layout_side ** 2) if c.layout_side else None)
+
+    def with_frame_input(self, frame_input: str) -> "VideoTokenizer":
+        """A copy of this tokenizer (same weights, same codes) whose transformer input is ``frame_input``
+        (``"own"`` or ``"previous"``, see :class:`~modalities.video.schedules.FramePyramid`): the input is
+        a view of the codes, so a trained tokenizer serves either kind of transformer."""
+        tok = type(self)(replace(self.config, frame_input=frame_input))
+        tok.load_state_dict(self.state_dict())
+        return tok.train(self.training)
 
     def layout_loss(self, data: torch.Tensor) -> torch.Tensor:
         """MSE of the layout head's thumbnails against the real ones (needs ``layout_side > 0``).
