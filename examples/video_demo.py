@@ -54,7 +54,7 @@ import msar
 from benchmarks.common import write_result_json
 from msar.training import (TokenDataset, TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig, VQVAETrainer,
                            build_loader, collate_tokens)
-from modalities.video.schedules import FRAME_CODINGS, FRAME_INPUTS
+from modalities.video.schedules import FRAME_CODINGS, FRAME_INPUTS, build_schedule
 from modalities.video import (MovingDigits, VideoTokenizerConfig, VideoTokenizer, box_mask, fill_unknown,
                               frame_prediction_mask, interpolation_mask, video_known_masks)
 from modalities.video import metrics as vm
@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="per-frame intra schedule: the transformer input of frame t > 0 shows the frame's own coarse "
                         "scales (own, the default) or also the finished previous frame's finer detail (previous); "
                         "the codes are the same, so it may differ from a --tokenizer's")
+    p.add_argument("--sides", type=int, nargs="+", default=None,
+                   help="spatial sides of the pyramid's scales (square; default 1 2 4 ... up to the latent side), "
+                        "e.g. 1 2 3 4 6 8 for VAR-like intermediate scales")
     p.add_argument("--time-stride", type=int, default=2)
     p.add_argument("--space-stride", type=int, default=4,
                    help="spatial downsampling of the tokenizer (latent side = size / space_stride); the finest scale "
@@ -332,6 +335,10 @@ def main(argv=None) -> dict:
         args.space_stride, args.tok_channels = cfg.space_stride, list(cfg.channels)
         args.quantizer, args.latent_dim = cfg.quantizer, cfg.latent_dim
         args.time_upsample, args.frame_coding = cfg.time_upsample, cfg.frame_coding
+        if args.sides is not None and build_schedule(cfg.schedule, cfg.latent_shape, args.sides) != tok.schedule:
+            raise ValueError(f"--sides {args.sides}: --tokenizer {args.tokenizer} was trained with other scales, "
+                             f"{tok.schedule} (the scales are part of its codes)")
+        args.sides = cfg.sides
         if args.frame_input not in (None, cfg.frame_input):  # only the transformer's input changes: same weights
             tok = tok.with_frame_input(args.frame_input)
             cfg = tok.config
@@ -341,7 +348,7 @@ def main(argv=None) -> dict:
                                    time_stride=args.time_stride, space_stride=args.space_stride, schedule=args.schedule,
                                    quantizer=args.quantizer, latent_dim=args.latent_dim,
                                    channels=tuple(args.tok_channels), time_upsample=args.time_upsample,
-                                   frame_coding=args.frame_coding, frame_input=args.frame_input or "own",
+                                   sides=args.sides, frame_coding=args.frame_coding, frame_input=args.frame_input or "own",
                                    coord_input=args.tok_layout > 0,
                                    layout_side=args.tok_layout)
         tok = VideoTokenizer(cfg)

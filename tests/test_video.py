@@ -634,12 +634,12 @@ def test_demo_with_motion_condition_reports_how_samples_follow_it(tmp_path):
     """``--condition motion``: the transformer takes class + velocity vectors, the samples are scored
     against the velocities they were asked for (and real videos against theirs), the same model also
     samples from the class alone, and the saved pipeline loads as that vector-conditioned model (run with
-    ``--frame-input previous``, which the saved tokenizer keeps)."""
+    ``--frame-input previous`` and VAR-like intermediate ``--sides``, which the saved tokenizer keeps)."""
     from examples.video_demo import main
     from modalities.video.motion import motion_condition
     first = main(["--quick", "--out", str(tmp_path), "--num-train", "64", "--tok-steps", "4", "--ar-steps", "4",
                   "--samples-per-class", "1", "--edit-videos", "2", "--classifier-steps", "10",
-                  "--condition", "motion", "--frame-input", "previous"])
+                  "--condition", "motion", "--frame-input", "previous", "--sides", "1", "2", "3", "4", "6", "8"])
     follow = first["generated"]["motion_following"]
     assert {"speed_error", "direction_agreement", "videos"} <= follow.keys()
     assert first["real_test"]["motion_following"]["speed_error"] < 1e-4  # real videos move at their velocity
@@ -650,6 +650,7 @@ def test_demo_with_motion_condition_reports_how_samples_follow_it(tmp_path):
     pipe = msar.from_pretrained(str(tmp_path / "pipeline"))
     assert pipe.transformer.cond_kind == "vector" and pipe.transformer.cond_dim == 13
     assert pipe.tokenizer.config.frame_input == "previous" and pipe.tokenizer.quantizer.pyramid.frame_input == "previous"
+    assert pipe.tokenizer.schedule.frame_sides == [(s, s) for s in (1, 2, 3, 4, 6, 8)]
     cond = motion_condition(torch.tensor([1, 7]), torch.tensor([[2, -1], [0, 3]]), num_classes=10, max_speed=3)
     assert pipe.sample(condition=cond, seed=0).data.shape == (2, 1, 9, 32, 32)
 
