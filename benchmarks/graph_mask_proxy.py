@@ -17,11 +17,20 @@ are all right (a grid needs every one), per level (counted from the top, as the 
 and split into grids whose sides are both powers of two and the others.
 
     python -m benchmarks.graph_mask_proxy --matching aligned --out benchmarks/results/graph/order/proxy_aligned.json
+
+``--samples DIR`` instead scores a model: ``DIR`` is the dataset folder of an
+``examples.graph_demo --expand-test 1 --load ...`` run (``metrics.json`` and ``graphs.json``), whose samples
+keep every token of the real graphs but the finest level's edge masks; it reports the share of those
+masks the model drew right, per direction, and the share of graphs with all of them right.
+
+    python -m benchmarks.graph_mask_proxy --samples outputs/order/train_grid_order_x1_T0.2/grid --out ...
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import json
+import os
 import time
 
 import networkx as nx
@@ -113,13 +122,63 @@ def _pow2(n: int) -> bool:
     return n & (n - 1) == 0
 
 
+def score_samples(folder: str) -> dict:
+    """Finest-level masks of ``--expand-test 1`` samples against those of the graphs they expand."""
+    with open(os.path.join(folder, "metrics.json")) as f:
+        metrics = json.load(f)
+    with open(os.path.join(folder, "graphs.json")) as f:
+        samples = json.load(f)["graphs"]
+    if metrics.get("dataset") != "grid" or metrics["sampling"].get("expand_test") != 1:
+        raise SystemExit(f"--samples: expected a grid run with --expand-test 1 in {folder}, got dataset "
+                         f"{metrics.get('dataset')!r}, expand_test {metrics['sampling'].get('expand_test')!r}")
+    graphs = make_dataset("grid", seed=metrics["seed"], **metrics["data_kw"])[metrics["eval_split"]]
+    tok = metrics["tokenizer"]
+    K = len(tok["max_nodes"])
+    right: collections.Counter = collections.Counter()
+    total: collections.Counter = collections.Counter()
+    all_right = []
+    for i, g in enumerate(samples):  # sample i expands graph i of the split
+        levels = coarsen(graphs[i], K, tok["matching"])
+        coarse = levels[K - 2]
+        if g["n"] != levels[-1].n:
+            raise SystemExit(f"--samples: sample {i} has {g['n']} nodes, its graph {levels[-1].n}: not an --expand-test 1 run")
+        drawn = {(min(u, v), max(u, v)) for u, v in g["edges"]}
+        records = [r for r in edge_records(graphs[i], levels) if r["level"] == K - 2]  # in coarse.edges order
+        ok = True
+        for r, (u, v) in zip(records, coarse.edges):
+            mask = sum(1 << (2 * a + b) for a, x in enumerate(coarse.children[u])
+                       for b, y in enumerate(coarse.children[v]) if (min(x, y), max(x, y)) in drawn)
+            key = "/".join(r["direction"][1:])
+            total[key] += 1
+            right[key] += mask == r["mask"]
+            ok &= mask == r["mask"]
+        all_right.append(ok)
+    out = {"samples_from": metrics["run"]["command"], "model_commit": metrics["run"]["commit"],
+           "temperature": metrics["sampling"]["temperature"], "graphs": len(samples),
+           "finest_masks": sum(total.values()), "finest_mask_right": sum(right.values()) / sum(total.values()),
+           "per_direction": {k: {"masks": total[k], "right": right[k] / total[k]} for k in sorted(total)},
+           "graphs_with_all_finest_masks_right": float(np.mean(all_right))}
+    print(f"{folder}: finest masks right {out['finest_mask_right']:.3f} ("
+          + ", ".join(f"{k} {v['right']:.3f} of {v['masks']}" for k, v in out["per_direction"].items())
+          + f"), graphs with all right {out['graphs_with_all_finest_masks_right']:.3f}")
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--matching", default="aligned", choices=MATCHINGS)
     p.add_argument("--seed", type=int, default=0, help="dataset seed (the demo's split)")
+    p.add_argument("--samples", default=None, metavar="DIR",
+                   help="score the finest masks of an `examples.graph_demo --expand-test 1` run (its dataset folder)")
     p.add_argument("--out", default=None, help="result JSON path (default: print only)")
     args = p.parse_args(argv)
     started = time.time()
+    if args.samples:
+        result = score_samples(args.samples)
+        if args.out:
+            write_result_json(args.out, result, started)
+            print("wrote", args.out)
+        return
     data = make_dataset("grid", seed=args.seed)
     K = num_levels_for(max(G.number_of_nodes() for s in data.values() for G in s))
     recs: dict[str, list[list[dict]]] = {}
