@@ -23,7 +23,7 @@ def test_aligned_tree_order_of_a_path_runs_along_it(n):
 
 @pytest.mark.parametrize("sides", [(6, 10), (4, 12), (10, 10), (12, 12)])
 def test_aligned_grid_masks_depend_only_on_the_edge_direction(sides):
-    # catches: children in the matching's orientation (on these grids 10-30% of the masks along the split
+    # catches: children in the matching's orientation (on these grids 9-56% of the masks along the split
     # at the two finest expansions are the "other" one, 0b0010), or ordered by a rule that differs
     # between nodes (across masks 0b0110 next to 0b1001): then which children two clusters join is not
     # a function of anything the model sees

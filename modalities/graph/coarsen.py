@@ -49,9 +49,9 @@ order is the same at every node, whatever the matching did before, and the tree 
 (Z) order on the regular levels.  Which children of two adjacent clusters are joined then depends
 only on the direction of the edge: across the last split (siblings, and clusters whose parents were
 joined by one edge) both child pairs, along it one.  (Orienting each pair from its own neighbours
-alone, as the matching does, flips whole regions after an odd level, so on the grid dataset 13% of
-the finest masks were the "other" mask of their direction; with the distance order, 3.6%;
-``benchmarks/graph_mask_proxy.py``.)
+alone, as the matching does, flips whole regions after an odd level: on the test grids of the grid
+data set 13% of the finest masks were not the mask their direction predicts, with the distance order
+3.6%; ``benchmarks/graph_mask_proxy.py``.)
 
 So every coarse node has one or two children.  Children are then ordered
 top-down (the bigger / higher-degree child first; ``"aligned"``: nearer the source first, see above) which fixes a *tree order* of
