@@ -62,6 +62,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import networkx as nx
 import numpy as np
@@ -244,21 +245,21 @@ def _matching_score(nbrs: list[dict[int, int]], links: list[dict[int, int]],
     return sum(m < 0 for m in mate), -inside_links, triangles, -inside
 
 
-def _mean_distances(G: nx.Graph, steps: list[list[list[int]]]) -> list[list[float]]:
+def _mean_distances(G: nx.Graph, steps: list[list[list[int]]]) -> list[list[Fraction]]:
     """``matching="aligned"``: per bottom-up level, the mean hop distance of every cluster's nodes from
     one source node of ``G`` (the first of the static order: least degree, then label, among nodes
-    with an edge; unreachable nodes count as one hop past the farthest)."""
+    with an edge; unreachable nodes count as one hop past the farthest).  Exact fractions, so that
+    equal means tie (and keep the matching's orientation) instead of differing by a rounding."""
     N = G.number_of_nodes()
     src = min((u for u in G if G.degree(u) > 0), key=lambda u: (G.degree(u), u), default=0)
     dist = nx.single_source_shortest_path_length(G, src)
     far = max(dist.values()) + 1
-    total, size = [float(dist.get(u, far)) for u in range(N)], [1] * N
-    out = [total]
+    total, size = [dist.get(u, far) for u in range(N)], [1] * N
+    out = [[Fraction(x) for x in total]]
     for clusters in steps:
-        total = [sum(total[m] * size[m] for m in c) for c in clusters]
+        total = [sum(total[m] for m in c) for c in clusters]
         size = [sum(size[m] for m in c) for c in clusters]
-        total = [x / n for x, n in zip(total, size)]
-        out.append(total)
+        out.append([Fraction(x, n) for x, n in zip(total, size)])
     return out
 
 
@@ -332,7 +333,7 @@ def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy"
         if t > 0:
             nxt, children = [], []
             for lab in order:
-                kids = (sorted(steps[t - 1][lab], key=lambda c: reach[t - 1][c]) if matching == "aligned" else
+                kids = (sorted(steps[t - 1][lab], key=lambda c: reach[t - 1][c]) if matching == "aligned" else  # stable
                         sorted(steps[t - 1][lab], key=lambda c: (-sizes_bu[t - 1][c], -deg_bu[t - 1][c], c)))
                 children.append(list(range(len(nxt), len(nxt) + len(kids))))
                 nxt.extend(kids)
