@@ -40,6 +40,7 @@ a padding position, mask bits naming a missing child), so no probability is spen
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -66,6 +67,17 @@ def _bits(i: int, nbits: int) -> np.ndarray:
 
 class _LevelGraph:
     """Per-sample partial graph at the current level, with the stats the features need."""
+
+    @functools.cached_property
+    def parent_links(self) -> dict[tuple[int, int], int]:
+        """Sorted parent pair -> edges of this level joining their children (the level is fixed, so
+        every edge chunk of its expansion reads the same counts)."""
+        links: dict[tuple[int, int], int] = {}
+        for x, y in self.edges:
+            px, py = sorted((self.parent_of[x], self.parent_of[y]))
+            if px != py:
+                links[(px, py)] = links.get((px, py), 0) + 1
+        return links
 
     def __init__(self, n: int, edges: list[tuple[int, int]], parent_split: list[int], child_rank: list[int],
                  parent_of: list[int]):
@@ -472,12 +484,6 @@ class GraphDecodeState:
                 Af[a, c] = Af[c, a] = 1.0
             degf, A2f = Af.sum(1), Af @ Af
             faces = (_face_sets(nf, self.fine[b]) if tok.face_features and k == tok.K - 2 else None)
-            links: dict[tuple[int, int], int] = {}  # parent pair -> edges of this level joining their children
-            if tok.parent_links:
-                for x, y in g.edges:
-                    px, py = sorted((g.parent_of[x], g.parent_of[y]))
-                    if px != py:
-                        links[(px, py)] = links.get((px, py), 0) + 1
             for p, j in enumerate(range(chunk, len(g.edges), C)):
                 if p >= n_pos:
                     break
@@ -501,7 +507,7 @@ class GraphDecodeState:
                 if tok.parent_links:
                     pu, pv = sorted((g.parent_of[u], g.parent_of[v]))
                     if pu != pv:
-                        X[b, p, tok._links_at + min(links[(pu, pv)], 2) - 1] = 1.0
+                        X[b, p, tok._links_at + min(g.parent_links[(pu, pv)], 2) - 1] = 1.0
         return torch.from_numpy(X).to(self.device)
 
     # ---- which tokens are valid
