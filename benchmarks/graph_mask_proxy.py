@@ -16,6 +16,14 @@ Scores: share of masks right, share of mask bits right, and share of grids whose
 are all right (a grid needs every one), per level (counted from the top, as the tokenizer's scales)
 and split into grids whose sides are both powers of two and the others.
 
+Next to the lookup, two measures of how regular the levels are (key ``regularity``, per level and over
+all levels, on the test grids and on all 100): the share of clusters that are rectangles of the
+lattice (a block of finest nodes; an L-shaped cluster is not), and the share of lattice edges between
+two clusters that run *backwards*: from the cluster later in tree order to the earlier one, going away
+from the corner where the tree order starts.  Along such an edge the tree order runs against the
+lattice, so the masks there are the "other" one at every level below.  Also the share of grids with no
+backwards edge at any level.
+
     python -m benchmarks.graph_mask_proxy --matching aligned --out benchmarks/results/graph/order/proxy_aligned.json
 
 ``--samples DIR`` instead scores a model: ``DIR`` is the dataset folder of an
@@ -94,6 +102,45 @@ def edge_records(G: nx.Graph, levels: list[Level]) -> list[dict]:
                             direction=(k, against(u, axis), against(v, axis)),
                             coarse=(k, sib, links, SPLIT_TOKEN[split[u]], SPLIT_TOKEN[split[v]])))
     return out
+
+
+def regularity_records(G: nx.Graph, levels: list[Level]) -> list[dict]:
+    """Per level with at least two nodes: its clusters, how many are rectangles of the lattice, the lattice
+    edges between two of its clusters and how many of them run backwards (see the module docstring)."""
+    G = nx.convert_node_labels_to_integers(G)
+    finest = levels[-1]
+    iso = nx.vf2pp_isomorphism(nx.Graph(finest.edges), G)
+    xy = grid_coordinates(G)[[iso[i] for i in range(finest.n)]].astype(int)
+    corners = xy[[G.degree(iso[i]) == 2 for i in range(finest.n)]]
+    start = corners[np.abs(corners - xy[0]).sum(1).argmin()]  # the corner where the tree order starts
+    pos = np.abs(xy - start)
+    at = {tuple(p): i for i, p in enumerate(pos)}
+    steps = [(at[tuple(p)], at[(p[0] + dx, p[1] + dy)]) for p in pos for dx, dy in ((1, 0), (0, 1))
+             if (p[0] + dx, p[1] + dy) in at]  # (nearer, farther) finest nodes of every lattice edge
+    out = []
+    for k, (m, lvl) in enumerate(zip(assignments(levels), levels)):
+        if lvl.n < 2:
+            continue
+        rect = 0
+        for c in range(lvl.n):
+            p = pos[m == c]
+            rect += int(np.prod(p.max(0) - p.min(0) + 1)) == len(p)
+        crossing = [(m[a], m[b]) for a, b in steps if m[a] != m[b]]
+        out.append({"level": k, "clusters": lvl.n, "rectangles": rect, "crossing": len(crossing),
+                    "backwards": sum(a > b for a, b in crossing)})
+    return out
+
+
+def regularity(records: list[list[dict]], K: int) -> dict:
+    """Aggregate of :func:`regularity_records` over grids: per level and over all levels."""
+    def agg(rs: list[dict]) -> dict:
+        clusters, crossing = sum(r["clusters"] for r in rs), sum(r["crossing"] for r in rs)
+        return {"clusters": clusters, "rectangles": sum(r["rectangles"] for r in rs) / clusters if clusters else None,
+                "crossing": crossing, "backwards": sum(r["backwards"] for r in rs) / crossing if crossing else None}
+    flat = [r for rs in records for r in rs]
+    return {"grids": len(records), "overall": agg(flat),
+            "per_level": {str(k): agg([r for r in flat if r["level"] == k]) for k in range(1, K)},
+            "grids_without_backwards_edges": float(np.mean([not any(r["backwards"] for r in rs) for rs in records]))}
 
 
 def fit_lookup(records: list[dict], key: str) -> tuple[dict, dict]:
@@ -182,13 +229,16 @@ def main(argv=None) -> None:
     data = make_dataset("grid", seed=args.seed)
     K = num_levels_for(max(G.number_of_nodes() for s in data.values() for G in s))
     recs: dict[str, list[list[dict]]] = {}
+    regs: dict[str, list[list[dict]]] = {}
     shapes: dict[str, list[tuple[int, int]]] = {}
     for split in ("train", "test"):
-        recs[split], shapes[split] = [], []
+        recs[split], regs[split], shapes[split] = [], [], []
         for G in data[split]:
             xy = grid_coordinates(G)
             shapes[split].append(tuple(int(s) + 1 for s in xy.max(0)))
-            recs[split].append(edge_records(G, coarsen(G, K, args.matching)))
+            levels = coarsen(G, K, args.matching)
+            recs[split].append(edge_records(G, levels))
+            regs[split].append(regularity_records(G, levels))
     train = [r for rs in recs["train"] for r in rs]
     result: dict = {"matching": args.matching, "num_levels": K,
                     "test_shapes": [list(s) for s in shapes["test"]], "keys": {}}
@@ -221,6 +271,13 @@ def main(argv=None) -> None:
             e = entry[f"train+test/{name}"]
             print(f"  train+test, {name}: {e['grids']} grids, masks right {e['overall']['mask_right']:.3f}, "
                   f"bits {e['overall']['bit_right']:.3f}, all finest right {e['grids_with_all_finest_masks_right']:.2f}")
+    result["regularity"] = {"test": regularity(regs["test"], K), "train+test": regularity(regs["train"] + regs["test"], K)}
+    for where, r in result["regularity"].items():
+        print(f"{args.matching} regularity, {where} ({r['grids']} grids): clusters that are rectangles "
+              f"{r['overall']['rectangles']:.3f}, lattice edges between clusters running backwards "
+              f"{r['overall']['backwards']:.3f}, grids without any {r['grids_without_backwards_edges']:.2f}")
+        print("  per level (rectangles / backwards): " + ", ".join(
+            f"{k}: {v['rectangles']:.2f} / {v['backwards']:.3f}" for k, v in r["per_level"].items() if v["clusters"]))
     if args.out:
         write_result_json(args.out, result, started)
         print("wrote", args.out)
