@@ -19,9 +19,11 @@ A leftover pair shares no edge, so its level is not a minor of the graph: with g
 matching most coarse levels of a planar (Delaunay) graph are not planar; with
 ``matching="max"`` on the planar training set every level is.
 
-``matching="aligned"`` lines pairs up, so that lattices coarsen into lattices.  Nodes are visited
-from a frontier (the unmatched neighbours of the pairs formed so far, first in first out; the static
-order above only seeds a new region), and each is matched with the unmatched neighbour ranked first by
+``matching="aligned"`` lines pairs up, so that lattices coarsen into lattices.  Every node of the
+graph has a hop distance from one source node (the first of the static order: least degree, then
+label, among nodes with an edge; a corner on a grid), every cluster the mean over its nodes.  The
+matching visits the nodes of a level by that mean distance, nearest the source first (ties in the
+static order), and matches each unmatched node with the unmatched neighbour ranked first by
 
 * *child links* (most first): edges of the level below joining the two clusters' children, i.e.
   the bits of the mask that will say which children are joined;
@@ -31,17 +33,24 @@ order above only seeds a new region), and each is matched with the unmatched nei
   other, i.e. triangles the new pair would close in the coarse graph;
 * then edge weight and the greedy tie-breaks.
 
-The first pair is tried with every neighbour of the first node, and the matching kept is the one
-with the fewest unmatched nodes, then the most child links inside pairs, then the fewest coarse
-triangles, then the most weight inside pairs.  On a 2-D grid the first pair is a domino at a corner,
-along an even side; the ladder rule stacks dominoes beside it and the triangle rule makes the next
-strip continue in line instead of turning, so an ``r x 2c`` grid coarsens into an ``r x c`` grid.
-Its edges across the dominoes join two child pairs, so the next step pairs across them: directions
-alternate, and a ``2^a x 2^b`` grid is a grid at every level.  (Where the side to halve is odd, the
-level gets one irregular row or column.)
+The first pair is the nearest node with each of its neighbours in turn, and the matching kept is the
+one with the fewest unmatched nodes, then the most child links inside pairs, then the fewest coarse
+triangles, then the fewest edges *against the distance order* (an edge whose nearer endpoint falls in
+the farther of the two new clusters: the tree order would run backwards along it, as around an
+L-shaped cluster wrapped about its neighbour), then the most weight inside pairs.  On a 2-D grid the
+first pair is a domino at the source corner; the ladder rule stacks dominoes beside it and the
+triangle rule makes the next strip continue in line instead of turning, so an ``r x 2c`` grid
+coarsens into an ``r x c`` grid.  Its edges across the dominoes join two child pairs, so the next step
+pairs across them: directions alternate, and a ``2^a x 2^b`` grid is a grid at every level.  Because
+the visits sweep away from the source, every line of the lattice is paired from its end nearer the
+source: where the side to halve is odd, the node left over in each line is the farthest one, and the
+leftovers form one row or column at the far side, paired along it.  The level is then a lattice of
+rectangular clusters with one strip along its far side.  (Growing the matching from a frontier
+instead, first in first out, let fronts from different directions meet with opposite parities and left
+interlocking L-shaped clusters wherever a side was odd.)
 
-The two children of an aligned pair are ordered by their nodes' mean hop distance from one source
-node of the graph (the first of the static order: least degree, then label), nearer first; a tie keeps
+The two children of an aligned pair are ordered by the same mean distance from the source, nearer
+first; a tie keeps
 the orientation the matching gave them (like the pairs it lines up with: beside ``(a, b)`` the node
 next to ``a`` takes ``a``'s place, in line after it the other place).  On a grid the source is a
 corner, so the first child is the one nearer that corner at every level, odd ones included: the
@@ -60,7 +69,6 @@ The decoder rebuilds the same order from the tokens alone.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -87,8 +95,10 @@ MATCHINGS = ("greedy", "max", "aligned")
 
 
 def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
-                matching: str = "greedy", links: dict[tuple[int, int], int] | None = None) -> list[list[int]]:
-    """One coarsening step on a weighted graph; returns clusters (lists of 1 or 2 fine nodes)."""
+                matching: str = "greedy", links: dict[tuple[int, int], int] | None = None,
+                near: list[Fraction] | None = None) -> list[list[int]]:
+    """One coarsening step on a weighted graph; returns clusters (lists of 1 or 2 fine nodes).
+    ``near`` (``matching="aligned"`` only): every node's mean hop distance from the source node."""
     nbrs: list[dict[int, int]] = [dict() for _ in range(n)]
     for (u, v), x in w.items():
         nbrs[u][v] = x
@@ -106,7 +116,9 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
         lk: list[dict[int, int]] = [{} for _ in range(n)]
         for (u, v), x in (links if links is not None else w).items():
             lk[u][v] = lk[v][u] = x
-        mate, lead = _aligned_matching(nbrs, lk, size, order)
+        rank = {u: i for i, u in enumerate(order)}
+        sweep = sorted(range(n), key=lambda u: (near[u], rank[u]))  # nearest the source first
+        mate, lead = _aligned_matching(nbrs, lk, size, near, sweep)
     for u in order:
         if mate[u] >= 0:
             continue
@@ -149,19 +161,20 @@ def _match_step(n: int, w: dict[tuple[int, int], int], size: list[int],
 
 
 def _aligned_matching(nbrs: list[dict[int, int]], links: list[dict[int, int]], size: list[int],
-                      order: list[int]) -> tuple[list[int], list[bool | None]]:
-    """``matching="aligned"``: the mate of every node (``-1``: unmatched) of a maximal matching grown
-    from a frontier, and for every matched node whether it is its pair's first child (see the module
-    docstring).  The first pair is tried with every neighbour of the first node; the matching kept is
-    the one with the fewest unmatched nodes, then the most child links inside pairs, then the fewest
-    coarse triangles, then the most weight inside pairs."""
+                      near: list[Fraction], order: list[int]) -> tuple[list[int], list[bool | None]]:
+    """``matching="aligned"``: the mate of every node (``-1``: unmatched) of a maximal matching that
+    visits the nodes in ``order`` (nearest the source first), and for every matched node whether it is
+    its pair's first child (see the module docstring).  The first pair is tried with every neighbour of
+    the first node; the matching kept is the one with the fewest unmatched nodes, then the most child
+    links inside pairs, then the fewest coarse triangles, then the fewest edges against the distance
+    order, then the most weight inside pairs (:func:`_matching_score`)."""
     seed = next((u for u in order if nbrs[u]), None)
     if seed is None:
         return [-1] * len(nbrs), [None] * len(nbrs)
     best, best_score = None, None
     for first in sorted(nbrs[seed]):
         mate, lead = _grow_aligned(nbrs, links, size, order, (seed, first))
-        score = _matching_score(nbrs, links, mate)
+        score = _matching_score(nbrs, links, mate, size, near)
         if best_score is None or score < best_score:
             best, best_score = (mate, lead), score
     return best
@@ -169,9 +182,9 @@ def _aligned_matching(nbrs: list[dict[int, int]], links: list[dict[int, int]], s
 
 def _grow_aligned(nbrs: list[dict[int, int]], links: list[dict[int, int]], size: list[int], order: list[int],
                   first: tuple[int, int]) -> tuple[list[int], list[bool | None]]:
-    """A maximal matching that starts with the pair ``first`` and grows from a frontier, partners
-    ranked by (child links, ladder, -triangles, edge weight, the greedy tie-breaks); and which node
-    of each pair is its first child (``lead``), oriented like the pairs it lines up with."""
+    """A maximal matching that starts with the pair ``first`` and then visits the nodes in ``order``,
+    partners ranked by (child links, ladder, -triangles, edge weight, the greedy tie-breaks); and which
+    node of each pair is its first child (``lead``), oriented like the pairs it lines up with."""
     mate = [-1] * len(nbrs)
     lead: list[bool | None] = [None] * len(nbrs)
 
@@ -204,12 +217,11 @@ def _grow_aligned(nbrs: list[dict[int, int]], links: list[dict[int, int]], size:
                     inline -= sign * first_a
         return (beside or inline or 1) > 0
 
-    frontier: deque[int] = deque()
-    seeds = iter(order)
+    visits = iter(order)
     pair: tuple[int, int] | None = first
     while True:
         if pair is None:
-            u = frontier.popleft() if frontier else next(seeds, None)
+            u = next(visits, None)
             if u is None:
                 return mate, lead
             if mate[u] >= 0:
@@ -222,45 +234,45 @@ def _grow_aligned(nbrs: list[dict[int, int]], links: list[dict[int, int]], size:
         lead[u] = pair == first or u_leads(u, v)
         lead[v] = not lead[u]
         mate[u], mate[v] = v, u
-        frontier.extend(x for x in (*sorted(nbrs[u]), *sorted(nbrs[v])) if mate[x] < 0)
         pair = None
 
 
-def _matching_score(nbrs: list[dict[int, int]], links: list[dict[int, int]],
-                    mate: list[int]) -> tuple[int, int, int, int]:
-    """(unmatched nodes, -child links inside pairs, triangles of the coarse graph, -weight inside
-    pairs): lower is better."""
+def _matching_score(nbrs: list[dict[int, int]], links: list[dict[int, int]], mate: list[int],
+                    size: list[int], near: list[Fraction]) -> tuple[int, int, int, int, int]:
+    """(unmatched nodes, -child links inside pairs, triangles of the coarse graph, edges against the
+    distance order, -weight inside pairs): lower is better.  An edge ``(u, v)`` between two clusters
+    is against the distance order when ``u`` is nearer the source than ``v`` (``near``) but its
+    cluster is farther than ``v``'s (the clusters' means weighted by ``size``); it counts its weight,
+    the number of edges of the finest level it stands for.  Such an edge makes the tree order run
+    backwards along it: an L-shaped cluster wrapped around its neighbour."""
     cluster = [min(u, m) if m >= 0 else u for u, m in enumerate(mate)]
+    members = [[u] if m < 0 else [u, m] for u, m in enumerate(mate)]
+    mean = [sum(near[x] * size[x] for x in members[c]) / sum(size[x] for x in members[c]) for c in cluster]
     coarse: dict[int, set[int]] = {}
-    inside = inside_links = 0
+    inside = inside_links = backwards = 0
     for u, nb in enumerate(nbrs):
         for v, x in nb.items():
             a, b = cluster[u], cluster[v]
             if a != b:
                 coarse.setdefault(a, set()).add(b)
+                if u < v and (near[u] - near[v]) * (mean[u] - mean[v]) < 0:
+                    backwards += x
             elif u < v:
                 inside += x
                 inside_links += links[u][v]
     triangles = sum(len(coarse[a] & coarse.get(b, set())) for a in coarse for b in coarse[a] if a < b) // 3
-    return sum(m < 0 for m in mate), -inside_links, triangles, -inside
+    return sum(m < 0 for m in mate), -inside_links, triangles, backwards, -inside
 
 
-def _mean_distances(G: nx.Graph, steps: list[list[list[int]]]) -> list[list[Fraction]]:
-    """``matching="aligned"``: per bottom-up level, the mean hop distance of every cluster's nodes from
-    one source node of ``G`` (the first of the static order: least degree, then label, among nodes
-    with an edge; unreachable nodes count as one hop past the farthest).  Exact fractions, so that
-    equal means tie (and keep the matching's orientation) instead of differing by a rounding."""
-    N = G.number_of_nodes()
+def _source_distances(G: nx.Graph) -> list[int]:
+    """``matching="aligned"``: every node's hop distance from one source node of ``G`` (the first of
+    the static order: least degree, then label, among nodes with an edge; unreachable nodes count as
+    one hop past the farthest).  A cluster's mean over its nodes (an exact fraction, so that equal
+    means tie instead of differing by a rounding) orders the matching's visits and the children."""
     src = min((u for u in G if G.degree(u) > 0), key=lambda u: (G.degree(u), u), default=0)
     dist = nx.single_source_shortest_path_length(G, src)
     far = max(dist.values()) + 1
-    total, size = [dist.get(u, far) for u in range(N)], [1] * N
-    out = [[Fraction(x) for x in total]]
-    for clusters in steps:
-        total = [sum(total[m] for m in c) for c in clusters]
-        size = [sum(size[m] for m in c) for c in clusters]
-        out.append([Fraction(x, n) for x, n in zip(total, size)])
-    return out
+    return [dist.get(u, far) for u in range(G.number_of_nodes())]
 
 
 def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy") -> list[Level]:
@@ -286,8 +298,11 @@ def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy"
     n, size = N, [1] * N
     steps: list[list[list[int]]] = []  # steps[t] clusters of level t (fine ids of level t)
     level_w = [w]
+    if matching == "aligned":  # total distance from the source of every cluster's nodes, per level
+        total = _source_distances(G)
+        reach = [[Fraction(x) for x in total]]
     while n > 1:
-        clusters = _match_step(n, w, size, matching, links)
+        clusters = _match_step(n, w, size, matching, links, reach[-1] if matching == "aligned" else None)
         assign = np.empty(n, dtype=np.int64)
         for c, members in enumerate(clusters):
             assign[members] = c
@@ -300,6 +315,9 @@ def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy"
                 nw[key] = nw.get(key, 0) + x
                 links[key] = links.get(key, 0) + 1
         size = [sum(size[m] for m in members) for members in clusters]
+        if matching == "aligned":
+            total = [sum(total[m] for m in members) for members in clusters]
+            reach.append([Fraction(x, s) for x, s in zip(total, size)])
         steps.append(clusters)
         w, n = nw, len(clusters)
         level_w.append(w)
@@ -322,8 +340,6 @@ def coarsen(G: nx.Graph, num_levels: int | None = None, matching: str = "greedy"
             d[v] += 1
         deg_bu.append(d)
     T = len(steps)
-    if matching == "aligned":
-        reach = _mean_distances(G, steps)
     order = [0]  # tree order of the root level, as bottom-up labels
     levels: list[Level] = []
     for t in range(T, -1, -1):
