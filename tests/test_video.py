@@ -419,6 +419,18 @@ def test_guidance_ramp_restarts_with_every_frame():
     assert torch.equal(torch.cat(out.indices, 1), guided.argmax(-1))
 
 
+def test_every_frame_refines_its_scales_with_the_phi_of_their_place_in_its_pyramid():
+    """The quantizer picks scale k's phi by ``schedule.progress(k)``: with one pyramid per frame,
+    frame t's coarsest scale is refined like frame 0's coarsest (catches phi picked by ``k / (K - 1)``
+    over the whole video, which gave each frame one phi for all of its scales)."""
+    tok = tiny_tokenizer("frame")
+    s, phi = tok.schedule, tok.quantizer.phi
+    n = s.scales_per_frame
+    first = [phi.index(k) for k in range(n)]
+    assert len(set(first)) == n
+    assert [phi.index(k) for k in range(len(s))] == first * (len(s) // n)
+
+
 def test_sampling_is_reproducible_with_a_seed():
     tok = tiny_tokenizer("joint")
     model = tiny_transformer(tok, num_classes=3)
