@@ -99,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="a trained VideoTokenizer (a save_pretrained folder, e.g. OUT/pipeline/tokenizer) to use instead of training one")
     p.add_argument("--tok-channels", type=int, nargs="+", default=None,
                    help="tokenizer widths, one per stage + 1 (default 16 32 64, then 64 per extra stage)")
-    p.add_argument("--tok-steps", type=int, default=600)
+    p.add_argument("--tok-steps", type=int, default=1200)
     p.add_argument("--tok-batch", type=int, default=16)
     p.add_argument("--tok-lr", type=float, default=2e-3)
     p.add_argument("--time-upsample", default="depth", choices=["depth", "repeat"],
