@@ -104,9 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tok-lr", type=float, default=2e-3)
     p.add_argument("--time-upsample", default="depth", choices=["depth", "repeat"],
                    help="decoder time upsampling: depth (each frame of a latent group its own features) or repeat (nearest)")
-    p.add_argument("--time-stages", default="fine", choices=list(TIME_STAGES),
-                   help="which tokenizer stages resample time: 'fine' (the decoder upsamples time at full resolution) "
-                        "or 'coarse' (first, so every frame of a latent group passes the decoder's space-time convs)")
+    p.add_argument("--time-stages", default="coarse", choices=list(TIME_STAGES),
+                   help="which tokenizer stages resample time: 'coarse' (default: the decoder upsamples time first, "
+                        "so every frame of a latent group passes its space-time convs) or 'fine' (last, at full resolution)")
     p.add_argument("--tok-motion-weight", type=float, default=1.0,
                    help="weight of an L1 loss on frame differences (x[t+1] - x[t]) in the tokenizer's training loss")
     p.add_argument("--tok-layout", type=int, default=0, metavar="SIDE",
