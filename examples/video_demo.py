@@ -55,6 +55,7 @@ from benchmarks.common import write_result_json
 from msar.training import (TokenDataset, TransformerTrainConfig, TransformerTrainer, VQVAETrainConfig, VQVAETrainer,
                            build_loader, collate_tokens)
 from modalities.video.schedules import FRAME_CODINGS, FRAME_INPUTS, build_schedule
+from modalities.video.tokenizer import TIME_STAGES
 from modalities.video import (MovingDigits, VideoTokenizerConfig, VideoTokenizer, box_mask, fill_unknown,
                               frame_prediction_mask, interpolation_mask, video_known_masks)
 from modalities.video import metrics as vm
@@ -98,11 +99,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="a trained VideoTokenizer (a save_pretrained folder, e.g. OUT/pipeline/tokenizer) to use instead of training one")
     p.add_argument("--tok-channels", type=int, nargs="+", default=None,
                    help="tokenizer widths, one per stage + 1 (default 16 32 64, then 64 per extra stage)")
-    p.add_argument("--tok-steps", type=int, default=600)
+    p.add_argument("--tok-steps", type=int, default=1200)
     p.add_argument("--tok-batch", type=int, default=16)
     p.add_argument("--tok-lr", type=float, default=2e-3)
     p.add_argument("--time-upsample", default="depth", choices=["depth", "repeat"],
                    help="decoder time upsampling: depth (each frame of a latent group its own features) or repeat (nearest)")
+    p.add_argument("--time-stages", default="coarse", choices=list(TIME_STAGES),
+                   help="which tokenizer stages resample time: 'coarse' (default: the decoder upsamples time first, "
+                        "so every frame of a latent group passes its space-time convs) or 'fine' (last, at full resolution)")
     p.add_argument("--tok-motion-weight", type=float, default=1.0,
                    help="weight of an L1 loss on frame differences (x[t+1] - x[t]) in the tokenizer's training loss")
     p.add_argument("--tok-layout", type=int, default=0, metavar="SIDE",
@@ -335,6 +339,7 @@ def main(argv=None) -> dict:
         args.space_stride, args.tok_channels = cfg.space_stride, list(cfg.channels)
         args.quantizer, args.latent_dim = cfg.quantizer, cfg.latent_dim
         args.time_upsample, args.frame_coding = cfg.time_upsample, cfg.frame_coding
+        args.time_stages = cfg.time_stages
         if args.sides is not None and build_schedule(cfg.schedule, cfg.latent_shape, args.sides) != tok.schedule:
             raise ValueError(f"--sides {args.sides}: --tokenizer {args.tokenizer} was trained with other scales, "
                              f"{tok.schedule} (the scales are part of its codes)")
@@ -348,6 +353,7 @@ def main(argv=None) -> dict:
                                    time_stride=args.time_stride, space_stride=args.space_stride, schedule=args.schedule,
                                    quantizer=args.quantizer, latent_dim=args.latent_dim,
                                    channels=tuple(args.tok_channels), time_upsample=args.time_upsample,
+                                   time_stages=args.time_stages,
                                    sides=args.sides, frame_coding=args.frame_coding, frame_input=args.frame_input or "own",
                                    coord_input=args.tok_layout > 0,
                                    layout_side=args.tok_layout)

@@ -67,7 +67,7 @@ class GridPyramid:
     """
 
     def __init__(self, schedule: ScaleSchedule | Sequence, up_mode: str | None = None, down_mode: str = "area"):
-        self.schedule = ScaleSchedule(schedule)
+        self.schedule = ScaleSchedule.coerce(schedule)
         if any(not self.schedule.is_grid(k) for k in range(len(self.schedule))):
             raise ValueError(f"GridPyramid needs grid scales only, got {self.schedule}; use OperatorPyramid for token counts")
         rank = self.schedule.rank
@@ -122,7 +122,7 @@ class OperatorPyramid:
 
     def __init__(self, schedule: ScaleSchedule | Sequence, restrict_ops: Sequence[torch.Tensor],
                  prolong_ops: Sequence[torch.Tensor]):
-        self.schedule = ScaleSchedule(schedule)
+        self.schedule = ScaleSchedule.coerce(schedule)
         K = len(self.schedule)
         if len(restrict_ops) != K or len(prolong_ops) != K:
             raise ValueError(f"expected {K} restriction and prolongation operators, got {len(restrict_ops)} and {len(prolong_ops)}")
@@ -156,7 +156,7 @@ class OperatorPyramid:
         ``allow_empty=True`` when empty clusters are intended (e.g. padding of a batch of
         hierarchies of different sizes); they then restrict to zero.
         """
-        schedule = ScaleSchedule(schedule)
+        schedule = ScaleSchedule.coerce(schedule)
         if len(assignments) != len(schedule):
             raise ValueError(f"expected {len(schedule)} assignments (one per scale of {schedule}), got {len(assignments)}")
         R_ops, P_ops = [], []

@@ -79,23 +79,36 @@ class NeighbourhoodPhi(nn.Module):
 class PhiBank(nn.Module):
     """The set of phi convolutions and VAR's rule for which one serves scale k.
 
-    ``share``: 0 = one per scale (``num`` of them, default K), 1 = one shared by
+    ``share``: 0 = one per place in the pyramid (``num`` of them, default: the distinct
+    ``progress`` values, K for a single pyramid), 1 = one shared by
     all scales, n > 1 = n partially shared.  ``ratio == 0`` disables phi entirely.
     For n convs VAR places ticks at ``linspace(1/3n, 1 - 1/3n, n)`` when n == 4 and
-    ``linspace(1/2n, 1 - 1/2n, n)`` otherwise; scale k of K uses the conv whose
-    tick is nearest to ``k / (K - 1)``.  ``neighbourhood`` ``(N, N)`` makes every phi a
-    :class:`NeighbourhoodPhi` (latents without a grid) instead of a convolution.
+    ``linspace(1/2n, 1 - 1/2n, n)`` otherwise; scale k uses the conv whose tick is
+    nearest to ``progress[k]``, the scale's place in its pyramid from 0 (coarsest) to 1
+    (finest): :meth:`msar.ScaleSchedule.progress`, VAR's ``k / (K - 1)`` by default.  A
+    schedule of several pyramids (one per video frame) restarts it with every pyramid, so
+    the coarse scales of every frame share the coarse phi and the fine scales the fine
+    one, instead of each frame getting one phi for all its scales.  ``neighbourhood``
+    ``(N, N)`` makes every phi a :class:`NeighbourhoodPhi` (latents without a grid)
+    instead of a convolution.
     """
 
     def __init__(self, dim: int, num_scales: int, share: int = 4, ratio: float = 0.5, rank: int = 2,
                  kernel_size: int | tuple[int, ...] = 3, num: int | None = None,
-                 neighbourhood: Optional[torch.Tensor] = None):
+                 neighbourhood: Optional[torch.Tensor] = None, progress: Optional[Sequence[float]] = None):
         super().__init__()
         if share < 0:
             raise ValueError(f"phi share must be >= 0 (0 = one per scale, 1 = shared, n = partially shared), got {share}")
+        if progress is None:  # VAR's single coarse-to-fine ramp
+            progress = [k / (num_scales - 1) if num_scales > 1 else 0.0 for k in range(num_scales)]
+        if len(progress) != num_scales or not all(0.0 <= float(p) <= 1.0 for p in progress):
+            raise ValueError(f"phi progress: expected {num_scales} values in [0, 1] (each scale's place in its "
+                             f"pyramid), got {list(progress)}")
         self.num_scales = num_scales
+        self.progress = [float(p) for p in progress]
         self.enabled = abs(ratio) > 1e-6
-        n = (num or num_scales) if share == 0 else share
+        # share 0: one per place in the pyramid (K for one pyramid; a frame's scales for per-frame ones)
+        n = (num or len(set(self.progress))) if share == 0 else share
         self.share = share
 
         def make() -> nn.Module:
@@ -110,8 +123,7 @@ class PhiBank(nn.Module):
         """Which conv serves scale k (of ``num_scales``)."""
         if self.share == 1:
             return 0
-        at = k / (self.num_scales - 1) if self.num_scales > 1 else 0.0
-        return int(np.argmin(np.abs(self.ticks - at)).item())
+        return int(np.argmin(np.abs(self.ticks - self.progress[k])).item())
 
     def forward(self, h: torch.Tensor, k: int) -> torch.Tensor:
         if not self.enabled:
@@ -190,8 +202,11 @@ class ResidualQuantizer(nn.Module):
         if phi_neighbourhood is not None and self.full_shape != (phi_neighbourhood.shape[0],):
             raise ValueError(f"phi_neighbourhood: expected an (N, N) operator with N = {self.full_shape} "
                              f"(the full latent), got {tuple(phi_neighbourhood.shape)}")
-        self.phi = PhiBank(dim, len(self.schedule), share=share_phi, ratio=phi_ratio, rank=rank,
-                           kernel_size=phi_kernel, num=num_phi, neighbourhood=phi_neighbourhood)
+        # the phi of scale k follows its place in its own pyramid (ScaleSchedule.progress)
+        K = len(self.schedule)
+        self.phi = PhiBank(dim, K, share=share_phi, ratio=phi_ratio, rank=rank, kernel_size=phi_kernel,
+                           num=num_phi, neighbourhood=phi_neighbourhood,
+                           progress=[self.schedule.progress(k) for k in range(K)] if K > 1 else None)
 
     def _init_usage(self, per_scale: tuple[int, ...]) -> None:
         """Register ``usage_ema`` ``(K, *per_scale)`` and ``usage_steps`` (after the subclass's

@@ -105,6 +105,12 @@ class ScaleSchedule:
     def __getitem__(self, k: int) -> Union[int, tuple[int, ...]]:
         return self.scales[k]
 
+    @staticmethod
+    def coerce(scales: "ScaleSchedule | Sequence[ScaleSpec]") -> "ScaleSchedule":
+        """``scales`` itself if it is a schedule (a subclass stays one: its ``progress`` and
+        ``coordinates`` are part of what it means), else ``ScaleSchedule(scales)``."""
+        return scales if isinstance(scales, ScaleSchedule) else ScaleSchedule(scales)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ScaleSchedule) and self.scales == other.scales
 
@@ -152,7 +158,8 @@ class ScaleSchedule:
         """How far scale k is along the coarse-to-fine pyramid, from 0 (coarsest) to 1 (finest).
 
         Samplers that ramp with the scale read it: VAR's linear guidance ``t_k = cfg * progress(k)``
-        and ``more_smooth``'s Gumbel temperature.  Here ``k / (K - 1)`` (1 for a single scale),
+        and ``more_smooth``'s Gumbel temperature; the quantizer picks scale k's phi convolution
+        by it (:class:`msar.PhiBank`).  Here ``k / (K - 1)`` (1 for a single scale),
         VAR's ramp.  Extension point: a schedule that lays out several pyramids one after
         another (per-frame video pyramids) overrides it so that the ramp restarts with every
         pyramid instead of running once over the whole sequence.

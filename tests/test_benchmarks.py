@@ -252,3 +252,20 @@ def test_legacy_allowlist_names_only_files_still_without_run():
         with open(path) as f:
             rec = json.load(f)
         assert not (isinstance(rec, dict) and "run" in rec), f"{rel} now records its run: remove it from the allowlist"
+
+
+def test_video_tokenizer_benchmark_scores_reconstructions_not_the_real_videos(tmp_path):
+    """A 3-step tokenizer reconstructs blobs: its identity scores must fall below the real videos'
+    (catches scoring the real videos twice), and the JSON carries the run's provenance."""
+    from benchmarks import video_tokenizer
+    out = tmp_path / "tok.json"
+    video_tokenizer.main(["--out", str(out), "--save", str(tmp_path / "tok"), "--", "--quick", "--threads", "1",
+                          "--num-train", "32", "--tok-steps", "3", "--classifier-steps", "150"])
+    rec = json.loads(out.read_text())
+    real, recon = rec["identity"]["real_test"], rec["identity"]["reconstructed_test"]
+    assert len(recon["frame_accuracy_per_frame"]) == 9
+    assert real["frame_accuracy"] > recon["frame_accuracy"] + 0.2
+    assert rec["reconstruction"]["psnr_db"] < 20 and rec["tokenizer"]["train_steps"] == 3
+    assert rec["run"]["wall_time_s"] > 0 and "commit" in rec["run"]
+    from modalities.video import VideoTokenizer
+    assert VideoTokenizer.from_pretrained(tmp_path / "tok").config.frames == 9

@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from msar import MultiScaleResidualQuantizer, OperatorPyramid, ResidualDecodeState, ScaleSchedule
+from msar import MultiScaleResidualQuantizer, OperatorPyramid, PhiBank, ResidualDecodeState, ScaleSchedule
 
 
 @st.composite
@@ -233,3 +233,35 @@ def test_pyramid_full_shape_may_differ_from_last_scale():
     b = q.upsample(q.lookup(torch.full((2, 1), 5), 0), 0)
     assert not torch.allclose(a[:, :, 0], b[:, :, 0])
     torch.testing.assert_close(a[:, :, 1], b[:, :, 1])
+
+
+class _TwoPyramids(ScaleSchedule):
+    """Two 3-scale pyramids one after another (as per-frame video schedules lay them out)."""
+
+    def progress(self, k: int) -> float:
+        return (k % 3) / 2
+
+
+def test_phi_follows_the_place_in_its_own_pyramid():
+    # the bug this catches: phi chosen by k / (K - 1) over the whole sequence, so the second
+    # pyramid's coarse scale got the fine phi (and a subclass's progress lost in GridPyramid)
+    sched = _TwoPyramids([(1, 1), (2, 2), (4, 4)] * 2)
+    single = MultiScaleResidualQuantizer(8, 2, [(1, 1), (2, 2), (4, 4)], share_phi=4)
+    q = MultiScaleResidualQuantizer(8, 2, sched, share_phi=4)
+    assert q.schedule is sched
+    want = [single.phi.index(k) for k in range(3)]
+    assert len(set(want)) == 3 and [q.phi.index(k) for k in range(6)] == want * 2
+    with torch.no_grad():
+        for i, conv in enumerate(q.phi.convs):
+            for p in conv.parameters():
+                p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(i)))
+    h = torch.randn(2, 2, 4, 4)
+    for k in range(3):  # the same place in either pyramid refines with the same conv
+        assert torch.equal(q.phi(h, k), q.phi(h, k + 3))
+    assert not torch.equal(q.phi(h, 0), q.phi(h, 2))
+    q0 = MultiScaleResidualQuantizer(8, 2, sched, share_phi=0)  # one per place in the pyramid
+    assert len(q0.phi.convs) == 3 and [q0.phi.index(k) for k in range(6)] == [0, 1, 2] * 2
+    with pytest.raises(ValueError, match="progress"):
+        PhiBank(8, 3, progress=[0.0, 0.5])
+    with pytest.raises(ValueError, match="progress"):
+        PhiBank(8, 3, progress=[0.0, 0.5, 1.5])

@@ -15,6 +15,7 @@ from modalities.video import (FramePyramid, FrameScaleSchedule, MovingDigits, Vi
                               frame_schedule, interpolation_mask, joint_schedule, make_pyramid,
                               pixel_to_latent_known, space_schedule, token_known_masks, video_known_masks)
 from modalities.video import metrics as vm
+from modalities.video.tokenizer import CausalUpsample
 
 
 def tiny_tokenizer(schedule: str = "joint", seed: int = 0, **kw) -> VideoTokenizer:
@@ -271,11 +272,11 @@ def test_coarser_latent_cuts_the_finest_scale_and_round_trips(quantizer):
     check_adapter(coarse, x, model=tiny_transformer(coarse, num_classes=3), labels=torch.tensor([0, 2]))
 
 
-@pytest.mark.parametrize("coding", ["intra", "delta"])
-def test_tokenizer_is_causal_in_time(coding):
+@pytest.mark.parametrize("coding,stages", [("intra", "fine"), ("delta", "fine"), ("intra", "coarse")])
+def test_tokenizer_is_causal_in_time(coding, stages):
     """Changing frames >= 3 changes neither the latent frames covering frames <= 2 nor,
     with the per-frame pyramid, their tokens and decoded frames."""
-    tok = tiny_tokenizer("frame", frame_coding=coding)
+    tok = tiny_tokenizer("frame", frame_coding=coding, time_stages=stages)
     x = tiny_videos(2)
     y = x.clone()
     y[:, :, 3:] = torch.rand_like(y[:, :, 3:]) * 2 - 1
@@ -287,6 +288,29 @@ def test_tokenizer_is_causal_in_time(coding):
         assert torch.equal(ix[k], iy[k])
     assert torch.allclose(tok.decode(ix)[:, :, :3], tok.decode(ix[:2 * per_frame] + iy[2 * per_frame:])[:, :, :3],
                           atol=1e-5)
+
+
+def test_time_stages_say_where_time_is_resampled(tmp_path):
+    """``time_stages="coarse"`` keeps every frame through the encoder's full-resolution stage and
+    has the decoder upsample time before its space-time convs; ``"fine"`` the other way round.
+    Either way the latent and the round trip have the same shapes, and the setting is saved."""
+    x = tiny_videos(2)
+    frames_after_first_stage = {}
+    for stages in ("fine", "coarse"):
+        tok = tiny_tokenizer("frame", time_stages=stages)
+        seen = []
+        hook = tok.encoder.stages[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[2]))
+        assert tok.encode_latent(x).shape[2:] == (3, 4, 4)
+        hook.remove()
+        frames_after_first_stage[stages] = seen[0]
+        dec = [m for m in tok.decoder.stages if isinstance(m, CausalUpsample)]
+        assert [m.time_factor for m in dec] == ([1, 2] if stages == "fine" else [2, 1])
+        assert tok.decode(tok.encode(x)).shape == x.shape
+        tok.save_pretrained(tmp_path / stages)
+        assert VideoTokenizer.from_pretrained(tmp_path / stages).config.time_stages == stages
+    assert frames_after_first_stage == {"fine": 3, "coarse": 5}
+    with pytest.raises(ValueError, match="time_stages"):
+        tiny_tokenizer("frame", time_stages="middle")
 
 
 def test_tokenizer_rejects_bad_input():
@@ -417,6 +441,18 @@ def test_guidance_ramp_restarts_with_every_frame():
     t = torch.tensor([cfg * s.progress(k) for k in range(len(s))]).repeat_interleave(torch.tensor(s.token_counts))
     guided = (1 + t)[:, None] * c - t[:, None] * u
     assert torch.equal(torch.cat(out.indices, 1), guided.argmax(-1))
+
+
+def test_every_frame_refines_its_scales_with_the_phi_of_their_place_in_its_pyramid():
+    """The quantizer picks scale k's phi by ``schedule.progress(k)``: with one pyramid per frame,
+    frame t's coarsest scale is refined like frame 0's coarsest (catches phi picked by ``k / (K - 1)``
+    over the whole video, which gave each frame one phi for all of its scales)."""
+    tok = tiny_tokenizer("frame")
+    s, phi = tok.schedule, tok.quantizer.phi
+    n = s.scales_per_frame
+    first = [phi.index(k) for k in range(n)]
+    assert len(set(first)) == n
+    assert [phi.index(k) for k in range(len(s))] == first * (len(s) // n)
 
 
 def test_sampling_is_reproducible_with_a_seed():

@@ -118,11 +118,16 @@ class CausalUpsample(nn.Module):
         return self.conv(x)
 
 
-def _stage_time_strides(time_stride: int, space_stride: int) -> list[int]:
-    """Spread the temporal stride over the spatial down stages (earliest first)."""
+TIME_STAGES = ("fine", "coarse")
+
+
+def _stage_time_strides(time_stride: int, space_stride: int, time_stages: str = "fine") -> list[int]:
+    """The encoder's time stride per spatial down stage, finest stage first: the factors of 2 go to
+    the finest stages (``"fine"``) or to the coarsest (``"coarse"``); the decoder mirrors it."""
     n_stages = int(round(math.log2(space_stride)))
     n_time = int(round(math.log2(time_stride)))
-    return [2 if i < n_time else 1 for i in range(n_stages)]
+    strides = [2 if i < n_time else 1 for i in range(n_stages)]
+    return strides if time_stages == "fine" else strides[::-1]
 
 
 class VideoEncoder(nn.Module):
@@ -137,11 +142,11 @@ class VideoEncoder(nn.Module):
     """
 
     def __init__(self, in_channels: int, channels: Sequence[int], latent_dim: int, time_stride: int, space_stride: int,
-                 coord_input: bool = False):
+                 coord_input: bool = False, time_stages: str = "fine"):
         super().__init__()
         self.coord_input = coord_input
         in_channels = in_channels + 2 * coord_input
-        strides = _stage_time_strides(time_stride, space_stride)
+        strides = _stage_time_strides(time_stride, space_stride, time_stages)
         if len(channels) != len(strides) + 1:
             raise ValueError(f"channels needs {len(strides) + 1} entries for space_stride {space_stride}, got {list(channels)}")
         # full resolution: a spatial-only conv (the costly resolution on CPU); time is mixed
@@ -167,9 +172,9 @@ class VideoDecoder(nn.Module):
     """``(B, D, T', H', W') -> (B, C_in, T, H, W)``, the mirror of :class:`VideoEncoder`."""
 
     def __init__(self, in_channels: int, channels: Sequence[int], latent_dim: int, time_stride: int, space_stride: int,
-                 time_upsample: str = "depth"):
+                 time_upsample: str = "depth", time_stages: str = "fine"):
         super().__init__()
-        strides = _stage_time_strides(time_stride, space_stride)[::-1]
+        strides = _stage_time_strides(time_stride, space_stride, time_stages)[::-1]
         ch = list(channels)[::-1]
         self.conv_in = nn.Sequential(CausalConv3d(latent_dim, ch[0]), ResBlock3d(ch[0]))
         stages = []
@@ -216,6 +221,10 @@ class VideoTokenizerConfig:
     # how the decoder upsamples time: "depth" (every frame of a group its own features) or
     # "repeat" (nearest; frames of a group come out nearly identical, see CausalUpsample)
     time_upsample: str = "depth"
+    # which stages resample time: "fine" (the encoder's first, full-resolution ones; the decoder
+    # upsamples time last, where its convs are spatial-only) or "coarse" (the encoder's last; the
+    # decoder upsamples time first, so every frame of a group passes through its space-time convs)
+    time_stages: str = "fine"
     # per-frame schedule only: "intra" (every frame quantized from scratch) or "delta" (each frame
     # quantized as its change from the previous frame's reconstruction; see FramePyramid)
     frame_coding: str = "intra"
@@ -257,6 +266,8 @@ class VideoTokenizerConfig:
                              f"got {self.height}x{self.width}")
         if self.time_upsample not in ("depth", "repeat"):
             raise ValueError(f"VideoTokenizerConfig.time_upsample must be 'depth' or 'repeat', got {self.time_upsample!r}")
+        if self.time_stages not in TIME_STAGES:
+            raise ValueError(f"VideoTokenizerConfig.time_stages must be one of {TIME_STAGES}, got {self.time_stages!r}")
         if self.frame_coding not in FRAME_CODINGS:
             raise ValueError(f"VideoTokenizerConfig.frame_coding must be one of {FRAME_CODINGS}, got {self.frame_coding!r}")
         if self.frame_coding == "delta" and self.schedule != "frame":
@@ -296,8 +307,10 @@ class VideoTokenizer(PretrainedMixin, MultiScaleVQTokenizer):
         quantizer = make_quantizer(c.quantizer, c.latent_dim, pyramid, vocab_size=c.vocab_size, share_phi=c.share_phi,
                                    phi_ratio=c.phi_ratio, beta=c.beta, phi_kernel=phi_kernel)
         super().__init__(
-            VideoEncoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride, c.coord_input),
-            VideoDecoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride, c.time_upsample),
+            VideoEncoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride, c.coord_input,
+                         c.time_stages),
+            VideoDecoder(c.in_channels, c.channels, c.latent_dim, c.time_stride, c.space_stride, c.time_upsample,
+                         c.time_stages),
             quantizer,
         )
         self.config = config
