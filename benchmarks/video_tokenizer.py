@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.common import write_result_json
 from examples import video_demo as vd
-from modalities.video import MovingDigits, VideoTokenizer, VideoTokenizerConfig
+from modalities.video import MovingDigits, VideoTokenizer
 from modalities.video import metrics as vm
 
 
@@ -55,11 +55,7 @@ def main(argv=None) -> dict:
         test = MovingDigits(vd.test_videos(d), num_frames=d.frames, size=d.size, seed=d.seed + 1, split="test")
         Xtr, Ytr = train.tensors()
         Xte, Yte = test.tensors()
-        cfg = VideoTokenizerConfig(frames=d.frames, height=d.size, width=d.size, vocab_size=d.vocab,
-                                   time_stride=d.time_stride, space_stride=d.space_stride, schedule=d.schedule,
-                                   quantizer=d.quantizer, latent_dim=d.latent_dim, channels=tuple(d.tok_channels),
-                                   time_upsample=d.time_upsample, time_stages=d.time_stages, sides=d.sides,
-                                   frame_coding=d.frame_coding, coord_input=d.tok_layout > 0, layout_side=d.tok_layout)
+        cfg = vd.tokenizer_config(d)
         tok = VideoTokenizer(cfg)
         t0 = time.time()
         vd.train_tokenizer(tok, Xtr, d, gen)

@@ -172,6 +172,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- training
+def tokenizer_config(args: argparse.Namespace) -> VideoTokenizerConfig:
+    """The tokenizer the demo's flags ask for (when no trained ``--tokenizer`` is given)."""
+    return VideoTokenizerConfig(frames=args.frames, height=args.size, width=args.size, vocab_size=args.vocab,
+                                time_stride=args.time_stride, space_stride=args.space_stride, schedule=args.schedule,
+                                quantizer=args.quantizer, latent_dim=args.latent_dim,
+                                channels=tuple(args.tok_channels), time_upsample=args.time_upsample,
+                                time_stages=args.time_stages, sides=args.sides, frame_coding=args.frame_coding,
+                                frame_input=args.frame_input or "own", coord_input=args.tok_layout > 0,
+                                layout_side=args.tok_layout)
+
+
 @torch.no_grad()
 def init_codebook_from_data(tok: VideoTokenizer, videos: torch.Tensor, gen: torch.Generator, n: int = 64) -> None:
     """Start every codeword at an encoder output so none begins far from the data (the usual
@@ -349,14 +360,7 @@ def main(argv=None) -> dict:
             cfg = tok.config
         args.frame_input = cfg.frame_input
     else:
-        cfg = VideoTokenizerConfig(frames=args.frames, height=args.size, width=args.size, vocab_size=args.vocab,
-                                   time_stride=args.time_stride, space_stride=args.space_stride, schedule=args.schedule,
-                                   quantizer=args.quantizer, latent_dim=args.latent_dim,
-                                   channels=tuple(args.tok_channels), time_upsample=args.time_upsample,
-                                   time_stages=args.time_stages,
-                                   sides=args.sides, frame_coding=args.frame_coding, frame_input=args.frame_input or "own",
-                                   coord_input=args.tok_layout > 0,
-                                   layout_side=args.tok_layout)
+        cfg = tokenizer_config(args)
         tok = VideoTokenizer(cfg)
     sched = tok.schedule
     print(f"latent {cfg.latent_shape}, schedule {cfg.schedule}: {len(sched)} scales, {sched.L} tokens; "
