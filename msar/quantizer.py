@@ -98,7 +98,8 @@ class PhiBank(nn.Module):
                  neighbourhood: Optional[torch.Tensor] = None, progress: Optional[Sequence[float]] = None):
         super().__init__()
         if share < 0:
-            raise ValueError(f"phi share must be >= 0 (0 = one per scale, 1 = shared, n = partially shared), got {share}")
+            raise ValueError(f"phi share must be >= 0 (0 = one per place in the pyramid, 1 = one shared by all "
+                             f"scales, n > 1 = n partially shared), got {share}")
         if progress is None:  # VAR's single coarse-to-fine ramp
             progress = [k / (num_scales - 1) if num_scales > 1 else 0.0 for k in range(num_scales)]
         if len(progress) != num_scales or not all(0.0 <= float(p) <= 1.0 for p in progress):
