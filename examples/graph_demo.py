@@ -419,6 +419,11 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     for key in ("degree_tv", "clustering_tv", "orbit_tv", "spectral_tv"):
         print(f"  {key:14s} gen {g_mmd[key]:.4f}   train-vs-{args.eval_split} {b_mmd[key]:.4f}")
     print(f"  V.U.N. {v}")
+    mem = metrics["memorization"]
+    if mem["valid"]:
+        print(f"  valid samples: {mem['valid']} ({mem['distinct_valid']} distinct), {mem['in_train']:.0%} copies of a "
+              f"training graph, {mem['in_eval_only']:.0%} graphs of the {args.eval_split} split only, "
+              f"{mem['neither']:.0%} new")
     print(f"  levels: {node_count['level_sizes']['consistent']:.0%} of the samples have the level sizes of their "
           f"node count, {node_count['level_sizes']['short_levels']:.2f} levels per sample leave two or more nodes single")
     if "targets" in node_count:
