@@ -380,6 +380,22 @@ def test_vun_on_a_hand_made_planar_and_grid_set():
     assert r == {"validity": 0.5, "uniqueness": 1.0, "novelty": 0.75, "vun": 0.25, "connected": 0.75}
 
 
+def test_memorization_splits_valid_samples_into_train_copies_eval_only_and_new():
+    # catches: counting invalid samples, checking the evaluation split before the training one (a graph in
+    # both is a training copy), comparing labelled graphs instead of isomorphism classes, shares of all samples
+    from modalities.graph.metrics import memorization
+    relabelled = nx.relabel_nodes(_grid(3, 4), {i: 11 - i for i in range(12)})
+    bad = _grid(3, 5)
+    bad.remove_edge(0, 1)
+    bad.add_edge(0, 6)
+    gen = [relabelled, _grid(3, 4), _grid(2, 6), _grid(4, 4), _grid(2, 5), bad]
+    r = memorization(gen, train=[_grid(3, 4), _grid(2, 5)], test=[_grid(2, 6), _grid(2, 5)], dataset="grid")
+    assert r == {"valid": 5, "distinct_valid": 4, "in_train": 0.6, "in_eval_only": 0.2, "neither": 0.2}
+    assert memorization([bad], [_grid(3, 4)], [_grid(2, 6)], "grid")["in_train"] is None
+    # no validity check defined: every sample counts
+    assert memorization([nx.path_graph(3), nx.cycle_graph(4)], [nx.path_graph(3)], [], "sbm")["in_train"] == 0.5
+
+
 def test_structure_hook_draw_is_the_model_distribution_given_the_property():
     # catches: a rejection loop that does not renormalise (or redraws from the full distribution)
     from modalities.graph.constraints import StructureHook

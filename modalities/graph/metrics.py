@@ -357,6 +357,33 @@ def vun(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], dataset: Optio
                                                          for G in generated]))}
 
 
+def memorization(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test: Sequence[nx.Graph],
+                 dataset: Optional[str] = None) -> dict[str, float | int | None]:
+    """Where the valid samples come from: the share of them isomorphic to a training graph, to a graph
+    of the evaluation split only, or to neither (new), and how many distinct graphs they are.
+
+    On a dataset that holds every graph of its family in some split (grid: every side 10-19), a valid
+    sample is either a copy of a training graph or a graph of the evaluation split; only the second is
+    generalisation.  ``valid`` counts the samples that pass the dataset's check (all samples where
+    none is defined); the three shares are fractions of ``valid`` (None when nothing is valid)."""
+    check = VALIDITY.get(dataset) if dataset else None
+    train_set, test_set, distinct = IsoSet(train), IsoSet(test), IsoSet()
+    valid = in_train = in_test_only = 0
+    for G in generated:
+        if check is not None and not check(G):
+            continue
+        valid += 1
+        distinct.add(G)
+        if G in train_set:
+            in_train += 1
+        elif G in test_set:
+            in_test_only += 1
+    share = (lambda c: c / valid) if valid else (lambda c: None)
+    return {"valid": valid, "distinct_valid": sum(len(b) for b in distinct.buckets.values()),
+            "in_train": share(in_train), "in_eval_only": share(in_test_only),
+            "neither": share(valid - in_train - in_test_only)}
+
+
 def evaluate(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test: Sequence[nx.Graph],
              dataset: Optional[str] = None) -> dict:
     """Everything for a metrics JSON: MMDs of generated vs test, the train-vs-test baseline, V.U.N."""
@@ -369,6 +396,8 @@ def evaluate(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test: Seq
         # DiGress-style ratio: generated-vs-test MMD over train-vs-test MMD (1 = as close as the training set)
         "mmd_ratio": {k: (gen[k] / base[k] if base[k] > 0 else None) for k in gen},
         "vun": vun(generated, train, dataset),
+        # valid samples that copy a training graph / are a graph of the evaluation split only / are new
+        "memorization": memorization(generated, train, test, dataset),
         "num_generated": len(generated), "num_test": len(test), "num_train": len(train),
         "mean_nodes_generated": float(np.mean([G.number_of_nodes() for G in generated])),
         "mean_nodes_test": float(np.mean([G.number_of_nodes() for G in test])),
