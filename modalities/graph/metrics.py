@@ -265,21 +265,26 @@ def is_simple_undirected(G: nx.Graph) -> bool:
     return isinstance(G, nx.Graph) and not G.is_directed() and not G.is_multigraph() and nx.number_of_selfloops(G) == 0
 
 
-def is_grid(G: nx.Graph) -> bool:
-    """Isomorphic to a 2-D grid ``a x b`` (a, b >= 2) with ``a * b = n``."""
+def grid_sides(G: nx.Graph) -> Optional[tuple[int, int]]:
+    """``(a, b)`` with ``2 <= a <= b`` when ``G`` is isomorphic to the 2-D grid ``a x b``, else None."""
     n, m = G.number_of_nodes(), G.number_of_edges()
     if n < 4 or not nx.is_connected(G):
-        return False
+        return None
     degs = sorted(d for _, d in G.degree())
     if max(degs) > 4 or degs[:4] != [2, 2, 2, 2]:
-        return False
+        return None
     for a in range(2, int(np.sqrt(n)) + 1):
         if n % a:
             continue
         b = n // a
         if m == a * (b - 1) + b * (a - 1) and nx.is_isomorphic(G, nx.grid_2d_graph(a, b)):
-            return True
-    return False
+            return a, b
+    return None
+
+
+def is_grid(G: nx.Graph) -> bool:
+    """Isomorphic to a 2-D grid ``a x b`` (a, b >= 2) with ``a * b = n``."""
+    return grid_sides(G) is not None
 
 
 def is_lobster(G: nx.Graph) -> bool:
@@ -331,6 +336,10 @@ class IsoSet:
         bucket.append(G)
         return True
 
+    def __len__(self) -> int:
+        """The number of distinct (pairwise non-isomorphic) graphs held."""
+        return sum(len(b) for b in self.buckets.values())
+
 
 def vun(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], dataset: Optional[str] = None) -> dict[str, float]:
     """Validity, uniqueness, novelty (fractions in [0, 1]) and V.U.N. (valid and unique and novel).
@@ -379,7 +388,7 @@ def memorization(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test:
         elif G in test_set:
             in_test_only += 1
     share = (lambda c: c / valid) if valid else (lambda c: None)
-    return {"valid": valid, "distinct_valid": sum(len(b) for b in distinct.buckets.values()),
+    return {"valid": valid, "distinct_valid": len(distinct),
             "in_train": share(in_train), "in_eval_only": share(in_test_only),
             "neither": share(valid - in_train - in_test_only)}
 
