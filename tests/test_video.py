@@ -640,7 +640,7 @@ def test_demo_runs_end_to_end_and_a_rerun_resumes_from_its_checkpoints(tmp_path)
     reproduces the same samples."""
     from examples.video_demo import main
     argv = ["--quick", "--out", str(tmp_path), "--num-train", "96", "--tok-steps", "6", "--ar-steps", "6",
-            "--samples-per-class", "1", "--classifier-steps", "20", "--schedule", "space"]
+            "--samples-per-class", "1", "--classifier-steps", "20", "--schedule", "space", "--condition", "class"]
     first = main(argv)
     for name in ("metrics.json", "samples.gif", "samples.png", "reconstructions.png", "progression.png",
                  "edit_frame_prediction.png", "edit_interpolation.png", "edit_inpainting.png", "edits.gif",
@@ -667,7 +667,7 @@ def test_demo_runs_end_to_end_and_a_rerun_resumes_from_its_checkpoints(tmp_path)
 
 
 def test_demo_with_motion_condition_reports_how_samples_follow_it(tmp_path):
-    """``--condition motion``: the transformer takes class + velocity vectors, the samples are scored
+    """``--condition motion`` (the default): the transformer takes class + velocity vectors, the samples are scored
     against the velocities they were asked for (and real videos against theirs), the same model also
     samples from the class alone, and the saved pipeline loads as that vector-conditioned model (run with
     ``--frame-input previous`` and VAR-like intermediate ``--sides``, which the saved tokenizer keeps)."""
@@ -675,7 +675,7 @@ def test_demo_with_motion_condition_reports_how_samples_follow_it(tmp_path):
     from modalities.video.motion import motion_condition
     first = main(["--quick", "--out", str(tmp_path), "--num-train", "64", "--tok-steps", "4", "--ar-steps", "4",
                   "--samples-per-class", "1", "--edit-videos", "2", "--classifier-steps", "10",
-                  "--condition", "motion", "--frame-input", "previous", "--sides", "1", "2", "3", "4", "6", "8"])
+                  "--frame-input", "previous", "--sides", "1", "2", "3", "4", "6", "8"])
     follow = first["generated"]["motion_following"]
     assert {"speed_error", "direction_agreement", "videos"} <= follow.keys()
     assert first["real_test"]["motion_following"]["speed_error"] < 1e-4  # real videos move at their velocity
