@@ -31,6 +31,8 @@ SETTINGS = {  # name -> msar.sample keyword arguments
     "cfg3_T0.85": dict(cfg=3.0, top_p=0.9, temperature=0.85),
     "cfg3_T0.7": dict(cfg=3.0, top_p=0.9, temperature=0.7),
     "cfg3_T0.5": dict(cfg=3.0, top_p=0.9, temperature=0.5),
+    "cfg3_T0.35": dict(cfg=3.0, top_p=0.9, temperature=0.35),
+    "cfg5_T0.5": dict(cfg=5.0, top_p=0.9, temperature=0.5),
     "cfg1.5_T0.7": dict(cfg=1.5, top_p=0.9, temperature=0.7),
     "cfg6_T0.7": dict(cfg=6.0, top_p=0.9, temperature=0.7),
     "cfg2_T1": dict(cfg=2.0, top_p=0.9),
