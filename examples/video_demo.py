@@ -30,7 +30,7 @@ The default recipe: per-frame (frame-causal) pyramid over a 5 x 8 x 8 latent (ti
 tokens in 20 scales: every frame is generated given the finished frames before it); tokenizer with
 depth-to-time upsampling at its coarse stages and an L1 loss on frame differences, 1200 steps at batch
 16; transformer depth 4 / width 128 conditioned on class and velocity (the velocity left out for 20% of the
-videos), 2400 steps at batch 12 and learning rate 3e-3 on 8000 videos; sampling cfg 3 (the guidance ramp
+videos), 2400 steps at batch 12 and learning rate 3e-3 on 8000 videos; sampling cfg 2 (the guidance ramp
 restarts with every frame's pyramid), top-p 0.9, temperature 0.5; torch on 2 threads.  Results and
 what moved them: ``benchmarks/results/video``.  Interrupted runs resume from ``<out>/ckpt_*``.
 
@@ -134,7 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--motion-dropout", type=float, default=0.2,
                    help="with --condition motion: share of training videos whose velocity is not given, so the model "
                         "also generates from the class alone (class-only samples and the edits use that)")
-    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--cfg", type=float, default=2.0,
+                   help="classifier-free guidance scale (stronger guidance adds velocity sign flips: benchmarks/results/video)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--temperature", type=float, default=0.5,
