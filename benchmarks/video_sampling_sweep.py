@@ -36,6 +36,8 @@ SETTINGS = {  # name -> msar.sample keyword arguments
     "cfg1.5_T0.7": dict(cfg=1.5, top_p=0.9, temperature=0.7),
     "cfg1.5_T0.5": dict(cfg=1.5, top_p=0.9, temperature=0.5),
     "cfg2_T0.5": dict(cfg=2.0, top_p=0.9, temperature=0.5),
+    "cfg2_T0.35": dict(cfg=2.0, top_p=0.9, temperature=0.35),
+    "cfg1.5_T0.35": dict(cfg=1.5, top_p=0.9, temperature=0.35),
     "cfg1_T0.5": dict(cfg=1.0, top_p=0.9, temperature=0.5),
     "cfg1_T0.7": dict(cfg=1.0, top_p=0.9, temperature=0.7),
     "cfg6_T0.7": dict(cfg=6.0, top_p=0.9, temperature=0.7),
