@@ -34,7 +34,8 @@ every level of a grid's hierarchy is a grid (:func:`modalities.graph.coarsen.coa
 edge position how many edges join its endpoints' parents (the mask one level up).
 ``--eval-split val`` (``train`` where there is no validation split) compares with those graphs instead
 of the test graphs (for choosing settings); ``--face-features`` trains with the planarity inputs of the finest expansion;
-``--metric-sensitivity`` trains nothing and measures how the MMD statistics react to edge deletions
+``--val-every N`` records the per-token loss on the validation graphs every N training steps
+(``val_loss_curve``; for choosing a training length); ``--metric-sensitivity`` trains nothing and measures how the MMD statistics react to edge deletions
 and flips of real graphs.  Each run also stores the generated graphs (``graphs.json``: ``{"graphs": [{"n",
 "edges"}, ...], "run": ...}``) and a
 ``structure_summary`` (edges, triangles, degree shares, non-triangular faces) in ``metrics.json``.
@@ -201,11 +202,16 @@ def build_model(tok: GraphPyramidTokenizer, cfg: dict, dropout: float) -> msar.N
 
 
 def train(model: msar.NextScaleTransformer, tok: GraphPyramidTokenizer, X: torch.Tensor, TF: torch.Tensor,
-          cfg: dict, seed: int, out: str, ckpt_every: int = 100) -> list[tuple[int, float]]:
+          cfg: dict, seed: int, out: str, ckpt_every: int = 100,
+          heldout: Optional[tuple[torch.Tensor, torch.Tensor]] = None, val_every: int = 0
+          ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """Teacher forcing with :class:`msar.training.TransformerTrainer`, cross-entropy on the
     non-PAD positions only (``ignore_index=PAD``), unconditional.  Checkpoints go to
     ``out/ckpt`` (a rerun resumes), the per-step log to ``out/logs/train.csv``; returns the
-    loss curve (every 25 steps and the last) read from that log."""
+    loss curve (every 25 steps and the last) read from that log, and the held-out curve: with
+    ``heldout`` (tokens and teacher input of other graphs) and ``val_every``, the per-token loss on
+    them (eval mode, no dropout) every ``val_every`` steps and at the end, logged to
+    ``out/logs/val.csv`` (empty otherwise)."""
     steps = cfg["steps"]
     tc = TransformerTrainConfig(lr=cfg["lr"], total_steps=steps, warmup_steps=max(1, steps // 20), lr_schedule="cos",
                                 warmup_start=0.05, final_lr_ratio=0.01, weight_decay=0.05, grad_clip=1.0,
@@ -218,11 +224,23 @@ def train(model: msar.NextScaleTransformer, tok: GraphPyramidTokenizer, X: torch
         return list(x.split(counts, dim=1)), None, tf
 
     trainer = TransformerTrainer(model, tok, tc, prepare_batch=tokens_and_input)
-    trainer.fit(build_loader(torch.utils.data.TensorDataset(X, TF), cfg["batch"], seed=seed))
+    loader = build_loader(torch.utils.data.TensorDataset(X, TF), cfg["batch"], seed=seed)
+    if heldout is None or val_every <= 0:
+        trainer.fit(loader)
+    else:  # the same training (fit's target is absolute, the loader's order fixed by seed and epoch), paused to evaluate
+        val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*heldout), batch_size=32)
+        for target in [*range(val_every, steps, val_every), steps]:
+            trainer.fit(loader, steps=target)
+            if trainer.step == target:  # a resumed run is past the earlier targets (already in val.csv)
+                trainer.evaluate(val_loader)
     model.eval()
     with open(os.path.join(out, "logs", "train.csv"), newline="") as f:
         rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
-    return [(s_, l_) for s_, l_ in rows if (s_ - 1) % 25 == 0 or s_ == steps]
+    val_curve = []
+    if heldout is not None and val_every > 0:
+        with open(os.path.join(out, "logs", "val.csv"), newline="") as f:
+            val_curve = sorted({int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}.items())
+    return [(s_, l_) for s_, l_ in rows if (s_ - 1) % 25 == 0 or s_ == steps], val_curve
 
 
 def _eval_split(splits: dict, name: str, dataset: str) -> list[nx.Graph]:
@@ -274,6 +292,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         splits = make_dataset(dataset, seed=args.seed, **data_kw)  # the data of the run that trained it
         train_graphs, test = splits["train"], _eval_split(splits, args.eval_split, dataset)
         curve = prev["loss_curve"]
+        val_curve = prev.get("val_loss_curve") or []
         seconds = dict(prev["seconds"])
         trained_by = prev.get("trained_by") or prev.get("run")  # the training run's own record
     else:
@@ -286,13 +305,18 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                         face_features=cfg.get("face_features", False),
                                         parent_links=cfg.get("parent_links", False))
         X, TF = build_training_set(tok, items)
+        heldout = None
+        if args.val_every:  # the validation graphs, as many orderings each as the training graphs
+            if not splits["val"]:
+                raise SystemExit(f"--val-every: {dataset} has no validation split here")
+            heldout = build_training_set(tok, augment(splits["val"], cfg["perms"], args.seed + 1))
         seconds["tokenize"] = time.time() - t0
         print(f"[{dataset}] {len(train_graphs)} train / {len(test)} test graphs, {X.shape[0]} sequences, "
               f"L={tok.schedule.L} over {len(tok.schedule)} scales, {(X != PAD).float().mean():.0%} non-PAD, "
               f"latent_dim={tok.latent_dim}, tokenized in {seconds['tokenize']:.1f}s")
         model = build_model(tok, cfg, 0.1 if not args.quick else 0.0)
         t0 = time.time()
-        curve = train(model, tok, X, TF, cfg, args.seed, out, args.ckpt_every)
+        curve, val_curve = train(model, tok, X, TF, cfg, args.seed, out, args.ckpt_every, heldout, args.val_every)
         seconds["train"] = time.time() - t0
         msar.Pipeline(tok, model).save_pretrained(os.path.join(out, "pipeline"))
 
@@ -403,6 +427,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         "dataset": dataset, "eval_split": args.eval_split, "seed": args.seed, "quick": args.quick, "data_kw": data_kw, "train_config": cfg,
         "tokenizer": tok.config, "schedule_L": tok.schedule.L, "num_scales": len(tok.schedule),
         "num_parameters": model.num_parameters(), "final_loss": curve[-1][1], "loss_curve": curve,
+        "val_loss_curve": val_curve or None,
         "seconds": seconds, "sampling": {"top_p": args.top_p, "temperature": args.temperature,
                                         "constrained": not args.no_constrain, "seed": sample_seed,
                                         "structure": structure, "expand_test": args.expand_test,
@@ -421,6 +446,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     draw_panel([("level", prog[1:])], os.path.join(out, "progression.png"))
     g_mmd, b_mmd, v = metrics["mmd_gen_vs_test"], metrics["mmd_train_vs_test"], metrics["vun"]
     print(f"[{dataset}] loss {curve[-1][1]:.3f}  " + "  ".join(f"{k} {t:.0f}s" for k, t in seconds.items()))
+    if val_curve:
+        best = min(val_curve, key=lambda r: r[1])
+        print(f"  validation loss {val_curve[-1][1]:.3f} at step {val_curve[-1][0]} (lowest {best[1]:.3f} at step {best[0]})")
     for key in ("degree_tv", "clustering_tv", "orbit_tv", "spectral_tv"):
         print(f"  {key:14s} gen {g_mmd[key]:.4f}   train-vs-{args.eval_split} {b_mmd[key]:.4f}")
     print(f"  V.U.N. {v}")
@@ -558,6 +586,10 @@ def main(argv=None) -> None:
                         "deletions or edge flips (how sensitive each statistic is); writes metric_sensitivity.json")
     p.add_argument("--load", default="", help="a previous --out directory: sample and evaluate its trained models")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every that many training steps")
+    p.add_argument("--val-every", type=int, default=0, metavar="N",
+                   help="every N training steps and at the end, the per-token loss on the validation graphs "
+                        "(teacher forcing, no dropout; logs/val.csv, val_loss_curve in metrics.json): choosing a "
+                        "training length without the test split. Needs a validation split (planar, sbm); default off")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -575,6 +607,12 @@ def main(argv=None) -> None:
         raise SystemExit(f"--projection {args.projection} is a rule of --project: add --project")
     if args.best_of < 1 or (args.best_of > 1 and not args.project):
         raise SystemExit(f"--best-of N needs N >= 1 and --project (it picks among projections), got {args.best_of}")
+    if args.val_every < 0 or (args.val_every and args.load):
+        raise SystemExit(f"--val-every N (N >= 1) evaluates during training, not with --load; got {args.val_every}")
+    if args.val_every:
+        for name in names:
+            if name not in ("planar", "sbm"):
+                raise SystemExit(f"--val-every: {name} has no validation split (planar and sbm have one)")
     if args.expand_test < 0:
         raise SystemExit(f"--expand-test must be >= 0, got {args.expand_test}")
     if args.node_count != "none" and args.expand_test:

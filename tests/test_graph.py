@@ -799,3 +799,29 @@ def test_demo_rejects_a_projection_rule_without_projection():
     from examples.graph_demo import main
     with pytest.raises(SystemExit, match="add --project"):
         main(["--dataset", "planar", "--projection", "degrees", "--out", "/dev/null/never_written"])
+
+
+def test_demo_val_every_records_validation_loss_without_changing_training(tmp_path):
+    # catches: pausing training to evaluate changing the training itself (dropout RNG, batch order, LR
+    # schedule), a held-out curve at the wrong steps, or one left out of metrics.json
+    import json
+    from examples.graph_demo import main
+    common = ["--dataset", "planar", "--quick", "--steps", "4", "--no-constrain", "--num-samples", "2"]
+    main(common + ["--out", str(tmp_path / "plain")])
+    main(common + ["--val-every", "3", "--out", str(tmp_path / "val")])
+    plain = json.loads((tmp_path / "plain" / "planar" / "metrics.json").read_text())
+    m = json.loads((tmp_path / "val" / "planar" / "metrics.json").read_text())
+    assert plain["val_loss_curve"] is None
+    assert [s for s, _ in m["val_loss_curve"]] == [3, 4] and all(loss > 0 for _, loss in m["val_loss_curve"])
+    assert m["loss_curve"] == plain["loss_curve"]
+    a = msar.from_pretrained(str(tmp_path / "plain" / "planar" / "pipeline")).transformer.state_dict()
+    b = msar.from_pretrained(str(tmp_path / "val" / "planar" / "pipeline")).transformer.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_demo_rejects_val_every_without_a_validation_split():
+    from examples.graph_demo import main
+    with pytest.raises(SystemExit, match="no validation split"):
+        main(["--dataset", "grid", "--val-every", "10", "--out", "/dev/null/never_written"])
+    with pytest.raises(SystemExit, match="--load"):
+        main(["--dataset", "planar", "--val-every", "10", "--load", "x", "--out", "/dev/null/never_written"])
