@@ -16,13 +16,13 @@ velocity (:mod:`modalities.video.motion`) on bouncing scikit-learn digits, then
 
 Run::
 
-    python -m examples.video_demo                      # ~30 min on an idle 2-core CPU (2 threads)
+    python -m examples.video_demo                      # 22-27 min on an idle 2-core CPU (2 threads)
     python -m examples.video_demo --quick              # ~1 min smoke run
     python -m examples.video_demo --schedule space     # all latent frames at every scale
     python -m examples.video_demo --schedule joint     # t grows with the scale (coarse tokens mix frames)
     python -m examples.video_demo --time-stride 4 --time-upsample repeat --tok-motion-weight 0   # the earlier tokenizer
     python -m examples.video_demo --tok-layout 4       # every frame's coarsest token says where the digit is
-    python -m examples.video_demo --condition class --temperature 0.7   # class only (the 3b56c02 default)
+    python -m examples.video_demo --condition class --temperature 0.7 --cfg 3   # class only (the 3b56c02 default)
     python -m examples.video_demo --tokenizer out/pipeline/tokenizer   # reuse a trained tokenizer
     python -m examples.video_demo --feature-net i3d.pt # + Frechet distance (TorchScript net)
 
