@@ -63,6 +63,7 @@ import msar
 from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
 from modalities.graph.coarsen import MATCHINGS
+from modalities.graph.datasets import WITH_VALIDATION
 from modalities.graph.constraints import PROJECTIONS, PROPERTIES, EdgeScores, StructureHook, count_projection
 from modalities.graph.metrics import structure_summary
 from modalities.graph.size import NodeCountHook, draw_node_counts, level_size_report
@@ -248,7 +249,7 @@ def _eval_split(splits: dict, name: str, dataset: str) -> list[nx.Graph]:
     settings (decoding rules, temperatures, training lengths) without looking at the test split;
     ``train`` for choosing on a dataset without a validation split (grid: its baseline is 0)."""
     if not splits[name]:
-        raise SystemExit(f"--eval-split {name}: {dataset} has no {name} split (planar and sbm have one; "
+        raise SystemExit(f"--eval-split {name}: {dataset} has no {name} split ({' and '.join(WITH_VALIDATION)} have one; "
                          f"--eval-split train compares with the training graphs)")
     return splits[name]
 
@@ -611,8 +612,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"--val-every N (N >= 1) evaluates during training, not with --load; got {args.val_every}")
     if args.val_every:
         for name in names:
-            if name not in ("planar", "sbm"):
-                raise SystemExit(f"--val-every: {name} has no validation split (planar and sbm have one)")
+            if name not in WITH_VALIDATION:
+                raise SystemExit(f"--val-every: {name} has no validation split ({' and '.join(WITH_VALIDATION)} have one)")
     if args.expand_test < 0:
         raise SystemExit(f"--expand-test must be >= 0, got {args.expand_test}")
     if args.node_count != "none" and args.expand_test:

@@ -96,6 +96,7 @@ _MAKERS = {"grid": grid_graphs, "community-small": community_small_graphs, "sbm"
            "planar": planar_graphs, "lobster": lobster_graphs}
 # (train, val) counts for the SPECTRE sets; the others use an 80 / 20 split and no val set
 _SPECTRE_SPLIT = {"sbm": (128, 32), "planar": (128, 32)}
+WITH_VALIDATION = tuple(_SPECTRE_SPLIT)  # the datasets whose full-size split has validation graphs
 
 
 def make_dataset(name: str, seed: int = 0, **kw) -> dict[str, list[nx.Graph]]:
