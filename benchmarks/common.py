@@ -60,11 +60,14 @@ def _git(*args: str) -> Optional[str]:
 
 
 def git_state() -> dict:
-    """``{"commit": sha or "unknown", "dirty": bool or None}``. ``dirty``: tracked files differ from
-    the commit (untracked files are ignored: results and outputs are written into the tree)."""
+    """``{"commit": sha (without git: $MSAR_COMMIT, else "unknown"), "dirty": bool or None}``.
+    ``dirty``: tracked files differ from the commit (untracked files are ignored: results and
+    outputs are written into the tree)."""
     sha = _git("rev-parse", "HEAD")
     if sha is None:
-        return {"commit": "unknown", "dirty": None}
+        # A copy of the tree without .git (a remote GPU machine, say): the caller may name the
+        # commit it copied in MSAR_COMMIT; whether that copy was dirty is then not known here.
+        return {"commit": os.environ.get("MSAR_COMMIT") or "unknown", "dirty": None}
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"commit": sha, "dirty": bool(status) if status is not None else None}
 
