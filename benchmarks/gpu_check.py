@@ -492,10 +492,16 @@ def phase_compile(ctx: "Check", rec: dict, m: Model) -> None:
             return {**r, "first_call_s": first, "images_per_s": B / r["s_per_call"]}
         return f
 
+    from torch._dynamo.utils import counters
+    graphs_before = counters["stats"]["unique_graphs"]
     try:
         attempt(rec, "compiled_tokens", go(False), dev)
         attempt(rec, "compiled_decoded", go(True), dev)
     finally:
+        # one graph per scale shape is the target: more means blocks recompiled apart, and past
+        # the recompile limit the rest ran eagerly (the timings above then are not compiled ones)
+        rec.update(graphs_compiled=counters["stats"]["unique_graphs"] - graphs_before,
+                   scales=len(m.transformer["schedule"]))
         torch._dynamo.reset()
 
 

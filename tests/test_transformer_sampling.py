@@ -423,3 +423,32 @@ def test_coordinate_positions_config():
         tiny([1, 3], coords=2)
     with pytest.raises(ValueError, match="coord_frequencies"):
         tiny(SCHED, coords=-1)
+
+
+def test_compiled_blocks_share_one_graph_per_scale():
+    """Blocks compiled one by one (as VAR-style sampling benchmarks do) must reuse one graph per
+    scale shape: a per-block guard (each block's own drop-path rate, or a different module type
+    at rate 0) recompiles every block, exhausts dynamo's recompile limit on a deep model and
+    leaves the rest running eagerly. In eval mode the drop-path rate is irrelevant."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    sched = [(1, 1), (2, 2), (3, 3)]
+    cfg = TransformerConfig(schedule=sched, vocab_size=16, latent_dim=4, num_classes=3, depth=4, embed_dim=32,
+                            num_heads=2, drop_path_rate=0.3)  # rates 0, 0.1, 0.2, 0.3 across the blocks
+    model = NextScaleTransformer(cfg).eval()
+    tok = MultiScaleVQTokenizer(nn.Identity(), nn.Identity(), MultiScaleResidualQuantizer(16, 4, sched))
+    eager = sample(model, tok, [0, 1], seed=3, cfg=1.5)
+    try:
+        for block in model.blocks:
+            block.compile(dynamic=False, backend=counting_backend)
+        compiled = sample(model, tok, [0, 1], seed=3, cfg=1.5)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == len(sched)
+    assert all(torch.equal(a, b) for a, b in zip(eager.indices, compiled.indices))

@@ -54,7 +54,9 @@ class DropPath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, ...)`` -> same shape, each sample zeroed with probability p (scaled by 1 / (1 - p))."""
-        if self.p == 0.0 or not self.training:
+        # ``training`` first: under torch.compile an eval-mode block then guards on that alone,
+        # not on its own p, so blocks with different rates share one compiled graph per shape.
+        if not self.training or self.p == 0.0:
             return x
         keep = 1 - self.p
         mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
@@ -236,7 +238,9 @@ class AdaLNBlock(nn.Module):
         self.attn = SelfAttention(dim, heads, l2_norm=l2_norm, attn_drop=attn_drop, proj_drop=drop)
         self.ffn = FFN(dim, round(dim * mlp_ratio), drop=drop)
         self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)  # affine comes from AdaLN
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # DropPath even at rate 0 (an identity then): every block has the same module types, so
+        # blocks compiled separately share their graphs (no recompile per block type).
+        self.drop_path = DropPath(drop_path)
         if shared_aln:
             self.adaln_offset = nn.Parameter(torch.randn(1, 1, 6, dim) / dim ** 0.5)
         else:
