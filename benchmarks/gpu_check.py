@@ -418,12 +418,10 @@ def _train(ctx: "Check", m: Model, B: int, fsdp: bool) -> dict:
     if fsdp:
         import warnings
 
-        from torch.distributed.fsdp import fully_shard
+        from modalities.image.imagenet.trainer import shard_per_block
         # the model returns its float32 logits as a view; the trainer never edits them in place
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+        shard_per_block(model, dev)
     cuda = dev.type == "cuda"
     cfg = TransformerTrainConfig(amp="bf16" if ctx.bf16 and cuda else "none", total_steps=10**6, progress=False,
                                  device=str(dev))

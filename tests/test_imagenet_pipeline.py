@@ -54,7 +54,7 @@ def imagenet(tmp_path_factory):
 def _train_args(root, vae, out, *extra):
     return ["--data", root, "--preset", "tiny", "--vae", vae, "--out", out, "--steps", "4", "--workers", "0",
             "--val-every", "2", "--val-batches", "1", "--ckpt-every", "2", "--log-every", "1", "--no-progress",
-            "--no-tensorboard", *extra]
+            "--no-tensorboard", "--device", "cpu", *extra]  # bit-exact resume is a CPU property
 
 
 def _losses(out):
@@ -252,7 +252,7 @@ def test_generate_png_npz_shards_resume(trained, tmp_path):
     run, vae = trained
     out = str(tmp_path / "gen")
     args = ["--var", run, "--vae", vae, "--out", out, "--per-class", "3", "--batch", "2", "--top-k", "10",
-            "--no-progress", "--num-shards", "2"]
+            "--no-progress", "--num-shards", "2", "--device", "cpu"]  # compared with a CPU regeneration
     G.main(args + ["--shard", "1"])
     assert sorted(os.listdir(os.path.join(out, "classes"))) == ["0001.npz"]  # round-robin: shard 1 of 2
     assert not os.path.exists(os.path.join(out, "samples.npz"))  # not all classes yet
@@ -271,7 +271,7 @@ def test_generate_png_npz_shards_resume(trained, tmp_path):
     assert summary["generated_classes"] == 0 and summary["skipped_classes"] == 3
     assert np.array_equal(G.generate_class(model, vqvae, 1, s), arr[3:6])
     with pytest.raises(ValueError, match="other settings"):
-        G.main(args[:-2] + ["--cfg", "2.0"])
+        G.main(args[:-4] + ["--device", "cpu", "--cfg", "2.0"])
     bench = G.benchmark_sampling(model, vqvae, batch=2, batches=1, warmup=0, top_k=10, decode=False)
     assert bench["images_per_s"] > 0 and bench["decode"] is False
 
@@ -383,7 +383,7 @@ def test_evaluate_end_to_end_with_random_networks(tmp_path):
     net = _TinyFeatureNet().eval()
     args = ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception", "unused",
             "--out", str(tmp_path / "m.json"), "--save-ref-stats", str(tmp_path / "stats.npz"), "--no-progress",
-            "--splits", "2"]
+            "--splits", "2", "--device", "cpu"]  # compared with CPU features below
     m = E.main(args, net=net)
     fs, _ = E.extract(net, samples)
     fr, _ = E.extract(net, ref)
@@ -392,7 +392,7 @@ def test_evaluate_end_to_end_with_random_networks(tmp_path):
     assert (m["precision"], m["recall"]) == pytest.approx(E.precision_recall(fr, fs))
     assert 1.0 <= m["inception_score"] <= 10 and json.load(open(tmp_path / "m.json"))["fid"] == m["fid"]
     # precomputed statistics as the reference give the same numbers
-    m2 = E.main(args[:2] + ["--ref", str(tmp_path / "stats.npz")] + args[4:6] + ["--no-progress", "--splits", "2"],
+    m2 = E.main(args[:2] + ["--ref", str(tmp_path / "stats.npz")] + args[4:6] + ["--no-progress", "--splits", "2", "--device", "cpu"],
                 net=net)
     assert m2["fid"] == pytest.approx(m["fid"]) and m2["precision"] == m["precision"]
     # a folder of PNGs is read like the npz; the same images -> FID 0, precision = recall = 1
@@ -401,7 +401,7 @@ def test_evaluate_end_to_end_with_random_networks(tmp_path):
     for i, im in enumerate(ref):
         Image.fromarray(im).save(tmp_path / "png" / f"{i:03d}.png")
     m3 = E.main(["--samples", str(tmp_path / "png"), "--ref", str(tmp_path / "ref.npz"), "--inception", "unused",
-                 "--no-progress", "--splits", "2"], net=net)
+                 "--no-progress", "--splits", "2", "--device", "cpu"], net=net)
     assert m3["fid"] == pytest.approx(0, abs=1e-6) and m3["precision"] == m3["recall"] == 1.0
     with pytest.raises(ValueError, match="arr_0"):
         np.savez(tmp_path / "bad.npz", images=samples)

@@ -165,6 +165,24 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, accum):
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 10))
 
 
+@pytest.mark.cuda
+def test_on_a_gpu_machine_the_trainer_follows_the_model_and_resumes_on_cuda(tmp_path):
+    """Catches: a trainer that moves a CPU model to the GPU when one is visible (every CPU program
+    then feeds CPU tensors to CUDA weights), and a resume that fails on CUDA (the saved RNG states
+    are loaded onto the GPU and must be restored from there)."""
+    tr = TransformerTrainer(tiny_transformer(), tiny_tokenizer(), cfg())
+    assert tr.device.type == "cpu" and next(tr.model.parameters()).device.type == "cpu"
+    tr = TransformerTrainer(tiny_transformer().cuda(), tiny_tokenizer(), cfg())
+    assert tr.device.type == "cuda"
+    tr_full, full = _run(tmp_path / "a", 9, device="cuda")
+    assert next(tr_full.model.parameters()).device.type == "cuda"
+    _run(tmp_path / "b", 4, device="cuda")
+    tr, rest = _run(tmp_path / "b", 9, seed=7, device="cuda")
+    assert [r["step"] for r in rest] == [5, 6, 7, 8, 9]
+    # the same batches and dropout draws; CUDA kernels may differ in the last bits between runs
+    assert [r["loss"] for r in rest] == pytest.approx([r["loss"] for r in full[4:]], rel=1e-4)
+
+
 def test_resume_skips_corrupt_latest(tmp_path):
     _run(tmp_path, 6)
     latest = tmp_path / "ckpt" / "step_000006" / "state.pt"

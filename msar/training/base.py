@@ -74,6 +74,10 @@ class TrainConfig:
     Bookkeeping: a checkpoint every ``ckpt_every`` steps (0 = only at the end of ``fit``) into
     ``ckpt_dir`` keeping ``keep_last``; ``resume`` makes ``fit`` start from the newest good
     checkpoint there; metrics go to ``log_dir/train.csv`` every ``log_every`` steps.
+
+    Device: ``device`` (``"cuda"`` = ``cuda:LOCAL_RANK`` under torchrun, ``"cpu"``, ...) moves the
+    model and every batch there; ``None`` keeps the device the model is on (move the model to the
+    GPU before building the trainer, as in plain PyTorch).
     """
 
     lr: float = 1e-4
@@ -159,7 +163,7 @@ class Trainer:
     def __init__(self, model: nn.Module, config: TrainConfig):
         config.validate()
         self.config = c = config
-        self.device = D.init_distributed(c.device)
+        self.device = D.trainer_device(c.device, model)
         self.model = model.to(self.device).train()
         cuda = self.device.type == "cuda"
         if c.amp != "none" and not cuda:

@@ -93,9 +93,10 @@ def restore_rng_state(state: Mapping, generators: Optional[Mapping[str, torch.Ge
     """Inverse of :func:`capture_rng_state`. Generators named in ``generators`` but absent
     from ``state`` are left alone; CUDA states are restored only when the device count matches."""
     py = state["python"]
+    # a checkpoint loaded with map_location="cuda" has these on the GPU; the RNGs take CPU values
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     npst = state["numpy"]
-    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+    np.random.set_state((npst["name"], npst["keys"].cpu().numpy().astype(np.uint32), npst["pos"],
                          npst["has_gauss"], npst["gauss"]))
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda") or []
@@ -108,7 +109,7 @@ def restore_rng_state(state: Mapping, generators: Optional[Mapping[str, torch.Ge
     for name, g in (generators or {}).items():
         saved = state.get("generators", {}).get(name)
         if saved is not None:
-            g.set_state(saved.cpu() if g.device.type == "cpu" else saved)
+            g.set_state(saved.cpu())  # CPU and CUDA generators alike take their state as a CPU tensor
 
 
 # ---------------------------------------------------------------------------- file helpers

@@ -62,6 +62,27 @@ def init_distributed(device: Optional[str] = None) -> torch.device:
     return dev
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (or buffer); CPU for a module with neither."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def trainer_device(device: Optional[str], model: torch.nn.Module) -> torch.device:
+    """The device a trainer runs on, after joining the process group (:func:`init_distributed`).
+
+    ``device`` when given (``"cuda"`` = ``cuda:LOCAL_RANK``); else the device ``model`` is on.
+    A trainer follows the model the caller built and placed, and never moves it silently: a
+    CPU program keeps working on a machine that also has a GPU.
+    """
+    if device is None:
+        device = str(module_device(model))
+    return init_distributed(device)
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (identity in a single process)."""
     if not is_dist():

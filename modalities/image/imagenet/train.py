@@ -166,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         lr=recipe.peak_lr(), weight_decay=recipe.weight_decay, weight_decay_end=recipe.weight_decay_end,
         betas=tuple(recipe.betas), total_steps=total, warmup_steps=warmup, lr_schedule=recipe.lr_schedule,
         warmup_start=recipe.warmup_start, final_lr_ratio=recipe.final_lr_ratio, grad_clip=recipe.grad_clip,
-        grad_accum=a.grad_accum, amp=recipe.amp, compile=a.compile, ema_decay=a.ema, device=a.device,
+        grad_accum=a.grad_accum, amp=recipe.amp, compile=a.compile, ema_decay=a.ema, device=str(device),
         ckpt_dir=os.path.join(a.out, "ckpt"), ckpt_every=a.ckpt_every, keep_last=a.keep_last, resume=True,
         log_dir=a.out, log_every=a.log_every, tensorboard=not a.no_tensorboard, progress=not a.no_progress,
         label_smoothing=a.label_smoothing)

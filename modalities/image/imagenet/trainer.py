@@ -49,11 +49,11 @@ class ImageNetTrainer(TransformerTrainer):
         if self.fsdp:
             if config.ema_decay > 0:
                 raise ValueError("EMA is not supported with FSDP (the EMA copy would not be sharded)")
-            device = D.init_distributed(config.device)
+            device = D.trainer_device(config.device, model)
             if not D.is_dist():  # FSDP needs a process group even on one device
                 torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                                      store=torch.distributed.HashStore(), rank=0, world_size=1)
-            shard_per_block(model.to(device))
+            shard_per_block(model.to(device), device)
             # the logits are returned as a view; nothing modifies them in place, so FSDP's warning is moot
             warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         super().__init__(model, tokenizer, config)
@@ -190,13 +190,18 @@ class ImageNetTrainer(TransformerTrainer):
 
 
 # ---------------------------------------------------------------------------- FSDP helpers
-def shard_per_block(model: nn.Module) -> nn.Module:
-    """FSDP2: one communication unit per transformer block, the rest (embeddings, head) in the root."""
+def shard_per_block(model: nn.Module, device: torch.device) -> nn.Module:
+    """FSDP2: one communication unit per transformer block, the rest (embeddings, head) in the root.
+
+    The device mesh is built on ``device``'s type: FSDP's default mesh is CUDA whenever a GPU is
+    visible, which would not fit a model trained on the CPU of such a machine."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(device.type, (D.world_size(),))
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
