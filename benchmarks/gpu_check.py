@@ -469,8 +469,7 @@ def phase_compile(ctx: "Check", rec: dict, m: Model) -> None:
     torch._dynamo.reset()
     model = build_transformer(m, dev, ctx.args.seed).eval()
     vq = build_vqvae(m, dev, ctx.args.seed)
-    for block in model.blocks:
-        block.compile(dynamic=False, backend=ctx.compile_backend)
+    model.compile_blocks(backend=ctx.compile_backend)
     B = m.sample_batch
     labels = torch.arange(B, device=dev) % model.num_classes
     rec.update(backend=ctx.compile_backend, batch=B, what="each transformer block compiled (dynamic=False)")
