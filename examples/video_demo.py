@@ -30,7 +30,7 @@ The default recipe: per-frame (frame-causal) pyramid over a 5 x 8 x 8 latent (ti
 tokens in 20 scales: every frame is generated given the finished frames before it); tokenizer with
 depth-to-time upsampling at its coarse stages and an L1 loss on frame differences, 1200 steps at batch
 16; transformer depth 4 / width 128 conditioned on class and velocity (the velocity left out for 20% of the
-videos), 2400 steps at batch 12 and learning rate 3e-3 on 8000 videos; sampling cfg 2 (the guidance ramp
+videos), 3200 steps at batch 12 and learning rate 3e-3 on 8000 videos; sampling cfg 2 (the guidance ramp
 restarts with every frame's pyramid), top-p 0.9, temperature 0.5; torch on 2 threads.  Results and
 what moved them: ``benchmarks/results/video``.  Interrupted runs resume from ``<out>/ckpt_*``.
 
@@ -116,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "is trained to predict a SIDE x SIDE thumbnail of the frame (VideoTokenizer.layout_loss), so "
                         "one token commits where the digit is; 0: off")
     p.add_argument("--tok-layout-weight", type=float, default=1.0, help="weight of the layout loss (with --tok-layout)")
-    p.add_argument("--ar-steps", type=int, default=2400)
+    p.add_argument("--ar-steps", type=int, default=3200)
     p.add_argument("--ar-batch", type=int, default=12)
     p.add_argument("--ar-lr", type=float, default=3e-3)
     p.add_argument("--ar-scale-loss-power", type=float, default=0.0,
