@@ -16,7 +16,7 @@ velocity (:mod:`modalities.video.motion`) on bouncing scikit-learn digits, then
 
 Run::
 
-    python -m examples.video_demo                      # 22-27 min on an idle 2-core CPU (2 threads)
+    python -m examples.video_demo                      # 25 min on an idle 2-core CPU (2 threads)
     python -m examples.video_demo --quick              # ~1 min smoke run
     python -m examples.video_demo --schedule space     # all latent frames at every scale
     python -m examples.video_demo --schedule joint     # t grows with the scale (coarse tokens mix frames)
