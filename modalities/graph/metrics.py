@@ -341,29 +341,51 @@ class IsoSet:
         return sum(len(b) for b in self.buckets.values())
 
 
+def _judge(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], dataset: Optional[str]
+           ) -> tuple[Optional[Callable[[nx.Graph], bool]], list[tuple[bool, bool, bool]]]:
+    """One pass over the samples: per sample (valid, first of its isomorphism class, copy of a
+    training graph), with the dataset's check (``None``: every sample counts as valid)."""
+    check = VALIDITY.get(dataset) if dataset else None
+    seen, train_set = IsoSet(), IsoSet(train)
+    return check, [(check(G) if check else True, seen.add(G), G in train_set) for G in generated]
+
+
+def _vun(generated: Sequence[nx.Graph], check, facts) -> dict[str, float]:
+    n = len(generated)
+    if n == 0:
+        raise ValueError("vun: no generated graphs")
+    return {"validity": sum(v for v, _, _ in facts) / n if check else None,
+            "uniqueness": sum(u for _, u, _ in facts) / n,
+            "novelty": sum(not t for _, _, t in facts) / n,
+            "vun": sum(v and u and not t for v, u, t in facts) / n,
+            "connected": float(np.mean([G.number_of_nodes() > 0 and nx.is_connected(G) for G in generated]))}
+
+
+def _memorization(generated: Sequence[nx.Graph], test: Sequence[nx.Graph], facts) -> dict[str, float | int | None]:
+    test_set = IsoSet(test)
+    valid = distinct = in_train = in_test_only = 0
+    for G, (v, u, t) in zip(generated, facts):
+        if not v:
+            continue
+        valid += 1
+        distinct += u  # isomorphic graphs share their validity: first of all samples = first of the valid
+        if t:
+            in_train += 1
+        elif G in test_set:
+            in_test_only += 1
+    share = (lambda c: c / valid) if valid else (lambda c: None)
+    return {"valid": valid, "distinct_valid": distinct,
+            "in_train": share(in_train), "in_eval_only": share(in_test_only),
+            "neither": share(valid - in_train - in_test_only)}
+
+
 def vun(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], dataset: Optional[str] = None) -> dict[str, float]:
     """Validity, uniqueness, novelty (fractions in [0, 1]) and V.U.N. (valid and unique and novel).
 
     Validity uses the dataset's structural check (planar, grid, lobster); where none is
     defined it is ``None`` and V.U.N. counts unique-and-novel graphs.
     """
-    check = VALIDITY.get(dataset) if dataset else None
-    seen, train_set = IsoSet(), IsoSet(train)
-    n = len(generated)
-    if n == 0:
-        raise ValueError("vun: no generated graphs")
-    valid = unique = novel = vun_ = 0
-    for G in generated:
-        v = check(G) if check else True
-        u = seen.add(G)
-        nv = G not in train_set
-        valid += v
-        unique += u
-        novel += nv
-        vun_ += v and u and nv
-    return {"validity": valid / n if check else None, "uniqueness": unique / n, "novelty": novel / n,
-            "vun": vun_ / n, "connected": float(np.mean([G.number_of_nodes() > 0 and nx.is_connected(G)
-                                                         for G in generated]))}
+    return _vun(generated, *_judge(generated, train, dataset))
 
 
 def memorization(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test: Sequence[nx.Graph],
@@ -375,27 +397,15 @@ def memorization(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test:
     sample is either a copy of a training graph or a graph of the evaluation split; only the second is
     generalisation.  ``valid`` counts the samples that pass the dataset's check (all samples where
     none is defined); the three shares are fractions of ``valid`` (None when nothing is valid)."""
-    check = VALIDITY.get(dataset) if dataset else None
-    train_set, test_set, distinct = IsoSet(train), IsoSet(test), IsoSet()
-    valid = in_train = in_test_only = 0
-    for G in generated:
-        if check is not None and not check(G):
-            continue
-        valid += 1
-        distinct.add(G)
-        if G in train_set:
-            in_train += 1
-        elif G in test_set:
-            in_test_only += 1
-    share = (lambda c: c / valid) if valid else (lambda c: None)
-    return {"valid": valid, "distinct_valid": len(distinct),
-            "in_train": share(in_train), "in_eval_only": share(in_test_only),
-            "neither": share(valid - in_train - in_test_only)}
+    return _memorization(generated, test, _judge(generated, train, dataset)[1])
 
 
 def evaluate(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test: Sequence[nx.Graph],
              dataset: Optional[str] = None) -> dict:
     """Everything for a metrics JSON: MMDs of generated vs test, the train-vs-test baseline, V.U.N."""
+    if len(generated) == 0:
+        raise ValueError("vun: no generated graphs")
+    check, facts = _judge(generated, train, dataset)  # validity and isomorphism tests once, for both tables
     st_test = graph_stats(test)
     gen = mmd_all(st_test, graph_stats(generated))
     base = mmd_all(st_test, graph_stats(train))
@@ -404,9 +414,9 @@ def evaluate(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test: Seq
         "mmd_train_vs_test": base,
         # DiGress-style ratio: generated-vs-test MMD over train-vs-test MMD (1 = as close as the training set)
         "mmd_ratio": {k: (gen[k] / base[k] if base[k] > 0 else None) for k in gen},
-        "vun": vun(generated, train, dataset),
+        "vun": _vun(generated, check, facts),
         # valid samples that copy a training graph / are a graph of the evaluation split only / are new
-        "memorization": memorization(generated, train, test, dataset),
+        "memorization": _memorization(generated, test, facts),
         "num_generated": len(generated), "num_test": len(test), "num_train": len(train),
         "mean_nodes_generated": float(np.mean([G.number_of_nodes() for G in generated])),
         "mean_nodes_test": float(np.mean([G.number_of_nodes() for G in test])),
