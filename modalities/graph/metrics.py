@@ -403,9 +403,8 @@ def memorization(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test:
 def evaluate(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test: Sequence[nx.Graph],
              dataset: Optional[str] = None) -> dict:
     """Everything for a metrics JSON: MMDs of generated vs test, the train-vs-test baseline, V.U.N."""
-    if len(generated) == 0:
-        raise ValueError("vun: no generated graphs")
     check, facts = _judge(generated, train, dataset)  # validity and isomorphism tests once, for both tables
+    vun_table = _vun(generated, check, facts)  # first: no generated graphs is an error before the MMD work
     st_test = graph_stats(test)
     gen = mmd_all(st_test, graph_stats(generated))
     base = mmd_all(st_test, graph_stats(train))
@@ -414,7 +413,7 @@ def evaluate(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test: Seq
         "mmd_train_vs_test": base,
         # DiGress-style ratio: generated-vs-test MMD over train-vs-test MMD (1 = as close as the training set)
         "mmd_ratio": {k: (gen[k] / base[k] if base[k] > 0 else None) for k in gen},
-        "vun": _vun(generated, check, facts),
+        "vun": vun_table,
         # valid samples that copy a training graph / are a graph of the evaluation split only / are new
         "memorization": _memorization(generated, test, facts),
         "num_generated": len(generated), "num_test": len(test), "num_train": len(train),
