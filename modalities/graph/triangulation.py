@@ -1,0 +1,665 @@
+"""Triangulated discs as rotation systems: the hierarchy of the planar tokenizer.
+
+A *triangulated disc* is a planar graph whose bounded faces are all triangles and whose outer face
+is bounded by a simple cycle (the Delaunay graphs of the ``planar`` data set are; so is any
+triangle mesh of a disc).  Joining one extra vertex, ``INF``, to every vertex of the outer cycle
+turns it into a triangulation of the sphere, which a *rotation system* describes exactly: for every
+vertex, its neighbours in clockwise order.
+
+Two local operations move between triangulations and keep every face a triangle:
+
+* **vertex split** (coarse -> fine): vertex ``v`` with clockwise neighbours ``r`` splits along two of
+  them, ``u = r[i]`` and ``w = r[i + m]``: a new vertex ``v'`` takes the neighbours ``r[i + 1] ..
+  r[i + m - 1]`` strictly between them, and joins ``u``, ``w`` and ``v``.  Any split with
+  ``1 <= m <= deg(v) - 1`` gives a triangulation again, so *every* sequence of splits of the
+  4-vertex tetrahedron is a triangulated sphere, and removing ``INF`` a triangulated disc: planar
+  by construction.
+* **edge contraction** (fine -> coarse), its inverse: ``(a, b)`` merges into ``a``; allowed when ``a`` and
+  ``b`` have exactly two common neighbours (the two triangles on the edge), so no edge doubles.
+
+:func:`contraction_hierarchy` coarsens a sphere triangulation down to the tetrahedron, each level
+contracting an *independent* set of edges (no edge joins two contracted pairs, none touches
+``INF``), so the splits of one level commute and can be predicted in one scale.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import networkx as nx
+import numpy as np
+import torch
+from torch_geometric.data import Batch
+
+from msar import PretrainedMixin, ScaleSchedule
+
+from .datasets import graphs_from, to_data
+
+INF = -1  # label of the added vertex in a graph's own labels (decoded triangulations use id 0)
+
+
+class NotATriangulatedDisc(ValueError):
+    """The graph is not a triangulated disc (see the module docstring)."""
+
+
+class Rotation:
+    """A triangulation of the sphere as a rotation system: ``rot[v]`` = neighbours of ``v``, clockwise.
+
+    Vertex ids are arbitrary hashables; :meth:`split` and :meth:`contract` keep the system a
+    triangulation (checked by :meth:`check` in the tests, not on every step).
+    """
+
+    def __init__(self, rot: dict):
+        self.rot = {v: list(nb) for v, nb in rot.items()}
+
+    def copy(self) -> "Rotation":
+        return Rotation(self.rot)
+
+    def __len__(self) -> int:
+        return len(self.rot)
+
+    def degree(self, v) -> int:
+        return len(self.rot[v])
+
+    def edges(self) -> list[tuple]:
+        return [(u, v) for u, nb in self.rot.items() for v in nb if _key(u) < _key(v)]
+
+    def graph(self, drop=None) -> nx.Graph:
+        """The graph (``drop``: a vertex to leave out, e.g. ``INF``)."""
+        G = nx.Graph()
+        G.add_nodes_from(v for v in self.rot if v != drop)
+        G.add_edges_from((u, v) for u, v in self.edges() if drop not in (u, v))
+        return G
+
+    def split(self, v, new, i: int, m: int) -> None:
+        """Split ``v``: the new vertex ``new`` takes the neighbours strictly between ``r[i]`` and
+        ``r[i + m]`` (clockwise, indices mod ``deg(v)``) and joins both of those and ``v``."""
+        r = self.rot[v]
+        d = len(r)
+        if not (0 <= i < d and 1 <= m <= d - 1):
+            raise ValueError(f"split of a degree-{d} vertex needs 0 <= i < {d} and 1 <= m <= {d - 1}, got i={i}, m={m}")
+        arc = [r[(i + j) % d] for j in range(m + 1)]  # u ... w, clockwise
+        u, w = arc[0], arc[-1]
+        self.rot[new] = arc + [v]
+        self.rot[v] = [r[(i + m + j) % d] for j in range(d - m + 1)] + [new]  # w ... u, then new
+        for x in arc[1:-1]:
+            rx = self.rot[x]
+            rx[rx.index(v)] = new
+        # u: ``new`` goes between v and the arc's next vertex; w: between v and the arc's previous one
+        _insert_between(self.rot[u], v, arc[1], new)
+        _insert_between(self.rot[w], v, arc[-2], new)
+
+    def contract(self, a, b) -> tuple:
+        """Merge ``b`` into ``a`` (the inverse of a split of ``a``); returns ``(u, m)``: the split of
+        ``a`` that undoes it starts at neighbour ``u`` and spans ``m`` steps clockwise."""
+        rb = self.rot[b]
+        d = len(rb)
+        j = rb.index(a)
+        arc = [rb[(j + 1 + t) % d] for t in range(d - 1)]  # u ... w, clockwise around b
+        u, w = arc[0], arc[-1]
+        ra = self.rot[a]
+        k = ra.index(b)
+        self.rot[a] = ra[:k] + arc[1:-1] + ra[k + 1:]
+        for x in arc[1:-1]:
+            rx = self.rot[x]
+            rx[rx.index(b)] = a
+        self.rot[u].remove(b)
+        self.rot[w].remove(b)
+        del self.rot[b]
+        return u, d - 2
+
+    def common_neighbours(self, a, b) -> int:
+        return len(set(self.rot[a]) & set(self.rot[b]))
+
+    def check(self) -> None:
+        """Raise if this is not a triangulation of the sphere (symmetric, simple, every face a triangle,
+        Euler characteristic 2)."""
+        n = len(self.rot)
+        half = set()
+        for v, nb in self.rot.items():
+            if len(set(nb)) != len(nb) or v in nb or len(nb) < 3:
+                raise AssertionError(f"vertex {v}: bad neighbour list {nb}")
+            for x in nb:
+                if v not in self.rot[x]:
+                    raise AssertionError(f"edge {v}-{x} only one way")
+                half.add((v, x))
+        faces = 0
+        seen = set()
+        for start in half:
+            if start in seen:
+                continue
+            faces += 1
+            length = 0
+            e = start
+            while e not in seen:
+                seen.add(e)
+                x, y = e
+                ry = self.rot[y]
+                e = (y, ry[(ry.index(x) + 1) % len(ry)])  # the next half-edge of the face
+                length += 1
+            if length != 3:
+                raise AssertionError(f"a face of length {length}")
+        if n - len(half) // 2 + faces != 2:
+            raise AssertionError("Euler characteristic is not 2")
+
+
+def _key(v):
+    return (0, v) if isinstance(v, int) else (1, str(v))
+
+
+def _insert_between(r: list, a, b, x) -> None:
+    """Insert ``x`` between the cyclically adjacent entries ``a`` and ``b`` of ``r``."""
+    ia, ib = r.index(a), r.index(b)
+    d = len(r)
+    if (ia + 1) % d == ib:
+        r.insert(ia + 1, x)
+    elif (ib + 1) % d == ia:
+        r.insert(ib + 1, x)
+    else:
+        raise AssertionError(f"{a} and {b} are not adjacent in the rotation {r}")
+
+
+def sphere_triangulation(G: nx.Graph) -> Rotation:
+    """The sphere triangulation of a triangulated disc ``G``: ``G`` plus ``INF`` joined to its outer cycle.
+
+    Raises :class:`NotATriangulatedDisc` (what is wrong) for any other graph.  The outer cycle is
+    the one face of the embedding networkx finds that is not a triangle, else the ends of the edges in
+    exactly one triangle; a disc whose outer edges also lie on a separating triangle *and* whose
+    embedding is not unique can escape both rules and is refused too (no graph of the ``planar`` data
+    set is; decoded samples, which are discs by construction, can be).
+    """
+    n = G.number_of_nodes()
+    if n < 3:
+        raise NotATriangulatedDisc(f"a triangulated disc has at least 3 nodes, got {n}")
+    if INF in G:
+        raise NotATriangulatedDisc(f"node label {INF} is reserved for the added outer vertex")
+    planar, emb = nx.check_planarity(G)
+    if not planar:
+        raise NotATriangulatedDisc("the graph is not planar")
+    outer = _outer_face(emb)
+    # a disc that is only 2-connected (an ear on a chord) has several embeddings, and the one found
+    # may put the ear in the wrong face: then the outer vertices are the ends of the edges that
+    # lie in exactly one triangle
+    for ring in ([outer] if outer is not None else []) + [_boundary_vertices(G)]:
+        H = nx.Graph(G)
+        H.add_edges_from((INF, x) for x in ring)
+        if H.number_of_edges() == 3 * (n + 1) - 6:
+            planar, emb = nx.check_planarity(H)
+            if planar:
+                break
+    else:
+        raise NotATriangulatedDisc("no face of the graph takes a vertex joined to all its corners to a "
+                                   "triangulation: some bounded face is not a triangle, or the outer "
+                                   "boundary is not one simple cycle")
+    rot = Rotation({v: list(emb.neighbors_cw_order(v)) for v in H.nodes})
+    return rot
+
+
+def _outer_face(emb: nx.PlanarEmbedding) -> Optional[list]:
+    """The one face of ``emb`` that is not a triangle if it is a simple cycle (a triangle if every face
+    is one), else None."""
+    seen: set = set()
+    faces = []
+    for u, v in emb.edges():
+        if (u, v) not in seen:
+            faces.append(emb.traverse_face(u, v, mark_half_edges=seen))
+    big = [f for f in faces if len(f) > 3]
+    if len(big) > 1:
+        return None
+    outer = big[0] if big else min(faces, key=lambda f: sorted(map(_key, f)))
+    return outer if len(set(outer)) == len(outer) else None
+
+
+def _boundary_vertices(G: nx.Graph) -> list:
+    """The ends of the edges in exactly one triangle (the outer cycle of a triangulated disc)."""
+    out = set()
+    for u, v in G.edges():
+        if len(set(G[u]) & set(G[v])) == 1:
+            out.update((u, v))
+    return sorted(out, key=_key)
+
+
+def is_triangulated_disc(G: nx.Graph) -> bool:
+    try:
+        sphere_triangulation(G)
+    except NotATriangulatedDisc:
+        return False
+    return True
+
+
+@dataclass
+class Level:
+    """One coarsening step: ``pairs`` are the ``(kept, merged)`` vertices contracted to go from the
+    finer triangulation to ``coarse`` (a copy)."""
+
+    coarse: Rotation
+    pairs: list[tuple]
+
+
+def contraction_level(T: Rotation) -> list[tuple]:
+    """An independent set of contractible edges of ``T`` (``INF`` untouched): no edge joins two chosen
+    pairs, and every vertex keeps degree >= 3.  Greedy, the edges of smallest degree sum first (this
+    keeps the coarse degrees small and the levels few: 13-16 levels for the 64-node planar graphs,
+    against up to 35 in label order); ties by label."""
+    deg = {v: len(nb) for v, nb in T.rot.items()}
+    blocked: set = {INF}
+    pairs = []
+    cand = sorted((e for e in T.edges() if INF not in e),
+                  key=lambda e: (deg[e[0]] + deg[e[1]], _key(e[0]), _key(e[1])))
+    for a, b in cand:
+        if a in blocked or b in blocked:
+            continue
+        ra = T.rot[a]
+        common = set(ra) & set(T.rot[b])
+        if len(common) != 2:
+            continue
+        if any(deg[x] <= 3 for x in common):  # the two wings each lose an edge
+            continue
+        if len(T) - len(pairs) <= 4:  # the tetrahedron is the coarsest level
+            break
+        for x in common:
+            deg[x] -= 1
+        # the endpoint of larger degree stays (ties: the first of the order key's pair)
+        keep, merged = (b, a) if deg[b] > deg[a] else (a, b)
+        pairs.append((keep, merged))
+        blocked.update((a, b), ra, T.rot[b])
+    return pairs
+
+
+def contraction_hierarchy(T: Rotation, max_levels: int = 64) -> list[Level]:
+    """Coarsen ``T`` to the tetrahedron: the list of levels, finest first."""
+    levels = []
+    T = T.copy()
+    while len(T) > 4:
+        pairs = contraction_level(T)
+        if not pairs:
+            raise NotATriangulatedDisc(f"no contractible edge left at {len(T)} vertices")
+        for keep, merged in pairs:
+            T.contract(keep, merged)
+        levels.append(Level(T.copy(), pairs))
+        if len(levels) > max_levels:
+            raise RuntimeError("contraction did not reach the tetrahedron")
+    return levels
+
+
+def tetrahedron() -> Rotation:
+    """The coarsest level every hierarchy starts from: ``0`` (the outer vertex) and ``1, 2, 3``."""
+    emb = nx.check_planarity(nx.complete_graph(4))[1]
+    rot = {v: list(emb.neighbors_cw_order(v)) for v in range(4)}
+    if rot[0] != [1, 2, 3] and rot[0] != [2, 3, 1] and rot[0] != [3, 1, 2]:  # mirror: relabel 2 <-> 3
+        swap = {0: 0, 1: 1, 2: 3, 3: 2}
+        rot = {swap[v]: [swap[x] for x in nb] for v, nb in rot.items()}
+    return Rotation({v: _rotate_to(nb, min(nb)) for v, nb in rot.items()})
+
+
+def _same_cycle(a: list, b: list) -> bool:
+    """Whether two lists are the same cyclic sequence."""
+    return len(a) == len(b) and (not a or _rotate_to(a, b[0]) == b if b[0] in a else False)
+
+
+def _rotate_to(r: list, x) -> list:
+    i = r.index(x)
+    return r[i:] + r[:i]
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+NO_SPLIT = 0
+
+
+class TriangulationTokenizer(PretrainedMixin):
+    """Pyramid tokenizer of triangulated discs: one scale per level of vertex splits.
+
+    Scale ``k`` holds one token per vertex of level ``k`` (level 0: the tetrahedron ``0`` = the
+    outer vertex, ``1, 2, 3``): ``NO_SPLIT`` or a split ``(i, m)`` (see :meth:`Rotation.split`),
+    token ``1 + i * (D - 1) + (m - 1)`` for a vertex of degree ``d <= D = max_degree``, with ``i``
+    counted clockwise from the vertex's *reference* neighbour (the one first in tree order).
+    Vertices are in *tree order*: level ``k + 1`` lists, for every vertex of level ``k`` in order,
+    the vertex and then the vertex its split created.  Positions past a level's vertex count hold
+    ``PAD``.  Every level of a graph's hierarchy (:func:`contraction_hierarchy`) splits an
+    independent set; a graph with fewer levels than ``K`` starts with levels of no splits.
+
+    Decoding is total and every decoded graph is a triangulated disc (planar, 2-connected):
+    a split naming a slot past the vertex's degree, a split of the outer vertex, a split adjacent to
+    one earlier in the same scale, and splits past the next level's capacity are read as
+    ``NO_SPLIT`` (the valid-token hook masks the first two kinds).
+
+    Next-scale input (``latent_dim`` features per vertex of the next level): valid, outer vertex,
+    degree, created / split at the last scale, level size, tree-order bits, and for the first
+    ``D`` clockwise slots from the reference neighbour: present, degree, outer vertex, new.
+
+    Args:
+        max_nodes: ``K`` ints, the capacity of every level (``max_nodes[0] == 4``; the last one
+            includes the outer vertex).
+        max_degree: ``D``, the largest degree a vertex may split at.
+    """
+
+    def __init__(self, max_nodes: Sequence[int], max_degree: int):
+        if len(max_nodes) < 2 or int(max_nodes[0]) != 4:
+            raise ValueError(f"max_nodes: expected >= 2 levels starting with the tetrahedron's 4, got {list(max_nodes)}")
+        if any(int(b) < int(a) for a, b in zip(max_nodes, max_nodes[1:])):
+            raise ValueError(f"max_nodes must not shrink from level to level, got {list(max_nodes)}")
+        if int(max_degree) < 3:
+            raise ValueError(f"max_degree must be >= 3, got {max_degree}")
+        self.max_nodes = [int(x) for x in max_nodes]
+        self.max_degree = D = int(max_degree)
+        self.K = len(self.max_nodes)
+        self.pad_token = 1 + D * (D - 1)
+        self.vocab_size = self.pad_token + 1
+        self.schedule = ScaleSchedule(self.max_nodes[:-1])
+        self.nbits = max(1, math.ceil(math.log2(self.max_nodes[-1])))
+        self._slot_at = 8 + self.nbits
+        self.latent_dim = int(8 * math.ceil((self._slot_at + 4 * D) / 8))
+        self.config = {"max_nodes": self.max_nodes, "max_degree": self.max_degree}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def fit(cls, graphs: Sequence[nx.Graph], node_slack: float = 0.1, degree_slack: int = 1) -> "TriangulationTokenizer":
+        """Size a tokenizer for a training set of triangulated discs: as many levels as the deepest
+        hierarchy, each level's capacity ``(1 + node_slack) x`` the largest seen (counted from the
+        finest level), splits up to ``degree_slack`` above the largest degree seen at a split."""
+        graphs = graphs_from(graphs)
+        if not graphs:
+            raise ValueError("fit needs at least one graph")
+        sizes: list[list[int]] = []
+        dmax = 3
+        for i, G in enumerate(graphs):
+            T = _sphere(G, i)
+            levels = contraction_hierarchy(T)
+            sizes.append([len(T)] + [len(lv.coarse) for lv in levels])  # finest first
+            dmax = max([dmax] + [lv.coarse.degree(keep) for lv in levels for keep, _ in lv.pairs])
+        K = max(len(s) for s in sizes)
+        cap = [max(s[j] for s in sizes if j < len(s)) for j in range(K)]  # finest first
+        cap = [cap[0]] + [min(cap[0], int(math.ceil(c * (1 + node_slack)))) for c in cap[1:-1]] + [4]
+        cap = list(reversed(cap))
+        for j in range(1, K):  # capacities must not shrink towards the fine end
+            cap[j] = max(cap[j], cap[j - 1])
+        return cls(cap, dmax + int(degree_slack))
+
+    # ------------------------------------------------------------------ encoding
+    def encode_graph(self, G: nx.Graph, index: int = 0) -> list[list[int]]:
+        """Token lists (unpadded) per scale for one triangulated disc."""
+        T = _sphere(G, index)
+        levels = contraction_hierarchy(T)
+        if len(levels) + 1 > self.K:
+            raise ValueError(f"graph {index}: its hierarchy has {len(levels) + 1} levels, this tokenizer {self.K}; "
+                             "refit on data that includes it")
+        top = levels[-1].coarse if levels else T
+        r_inf = top.rot[INF]
+        r_inf = _rotate_to(r_inf, min(r_inf, key=_key))
+        label = [INF] + r_inf  # decoder id -> the graph's own label
+        mapped = {i: [label.index(x) for x in top.rot[label[i]]] for i in range(4)}
+        if not all(_same_cycle(mapped[i], r) for i, r in tetrahedron().rot.items()):
+            raise AssertionError("the coarsest level does not map onto the decoder's tetrahedron")
+        grower = _Grower(self)
+        out: list[list[int]] = [[NO_SPLIT] * 4 for _ in range(self.K - 1 - len(levels))]
+        for j in range(len(levels) - 1, -1, -1):  # coarse to fine
+            lv = levels[j]
+            finer = levels[j - 1].coarse if j > 0 else T
+            merged_of = {keep: merged for keep, merged in lv.pairs}
+            n = len(grower.rot)
+            if n > self.max_nodes[len(out)]:
+                raise ValueError(f"graph {index}: level {len(out)} has {n} vertices, capacity {self.max_nodes[len(out)]}")
+            toks = []
+            for v in range(n):
+                x = label[v]
+                if x not in merged_of:
+                    toks.append(NO_SPLIT)
+                    continue
+                b = merged_of[x]
+                rb = finer.rot[b]
+                u = rb[(rb.index(x) + 1) % len(rb)]  # the first neighbour of the arc, clockwise around b
+                m = len(rb) - 2
+                r = grower.rot.rot[v]
+                d = len(r)
+                if d > self.max_degree:
+                    raise ValueError(f"graph {index}: a split at degree {d}, above max_degree {self.max_degree}")
+                i = (r.index(label.index(u)) - r.index(min(r))) % d
+                toks.append(1 + i * (self.max_degree - 1) + (m - 1))
+            new_of = grower.apply(toks, self.max_nodes[len(out) + 1])
+            label = _tree_labels(label, new_of, merged_of)
+            out.append(toks)
+        return out
+
+    @torch.no_grad()
+    def encode(self, data: Any) -> list[torch.Tensor]:
+        """``Data`` / ``Batch`` / networkx triangulated disc(s) -> per scale ``(B, n_k)`` long, PAD-filled."""
+        graphs = graphs_from(data)
+        per = [self.encode_graph(G, i) for i, G in enumerate(graphs)]
+        out = []
+        for s, n in enumerate(self.schedule.token_counts):
+            t = torch.full((len(graphs), n), self.pad_token, dtype=torch.long)
+            for b, toks in enumerate(per):
+                t[b, :len(toks[s])] = torch.tensor(toks[s])
+            out.append(t)
+        return out
+
+    def valid_mask(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(B, L)`` bool: the positions that hold a vertex (non-PAD)."""
+        return torch.cat([idx != self.pad_token for idx in indices], 1)
+
+    # ------------------------------------------------------------------ decoding
+    def start(self, batch_size: int, device: torch.device | str = "cpu", context: Any = None) -> "TriangulationDecodeState":
+        """A decode state that grows ``batch_size`` triangulations from the tetrahedron (no ``context``)."""
+        if context is not None:
+            raise TypeError(f"TriangulationTokenizer.start takes no context, got {type(context).__name__}")
+        return TriangulationDecodeState(self, batch_size, device)
+
+    @torch.no_grad()
+    def teacher_forcing_input(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(B, L - n_0, C)``: what the decode state hands the transformer, fed the true tokens."""
+        B = self.schedule.check_indices(indices, self.vocab_size)
+        st = self.start(B, indices[0].device)
+        pieces = [st.add_scale(k, idx) for k, idx in enumerate(indices)]
+        return torch.cat([p for p in pieces if p is not None], 1)
+
+    def _run(self, indices: Sequence[torch.Tensor]) -> "TriangulationDecodeState":
+        B = self.schedule.check_indices(indices, self.vocab_size)
+        st = self.start(B, indices[0].device)
+        for k, idx in enumerate(indices):
+            st.add_scale(k, idx)
+        return st
+
+    @torch.no_grad()
+    def decode(self, indices: Sequence[torch.Tensor]) -> Batch:
+        return self.finish(self._run(indices))
+
+    @torch.no_grad()
+    def decode_progression(self, indices: Sequence[torch.Tensor]) -> list[list[nx.Graph]]:
+        """Per level, coarse to fine, the decoded graphs of the batch (outer vertex left out)."""
+        return self._run(indices).history
+
+    def valid_token_hook(self, k: int, logits: torch.Tensor, state: "TriangulationDecodeState") -> torch.Tensor:
+        """A ``logits_hook`` for :func:`msar.sample`: ``-inf`` on the tokens of scale ``k`` the decoder
+        would read as something else (PAD at a vertex, a vertex at PAD, slots past the degree, a split
+        of the outer vertex)."""
+        if not isinstance(state, TriangulationDecodeState) or state.tok is not self:
+            raise TypeError("valid_token_hook needs a decode state made by this tokenizer's start(), "
+                            f"got {type(state).__name__}")
+        ok = state.allowed(k).to(logits.device)
+        if ok.shape != logits.shape:
+            raise ValueError(f"valid_token_hook: logits of shape {tuple(logits.shape)} at scale {k}, expected {tuple(ok.shape)}")
+        return logits.masked_fill(~ok, float("-inf"))
+
+    def finish(self, state: "TriangulationDecodeState") -> Batch:
+        if not state.done:
+            raise ValueError(f"finish: the decode state has seen {state.s} of {len(self.schedule)} scales")
+        return Batch.from_data_list([to_data(_relabel(g.graph(drop=0))) for g in state.rots])
+
+
+def _sphere(G: nx.Graph, index: int) -> Rotation:
+    try:
+        return sphere_triangulation(G)
+    except NotATriangulatedDisc as e:
+        raise NotATriangulatedDisc(f"graph {index}: {e}") from None
+
+
+def _relabel(G: nx.Graph) -> nx.Graph:
+    return nx.convert_node_labels_to_integers(G, ordering="sorted")
+
+
+def _tree_labels(label: list, new_of: dict, merged_of: dict) -> list:
+    """The next level's decoder-id -> label list: every vertex, then the one its split created."""
+    out = []
+    for v, x in enumerate(label):
+        out.append(x)
+        if v in new_of:
+            out.append(merged_of[x])
+    return out
+
+
+def _split_of(tok: int, D: int) -> tuple[int, int]:
+    """Token -> ``(i, m)`` (for a split token, ``1 <= tok < 1 + D (D - 1)``)."""
+    i, r = divmod(tok - 1, D - 1)
+    return i, r + 1
+
+
+class _Grower:
+    """One triangulation growing level by level in decoder ids (tree order; ``0`` the outer vertex)."""
+
+    def __init__(self, tok: TriangulationTokenizer):
+        self.tok = tok
+        self.rot = tetrahedron()
+        self.new: set = set()  # vertices created at the last scale
+        self.split: set = set()  # vertices that split at the last scale
+        self.refused = 0  # splits read as NO_SPLIT (adjacent to an earlier one, or past capacity)
+
+    def allowed_split(self, v: int) -> bool:
+        return v != 0 and len(self.rot.rot[v]) <= self.tok.max_degree
+
+    def apply(self, toks: Sequence[int], cap: int) -> dict:
+        """Apply one scale's tokens (one per vertex, in order) growing to at most ``cap`` vertices;
+        returns {vertex: the (pre-renumbering) id of the vertex it created}."""
+        D, rot = self.tok.max_degree, self.rot
+        n = len(rot)
+        touched: set = set()
+        new_of: dict = {}
+        for v in range(n):
+            t = int(toks[v])
+            if t == NO_SPLIT or t >= self.tok.pad_token or not self.allowed_split(v):
+                continue
+            i, m = _split_of(t, D)
+            d = len(rot.rot[v])
+            if i >= d or m > d - 1:
+                continue
+            if v in touched or n + len(new_of) >= cap:
+                self.refused += 1
+                continue
+            r = rot.rot[v]
+            ref = r.index(min(r))
+            new = n + len(new_of)
+            touched.update([v], r)  # neighbours of a split vertex may not split in the same scale
+            rot.split(v, new, (ref + i) % d, m)
+            new_of[v] = new
+        # renumber to tree order: every vertex, then its new vertex
+        ids: dict = {}
+        for v in range(n):
+            ids[v] = len(ids)
+            if v in new_of:
+                ids[new_of[v]] = len(ids)
+        self.rot = Rotation({ids[v]: [ids[x] for x in nb] for v, nb in rot.rot.items()})
+        self.new = {ids[x] for x in new_of.values()}
+        self.split = {ids[v] for v in new_of}
+        return new_of
+
+
+class TriangulationDecodeState:
+    """Incremental decoding for :class:`TriangulationTokenizer` (``tokenizer.start``)."""
+
+    def __init__(self, tok: TriangulationTokenizer, batch_size: int, device: torch.device | str = "cpu"):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"batch_size: expected an int >= 0, got {batch_size!r}")
+        self.tok, self.B, self.device = tok, batch_size, device
+        self.growers = [_Grower(tok) for _ in range(batch_size)]
+        self.indices: list[torch.Tensor] = []
+        self.s = 0
+        self.done = False
+        self.history: list[list[nx.Graph]] = [[_relabel(g.rot.graph(drop=0)) for g in self.growers]]
+
+    @property
+    def rots(self) -> list[Rotation]:
+        return [g.rot for g in self.growers]
+
+    @property
+    def refused(self) -> int:
+        """Splits read as NO_SPLIT so far (next to an earlier split of the same scale, or past capacity)."""
+        return sum(g.refused for g in self.growers)
+
+    def allowed(self, k: int) -> torch.Tensor:
+        """``(B, n_k, V)`` bool: the tokens of scale ``k`` the decoder reads as drawn."""
+        tok, D = self.tok, self.tok.max_degree
+        n_pos = tok.schedule.token_counts[k]
+        ok = np.zeros((self.B, n_pos, tok.vocab_size), dtype=bool)
+        table = _allowed_table(D)
+        for b, g in enumerate(self.growers):
+            n = min(len(g.rot), n_pos)
+            ok[b, n:, tok.pad_token] = True
+            for v in range(n):
+                d = len(g.rot.rot[v])
+                ok[b, v] = table[d] if g.allowed_split(v) else table[0]
+        return torch.from_numpy(ok).to(self.device)
+
+    def _features(self) -> torch.Tensor:
+        tok, D = self.tok, self.tok.max_degree
+        n_pos = tok.schedule.token_counts[self.s]
+        X = np.zeros((self.B, n_pos, tok.latent_dim), dtype=np.float32)
+        o = tok._slot_at
+        frac = self.s / max(1, tok.K - 2)
+        for b, g in enumerate(self.growers):
+            rot = g.rot.rot
+            n = min(len(rot), n_pos)
+            X[b, :, 5] = len(rot) / tok.max_nodes[-1]
+            X[b, :, 6] = frac
+            X[b, :, 7] = len(rot[0]) / 16
+            for v in range(n):
+                r = rot[v]
+                d = len(r)
+                X[b, v, 0] = 1.0
+                X[b, v, 1] = v == 0
+                X[b, v, 2] = d / 8
+                X[b, v, 3] = v in g.new
+                X[b, v, 4] = v in g.split
+                X[b, v, 8:8 + tok.nbits] = _bits(v, tok.nbits)
+                ref = r.index(min(r))
+                for j in range(min(d, D)):
+                    x = r[(ref + j) % d]
+                    X[b, v, o + 4 * j: o + 4 * j + 4] = (1.0, len(rot[x]) / 8, x == 0, x in g.new)
+        return torch.from_numpy(X).to(self.device)
+
+    def add_scale(self, k: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Add scale k's tokens ``(B, n_k)``; return the ``(B, n_{k+1}, C)`` features of the next scale
+        (``None`` after the last)."""
+        if self.done or k != self.s:
+            raise ValueError(f"scales must be added in order: expected scale {self.s}, got {k}")
+        n = self.tok.schedule.token_counts[k]
+        if not isinstance(idx, torch.Tensor) or tuple(idx.shape) != (self.B, n):
+            raise ValueError(f"scale {k}: expected indices of shape ({self.B}, {n}), got "
+                             f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+        rows = idx.tolist()
+        for g, row in zip(self.growers, rows):
+            g.apply(row + [NO_SPLIT] * max(0, len(g.rot) - len(row)), self.tok.max_nodes[k + 1])
+        self.indices.append(idx)
+        self.history.append([_relabel(g.rot.graph(drop=0)) for g in self.growers])
+        self.s += 1
+        if self.s == len(self.tok.schedule):
+            self.done = True
+            return None
+        return self._features()
+
+
+@functools.lru_cache(maxsize=None)
+def _allowed_table(D: int) -> np.ndarray:
+    """``(D + 1, V)``: row ``d`` = the tokens a vertex of degree ``d`` may take (row 0: NO_SPLIT only)."""
+    V = 2 + D * (D - 1)
+    t = np.zeros((D + 1, V), dtype=bool)
+    t[:, NO_SPLIT] = True
+    for d in range(3, D + 1):
+        for i in range(d):
+            for m in range(1, d):
+                t[d, 1 + i * (D - 1) + (m - 1)] = True
+    return t
+
+
+def _bits(i: int, nbits: int) -> np.ndarray:
+    return np.array([1.0 if (i >> b) & 1 else -1.0 for b in range(nbits)], dtype=np.float32)

@@ -1,0 +1,168 @@
+"""The triangulated-disc tokenizer: rotation-system operations, the hierarchy, exact round trips,
+and that every token sequence decodes to a planar triangulated disc."""
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from modalities.graph import graphs_from, make_dataset
+from modalities.graph.triangulation import (INF, NO_SPLIT, NotATriangulatedDisc, Rotation, TriangulationTokenizer,
+                                            contraction_hierarchy, contraction_level, is_triangulated_disc,
+                                            sphere_triangulation, tetrahedron)
+
+
+@pytest.fixture(scope="module")
+def planar():
+    sp = make_dataset("planar", seed=0, num=24)
+    return [G for G in sp["train"] if is_triangulated_disc(G)]
+
+
+@pytest.fixture(scope="module")
+def tok(planar):
+    return TriangulationTokenizer.fit(planar)
+
+
+def _cycles(T: Rotation) -> dict:
+    """Each rotation started at its smallest neighbour (a rotation is a cyclic order)."""
+    out = {}
+    for v, nb in T.rot.items():
+        i = nb.index(min(nb, key=str))
+        out[v] = nb[i:] + nb[:i]
+    return out
+
+
+def _grown(seed: int, n: int) -> Rotation:
+    """A random sphere triangulation: the tetrahedron and ``n`` random splits."""
+    rng = np.random.default_rng(seed)
+    T = tetrahedron()
+    for new in range(4, 4 + n):
+        v = int(rng.integers(new))
+        d = T.degree(v)
+        T.split(v, new, int(rng.integers(d)), int(rng.integers(1, d)))
+    return T
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10**6), st.integers(0, 40))
+def test_a_split_keeps_a_triangulation_and_contraction_undoes_it(seed, n):
+    T = _grown(seed, n)
+    T.check()  # every face a triangle, Euler characteristic 2
+    rng = np.random.default_rng(seed + 1)
+    v = int(rng.integers(len(T)))
+    d = T.degree(v)
+    i, m = int(rng.integers(d)), int(rng.integers(1, d))
+    before = T.copy()
+    T.split(v, "x", i, m)
+    T.check()
+    assert T.degree("x") == m + 2 and T.degree(v) == d - m + 2
+    u, m_back = T.contract(v, "x")
+    assert m_back == m and u == before.rot[v][i]
+    assert _cycles(T) == _cycles(before)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 50))
+def test_a_level_contracts_an_independent_set_away_from_the_outer_vertex(seed, n):
+    T = _grown(seed, n)
+    T = Rotation({(INF if v == 0 else v): [INF if x == 0 else x for x in nb] for v, nb in T.rot.items()})
+    pairs = contraction_level(T)
+    assert pairs, "a triangulation with more than 4 vertices has a contractible edge"
+    touched = [set(p) for p in pairs]
+    for a, b in pairs:
+        assert INF not in (a, b) and b in T.rot[a]
+        assert len(set(T.rot[a]) & set(T.rot[b])) == 2  # contractible: no separating triangle
+    for p, q in ((p, q) for i, p in enumerate(touched) for q in touched[i + 1:]):
+        assert not any(y in T.rot[x] for x in p for y in q), "two contracted pairs are joined by an edge"
+    levels = contraction_hierarchy(T)
+    assert len(levels[-1].coarse) == 4
+    for lv in levels:
+        lv.coarse.check()
+
+
+def test_round_trip_is_exact_on_the_planar_data(planar, tok):
+    idx = tok.encode(planar[:8])
+    out = graphs_from(tok.decode(idx))
+    for G, H in zip(planar[:8], out):
+        assert nx.is_isomorphic(G, H)
+    # a relabelling gives another hierarchy (ties go by label), the same graph back
+    rng = np.random.default_rng(0)
+    G = planar[0]
+    perm = rng.permutation(G.number_of_nodes())
+    P = nx.relabel_nodes(G, {i: int(perm[i]) for i in G.nodes})
+    idx_p = tok.encode([P])
+    assert any(not torch.equal(a[:1], b) for a, b in zip(idx, idx_p))
+    assert nx.is_isomorphic(graphs_from(tok.decode(idx_p))[0], G)
+
+
+def test_progression_grows_from_a_triangle_to_the_graph(planar, tok):
+    levels = tok.decode_progression(tok.encode(planar[:2]))
+    assert [g.number_of_nodes() for g in levels[0]] == [3, 3]  # the tetrahedron without the outer vertex
+    for b in range(2):
+        sizes = [lvl[b].number_of_nodes() for lvl in levels]
+        assert sizes == sorted(sizes) and sizes[-1] == planar[b].number_of_nodes()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 10**6))
+def test_every_token_sequence_decodes_to_a_triangulated_disc(tok, seed):
+    g = torch.Generator().manual_seed(seed)
+    B = 4
+    st_ = tok.start(B)
+    for k, n in enumerate(tok.schedule.token_counts):
+        # mostly allowed tokens (so the graphs grow), some arbitrary ones
+        ok = st_.allowed(k)
+        logits = torch.randn(B, n, tok.vocab_size, generator=g).masked_fill(~ok, -3.0)
+        st_.add_scale(k, torch.distributions.Categorical(logits=logits).sample())
+    for R, H in zip(st_.rots, graphs_from(tok.finish(st_))):
+        R.check()  # a sphere triangulation, so H (without the outer vertex 0) is a triangulated disc
+        assert H.number_of_nodes() == len(R) - 1
+        assert H.number_of_edges() == 3 * len(R) - 6 - R.degree(0)
+        assert nx.check_planarity(H)[0] and nx.is_biconnected(H)
+
+
+def test_allowed_tokens_are_decoded_as_drawn(tok):
+    """A split the hook allows grows the graph by one vertex (at a scale with one split)."""
+    st_ = tok.start(1)
+    ok = st_.allowed(0)[0]
+    assert ok[0, NO_SPLIT] and ok[0].sum() == 1  # the outer vertex never splits
+    assert not ok[:, tok.pad_token].any()
+    d = 3
+    split = [t for t in range(1, tok.pad_token) if ok[1, t]]
+    assert len(split) == d * (d - 1)  # every (i, m) with i < 3, 1 <= m <= 2
+    for t in split:
+        s2 = tok.start(1)
+        s2.add_scale(0, torch.tensor([[NO_SPLIT, t, NO_SPLIT, NO_SPLIT]]))
+        assert len(s2.rots[0]) == 5 and s2.refused == 0
+
+
+def test_adjacent_splits_in_one_scale_keep_the_first(tok):
+    st_ = tok.start(1)
+    t = 1  # i = 0, m = 1 on a degree-3 vertex
+    st_.add_scale(0, torch.tensor([[NO_SPLIT, t, t, NO_SPLIT]]))  # 1 and 2 are adjacent
+    assert len(st_.rots[0]) == 5 and st_.refused == 1
+
+
+def test_teacher_forcing_matches_incremental_decoding(planar, tok):
+    from msar import testing
+    testing.check_adapter(tok, planar[:3], model=testing.tiny_transformer(tok))
+
+
+@pytest.mark.parametrize("G, why", [
+    (nx.grid_2d_graph(4, 4), "bounded face is not a triangle"),
+    (nx.complete_graph(5), "not planar"),
+    (nx.path_graph(2), "at least 3 nodes"),
+])
+def test_graphs_that_are_not_triangulated_discs_are_refused_with_the_reason(tok, G, why):
+    with pytest.raises(NotATriangulatedDisc, match=why):
+        sphere_triangulation(nx.convert_node_labels_to_integers(G))
+    with pytest.raises(NotATriangulatedDisc, match="graph 0"):
+        tok.encode([nx.convert_node_labels_to_integers(G)])
+
+
+def test_save_and_load(tmp_path, tok, planar):
+    tok.save_pretrained(tmp_path)
+    again = TriangulationTokenizer.from_pretrained(tmp_path)
+    assert again.config == tok.config
+    assert all(torch.equal(a, b) for a, b in zip(again.encode(planar[:2]), tok.encode(planar[:2])))
