@@ -67,7 +67,7 @@ from modalities.graph.datasets import WITH_VALIDATION
 from modalities.graph.constraints import PROJECTIONS, PROPERTIES, EdgeScores, StructureHook, count_projection
 from modalities.graph.metrics import structure_summary
 from modalities.graph.size import NodeCountHook, draw_node_counts, level_size_report
-from modalities.graph.tokenizer import PAD
+from modalities.graph.triangulation import TriangulationTokenizer, is_triangulated_disc
 from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
 
 # per dataset: model width, depth, heads, training steps, batch size, random orderings per graph,
@@ -151,7 +151,7 @@ def measuring_hook(tok: GraphPyramidTokenizer, constrain: bool, temperature: flo
 
     def hook(k: int, logits: torch.Tensor, state) -> torch.Tensor:
         ok = state.allowed(k).to(logits.device)
-        real = ~ok[..., PAD]
+        real = ~ok[..., tok.pad_token]
         p_bad = (logits / temperature).softmax(-1).masked_fill(ok, 0.0).sum(-1)
         acc["mass"] += float(p_bad[real].sum())
         acc["positions"] += int(real.sum())
@@ -175,8 +175,8 @@ def structure_for(dataset: str, args: argparse.Namespace, tok: GraphPyramidToken
     """The structure property sampling enforces: ``--structure``, where ``auto`` picks the
     dataset's own (grid; planar, on every level when the hierarchy's levels are planar, i.e.
     ``matching="max"``) and none elsewhere; always none with ``--no-constrain``."""
-    if args.no_constrain or args.structure == "none":
-        return None
+    if args.no_constrain or args.structure == "none" or isinstance(tok, TriangulationTokenizer):
+        return None  # a triangulation's decoded graphs are planar by construction
     if args.structure == "auto":
         if dataset == "planar" and tok.matching == "max":
             return "planar_levels"
@@ -189,7 +189,7 @@ def count_invalid(tok: GraphPyramidTokenizer, indices: list[torch.Tensor]) -> in
     st, bad = tok.start(indices[0].shape[0]), 0
     for k, idx in enumerate(indices):
         ok = st.allowed(k)
-        real = ~ok[..., PAD]
+        real = ~ok[..., tok.pad_token]
         bad += int((real & ~ok.gather(-1, idx.unsqueeze(-1)).squeeze(-1)).sum())
         st.add_scale(k, idx)
     return bad
@@ -207,7 +207,7 @@ def train(model: msar.NextScaleTransformer, tok: GraphPyramidTokenizer, X: torch
           heldout: Optional[tuple[torch.Tensor, torch.Tensor]] = None, val_every: int = 0
           ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """Teacher forcing with :class:`msar.training.TransformerTrainer`, cross-entropy on the
-    non-PAD positions only (``ignore_index=PAD``), unconditional.  Checkpoints go to
+    non-PAD positions only (``ignore_index=tok.pad_token``), unconditional.  Checkpoints go to
     ``out/ckpt`` (a rerun resumes), the per-step log to ``out/logs/train.csv``; returns the
     loss curve (every 25 steps and the last) read from that log, and the held-out curve: with
     ``heldout`` (tokens and teacher input of other graphs) and ``val_every``, the per-token loss on
@@ -216,7 +216,7 @@ def train(model: msar.NextScaleTransformer, tok: GraphPyramidTokenizer, X: torch
     steps = cfg["steps"]
     tc = TransformerTrainConfig(lr=cfg["lr"], total_steps=steps, warmup_steps=max(1, steps // 20), lr_schedule="cos",
                                 warmup_start=0.05, final_lr_ratio=0.01, weight_decay=0.05, grad_clip=1.0,
-                                ignore_index=PAD, ckpt_dir=os.path.join(out, "ckpt"), ckpt_every=ckpt_every,
+                                ignore_index=tok.pad_token, ckpt_dir=os.path.join(out, "ckpt"), ckpt_every=ckpt_every,
                                 log_dir=os.path.join(out, "logs"), tensorboard=False)
     counts = list(tok.schedule.token_counts)
 
@@ -271,6 +271,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg["face_features"] = True
     if args.parent_links:
         cfg["parent_links"] = True
+    if args.tokenizer is not None:
+        cfg["tokenizer"] = args.tokenizer
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -296,24 +298,42 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         val_curve = prev.get("val_loss_curve") or []
         seconds = dict(prev["seconds"])
         trained_by = prev.get("trained_by") or prev.get("run")  # the training run's own record
+        train_used = prev.get("training_graphs_used", len(train_graphs))
+        if isinstance(tok, TriangulationTokenizer) and (args.project or args.complete or args.expand_test
+                                                        or args.node_count != "none"):
+            raise SystemExit(f"{args.load} holds a triangulation model: --project, --complete, --expand-test and "
+                             "--node-count are options of the coarsening tokenizer")
     else:
         trained_by = None  # this run (its record is "run")
+        train_used = len(train_graphs)  # training graphs the tokenizer could encode
         t0 = time.time()
-        items = augment(train_graphs, cfg["perms"], args.seed)
-        tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
-                                        matching=cfg.get("matching", "greedy"),
-                                        final_chunks=cfg.get("final_chunks"),
-                                        face_features=cfg.get("face_features", False),
-                                        parent_links=cfg.get("parent_links", False))
+        if cfg.get("tokenizer") == "triangulation":  # only triangulated discs have that hierarchy
+            kept = [G for G in train_graphs if is_triangulated_disc(G)]
+            if not kept:
+                raise SystemExit(f"--tokenizer triangulation: none of the {len(train_graphs)} {dataset} training graphs "
+                                 "is a triangulated disc (planar, bounded faces triangles, one outer cycle)")
+            train_used = len(kept)
+            items = augment(kept, cfg["perms"], args.seed)
+            tok = TriangulationTokenizer.fit(items)
+        else:
+            items = augment(train_graphs, cfg["perms"], args.seed)
+            tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
+                                            matching=cfg.get("matching", "greedy"),
+                                            final_chunks=cfg.get("final_chunks"),
+                                            face_features=cfg.get("face_features", False),
+                                            parent_links=cfg.get("parent_links", False))
         X, TF = build_training_set(tok, items)
         heldout = None
         if args.val_every:  # the validation graphs, as many orderings each as the training graphs
             if not splits["val"]:
                 raise SystemExit(f"--val-every: {dataset} has no validation split here")
-            heldout = build_training_set(tok, augment(splits["val"], cfg["perms"], args.seed + 1))
+            val = splits["val"]
+            if cfg.get("tokenizer") == "triangulation":
+                val = [G for G in val if is_triangulated_disc(G)]
+            heldout = build_training_set(tok, augment(val, cfg["perms"], args.seed + 1))
         seconds["tokenize"] = time.time() - t0
         print(f"[{dataset}] {len(train_graphs)} train / {len(test)} test graphs, {X.shape[0]} sequences, "
-              f"L={tok.schedule.L} over {len(tok.schedule)} scales, {(X != PAD).float().mean():.0%} non-PAD, "
+              f"L={tok.schedule.L} over {len(tok.schedule)} scales, {(X != tok.pad_token).float().mean():.0%} non-PAD, "
               f"latent_dim={tok.latent_dim}, tokenized in {seconds['tokenize']:.1f}s")
         model = build_model(tok, cfg, 0.1 if not args.quick else 0.0)
         t0 = time.time()
@@ -402,10 +422,13 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
             struct_stats = {key: struct_stats.get(key, 0) + sh.stats.get(key, 0) for key in sh.stats}
         else:  # a structure hook drops coarse edges on purpose (PAD), which is not an invalid draw
             invalid["draws"] += count_invalid(tok, res.indices)
+        if isinstance(tok, TriangulationTokenizer):  # splits next to an earlier one of their scale, read as none
+            invalid["refused_splits"] = invalid.get("refused_splits", 0) + tok.replay(res.indices).refused
     seconds["sample"] = time.time() - t0
     for h in size_hooks:
         size_stats = {key: size_stats[key] + h.stats[key] for key in size_stats}
-    node_count = {"level_sizes": level_size_report(level_counts)}  # with or without --node-count
+    # the level sizes the halving coarsening implies (a triangulation's levels have no fixed sizes)
+    node_count = {} if isinstance(tok, TriangulationTokenizer) else {"level_sizes": level_size_report(level_counts)}
     if targets is not None:  # every generated graph should have its target's node count (checked, not assumed)
         node_count |= {"targets": targets, "stats": size_stats,
                       "on_target": sum(G.number_of_nodes() == N for G, N in zip(gen, targets)) / len(gen),
@@ -415,6 +438,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     invalid_stats = {"mean_invalid_mass": invalid["mass"] / max(invalid["positions"], 1),
                      "invalid_draw_rate": invalid["draws"] / max(invalid["positions"], 1),
                      "real_positions": invalid["positions"]}
+    if "refused_splits" in invalid:
+        invalid_stats["refused_splits_per_sample"] = invalid["refused_splits"] / n_gen
 
     metrics = evaluate(gen, train_graphs, test, dataset)
     # what the MMD statistics react to (edges, triangles, degree shares, non-triangular faces), per set
@@ -425,7 +450,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                       {"graphs": [{"n": G.number_of_nodes(), "edges": sorted(map(sorted, G.edges()))} for G in gen]},
                       started)
     metrics.update({
-        "dataset": dataset, "eval_split": args.eval_split, "seed": args.seed, "quick": args.quick, "data_kw": data_kw, "train_config": cfg,
+        "dataset": dataset, "training_graphs_used": train_used, "eval_split": args.eval_split, "seed": args.seed, "quick": args.quick, "data_kw": data_kw, "train_config": cfg,
         "tokenizer": tok.config, "schedule_L": tok.schedule.L, "num_scales": len(tok.schedule),
         "num_parameters": model.num_parameters(), "final_loss": curve[-1][1], "loss_curve": curve,
         "val_loss_curve": val_curve or None,
@@ -458,8 +483,10 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         print(f"  valid samples: {mem['valid']} ({mem['distinct_valid']} distinct), {mem['in_train']:.0%} copies of a "
               f"training graph, {mem['in_eval_only']:.0%} graphs of the {args.eval_split} split only, "
               f"{mem['neither']:.0%} new")
-    print(f"  levels: {node_count['level_sizes']['consistent']:.0%} of the samples have the level sizes of their "
-          f"node count, {node_count['level_sizes']['short_levels']:.2f} levels per sample leave two or more nodes single")
+    if "level_sizes" in node_count:
+        print(f"  levels: {node_count['level_sizes']['consistent']:.0%} of the samples have the level sizes of their "
+              f"node count, {node_count['level_sizes']['short_levels']:.2f} levels per sample leave two or more nodes "
+              "single")
     if "targets" in node_count:
         print(f"  node count: {node_count['on_target']:.0%} of the samples on their target (mean target "
               f"{node_count['mean_target']:.1f}, mean generated {metrics['mean_nodes_generated']:.1f})")
@@ -565,6 +592,10 @@ def main(argv=None) -> None:
     p.add_argument("--matching", default=None, choices=list(MATCHINGS),
                    help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels; aligned: "
                         "pairs lined up side by side and in line, so a grid's levels are grids)")
+    p.add_argument("--tokenizer", default=None, choices=["pyramid", "triangulation"],
+                   help="pyramid: the coarsening hierarchy of any graph (GraphPyramidTokenizer; default); "
+                        "triangulation: vertex splits of a triangulated disc (TriangulationTokenizer; planar: every "
+                        "sample is a planar triangulated disc by construction)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
     p.add_argument("--final-chunks", default=None, choices=["same", "all"],
                    help="chunks of the finest expansion: 'all' = one per edge position (its edge masks are "
@@ -602,6 +633,18 @@ def main(argv=None) -> None:
                                                 or (args.structure == "auto" and name not in PROPERTIES)):
             raise SystemExit(f"--project / --complete keep a structure property, and {name} has none here: use "
                              "--structure auto on planar / grid or name a property, without --no-constrain")
+    if args.tokenizer == "triangulation":
+        pyramid_only = {"--project": args.project, "--complete": args.complete, "--matching": args.matching,
+                        "--edge-chunks": args.edge_chunks, "--final-chunks": args.final_chunks,
+                        "--face-features": args.face_features, "--parent-links": args.parent_links,
+                        "--node-count": args.node_count != "none", "--expand-test": args.expand_test,
+                        "--structure": args.structure not in ("auto", "none")}
+        used = [flag for flag, on in pyramid_only.items() if on]
+        if used:
+            raise SystemExit(f"{', '.join(used)}: options of the coarsening tokenizer, not of --tokenizer triangulation "
+                             "(whose samples are planar by construction)")
+        if args.load:
+            raise SystemExit("--tokenizer is a training option: a --load run uses the tokenizer it was trained with")
     if args.project and args.complete:
         raise SystemExit("--project completes by itself (it samples without the structure hook): drop --complete")
     if args.projection != "greedy" and not args.project:

@@ -124,24 +124,33 @@ def test_every_token_sequence_decodes_to_a_triangulated_disc(tok, seed):
 
 def test_allowed_tokens_are_decoded_as_drawn(tok):
     """A split the hook allows grows the graph by one vertex (at a scale with one split)."""
-    st_ = tok.start(1)
+    one = TriangulationTokenizer(tok.max_nodes, tok.max_degree, chunks=1)
+    st_ = one.start(1)
     ok = st_.allowed(0)[0]
     assert ok[0, NO_SPLIT] and ok[0].sum() == 1  # the outer vertex never splits
-    assert not ok[:, tok.pad_token].any()
+    assert not ok[:, one.pad_token].any()
     d = 3
-    split = [t for t in range(1, tok.pad_token) if ok[1, t]]
+    split = [t for t in range(1, one.pad_token) if ok[1, t]]
     assert len(split) == d * (d - 1)  # every (i, m) with i < 3, 1 <= m <= 2
     for t in split:
-        s2 = tok.start(1)
+        s2 = one.start(1)
         s2.add_scale(0, torch.tensor([[NO_SPLIT, t, NO_SPLIT, NO_SPLIT]]))
         assert len(s2.rots[0]) == 5 and s2.refused == 0
 
 
-def test_adjacent_splits_in_one_scale_keep_the_first(tok):
-    st_ = tok.start(1)
-    t = 1  # i = 0, m = 1 on a degree-3 vertex
-    st_.add_scale(0, torch.tensor([[NO_SPLIT, t, t, NO_SPLIT]]))  # 1 and 2 are adjacent
+def test_adjacent_splits_in_one_chunk_keep_the_first_and_a_later_chunk_is_blocked(tok):
+    one = TriangulationTokenizer(tok.max_nodes, tok.max_degree, chunks=1)
+    st_ = one.start(1)
+    st_.add_scale(0, torch.tensor([[NO_SPLIT, 1, 1, NO_SPLIT]]))  # 1 and 2 are adjacent; token 1: i = 0, m = 1
     assert len(st_.rots[0]) == 5 and st_.refused == 1
+    # two chunks: vertex 1 (chunk 1) sees that vertex 2 (chunk 0) split, and may not split
+    two = TriangulationTokenizer(tok.max_nodes, tok.max_degree, chunks=2)
+    st_ = two.start(1)
+    st_.add_scale(0, torch.tensor([[NO_SPLIT, 1]]))  # vertices 0 and 2
+    ok = st_.allowed(1)[0]  # vertices 1 and 3, both next to vertex 2
+    assert ok[:, NO_SPLIT].all() and ok.sum() == 2
+    st_.add_scale(1, torch.tensor([[1, 1]]))
+    assert len(st_.rots[0]) == 5 and st_.refused == 0  # read as NO_SPLIT, as the hook says
 
 
 def test_teacher_forcing_matches_incremental_decoding(planar, tok):

@@ -170,6 +170,7 @@ class GraphPyramidTokenizer(PretrainedMixin):
                     counts.append(max(1, -(-self.max_edges[k] // C)))
         self.schedule = ScaleSchedule(counts)
         self.vocab_size = VOCAB
+        self.pad_token = PAD  # the token of positions past a level's nodes / edges (left out of the loss)
         self._node_dim = 13
         self._links_at = 5 + 2 * self.nbits + 2 * self._node_dim + 2 + 8 + (5 if self.face_features else 0)
         raw = self._links_at + (2 if self.parent_links else 0)

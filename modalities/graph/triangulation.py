@@ -309,53 +309,64 @@ NO_SPLIT = 0
 
 
 class TriangulationTokenizer(PretrainedMixin):
-    """Pyramid tokenizer of triangulated discs: one scale per level of vertex splits.
+    """Pyramid tokenizer of triangulated discs: each level of the hierarchy is a round of vertex splits.
 
-    Scale ``k`` holds one token per vertex of level ``k`` (level 0: the tetrahedron ``0`` = the
-    outer vertex, ``1, 2, 3``): ``NO_SPLIT`` or a split ``(i, m)`` (see :meth:`Rotation.split`),
-    token ``1 + i * (D - 1) + (m - 1)`` for a vertex of degree ``d <= D = max_degree``, with ``i``
-    counted clockwise from the vertex's *reference* neighbour (the one first in tree order).
-    Vertices are in *tree order*: level ``k + 1`` lists, for every vertex of level ``k`` in order,
-    the vertex and then the vertex its split created.  Positions past a level's vertex count hold
-    ``PAD``.  Every level of a graph's hierarchy (:func:`contraction_hierarchy`) splits an
-    independent set; a graph with fewer levels than ``K`` starts with levels of no splits.
+    Level ``k`` of a graph's hierarchy (:func:`contraction_hierarchy`; level 0 is the tetrahedron of
+    the outer vertex ``0`` and ``1, 2, 3``) gets one token per vertex: ``NO_SPLIT`` or a split
+    ``(i, m)`` (see :meth:`Rotation.split`), token ``1 + i * (D - 1) + (m - 1)`` for a vertex of
+    degree ``d <= D = max_degree``, with ``i`` counted clockwise from the vertex's *reference*
+    neighbour (the one first in tree order).  Vertices are in *tree order*: level ``k + 1`` lists,
+    for every vertex of level ``k`` in order, the vertex and then the vertex its split created.  The
+    tokens of a level are dealt into ``chunks`` scales (vertex ``j`` to chunk ``j % chunks``), so
+    a later chunk is predicted knowing which vertices an earlier one split: the splits of a level
+    must not touch (the hierarchy's levels never do), and a vertex next to an earlier split is
+    *blocked*.  Positions past a level's vertex count hold ``PAD``; a graph whose hierarchy has
+    fewer levels than ``K`` starts with levels of no splits.
 
     Decoding is total and every decoded graph is a triangulated disc (planar, 2-connected):
-    a split naming a slot past the vertex's degree, a split of the outer vertex, a split adjacent to
-    one earlier in the same scale, and splits past the next level's capacity are read as
-    ``NO_SPLIT`` (the valid-token hook masks the first two kinds).
+    a split naming a slot past the vertex's degree, a split of the outer vertex or of a blocked
+    vertex, and splits past the next level's capacity are read as ``NO_SPLIT``; the valid-token
+    hook masks all but the last kind (and a vertex next to a split drawn in the *same* chunk is
+    refused at decoding: :attr:`TriangulationDecodeState.refused` counts them).
 
-    Next-scale input (``latent_dim`` features per vertex of the next level): valid, outer vertex,
-    degree, created / split at the last scale, level size, tree-order bits, and for the first
-    ``D`` clockwise slots from the reference neighbour: present, degree, outer vertex, new.
+    Next-scale input (``latent_dim`` features per position): valid, outer vertex, degree, created /
+    split at the previous level, blocked, level size, level and chunk, the outer cycle's length,
+    tree-order bits, and for the first ``D`` clockwise slots from the reference neighbour: present,
+    degree, outer vertex, created at the previous level, blocked or split at this level.
 
     Args:
         max_nodes: ``K`` ints, the capacity of every level (``max_nodes[0] == 4``; the last one
             includes the outer vertex).
         max_degree: ``D``, the largest degree a vertex may split at.
+        chunks: scales per level.
     """
 
-    def __init__(self, max_nodes: Sequence[int], max_degree: int):
+    def __init__(self, max_nodes: Sequence[int], max_degree: int, chunks: int = 3):
         if len(max_nodes) < 2 or int(max_nodes[0]) != 4:
             raise ValueError(f"max_nodes: expected >= 2 levels starting with the tetrahedron's 4, got {list(max_nodes)}")
         if any(int(b) < int(a) for a, b in zip(max_nodes, max_nodes[1:])):
             raise ValueError(f"max_nodes must not shrink from level to level, got {list(max_nodes)}")
         if int(max_degree) < 3:
             raise ValueError(f"max_degree must be >= 3, got {max_degree}")
+        if int(chunks) < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
         self.max_nodes = [int(x) for x in max_nodes]
         self.max_degree = D = int(max_degree)
+        self.chunks = C = int(chunks)
         self.K = len(self.max_nodes)
         self.pad_token = 1 + D * (D - 1)
         self.vocab_size = self.pad_token + 1
-        self.schedule = ScaleSchedule(self.max_nodes[:-1])
+        self.kinds = [(k, c) for k in range(self.K - 1) for c in range(C)]  # scale -> (level, chunk)
+        self.schedule = ScaleSchedule([-(-self.max_nodes[k] // C) for k, _ in self.kinds])
         self.nbits = max(1, math.ceil(math.log2(self.max_nodes[-1])))
-        self._slot_at = 8 + self.nbits
-        self.latent_dim = int(8 * math.ceil((self._slot_at + 4 * D) / 8))
-        self.config = {"max_nodes": self.max_nodes, "max_degree": self.max_degree}
+        self._slot_at = 10 + self.nbits
+        self.latent_dim = int(8 * math.ceil((self._slot_at + 5 * D) / 8))
+        self.config = {"max_nodes": self.max_nodes, "max_degree": self.max_degree, "chunks": self.chunks}
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def fit(cls, graphs: Sequence[nx.Graph], node_slack: float = 0.1, degree_slack: int = 1) -> "TriangulationTokenizer":
+    def fit(cls, graphs: Sequence[nx.Graph], node_slack: float = 0.1, degree_slack: int = 1,
+            chunks: int = 3) -> "TriangulationTokenizer":
         """Size a tokenizer for a training set of triangulated discs: as many levels as the deepest
         hierarchy, each level's capacity ``(1 + node_slack) x`` the largest seen (counted from the
         finest level), splits up to ``degree_slack`` above the largest degree seen at a split."""
@@ -375,7 +386,7 @@ class TriangulationTokenizer(PretrainedMixin):
         cap = list(reversed(cap))
         for j in range(1, K):  # capacities must not shrink towards the fine end
             cap[j] = max(cap[j], cap[j - 1])
-        return cls(cap, dmax + int(degree_slack))
+        return cls(cap, dmax + int(degree_slack), chunks)
 
     # ------------------------------------------------------------------ encoding
     def encode_graph(self, G: nx.Graph, index: int = 0) -> list[list[int]]:
@@ -387,20 +398,22 @@ class TriangulationTokenizer(PretrainedMixin):
                              "refit on data that includes it")
         top = levels[-1].coarse if levels else T
         r_inf = top.rot[INF]
-        r_inf = _rotate_to(r_inf, min(r_inf, key=_key))
-        label = [INF] + r_inf  # decoder id -> the graph's own label
+        label = [INF] + _rotate_to(r_inf, min(r_inf, key=_key))  # decoder id -> the graph's own label
         mapped = {i: [label.index(x) for x in top.rot[label[i]]] for i in range(4)}
         if not all(_same_cycle(mapped[i], r) for i, r in tetrahedron().rot.items()):
             raise AssertionError("the coarsest level does not map onto the decoder's tetrahedron")
         grower = _Grower(self)
-        out: list[list[int]] = [[NO_SPLIT] * 4 for _ in range(self.K - 1 - len(levels))]
+        per_level: list[list[int]] = [[NO_SPLIT] * 4 for _ in range(self.K - 1 - len(levels))]
+        for _ in per_level:
+            grower.apply_level(per_level[0], 4)
         for j in range(len(levels) - 1, -1, -1):  # coarse to fine
             lv = levels[j]
             finer = levels[j - 1].coarse if j > 0 else T
             merged_of = {keep: merged for keep, merged in lv.pairs}
+            k = len(per_level)
             n = len(grower.rot)
-            if n > self.max_nodes[len(out)]:
-                raise ValueError(f"graph {index}: level {len(out)} has {n} vertices, capacity {self.max_nodes[len(out)]}")
+            if n > self.max_nodes[k]:
+                raise ValueError(f"graph {index}: level {k} has {n} vertices, capacity {self.max_nodes[k]}")
             toks = []
             for v in range(n):
                 x = label[v]
@@ -410,17 +423,19 @@ class TriangulationTokenizer(PretrainedMixin):
                 b = merged_of[x]
                 rb = finer.rot[b]
                 u = rb[(rb.index(x) + 1) % len(rb)]  # the first neighbour of the arc, clockwise around b
-                m = len(rb) - 2
                 r = grower.rot.rot[v]
                 d = len(r)
                 if d > self.max_degree:
                     raise ValueError(f"graph {index}: a split at degree {d}, above max_degree {self.max_degree}")
                 i = (r.index(label.index(u)) - r.index(min(r))) % d
-                toks.append(1 + i * (self.max_degree - 1) + (m - 1))
-            new_of = grower.apply(toks, self.max_nodes[len(out) + 1])
+                toks.append(1 + i * (self.max_degree - 1) + (len(rb) - 3))  # m = deg(b) - 2
+            new_of = grower.apply_level(toks, self.max_nodes[k + 1])
+            if grower.refused:
+                raise AssertionError(f"graph {index}: level {k} splits two adjacent vertices")
             label = _tree_labels(label, new_of, merged_of)
-            out.append(toks)
-        return out
+            per_level.append(toks)
+        C = self.chunks
+        return [per_level[k][c::C] for k, c in self.kinds]
 
     @torch.no_grad()
     def encode(self, data: Any) -> list[torch.Tensor]:
@@ -431,7 +446,7 @@ class TriangulationTokenizer(PretrainedMixin):
         for s, n in enumerate(self.schedule.token_counts):
             t = torch.full((len(graphs), n), self.pad_token, dtype=torch.long)
             for b, toks in enumerate(per):
-                t[b, :len(toks[s])] = torch.tensor(toks[s])
+                t[b, :len(toks[s])] = torch.tensor(toks[s], dtype=torch.long)
             out.append(t)
         return out
 
@@ -454,7 +469,8 @@ class TriangulationTokenizer(PretrainedMixin):
         pieces = [st.add_scale(k, idx) for k, idx in enumerate(indices)]
         return torch.cat([p for p in pieces if p is not None], 1)
 
-    def _run(self, indices: Sequence[torch.Tensor]) -> "TriangulationDecodeState":
+    def replay(self, indices: Sequence[torch.Tensor]) -> "TriangulationDecodeState":
+        """A decode state fed all of ``indices`` (its ``rots``, ``history`` and ``refused`` count)."""
         B = self.schedule.check_indices(indices, self.vocab_size)
         st = self.start(B, indices[0].device)
         for k, idx in enumerate(indices):
@@ -463,17 +479,17 @@ class TriangulationTokenizer(PretrainedMixin):
 
     @torch.no_grad()
     def decode(self, indices: Sequence[torch.Tensor]) -> Batch:
-        return self.finish(self._run(indices))
+        return self.finish(self.replay(indices))
 
     @torch.no_grad()
     def decode_progression(self, indices: Sequence[torch.Tensor]) -> list[list[nx.Graph]]:
         """Per level, coarse to fine, the decoded graphs of the batch (outer vertex left out)."""
-        return self._run(indices).history
+        return self.replay(indices).history
 
     def valid_token_hook(self, k: int, logits: torch.Tensor, state: "TriangulationDecodeState") -> torch.Tensor:
         """A ``logits_hook`` for :func:`msar.sample`: ``-inf`` on the tokens of scale ``k`` the decoder
         would read as something else (PAD at a vertex, a vertex at PAD, slots past the degree, a split
-        of the outer vertex)."""
+        of the outer vertex or of a blocked one)."""
         if not isinstance(state, TriangulationDecodeState) or state.tok is not self:
             raise TypeError("valid_token_hook needs a decode state made by this tokenizer's start(), "
                             f"got {type(state).__name__}")
@@ -516,52 +532,72 @@ def _split_of(tok: int, D: int) -> tuple[int, int]:
 
 
 class _Grower:
-    """One triangulation growing level by level in decoder ids (tree order; ``0`` the outer vertex)."""
+    """One triangulation growing level by level in decoder ids (tree order; ``0`` the outer vertex).
+
+    Within a level, vertices keep their ids and new ones are numbered from the level's size on;
+    :meth:`end_level` renumbers to tree order."""
 
     def __init__(self, tok: TriangulationTokenizer):
         self.tok = tok
         self.rot = tetrahedron()
-        self.new: set = set()  # vertices created at the last scale
-        self.split: set = set()  # vertices that split at the last scale
-        self.refused = 0  # splits read as NO_SPLIT (adjacent to an earlier one, or past capacity)
+        self.new: set = set()  # vertices created at the previous level
+        self.split: set = set()  # vertices that split at the previous level
+        self.refused = 0  # splits read as NO_SPLIT because a neighbour split in the same chunk, or past capacity
+        self._begin()
 
-    def allowed_split(self, v: int) -> bool:
-        return v != 0 and len(self.rot.rot[v]) <= self.tok.max_degree
+    def _begin(self) -> None:
+        self.n0 = len(self.rot)
+        self.blocked: set = set()  # split vertices and their neighbours, this level
+        self.new_of: dict = {}
 
-    def apply(self, toks: Sequence[int], cap: int) -> dict:
-        """Apply one scale's tokens (one per vertex, in order) growing to at most ``cap`` vertices;
-        returns {vertex: the (pre-renumbering) id of the vertex it created}."""
-        D, rot = self.tok.max_degree, self.rot
-        n = len(rot)
-        touched: set = set()
-        new_of: dict = {}
-        for v in range(n):
-            t = int(toks[v])
-            if t == NO_SPLIT or t >= self.tok.pad_token or not self.allowed_split(v):
+    def can_split(self, v: int) -> bool:
+        return 0 < v < self.n0 and v not in self.blocked and len(self.rot.rot[v]) <= self.tok.max_degree
+
+    def apply_chunk(self, chunk: int, toks: Sequence[int], cap: int) -> None:
+        """Apply the tokens of one chunk (position ``p`` is vertex ``chunk + p * chunks``) growing to at
+        most ``cap`` vertices; the chunk's splits block their neighbours only after the chunk."""
+        D, C, rot = self.tok.max_degree, self.tok.chunks, self.rot
+        blocked_now: set = set()
+        for p, t in enumerate(toks):
+            v = chunk + p * C
+            t = int(t)
+            if v >= self.n0 or t == NO_SPLIT or t >= self.tok.pad_token or not self.can_split(v):
                 continue
             i, m = _split_of(t, D)
             d = len(rot.rot[v])
             if i >= d or m > d - 1:
                 continue
-            if v in touched or n + len(new_of) >= cap:
+            if v in blocked_now or self.n0 + len(self.new_of) >= cap:
                 self.refused += 1
                 continue
             r = rot.rot[v]
-            ref = r.index(min(r))
-            new = n + len(new_of)
-            touched.update([v], r)  # neighbours of a split vertex may not split in the same scale
-            rot.split(v, new, (ref + i) % d, m)
-            new_of[v] = new
-        # renumber to tree order: every vertex, then its new vertex
+            new = self.n0 + len(self.new_of)
+            blocked_now.update([v], r)
+            rot.split(v, new, (r.index(min(r)) + i) % d, m)
+            self.new_of[v] = new
+        self.blocked |= blocked_now
+
+    def end_level(self) -> dict:
+        """Renumber to tree order (every vertex, then the one it created); returns {vertex: the
+        pre-renumbering id of the vertex it created}."""
+        new_of = self.new_of
         ids: dict = {}
-        for v in range(n):
+        for v in range(self.n0):
             ids[v] = len(ids)
             if v in new_of:
                 ids[new_of[v]] = len(ids)
-        self.rot = Rotation({ids[v]: [ids[x] for x in nb] for v, nb in rot.rot.items()})
+        self.rot = Rotation({ids[v]: [ids[x] for x in nb] for v, nb in self.rot.rot.items()})
         self.new = {ids[x] for x in new_of.values()}
         self.split = {ids[v] for v in new_of}
+        self._begin()
         return new_of
+
+    def apply_level(self, toks: Sequence[int], cap: int) -> dict:
+        """All chunks of one level's tokens (one per vertex, in order), then :meth:`end_level`."""
+        C = self.tok.chunks
+        for c in range(C):
+            self.apply_chunk(c, toks[c::C], cap)
+        return self.end_level()
 
 
 class TriangulationDecodeState:
@@ -583,64 +619,71 @@ class TriangulationDecodeState:
 
     @property
     def refused(self) -> int:
-        """Splits read as NO_SPLIT so far (next to an earlier split of the same scale, or past capacity)."""
+        """Splits read as NO_SPLIT so far (next to a split drawn in the same chunk, or past capacity)."""
         return sum(g.refused for g in self.growers)
 
-    def allowed(self, k: int) -> torch.Tensor:
-        """``(B, n_k, V)`` bool: the tokens of scale ``k`` the decoder reads as drawn."""
-        tok, D = self.tok, self.tok.max_degree
-        n_pos = tok.schedule.token_counts[k]
+    def allowed(self, s: int) -> torch.Tensor:
+        """``(B, n_s, V)`` bool: the tokens of scale ``s`` the decoder reads as drawn."""
+        tok, D, C = self.tok, self.tok.max_degree, self.tok.chunks
+        _, c = tok.kinds[s]
+        n_pos = tok.schedule.token_counts[s]
         ok = np.zeros((self.B, n_pos, tok.vocab_size), dtype=bool)
         table = _allowed_table(D)
         for b, g in enumerate(self.growers):
-            n = min(len(g.rot), n_pos)
-            ok[b, n:, tok.pad_token] = True
-            for v in range(n):
-                d = len(g.rot.rot[v])
-                ok[b, v] = table[d] if g.allowed_split(v) else table[0]
+            for p in range(n_pos):
+                v = c + p * C
+                if v >= g.n0:
+                    ok[b, p, tok.pad_token] = True
+                else:
+                    ok[b, p] = table[len(g.rot.rot[v]) if g.can_split(v) else 0]
         return torch.from_numpy(ok).to(self.device)
 
     def _features(self) -> torch.Tensor:
-        tok, D = self.tok, self.tok.max_degree
+        """``(B, n_s, latent_dim)`` inputs of the current scale ``s``."""
+        tok, D, C = self.tok, self.tok.max_degree, self.tok.chunks
+        k, c = tok.kinds[self.s]
         n_pos = tok.schedule.token_counts[self.s]
         X = np.zeros((self.B, n_pos, tok.latent_dim), dtype=np.float32)
         o = tok._slot_at
-        frac = self.s / max(1, tok.K - 2)
         for b, g in enumerate(self.growers):
             rot = g.rot.rot
-            n = min(len(rot), n_pos)
             X[b, :, 5] = len(rot) / tok.max_nodes[-1]
-            X[b, :, 6] = frac
+            X[b, :, 6] = k / max(1, tok.K - 2)
             X[b, :, 7] = len(rot[0]) / 16
-            for v in range(n):
+            X[b, :, 9] = c / C
+            for p in range(n_pos):
+                v = c + p * C
+                if v >= g.n0:
+                    break
                 r = rot[v]
                 d = len(r)
-                X[b, v, 0] = 1.0
-                X[b, v, 1] = v == 0
-                X[b, v, 2] = d / 8
-                X[b, v, 3] = v in g.new
-                X[b, v, 4] = v in g.split
-                X[b, v, 8:8 + tok.nbits] = _bits(v, tok.nbits)
+                X[b, p, 0:5] = (1.0, v == 0, d / 8, v in g.new, v in g.split)
+                X[b, p, 8] = v in g.blocked
+                X[b, p, 10:10 + tok.nbits] = _bits(v, tok.nbits)
                 ref = r.index(min(r))
                 for j in range(min(d, D)):
                     x = r[(ref + j) % d]
-                    X[b, v, o + 4 * j: o + 4 * j + 4] = (1.0, len(rot[x]) / 8, x == 0, x in g.new)
+                    X[b, p, o + 5 * j: o + 5 * j + 5] = (1.0, len(rot[x]) / 8, x == 0, x in g.new, x in g.blocked)
         return torch.from_numpy(X).to(self.device)
 
-    def add_scale(self, k: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """Add scale k's tokens ``(B, n_k)``; return the ``(B, n_{k+1}, C)`` features of the next scale
+    def add_scale(self, s: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Add scale ``s``'s tokens ``(B, n_s)``; return the ``(B, n_{s+1}, C)`` features of the next scale
         (``None`` after the last)."""
-        if self.done or k != self.s:
-            raise ValueError(f"scales must be added in order: expected scale {self.s}, got {k}")
-        n = self.tok.schedule.token_counts[k]
+        if self.done or s != self.s:
+            raise ValueError(f"scales must be added in order: expected scale {self.s}, got {s}")
+        n = self.tok.schedule.token_counts[s]
         if not isinstance(idx, torch.Tensor) or tuple(idx.shape) != (self.B, n):
-            raise ValueError(f"scale {k}: expected indices of shape ({self.B}, {n}), got "
+            raise ValueError(f"scale {s}: expected indices of shape ({self.B}, {n}), got "
                              f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
-        rows = idx.tolist()
-        for g, row in zip(self.growers, rows):
-            g.apply(row + [NO_SPLIT] * max(0, len(g.rot) - len(row)), self.tok.max_nodes[k + 1])
+        k, c = self.tok.kinds[s]
+        last = c == self.tok.chunks - 1
+        for g, row in zip(self.growers, idx.tolist()):
+            g.apply_chunk(c, row, self.tok.max_nodes[k + 1])
+            if last:
+                g.end_level()
         self.indices.append(idx)
-        self.history.append([_relabel(g.rot.graph(drop=0)) for g in self.growers])
+        if last:
+            self.history.append([_relabel(g.rot.graph(drop=0)) for g in self.growers])
         self.s += 1
         if self.s == len(self.tok.schedule):
             self.done = True
