@@ -273,6 +273,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg["parent_links"] = True
     if args.tokenizer is not None:
         cfg["tokenizer"] = args.tokenizer
+    if args.split_chunks is not None:
+        cfg["split_chunks"] = args.split_chunks
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -314,7 +316,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                  "is a triangulated disc (planar, bounded faces triangles, one outer cycle)")
             train_used = len(kept)
             items = augment(kept, cfg["perms"], args.seed)
-            tok = TriangulationTokenizer.fit(items)
+            tok = TriangulationTokenizer.fit(items, chunks=cfg.get("split_chunks", 3))
         else:
             items = augment(train_graphs, cfg["perms"], args.seed)
             tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
@@ -596,6 +598,9 @@ def main(argv=None) -> None:
                    help="pyramid: the coarsening hierarchy of any graph (GraphPyramidTokenizer; default); "
                         "triangulation: vertex splits of a triangulated disc (TriangulationTokenizer; planar: every "
                         "sample is a planar triangulated disc by construction)")
+    p.add_argument("--split-chunks", type=int, default=None,
+                   help="--tokenizer triangulation: scales per level for the split tokens (default 3; a later chunk "
+                        "sees the splits of the earlier ones)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
     p.add_argument("--final-chunks", default=None, choices=["same", "all"],
                    help="chunks of the finest expansion: 'all' = one per edge position (its edge masks are "
@@ -643,8 +648,12 @@ def main(argv=None) -> None:
         if used:
             raise SystemExit(f"{', '.join(used)}: options of the coarsening tokenizer, not of --tokenizer triangulation "
                              "(whose samples are planar by construction)")
+        if args.split_chunks is not None and args.split_chunks < 1:
+            raise SystemExit(f"--split-chunks must be >= 1, got {args.split_chunks}")
         if args.load:
             raise SystemExit("--tokenizer is a training option: a --load run uses the tokenizer it was trained with")
+    elif args.split_chunks is not None:
+        raise SystemExit("--split-chunks is an option of --tokenizer triangulation")
     if args.project and args.complete:
         raise SystemExit("--project completes by itself (it samples without the structure hook): drop --complete")
     if args.projection != "greedy" and not args.project:

@@ -175,3 +175,30 @@ def test_save_and_load(tmp_path, tok, planar):
     again = TriangulationTokenizer.from_pretrained(tmp_path)
     assert again.config == tok.config
     assert all(torch.equal(a, b) for a, b in zip(again.encode(planar[:2]), tok.encode(planar[:2])))
+
+
+def test_demo_trains_and_samples_planar_triangulations(tmp_path):
+    # catches: the demo's triangulation path not wired end to end (tokenizer, PAD, sampling hook, metrics),
+    # or samples that are not planar discs
+    import json
+
+    from examples.graph_demo import main
+    main(["--dataset", "planar", "--tokenizer", "triangulation", "--quick", "--steps", "3", "--num-samples", "3",
+          "--out", str(tmp_path)])
+    m = json.loads((tmp_path / "planar" / "metrics.json").read_text())
+    assert m["vun"]["validity"] == 1.0 and m["training_graphs_used"] == 128
+    assert m["tokenizer"]["chunks"] == 3 and m["invalid_tokens"]["invalid_draw_rate"] == 0.0
+    graphs = json.loads((tmp_path / "planar" / "graphs.json").read_text())["graphs"]
+    for g in graphs:
+        H = nx.Graph()
+        H.add_nodes_from(range(g["n"]))
+        H.add_edges_from(map(tuple, g["edges"]))
+        assert nx.check_planarity(H)[0] and nx.is_biconnected(H)
+
+
+@pytest.mark.parametrize("flags", [["--project"], ["--node-count", "train"], ["--matching", "max"],
+                                   ["--split-chunks", "0"]])
+def test_demo_refuses_coarsening_options_with_the_triangulation_tokenizer(flags):
+    from examples.graph_demo import main
+    with pytest.raises(SystemExit, match="triangulation|split-chunks"):
+        main(["--dataset", "planar", "--tokenizer", "triangulation", *flags, "--out", "/dev/null/never_written"])
