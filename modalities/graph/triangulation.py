@@ -320,8 +320,10 @@ class TriangulationTokenizer(PretrainedMixin):
     tokens of a level are dealt into ``chunks`` scales (vertex ``j`` to chunk ``j % chunks``), so
     a later chunk is predicted knowing which vertices an earlier one split: the splits of a level
     must not touch (the hierarchy's levels never do), and a vertex next to an earlier split is
-    *blocked*.  Positions past a level's vertex count hold ``PAD``; a graph whose hierarchy has
-    fewer levels than ``K`` starts with levels of no splits.
+    *blocked*.  Positions past a level's vertex count hold ``PAD``.  Hierarchies are aligned at the
+    top: a graph whose hierarchy has fewer levels than ``K`` ends with levels of no splits, so at
+    every level the training data mixes graphs still growing and graphs complete, and the model
+    learns to stop from the size reached, not from the level alone.
 
     Decoding is total and every decoded graph is a triangulated disc (planar, 2-connected):
     a split naming a slot past the vertex's degree, a split of the outer vertex or of a blocked
@@ -368,8 +370,8 @@ class TriangulationTokenizer(PretrainedMixin):
     def fit(cls, graphs: Sequence[nx.Graph], node_slack: float = 0.1, degree_slack: int = 1,
             chunks: int = 3) -> "TriangulationTokenizer":
         """Size a tokenizer for a training set of triangulated discs: as many levels as the deepest
-        hierarchy, each level's capacity ``(1 + node_slack) x`` the largest seen (counted from the
-        finest level), splits up to ``degree_slack`` above the largest degree seen at a split."""
+        hierarchy, each level's capacity ``(1 + node_slack) x`` the largest seen there (at most the
+        largest graph), splits up to ``degree_slack`` above the largest degree seen at a split."""
         graphs = graphs_from(graphs)
         if not graphs:
             raise ValueError("fit needs at least one graph")
@@ -381,11 +383,10 @@ class TriangulationTokenizer(PretrainedMixin):
             sizes.append([len(T)] + [len(lv.coarse) for lv in levels])  # finest first
             dmax = max([dmax] + [lv.coarse.degree(keep) for lv in levels for keep, _ in lv.pairs])
         K = max(len(s) for s in sizes)
-        cap = [max(s[j] for s in sizes if j < len(s)) for j in range(K)]  # finest first
-        cap = [cap[0]] + [min(cap[0], int(math.ceil(c * (1 + node_slack)))) for c in cap[1:-1]] + [4]
-        cap = list(reversed(cap))
-        for j in range(1, K):  # capacities must not shrink towards the fine end
-            cap[j] = max(cap[j], cap[j - 1])
+        top = [s[::-1] + [s[0]] * (K - len(s)) for s in sizes]  # coarse first; finished graphs keep their size
+        cap = [max(s[j] for s in top) for j in range(K)]
+        n_max = cap[-1]
+        cap = [4] + [min(n_max, int(math.ceil(c * (1 + node_slack)))) for c in cap[1:-1]] + [n_max]
         return cls(cap, dmax + int(degree_slack), chunks)
 
     # ------------------------------------------------------------------ encoding
@@ -403,9 +404,7 @@ class TriangulationTokenizer(PretrainedMixin):
         if not all(_same_cycle(mapped[i], r) for i, r in tetrahedron().rot.items()):
             raise AssertionError("the coarsest level does not map onto the decoder's tetrahedron")
         grower = _Grower(self)
-        per_level: list[list[int]] = [[NO_SPLIT] * 4 for _ in range(self.K - 1 - len(levels))]
-        for _ in per_level:
-            grower.apply_level(per_level[0], 4)
+        per_level: list[list[int]] = []
         for j in range(len(levels) - 1, -1, -1):  # coarse to fine
             lv = levels[j]
             finer = levels[j - 1].coarse if j > 0 else T
@@ -434,6 +433,10 @@ class TriangulationTokenizer(PretrainedMixin):
                 raise AssertionError(f"graph {index}: level {k} splits two adjacent vertices")
             label = _tree_labels(label, new_of, merged_of)
             per_level.append(toks)
+        n = len(grower.rot)  # the graph is complete: the remaining levels split nothing
+        if n > self.max_nodes[-1]:
+            raise ValueError(f"graph {index}: {n} vertices with the outer one, capacity {self.max_nodes[-1]}")
+        per_level += [[NO_SPLIT] * n for _ in range(self.K - 1 - len(levels))]
         C = self.chunks
         return [per_level[k][c::C] for k, c in self.kinds]
 
