@@ -67,7 +67,7 @@ from modalities.graph.datasets import WITH_VALIDATION
 from modalities.graph.constraints import PROJECTIONS, PROPERTIES, EdgeScores, StructureHook, count_projection
 from modalities.graph.metrics import structure_summary
 from modalities.graph.size import NodeCountHook, draw_node_counts, level_size_report
-from modalities.graph.triangulation import TriangulationTokenizer, is_triangulated_disc
+from modalities.graph.triangulation import SplitShapeTemperature, TriangulationTokenizer, is_triangulated_disc
 from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
 
 # per dataset: model width, depth, heads, training steps, batch size, random orderings per graph,
@@ -301,6 +301,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         seconds = dict(prev["seconds"])
         trained_by = prev.get("trained_by") or prev.get("run")  # the training run's own record
         train_used = prev.get("training_graphs_used", len(train_graphs))
+        if not isinstance(tok, TriangulationTokenizer) and args.split_temperature != 1.0:
+            raise SystemExit(f"--split-temperature: {args.load} holds a coarsening model, which has no splits to shape")
         if isinstance(tok, TriangulationTokenizer) and (args.project or args.complete or args.expand_test
                                                         or args.node_count != "none"):
             raise SystemExit(f"{args.load} holds a triangulation model: --project, --complete, --expand-test and "
@@ -379,6 +381,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         # the hook masks tokens the decoder would reinterpret (PAD at a real node / edge, a wrong
         # kind, mask bits naming a missing child); --no-constrain samples the raw distribution
         hook = measuring_hook(tok, not args.no_constrain, args.temperature, invalid)
+        if args.split_temperature != 1.0:  # sharpen how vertices split, keep how many do
+            hook = SplitShapeTemperature(args.split_temperature).then(hook)
         size = sized(i, b, sample_seed + i)
         if size is not None:  # after the valid-token mask, before the structure hook / scores read the splits
             hook = chain_hooks(hook, size)
@@ -461,7 +465,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                         "structure": structure, "expand_test": args.expand_test,
                                         "complete": args.complete, "project": project,
                                         "projection": args.projection if project else None,
-                                        "best_of": args.best_of, "node_count": args.node_count},
+                                        "best_of": args.best_of, "node_count": args.node_count,
+                                        "split_temperature": args.split_temperature},
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "structure": structure, "structure_stats": struct_stats if structure else None,
         "project": project, "project_stats": project_stats or None, "node_count": node_count,
@@ -601,6 +606,9 @@ def main(argv=None) -> None:
     p.add_argument("--split-chunks", type=int, default=None,
                    help="--tokenizer triangulation: scales per level for the split tokens (default 3; a later chunk "
                         "sees the splits of the earlier ones)")
+    p.add_argument("--split-temperature", type=float, default=1.0,
+                   help="triangulation models: temperature of the split shape given a split (keeps P(no split); "
+                        "modalities.graph.triangulation.SplitShapeTemperature)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
     p.add_argument("--final-chunks", default=None, choices=["same", "all"],
                    help="chunks of the finest expansion: 'all' = one per edge position (its edge masks are "
@@ -654,6 +662,11 @@ def main(argv=None) -> None:
             raise SystemExit("--tokenizer is a training option: a --load run uses the tokenizer it was trained with")
     elif args.split_chunks is not None:
         raise SystemExit("--split-chunks is an option of --tokenizer triangulation")
+    if not args.split_temperature > 0:
+        raise SystemExit(f"--split-temperature must be > 0, got {args.split_temperature}")
+    if args.split_temperature != 1.0 and args.tokenizer != "triangulation" and not args.load:
+        raise SystemExit("--split-temperature shapes the splits of --tokenizer triangulation (or of a --load run "
+                         "trained with it)")
     if args.project and args.complete:
         raise SystemExit("--project completes by itself (it samples without the structure hook): drop --complete")
     if args.projection != "greedy" and not args.project:

@@ -202,3 +202,32 @@ def test_demo_refuses_coarsening_options_with_the_triangulation_tokenizer(flags)
     from examples.graph_demo import main
     with pytest.raises(SystemExit, match="triangulation|split-chunks"):
         main(["--dataset", "planar", "--tokenizer", "triangulation", *flags, "--out", "/dev/null/never_written"])
+
+
+def test_split_shape_temperature_keeps_the_split_rate_and_sharpens_the_shape():
+    # catches: a temperature that moves P(NO_SPLIT) (fewer vertices), a conditional that is not
+    # softmax(logits / T) over the allowed splits, NaN where every split is masked
+    from scipy.stats import chisquare
+
+    from modalities.graph.triangulation import SplitShapeTemperature
+    from msar.sampling import sample_tokens
+    g = torch.Generator().manual_seed(0)
+    V, T = 8, 0.5  # tokens: NO_SPLIT, 6 splits, PAD
+    logits = torch.randn(1, 3, V, generator=g)
+    logits[0, 1, 3:6] = float("-inf")  # some splits masked
+    logits[0, 2, 1:V - 1] = float("-inf")  # a blocked vertex: no split allowed
+    out = SplitShapeTemperature(T)(0, logits, None)
+    p, q = logits.double().softmax(-1)[0].numpy(), out.double().softmax(-1)[0].numpy()
+    assert np.allclose(q[:, 0], p[:, 0]) and np.allclose(q[:, -1], p[:, -1])
+    for i in range(2):
+        z = logits[0, i, 1:V - 1].double().numpy() / T
+        ref = np.exp(z - z[np.isfinite(z)].max())
+        ref = ref / ref.sum() * p[i, 1:V - 1].sum()
+        assert np.allclose(q[i, 1:V - 1], ref)
+    assert np.allclose(q[2], p[2]) and np.isfinite(out[0, 2, [0, V - 1]]).all()
+    # draws through the shared sampler follow it
+    n = 20000
+    draws = sample_tokens(out[:, :1].expand(n, 1, V), generator=g)[:, 0]
+    counts = np.bincount(draws.numpy(), minlength=V)
+    keep = q[0] > 0
+    assert chisquare(counts[keep], q[0, keep] / q[0, keep].sum() * n).pvalue > 1e-3

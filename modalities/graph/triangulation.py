@@ -694,6 +694,42 @@ class TriangulationDecodeState:
         return self._features()
 
 
+class SplitShapeTemperature:
+    """A logits hook (:func:`msar.sample`'s ``logits_hook``) that sharpens *how* vertices split, not
+    *whether*: ``P(NO_SPLIT)`` and ``P(PAD)`` stay the model's, and given a split, the split tokens
+    follow ``softmax(logits / temperature)``.
+
+    A plain temperature below 1 also favours ``NO_SPLIT`` (the most probable token at most
+    vertices), so samples come out smaller; this one keeps the number of splits the model gives.
+    Chain it after :meth:`TriangulationTokenizer.valid_token_hook` (``then`` does that)::
+
+        hook = SplitShapeTemperature(0.6).then(tok.valid_token_hook)
+    """
+
+    def __init__(self, temperature: float):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self._first = None
+
+    def then(self, first) -> "SplitShapeTemperature":
+        """This hook applied to the output of ``first`` (another logits hook)."""
+        self._first = first
+        return self
+
+    def __call__(self, k: int, logits: torch.Tensor, state: Any) -> torch.Tensor:
+        if self._first is not None:
+            logits = self._first(k, logits, state)
+        V = logits.shape[-1]
+        lp = logits.float().log_softmax(-1)  # (B, n, V)
+        mass = lp[..., 1:V - 1].logsumexp(-1, keepdim=True)  # log P(some split)
+        shape = (logits[..., 1:V - 1].float() / self.temperature).log_softmax(-1)
+        out = lp.clone()
+        # positions whose splits are all masked keep -inf there (log_softmax of all -inf is NaN)
+        out[..., 1:V - 1] = torch.where(torch.isfinite(mass), shape + mass, lp[..., 1:V - 1])
+        return out.to(logits.dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def _allowed_table(D: int) -> np.ndarray:
     """``(D + 1, V)``: row ``d`` = the tokens a vertex of degree ``d`` may take (row 0: NO_SPLIT only)."""
