@@ -275,6 +275,10 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg["tokenizer"] = args.tokenizer
     if args.split_chunks is not None:
         cfg["split_chunks"] = args.split_chunks
+    if args.split_rate is not None:
+        cfg["split_rate"] = args.split_rate
+    if args.extra_levels is not None:
+        cfg["extra_levels"] = args.extra_levels
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -318,7 +322,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                  "is a triangulated disc (planar, bounded faces triangles, one outer cycle)")
             train_used = len(kept)
             items = augment(kept, cfg["perms"], args.seed)
-            tok = TriangulationTokenizer.fit(items, chunks=cfg.get("split_chunks", 3))
+            tok = TriangulationTokenizer.fit(items, chunks=cfg.get("split_chunks", 3), rate=cfg.get("split_rate", 1.0),
+                                             extra_levels=cfg.get("extra_levels", 0))
         else:
             items = augment(train_graphs, cfg["perms"], args.seed)
             tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
@@ -606,6 +611,11 @@ def main(argv=None) -> None:
     p.add_argument("--split-chunks", type=int, default=None,
                    help="--tokenizer triangulation: scales per level for the split tokens (default 3; a later chunk "
                         "sees the splits of the earlier ones)")
+    p.add_argument("--split-rate", type=float, default=None,
+                   help="--tokenizer triangulation: share of the greedy contractions each level of a training "
+                        "hierarchy makes (default 1; lower: deeper, more varied hierarchies)")
+    p.add_argument("--extra-levels", type=int, default=None,
+                   help="--tokenizer triangulation: levels beyond the deepest training hierarchy (default 0)")
     p.add_argument("--split-temperature", type=float, default=1.0,
                    help="triangulation models: temperature of the split shape given a split (keeps P(no split); "
                         "modalities.graph.triangulation.SplitShapeTemperature)")
@@ -658,10 +668,14 @@ def main(argv=None) -> None:
                              "(whose samples are planar by construction)")
         if args.split_chunks is not None and args.split_chunks < 1:
             raise SystemExit(f"--split-chunks must be >= 1, got {args.split_chunks}")
+        if args.split_rate is not None and not 0 < args.split_rate <= 1:
+            raise SystemExit(f"--split-rate must be in (0, 1], got {args.split_rate}")
+        if args.extra_levels is not None and args.extra_levels < 0:
+            raise SystemExit(f"--extra-levels must be >= 0, got {args.extra_levels}")
         if args.load:
             raise SystemExit("--tokenizer is a training option: a --load run uses the tokenizer it was trained with")
-    elif args.split_chunks is not None:
-        raise SystemExit("--split-chunks is an option of --tokenizer triangulation")
+    elif args.split_chunks is not None or args.split_rate is not None or args.extra_levels is not None:
+        raise SystemExit("--split-chunks, --split-rate and --extra-levels are options of --tokenizer triangulation")
     if not args.split_temperature > 0:
         raise SystemExit(f"--split-temperature must be > 0, got {args.split_temperature}")
     if args.split_temperature != 1.0 and args.tokenizer != "triangulation" and not args.load:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -238,11 +239,13 @@ class Level:
     pairs: list[tuple]
 
 
-def contraction_level(T: Rotation) -> list[tuple]:
+def contraction_level(T: Rotation, rate: float = 1.0) -> list[tuple]:
     """An independent set of contractible edges of ``T`` (``INF`` untouched): no edge joins two chosen
     pairs, and every vertex keeps degree >= 3.  Greedy, the edges of smallest degree sum first (this
     keeps the coarse degrees small and the levels few: 13-16 levels for the 64-node planar graphs,
-    against up to 35 in label order); ties by label."""
+    against up to 35 in label order); ties by label.  ``rate < 1`` passes over each edge the greedy
+    rule would take with probability ``1 - rate``, decided by a hash of its labels and the level's size
+    (deterministic for a labelled graph; another labelling decides otherwise): slower hierarchies."""
     deg = {v: len(nb) for v, nb in T.rot.items()}
     blocked: set = {INF}
     pairs = []
@@ -259,6 +262,8 @@ def contraction_level(T: Rotation) -> list[tuple]:
             continue
         if len(T) - len(pairs) <= 4:  # the tetrahedron is the coarsest level
             break
+        if rate < 1.0 and _unit_hash(a, b, len(T)) >= rate:
+            continue
         for x in common:
             deg[x] -= 1
         # the endpoint of larger degree stays (ties: the first of the order key's pair)
@@ -268,12 +273,21 @@ def contraction_level(T: Rotation) -> list[tuple]:
     return pairs
 
 
-def contraction_hierarchy(T: Rotation, max_levels: int = 64) -> list[Level]:
-    """Coarsen ``T`` to the tetrahedron: the list of levels, finest first."""
+def _unit_hash(a, b, n: int) -> float:
+    """A number in [0, 1) fixed by the edge's labels and ``n``."""
+    lo, hi = sorted((a, b), key=_key)
+    return zlib.crc32(f"{lo}|{hi}|{n}".encode()) / 2**32
+
+
+def contraction_hierarchy(T: Rotation, rate: float = 1.0, max_levels: int = 256) -> list[Level]:
+    """Coarsen ``T`` to the tetrahedron: the list of levels, finest first (``rate``: see
+    :func:`contraction_level`)."""
     levels = []
     T = T.copy()
     while len(T) > 4:
-        pairs = contraction_level(T)
+        pairs = contraction_level(T, rate)
+        if not pairs and rate < 1.0:  # every edge passed over: take the greedy rule's own choice
+            pairs = contraction_level(T)
         if not pairs:
             raise NotATriangulatedDisc(f"no contractible edge left at {len(T)} vertices")
         for keep, merged in pairs:
@@ -341,9 +355,11 @@ class TriangulationTokenizer(PretrainedMixin):
             includes the outer vertex).
         max_degree: ``D``, the largest degree a vertex may split at.
         chunks: scales per level.
+        rate: the hierarchy's contraction rate (:func:`contraction_level`); below 1 a level splits
+            fewer vertices and hierarchies are deeper and more varied.
     """
 
-    def __init__(self, max_nodes: Sequence[int], max_degree: int, chunks: int = 3):
+    def __init__(self, max_nodes: Sequence[int], max_degree: int, chunks: int = 3, rate: float = 1.0):
         if len(max_nodes) < 2 or int(max_nodes[0]) != 4:
             raise ValueError(f"max_nodes: expected >= 2 levels starting with the tetrahedron's 4, got {list(max_nodes)}")
         if any(int(b) < int(a) for a, b in zip(max_nodes, max_nodes[1:])):
@@ -352,6 +368,9 @@ class TriangulationTokenizer(PretrainedMixin):
             raise ValueError(f"max_degree must be >= 3, got {max_degree}")
         if int(chunks) < 1:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
+        if not 0.0 < float(rate) <= 1.0:
+            raise ValueError(f"rate must be in (0, 1], got {rate}")
+        self.rate = float(rate)
         self.max_nodes = [int(x) for x in max_nodes]
         self.max_degree = D = int(max_degree)
         self.chunks = C = int(chunks)
@@ -363,15 +382,17 @@ class TriangulationTokenizer(PretrainedMixin):
         self.nbits = max(1, math.ceil(math.log2(self.max_nodes[-1])))
         self._slot_at = 10 + self.nbits
         self.latent_dim = int(8 * math.ceil((self._slot_at + 5 * D) / 8))
-        self.config = {"max_nodes": self.max_nodes, "max_degree": self.max_degree, "chunks": self.chunks}
+        self.config = {"max_nodes": self.max_nodes, "max_degree": self.max_degree, "chunks": self.chunks,
+                       "rate": self.rate}
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def fit(cls, graphs: Sequence[nx.Graph], node_slack: float = 0.1, degree_slack: int = 1,
-            chunks: int = 3) -> "TriangulationTokenizer":
+            chunks: int = 3, rate: float = 1.0, extra_levels: int = 0) -> "TriangulationTokenizer":
         """Size a tokenizer for a training set of triangulated discs: as many levels as the deepest
-        hierarchy, each level's capacity ``(1 + node_slack) x`` the largest seen there (at most the
-        largest graph), splits up to ``degree_slack`` above the largest degree seen at a split."""
+        hierarchy plus ``extra_levels`` (room for samples that grow slower than the data), each
+        level's capacity ``(1 + node_slack) x`` the largest seen there (at most the largest graph),
+        splits up to ``degree_slack`` above the largest degree seen at a split."""
         graphs = graphs_from(graphs)
         if not graphs:
             raise ValueError("fit needs at least one graph")
@@ -379,21 +400,21 @@ class TriangulationTokenizer(PretrainedMixin):
         dmax = 3
         for i, G in enumerate(graphs):
             T = _sphere(G, i)
-            levels = contraction_hierarchy(T)
+            levels = contraction_hierarchy(T, rate)
             sizes.append([len(T)] + [len(lv.coarse) for lv in levels])  # finest first
             dmax = max([dmax] + [lv.coarse.degree(keep) for lv in levels for keep, _ in lv.pairs])
-        K = max(len(s) for s in sizes)
+        K = max(len(s) for s in sizes) + int(extra_levels)
         top = [s[::-1] + [s[0]] * (K - len(s)) for s in sizes]  # coarse first; finished graphs keep their size
         cap = [max(s[j] for s in top) for j in range(K)]
         n_max = cap[-1]
         cap = [4] + [min(n_max, int(math.ceil(c * (1 + node_slack)))) for c in cap[1:-1]] + [n_max]
-        return cls(cap, dmax + int(degree_slack), chunks)
+        return cls(cap, dmax + int(degree_slack), chunks, rate)
 
     # ------------------------------------------------------------------ encoding
     def encode_graph(self, G: nx.Graph, index: int = 0) -> list[list[int]]:
         """Token lists (unpadded) per scale for one triangulated disc."""
         T = _sphere(G, index)
-        levels = contraction_hierarchy(T)
+        levels = contraction_hierarchy(T, self.rate)
         if len(levels) + 1 > self.K:
             raise ValueError(f"graph {index}: its hierarchy has {len(levels) + 1} levels, this tokenizer {self.K}; "
                              "refit on data that includes it")
