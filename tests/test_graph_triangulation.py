@@ -96,6 +96,16 @@ def test_round_trip_is_exact_on_the_planar_data(planar, tok):
     assert nx.is_isomorphic(graphs_from(tok.decode(idx_p))[0], G)
 
 
+def test_a_slower_contraction_rate_gives_deeper_hierarchies_and_exact_round_trips(planar):
+    # catches: a rate that is ignored, or a hierarchy the decoder cannot replay (rate changes which edges contract)
+    T = sphere_triangulation(planar[0])
+    assert len(contraction_hierarchy(T, rate=0.5)) > len(contraction_hierarchy(T))
+    slow = TriangulationTokenizer.fit(planar[:6], rate=0.5, extra_levels=2)
+    assert slow.K >= TriangulationTokenizer.fit(planar[:6]).K + 2
+    out = graphs_from(slow.decode(slow.encode(planar[:6])))
+    assert all(nx.is_isomorphic(G, H) for G, H in zip(planar[:6], out))
+
+
 def test_progression_grows_from_a_triangle_to_the_graph(planar, tok):
     levels = tok.decode_progression(tok.encode(planar[:2]))
     assert [g.number_of_nodes() for g in levels[0]] == [3, 3]  # the tetrahedron without the outer vertex
