@@ -83,6 +83,11 @@ PRESETS = {
 }
 
 
+# --tokenizer triangulation: 24 orderings per graph (more hierarchies; validation loss 0.438 -> 0.373 at 1000
+# steps), 2000 steps, 12 split chunks per level (benchmarks/results/graph/triangulation/)
+TRIANGULATION = dict(perms=24, steps=2000, split_chunks=12)
+
+
 def permuted(G: nx.Graph, rng: np.random.Generator) -> nx.Graph:
     """Same graph, nodes relabelled at random: the coarsening breaks ties by label, so this
     yields a different (equally exact) hierarchy and token sequence."""
@@ -258,6 +263,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     started = time.time()
     torch.manual_seed(args.seed)
     cfg = dict(PRESETS[dataset])
+    if args.tokenizer == "triangulation":
+        cfg.update(TRIANGULATION, tokenizer="triangulation")
     for k in ("steps", "batch", "width", "depth", "perms"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)

@@ -197,7 +197,7 @@ def test_demo_trains_and_samples_planar_triangulations(tmp_path):
           "--out", str(tmp_path)])
     m = json.loads((tmp_path / "planar" / "metrics.json").read_text())
     assert m["vun"]["validity"] == 1.0 and m["training_graphs_used"] == 128
-    assert m["tokenizer"]["chunks"] == 3 and m["invalid_tokens"]["invalid_draw_rate"] == 0.0
+    assert m["tokenizer"]["chunks"] == 12 and m["invalid_tokens"]["invalid_draw_rate"] == 0.0
     graphs = json.loads((tmp_path / "planar" / "graphs.json").read_text())["graphs"]
     for g in graphs:
         H = nx.Graph()
