@@ -241,3 +241,10 @@ def test_split_shape_temperature_keeps_the_split_rate_and_sharpens_the_shape():
     counts = np.bincount(draws.numpy(), minlength=V)
     keep = q[0] > 0
     assert chisquare(counts[keep], q[0, keep] / q[0, keep].sum() * n).pvalue > 1e-3
+
+
+def test_demo_refuses_a_dataset_without_triangulated_discs_before_training():
+    # catches: planar training for minutes, then a crash on the next dataset of the list
+    from examples.graph_demo import main
+    with pytest.raises(SystemExit, match="no grid training graph is a triangulated disc"):
+        main(["--dataset", "planar,grid", "--tokenizer", "triangulation", "--out", "/dev/null/never_written"])
