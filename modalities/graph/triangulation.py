@@ -19,7 +19,8 @@ Two local operations move between triangulations and keep every face a triangle:
 
 :func:`contraction_hierarchy` coarsens a sphere triangulation down to the tetrahedron, each level
 contracting an *independent* set of edges (no edge joins two contracted pairs, none touches
-``INF``), so the splits of one level commute and can be predicted in one scale.
+``INF``), so the splits of one level commute; :class:`TriangulationTokenizer` predicts them in a
+few chunk scales per level.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from torch_geometric.data import Batch
 from msar import PretrainedMixin, ScaleSchedule
 
 from .datasets import graphs_from, to_data
+from .tokenizer import _bits  # the same tree-order bits as the coarsening tokenizer's
 
 INF = -1  # label of the added vertex in a graph's own labels (decoded triangulations use id 0)
 
@@ -231,7 +233,7 @@ def is_triangulated_disc(G: nx.Graph) -> bool:
 
 
 @dataclass
-class Level:
+class ContractionLevel:
     """One coarsening step: ``pairs`` are the ``(kept, merged)`` vertices contracted to go from the
     finer triangulation to ``coarse`` (a copy)."""
 
@@ -279,7 +281,7 @@ def _unit_hash(a, b, n: int) -> float:
     return zlib.crc32(f"{lo}|{hi}|{n}".encode()) / 2**32
 
 
-def contraction_hierarchy(T: Rotation, rate: float = 1.0, max_levels: int = 256) -> list[Level]:
+def contraction_hierarchy(T: Rotation, rate: float = 1.0, max_levels: int = 256) -> list[ContractionLevel]:
     """Coarsen ``T`` to the tetrahedron: the list of levels, finest first (``rate``: see
     :func:`contraction_level`)."""
     levels = []
@@ -292,7 +294,7 @@ def contraction_hierarchy(T: Rotation, rate: float = 1.0, max_levels: int = 256)
             raise NotATriangulatedDisc(f"no contractible edge left at {len(T)} vertices")
         for keep, merged in pairs:
             T.contract(keep, merged)
-        levels.append(Level(T.copy(), pairs))
+        levels.append(ContractionLevel(T.copy(), pairs))
         if len(levels) > max_levels:
             raise RuntimeError("contraction did not reach the tetrahedron")
     return levels
@@ -762,7 +764,3 @@ def _allowed_table(D: int) -> np.ndarray:
             for m in range(1, d):
                 t[d, 1 + i * (D - 1) + (m - 1)] = True
     return t
-
-
-def _bits(i: int, nbits: int) -> np.ndarray:
-    return np.array([1.0 if (i >> b) & 1 else -1.0 for b in range(nbits)], dtype=np.float32)
