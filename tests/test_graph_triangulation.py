@@ -248,3 +248,9 @@ def test_demo_refuses_a_dataset_without_triangulated_discs_before_training():
     from examples.graph_demo import main
     with pytest.raises(SystemExit, match="no grid training graph is a triangulated disc"):
         main(["--dataset", "planar,grid", "--tokenizer", "triangulation", "--out", "/dev/null/never_written"])
+
+
+def test_a_graph_beyond_the_fitted_capacity_is_refused_with_the_reason(planar):
+    small = TriangulationTokenizer.fit([nx.convert_node_labels_to_integers(nx.triangular_lattice_graph(2, 4))])
+    with pytest.raises(ValueError, match="capacity|levels"):
+        small.encode([planar[0]])

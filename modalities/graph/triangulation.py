@@ -451,6 +451,10 @@ class TriangulationTokenizer(PretrainedMixin):
                     raise ValueError(f"graph {index}: a split at degree {d}, above max_degree {self.max_degree}")
                 i = (r.index(label.index(u)) - r.index(min(r))) % d
                 toks.append(1 + i * (self.max_degree - 1) + (len(rb) - 3))  # m = deg(b) - 2
+            grown = n + sum(t != NO_SPLIT for t in toks)
+            if grown > self.max_nodes[k + 1]:
+                raise ValueError(f"graph {index}: level {k + 1} has {grown} vertices, capacity {self.max_nodes[k + 1]}; "
+                                 "refit on data that includes it")
             new_of = grower.apply_level(toks, self.max_nodes[k + 1])
             if grower.refused:
                 raise AssertionError(f"graph {index}: level {k} splits two adjacent vertices")
