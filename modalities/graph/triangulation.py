@@ -113,9 +113,6 @@ class Rotation:
         del self.rot[b]
         return u, d - 2
 
-    def common_neighbours(self, a, b) -> int:
-        return len(set(self.rot[a]) & set(self.rot[b]))
-
     def check(self) -> None:
         """Raise if this is not a triangulation of the sphere (symmetric, simple, every face a triangle,
         Euler characteristic 2)."""
@@ -235,10 +232,12 @@ def is_triangulated_disc(G: nx.Graph) -> bool:
 @dataclass
 class ContractionLevel:
     """One coarsening step: ``pairs`` are the ``(kept, merged)`` vertices contracted to go from the
-    finer triangulation to ``coarse`` (a copy)."""
+    finer triangulation to ``coarse`` (a copy); ``undo[kept]`` is the ``(u, m)`` of the split of
+    ``kept`` that restores the finer level (:meth:`Rotation.contract`)."""
 
     coarse: Rotation
     pairs: list[tuple]
+    undo: dict
 
 
 def contraction_level(T: Rotation, rate: float = 1.0) -> list[tuple]:
@@ -292,9 +291,8 @@ def contraction_hierarchy(T: Rotation, rate: float = 1.0, max_levels: int = 256)
             pairs = contraction_level(T)
         if not pairs:
             raise NotATriangulatedDisc(f"no contractible edge left at {len(T)} vertices")
-        for keep, merged in pairs:
-            T.contract(keep, merged)
-        levels.append(ContractionLevel(T.copy(), pairs))
+        undo = {keep: T.contract(keep, merged) for keep, merged in pairs}
+        levels.append(ContractionLevel(T.copy(), pairs, undo))
         if len(levels) > max_levels:
             raise RuntimeError("contraction did not reach the tetrahedron")
     return levels
@@ -302,17 +300,23 @@ def contraction_hierarchy(T: Rotation, rate: float = 1.0, max_levels: int = 256)
 
 def tetrahedron() -> Rotation:
     """The coarsest level every hierarchy starts from: ``0`` (the outer vertex) and ``1, 2, 3``."""
+    return Rotation(_tetrahedron_rotation())
+
+
+@functools.lru_cache(maxsize=None)
+def _tetrahedron_rotation() -> dict:
+    """K4's rotation system with ``rot[0] = [1, 2, 3]`` (computed once; every decode state starts from it)."""
     emb = nx.check_planarity(nx.complete_graph(4))[1]
     rot = {v: list(emb.neighbors_cw_order(v)) for v in range(4)}
-    if rot[0] != [1, 2, 3] and rot[0] != [2, 3, 1] and rot[0] != [3, 1, 2]:  # mirror: relabel 2 <-> 3
+    if not _same_cycle(rot[0], [1, 2, 3]):  # the mirror image: relabel 2 <-> 3
         swap = {0: 0, 1: 1, 2: 3, 3: 2}
         rot = {swap[v]: [swap[x] for x in nb] for v, nb in rot.items()}
-    return Rotation({v: _rotate_to(nb, min(nb)) for v, nb in rot.items()})
+    return {v: _rotate_to(nb, min(nb)) for v, nb in rot.items()}
 
 
 def _same_cycle(a: list, b: list) -> bool:
     """Whether two lists are the same cyclic sequence."""
-    return len(a) == len(b) and (not a or _rotate_to(a, b[0]) == b if b[0] in a else False)
+    return len(a) == len(b) and (not b or (b[0] in a and _rotate_to(a, b[0]) == b))
 
 
 def _rotate_to(r: list, x) -> list:
@@ -428,29 +432,23 @@ class TriangulationTokenizer(PretrainedMixin):
             raise AssertionError("the coarsest level does not map onto the decoder's tetrahedron")
         grower = _Grower(self)
         per_level: list[list[int]] = []
-        for j in range(len(levels) - 1, -1, -1):  # coarse to fine
-            lv = levels[j]
-            finer = levels[j - 1].coarse if j > 0 else T
-            merged_of = {keep: merged for keep, merged in lv.pairs}
+        for lv in reversed(levels):  # coarse to fine
+            merged_of = dict(lv.pairs)
             k = len(per_level)
-            n = len(grower.rot)
-            if n > self.max_nodes[k]:
-                raise ValueError(f"graph {index}: level {k} has {n} vertices, capacity {self.max_nodes[k]}")
+            n = len(grower.rot)  # within capacity: checked as the level before grew (level 0: the tetrahedron)
             toks = []
             for v in range(n):
                 x = label[v]
-                if x not in merged_of:
+                if x not in lv.undo:
                     toks.append(NO_SPLIT)
                     continue
-                b = merged_of[x]
-                rb = finer.rot[b]
-                u = rb[(rb.index(x) + 1) % len(rb)]  # the first neighbour of the arc, clockwise around b
+                u, m = lv.undo[x]
                 r = grower.rot.rot[v]
                 d = len(r)
                 if d > self.max_degree:
                     raise ValueError(f"graph {index}: a split at degree {d}, above max_degree {self.max_degree}")
                 i = (r.index(label.index(u)) - r.index(min(r))) % d
-                toks.append(1 + i * (self.max_degree - 1) + (len(rb) - 3))  # m = deg(b) - 2
+                toks.append(1 + i * (self.max_degree - 1) + (m - 1))
             grown = n + sum(t != NO_SPLIT for t in toks)
             if grown > self.max_nodes[k + 1]:
                 raise ValueError(f"graph {index}: level {k + 1} has {grown} vertices, capacity {self.max_nodes[k + 1]}; "
@@ -460,10 +458,8 @@ class TriangulationTokenizer(PretrainedMixin):
                 raise AssertionError(f"graph {index}: level {k} splits two adjacent vertices")
             label = _tree_labels(label, new_of, merged_of)
             per_level.append(toks)
-        n = len(grower.rot)  # the graph is complete: the remaining levels split nothing
-        if n > self.max_nodes[-1]:
-            raise ValueError(f"graph {index}: {n} vertices with the outer one, capacity {self.max_nodes[-1]}")
-        per_level += [[NO_SPLIT] * n for _ in range(self.K - 1 - len(levels))]
+        # the graph is complete: the remaining levels split nothing
+        per_level += [[NO_SPLIT] * len(grower.rot) for _ in range(self.K - 1 - len(levels))]
         C = self.chunks
         return [per_level[k][c::C] for k, c in self.kinds]
 
