@@ -442,14 +442,15 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
             for G, _, d, a in best:
                 count_projection(project_stats, G, d, a)
         gen.extend(batch_graphs)
-        levels = tok.decode_progression(res.indices)  # (level, sample) graphs of the (first) draw
-        level_counts.extend([lvl[b_].number_of_nodes() for lvl in levels] for b_ in range(b))
+        if isinstance(tok, TriangulationTokenizer):  # splits next to an earlier one of their chunk, read as none
+            invalid["refused_splits"] = invalid.get("refused_splits", 0) + tok.replay(res.indices).refused
+        else:  # the node count of every level (level_size_report), of the (first) draw
+            levels = tok.decode_progression(res.indices)
+            level_counts.extend([lvl[b_].number_of_nodes() for lvl in levels] for b_ in range(b))
         if structure:
             struct_stats = {key: struct_stats.get(key, 0) + sh.stats.get(key, 0) for key in sh.stats}
         else:  # a structure hook drops coarse edges on purpose (PAD), which is not an invalid draw
             invalid["draws"] += count_invalid(tok, res.indices)
-        if isinstance(tok, TriangulationTokenizer):  # splits next to an earlier one of their scale, read as none
-            invalid["refused_splits"] = invalid.get("refused_splits", 0) + tok.replay(res.indices).refused
     seconds["sample"] = time.time() - t0
     for h in size_hooks:
         size_stats = {key: size_stats[key] + h.stats[key] for key in size_stats}
