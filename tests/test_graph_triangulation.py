@@ -250,7 +250,11 @@ def test_demo_refuses_a_dataset_without_triangulated_discs_before_training():
         main(["--dataset", "planar,grid", "--tokenizer", "triangulation", "--out", "/dev/null/never_written"])
 
 
-def test_a_graph_beyond_the_fitted_capacity_is_refused_with_the_reason(planar):
-    small = TriangulationTokenizer.fit([nx.convert_node_labels_to_integers(nx.triangular_lattice_graph(2, 4))])
-    with pytest.raises(ValueError, match="capacity|levels"):
-        small.encode([planar[0]])
+def test_a_graph_beyond_the_fitted_capacity_is_refused_with_the_reason(planar, tok):
+    # catches: a level grown past its capacity passing (splits silently dropped) or failing as something else
+    shallow = TriangulationTokenizer.fit([nx.convert_node_labels_to_integers(nx.triangular_lattice_graph(2, 4))])
+    with pytest.raises(ValueError, match="levels, this tokenizer"):
+        shallow.encode([planar[0]])
+    narrow = TriangulationTokenizer([4] + [min(c, 20) for c in tok.max_nodes[1:]], tok.max_degree, tok.chunks)
+    with pytest.raises(ValueError, match="vertices, capacity 20; refit"):
+        narrow.encode([planar[0]])
