@@ -93,7 +93,8 @@ PRESETS = {
 
 # --tokenizer triangulation: 24 orderings per graph (more hierarchies; validation loss 0.438 -> 0.373 at 1000
 # steps), 2000 steps, 12 split chunks per level (benchmarks/results/graph/triangulation/)
-TRIANGULATION = dict(perms=24, steps=2000, split_chunks=12)
+# split chunks dealt by colouring (no two neighbours in one chunk: no collisions, samples reach the data's size)
+TRIANGULATION = dict(perms=24, steps=2000, split_chunks=12, split_chunking="colour")
 
 
 def permuted(G: nx.Graph, rng: np.random.Generator) -> nx.Graph:
@@ -290,6 +291,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg["tokenizer"] = args.tokenizer
     if args.split_chunks is not None:
         cfg["split_chunks"] = args.split_chunks
+    if args.split_chunking is not None:
+        cfg["split_chunking"] = args.split_chunking
     if args.split_rate is not None:
         cfg["split_rate"] = args.split_rate
     if args.extra_levels is not None:
@@ -338,7 +341,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
             train_used = len(kept)
             items = augment(kept, cfg["perms"], args.seed)
             tok = TriangulationTokenizer.fit(items, chunks=cfg.get("split_chunks", 3), rate=cfg.get("split_rate", 1.0),
-                                             extra_levels=cfg.get("extra_levels", 0))
+                                             extra_levels=cfg.get("extra_levels", 0),
+                                             chunking=cfg.get("split_chunking", "round-robin"))
         else:
             items = augment(train_graphs, cfg["perms"], args.seed)
             tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
@@ -627,6 +631,10 @@ def main(argv=None) -> None:
     p.add_argument("--split-chunks", type=int, default=None,
                    help="--tokenizer triangulation: scales per level for the split tokens (preset 12; a later chunk "
                         "sees the splits of the earlier ones)")
+    p.add_argument("--split-chunking", default=None, choices=["colour", "round-robin"],
+                   help="--tokenizer triangulation: how a level's vertices are dealt into its chunks (preset colour: "
+                        "no two neighbours in one chunk, so parallel draws cannot collide; round-robin: vertex j to "
+                        "chunk j %% chunks, the setting of the runs before the option existed)")
     p.add_argument("--split-rate", type=float, default=None,
                    help="--tokenizer triangulation: share of the greedy contractions each level of a training "
                         "hierarchy makes (default 1; lower: deeper, more varied hierarchies)")
@@ -694,8 +702,10 @@ def main(argv=None) -> None:
             if name in PRESETS and not any(is_triangulated_disc(G) for G in make_dataset(name, seed=args.seed)["train"]):
                 raise SystemExit(f"--tokenizer triangulation: no {name} training graph is a triangulated disc "
                                  "(planar, bounded faces triangles, one outer cycle); use it for planar")
-    elif args.split_chunks is not None or args.split_rate is not None or args.extra_levels is not None:
-        raise SystemExit("--split-chunks, --split-rate and --extra-levels are options of --tokenizer triangulation")
+    elif (args.split_chunks is not None or args.split_chunking is not None or args.split_rate is not None
+          or args.extra_levels is not None):
+        raise SystemExit("--split-chunks, --split-chunking, --split-rate and --extra-levels are options of "
+                         "--tokenizer triangulation")
     if not args.split_temperature > 0:
         raise SystemExit(f"--split-temperature must be > 0, got {args.split_temperature}")
     if args.split_temperature != 1.0 and args.tokenizer != "triangulation" and not args.load:

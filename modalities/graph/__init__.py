@@ -9,12 +9,12 @@
 * :mod:`.metrics`   -- MMD (degree, clustering, 4-node orbits, spectrum; TV and EMD kernels), V.U.N.
 """
 from .coarsen import Level, assignments, coarsen, level_sizes, num_levels_for
-from .datasets import DATASETS, graphs_from, make_dataset, to_data, to_networkx
+from .datasets import DATASETS, draw_graphs, graphs_from, make_dataset, to_data, to_networkx
 from .metrics import evaluate, graph_stats, mmd_all, vun
 from .tokenizer import GraphDecodeState, GraphPyramidTokenizer
 from .triangulation import NotATriangulatedDisc, SplitShapeTemperature, TriangulationTokenizer, is_triangulated_disc
 
-__all__ = ["Level", "coarsen", "assignments", "num_levels_for", "level_sizes", "DATASETS", "make_dataset", "to_data",
+__all__ = ["Level", "coarsen", "assignments", "num_levels_for", "level_sizes", "DATASETS", "draw_graphs", "make_dataset", "to_data",
            "to_networkx", "graphs_from", "evaluate", "graph_stats", "mmd_all", "vun",
            "GraphPyramidTokenizer", "GraphDecodeState", "TriangulationTokenizer", "SplitShapeTemperature",
            "NotATriangulatedDisc", "is_triangulated_disc"]

@@ -99,6 +99,15 @@ _SPECTRE_SPLIT = {"sbm": (128, 32), "planar": (128, 32)}
 WITH_VALIDATION = tuple(_SPECTRE_SPLIT)  # the datasets whose full-size split has validation graphs
 
 
+def draw_graphs(name: str, seed: int, **kw) -> list[nx.Graph]:
+    """Fresh graphs from dataset ``name``'s generator, unshuffled and unsplit (``num=...`` how many;
+    planar also takes ``n=...`` points).  A perfect model's samples: scoring them like a model's
+    tells how far the metric itself is from 1x the baseline (``benchmarks.graph_reference_floor``)."""
+    if name not in _MAKERS:
+        raise ValueError(f"unknown graph dataset {name!r}; expected one of {list(DATASETS)}")
+    return _MAKERS[name](np.random.default_rng(seed), **kw)
+
+
 def make_dataset(name: str, seed: int = 0, **kw) -> dict[str, list[nx.Graph]]:
     """``{"train": [...], "val": [...], "test": [...]}`` of networkx graphs, deterministic from ``seed``.
 

@@ -328,6 +328,35 @@ def _rotate_to(r: list, x) -> list:
 NO_SPLIT = 0
 
 
+CHUNKINGS = ("colour", "round-robin")
+
+
+def chunk_members(rot: Rotation, chunks: int, size: int, chunking: str = "colour") -> list[list[int]]:
+    """Deal the vertices ``0 .. n-1`` of ``rot`` (decoder ids, tree order) into ``chunks`` lists of at most
+    ``size`` each (``n <= chunks * size``); each list in tree order.
+
+    ``"round-robin"``: vertex ``j`` to chunk ``j % chunks``.  ``"colour"``: each vertex in turn to the
+    chunk holding none of its neighbours, the emptiest first, then the lowest index (round-robin when
+    nothing conflicts).  The outer vertex ``0`` never splits, so it conflicts with nothing; where every
+    chunk with room holds a neighbour (a vertex of degree ``>= chunks``, or the last places), the
+    emptiest is taken and a collision stays possible.
+    """
+    n = len(rot)
+    if n > chunks * size:
+        raise ValueError(f"chunk_members: {n} vertices do not fit {chunks} chunks of {size}")
+    if chunking == "round-robin":
+        return [list(range(c, n, chunks)) for c in range(chunks)]
+    members: list[list[int]] = [[] for _ in range(chunks)]
+    chunk_of: dict = {}
+    for v in range(n):
+        taken = {chunk_of[w] for w in rot.rot[v] if w in chunk_of and w != 0} if v else set()
+        room = [c for c in range(chunks) if len(members[c]) < size]
+        c = min(room, key=lambda c: (c in taken, len(members[c]), c))
+        members[c].append(v)
+        chunk_of[v] = c
+    return members
+
+
 class TriangulationTokenizer(PretrainedMixin):
     """Pyramid tokenizer of triangulated discs: each level of the hierarchy is a round of vertex splits.
 
@@ -337,10 +366,12 @@ class TriangulationTokenizer(PretrainedMixin):
     degree ``d <= D = max_degree``, with ``i`` counted clockwise from the vertex's *reference*
     neighbour (the one first in tree order).  Vertices are in *tree order*: level ``k + 1`` lists,
     for every vertex of level ``k`` in order, the vertex and then the vertex its split created.  The
-    tokens of a level are dealt into ``chunks`` scales (vertex ``j`` to chunk ``j % chunks``), so
-    a later chunk is predicted knowing which vertices an earlier one split: the splits of a level
-    must not touch (the hierarchy's levels never do), and a vertex next to an earlier split is
-    *blocked*.  Positions past a level's vertex count hold ``PAD``.  Hierarchies are aligned at the
+    tokens of a level are dealt into ``chunks`` scales (:func:`chunk_members`), so a later chunk is
+    predicted knowing which vertices an earlier one split: the splits of a level must not touch (the
+    hierarchy's levels never do), and a vertex next to an earlier split is *blocked*.  With
+    ``chunking="colour"`` no two neighbours share a chunk wherever the level allows it, so the
+    parallel draws of one chunk cannot collide; ``"round-robin"`` deals vertex ``j`` to chunk
+    ``j % chunks`` (two neighbours drawn splitting in one chunk: the second is refused).  Positions past a level's vertex count hold ``PAD``.  Hierarchies are aligned at the
     top: a graph whose hierarchy has fewer levels than ``K`` ends with levels of no splits, so at
     every level the training data mixes graphs still growing and graphs complete, and the model
     learns to stop from the size reached, not from the level alone.
@@ -363,9 +394,12 @@ class TriangulationTokenizer(PretrainedMixin):
         chunks: scales per level.
         rate: the hierarchy's contraction rate (:func:`contraction_level`); below 1 a level splits
             fewer vertices and hierarchies are deeper and more varied.
+        chunking: ``"colour"`` or ``"round-robin"`` (:func:`chunk_members`).  The constructor's default
+            is what configs saved before the option existed used; :meth:`fit` defaults to ``"colour"``.
     """
 
-    def __init__(self, max_nodes: Sequence[int], max_degree: int, chunks: int = 3, rate: float = 1.0):
+    def __init__(self, max_nodes: Sequence[int], max_degree: int, chunks: int = 3, rate: float = 1.0,
+                 chunking: str = "round-robin"):
         if len(max_nodes) < 2 or int(max_nodes[0]) != 4:
             raise ValueError(f"max_nodes: expected >= 2 levels starting with the tetrahedron's 4, got {list(max_nodes)}")
         if any(int(b) < int(a) for a, b in zip(max_nodes, max_nodes[1:])):
@@ -376,7 +410,10 @@ class TriangulationTokenizer(PretrainedMixin):
             raise ValueError(f"chunks must be >= 1, got {chunks}")
         if not 0.0 < float(rate) <= 1.0:
             raise ValueError(f"rate must be in (0, 1], got {rate}")
+        if chunking not in CHUNKINGS:
+            raise ValueError(f"chunking must be one of {CHUNKINGS}, got {chunking!r}")
         self.rate = float(rate)
+        self.chunking = chunking
         self.max_nodes = [int(x) for x in max_nodes]
         self.max_degree = D = int(max_degree)
         self.chunks = C = int(chunks)
@@ -389,12 +426,13 @@ class TriangulationTokenizer(PretrainedMixin):
         self._slot_at = 10 + self.nbits
         self.latent_dim = int(8 * math.ceil((self._slot_at + 5 * D) / 8))
         self.config = {"max_nodes": self.max_nodes, "max_degree": self.max_degree, "chunks": self.chunks,
-                       "rate": self.rate}
+                       "rate": self.rate, "chunking": self.chunking}
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def fit(cls, graphs: Sequence[nx.Graph], node_slack: float = 0.1, degree_slack: int = 1,
-            chunks: int = 3, rate: float = 1.0, extra_levels: int = 0) -> "TriangulationTokenizer":
+            chunks: int = 3, rate: float = 1.0, extra_levels: int = 0,
+            chunking: str = "colour") -> "TriangulationTokenizer":
         """Size a tokenizer for a training set of triangulated discs: as many levels as the deepest
         hierarchy plus ``extra_levels`` (room for samples that grow slower than the data), each
         level's capacity ``(1 + node_slack) x`` the largest seen there (at most the largest graph),
@@ -414,7 +452,7 @@ class TriangulationTokenizer(PretrainedMixin):
         cap = [max(s[j] for s in top) for j in range(K)]
         n_max = cap[-1]
         cap = [4] + [min(n_max, int(math.ceil(c * (1 + node_slack)))) for c in cap[1:-1]] + [n_max]
-        return cls(cap, dmax + int(degree_slack), chunks, rate)
+        return cls(cap, dmax + int(degree_slack), chunks, rate, chunking)
 
     # ------------------------------------------------------------------ encoding
     def encode_graph(self, G: nx.Graph, index: int = 0) -> list[list[int]]:
@@ -432,6 +470,7 @@ class TriangulationTokenizer(PretrainedMixin):
             raise AssertionError("the coarsest level does not map onto the decoder's tetrahedron")
         grower = _Grower(self)
         per_level: list[list[int]] = []
+        members: list[list[list[int]]] = []  # per level: the vertices of each chunk
         for lv in reversed(levels):  # coarse to fine
             merged_of = dict(lv.pairs)
             k = len(per_level)
@@ -453,15 +492,21 @@ class TriangulationTokenizer(PretrainedMixin):
             if grown > self.max_nodes[k + 1]:
                 raise ValueError(f"graph {index}: level {k + 1} has {grown} vertices, capacity {self.max_nodes[k + 1]}; "
                                  "refit on data that includes it")
+            members.append(grower.members)
             new_of = grower.apply_level(toks, self.max_nodes[k + 1])
             if grower.refused:
                 raise AssertionError(f"graph {index}: level {k} splits two adjacent vertices")
             label = _tree_labels(label, new_of, merged_of)
             per_level.append(toks)
         # the graph is complete: the remaining levels split nothing
-        per_level += [[NO_SPLIT] * len(grower.rot) for _ in range(self.K - 1 - len(levels))]
-        C = self.chunks
-        return [per_level[k][c::C] for k, c in self.kinds]
+        for k in range(len(levels), self.K - 1):
+            per_level.append([NO_SPLIT] * len(grower.rot))
+            members.append(self.chunk_members(grower.rot, k))
+        return [[per_level[k][v] for v in members[k][c]] for k, c in self.kinds]
+
+    def chunk_members(self, rot: "Rotation", k: int) -> list[list[int]]:
+        """The vertices (decoder ids, tree order) of each chunk of level ``k`` of triangulation ``rot``."""
+        return chunk_members(rot, self.chunks, self.schedule.token_counts[k * self.chunks], self.chunking)
 
     @torch.no_grad()
     def encode(self, data: Any) -> list[torch.Tensor]:
@@ -569,25 +614,28 @@ class _Grower:
         self.new: set = set()  # vertices created at the previous level
         self.split: set = set()  # vertices that split at the previous level
         self.refused = 0  # splits read as NO_SPLIT because a neighbour split in the same chunk, or past capacity
+        self.level = 0
         self._begin()
 
     def _begin(self) -> None:
         self.n0 = len(self.rot)
         self.blocked: set = set()  # split vertices and their neighbours, this level
         self.new_of: dict = {}
+        self.members = self.tok.chunk_members(self.rot, self.level)
 
     def can_split(self, v: int) -> bool:
         return 0 < v < self.n0 and v not in self.blocked and len(self.rot.rot[v]) <= self.tok.max_degree
 
     def apply_chunk(self, chunk: int, toks: Sequence[int], cap: int) -> None:
-        """Apply the tokens of one chunk (position ``p`` is vertex ``chunk + p * chunks``) growing to at
+        """Apply the tokens of one chunk (position ``p`` is vertex ``members[chunk][p]``) growing to at
         most ``cap`` vertices; the chunk's splits block their neighbours only after the chunk."""
-        D, C, rot = self.tok.max_degree, self.tok.chunks, self.rot
+        D, rot, vs = self.tok.max_degree, self.rot, self.members[chunk]
         blocked_now: set = set()
         for p, t in enumerate(toks):
-            v = chunk + p * C
-            t = int(t)
-            if v >= self.n0 or t == NO_SPLIT or t >= self.tok.pad_token or not self.can_split(v):
+            if p >= len(vs):
+                break
+            v, t = vs[p], int(t)
+            if t == NO_SPLIT or t >= self.tok.pad_token or not self.can_split(v):
                 continue
             i, m = _split_of(t, D)
             d = len(rot.rot[v])
@@ -615,14 +663,15 @@ class _Grower:
         self.rot = Rotation({ids[v]: [ids[x] for x in nb] for v, nb in self.rot.rot.items()})
         self.new = {ids[x] for x in new_of.values()}
         self.split = {ids[v] for v in new_of}
-        self._begin()
+        self.level += 1
+        if self.level < self.tok.K - 1:  # the finished graph has no chunks to deal
+            self._begin()
         return new_of
 
     def apply_level(self, toks: Sequence[int], cap: int) -> dict:
         """All chunks of one level's tokens (one per vertex, in order), then :meth:`end_level`."""
-        C = self.tok.chunks
-        for c in range(C):
-            self.apply_chunk(c, toks[c::C], cap)
+        for c, vs in enumerate(self.members):
+            self.apply_chunk(c, [toks[v] for v in vs], cap)
         return self.end_level()
 
 
@@ -650,18 +699,16 @@ class TriangulationDecodeState:
 
     def allowed(self, s: int) -> torch.Tensor:
         """``(B, n_s, V)`` bool: the tokens of scale ``s`` the decoder reads as drawn."""
-        tok, D, C = self.tok, self.tok.max_degree, self.tok.chunks
+        tok = self.tok
         _, c = tok.kinds[s]
         n_pos = tok.schedule.token_counts[s]
         ok = np.zeros((self.B, n_pos, tok.vocab_size), dtype=bool)
-        table = _allowed_table(D)
+        table = _allowed_table(tok.max_degree)
         for b, g in enumerate(self.growers):
-            for p in range(n_pos):
-                v = c + p * C
-                if v >= g.n0:
-                    ok[b, p, tok.pad_token] = True
-                else:
-                    ok[b, p] = table[len(g.rot.rot[v]) if g.can_split(v) else 0]
+            vs = g.members[c]
+            ok[b, len(vs):, tok.pad_token] = True
+            for p, v in enumerate(vs):
+                ok[b, p] = table[len(g.rot.rot[v]) if g.can_split(v) else 0]
         return torch.from_numpy(ok).to(self.device)
 
     def _features(self) -> torch.Tensor:
@@ -677,10 +724,7 @@ class TriangulationDecodeState:
             X[b, :, 6] = k / max(1, tok.K - 2)
             X[b, :, 7] = len(rot[0]) / 16
             X[b, :, 9] = c / C
-            for p in range(n_pos):
-                v = c + p * C
-                if v >= g.n0:
-                    break
+            for p, v in enumerate(g.members[c]):
                 r = rot[v]
                 d = len(r)
                 X[b, p, 0:5] = (1.0, v == 0, d / 8, v in g.new, v in g.split)
