@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from modalities.graph import graphs_from, make_dataset
 from modalities.graph.triangulation import (INF, NO_SPLIT, NotATriangulatedDisc, Rotation, TriangulationTokenizer,
-                                            contraction_hierarchy, contraction_level, is_triangulated_disc,
-                                            sphere_triangulation, tetrahedron)
+                                            chunk_members, contraction_hierarchy, contraction_level,
+                                            is_triangulated_disc, sphere_triangulation, tetrahedron)
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +163,49 @@ def test_adjacent_splits_in_one_chunk_keep_the_first_and_a_later_chunk_is_blocke
     assert len(st_.rots[0]) == 5 and st_.refused == 0  # read as NO_SPLIT, as the hook says
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**6), st.integers(0, 60), st.integers(2, 12), st.integers(0, 3))
+def test_colour_chunks_partition_the_vertices_and_keep_neighbours_apart(seed, n, chunks, slack):
+    # catches: a vertex dealt twice or never, a chunk past its size, positions out of tree order, and
+    # neighbours sharing a chunk where a chunk without one had room
+    T = _grown(seed, n)
+    size = -(-len(T) // chunks) + slack
+    members = chunk_members(T, chunks, size, "colour")
+    assert sorted(v for m in members for v in m) == list(range(len(T)))
+    assert all(len(m) <= size and m == sorted(m) for m in members)
+    chunk_of = {v: c for c, m in enumerate(members) for v in m}
+    filled = [0] * chunks
+    for v in range(len(T)):  # replay the dealing: a shared chunk only when every chunk with room held a neighbour
+        earlier = {chunk_of[w] for w in T.rot[v] if w < v and w != 0} if v else set()
+        if chunk_of[v] in earlier:
+            assert all(c in earlier for c in range(chunks) if filled[c] < size)
+        filled[chunk_of[v]] += 1
+    assert chunk_members(T, chunks, size, "round-robin") == [list(range(c, len(T), chunks)) for c in range(chunks)]
+
+
+@pytest.mark.parametrize("chunking, collides", [("colour", False), ("round-robin", True)])
+def test_colour_chunks_leave_no_collisions_to_refuse(chunking, collides):
+    # catches: parallel draws of one chunk splitting two neighbours (the second refused: a sample smaller than
+    # drawn). Room to double every level, and no split at degree >= chunks: colouring always finds a chunk
+    tok = TriangulationTokenizer([4 * 2 ** k for k in range(11)], max_degree=11, chunks=12, chunking=chunking)
+    g = torch.Generator().manual_seed(0)
+    st_ = tok.start(16)
+    for k, n in enumerate(tok.schedule.token_counts):
+        logits = torch.randn(16, n, tok.vocab_size, generator=g).masked_fill(~st_.allowed(k), float("-inf"))
+        logits[..., NO_SPLIT] -= 2.0  # split often
+        st_.add_scale(k, torch.distributions.Categorical(logits=logits).sample())
+    assert (st_.refused > 0) == collides
+    assert np.mean([len(R) for R in st_.rots]) > 40
+
+
+@pytest.mark.parametrize("chunking", ["colour", "round-robin"])
+def test_round_trip_is_exact_with_either_chunking(planar, chunking):
+    t = TriangulationTokenizer.fit(planar[:6], chunks=5, chunking=chunking)
+    assert t.config["chunking"] == chunking
+    out = graphs_from(t.decode(t.encode(planar[:6])))
+    assert all(nx.is_isomorphic(G, H) for G, H in zip(planar[:6], out))
+
+
 def test_teacher_forcing_matches_incremental_decoding(planar, tok):
     from msar import testing
     testing.check_adapter(tok, planar[:3], model=testing.tiny_transformer(tok))
@@ -197,7 +240,8 @@ def test_demo_trains_and_samples_planar_triangulations(tmp_path):
           "--out", str(tmp_path)])
     m = json.loads((tmp_path / "planar" / "metrics.json").read_text())
     assert m["vun"]["validity"] == 1.0 and m["training_graphs_used"] == 128
-    assert m["tokenizer"]["chunks"] == 12 and m["invalid_tokens"]["invalid_draw_rate"] == 0.0
+    assert m["tokenizer"]["chunks"] == 12 and m["tokenizer"]["chunking"] == "colour"
+    assert m["invalid_tokens"]["invalid_draw_rate"] == 0.0
     graphs = json.loads((tmp_path / "planar" / "graphs.json").read_text())["graphs"]
     for g in graphs:
         H = nx.Graph()
@@ -212,6 +256,12 @@ def test_demo_refuses_coarsening_options_with_the_triangulation_tokenizer(flags)
     from examples.graph_demo import main
     with pytest.raises(SystemExit, match="triangulation|split-chunks"):
         main(["--dataset", "planar", "--tokenizer", "triangulation", *flags, "--out", "/dev/null/never_written"])
+
+
+def test_demo_refuses_triangulation_options_without_the_tokenizer():
+    from examples.graph_demo import main
+    with pytest.raises(SystemExit, match="options of --tokenizer triangulation"):
+        main(["--dataset", "planar", "--split-chunking", "colour", "--out", "/dev/null/never_written"])
 
 
 def test_split_shape_temperature_keeps_the_split_rate_and_sharpens_the_shape():

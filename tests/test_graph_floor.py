@@ -1,0 +1,38 @@
+"""benchmarks.graph_reference_floor: fresh draws of the data generator, scored as a model's samples."""
+import json
+
+import networkx as nx
+import pytest
+
+from modalities.graph import draw_graphs, make_dataset
+
+
+def test_draw_graphs_is_the_data_sets_generator():
+    # catches: fresh draws from another distribution than the data set's (then the "perfect model" floor
+    # would measure something else), or draws that ignore their seed
+    data = make_dataset("planar", seed=3, num=12)
+    drawn = draw_graphs("planar", 3, num=12)
+    key = lambda G: frozenset(map(frozenset, G.edges()))
+    assert {key(G) for G in drawn} == {key(G) for s in data.values() for G in s}
+    other = draw_graphs("planar", 4, num=12)
+    assert not any(nx.is_isomorphic(a, b) for a in other for b in drawn)
+    assert all(G.number_of_nodes() == 30 for G in draw_graphs("planar", 0, num=2, n=30))
+
+
+def test_reference_floor_writes_ratios_that_see_a_wrong_node_count(tmp_path):
+    # catches: ratios over the wrong baseline, or a node count that is not passed to the generator
+    from benchmarks.graph_reference_floor import main
+    out = tmp_path / "floor.json"
+    main(["--dataset", "planar", "--num", "4", "--sets", "2", "--nodes", "64", "24", "--splits", "val",
+          "--out", str(out)])
+    res = json.loads(out.read_text())
+    rows = {r["nodes"]: r for r in res["rows"]}
+    assert set(rows) == {64, 24} and res["run"]["command"] and len(rows[64]["per_set"]) == 2
+    for k in ("degree_tv", "spectral_tv"):
+        assert rows[24][k]["min"] > 2 * rows[64][k]["max"] > 0
+
+
+def test_reference_floor_refuses_a_node_count_for_other_generators():
+    from benchmarks.graph_reference_floor import main
+    with pytest.raises(SystemExit, match="--nodes is for planar"):
+        main(["--dataset", "sbm", "--nodes", "40", "--out", "/dev/null/never_written"])
