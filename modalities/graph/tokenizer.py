@@ -47,7 +47,7 @@ from typing import Any, Optional, Sequence
 import networkx as nx
 import numpy as np
 import torch
-from torch_geometric.data import Batch, Data
+from torch_geometric.data import Batch
 
 from msar import OperatorPyramid, PretrainedMixin, ScaleSchedule
 
