@@ -74,7 +74,8 @@ from modalities.graph.coarsen import MATCHINGS
 from modalities.graph.datasets import WITH_VALIDATION
 from modalities.graph.constraints import PROJECTIONS, PROPERTIES, EdgeScores, StructureHook, count_projection
 from modalities.graph.metrics import structure_summary
-from modalities.graph.size import NodeCountHook, draw_node_counts, level_size_report
+from modalities.graph.size import (NodeCountHook, TriangulationNodeCountHook, draw_node_counts,
+                                   level_size_report)
 from modalities.graph.triangulation import SplitShapeTemperature, TriangulationTokenizer, is_triangulated_disc
 from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
 
@@ -325,10 +326,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         train_used = prev.get("training_graphs_used", len(train_graphs))
         if not isinstance(tok, TriangulationTokenizer) and args.split_temperature != 1.0:
             raise SystemExit(f"--split-temperature: {args.load} holds a coarsening model, which has no splits to shape")
-        if isinstance(tok, TriangulationTokenizer) and (args.project or args.complete or args.expand_test
-                                                        or args.node_count != "none"):
-            raise SystemExit(f"{args.load} holds a triangulation model: --project, --complete, --expand-test and "
-                             "--node-count are options of the coarsening tokenizer")
+        if isinstance(tok, TriangulationTokenizer) and (args.project or args.complete or args.expand_test):
+            raise SystemExit(f"{args.load} holds a triangulation model: --project, --complete and --expand-test "
+                             "are options of the coarsening tokenizer")
     else:
         trained_by = None  # this run (its record is "run")
         train_used = len(train_graphs)  # training graphs the tokenizer could encode
@@ -384,17 +384,19 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     # --node-count train: one target N per output graph, drawn from the training graphs' sizes (GRAN /
     # DiGress / SPECTRE do the same), then every split scale is made to produce the levels of an N-node graph
     targets = draw_node_counts(train_graphs, n_gen, sample_seed) if args.node_count == "train" else None
-    size_stats = {"scales": 0, "splits": 0, "off_target": 0}
+    size_stats = {"scales": 0, "splits": 0, "off_target": 0} if isinstance(tok, GraphPyramidTokenizer) else \
+        {"scales": 0, "splits": 0, "short": 0}
 
-    def sized(i: int, b: int, seed: int) -> Optional[NodeCountHook]:
+    def sized(i: int, b: int, seed: int) -> Optional[NodeCountHook | TriangulationNodeCountHook]:
         """The node-count hook of the batch ``i : i + b`` (None without --node-count)."""
         if targets is None:
             return None
-        h = NodeCountHook(tok, targets[i:i + b], args.temperature, seed=seed)
+        Hook = TriangulationNodeCountHook if isinstance(tok, TriangulationTokenizer) else NodeCountHook
+        h = Hook(tok, targets[i:i + b], args.temperature, seed=seed)
         size_hooks.append(h)
         return h
 
-    size_hooks: list[NodeCountHook] = []
+    size_hooks: list[NodeCountHook | TriangulationNodeCountHook] = []
     level_counts: list[list[int]] = []  # per sample, the node count of every level (see level_size_report)
     if args.expand_test and not 1 <= args.expand_test <= tok.K - 2:
         raise SystemExit(f"--expand-test must be in 1..{tok.K - 2} (expansions with edge scales), got {args.expand_test}")
@@ -619,8 +621,9 @@ def main(argv=None) -> None:
     p.add_argument("--node-count", default="none", choices=["none", "train"],
                    help="train: draw each sample's node count N from the training graphs' sizes and make every "
                         "split scale produce the levels of an N-node graph, choosing which nodes split by the "
-                        "model's own probabilities (modalities.graph.size.NodeCountHook); none: the node count "
-                        "is whatever the split tokens give")
+                        "model's own probabilities (modalities.graph.size.NodeCountHook; triangulation models: no "
+                        "split past N, and the last level completes the sample to N, TriangulationNodeCountHook); "
+                        "none: the node count is whatever the split tokens give")
     p.add_argument("--matching", default=None, choices=list(MATCHINGS),
                    help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels; aligned: "
                         "pairs lined up side by side and in line, so a grid's levels are grids)")
@@ -684,7 +687,7 @@ def main(argv=None) -> None:
         pyramid_only = {"--project": args.project, "--complete": args.complete, "--matching": args.matching,
                         "--edge-chunks": args.edge_chunks, "--final-chunks": args.final_chunks,
                         "--face-features": args.face_features, "--parent-links": args.parent_links,
-                        "--node-count": args.node_count != "none", "--expand-test": args.expand_test,
+                        "--expand-test": args.expand_test,
                         "--structure": args.structure not in ("auto", "none")}
         used = [flag for flag, on in pyramid_only.items() if on]
         if used:

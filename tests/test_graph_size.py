@@ -1,5 +1,7 @@
 """Node-count conditioned graph sampling (modalities/graph/size.py): exact sizes at every level, the
 positions chosen with the model's conditional probabilities, composition with the other hooks."""
+import math
+
 import networkx as nx
 import pytest
 import torch
@@ -228,3 +230,128 @@ def test_demo_samples_every_draw_at_its_target_size(tmp_path):
     assert nc["stats"]["scales"] == 3 * 2 * (tok.K - 1)  # every sample of both draws, every split scale
     graphs = json.loads((tmp_path / "out" / "grid" / "graphs.json").read_text())["graphs"]
     assert [g["n"] for g in graphs] == nc["targets"]
+
+
+# ---------------------------------------------------------------------------- triangulations
+
+def test_log_count_weights_are_the_elementary_symmetric_sums():
+    # catches: a count distribution off by one position or one count (the truncated draw of the hook)
+    import itertools
+    import math
+
+    from modalities.graph.size import log_count_weights
+    w = [0.3, 2.0, 0.7, 5.0, 1.1]
+    log_w = torch.tensor([[math.log(x) for x in w], [math.log(x) for x in w[:3]] + [float("-inf")] * 2],
+                         dtype=torch.float64)
+    got = log_count_weights(log_w, 5).exp()
+    for row, ws in enumerate([w, w[:3]]):
+        for j in range(6):
+            ref = sum(math.prod(c) for c in itertools.combinations(ws, j)) if j <= len(ws) else 0.0
+            assert math.isclose(float(got[row, j]), ref, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _tetrahedron_hook_draws(target: int, p_split, n: int, seed: int):
+    """Split sets the triangulation hook draws at scale 0 (the tetrahedron's vertices 1, 2, 3), with
+    split probabilities ``p_split`` spread evenly over each vertex's allowed split tokens."""
+    from modalities.graph.size import TriangulationNodeCountHook
+    from modalities.graph.triangulation import NO_SPLIT, TriangulationTokenizer
+    tok = TriangulationTokenizer([4, 8, 16], max_degree=6, chunks=1)  # level 0 is not the last
+    st_ = tok.start(n)
+    ok = st_.allowed(0)
+    logits = torch.full(ok.shape, -30.0)
+    logits[:, 0, NO_SPLIT] = 0.0
+    for u, p in enumerate(p_split, start=1):
+        logits[:, u, NO_SPLIT] = math.log(1 - p)
+        logits[:, u, 1:tok.pad_token] = math.log(p / ok[0, u, 1:tok.pad_token].sum())
+    masked = tok.valid_token_hook(0, logits, st_)
+    hook = TriangulationNodeCountHook(tok, [target] * n, seed=seed)
+    out = hook(0, masked, st_)
+    q = out.softmax(-1)
+    split = q[:, 1:4, NO_SPLIT] < 0.5
+    assert ((q[:, 1:4, NO_SPLIT] < 1e-6) | (q[:, 1:4, NO_SPLIT] > 1 - 1e-6)).all()
+    # at a chosen vertex the split shape is the model's conditional (uniform here)
+    model = masked.softmax(-1)[:, 1:4, 1:tok.pad_token]
+    model = model / model.sum(-1, keepdim=True)
+    assert torch.allclose(q[:, 1:4, 1:tok.pad_token][split], model[split], atol=1e-6)
+    return split, hook
+
+
+def test_triangulation_hook_draws_the_model_product_truncated_to_the_room():
+    # catches: splits chosen uniformly or by p instead of the model's product of Bernoullis, and a cap
+    # that truncates in position order (the capacity rule) instead of conditioning the product on it
+    p = [0.2, 0.5, 0.9]
+    w = [x / (1 - x) for x in p]
+    n = 12000
+    # room for all three splits (target 7): the product itself, over the 8 subsets
+    split, hook = _tetrahedron_hook_draws(7, p, n, seed=0)
+    code = (split.long() * torch.tensor([1, 2, 4])).sum(1)
+    ref = [math.prod(p[u] if (s >> u) & 1 else 1 - p[u] for u in range(3)) for s in range(8)]
+    assert chisquare(torch.bincount(code, minlength=8).numpy(), [r * n for r in ref]).pvalue > 1e-3
+    assert hook.stats["short"] == 0
+    # room for one split (target 4 = the 3 vertices + 1): the product conditioned on at most one
+    split, _ = _tetrahedron_hook_draws(4, p, n, seed=1)
+    assert (split.sum(1) <= 1).all()
+    code = torch.where(split.any(1), split.long().argmax(1) + 1, 0)
+    ref = [1.0] + w
+    assert chisquare(torch.bincount(code, minlength=4).numpy(), [r / sum(ref) * n for r in ref]).pvalue > 1e-3
+
+
+def _grow_with_random_logits(tok, targets, stop_at: int, seed: int):
+    """Final vertex counts (outer vertex left out) of samples grown with random logits that stop splitting
+    once a sample has ``stop_at`` vertices (a model that stops early), the valid-token mask, and the
+    triangulation hook (``targets=None``: no hook)."""
+    from modalities.graph.size import TriangulationNodeCountHook
+    from modalities.graph.triangulation import NO_SPLIT
+    B = len(targets) if targets else 8
+    g = torch.Generator().manual_seed(seed)
+    hook = TriangulationNodeCountHook(tok, targets, seed=seed) if targets else None
+    st_ = tok.start(B)
+    for k, n in enumerate(tok.schedule.token_counts):
+        logits = torch.randn(B, n, tok.vocab_size, generator=g)
+        done = torch.tensor([len(R) - 1 >= stop_at for R in st_.rots])
+        logits[done, :, NO_SPLIT] += 30.0
+        logits = tok.valid_token_hook(k, logits, st_)
+        if hook is not None:
+            logits = hook(k, logits, st_)
+        draw = torch.multinomial(logits.softmax(-1).reshape(-1, tok.vocab_size), 1, generator=g)
+        st_.add_scale(k, draw.reshape(B, n))
+    return [len(R) - 1 for R in st_.rots], hook
+
+
+@pytest.fixture(scope="module")
+def tri_tok():
+    from modalities.graph.triangulation import TriangulationTokenizer
+    return TriangulationTokenizer.fit(make_dataset("planar", seed=0, num=24)["train"], chunks=4)
+
+
+def test_triangulation_hook_stops_eager_samples_and_completes_reluctant_ones(tri_tok):
+    # catches: splits past the target (drawn, or kept by the capacity rule), and a last level that does not
+    # complete a sample the model would leave short
+    eager, _ = _grow_with_random_logits(tri_tok, None, 64, 0)
+    assert eager == [64] * 8  # without the hook: the capacity
+    targets = [20, 35, 50, 64, 7, 12, 41, 58]
+    got, hook = _grow_with_random_logits(tri_tok, targets, 64, 0)
+    assert got == targets and hook.stats["short"] == 0
+    shy, _ = _grow_with_random_logits(tri_tok, None, 40, 1)
+    assert max(shy) < 48  # without the hook the samples stop near 40
+    got, hook = _grow_with_random_logits(tri_tok, [48] * 8, 40, 1)
+    assert got == [48] * 8 and hook.stats["short"] == 0
+    # a target the last level cannot reach from where the model left it is reported, not hidden
+    got, hook = _grow_with_random_logits(tri_tok, [64] * 8, 12, 2)
+    assert hook.stats["short"] == sum(n < 64 for n in got) > 0
+
+
+def test_demo_samples_triangulations_at_their_target_size(tmp_path, tri_tok):
+    # catches: --node-count refused for triangulation models, or sampled without the triangulation hook
+    import json
+    from examples.graph_demo import PRESETS, TRIANGULATION, build_model, main
+    cfg = dict(PRESETS["planar"], **TRIANGULATION, width=16, depth=1, heads=2, tokenizer="triangulation")
+    src = tmp_path / "run" / "planar"
+    msar.Pipeline(tri_tok, build_model(tri_tok, cfg, 0.0).init_weights().eval()).save_pretrained(str(src / "pipeline"))
+    (src / "metrics.json").write_text(json.dumps({"train_config": cfg, "data_kw": {}, "loss_curve": [[1, 0.0]],
+                                                  "seconds": {}}))
+    main(["--dataset", "planar", "--load", str(tmp_path / "run"), "--node-count", "train", "--num-samples", "3",
+          "--out", str(tmp_path / "out")])
+    m = json.loads((tmp_path / "out" / "planar" / "metrics.json").read_text())
+    assert m["node_count"]["on_target"] == 1.0 and m["node_count"]["targets"] == [64] * 3
+    assert m["vun"]["validity"] == 1.0 and m["node_count"]["stats"]["short"] == 0

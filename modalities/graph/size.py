@@ -46,6 +46,7 @@ import torch
 
 from .coarsen import level_sizes
 from .tokenizer import PAIR, PAIR_EDGE, SINGLE, GraphDecodeState, GraphPyramidTokenizer
+from .triangulation import NO_SPLIT, TriangulationDecodeState, TriangulationTokenizer
 
 _LOG_ODDS_CLIP = 50.0  # keeps a certain (p = 0 or 1) split finite, so an infeasible m still has a solution
 
@@ -165,6 +166,97 @@ class NodeCountHook:
         out[single] = ninf
         out[..., SINGLE] = torch.where(single, torch.zeros_like(out[..., SINGLE]), out[..., SINGLE])
         return out
+
+
+def log_count_weights(log_w: torch.Tensor, M: int) -> torch.Tensor:
+    """``(B, M + 1)``: ``log e_j(w)``, the log of the sum of ``prod w`` over the ``j``-sets of a row's
+    positions, ``j = 0..M`` (``-inf`` where no such set exists).  For independent positions with odds
+    ``w_i = p_i / (1 - p_i)``, ``P(exactly j) ∝ e_j(w)``: the count distribution of the product of
+    Bernoullis, which a truncation to a range of counts keeps in proportion."""
+    B, n = log_w.shape
+    out = torch.full((B, M + 1), float("-inf"), dtype=torch.float64)
+    out[:, 0] = 0.0
+    for i in range(n):
+        out[:, 1:] = torch.logaddexp(out[:, 1:], out[:, :-1] + log_w[:, i:i + 1])
+    return out
+
+
+class TriangulationNodeCountHook:
+    """``logits_hook`` for :func:`msar.sample` that grows sample b to ``node_counts[b]`` vertices with a
+    :class:`~modalities.graph.triangulation.TriangulationTokenizer`.
+
+    A triangulation's levels have no fixed sizes, so the rule only bounds the count, at every chunk
+    scale, in the model's own terms: with ``p_u`` the model's probability that vertex ``u`` splits (at
+    ``temperature``; positions that cannot split are left alone), the number of splits ``j`` of the
+    chunk is drawn from the model's count distribution (the product of the ``p_u``) truncated to
+    ``[lo, hi]``, and the set from the same product conditioned on ``j`` (:func:`sample_exactly_m`)::
+
+        r  = target + 1 - vertices now (the outer vertex counts);  hi = min(r, splittable, room under capacity)
+        lo = ceil(r / chunks left in the level) at the tokenizer's last level, else 0
+
+    So no sample passes its target (the model's draws past it are not truncated in chunk order, as the
+    capacity rule would), and the last level completes it: a sample the model would stop short of the
+    target (a level that grew a lot reads as the last one) gets its missing splits where the model
+    finds them least unlikely, spread over the last level's chunks.  Where the last level has too
+    few vertices free to split, the sample ends short (``stats["short"]``).  At split positions only
+    split tokens stay (the sampler draws the shape from the model's conditional), elsewhere only
+    ``NO_SPLIT``.  Chain it after the valid-token mask.
+
+    Args:
+        tok: the tokenizer whose decode state the sampler runs.
+        node_counts: ``B`` target node counts (the outer vertex not counted), each in
+            ``3 .. tok.max_nodes[-1] - 1``, e.g. :func:`draw_node_counts` over the training graphs.
+        temperature: the sampler's temperature (the split probabilities the counts and sets follow).
+        seed: seed of the hook's own generator.
+    """
+
+    def __init__(self, tok: TriangulationTokenizer, node_counts: Sequence[int], temperature: float = 1.0,
+                 seed: int = 0):
+        counts = [int(n) for n in node_counts]
+        bad = [n for n in counts if not 3 <= n <= tok.max_nodes[-1] - 1]
+        if bad:
+            raise ValueError(f"node counts must be in 3..{tok.max_nodes[-1] - 1} (the tokenizer's capacity without "
+                             f"the outer vertex), got {bad[:5]}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.tok, self.node_counts, self.temperature = tok, counts, float(temperature)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.stats = {"scales": 0, "splits": 0, "short": 0}
+
+    def __call__(self, k: int, logits: torch.Tensor, state: TriangulationDecodeState) -> torch.Tensor:
+        if state.B != len(self.node_counts):
+            raise ValueError(f"TriangulationNodeCountHook has {len(self.node_counts)} node counts for a batch "
+                             f"of {state.B}")
+        tok = self.tok
+        lvl, c = tok.kinds[k]
+        V = logits.shape[-1]
+        x = logits.detach().double().cpu() / self.temperature
+        is_split = torch.zeros(V, dtype=torch.bool)
+        is_split[NO_SPLIT + 1:tok.pad_token] = True
+        # vertices that may split (the decoder's rule) and that a hook before this one left a split
+        can = state.allowed(k).cpu()[..., is_split].any(-1) & torch.isfinite(x[..., is_split]).any(-1)  # (B, n_s)
+        log_odds = (x[..., is_split].logsumexp(-1) - x[..., ~is_split].logsumexp(-1)).nan_to_num(0.0)
+        log_w = log_odds.clamp(-_LOG_ODDS_CLIP, _LOG_ODDS_CLIP).masked_fill(~can, float("-inf"))
+        n = torch.tensor([len(g.rot) for g in state.growers])
+        r = (torch.tensor(self.node_counts) + 1 - n).clamp_min(0)
+        room = (tok.max_nodes[lvl + 1] - n).clamp_min(0)
+        hi = torch.minimum(torch.minimum(r, can.sum(1)), room)
+        lo = torch.zeros_like(hi)
+        if lvl == tok.K - 2:  # the last level: a fair share of what is missing, in every chunk left
+            lo = torch.minimum(-(-r // (tok.chunks - c)), hi)
+            if c == tok.chunks - 1:
+                self.stats["short"] += int((r > hi).sum())
+        logE = log_count_weights(log_w, int(hi.max()) if len(hi) else 0)
+        j = torch.arange(logE.shape[1])
+        logE = logE.masked_fill((j[None] < lo[:, None]) | (j[None] > hi[:, None]), float("-inf"))
+        count = torch.multinomial((logE - logE.max(1, keepdim=True).values).exp(), 1, generator=self.generator)[:, 0]
+        split = sample_exactly_m(log_w, count, self.generator).to(logits.device)
+        can = can.to(logits.device)
+        self.stats["scales"] += state.B
+        self.stats["splits"] += int(count.sum())
+        is_split = is_split.to(logits.device)
+        drop = (split[..., None] & ~is_split) | ((can & ~split)[..., None] & is_split)
+        return logits.masked_fill(drop, float("-inf"))
 
 
 def level_size_report(level_counts: Sequence[Sequence[int]]) -> dict:

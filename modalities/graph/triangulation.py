@@ -371,7 +371,8 @@ class TriangulationTokenizer(PretrainedMixin):
     hierarchy's levels never do), and a vertex next to an earlier split is *blocked*.  With
     ``chunking="colour"`` no two neighbours share a chunk wherever the level allows it, so the
     parallel draws of one chunk cannot collide; ``"round-robin"`` deals vertex ``j`` to chunk
-    ``j % chunks`` (two neighbours drawn splitting in one chunk: the second is refused).  Positions past a level's vertex count hold ``PAD``.  Hierarchies are aligned at the
+    ``j % chunks`` (two neighbours drawn splitting in one chunk: the second is refused).  Positions
+    past a level's vertex count hold ``PAD``.  Hierarchies are aligned at the
     top: a graph whose hierarchy has fewer levels than ``K`` ends with levels of no splits, so at
     every level the training data mixes graphs still growing and graphs complete, and the model
     learns to stop from the size reached, not from the level alone.
