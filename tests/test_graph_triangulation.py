@@ -250,7 +250,7 @@ def test_demo_trains_and_samples_planar_triangulations(tmp_path):
         assert nx.check_planarity(H)[0] and nx.is_biconnected(H)
 
 
-@pytest.mark.parametrize("flags", [["--project"], ["--node-count", "train"], ["--matching", "max"],
+@pytest.mark.parametrize("flags", [["--project"], ["--expand-test", "1"], ["--matching", "max"],
                                    ["--split-chunks", "0"]])
 def test_demo_refuses_coarsening_options_with_the_triangulation_tokenizer(flags):
     from examples.graph_demo import main
