@@ -355,3 +355,15 @@ def test_demo_samples_triangulations_at_their_target_size(tmp_path, tri_tok):
     m = json.loads((tmp_path / "out" / "planar" / "metrics.json").read_text())
     assert m["node_count"]["on_target"] == 1.0 and m["node_count"]["targets"] == [64] * 3
     assert m["vun"]["validity"] == 1.0 and m["node_count"]["stats"]["short"] == 0
+
+
+def test_triangulation_hook_refuses_a_state_of_another_tokenizer(tri_tok):
+    from modalities.graph.size import TriangulationNodeCountHook
+    from modalities.graph.triangulation import TriangulationTokenizer
+    hook = TriangulationNodeCountHook(tri_tok, [20, 30])
+    other = TriangulationTokenizer(tri_tok.max_nodes, tri_tok.max_degree, tri_tok.chunks)
+    logits = torch.zeros(2, tri_tok.schedule.token_counts[0], tri_tok.vocab_size)
+    with pytest.raises(TypeError, match="decode state made by its tokenizer"):
+        hook(0, logits, other.start(2))
+    with pytest.raises(ValueError, match="node counts must be in 3"):
+        TriangulationNodeCountHook(tri_tok, [tri_tok.max_nodes[-1]])

@@ -224,6 +224,9 @@ class TriangulationNodeCountHook:
         self.stats = {"scales": 0, "splits": 0, "short": 0}
 
     def __call__(self, k: int, logits: torch.Tensor, state: TriangulationDecodeState) -> torch.Tensor:
+        if not isinstance(state, TriangulationDecodeState) or state.tok is not self.tok:
+            raise TypeError("TriangulationNodeCountHook needs a decode state made by its tokenizer's start(), got "
+                            f"{type(state).__name__}")
         if state.B != len(self.node_counts):
             raise ValueError(f"TriangulationNodeCountHook has {len(self.node_counts)} node counts for a batch "
                              f"of {state.B}")
