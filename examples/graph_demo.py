@@ -328,8 +328,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         seconds = dict(prev["seconds"])
         trained_by = prev.get("trained_by") or prev.get("run")  # the training run's own record
         train_used = prev.get("training_graphs_used", len(train_graphs))
-        if not isinstance(tok, TriangulationTokenizer) and args.split_temperature != 1.0:
-            raise SystemExit(f"--split-temperature: {args.load} holds a coarsening model, which has no splits to shape")
+        if not isinstance(tok, TriangulationTokenizer) and (args.split_temperature != 1.0 or args.split_top_p):
+            raise SystemExit(f"--split-temperature / --split-top-p: {args.load} holds a coarsening model, which has "
+                             "no splits to shape")
         if isinstance(tok, TriangulationTokenizer) and (args.project or args.complete or args.expand_test):
             raise SystemExit(f"{args.load} holds a triangulation model: --project, --complete and --expand-test "
                              "are options of the coarsening tokenizer")
@@ -411,8 +412,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         # the hook masks tokens the decoder would reinterpret (PAD at a real node / edge, a wrong
         # kind, mask bits naming a missing child); --no-constrain samples the raw distribution
         hook = measuring_hook(tok, not args.no_constrain, args.temperature, invalid)
-        if args.split_temperature != 1.0:  # sharpen how vertices split, keep how many do
-            hook = SplitShapeTemperature(args.split_temperature).then(hook)
+        if args.split_temperature != 1.0 or args.split_top_p:  # sharpen how vertices split, keep how many do
+            hook = SplitShapeTemperature(args.split_temperature, args.split_top_p).then(hook)
         size = sized(i, b, sample_seed + i)
         if size is not None:  # after the valid-token mask, before the structure hook / scores read the splits
             hook = chain_hooks(hook, size)
@@ -497,7 +498,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                         "complete": args.complete, "project": project,
                                         "projection": args.projection if project else None,
                                         "best_of": args.best_of, "node_count": args.node_count,
-                                        "split_temperature": args.split_temperature},
+                                        "split_temperature": args.split_temperature,
+                                        "split_top_p": args.split_top_p},
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "structure": structure, "structure_stats": struct_stats if structure else None,
         "project": project, "project_stats": project_stats or None, "node_count": node_count,
@@ -650,6 +652,9 @@ def main(argv=None) -> None:
     p.add_argument("--split-temperature", type=float, default=1.0,
                    help="triangulation models: temperature of the split shape given a split (keeps P(no split); "
                         "modalities.graph.triangulation.SplitShapeTemperature)")
+    p.add_argument("--split-top-p", type=float, default=0.0,
+                   help="triangulation models: top-p of the split shape given a split (keeps P(no split) and the "
+                        "ratios of the shapes kept; 0 = off; SplitShapeTemperature)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
     p.add_argument("--final-chunks", default=None, choices=["same", "all"],
                    help="chunks of the finest expansion: 'all' = one per edge position (its edge masks are "
@@ -715,9 +720,11 @@ def main(argv=None) -> None:
                          "--tokenizer triangulation")
     if not args.split_temperature > 0:
         raise SystemExit(f"--split-temperature must be > 0, got {args.split_temperature}")
-    if args.split_temperature != 1.0 and args.tokenizer != "triangulation" and not args.load:
-        raise SystemExit("--split-temperature shapes the splits of --tokenizer triangulation (or of a --load run "
-                         "trained with it)")
+    if not 0 <= args.split_top_p <= 1:
+        raise SystemExit(f"--split-top-p must be in [0, 1], got {args.split_top_p}")
+    if (args.split_temperature != 1.0 or args.split_top_p) and args.tokenizer != "triangulation" and not args.load:
+        raise SystemExit("--split-temperature and --split-top-p shape the splits of --tokenizer triangulation (or of "
+                         "a --load run trained with it)")
     if args.project and args.complete:
         raise SystemExit("--project completes by itself (it samples without the structure hook): drop --complete")
     if args.projection != "greedy" and not args.project:

@@ -293,6 +293,22 @@ def test_split_shape_temperature_keeps_the_split_rate_and_sharpens_the_shape():
     assert chisquare(counts[keep], q[0, keep] / q[0, keep].sum() * n).pvalue > 1e-3
 
 
+def test_split_shape_top_p_drops_the_tail_and_keeps_the_ratios_of_the_rest():
+    # catches: top-p applied to the whole distribution (NO_SPLIT would compete with the shapes), the
+    # kept shapes not renormalised to the split mass, or their ratios changed
+    from modalities.graph.triangulation import SplitShapeTemperature
+    V = 8  # NO_SPLIT, 6 splits, PAD
+    logits = torch.tensor([[[2.0, 1.0, 0.5, -0.2, -1.0, -2.0, -3.0, float("-inf")]]])
+    out = SplitShapeTemperature(1.0, top_p=0.8)(0, logits, None)
+    p, q = logits.double().softmax(-1)[0, 0], out.double().softmax(-1)[0, 0]
+    assert torch.isclose(q[0], p[0]) and q[V - 1] == 0
+    shape = p[1:V - 1] / p[1:V - 1].sum()  # decreasing already
+    keep = (shape.cumsum(0) - shape) < 0.8
+    assert keep.tolist() == [True, True, True, False, False, False]
+    ref = torch.where(keep, shape, 0.0)
+    assert torch.allclose(q[1:V - 1], ref / ref.sum() * p[1:V - 1].sum())
+
+
 def test_demo_refuses_a_dataset_without_triangulated_discs_before_training():
     # catches: planar training for minutes, then a crash on the next dataset of the list
     from examples.graph_demo import main

@@ -36,6 +36,7 @@ import torch
 from torch_geometric.data import Batch
 
 from msar import PretrainedMixin, ScaleSchedule
+from msar.sampling import filter_top_k_top_p
 
 from .datasets import graphs_from, to_data
 from .tokenizer import _bits  # the same tree-order bits as the coarsening tokenizer's
@@ -765,19 +766,25 @@ class TriangulationDecodeState:
 class SplitShapeTemperature:
     """A logits hook (:func:`msar.sample`'s ``logits_hook``) that sharpens *how* vertices split, not
     *whether*: ``P(NO_SPLIT)`` and ``P(PAD)`` stay the model's, and given a split, the split tokens
-    follow ``softmax(logits / temperature)``.
+    follow ``softmax(logits / temperature)``, nucleus-filtered to ``top_p`` (msar's top-p on that
+    conditional; ``0`` keeps every shape).
 
     A plain temperature below 1 also favours ``NO_SPLIT`` (the most probable token at most
     vertices), so samples come out smaller; this one keeps the number of splits the model gives.
-    Chain it after :meth:`TriangulationTokenizer.valid_token_hook` (``then`` does that)::
+    A temperature shifts mass between every pair of shapes; top-p only drops the unlikely tail and
+    keeps the ratios of the rest.  Chain it after :meth:`TriangulationTokenizer.valid_token_hook`
+    (``then`` does that)::
 
         hook = SplitShapeTemperature(0.6).then(tok.valid_token_hook)
     """
 
-    def __init__(self, temperature: float):
+    def __init__(self, temperature: float, top_p: float = 0.0):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p}")
         self.temperature = float(temperature)
+        self.top_p = float(top_p)
         self._first = None
 
     def then(self, first) -> "SplitShapeTemperature":
@@ -791,7 +798,10 @@ class SplitShapeTemperature:
         V = logits.shape[-1]
         lp = logits.float().log_softmax(-1)  # (B, n, V)
         mass = lp[..., 1:V - 1].logsumexp(-1, keepdim=True)  # log P(some split)
-        shape = (logits[..., 1:V - 1].float() / self.temperature).log_softmax(-1)
+        shape = logits[..., 1:V - 1].float() / self.temperature
+        if 0 < self.top_p < 1:
+            shape = filter_top_k_top_p(shape, top_p=self.top_p)
+        shape = shape.log_softmax(-1)
         out = lp.clone()
         # positions whose splits are all masked keep -inf there (log_softmax of all -inf is NaN)
         out[..., 1:V - 1] = torch.where(torch.isfinite(mass), shape + mass, lp[..., 1:V - 1])
