@@ -206,6 +206,13 @@ def test_round_trip_is_exact_with_either_chunking(planar, chunking):
     assert all(nx.is_isomorphic(G, H) for G, H in zip(planar[:6], out))
 
 
+def test_a_config_saved_before_chunking_existed_loads_as_round_robin(tok):
+    # catches: flipping the constructor default, which would silently re-deal the positions of every
+    # model saved before the option (its transformer learned round-robin positions)
+    old = {k: v for k, v in tok.config.items() if k != "chunking"}
+    assert TriangulationTokenizer.from_config(old).chunking == "round-robin"
+
+
 def test_teacher_forcing_matches_incremental_decoding(planar, tok):
     from msar import testing
     testing.check_adapter(tok, planar[:3], model=testing.tiny_transformer(tok))
