@@ -418,7 +418,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         if size is not None:  # after the valid-token mask, before the structure hook / scores read the splits
             hook = chain_hooks(hook, size)
         if structure:  # edge tokens drawn one by one, each kept only if the graph stays `structure`
-            sh = StructureHook(tok, structure, args.temperature, seed=sample_seed + i)
+            sh = StructureHook(tok, structure, args.temperature, seed=sample_seed + i, top_p=args.top_p)
             hook = chain_hooks(hook, sh)
         if project:  # records the model's probability of every finest-level candidate edge
             rec = EdgeScores(tok, args.temperature)

@@ -408,7 +408,7 @@ def test_structure_hook_draw_is_the_model_distribution_given_the_property():
     n = 6000
     for _ in range(n):
         G = nx.empty_graph(4)
-        counts[hook._draw(G, p.clone(), [0, 1], [2, 3], final=True)] += 1
+        counts[hook._draw(G, p.clone(), p.clone(), [0, 1], [2, 3], final=True)] += 1
     masks = torch.arange(1, 16)
     want = torch.where(masks % 2 == 0, masks.float(), torch.zeros(15))  # even masks: bit 0 unset
     want = want / want.sum()
@@ -417,10 +417,47 @@ def test_structure_hook_draw_is_the_model_distribution_given_the_property():
     assert hook.stats["positions"] == n and hook.stats["rejected"] > 0 and hook.stats["dropped"] == 0
     # nothing passes: the coarse edge is dropped (PAD), and the graph is left as it was
     G = nx.empty_graph(4)
-    assert StructureHook(tok, lambda G, final: G.number_of_edges() == 0)._draw(G, p.clone(), [0, 1], [2, 3], True) == PAD
+    empty_only = StructureHook(tok, lambda G, final: G.number_of_edges() == 0)
+    assert empty_only._draw(G, p.clone(), p.clone(), [0, 1], [2, 3], True) == PAD
     assert G.number_of_edges() == 0
     with pytest.raises(ValueError, match="unknown structure property"):
         StructureHook(tok, "torus")
+
+
+def test_structure_hook_top_p_prefers_the_nucleus_and_falls_back_to_the_valid_tail():
+    # catches: top-p applied after the property (a valid nucleus mask lost to the tail), a nucleus that is
+    # not msar's top-p, or an edge dropped while a valid mask outside the nucleus exists
+    from scipy.stats import chisquare
+
+    from modalities.graph.constraints import StructureHook
+    from msar.sampling import filter_top_k_top_p
+    tok = _tok_for([nx.path_graph(4)])
+    logits = torch.full((tok.vocab_size,), float("-inf"))
+    logits[EDGE0:EDGE0 + 15] = torch.arange(1, 16, dtype=torch.float) / 3  # mask m: logit m / 3
+    nucleus = filter_top_k_top_p(logits, top_p=0.7).softmax(-1)
+    full = logits.softmax(-1)
+    kept = (nucleus > 0).nonzero().flatten() - EDGE0 + 1  # the largest masks
+    assert 1 < len(kept) < 15
+    any_mask = lambda G, final: True
+    hook = StructureHook(tok, any_mask, seed=0, top_p=0.7)
+    n = 6000
+    counts = torch.zeros(tok.vocab_size)
+    for _ in range(n):
+        counts[hook._draw(nx.empty_graph(4), nucleus.clone(), full.clone(), [0, 1], [2, 3], True)] += 1
+    ids = EDGE0 + kept - 1
+    assert counts.sum() == counts[ids].sum()
+    assert chisquare(counts[ids].numpy(), (nucleus[ids] / nucleus[ids].sum() * n).numpy()).pvalue > 1e-3
+    # every nucleus mask breaks the property: the draw comes from the valid rest, by the model's odds
+    small = lambda G, final: G.number_of_edges() <= 1  # only masks naming one child pair pass
+    hook = StructureHook(tok, small, seed=1, top_p=0.7)
+    singles = torch.tensor([1, 2, 4, 8])
+    assert not set(singles.tolist()) & set(kept.tolist())
+    counts = torch.zeros(tok.vocab_size)
+    for _ in range(n):
+        counts[hook._draw(nx.empty_graph(4), nucleus.clone(), full.clone(), [0, 1], [2, 3], True)] += 1
+    ids = EDGE0 + singles - 1
+    assert counts.sum() == counts[ids].sum() and hook.stats["dropped"] == 0
+    assert chisquare(counts[ids].numpy(), (full[ids] / full[ids].sum() * n).numpy()).pvalue > 1e-3
 
 
 @pytest.mark.parametrize("prop", ["planar", "grid"])

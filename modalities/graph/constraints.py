@@ -25,8 +25,10 @@ graphs have a non-planar level 3, 4 or 5), and lattice properties (degree <= 4, 
 survive contraction at all.  With ``matching="max"`` every level of the planar training graphs is
 planar, and ``planar_levels`` keeps every level planar as it is built.
 
-The hook draws with its own generator (``seed``) and temperature, so pass the sampler's
-temperature here; ``msar.sample``'s ``top_k`` / ``top_p`` do not apply to the edge tokens it draws.
+The hook draws with its own generator (``seed``), temperature and ``top_p``, so pass the sampler's
+here; ``msar.sample``'s own ``top_k`` / ``top_p`` do not reach the edge tokens it draws.  With ``top_p``
+the draws come from the nucleus first (msar's top-p), and only when every mask of the nucleus breaks the
+property from the rest of the valid masks: top-p is a preference, the property a constraint.
 
 Completion (:meth:`StructureHook.complete`, after sampling).  Rejection keeps a planar *subgraph* of
 the model's proposal, and the proposals of the finest level are far from planar-consistent, so the
@@ -77,6 +79,8 @@ from typing import Callable
 
 import networkx as nx
 import torch
+
+from msar.sampling import filter_top_k_top_p
 
 from .tokenizer import EDGE0, PAD, PAIR, PAIR_EDGE, GraphDecodeState, GraphPyramidTokenizer
 
@@ -318,6 +322,7 @@ class StructureHook:
         prop: ``prop(G, final) -> bool`` (see :data:`PROPERTIES`), or its name ``"planar"`` / ``"grid"``.
         temperature: the temperature the edge tokens are drawn at (use the sampler's).
         seed: seed of the hook's own generator (the same seed and logits give the same tokens).
+        top_p: nucleus of the edge tokens tried first (use the sampler's; ``0``: off).
 
     ``stats`` counts, over real edge positions: ``positions``, ``rejected`` (draws undone because
     they broke the property) and ``dropped`` (positions where every valid mask broke it, so the
@@ -327,11 +332,13 @@ class StructureHook:
     """
 
     def __init__(self, tok: GraphPyramidTokenizer, prop: Property | str, temperature: float = 1.0,
-                 seed: int = 0):
+                 seed: int = 0, top_p: float = 0.0):
         prop = _property(prop)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.tok, self.prop, self.temperature = tok, prop, float(temperature)
+        if not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+        self.tok, self.prop, self.temperature, self.top_p = tok, prop, float(temperature), float(top_p)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.stats = {"positions": 0, "rejected": 0, "dropped": 0}
         self.recorder = EdgeScores(tok, temperature)
@@ -346,7 +353,9 @@ class StructureHook:
         final = lvl + 1 == self.tok.K - 1
         if kind == "S":
             return logits
-        probs = (logits.detach().float().cpu() / self.temperature).softmax(-1)  # (B, n, V), 0 on invalid
+        x = logits.detach().float().cpu() / self.temperature
+        probs = x.softmax(-1)  # (B, n, V), 0 on invalid
+        nucleus = filter_top_k_top_p(x, top_p=self.top_p).softmax(-1) if 0 < self.top_p < 1 else probs
         chosen = torch.full(logits.shape[:2], PAD, dtype=torch.long)
         C = self.tok.chunks_at(lvl)
         for b, g in enumerate(state.graphs):
@@ -358,7 +367,7 @@ class StructureHook:
                 if p >= chosen.shape[1]:
                     break
                 u, v = g.edges[j]
-                chosen[b, p] = self._draw(G, probs[b, p].clone(), kids[u], kids[v], final)
+                chosen[b, p] = self._draw(G, nucleus[b, p].clone(), probs[b, p].clone(), kids[u], kids[v], final)
         out = torch.full_like(logits, float("-inf"))
         return out.scatter_(-1, chosen.unsqueeze(-1).to(logits.device), 0.0)
 
@@ -375,20 +384,26 @@ class StructureHook:
             out.append(H)
         return out
 
-    def _draw(self, G: nx.Graph, p: torch.Tensor, ku: list[int], kv: list[int], final: bool) -> int:
-        """Draw one edge token from ``p`` (V,) whose child pairs keep ``prop``; add them to ``G``."""
+    def _draw(self, G: nx.Graph, first: torch.Tensor, p: torch.Tensor, ku: list[int], kv: list[int],
+              final: bool) -> int:
+        """Draw one edge token whose child pairs keep ``prop`` from ``first`` (V,), then, when all of those
+        break it, from the rest of ``p`` (V,); add its pairs to ``G``."""
         self.stats["positions"] += 1
-        p[PAD] = 0.0
-        while p.sum() > 0:
-            t = int(torch.multinomial(p, 1, generator=self.generator))
-            mask = t - EDGE0 + 1
-            new = [(a, c) for i, a in enumerate(ku) for jj, c in enumerate(kv)
-                   if mask >> (2 * i + jj) & 1 and not G.has_edge(a, c)]
-            G.add_edges_from(new)
-            if self.prop(G, final):
-                return t
-            G.remove_edges_from(new)
-            self.stats["rejected"] += 1
-            p[t] = 0.0
+        tried = torch.zeros_like(p, dtype=torch.bool)
+        tried[PAD] = True
+        for q in (first, p):
+            q = q.masked_fill(tried, 0.0)
+            while q.sum() > 0:
+                t = int(torch.multinomial(q, 1, generator=self.generator))
+                mask = t - EDGE0 + 1
+                new = [(a, c) for i, a in enumerate(ku) for jj, c in enumerate(kv)
+                       if mask >> (2 * i + jj) & 1 and not G.has_edge(a, c)]
+                G.add_edges_from(new)
+                if self.prop(G, final):
+                    return t
+                G.remove_edges_from(new)
+                self.stats["rejected"] += 1
+                q[t] = 0.0
+                tried[t] = True
         self.stats["dropped"] += 1
         return PAD
