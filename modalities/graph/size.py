@@ -61,6 +61,14 @@ def draw_node_counts(graphs: Sequence[nx.Graph] | Sequence[int], num: int, seed:
     return [int(sizes[i]) for i in rng.integers(0, len(sizes), size=int(num))]
 
 
+def split_log_odds(x: torch.Tensor, is_split: torch.Tensor) -> torch.Tensor:
+    """``(B, n)`` log-odds ``log P(split) - log P(no split)`` of logits ``x`` ``(B, n, V)`` (at the
+    temperature already applied), ``is_split`` ``(V,)`` the split tokens; clipped so a certain split stays
+    finite."""
+    log_odds = (x[..., is_split].logsumexp(-1) - x[..., ~is_split].logsumexp(-1)).nan_to_num(0.0)
+    return log_odds.clamp(-_LOG_ODDS_CLIP, _LOG_ODDS_CLIP)
+
+
 def sample_exactly_m(log_w: torch.Tensor, m: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sets of exactly ``m[b]`` positions with ``P(S) ∝ prod_{i in S} exp(log_w[b, i])`` (conditional
     Bernoulli; see the module docstring).
@@ -147,8 +155,7 @@ class NodeCountHook:
         x = logits.detach().double().cpu() / self.temperature
         is_split = torch.zeros(x.shape[-1], dtype=torch.bool)
         is_split[[PAIR, PAIR_EDGE]] = True
-        log_odds = (x[..., is_split].logsumexp(-1) - x[..., ~is_split].logsumexp(-1)).nan_to_num(0.0)
-        log_odds = log_odds.clamp(-_LOG_ODDS_CLIP, _LOG_ODDS_CLIP)
+        log_odds = split_log_odds(x, is_split)
         real = torch.arange(n_pos)[None, :] < n[:, None]
         log_w = log_odds.masked_fill(~real, float("-inf"))
         split = sample_exactly_m(log_w, m, self.generator).to(logits.device)
@@ -238,8 +245,7 @@ class TriangulationNodeCountHook:
         is_split[NO_SPLIT + 1:tok.pad_token] = True
         # vertices that may split (the decoder's rule) and that a hook before this one left a split
         can = state.allowed(k).cpu()[..., is_split].any(-1) & torch.isfinite(x[..., is_split]).any(-1)  # (B, n_s)
-        log_odds = (x[..., is_split].logsumexp(-1) - x[..., ~is_split].logsumexp(-1)).nan_to_num(0.0)
-        log_w = log_odds.clamp(-_LOG_ODDS_CLIP, _LOG_ODDS_CLIP).masked_fill(~can, float("-inf"))
+        log_w = split_log_odds(x, is_split).masked_fill(~can, float("-inf"))
         n = torch.tensor([len(g.rot) for g in state.growers])
         r = (torch.tensor(self.node_counts) + 1 - n).clamp_min(0)
         room = (tok.max_nodes[lvl + 1] - n).clamp_min(0)
