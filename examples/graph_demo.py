@@ -79,7 +79,8 @@ from modalities.graph.constraints import PROJECTIONS, PROPERTIES, EdgeScores, St
 from modalities.graph.metrics import structure_summary
 from modalities.graph.size import (NodeCountHook, TriangulationNodeCountHook, draw_node_counts,
                                    level_size_report)
-from modalities.graph.triangulation import SplitShapeTemperature, TriangulationTokenizer, is_triangulated_disc
+from modalities.graph.triangulation import (CHUNKINGS, SplitShapeTemperature, TriangulationTokenizer,
+                                            is_triangulated_disc)
 from msar.training import TransformerTrainConfig, TransformerTrainer, build_loader
 
 # per dataset: model width, depth, heads, training steps, batch size, random orderings per graph,
@@ -640,7 +641,7 @@ def main(argv=None) -> None:
     p.add_argument("--split-chunks", type=int, default=None,
                    help="--tokenizer triangulation: scales per level for the split tokens (preset 12; a later chunk "
                         "sees the splits of the earlier ones)")
-    p.add_argument("--split-chunking", default=None, choices=["colour", "round-robin"],
+    p.add_argument("--split-chunking", default=None, choices=list(CHUNKINGS),
                    help="--tokenizer triangulation: how a level's vertices are dealt into its chunks (preset colour: "
                         "no two neighbours in one chunk, so parallel draws cannot collide; round-robin: vertex j to "
                         "chunk j %% chunks, the setting of the runs before the option existed)")
