@@ -689,6 +689,7 @@ class TriangulationDecodeState:
         self.s = 0
         self.done = False
         self.history: list[list[nx.Graph]] = [[_relabel(g.rot.graph(drop=0)) for g in self.growers]]
+        self._allowed: Optional[tuple] = None  # (scale, state step, mask): the hooks of one scale share it
 
     @property
     def rots(self) -> list[Rotation]:
@@ -700,7 +701,10 @@ class TriangulationDecodeState:
         return sum(g.refused for g in self.growers)
 
     def allowed(self, s: int) -> torch.Tensor:
-        """``(B, n_s, V)`` bool: the tokens of scale ``s`` the decoder reads as drawn."""
+        """``(B, n_s, V)`` bool: the tokens of scale ``s`` the decoder reads as drawn (do not modify it: the
+        valid-token hook and a node-count hook of the same scale get the same tensor)."""
+        if self._allowed is not None and self._allowed[:2] == (s, self.s):
+            return self._allowed[2]
         tok = self.tok
         _, c = tok.kinds[s]
         n_pos = tok.schedule.token_counts[s]
@@ -711,7 +715,9 @@ class TriangulationDecodeState:
             ok[b, len(vs):, tok.pad_token] = True
             for p, v in enumerate(vs):
                 ok[b, p] = table[len(g.rot.rot[v]) if g.can_split(v) else 0]
-        return torch.from_numpy(ok).to(self.device)
+        out = torch.from_numpy(ok).to(self.device)
+        self._allowed = (s, self.s, out)
+        return out
 
     def _features(self) -> torch.Tensor:
         """``(B, n_s, latent_dim)`` inputs of the current scale ``s``."""
