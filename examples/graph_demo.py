@@ -390,8 +390,6 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     # --node-count train: one target N per output graph, drawn from the training graphs' sizes (GRAN /
     # DiGress / SPECTRE do the same), then every split scale is made to produce the levels of an N-node graph
     targets = draw_node_counts(train_graphs, n_gen, sample_seed) if args.node_count == "train" else None
-    size_stats = {"scales": 0, "splits": 0, "off_target": 0} if isinstance(tok, GraphPyramidTokenizer) else \
-        {"scales": 0, "splits": 0, "short": 0}
 
     def sized(i: int, b: int, seed: int) -> Optional[NodeCountHook | TriangulationNodeCountHook]:
         """The node-count hook of the batch ``i : i + b`` (None without --node-count)."""
@@ -464,8 +462,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         else:  # a structure hook drops coarse edges on purpose (PAD), which is not an invalid draw
             invalid["draws"] += count_invalid(tok, res.indices)
     seconds["sample"] = time.time() - t0
+    size_stats: dict[str, int] = {}  # the node-count hooks' counters, summed over the batches
     for h in size_hooks:
-        size_stats = {key: size_stats[key] + h.stats[key] for key in size_stats}
+        size_stats = {key: size_stats.get(key, 0) + n for key, n in h.stats.items()}
     # the level sizes the halving coarsening implies (a triangulation's levels have no fixed sizes)
     node_count = {} if isinstance(tok, TriangulationTokenizer) else {"level_sizes": level_size_report(level_counts)}
     if targets is not None:  # every generated graph should have its target's node count (checked, not assumed)
