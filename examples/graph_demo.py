@@ -303,6 +303,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg["split_rate"] = args.split_rate
     if args.extra_levels is not None:
         cfg["extra_levels"] = args.extra_levels
+    if args.size_features is not None:
+        cfg["size_features"] = args.size_features == "on"
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -348,7 +350,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
             items = augment(kept, cfg["perms"], args.seed)
             tok = TriangulationTokenizer.fit(items, chunks=cfg.get("split_chunks", 3), rate=cfg.get("split_rate", 1.0),
                                              extra_levels=cfg.get("extra_levels", 0),
-                                             chunking=cfg.get("split_chunking", "round-robin"))
+                                             chunking=cfg.get("split_chunking", "round-robin"),
+                                             size_features=cfg.get("size_features", False))
         else:
             items = augment(train_graphs, cfg["perms"], args.seed)
             tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
@@ -649,6 +652,10 @@ def main(argv=None) -> None:
                         "hierarchy makes (default 1; lower: deeper, more varied hierarchies)")
     p.add_argument("--extra-levels", type=int, default=None,
                    help="--tokenizer triangulation: levels beyond the deepest training hierarchy (default 0)")
+    p.add_argument("--size-features", default=None, choices=["on", "off"],
+                   help="--tokenizer triangulation: inputs saying how many vertices the graph still lacks to the "
+                        "largest training size, over its size and over the vertices the level can still split "
+                        "(TriangulationTokenizer size_features)")
     p.add_argument("--split-temperature", type=float, default=1.0,
                    help="triangulation models: temperature of the split shape given a split (keeps P(no split); "
                         "modalities.graph.triangulation.SplitShapeTemperature)")
@@ -715,9 +722,9 @@ def main(argv=None) -> None:
                 raise SystemExit(f"--tokenizer triangulation: no {name} training graph is a triangulated disc "
                                  "(planar, bounded faces triangles, one outer cycle); use it for planar")
     elif (args.split_chunks is not None or args.split_chunking is not None or args.split_rate is not None
-          or args.extra_levels is not None):
-        raise SystemExit("--split-chunks, --split-chunking, --split-rate and --extra-levels are options of "
-                         "--tokenizer triangulation")
+          or args.extra_levels is not None or args.size_features is not None):
+        raise SystemExit("--split-chunks, --split-chunking, --split-rate, --extra-levels and --size-features are "
+                         "options of --tokenizer triangulation")
     if not args.split_temperature > 0:
         raise SystemExit(f"--split-temperature must be > 0, got {args.split_temperature}")
     if not 0 <= args.split_top_p <= 1:

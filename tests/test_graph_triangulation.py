@@ -218,6 +218,41 @@ def test_teacher_forcing_matches_incremental_decoding(planar, tok):
     testing.check_adapter(tok, planar[:3], model=testing.tiny_transformer(tok))
 
 
+def test_size_features_count_the_missing_vertices_and_the_rate_that_completes_the_graph(planar):
+    # catches: a count that misses the splits of earlier chunks of the level, a rate over every vertex of
+    # the level instead of those still to be drawn, and features that stay on once the graph is complete
+    t = TriangulationTokenizer.fit(planar[:8], chunks=4, size_features=True)
+    n_max, a = t.max_nodes[-1], t._size_at
+    idx = t.encode(planar[:8])
+    X = t.teacher_forcing_input(idx)  # (B, L - n_0, C): scale s >= 1 starts at offsets[s] - n_0
+    n0, off = t.schedule.token_counts[0], t.schedule.offsets
+    st = t.start(len(idx[0]))
+    for s, (k, c) in enumerate(t.kinds):
+        if s:
+            feats = X[:, off[s] - n0:off[s + 1] - n0, a:a + 2]
+            assert torch.equal(feats, feats[:, :1].expand_as(feats))  # one value per graph
+            size = 4 + sum(((i != NO_SPLIT) & (i != t.pad_token)).sum(1) for i in idx[:s])  # (B,) counted from the tokens
+            assert torch.allclose(feats[:, 0, 0], ((n_max - size) / size).clamp(max=4).float())
+            if k == t.K - 2:  # the last level: its splits complete the graph, so the rate is at most 1
+                left = sum(((i != NO_SPLIT) & (i != t.pad_token)).sum(1) for i in idx[s:])
+                assert torch.equal(left, n_max - size)
+                assert (feats[:, 0, 1] <= 1 + 1e-6).all()
+                if c == t.chunks - 1:  # only this chunk is still to be drawn: over its splittable vertices
+                    ahead = st.allowed(s)[..., 1:t.pad_token].any(-1).sum(1)
+                    assert torch.allclose(feats[:, 0, 1], (left / ahead.clamp(min=1)).float())
+        st.add_scale(s, idx[s])
+    assert (X[:, :, a] == 0).any() and (X[:, :, a + 1] > 0).any()  # both complete and growing graphs were seen
+    old = TriangulationTokenizer.fit(planar[:8], chunks=4)
+    assert old._slot_at == a and t.latent_dim >= old.latent_dim
+    assert TriangulationTokenizer.from_config({k: v for k, v in t.config.items() if k != "size_features"}).size_features is False
+
+
+def test_teacher_forcing_matches_incremental_decoding_with_size_features(planar):
+    from msar import testing
+    t = TriangulationTokenizer.fit(planar[:3], size_features=True)
+    testing.check_adapter(t, planar[:3], model=testing.tiny_transformer(t))
+
+
 @pytest.mark.parametrize("G, why", [
     (nx.grid_2d_graph(4, 4), "bounded face is not a triangle"),
     (nx.complete_graph(5), "not planar"),

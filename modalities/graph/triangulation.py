@@ -387,7 +387,12 @@ class TriangulationTokenizer(PretrainedMixin):
     Next-scale input (``latent_dim`` features per position): valid, outer vertex, degree, created /
     split at the previous level, blocked, level size, level and chunk, the outer cycle's length,
     tree-order bits, and for the first ``D`` clockwise slots from the reference neighbour: present,
-    degree, outer vertex, created at the previous level, blocked or split at this level.
+    degree, outer vertex, created at the previous level, blocked or split at this level.  With
+    ``size_features`` two more say how far the graph is from its full size ``max_nodes[-1]`` (the
+    largest training graph): the vertices still missing over the current count, and over the vertices
+    this level can still split (the split rate that would complete it now; both capped at 4).  The
+    level size alone says the same, but on a scale where 60 and 64 vertices look alike; the rate puts
+    "stop" and "split a few more" far apart, which is what a sample that grew early needs to see.
 
     Args:
         max_nodes: ``K`` ints, the capacity of every level (``max_nodes[0] == 4``; the last one
@@ -398,10 +403,11 @@ class TriangulationTokenizer(PretrainedMixin):
             fewer vertices and hierarchies are deeper and more varied.
         chunking: ``"colour"`` or ``"round-robin"`` (:func:`chunk_members`).  The constructor's default
             is what configs saved before the option existed used; :meth:`fit` defaults to ``"colour"``.
+        size_features: add the two missing-size inputs (above); off in configs saved before the option.
     """
 
     def __init__(self, max_nodes: Sequence[int], max_degree: int, chunks: int = 3, rate: float = 1.0,
-                 chunking: str = "round-robin"):
+                 chunking: str = "round-robin", size_features: bool = False):
         if len(max_nodes) < 2 or int(max_nodes[0]) != 4:
             raise ValueError(f"max_nodes: expected >= 2 levels starting with the tetrahedron's 4, got {list(max_nodes)}")
         if any(int(b) < int(a) for a, b in zip(max_nodes, max_nodes[1:])):
@@ -416,6 +422,7 @@ class TriangulationTokenizer(PretrainedMixin):
             raise ValueError(f"chunking must be one of {CHUNKINGS}, got {chunking!r}")
         self.rate = float(rate)
         self.chunking = chunking
+        self.size_features = bool(size_features)
         self.max_nodes = [int(x) for x in max_nodes]
         self.max_degree = D = int(max_degree)
         self.chunks = C = int(chunks)
@@ -425,16 +432,17 @@ class TriangulationTokenizer(PretrainedMixin):
         self.kinds = [(k, c) for k in range(self.K - 1) for c in range(C)]  # scale -> (level, chunk)
         self.schedule = ScaleSchedule([-(-self.max_nodes[k] // C) for k, _ in self.kinds])
         self.nbits = max(1, math.ceil(math.log2(self.max_nodes[-1])))
-        self._slot_at = 10 + self.nbits
+        self._size_at = 10 + self.nbits  # the two missing-size inputs, when size_features
+        self._slot_at = self._size_at + (2 if self.size_features else 0)
         self.latent_dim = int(8 * math.ceil((self._slot_at + 5 * D) / 8))
         self.config = {"max_nodes": self.max_nodes, "max_degree": self.max_degree, "chunks": self.chunks,
-                       "rate": self.rate, "chunking": self.chunking}
+                       "rate": self.rate, "chunking": self.chunking, "size_features": self.size_features}
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def fit(cls, graphs: Sequence[nx.Graph], node_slack: float = 0.1, degree_slack: int = 1,
             chunks: int = 3, rate: float = 1.0, extra_levels: int = 0,
-            chunking: str = "colour") -> "TriangulationTokenizer":
+            chunking: str = "colour", size_features: bool = False) -> "TriangulationTokenizer":
         """Size a tokenizer for a training set of triangulated discs: as many levels as the deepest
         hierarchy plus ``extra_levels`` (room for samples that grow slower than the data), each
         level's capacity ``(1 + node_slack) x`` the largest seen there (at most the largest graph),
@@ -454,7 +462,7 @@ class TriangulationTokenizer(PretrainedMixin):
         cap = [max(s[j] for s in top) for j in range(K)]
         n_max = cap[-1]
         cap = [4] + [min(n_max, int(math.ceil(c * (1 + node_slack)))) for c in cap[1:-1]] + [n_max]
-        return cls(cap, dmax + int(degree_slack), chunks, rate, chunking)
+        return cls(cap, dmax + int(degree_slack), chunks, rate, chunking, size_features)
 
     # ------------------------------------------------------------------ encoding
     def encode_graph(self, G: nx.Graph, index: int = 0) -> list[list[int]]:
@@ -628,6 +636,13 @@ class _Grower:
     def can_split(self, v: int) -> bool:
         return 0 < v < self.n0 and v not in self.blocked and len(self.rot.rot[v]) <= self.tok.max_degree
 
+    def missing_size(self, chunk: int) -> tuple[float, float]:
+        """The size inputs before ``chunk`` is drawn: the vertices missing to the full size over the
+        current count, and over the vertices of chunks ``chunk..`` that can still split (capped at 4)."""
+        missing = max(0, self.tok.max_nodes[-1] - len(self.rot))
+        ahead = sum(self.can_split(v) for vs in self.members[chunk:] for v in vs)
+        return min(4.0, missing / len(self.rot)), min(4.0, missing / max(1, ahead))
+
     def apply_chunk(self, chunk: int, toks: Sequence[int], cap: int) -> None:
         """Apply the tokens of one chunk (position ``p`` is vertex ``members[chunk][p]``) growing to at
         most ``cap`` vertices; the chunk's splits block their neighbours only after the chunk."""
@@ -732,6 +747,8 @@ class TriangulationDecodeState:
             X[b, :, 6] = k / max(1, tok.K - 2)
             X[b, :, 7] = len(rot[0]) / 16
             X[b, :, 9] = c / C
+            if tok.size_features:
+                X[b, :, tok._size_at:tok._size_at + 2] = g.missing_size(c)
             for p, v in enumerate(g.members[c]):
                 r = rot[v]
                 d = len(r)
