@@ -300,10 +300,11 @@ def test_demo_refuses_coarsening_options_with_the_triangulation_tokenizer(flags)
         main(["--dataset", "planar", "--tokenizer", "triangulation", *flags, "--out", "/dev/null/never_written"])
 
 
-def test_demo_refuses_triangulation_options_without_the_tokenizer():
+@pytest.mark.parametrize("flags", [["--split-chunking", "colour"], ["--size-features", "on"]])
+def test_demo_refuses_triangulation_options_without_the_tokenizer(flags):
     from examples.graph_demo import main
     with pytest.raises(SystemExit, match="options of --tokenizer triangulation"):
-        main(["--dataset", "planar", "--split-chunking", "colour", "--out", "/dev/null/never_written"])
+        main(["--dataset", "planar", *flags, "--out", "/dev/null/never_written"])
 
 
 def test_split_shape_temperature_keeps_the_split_rate_and_sharpens_the_shape():
