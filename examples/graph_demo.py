@@ -723,6 +723,9 @@ def main(argv=None) -> None:
                                  "(planar, bounded faces triangles, one outer cycle); use it for planar")
     elif (args.split_chunks is not None or args.split_chunking is not None or args.split_rate is not None
           or args.extra_levels is not None or args.size_features is not None):
+        if args.load:
+            raise SystemExit("--split-chunks, --split-chunking, --split-rate, --extra-levels and --size-features are "
+                             "training options: a --load run uses the tokenizer it was trained with")
         raise SystemExit("--split-chunks, --split-chunking, --split-rate, --extra-levels and --size-features are "
                          "options of --tokenizer triangulation")
     if not args.split_temperature > 0:

@@ -305,6 +305,8 @@ def test_demo_refuses_triangulation_options_without_the_tokenizer(flags):
     from examples.graph_demo import main
     with pytest.raises(SystemExit, match="options of --tokenizer triangulation"):
         main(["--dataset", "planar", *flags, "--out", "/dev/null/never_written"])
+    with pytest.raises(SystemExit, match="training options: a --load run"):  # the model exists: its tokenizer is fixed
+        main(["--dataset", "planar", "--load", "/dev/null/never_read", *flags, "--out", "/dev/null/never_written"])
 
 
 def test_split_shape_temperature_keeps_the_split_rate_and_sharpens_the_shape():
