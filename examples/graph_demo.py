@@ -331,8 +331,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         seconds = dict(prev["seconds"])
         trained_by = prev.get("trained_by") or prev.get("run")  # the training run's own record
         train_used = prev.get("training_graphs_used", len(train_graphs))
-        if not isinstance(tok, TriangulationTokenizer) and (args.split_temperature != 1.0 or args.split_top_p):
-            raise SystemExit(f"--split-temperature / --split-top-p: {args.load} holds a coarsening model, which has "
+        if not isinstance(tok, TriangulationTokenizer) and (args.split_temperature != 1.0 or args.split_top_p
+                                                              or args.split_slot_only):
+            raise SystemExit(f"--split-temperature / --split-top-p / --split-slot-only: {args.load} holds a coarsening model, which has "
                              "no splits to shape")
         if isinstance(tok, TriangulationTokenizer) and (args.project or args.complete or args.expand_test):
             raise SystemExit(f"{args.load} holds a triangulation model: --project, --complete and --expand-test "
@@ -415,7 +416,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         # kind, mask bits naming a missing child); --no-constrain samples the raw distribution
         hook = measuring_hook(tok, not args.no_constrain, args.temperature, invalid)
         if args.split_temperature != 1.0 or args.split_top_p:  # sharpen how vertices split, keep how many do
-            hook = SplitShapeTemperature(args.split_temperature, args.split_top_p).then(hook)
+            hook = SplitShapeTemperature(args.split_temperature, args.split_top_p, args.split_slot_only).then(hook)
         size = sized(i, b, sample_seed + i)
         if size is not None:  # after the valid-token mask, before the structure hook / scores read the splits
             hook = chain_hooks(hook, size)
@@ -502,7 +503,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                         "projection": args.projection if project else None,
                                         "best_of": args.best_of, "node_count": args.node_count,
                                         "split_temperature": args.split_temperature,
-                                        "split_top_p": args.split_top_p},
+                                        "split_top_p": args.split_top_p,
+                                        "split_slot_only": args.split_slot_only},
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "structure": structure, "structure_stats": struct_stats if structure else None,
         "project": project, "project_stats": project_stats or None, "node_count": node_count,
@@ -662,6 +664,9 @@ def main(argv=None) -> None:
     p.add_argument("--split-top-p", type=float, default=0.0,
                    help="triangulation models: top-p of the split shape given a split (keeps P(no split) and the "
                         "ratios of the shapes kept; 0 = off; SplitShapeTemperature)")
+    p.add_argument("--split-slot-only", action="store_true",
+                   help="triangulation models: --split-temperature sharpens only where a vertex splits given how many "
+                        "neighbours the new vertex takes, which stays the model's (SplitShapeTemperature slot_only)")
     p.add_argument("--edge-chunks", type=int, default=None, help="scales per level for the edge tokens (preset)")
     p.add_argument("--final-chunks", default=None, choices=["same", "all"],
                    help="chunks of the finest expansion: 'all' = one per edge position (its edge masks are "
@@ -732,7 +737,12 @@ def main(argv=None) -> None:
         raise SystemExit(f"--split-temperature must be > 0, got {args.split_temperature}")
     if not 0 <= args.split_top_p <= 1:
         raise SystemExit(f"--split-top-p must be in [0, 1], got {args.split_top_p}")
-    if (args.split_temperature != 1.0 or args.split_top_p) and args.tokenizer != "triangulation" and not args.load:
+    if args.split_slot_only and (args.split_temperature == 1.0 or args.split_top_p):
+        raise SystemExit("--split-slot-only is a mode of --split-temperature T (T != 1), without --split-top-p "
+                         f"(which filters the whole shape); got --split-temperature {args.split_temperature}, "
+                         f"--split-top-p {args.split_top_p}")
+    if (args.split_temperature != 1.0 or args.split_top_p or args.split_slot_only) and args.tokenizer != "triangulation" \
+            and not args.load:
         raise SystemExit("--split-temperature and --split-top-p shape the splits of --tokenizer triangulation (or of "
                          "a --load run trained with it)")
     if args.project and args.complete:

@@ -338,6 +338,53 @@ def test_split_shape_temperature_keeps_the_split_rate_and_sharpens_the_shape():
     assert chisquare(counts[keep], q[0, keep] / q[0, keep].sum() * n).pvalue > 1e-3
 
 
+@pytest.mark.parametrize("flags", [[], ["--split-temperature", "0.5", "--split-top-p", "0.9"]])
+def test_demo_refuses_split_slot_only_outside_a_split_temperature(flags):
+    from examples.graph_demo import main
+    with pytest.raises(SystemExit, match="mode of --split-temperature"):
+        main(["--dataset", "planar", "--tokenizer", "triangulation", "--split-slot-only", *flags,
+              "--out", "/dev/null/never_written"])
+
+
+def test_split_slot_temperature_keeps_the_span_distribution_and_sharpens_the_slot():
+    # catches: a temperature that reaches the span m (which decides the degrees), a slot conditional that
+    # is not softmax(log P(i | m) / T), the tokens read as (m, i) instead of (i, m), NaN where a span or a
+    # whole vertex is masked
+    from scipy.stats import chisquare
+
+    from modalities.graph.triangulation import SplitShapeTemperature
+    from msar.sampling import sample_tokens
+    g = torch.Generator().manual_seed(1)
+    D, T = 4, 0.5
+    V = 2 + D * (D - 1)  # NO_SPLIT, shapes 1 + i (D - 1) + m - 1, PAD
+    logits = 2 * torch.randn(1, 3, V, generator=g)
+    shapes = logits[0, 1, 1:V - 1].view(D, D - 1)
+    shapes[3, :] = float("-inf")  # a degree-3 vertex: slots i < 3 ...
+    shapes[:, 2] = float("-inf")  # ... and spans m < 3
+    logits[0, 2, 1:V - 1] = float("-inf")  # a blocked vertex: no split allowed
+    out = SplitShapeTemperature(T, slot_only=True)(0, logits, None)
+    assert torch.isfinite(out[0, :, [0, V - 1]]).all()
+    p, q = logits.double().softmax(-1)[0].numpy(), out.double().softmax(-1)[0].numpy()
+    assert np.allclose(q[:, 0], p[:, 0]) and np.allclose(q[:, -1], p[:, -1]) and np.allclose(q[2], p[2])
+    for pos in range(2):
+        P, Q = p[pos, 1:V - 1].reshape(D, D - 1), q[pos, 1:V - 1].reshape(D, D - 1)
+        assert np.allclose(Q.sum(0), P.sum(0))  # P(m, split) unchanged
+        for m in range(D - 1):
+            if P[:, m].sum() > 0:
+                ref = P[:, m] ** (1 / T)
+                assert np.allclose(Q[:, m], ref / ref.sum() * P[:, m].sum())
+            else:
+                assert (Q[:, m] == 0).all()
+    assert not np.allclose(q[0], p[0])  # the slots did sharpen
+    n = 20000
+    draws = sample_tokens(out[:, :1].expand(n, 1, V), generator=g)[:, 0]
+    counts = np.bincount(draws.numpy(), minlength=V)
+    keep = q[0] > 0
+    assert chisquare(counts[keep], q[0, keep] / q[0, keep].sum() * n).pvalue > 1e-3
+    with pytest.raises(ValueError, match="use one"):
+        SplitShapeTemperature(0.5, top_p=0.9, slot_only=True)
+
+
 def test_split_shape_top_p_drops_the_tail_and_keeps_the_ratios_of_the_rest():
     # catches: top-p applied to the whole distribution (NO_SPLIT would compete with the shapes), the
     # kept shapes not renormalised to the split mass, or their ratios changed

@@ -799,15 +799,24 @@ class SplitShapeTemperature:
     (``then`` does that)::
 
         hook = SplitShapeTemperature(0.6).then(tok.valid_token_hook)
+
+    With ``slot_only`` the temperature reaches only *where* the vertex splits: a shape ``(i, m)`` is a
+    span ``m`` (the new vertex takes ``m`` neighbours: degrees ``m + 2`` and ``d - m + 2``) at slot ``i``,
+    and ``P(m | split)``, which decides the degrees, stays the model's while ``P(i | m, split)`` follows
+    ``softmax(log P(i | m) / temperature)`` over the slots.  (A joint temperature also thins the rare
+    spans: fewer ``m = 1`` splits, fewer degree-3 vertices.)
     """
 
-    def __init__(self, temperature: float, top_p: float = 0.0):
+    def __init__(self, temperature: float, top_p: float = 0.0, slot_only: bool = False):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+        if slot_only and 0 < top_p < 1:
+            raise ValueError("slot_only sharpens the slot given the span; top_p filters the joint shape: use one")
         self.temperature = float(temperature)
         self.top_p = float(top_p)
+        self.slot_only = bool(slot_only)
         self._first = None
 
     def then(self, first) -> "SplitShapeTemperature":
@@ -821,7 +830,10 @@ class SplitShapeTemperature:
         V = logits.shape[-1]
         lp = logits.float().log_softmax(-1)  # (B, n, V)
         mass = lp[..., 1:V - 1].logsumexp(-1, keepdim=True)  # log P(some split)
-        shape = logits[..., 1:V - 1].float() / self.temperature
+        if self.slot_only:
+            shape = self._slot_sharpened(logits[..., 1:V - 1].float())
+        else:
+            shape = logits[..., 1:V - 1].float() / self.temperature
         if 0 < self.top_p < 1:
             shape = filter_top_k_top_p(shape, top_p=self.top_p)
         shape = shape.log_softmax(-1)
@@ -829,6 +841,18 @@ class SplitShapeTemperature:
         # positions whose splits are all masked keep -inf there (log_softmax of all -inf is NaN)
         out[..., 1:V - 1] = torch.where(torch.isfinite(mass), shape + mass, lp[..., 1:V - 1])
         return out.to(logits.dtype)
+
+    def _slot_sharpened(self, shape: torch.Tensor) -> torch.Tensor:
+        """``(B, n, D (D - 1))`` split logits -> ``log P(m | split) + log softmax(log P(i | m) / T)``."""
+        S = shape.shape[-1]
+        D = int(round((1 + math.sqrt(1 + 4 * S)) / 2))  # the split tokens are D (D - 1) shapes (i, m)
+        if D * (D - 1) != S:
+            raise ValueError(f"slot_only: {S} split tokens is not D (D - 1) for any max_degree D")
+        x = shape.log_softmax(-1).unflatten(-1, (D, D - 1))  # log P(i, m | split), token 1 + i (D - 1) + m - 1
+        span = x.logsumexp(-2, keepdim=True)  # log P(m | split)
+        # a span no slot allows stays -inf (0 instead of NaN inside, removed by the -inf it is added to)
+        slot = torch.where(torch.isfinite(span), x - span, torch.zeros_like(x))
+        return (span + (slot / self.temperature).log_softmax(-2)).flatten(-2)
 
 
 @functools.lru_cache(maxsize=None)
