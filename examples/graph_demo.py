@@ -45,11 +45,12 @@ and flips of real graphs.  Each run also stores the generated graphs (``graphs.j
 ``--tokenizer triangulation`` (planar) replaces the coarsening hierarchy by vertex splits of a triangulated
 disc (:class:`modalities.graph.triangulation.TriangulationTokenizer`): every sample is planar by construction;
 its preset trains 24 orderings per graph for 3000 steps (about 48 min on one core), and
-``--split-temperature 0.5`` (chosen on the validation split) sharpens how vertices split without changing
-how many do::
+``--split-temperature 0.5 --split-slot-only`` (chosen against the training graphs) sharpens where vertices
+split, keeping how many do and how each divides its neighbours::
 
     python -m examples.graph_demo --dataset planar --tokenizer triangulation --out outputs/tri
-    python -m examples.graph_demo --dataset planar --load outputs/tri --split-temperature 0.5 --out outputs/tri_test
+    python -m examples.graph_demo --dataset planar --load outputs/tri --split-temperature 0.5 --split-slot-only \
+        --out outputs/tri_test
 
 Pipeline: graphs -> :class:`GraphPyramidTokenizer` (exact tokens of a coarsening
 hierarchy; several random node orderings of each training graph give different
