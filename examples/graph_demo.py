@@ -334,8 +334,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         train_used = prev.get("training_graphs_used", len(train_graphs))
         if not isinstance(tok, TriangulationTokenizer) and (args.split_temperature != 1.0 or args.split_top_p
                                                               or args.split_slot_only):
-            raise SystemExit(f"--split-temperature / --split-top-p / --split-slot-only: {args.load} holds a coarsening model, which has "
-                             "no splits to shape")
+            raise SystemExit(f"--split-temperature / --split-top-p / --split-slot-only: {args.load} holds a coarsening "
+                             "model, which has no splits to shape")
         if isinstance(tok, TriangulationTokenizer) and (args.project or args.complete or args.expand_test):
             raise SystemExit(f"{args.load} holds a triangulation model: --project, --complete and --expand-test "
                              "are options of the coarsening tokenizer")
@@ -744,8 +744,8 @@ def main(argv=None) -> None:
                          f"--split-top-p {args.split_top_p}")
     if (args.split_temperature != 1.0 or args.split_top_p or args.split_slot_only) and args.tokenizer != "triangulation" \
             and not args.load:
-        raise SystemExit("--split-temperature and --split-top-p shape the splits of --tokenizer triangulation (or of "
-                         "a --load run trained with it)")
+        raise SystemExit("--split-temperature, --split-top-p and --split-slot-only shape the splits of --tokenizer "
+                         "triangulation (or of a --load run trained with it)")
     if args.project and args.complete:
         raise SystemExit("--project completes by itself (it samples without the structure hook): drop --complete")
     if args.projection != "greedy" and not args.project:
