@@ -729,11 +729,10 @@ def main(argv=None) -> None:
                                  "(planar, bounded faces triangles, one outer cycle); use it for planar")
     elif (args.split_chunks is not None or args.split_chunking is not None or args.split_rate is not None
           or args.extra_levels is not None or args.size_features is not None):
+        flags = "--split-chunks, --split-chunking, --split-rate, --extra-levels and --size-features are"
         if args.load:
-            raise SystemExit("--split-chunks, --split-chunking, --split-rate, --extra-levels and --size-features are "
-                             "training options: a --load run uses the tokenizer it was trained with")
-        raise SystemExit("--split-chunks, --split-chunking, --split-rate, --extra-levels and --size-features are "
-                         "options of --tokenizer triangulation")
+            raise SystemExit(f"{flags} training options: a --load run uses the tokenizer it was trained with")
+        raise SystemExit(f"{flags} options of --tokenizer triangulation")
     if not args.split_temperature > 0:
         raise SystemExit(f"--split-temperature must be > 0, got {args.split_temperature}")
     if not 0 <= args.split_top_p <= 1:
