@@ -24,6 +24,8 @@ planar (grid: planar, degree <= 4, bipartite) while it draws the edge tokens
 ``--project`` samples without the structure hook and projects each sample onto the property, most
 probable edges first, then completes it (decoding rules on the model's probabilities, reported apart);
 ``--best-of N`` keeps, of N such draws, the one whose projection dropped the fewest edges;
+``--resample-invalid K`` redraws every sample that fails the dataset's validity check, at most K draws per
+output graph (rejection sampling: the model conditioned on validity; :class:`modalities.graph.metrics.ValidityFilter`);
 ``--projection degrees`` projects keeping every node near its degree in the sample
 (:func:`modalities.graph.constraints.project_graph_degrees`).
 ``--node-count train`` draws each sample's node count from the training graphs' sizes and makes every
@@ -77,7 +79,7 @@ from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_
 from modalities.graph.coarsen import MATCHINGS
 from modalities.graph.datasets import WITH_VALIDATION
 from modalities.graph.constraints import PROJECTIONS, PROPERTIES, EdgeScores, StructureHook, count_projection
-from modalities.graph.metrics import structure_summary
+from modalities.graph.metrics import VALIDITY, ValidityFilter, structure_summary
 from modalities.graph.size import (NodeCountHook, TriangulationNodeCountHook, draw_node_counts,
                                    level_size_report)
 from modalities.graph.triangulation import (CHUNKINGS, SplitShapeTemperature, TriangulationTokenizer,
@@ -382,7 +384,6 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
 
     # ---- sample as many graphs as the test set holds
     t0 = time.time()
-    gen = []
     sample_seed = args.seed if args.sample_seed is None else args.sample_seed
     invalid = {"mass": 0.0, "positions": 0, "draws": 0}  # see measuring_hook / count_invalid
     structure = structure_for(dataset, args, tok)
@@ -411,8 +412,13 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         raise SystemExit(f"--expand-test must be in 1..{tok.K - 2} (expansions with edge scales), got {args.expand_test}")
     if args.expand_test and n_gen > len(test):
         raise SystemExit(f"--expand-test samples one graph per test graph: --num-samples <= {len(test)}, got {n_gen}")
-    for i in tqdm(range(0, n_gen, 32), desc="sample", leave=False):
-        b = min(32, n_gen - i)
+    # --resample-invalid K: draw until n_gen graphs pass the dataset's validity check, at most K per output
+    # (the model conditioned on validity); K = 1 keeps every draw. The first n_gen draws are the same either way.
+    accept = ValidityFilter(VALIDITY[dataset] if args.resample_invalid > 1 else None, n_gen,
+                            n_gen * args.resample_invalid)
+    bar = tqdm(total=n_gen, desc="sample", leave=False)
+    while not accept.done:
+        i, b = accept.drawn, accept.next_batch(32)  # i: the batch's first draw (its seed offset)
         # the hook masks tokens the decoder would reinterpret (PAD at a real node / edge, a wrong
         # kind, mask bits naming a missing child); --no-constrain samples the raw distribution
         hook = measuring_hook(tok, not args.no_constrain, args.temperature, invalid)
@@ -456,7 +462,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
             batch_graphs = [H for _, H, _, _ in best]
             for G, _, d, a in best:
                 count_projection(project_stats, G, d, a)
-        gen.extend(batch_graphs)
+        kept = len(accept.kept)
+        accept.offer(batch_graphs)
+        bar.update(len(accept.kept) - kept)
         if isinstance(tok, TriangulationTokenizer):  # splits next to an earlier one of their chunk, read as none
             invalid["refused_splits"] = invalid.get("refused_splits", 0) + tok.replay(res.indices).refused
         else:  # the node count of every level (level_size_report), of the (first) draw
@@ -466,6 +474,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
             struct_stats = {key: struct_stats.get(key, 0) + sh.stats.get(key, 0) for key in sh.stats}
         else:  # a structure hook drops coarse edges on purpose (PAD), which is not an invalid draw
             invalid["draws"] += count_invalid(tok, res.indices)
+    bar.close()
+    gen, rejection = accept.result()
     seconds["sample"] = time.time() - t0
     size_stats: dict[str, int] = {}  # the node-count hooks' counters, summed over the batches
     for h in size_hooks:
@@ -482,7 +492,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                      "invalid_draw_rate": invalid["draws"] / max(invalid["positions"], 1),
                      "real_positions": invalid["positions"]}
     if "refused_splits" in invalid:
-        invalid_stats["refused_splits_per_sample"] = invalid["refused_splits"] / n_gen
+        invalid_stats["refused_splits_per_sample"] = invalid["refused_splits"] / accept.drawn  # per draw
 
     metrics = evaluate(gen, train_graphs, test, dataset)
     # what the MMD statistics react to (edges, triangles, degree shares, non-triangular faces), per set
@@ -505,7 +515,12 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                         "best_of": args.best_of, "node_count": args.node_count,
                                         "split_temperature": args.split_temperature,
                                         "split_top_p": args.split_top_p,
-                                        "split_slot_only": args.split_slot_only},
+                                        "split_slot_only": args.split_slot_only,
+                                        "resample_invalid": args.resample_invalid},
+        # --resample-invalid: draws made, how many passed the validity check, and invalid graphs kept to fill
+        # the set when the budget ran out (None without rejection)
+        "rejection": {"max_draws_per_sample": args.resample_invalid, **rejection}
+                     if args.resample_invalid > 1 else None,
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
         "structure": structure, "structure_stats": struct_stats if structure else None,
         "project": project, "project_stats": project_stats or None, "node_count": node_count,
@@ -524,6 +539,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     for key in ("degree_tv", "clustering_tv", "orbit_tv", "spectral_tv"):
         print(f"  {key:14s} gen {g_mmd[key]:.4f}   train-vs-{args.eval_split} {b_mmd[key]:.4f}")
     print(f"  V.U.N. {v}")
+    if args.resample_invalid > 1:
+        print(f"  rejection: {rejection['drawn']} draws for {n_gen} graphs, {rejection['acceptance']:.1%} valid, "
+              f"{rejection['kept_invalid']} invalid kept (budget {args.resample_invalid} draws per graph)")
     mem = metrics["memorization"]
     if mem["valid"]:
         print(f"  valid samples: {mem['valid']} ({mem['distinct_valid']} distinct), {mem['in_train']:.0%} copies of a "
@@ -630,6 +648,12 @@ def main(argv=None) -> None:
                    help="with --project: draw N samples per output graph and keep the one whose projection drops "
                         "the fewest of its edges (the closest to valid; N -> infinity with none dropped is the model "
                         "conditioned on the property). A decoding rule, reported apart")
+    p.add_argument("--resample-invalid", type=int, default=1, metavar="K",
+                   help="rejection sampling: redraw every sample that fails the dataset's validity check (planar: "
+                        "connected and planar; grid: a 2-D grid; lobster), at most K draws per output graph, keeping "
+                        "the first valid ones in draw order (the model conditioned on validity; when the budget runs "
+                        "out, rejected draws fill the set). metrics.json 'rejection' reports the acceptance rate. "
+                        "Default 1: no rejection. A decoding rule, reported apart")
     p.add_argument("--node-count", default="none", choices=["none", "train"],
                    help="train: draw each sample's node count N from the training graphs' sizes and make every "
                         "split scale produce the levels of an N-node graph, choosing which nodes split by the "
@@ -751,6 +775,16 @@ def main(argv=None) -> None:
         raise SystemExit(f"--projection {args.projection} is a rule of --project: add --project")
     if args.best_of < 1 or (args.best_of > 1 and not args.project):
         raise SystemExit(f"--best-of N needs N >= 1 and --project (it picks among projections), got {args.best_of}")
+    if args.resample_invalid < 1:
+        raise SystemExit(f"--resample-invalid K needs K >= 1 draws per output graph, got {args.resample_invalid}")
+    if args.resample_invalid > 1:
+        unchecked = [name for name in names if VALIDITY.get(name) is None]
+        if unchecked:
+            raise SystemExit(f"--resample-invalid: {', '.join(unchecked)} has no validity check to resample on "
+                             f"(datasets with one: {', '.join(k for k, v in VALIDITY.items() if v)})")
+        if args.node_count != "none" or args.expand_test:
+            raise SystemExit("--resample-invalid draws past --num-samples, and --node-count / --expand-test fix one "
+                             "target per output graph: drop one of them")
     if args.val_every < 0 or (args.val_every and args.load):
         raise SystemExit(f"--val-every N (N >= 1) evaluates during training, not with --load; got {args.val_every}")
     if args.val_every:

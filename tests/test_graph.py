@@ -862,3 +862,102 @@ def test_demo_rejects_val_every_without_a_validation_split():
         main(["--dataset", "grid", "--val-every", "10", "--out", "/dev/null/never_written"])
     with pytest.raises(SystemExit, match="--load"):
         main(["--dataset", "planar", "--val-every", "10", "--load", "x", "--out", "/dev/null/never_written"])
+
+
+# ---------------------------------------------------------------------------- rejection on validity
+
+def _paths(sizes):
+    return [nx.path_graph(k) for k in sizes]
+
+
+def test_validity_filter_keeps_the_first_valid_draws_in_order_within_the_budget():
+    # catches: keeping valid draws past n, counting a rejected draw as kept, a first pass whose batches
+    # differ from sampling without rejection (other seeds, other samples), drawing past the budget
+    from modalities.graph.metrics import ValidityFilter
+    even = lambda G: G.number_of_nodes() % 2 == 0  # noqa: E731
+    f = ValidityFilter(even, n=3, max_draws=9)
+    assert f.next_batch(2) == 2  # the first n draws come in the batches a run without rejection makes
+    f.offer(_paths([1, 2]))
+    assert f.next_batch(2) == 1
+    f.offer(_paths([4]))
+    assert not f.done and f.next_batch(4) == 4  # past n: full batches up to the budget
+    f.offer(_paths([3, 6, 8, 10]))
+    assert f.done
+    graphs, stats = f.result()
+    assert [G.number_of_nodes() for G in graphs] == [2, 4, 6]
+    assert stats == {"drawn": 7, "valid_drawn": 5, "acceptance": 5 / 7, "kept_invalid": 0}
+    # budget spent: the earliest rejected draws fill the set, reported as kept invalid
+    f = ValidityFilter(even, n=3, max_draws=6)
+    f.offer(_paths([1, 2, 3]))
+    assert f.next_batch(32) == 3
+    f.offer(_paths([5, 7, 9]))
+    assert f.done and f.next_batch(32) == 0
+    graphs, stats = f.result()
+    assert [G.number_of_nodes() for G in graphs] == [2, 1, 3] and stats["kept_invalid"] == 2
+    with pytest.raises(ValueError, match="budget"):
+        ValidityFilter(even, n=2, max_draws=3).offer(_paths([1, 1, 1, 1]))
+    with pytest.raises(RuntimeError, match="offer more"):
+        ValidityFilter(even, n=2, max_draws=3).result()
+    with pytest.raises(ValueError, match="max_draws"):
+        ValidityFilter(None, n=2, max_draws=4)
+    keep_all = ValidityFilter(None, n=2, max_draws=2)
+    keep_all.offer(_paths([1, 3]))
+    assert [G.number_of_nodes() for G in keep_all.result()[0]] == [1, 3]
+
+
+def test_validity_filter_draws_from_the_distribution_conditioned_on_validity():
+    # many seeded sets drawn through the filter: the kept graphs' sizes follow p(size | valid) exactly
+    # (chi-square). catches: per-slot retries that keep a later draw more often than an earlier one, valid
+    # draws dropped after the first rejection of a batch, a filter that favours small batches' draws
+    from scipy.stats import chisquare
+    from modalities.graph.metrics import ValidityFilter
+    p = np.array([0.1, 0.3, 0.2, 0.15, 0.15, 0.1])  # sizes 1..6; valid: even sizes (2, 4, 6)
+    rng = np.random.default_rng(0)
+    kept = collections.Counter()
+    for _ in range(1000):
+        f = ValidityFilter(lambda G: G.number_of_nodes() % 2 == 0, n=5, max_draws=200)
+        while not f.done:
+            f.offer(_paths(rng.choice(6, size=f.next_batch(4), p=p) + 1))
+        graphs, stats = f.result()
+        assert stats["kept_invalid"] == 0 and len(graphs) == 5
+        kept.update(G.number_of_nodes() for G in graphs)
+    assert set(kept) == {2, 4, 6}
+    valid = p[[1, 3, 5]] / p[[1, 3, 5]].sum()
+    assert chisquare([kept[2], kept[4], kept[6]], valid * sum(kept.values())).pvalue > 1e-3
+
+
+def test_demo_resample_invalid_redraws_within_its_budget(tmp_path):
+    # the demo end to end on an untrained small grid pipeline (--load): nothing it draws is a grid, so every
+    # output uses its whole budget. catches: more draws than K per output, a first pass that is not the plain
+    # run's samples (kept invalid draws fill the set in draw order), rejection stats missing from metrics.json
+    import json
+    from examples.graph_demo import PRESETS, build_model, main
+    cfg = dict(PRESETS["grid"], width=16, depth=1, heads=2, chunks=2)
+    train = make_dataset("grid", seed=0, max_side=11)["train"]
+    tok = GraphPyramidTokenizer.fit(train, edge_chunks=2)
+    src = tmp_path / "run" / "grid"
+    msar.Pipeline(tok, build_model(tok, cfg, 0.0).init_weights().eval()).save_pretrained(str(src / "pipeline"))
+    (src / "metrics.json").write_text(json.dumps({"train_config": cfg, "data_kw": {"max_side": 11},
+                                                  "loss_curve": [[1, 0.0]], "seconds": {}}))
+    common = ["--dataset", "grid", "--load", str(tmp_path / "run"), "--no-constrain", "--num-samples", "3"]
+    main(common + ["--out", str(tmp_path / "plain")])
+    main(common + ["--resample-invalid", "2", "--out", str(tmp_path / "resampled")])
+    plain, res = (json.loads((tmp_path / d / "grid" / "metrics.json").read_text()) for d in ("plain", "resampled"))
+    assert plain["rejection"] is None
+    assert res["rejection"] == {"max_draws_per_sample": 2, "drawn": 6, "valid_drawn": 0, "acceptance": 0.0,
+                                "kept_invalid": 3}
+    assert res["vun"]["validity"] == plain["vun"]["validity"] == 0.0
+    graphs = [json.loads((tmp_path / d / "grid" / "graphs.json").read_text())["graphs"] for d in ("plain", "resampled")]
+    assert graphs[0] == graphs[1]
+
+
+def test_demo_checks_resample_invalid_at_start():
+    # catches: rejection on a dataset with no validity check (every draw kept, a claim never tested), or
+    # combined with per-output targets that the extra draws would not have
+    from examples.graph_demo import main
+    with pytest.raises(SystemExit, match="no validity check"):
+        main(["--dataset", "community-small", "--resample-invalid", "3", "--out", "/dev/null/never_written"])
+    with pytest.raises(SystemExit, match="K >= 1"):
+        main(["--dataset", "grid", "--resample-invalid", "0", "--out", "/dev/null/never_written"])
+    with pytest.raises(SystemExit, match="--node-count"):
+        main(["--dataset", "grid", "--resample-invalid", "3", "--node-count", "train", "--out", "/dev/null/never_written"])

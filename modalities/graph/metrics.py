@@ -309,6 +309,61 @@ VALIDITY: dict[str, Optional[Callable[[nx.Graph], bool]]] = {
 }
 
 
+class ValidityFilter:
+    """Rejection sampling on a validity check: of the graphs offered in draw order, keep the first
+    ``n`` that pass ``check``, drawing at most ``max_draws`` in all.
+
+    While the budget lasts the kept graphs are exact draws of the model conditioned on validity
+    (a later draw is kept or rejected by the same rule as an earlier one).  When it runs out, the
+    earliest rejected graphs fill the set up to ``n``, so its validity is reported as it is rather
+    than the set shrinking.  ``check=None`` keeps everything (no rejection, ``max_draws = n``).
+
+    Usage: ``while not f.done: f.offer(draw(f.next_batch(32)))``, then ``graphs, stats = f.result()``.
+    """
+
+    def __init__(self, check: Optional[Callable[[nx.Graph], bool]], n: int, max_draws: int):
+        if n < 1 or max_draws < n:
+            raise ValueError(f"ValidityFilter: need n >= 1 and max_draws >= n, got n={n}, max_draws={max_draws}")
+        if check is None and max_draws != n:
+            raise ValueError(f"ValidityFilter: without a check every draw is kept, so max_draws must be n={n}, "
+                             f"got {max_draws}")
+        self.check, self.n, self.max_draws = check, n, max_draws
+        self.kept: list[nx.Graph] = []
+        self.rejected: list[nx.Graph] = []
+        self.drawn = self.valid_drawn = 0
+
+    @property
+    def done(self) -> bool:
+        return len(self.kept) >= self.n or self.drawn >= self.max_draws
+
+    def next_batch(self, cap: int) -> int:
+        """Size of the next draw: the first ``n`` draws in batches of ``cap`` (as without rejection, so
+        the first pass is the same samples), then batches of ``cap`` up to the budget."""
+        limit = self.n if self.drawn < self.n else self.max_draws
+        return max(0, min(cap, limit - self.drawn))
+
+    def offer(self, graphs: Sequence[nx.Graph]) -> None:
+        if self.drawn + len(graphs) > self.max_draws:
+            raise ValueError(f"ValidityFilter: {len(graphs)} graphs offered with {self.max_draws - self.drawn} "
+                             "draws left in the budget")
+        for G in graphs:
+            self.drawn += 1
+            ok = self.check is None or bool(self.check(G))
+            self.valid_drawn += ok
+            if not ok:
+                self.rejected.append(G)
+            elif len(self.kept) < self.n:
+                self.kept.append(G)
+
+    def result(self) -> tuple[list[nx.Graph], dict[str, float | int]]:
+        """The ``n`` graphs (valid first, in draw order) and ``{drawn, valid_drawn, acceptance, kept_invalid}``."""
+        if not self.done:
+            raise RuntimeError(f"ValidityFilter: {len(self.kept)} of {self.n} kept and budget left; offer more draws")
+        fill = self.rejected[:self.n - len(self.kept)]
+        return self.kept + fill, {"drawn": self.drawn, "valid_drawn": self.valid_drawn,
+                                  "acceptance": self.valid_drawn / self.drawn, "kept_invalid": len(fill)}
+
+
 class IsoSet:
     """A set of graphs up to isomorphism, with a Weisfeiler-Lehman hash pre-filter."""
 
