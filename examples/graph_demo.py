@@ -4,9 +4,9 @@
     python -m examples.graph_demo --dataset planar,grid,community-small
     python -m examples.graph_demo --dataset planar --quick              # ~ 1 minute smoke run
     python -m examples.graph_demo --dataset grid --out outputs/grid     # ~ 25 minutes on one core (4000 steps)
-    # grid's reported sampling (chosen on the training graphs): raw, T = 1, top-p 0.8
+    # grid's reported sampling (chosen on the training graphs): raw, T = 1, top-p 0.8, non-grids redrawn
     python -m examples.graph_demo --dataset grid --load outputs/grid --no-constrain --num-samples 200 --top-p 0.8 \
-        --out outputs/grid_topp
+        --resample-invalid 3 --out outputs/grid_topp
 
 For each dataset it writes to ``--out/<dataset>/``: ``metrics.json`` (MMD of degree,
 clustering, orbit and spectrum under GRAN's TV and GraphRNN's EMD kernels for samples vs
