@@ -400,13 +400,8 @@ def phase_training(ctx: "Check", rec: dict, m: Model) -> None:
 def _init_single_process_group(device: torch.device) -> Optional[str]:
     """Join a one-process group (NCCL on CUDA, gloo on CPU); None, or why it could not."""
     try:
-        import torch.distributed as dist
-        if not dist.is_available():
-            return "torch.distributed is not available in this torch build"
-        if dist.is_initialized():
-            return "a process group is already initialised (run without torchrun)"
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        from msar.training.distributed import init_single_process_group
+        init_single_process_group(device)
         return None
     except Exception as e:  # noqa: BLE001 -- the check trains without FSDP and says why
         return f"{type(e).__name__}: {str(e)[:300]}"

@@ -62,6 +62,18 @@ def init_distributed(device: Optional[str] = None) -> torch.device:
     return dev
 
 
+def init_single_process_group(device: torch.device) -> None:
+    """Join a one-process group (NCCL on CUDA, gloo on CPU), for code that needs a process group on a
+    single device (FSDP does).  Raises ``RuntimeError`` when a group already exists: under torchrun
+    that group is the one to use, so the caller should not have asked."""
+    if not dist.is_available():
+        raise RuntimeError("torch.distributed is not available in this torch build")
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised (under torchrun, use that one)")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+
+
 def module_device(module: torch.nn.Module) -> torch.device:
     """The device of ``module``'s first parameter (or buffer); CPU for a module with neither."""
     for t in module.parameters():

@@ -51,8 +51,7 @@ class ImageNetTrainer(TransformerTrainer):
                 raise ValueError("EMA is not supported with FSDP (the EMA copy would not be sharded)")
             device = D.trainer_device(config.device, model)
             if not D.is_dist():  # FSDP needs a process group even on one device
-                torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                                     store=torch.distributed.HashStore(), rank=0, world_size=1)
+                D.init_single_process_group(device)
             shard_per_block(model.to(device), device)
             # the logits are returned as a view; nothing modifies them in place, so FSDP's warning is moot
             warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
