@@ -165,6 +165,24 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, accum):
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 10))
 
 
+def test_evaluating_between_fit_calls_leaves_the_training_unchanged(tmp_path):
+    """Training paused to evaluate (``fit(steps=a)``, ``evaluate``, ``fit(steps=b)``, as the graph demo's
+    ``--val-every`` does) must equal one ``fit(steps=b)``.  Catches: an evaluation loader that draws from
+    the global RNG (a plain shuffling DataLoader does, on ``iter``) moving every later dropout mask."""
+    tok = tiny_tokenizer()
+    losses = []
+    for pause in (False, True):
+        tr = TransformerTrainer(tiny_transformer(drop_rate=0.2), tok, cfg(total_steps=8))
+        loader = build_loader(Images(20), batch_size=4, shuffle=True, seed=1)
+        torch.manual_seed(5)
+        if pause:
+            tr.fit(loader, 3)
+            val = torch.utils.data.DataLoader(Images(8), batch_size=4, shuffle=True)  # draws the global RNG
+            assert tr.evaluate(val, log=False)["loss"] > 0
+        losses.append([r["loss"] for r in tr.fit(loader, 8)])
+    assert losses[1] == losses[0][3:]
+
+
 @pytest.mark.cuda
 def test_on_a_gpu_machine_the_trainer_follows_the_model_and_resumes_on_cuda(tmp_path):
     """Catches: a trainer that moves a CPU model to the GPU when one is visible (every CPU program

@@ -31,6 +31,7 @@ the epoch (a list, or :func:`~msar.training.distributed.build_loader`).  Counter
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import warnings
@@ -154,6 +155,21 @@ def _float(v: Any) -> float:
 def config_dict(obj: Any) -> Any:
     return asdict(obj) if is_dataclass(obj) and not isinstance(obj, type) else obj
 
+
+
+def leaves_rng_alone(fn):
+    """Decorator of the trainers' ``evaluate``: the random streams (Python, NumPy, torch CPU and CUDA)
+    are put back as they were, so evaluating between two ``fit`` calls leaves the training that
+    follows exactly as without the pause (iterating a plain shuffling ``DataLoader`` draws from the
+    global RNG, which would move every later dropout mask)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        state = capture_rng_state()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            restore_rng_state(state)
+    return wrapper
 
 class Trainer:
     """Base class; see the module docstring.  Subclasses call ``super().__init__(model, config)``."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..bitwise import bit_cross_entropy, bit_predictions
 from ..conditioning import Condition
 from . import distributed as D
-from .base import LossOutput, TrainConfig, Trainer, _to_device, config_dict
+from .base import LossOutput, TrainConfig, Trainer, _to_device, leaves_rng_alone, config_dict
 
 
 @dataclass
@@ -269,6 +269,7 @@ class TransformerTrainer(Trainer):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
+    @leaves_rng_alone
     def evaluate(self, loader: Iterable, max_batches: Optional[int] = None, use_ema: bool = True,
                  log: bool = True) -> dict[str, float]:
         """Per-scale validation loss / accuracy (token-weighted means over the loader,

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed as D
-from .base import LossOutput, TrainConfig, Trainer, _to_device
+from .base import LossOutput, TrainConfig, Trainer, _to_device, leaves_rng_alone
 
 
 @dataclass
@@ -204,6 +204,7 @@ class VQVAETrainer(Trainer):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
+    @leaves_rng_alone
     def evaluate(self, loader: Iterable, max_batches: Optional[int] = None, use_ema: bool = True,
                  log: bool = True) -> dict[str, float]:
         """Mean reconstruction L1 / MSE (or ``recon``), VQ loss and per-scale codebook
