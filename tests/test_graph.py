@@ -931,15 +931,10 @@ def test_demo_resample_invalid_redraws_within_its_budget(tmp_path):
     # output uses its whole budget. catches: more draws than K per output, a first pass that is not the plain
     # run's samples (kept invalid draws fill the set in draw order), rejection stats missing from metrics.json
     import json
-    from examples.graph_demo import PRESETS, build_model, main
-    cfg = dict(PRESETS["grid"], width=16, depth=1, heads=2, chunks=2)
-    train = make_dataset("grid", seed=0, max_side=11)["train"]
-    tok = GraphPyramidTokenizer.fit(train, edge_chunks=2)
-    src = tmp_path / "run" / "grid"
-    msar.Pipeline(tok, build_model(tok, cfg, 0.0).init_weights().eval()).save_pretrained(str(src / "pipeline"))
-    (src / "metrics.json").write_text(json.dumps({"train_config": cfg, "data_kw": {"max_side": 11},
-                                                  "loss_curve": [[1, 0.0]], "seconds": {}}))
-    common = ["--dataset", "grid", "--load", str(tmp_path / "run"), "--no-constrain", "--num-samples", "3"]
+    from _graph_runs import untrained_grid_run
+    from examples.graph_demo import main
+    run, _, _ = untrained_grid_run(tmp_path)
+    common = ["--dataset", "grid", "--load", str(run), "--no-constrain", "--num-samples", "3"]
     main(common + ["--out", str(tmp_path / "plain")])
     main(common + ["--resample-invalid", "2", "--out", str(tmp_path / "resampled")])
     plain, res = (json.loads((tmp_path / d / "grid" / "metrics.json").read_text()) for d in ("plain", "resampled"))

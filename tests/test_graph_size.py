@@ -212,15 +212,10 @@ def test_demo_samples_every_draw_at_its_target_size(tmp_path):
     # catches: a further --best-of draw sampled without the size hook, targets not from the training
     # sizes, graphs off their target
     import json
-    from examples.graph_demo import PRESETS, build_model, main
-    cfg = dict(PRESETS["grid"], width=16, depth=1, heads=2, chunks=2)
-    train = make_dataset("grid", seed=0, max_side=11)["train"]
-    tok = GraphPyramidTokenizer.fit(train, edge_chunks=2)
-    src = tmp_path / "run" / "grid"
-    msar.Pipeline(tok, build_model(tok, cfg, 0.0).init_weights().eval()).save_pretrained(str(src / "pipeline"))
-    (src / "metrics.json").write_text(json.dumps({"train_config": cfg, "data_kw": {"max_side": 11},
-                                                  "loss_curve": [[1, 0.0]], "seconds": {}}))
-    main(["--dataset", "grid", "--load", str(tmp_path / "run"), "--node-count", "train", "--num-samples", "3",
+    from _graph_runs import untrained_grid_run
+    from examples.graph_demo import main
+    run, train, tok = untrained_grid_run(tmp_path)
+    main(["--dataset", "grid", "--load", str(run), "--node-count", "train", "--num-samples", "3",
           "--project", "--best-of", "2", "--out", str(tmp_path / "out")])
     m = json.loads((tmp_path / "out" / "grid" / "metrics.json").read_text())
     nc = m["node_count"]
