@@ -156,7 +156,6 @@ def config_dict(obj: Any) -> Any:
     return asdict(obj) if is_dataclass(obj) and not isinstance(obj, type) else obj
 
 
-
 def leaves_rng_alone(fn):
     """Decorator of the trainers' ``evaluate``: the random streams (Python, NumPy, torch CPU and CUDA)
     are put back as they were, so evaluating between two ``fit`` calls leaves the training that
@@ -170,6 +169,7 @@ def leaves_rng_alone(fn):
         finally:
             restore_rng_state(state)
     return wrapper
+
 
 class Trainer:
     """Base class; see the module docstring.  Subclasses call ``super().__init__(model, config)``."""
