@@ -32,6 +32,7 @@ writes the JSON and exits if the whole run passes the budget by 20 s (a hung CUD
 from __future__ import annotations
 
 import argparse
+import functools
 import contextlib
 import gc
 import json
@@ -426,8 +427,7 @@ def _train(ctx: "Check", m: Model, B: int, fsdp: bool) -> dict:
     x = torch.randn(B, model.seq_len - model.first_len, model.latent_dim, generator=g).to(dev)
     labels = torch.randint(0, model.num_classes, (B,), generator=g).to(dev)
 
-    def step():
-        return trainer.train_step(indices, labels, x)
+    step = functools.partial(trainer.train_step, indices, labels, x)  # bound now: `trainer` is deleted below
 
     common.sync(dev)
     t0 = time.perf_counter()
