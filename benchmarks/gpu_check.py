@@ -32,8 +32,8 @@ writes the JSON and exits if the whole run passes the budget by 20 s (a hung CUD
 from __future__ import annotations
 
 import argparse
-import functools
 import contextlib
+import functools
 import gc
 import json
 import os

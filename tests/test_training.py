@@ -165,7 +165,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, accum):
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 10))
 
 
-def test_evaluating_between_fit_calls_leaves_the_training_unchanged(tmp_path):
+def test_evaluating_between_fit_calls_leaves_the_training_unchanged():
     """Training paused to evaluate (``fit(steps=a)``, ``evaluate``, ``fit(steps=b)``, as the graph demo's
     ``--val-every`` does) must equal one ``fit(steps=b)``.  Catches: an evaluation loader that draws from
     the global RNG (a plain shuffling DataLoader does, on ``iter``) moving every later dropout mask."""

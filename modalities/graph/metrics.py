@@ -330,7 +330,7 @@ class ValidityFilter:
         self.check, self.n, self.max_draws = check, n, max_draws
         self.kept: list[nx.Graph] = []
         self.rejected: list[nx.Graph] = []
-        self.drawn = self.valid_drawn = 0
+        self.drawn = 0
 
     @property
     def done(self) -> bool:
@@ -348,9 +348,7 @@ class ValidityFilter:
                              "draws left in the budget")
         for G in graphs:
             self.drawn += 1
-            ok = self.check is None or bool(self.check(G))
-            self.valid_drawn += ok
-            if not ok:
+            if not (self.check is None or self.check(G)):
                 self.rejected.append(G)
             elif len(self.kept) < self.n:
                 self.kept.append(G)
@@ -360,8 +358,9 @@ class ValidityFilter:
         if not self.done:
             raise RuntimeError(f"ValidityFilter: {len(self.kept)} of {self.n} kept and budget left; offer more draws")
         fill = self.rejected[:self.n - len(self.kept)]
-        return self.kept + fill, {"drawn": self.drawn, "valid_drawn": self.valid_drawn,
-                                  "acceptance": self.valid_drawn / self.drawn, "kept_invalid": len(fill)}
+        valid = self.drawn - len(self.rejected)
+        return self.kept + fill, {"drawn": self.drawn, "valid_drawn": valid,
+                                  "acceptance": valid / self.drawn, "kept_invalid": len(fill)}
 
 
 class IsoSet:
