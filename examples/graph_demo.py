@@ -32,7 +32,9 @@ output graph (rejection sampling: the model conditioned on validity; :class:`mod
 split scale produce the levels of a graph of that size (:class:`modalities.graph.size.NodeCountHook`;
 triangulation models: no split past it, and the last level completes the sample,
 :class:`modalities.graph.size.TriangulationNodeCountHook`; default ``none``: the size is whatever the
-split tokens give); it composes with the other options.
+split tokens give); it composes with the other options.  ``--node-count reject --resample-invalid K`` draws
+the targets the same way and redraws every sample whose node count misses its target instead (the model
+conditioned on its size, exact while the budget of K draws per output lasts).
 ``--matching aligned`` (the grid preset) coarsens with pairs lined up side by side and in line, so that
 every level of a grid's hierarchy is a grid (:func:`modalities.graph.coarsen.coarsen`); ``--parent-links`` tells each
 edge position how many edges join its endpoints' parents (the mask one level up).
@@ -394,12 +396,13 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     project_stats: dict[str, int] = {}
     n_gen = args.num_samples or len(test)
     # --node-count train: one target N per output graph, drawn from the training graphs' sizes (GRAN /
-    # DiGress / SPECTRE do the same), then every split scale is made to produce the levels of an N-node graph
-    targets = draw_node_counts(train_graphs, n_gen, sample_seed) if args.node_count == "train" else None
+    # DiGress / SPECTRE do the same), then every split scale is made to produce the levels of an N-node graph;
+    # --node-count reject: draws are redrawn until one has N nodes (the model conditioned on its size)
+    targets = draw_node_counts(train_graphs, n_gen, sample_seed) if args.node_count != "none" else None
 
     def sized(i: int, b: int, seed: int) -> Optional[NodeCountHook | TriangulationNodeCountHook]:
-        """The node-count hook of the batch ``i : i + b`` (None without --node-count)."""
-        if targets is None:
+        """The node-count hook of the batch ``i : i + b`` (None unless --node-count train)."""
+        if args.node_count != "train":
             return None
         Hook = TriangulationNodeCountHook if isinstance(tok, TriangulationTokenizer) else NodeCountHook
         h = Hook(tok, targets[i:i + b], args.temperature, seed=seed)
@@ -412,10 +415,11 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         raise SystemExit(f"--expand-test must be in 1..{tok.K - 2} (expansions with edge scales), got {args.expand_test}")
     if args.expand_test and n_gen > len(test):
         raise SystemExit(f"--expand-test samples one graph per test graph: --num-samples <= {len(test)}, got {n_gen}")
-    # --resample-invalid K: draw until n_gen graphs pass the dataset's validity check, at most K per output
-    # (the model conditioned on validity); K = 1 keeps every draw. The first n_gen draws are the same either way.
-    accept = ValidityFilter(VALIDITY[dataset] if args.resample_invalid > 1 else None, n_gen,
-                            n_gen * args.resample_invalid)
+    # --resample-invalid K: draw until n_gen graphs pass the dataset's validity check (with --node-count reject:
+    # and have their target's node count), at most K per output (the model conditioned on validity and size);
+    # K = 1 keeps every draw. The first n_gen draws are the same either way.
+    accept = ValidityFilter(VALIDITY.get(dataset) if args.resample_invalid > 1 else None, n_gen,
+                            n_gen * args.resample_invalid, targets if args.node_count == "reject" else None)
     bar = tqdm(total=n_gen, desc="sample", leave=False)
     while not accept.done:
         i, b = accept.drawn, accept.next_batch(32)  # i: the batch's first draw (its seed offset)
@@ -518,7 +522,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                         "split_slot_only": args.split_slot_only,
                                         "resample_invalid": args.resample_invalid},
         # --resample-invalid: draws made, how many passed the validity check, and invalid graphs kept to fill
-        # the set when the budget ran out (None without rejection)
+        # the set when the budget ran out (with --node-count reject also outputs filled off their target size;
+        # None without rejection)
         "rejection": {"max_draws_per_sample": args.resample_invalid, **rejection}
                      if args.resample_invalid > 1 else None,
         "constrained": not args.no_constrain, "invalid_tokens": invalid_stats,
@@ -540,8 +545,10 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         print(f"  {key:14s} gen {g_mmd[key]:.4f}   train-vs-{args.eval_split} {b_mmd[key]:.4f}")
     print(f"  V.U.N. {v}")
     if args.resample_invalid > 1:
-        print(f"  rejection: {rejection['drawn']} draws for {n_gen} graphs, {rejection['acceptance']:.1%} valid, "
-              f"{rejection['kept_invalid']} invalid kept (budget {args.resample_invalid} draws per graph)")
+        print(f"  rejection: {rejection['drawn']} draws for {n_gen} graphs, {rejection['acceptance']:.1%} accepted, "
+              f"{rejection['kept_invalid']} invalid kept" + (f", {rejection['off_target']} off their node count"
+                                                            if "off_target" in rejection else "")
+              + f" (budget {args.resample_invalid} draws per graph)")
     mem = metrics["memorization"]
     if mem["valid"]:
         print(f"  valid samples: {mem['valid']} ({mem['distinct_valid']} distinct), {mem['in_train']:.0%} copies of a "
@@ -654,11 +661,13 @@ def main(argv=None) -> None:
                         "the first valid ones in draw order (the model conditioned on validity; when the budget runs "
                         "out, rejected draws fill the set). metrics.json 'rejection' reports the acceptance rate. "
                         "Default 1: no rejection. A decoding rule, reported apart")
-    p.add_argument("--node-count", default="none", choices=["none", "train"],
+    p.add_argument("--node-count", default="none", choices=["none", "train", "reject"],
                    help="train: draw each sample's node count N from the training graphs' sizes and make every "
                         "split scale produce the levels of an N-node graph, choosing which nodes split by the "
                         "model's own probabilities (modalities.graph.size.NodeCountHook; triangulation models: no "
                         "split past N, and the last level completes the sample to N, TriangulationNodeCountHook); "
+                        "reject: draw N the same way and redraw every sample that does not have N nodes, within the "
+                        "--resample-invalid K budget (the model conditioned on its size; metrics.json 'rejection'); "
                         "none: the node count is whatever the split tokens give")
     p.add_argument("--matching", default=None, choices=list(MATCHINGS),
                    help="the coarsening's matching (preset; max: fewer leftover pairs, planar levels; aligned: "
@@ -777,14 +786,19 @@ def main(argv=None) -> None:
         raise SystemExit(f"--best-of N needs N >= 1 and --project (it picks among projections), got {args.best_of}")
     if args.resample_invalid < 1:
         raise SystemExit(f"--resample-invalid K needs K >= 1 draws per output graph, got {args.resample_invalid}")
+    if args.node_count == "reject" and args.resample_invalid < 2:
+        raise SystemExit("--node-count reject redraws samples whose node count misses their target: give it a budget "
+                         f"of draws per output graph with --resample-invalid K (K >= 2), got K={args.resample_invalid}")
     if args.resample_invalid > 1:
         unchecked = [name for name in names if VALIDITY.get(name) is None]
-        if unchecked:
+        if unchecked and args.node_count != "reject":
             raise SystemExit(f"--resample-invalid: {', '.join(unchecked)} has no validity check to resample on "
-                             f"(datasets with one: {', '.join(k for k, v in VALIDITY.items() if v)})")
-        if args.node_count != "none" or args.expand_test:
-            raise SystemExit("--resample-invalid draws past --num-samples, and --node-count / --expand-test fix one "
-                             "target per output graph: drop one of them")
+                             f"(datasets with one: {', '.join(k for k, v in VALIDITY.items() if v)}; any dataset "
+                             "with --node-count reject)")
+        if args.node_count == "train" or args.expand_test:
+            raise SystemExit("--resample-invalid draws past --num-samples, and --node-count train / --expand-test fix "
+                             "one target per output graph in the draw itself: drop one of them (--node-count reject "
+                             "rejects on the node count instead)")
     if args.val_every < 0 or (args.val_every and args.load):
         raise SystemExit(f"--val-every N (N >= 1) evaluates during training, not with --load; got {args.val_every}")
     if args.val_every:

@@ -926,6 +926,42 @@ def test_validity_filter_draws_from_the_distribution_conditioned_on_validity():
     assert chisquare([kept[2], kept[4], kept[6]], valid * sum(kept.values())).pvalue > 1e-3
 
 
+def test_validity_filter_with_targets_gives_each_output_a_draw_of_its_size():
+    # per-output target node counts: output j holds a draw with N = targets[j], and given its size a kept
+    # graph follows p(graph | N) exactly (chi-square over a second property, paths against stars).
+    # catches: outputs given a draw of another size (or in another order than their targets), a draw kept
+    # for its kind and not only its size, fills not reported as off target
+    from scipy.stats import chisquare
+    from modalities.graph.metrics import ValidityFilter
+    shapes = [(nx.path_graph, 3), (nx.path_graph, 4), (lambda k: nx.star_graph(k - 1), 3),
+              (lambda k: nx.star_graph(k - 1), 4)]  # (kind, size): a path and a star of 3 / 4 nodes
+    p = np.array([0.4, 0.1, 0.2, 0.3])
+    rng = np.random.default_rng(1)
+    kept = collections.Counter()
+    for _ in range(600):
+        targets = list(rng.choice([3, 4], size=4))
+        f = ValidityFilter(None, n=4, max_draws=400, targets=targets)
+        while not f.done:
+            drawn = rng.choice(4, size=f.next_batch(3), p=p)
+            f.offer([shapes[i][0](shapes[i][1]) for i in drawn])
+        graphs, stats = f.result()
+        assert [G.number_of_nodes() for G in graphs] == targets and stats["off_target"] == 0
+        kept.update((G.number_of_nodes(), max(d for _, d in G.degree()) == G.number_of_nodes() - 1
+                     and G.number_of_nodes() > 3) for G in graphs)
+    # within size 4 a star is told apart by its hub (a 3-path is also a 3-star: size 3 has one shape)
+    n4 = kept[(4, False)] + kept[(4, True)]
+    assert chisquare([kept[(4, False)], kept[(4, True)]], np.array([0.1, 0.3]) / 0.4 * n4).pvalue > 1e-3
+    # budget spent: open outputs are filled in order with the earliest rejected draws and counted
+    f = ValidityFilter(lambda G: G.number_of_nodes() != 5, n=3, max_draws=6, targets=[2, 4, 2])
+    f.offer(_paths([5, 2, 3]))
+    f.offer(_paths([6, 7, 3]))
+    graphs, stats = f.result()
+    assert [G.number_of_nodes() for G in graphs] == [2, 5, 3]
+    assert stats == {"drawn": 6, "valid_drawn": 5, "acceptance": 1 / 6, "kept_invalid": 1, "off_target": 2}
+    with pytest.raises(ValueError, match="one target"):
+        ValidityFilter(None, n=2, max_draws=4, targets=[3])
+
+
 def test_demo_resample_invalid_redraws_within_its_budget(tmp_path):
     # the demo end to end on an untrained small grid pipeline (--load): nothing it draws is a grid, so every
     # output uses its whole budget. catches: more draws than K per output, a first pass that is not the plain
@@ -946,6 +982,43 @@ def test_demo_resample_invalid_redraws_within_its_budget(tmp_path):
     assert graphs[0] == graphs[1]
 
 
+def test_demo_node_count_reject_keeps_draws_of_their_target_size(tmp_path):
+    # the demo end to end on an untrained community-small pipeline (no validity check: rejection on the
+    # node count alone). catches: outputs kept off their target without being reported, targets other than
+    # those --node-count train draws, more draws than K per output, a first pass unlike the plain run's
+    import json
+    from _graph_runs import untrained_run
+    from examples.graph_demo import main
+    from modalities.graph.size import draw_node_counts
+    run, train, _ = untrained_run(tmp_path, "community-small")
+    common = ["--dataset", "community-small", "--load", str(run), "--num-samples", "6"]
+    main(common + ["--out", str(tmp_path / "plain")])
+    main(common + ["--node-count", "reject", "--resample-invalid", "4", "--out", str(tmp_path / "rej")])
+    res = json.loads((tmp_path / "rej" / "community-small" / "metrics.json").read_text())
+    graphs = json.loads((tmp_path / "rej" / "community-small" / "graphs.json").read_text())["graphs"]
+    plain = json.loads((tmp_path / "plain" / "community-small" / "graphs.json").read_text())["graphs"]
+    targets = res["node_count"]["targets"]
+    assert targets == draw_node_counts(train, 6, 0)
+    rej = res["rejection"]
+    assert 6 <= rej["drawn"] <= 24 and rej["kept_invalid"] == 0
+    off = [g["n"] != t for g, t in zip(graphs, targets)]
+    assert sum(off) <= rej["off_target"] and res["node_count"]["on_target"] == 1 - sum(off) / 6
+    assert rej["acceptance"] == (6 - rej["off_target"]) / rej["drawn"] > 0
+    # the first pass is the plain run's draws: those it keeps fill the first open output of their size, and
+    # the outputs left open at the end hold the earliest rejected ones
+    open_, first_rejected = list(targets), []
+    for g in plain:
+        if g["n"] in open_:
+            j = open_.index(g["n"])
+            open_[j] = None
+            assert graphs[j] == g
+        else:
+            first_rejected.append(g)
+    fills = [g for g, o in zip(graphs, off) if o]
+    k = min(len(fills), len(first_rejected))
+    assert k > 0 and fills[:k] == first_rejected[:k]
+
+
 def test_demo_checks_resample_invalid_at_start():
     # catches: rejection on a dataset with no validity check (every draw kept, a claim never tested), or
     # combined with per-output targets that the extra draws would not have
@@ -956,3 +1029,5 @@ def test_demo_checks_resample_invalid_at_start():
         main(["--dataset", "grid", "--resample-invalid", "0", "--out", "/dev/null/never_written"])
     with pytest.raises(SystemExit, match="--node-count"):
         main(["--dataset", "grid", "--resample-invalid", "3", "--node-count", "train", "--out", "/dev/null/never_written"])
+    with pytest.raises(SystemExit, match="budget"):
+        main(["--dataset", "planar", "--node-count", "reject", "--out", "/dev/null/never_written"])

@@ -318,29 +318,50 @@ class ValidityFilter:
     earliest rejected graphs fill the set up to ``n``, so its validity is reported as it is rather
     than the set shrinking.  ``check=None`` keeps everything (no rejection, ``max_draws = n``).
 
+    ``targets`` (one node count per output graph, e.g. drawn from the training sizes) adds rejection
+    on the size: a draw is kept only for an output still open whose target is its node count (the
+    first such output), so output ``j`` holds a draw of the model conditioned on ``N = targets[j]``
+    (and on validity).  A draw's fate depends on its size and the open targets only, so given its
+    size a kept graph is still an exact draw.  Outputs left open when the budget runs out are filled
+    in order with the earliest rejected draws (``off_target`` counts them).
+
     Usage: ``while not f.done: f.offer(draw(f.next_batch(32)))``, then ``graphs, stats = f.result()``.
     """
 
-    def __init__(self, check: Optional[Callable[[nx.Graph], bool]], n: int, max_draws: int):
+    def __init__(self, check: Optional[Callable[[nx.Graph], bool]], n: int, max_draws: int,
+                 targets: Optional[Sequence[int]] = None):
         if n < 1 or max_draws < n:
             raise ValueError(f"ValidityFilter: need n >= 1 and max_draws >= n, got n={n}, max_draws={max_draws}")
-        if check is None and max_draws != n:
-            raise ValueError(f"ValidityFilter: without a check every draw is kept, so max_draws must be n={n}, "
-                             f"got {max_draws}")
+        if check is None and targets is None and max_draws != n:
+            raise ValueError(f"ValidityFilter: without a check or targets every draw is kept, so max_draws must be "
+                             f"n={n}, got {max_draws}")
+        if targets is not None and len(targets) != n:
+            raise ValueError(f"ValidityFilter: one target node count per output graph, got {len(targets)} for n={n}")
         self.check, self.n, self.max_draws = check, n, max_draws
-        self.kept: list[nx.Graph] = []
-        self.rejected: list[nx.Graph] = []
+        self.targets = None if targets is None else [int(t) for t in targets]
+        self.slots: list[Optional[nx.Graph]] = [None] * n  # output j's kept graph, filled in draw order
+        self.rejected: list[tuple[nx.Graph, bool]] = []  # (graph, passed the check), in draw order
         self.drawn = 0
 
     @property
+    def kept(self) -> list[nx.Graph]:
+        return [G for G in self.slots if G is not None]
+
+    @property
     def done(self) -> bool:
-        return len(self.kept) >= self.n or self.drawn >= self.max_draws
+        return all(G is not None for G in self.slots) or self.drawn >= self.max_draws
 
     def next_batch(self, cap: int) -> int:
         """Size of the next draw: the first ``n`` draws in batches of ``cap`` (as without rejection, so
         the first pass is the same samples), then batches of ``cap`` up to the budget."""
         limit = self.n if self.drawn < self.n else self.max_draws
         return max(0, min(cap, limit - self.drawn))
+
+    def _open_slot(self, G: nx.Graph) -> Optional[int]:
+        """The first open output that ``G`` may fill (any open one without targets), else None."""
+        size = G.number_of_nodes()
+        return next((j for j, H in enumerate(self.slots)
+                     if H is None and (self.targets is None or self.targets[j] == size)), None)
 
     def offer(self, graphs: Sequence[nx.Graph]) -> None:
         if self.drawn + len(graphs) > self.max_draws:
@@ -349,18 +370,31 @@ class ValidityFilter:
         for G in graphs:
             self.drawn += 1
             if not (self.check is None or self.check(G)):
-                self.rejected.append(G)
-            elif len(self.kept) < self.n:
-                self.kept.append(G)
+                self.rejected.append((G, False))
+            elif (j := self._open_slot(G)) is not None:
+                self.slots[j] = G
+            elif self.targets is not None:  # valid, but no open output has its size
+                self.rejected.append((G, True))
 
     def result(self) -> tuple[list[nx.Graph], dict[str, float | int]]:
-        """The ``n`` graphs (valid first, in draw order) and ``{drawn, valid_drawn, acceptance, kept_invalid}``."""
+        """The ``n`` graphs (output order; draw order without targets) and ``{drawn, valid_drawn,
+        acceptance, kept_invalid}`` (with targets also ``off_target``, and ``acceptance`` is the share
+        of draws kept: valid and of an open output's size)."""
         if not self.done:
             raise RuntimeError(f"ValidityFilter: {len(self.kept)} of {self.n} kept and budget left; offer more draws")
-        fill = self.rejected[:self.n - len(self.kept)]
-        valid = self.drawn - len(self.rejected)
-        return self.kept + fill, {"drawn": self.drawn, "valid_drawn": valid,
-                                  "acceptance": valid / self.drawn, "kept_invalid": len(fill)}
+        fill = iter(self.rejected)
+        graphs, kept_invalid = [], 0
+        for G in self.slots:
+            if G is None:
+                G, valid = next(fill)
+                kept_invalid += not valid
+            graphs.append(G)
+        valid = self.drawn - sum(not ok for _, ok in self.rejected)
+        stats: dict[str, float | int] = {"drawn": self.drawn, "valid_drawn": valid, "acceptance": valid / self.drawn,
+                                         "kept_invalid": kept_invalid}
+        if self.targets is not None:
+            stats |= {"acceptance": len(self.kept) / self.drawn, "off_target": self.slots.count(None)}
+        return graphs, stats
 
 
 class IsoSet:
