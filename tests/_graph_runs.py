@@ -18,7 +18,9 @@ def untrained_grid_run(root: Path) -> tuple[Path, list[nx.Graph], GraphPyramidTo
 def untrained_run(root: Path, dataset: str, **data_kw) -> tuple[Path, list[nx.Graph], GraphPyramidTokenizer]:
     """The same for any dataset (``data_kw`` as the demo passes them to ``make_dataset``): an untrained
     small pipeline in ``run/<dataset>/``."""
+    import torch
     from examples.graph_demo import PRESETS, build_model
+    torch.manual_seed(0)  # the same weights whatever ran before (init_weights draws from the global stream)
     cfg = dict(PRESETS[dataset], width=16, depth=1, heads=2, chunks=2)
     train = make_dataset(dataset, seed=0, **data_kw)["train"]
     tok = GraphPyramidTokenizer.fit(train, edge_chunks=2)
