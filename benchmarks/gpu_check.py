@@ -458,10 +458,7 @@ def phase_compile(ctx: "Check", rec: dict, m: Model) -> None:
     """Sampling with every block under ``torch.compile`` (one graph per scale shape)."""
     import torch._dynamo
     dev = ctx.device
-    for name in ("cache_size_limit", "recompile_limit"):  # one entry per scale: more than the default 8
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # compile_blocks raises the recompile limit to one graph per scale shape
     model = build_transformer(m, dev, ctx.args.seed).eval()
     vq = build_vqvae(m, dev, ctx.args.seed)
     model.compile_blocks(backend=ctx.compile_backend)

@@ -276,6 +276,27 @@ def test_generate_png_npz_shards_resume(trained, tmp_path):
     assert bench["images_per_s"] > 0 and bench["decode"] is False
 
 
+def test_generate_compile_gives_the_same_samples(trained, tmp_path):
+    # --compile puts the blocks under torch.compile (eager backend here: dynamo's tracing without a C++
+    # toolchain). catches: the flag not reaching the model, compiled blocks that change the samples
+    import torch._dynamo
+    run, vae = trained
+    args = ["--var", run, "--vae", vae, "--per-class", "2", "--batch", "2", "--top-k", "10", "--classes", "1",
+            "--no-progress", "--no-png", "--device", "cpu"]
+    counts = torch._dynamo.utils.counters["stats"]
+    try:
+        torch._dynamo.reset()
+        before = counts["unique_graphs"]
+        G.main(args + ["--out", str(tmp_path / "eager")])
+        assert counts["unique_graphs"] == before
+        G.main(args + ["--out", str(tmp_path / "compiled"), "--compile", "eager"])
+        assert counts["unique_graphs"] > before
+    finally:
+        torch._dynamo.reset()
+    eager, compiled = (np.load(str(tmp_path / d / "samples.npz"))["arr_0"] for d in ("eager", "compiled"))
+    assert np.array_equal(eager, compiled)
+
+
 def test_rejection_sampling_with_classifier_path(trained, tmp_path):
     run, vae = trained
     torch.manual_seed(0)

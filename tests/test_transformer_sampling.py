@@ -429,7 +429,8 @@ def test_compiled_blocks_share_one_graph_per_scale():
     """Blocks compiled one by one (``compile_blocks``, for faster GPU sampling) must reuse one graph per
     scale shape: a per-block guard (each block's own drop-path rate, or a different module type
     at rate 0) recompiles every block, exhausts dynamo's recompile limit on a deep model and
-    leaves the rest running eagerly. In eval mode the drop-path rate is irrelevant."""
+    leaves the rest running eagerly. In eval mode the drop-path rate is irrelevant. Ten scales, as VAR
+    has: more graphs than dynamo's default limit of 8, which compile_blocks raises."""
     torch._dynamo.reset()
     graphs = []
 
@@ -438,7 +439,7 @@ def test_compiled_blocks_share_one_graph_per_scale():
         return gm.forward
 
     torch.manual_seed(0)
-    sched = [(1, 1), (2, 2), (3, 3)]
+    sched = [(k, k) for k in range(1, 11)]
     cfg = TransformerConfig(schedule=sched, vocab_size=16, latent_dim=4, num_classes=3, depth=4, embed_dim=32,
                             num_heads=2, drop_path_rate=0.3)  # rates 0, 0.1, 0.2, 0.3 across the blocks
     model = NextScaleTransformer(cfg).eval()

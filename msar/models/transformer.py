@@ -842,7 +842,14 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         Faster sampling on a GPU: the blocks share one compiled graph per scale shape, and the first
         call pays the compile time. On one H200 (bf16, batch 64, cfg on) VAR d16 went from 279 to
         451 images/s and d30 from 80 to 117 (``benchmarks.gpu_check``)."""
+        import torch._dynamo
         kwargs.setdefault("dynamic", False)
+        # one cached graph per scale shape (and per batch size): VAR's 10 scales pass dynamo's default limit
+        # of 8, past which the remaining scales would silently run eagerly
+        limit = max(64, 4 * len(self.schedule))
+        for name in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
         for block in self.blocks:
             block.compile(**kwargs)
         return self
