@@ -657,7 +657,8 @@ def main(argv=None) -> None:
                         "conditioned on the property). A decoding rule, reported apart")
     p.add_argument("--resample-invalid", type=int, default=1, metavar="K",
                    help="rejection sampling: redraw every sample that fails the dataset's validity check (planar: "
-                        "connected and planar; grid: a 2-D grid; lobster), at most K draws per output graph, keeping "
+                        "connected and planar; grid: a 2-D grid; lobster) or, with --node-count reject, misses its "
+                        "target node count, at most K draws per output graph, keeping "
                         "the first valid ones in draw order (the model conditioned on validity; when the budget runs "
                         "out, rejected draws fill the set). metrics.json 'rejection' reports the acceptance rate. "
                         "Default 1: no rejection. A decoding rule, reported apart")
