@@ -31,7 +31,7 @@ import networkx as nx
 import numpy as np
 
 from benchmarks.common import write_result_json
-from modalities.graph.datasets import make_dataset
+from modalities.graph.datasets import make_dataset, read_graphs_json
 from modalities.graph.metrics import IsoSet, degree_hist, graph_stats, grid_sides, mmd_all
 
 MAX_DEGREE_BIN = 6  # degree shares 0..5 and ">= 6"
@@ -109,19 +109,6 @@ def breakdown(samples: Sequence[nx.Graph], train: Sequence[nx.Graph], ref: Seque
     }
 
 
-def load_graphs(path: str) -> list[nx.Graph]:
-    """The ``graphs.json`` written by ``examples.graph_demo`` -> networkx graphs."""
-    with open(path) as f:
-        rows = json.load(f)["graphs"]
-    out = []
-    for r in rows:
-        G = nx.Graph()
-        G.add_nodes_from(range(r["n"]))
-        G.add_edges_from(map(tuple, r["edges"]))
-        out.append(G)
-    return out
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--samples", required=True, help="dataset folder of a graph_demo grid run (metrics.json, graphs.json)")
@@ -138,7 +125,7 @@ def main(argv=None) -> None:
     if m.get("dataset") != "grid":
         raise SystemExit(f"--samples {args.samples}: a {m.get('dataset')!r} run; this breakdown is for grid runs")
     splits = make_dataset("grid", seed=m["seed"], **m.get("data_kw", {}))
-    samples = load_graphs(os.path.join(args.samples, "graphs.json"))
+    samples = read_graphs_json(os.path.join(args.samples, "graphs.json"))
     res = breakdown(samples, splits["train"], splits[m["eval_split"]], seed=args.seed)
     res |= {"samples": args.samples, "eval_split": m["eval_split"], "sampling": m.get("sampling"),
             "samples_run": m.get("run"), "trained_by": m.get("trained_by") or m.get("run")}

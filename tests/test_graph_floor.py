@@ -1,4 +1,4 @@
-"""benchmarks.graph_reference_floor: fresh draws of the data generator, scored as a model's samples."""
+"""benchmarks.graph_reference_floor and graph_vs_generator: fresh draws of the data generator, scored as a model's samples."""
 import json
 
 import networkx as nx
@@ -36,3 +36,33 @@ def test_reference_floor_refuses_a_node_count_for_other_generators():
     from benchmarks.graph_reference_floor import main
     with pytest.raises(SystemExit, match="--nodes is for planar"):
         main(["--dataset", "sbm", "--nodes", "40", "--out", "/dev/null/never_written"])
+
+
+def _write_graphs(path, graphs):
+    path.write_text(json.dumps({"graphs": [{"n": G.number_of_nodes(), "edges": sorted(map(sorted, G.edges()))}
+                                           for G in graphs]}))
+
+
+def test_vs_generator_scores_sets_against_fresh_draws_and_splits_them_by_size(tmp_path):
+    # two demo-style graphs.json files pooled into one set of 30-point graphs, one of 64-point draws.
+    # catches: files not pooled, a set scored against itself or its perfect twin instead of the reference,
+    # subsets by node count compared with draws of another count
+    from benchmarks.graph_vs_generator import main
+    from modalities.graph.datasets import draw_graphs
+    _write_graphs(tmp_path / "a.json", draw_graphs("planar", 1, num=6, n=30))
+    _write_graphs(tmp_path / "b.json", draw_graphs("planar", 2, num=6, n=30))
+    _write_graphs(tmp_path / "c.json", draw_graphs("planar", 3, num=12))
+    out = tmp_path / "vs.json"
+    main(["--samples", f"small={tmp_path / 'a.json'},{tmp_path / 'b.json'}", f"right={tmp_path / 'c.json'}",
+          "--reference", "24", "--short", "30", "--by-size", "--min-subset", "10", "--out", str(out)])
+    res = json.loads(out.read_text())
+    rows = {r["set"]: r for r in res["rows"]}
+    assert rows["small"]["num"] == 12 and rows["small"]["mean_nodes"] == 30
+    for k in ("degree_tv", "spectral_tv"):
+        assert rows["small"][k] > 2 * max(rows["right"][k], rows["perfect, 12 graphs"][k])
+        assert rows["perfect 30 points, 12 graphs"][k] > 2 * rows["right"][k]
+    by = {(r["set"], r["nodes"]): r for r in res["by_size"]}
+    assert set(by) == {("small", 30), ("right", 64)}
+    assert by[("small", 30)]["model"]["degree_tv"] < rows["small"]["degree_tv"] / 2  # against 30-point draws
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        main(["--samples", "no_name", "--out", str(out)])

@@ -15,6 +15,7 @@ networkx graphs with nodes ``0..n-1``; :func:`to_data` converts to ``torch_geome
 """
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import networkx as nx
@@ -165,3 +166,16 @@ def graphs_from(data) -> list[nx.Graph]:
                 raise TypeError(f"graph {i}: expected a networkx Graph or torch_geometric Data, got {type(d).__name__}")
         return out
     raise TypeError(f"expected a torch_geometric Data/Batch, a networkx Graph or a list of them, got {type(data).__name__}")
+
+
+def read_graphs_json(path: str) -> list[nx.Graph]:
+    """The graphs of a ``graphs.json`` that ``examples.graph_demo`` writes (``{"graphs": [{"n", "edges"}]}``)."""
+    with open(path) as f:
+        rows = json.load(f)["graphs"]
+    out = []
+    for r in rows:
+        G = nx.Graph()
+        G.add_nodes_from(range(r["n"]))
+        G.add_edges_from(map(tuple, r["edges"]))
+        out.append(G)
+    return out
