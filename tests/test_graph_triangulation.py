@@ -416,3 +416,30 @@ def test_a_graph_beyond_the_fitted_capacity_is_refused_with_the_reason(planar, t
     narrow = TriangulationTokenizer([4] + [min(c, 20) for c in tok.max_nodes[1:]], tok.max_degree, tok.chunks)
     with pytest.raises(ValueError, match="vertices, capacity 20; refit"):
         narrow.encode([planar[0]])
+
+
+def test_last_level_benchmark_resamples_only_the_chunks_it_names(tmp_path):
+    # an untrained triangulation pipeline saved as a demo run. catches: a known-token mask that resamples
+    # other scales than the last level's chunks from c on (then "resample nothing" would not reproduce the
+    # data), counts taken at another level than each graph's last split level
+    import json
+    import msar
+    from benchmarks.graph_last_level import main
+    from examples.graph_demo import PRESETS, build_model
+    train = make_dataset("planar", seed=0, num=12)["train"]
+    tok = TriangulationTokenizer.fit(train, chunks=3)
+    torch.manual_seed(0)
+    cfg = dict(PRESETS["planar"], width=16, depth=1, heads=2)
+    src = tmp_path / "run" / "planar"
+    msar.Pipeline(tok, build_model(tok, cfg, 0.0).init_weights().eval()).save_pretrained(str(src / "pipeline"))
+    (src / "metrics.json").write_text(json.dumps({"seed": 0, "data_kw": {"num": 12}}))
+    out = tmp_path / "last.json"
+    main(["--load", str(tmp_path / "run"), "--from-chunks", "3", "0", "--slot-temperatures", "1.0",
+          "--reference", "20", "--out", str(out)])
+    res = json.loads(out.read_text())
+    none, all_ = res["rows"]
+    assert none["sampled_splits"] == res["data"]["splits"] and none["sampled_blocked"] == res["data"]["blocked"]
+    assert none["degree_mmd"] == pytest.approx(res["training_graphs_degree_mmd"])
+    assert none["mean_nodes"] == np.mean([G.number_of_nodes() for G in train])
+    assert all_["sampled_splits"] != res["data"]["splits"]  # an untrained model splits at random
+    assert sum(res["data"]["splits"]) > 0 and len(res["teacher_forced_calibration"]) == 4
