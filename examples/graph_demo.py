@@ -470,7 +470,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         accept.offer(batch_graphs)
         bar.update(len(accept.kept) - kept)
         if isinstance(tok, TriangulationTokenizer):  # splits next to an earlier one of their chunk, read as none
-            invalid["refused_splits"] = invalid.get("refused_splits", 0) + tok.replay(res.indices).refused
+            invalid["refused_splits"] = invalid.get("refused_splits", 0) + res.state.refused
         else:  # the node count of every level (level_size_report), of the (first) draw
             levels = tok.decode_progression(res.indices)
             level_counts.extend([lvl[b_].number_of_nodes() for lvl in levels] for b_ in range(b))

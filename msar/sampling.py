@@ -44,12 +44,15 @@ if TYPE_CHECKING:
 class SampleOutput:
     """``indices``: per scale ``(B, n_k)``; ``data``: the decoded batch (or None); ``labels``: ``(B,)``
     (class models; None otherwise); ``condition``: the :class:`~msar.Condition` sampled from (None
-    for a class model given labels, and for unconditional samples of a conditioned model)."""
+    for a class model given labels, and for unconditional samples of a conditioned model);
+    ``state``: the tokenizer's decode state after the last scale (what ``tokenizer.start`` returned),
+    for what a modality counts while decoding, e.g. splits its decoder refused."""
 
     indices: list[torch.Tensor]
     data: Any
     labels: Optional[torch.Tensor]
     condition: Optional[Condition] = None
+    state: Any = None
 
 
 # ---------------------------------------------------------------------------- the steps
@@ -409,5 +412,5 @@ def sample(
                 h = h.repeat(2, 1, 1)
     data = tokenizer.finish(state) if (decode and tokenizer is not None) else None
     if model.cond_kind == "classes":
-        return SampleOutput(list(state.indices), data, condition.labels)
-    return SampleOutput(list(state.indices), data, None, condition)
+        return SampleOutput(list(state.indices), data, condition.labels, state=state)
+    return SampleOutput(list(state.indices), data, None, condition, state)

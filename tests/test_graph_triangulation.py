@@ -443,3 +443,22 @@ def test_last_level_benchmark_resamples_only_the_chunks_it_names(tmp_path):
     assert none["mean_nodes"] == np.mean([G.number_of_nodes() for G in train])
     assert all_["sampled_splits"] != res["data"]["splits"]  # an untrained model splits at random
     assert sum(res["data"]["splits"]) > 0 and len(res["teacher_forced_calibration"]) == 4
+
+
+def test_sample_output_carries_the_decode_state_the_data_came_from(planar):
+    # msar.sample returns the tokenizer's final decode state (SampleOutput.state), so an adapter reads its
+    # decoding counts without replaying the tokens. catches: a fresh or stale state in the output (its
+    # refused splits and graphs would differ from the replay of the same tokens)
+    import msar
+    from examples.graph_demo import PRESETS, build_model
+    tok = TriangulationTokenizer.fit(planar[:8], chunks=2, chunking="round-robin")  # collisions to refuse
+    torch.manual_seed(0)
+    model = build_model(tok, dict(PRESETS["planar"], width=16, depth=1, heads=2), 0.0).init_weights().eval()
+    split_often = lambda k, logits, state: logits.index_add(  # noqa: E731
+        -1, torch.tensor([NO_SPLIT]), torch.full(logits.shape[:-1] + (1,), -4.0))
+    res = msar.sample(model, tok, batch_size=6, cfg=0.0, top_k=0, top_p=0.0, seed=0,
+                      logits_hook=lambda k, lg, st: tok.valid_token_hook(k, split_often(k, lg, st), st))
+    replayed = tok.replay(res.indices)
+    assert res.state.refused == replayed.refused > 0
+    assert [sorted(G.edges()) for G in res.state.history[-1]] == [sorted(G.edges()) for G in replayed.history[-1]]
+    assert all(nx.is_isomorphic(G, H) for G, H in zip(graphs_from(res.data), res.state.history[-1]))
