@@ -29,8 +29,9 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git(*args: str) -> Optional[str]:
+def _git(*args: str) -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         r = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
@@ -81,7 +82,7 @@ def command_line() -> str:
     return " ".join([os.path.basename(sys.executable)] + head + sys.argv[1:])
 
 
-def provenance(command: Optional[str] = None, device: Any = None) -> dict:
+def provenance(command: str | None = None, device: Any = None) -> dict:
     """What produced a result: the command line, the code (git commit and whether the tracked
     tree was dirty), when (UTC), and the machine.
 
@@ -112,7 +113,7 @@ def _utc(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_result_json(path: str, payload: dict, started_at: float, command: Optional[str] = None,
+def write_result_json(path: str, payload: dict, started_at: float, command: str | None = None,
                       device: Any = None) -> str:
     """Write ``payload`` plus ``"run": provenance(...) + {"started", "wall_time_s"}`` as JSON to ``path``.
 
@@ -122,7 +123,7 @@ def write_result_json(path: str, payload: dict, started_at: float, command: Opti
     return _write(path, payload, _run_record(started_at, command, device))
 
 
-def _run_record(started_at: float, command: Optional[str], device: Any) -> dict:
+def _run_record(started_at: float, command: str | None, device: Any) -> dict:
     if not 1e9 < started_at <= time.time():
         raise ValueError(f"started_at={started_at!r} is not a time.time() value of this run")
     run = provenance(command, device)
@@ -146,7 +147,7 @@ def machine_info(device: torch.device) -> dict:
     return {"device": device, "started_at": time.time(), "loadavg_start": list(os.getloadavg())}
 
 
-def write_result(name: str, info: dict, config: dict, figures: dict, out_dir: Optional[str] = None,
+def write_result(name: str, info: dict, config: dict, figures: dict, out_dir: str | None = None,
                  tag: str = "") -> str:
     """Write ``{config, figures, run}`` to ``<out_dir>/<name>[_tag].json`` (``run``: see
     ``write_result_json``; its machine record adds the load average at start and end); returns the path."""
@@ -180,7 +181,7 @@ def pick_device(gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def setup_threads(threads: Optional[int]) -> None:
+def setup_threads(threads: int | None) -> None:
     """Default: all cores (the reference numbers were taken with torch's default threads)."""
     if threads:
         torch.set_num_threads(threads)
@@ -233,7 +234,7 @@ def wait_for_quiet(max_load: float, timeout_s: float) -> dict:
 
 
 # ---------------------------------------------------------------------------- memory
-def _proc_status_kb(key: str) -> Optional[int]:
+def _proc_status_kb(key: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             m = re.search(key + r":\s+(\d+)\s+kB", f.read())
@@ -287,7 +288,7 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> dict:
     return {"exponent": float(b), "prefactor": float(np.exp(c)), "pearson_r": r}
 
 
-def savefig(fig, name: str, out_dir: Optional[str] = None, tag: str = "") -> str:
+def savefig(fig, name: str, out_dir: str | None = None, tag: str = "") -> str:
     """Lay out, write ``<out_dir>/<name>[_tag].png`` and close the figure; returns the path."""
     import matplotlib.pyplot as plt
 

@@ -43,8 +43,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -90,7 +91,7 @@ class Model:
     train_batch: int
     fsdp: bool
     # a published anchor's setting (batch, precision, decoder) measured besides the common one
-    anchor_setting: Optional[dict] = None
+    anchor_setting: dict | None = None
 
 
 def _models(smoke: bool) -> list[Model]:
@@ -152,7 +153,7 @@ def _alarm(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def attempt(rec: dict, key: str, fn: Callable[[], dict], device: torch.device) -> Optional[dict]:
+def attempt(rec: dict, key: str, fn: Callable[[], dict], device: torch.device) -> dict | None:
     """``rec[key] = fn()``; an exception (out-of-memory included) is recorded there instead."""
     try:
         rec[key] = {"status": "ok", **fn()}
@@ -215,7 +216,7 @@ def build_vqvae(m: Model, device: torch.device, seed: int):
     return VQVAE(VQVAEConfig(**m.vqvae)).to(device).eval()
 
 
-def find_fixture(path: Optional[str]) -> Optional[str]:
+def find_fixture(path: str | None) -> str | None:
     if path:
         return path
     for root in (os.environ.get("MSAR_SHARED"), os.path.join(REPO, "..", "shared"), os.path.join(REPO, "shared")):
@@ -398,7 +399,7 @@ def phase_training(ctx: "Check", rec: dict, m: Model) -> None:
             dist.destroy_process_group()
 
 
-def _init_single_process_group(device: torch.device) -> Optional[str]:
+def _init_single_process_group(device: torch.device) -> str | None:
     """Join a one-process group (NCCL on CUDA, gloo on CPU); None, or why it could not."""
     try:
         from msar.training.distributed import init_single_process_group
@@ -504,7 +505,7 @@ class Phase:
 
 
 class Check:
-    def __init__(self, args, command: Optional[str] = None):
+    def __init__(self, args, command: str | None = None):
         self.args, self.command = args, command
         self.smoke = args.smoke
         want = args.device or ("cpu" if args.smoke else "cuda")
@@ -591,7 +592,7 @@ class Check:
                          "measured_here": same, "setting": {k: a[k] for k in ("batch", "precision", "decoder")}}
         return out
 
-    def flush(self, note: Optional[str] = None) -> str:
+    def flush(self, note: str | None = None) -> str:
         with self.lock:
             payload = self.payload()
             if note:

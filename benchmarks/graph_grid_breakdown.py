@@ -25,7 +25,7 @@ import collections
 import json
 import os
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import networkx as nx
 import numpy as np
@@ -37,7 +37,7 @@ from modalities.graph.metrics import IsoSet, degree_hist, graph_stats, grid_side
 MAX_DEGREE_BIN = 6  # degree shares 0..5 and ">= 6"
 
 
-def degree_shares(graphs: Sequence[nx.Graph]) -> Optional[list[float]]:
+def degree_shares(graphs: Sequence[nx.Graph]) -> list[float] | None:
     """Share of all nodes of ``graphs`` with degree 0, 1, ..., ``MAX_DEGREE_BIN - 1``, ``>= MAX_DEGREE_BIN``."""
     if not graphs:
         return None
@@ -49,7 +49,7 @@ def degree_shares(graphs: Sequence[nx.Graph]) -> Optional[list[float]]:
     return [float(x) for x in h / h.sum()]
 
 
-def _mmd(ref_stats: dict, graphs: Sequence[nx.Graph]) -> Optional[dict[str, float]]:
+def _mmd(ref_stats: dict, graphs: Sequence[nx.Graph]) -> dict[str, float] | None:
     return mmd_all(ref_stats, graphs, kernels=("tv",)) if graphs else None
 
 

@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ def expected_splits(model, tok: TriangulationTokenizer, idx: Sequence[torch.Tens
     return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--load", required=True, help="a graph demo run of a triangulation model (its planar/pipeline)")
     p.add_argument("--from-chunks", type=int, nargs="+", default=None,

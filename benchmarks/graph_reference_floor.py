@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ STATS = ("degree_tv", "clustering_tv", "orbit_tv", "spectral_tv")
 SEED0 = 10_000  # fresh draws use seeds SEED0 + i, far from the data set's (0 by default)
 
 
-def floor(dataset: str, ref: dict, base: dict, split: str, num: int, sets: int, nodes: Optional[int] = None) -> dict:
+def floor(dataset: str, ref: dict, base: dict, split: str, num: int, sets: int, nodes: int | None = None) -> dict:
     """Ratios of ``sets`` fresh draws of ``num`` graphs (``nodes`` points each, planar only) against the
     split ``split`` (its :func:`graph_stats` ``ref``), over the train-vs-split MMD² ``base``."""
     kw = {"num": num} | ({"n": nodes} if nodes is not None else {})
@@ -50,7 +50,7 @@ def floor(dataset: str, ref: dict, base: dict, split: str, num: int, sets: int, 
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="planar", choices=[d for d in DATASETS if d != "grid"],
                    help="grid is left out: its generator makes the same 100 grids every time")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def parse_samples(specs: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--samples", nargs="+", required=True, metavar="NAME=PATH[,PATH...]",
                    help="sample sets: graphs.json files of demo runs, pooled per name")

@@ -28,10 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
-import os
-import sys
-from typing import Optional
 
 import numpy as np
 import torch
@@ -76,7 +72,7 @@ class RasterCodebookState:
         self.codebook, self.num_tokens = codebook, num_tokens
         self.indices: list[torch.Tensor] = []
 
-    def add_scale(self, k: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    def add_scale(self, k: int, idx: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor | None:
         self.indices.append(idx)
         if k == self.num_tokens - 1:
             return None
@@ -306,7 +302,7 @@ def verdict(rows: list, fits: dict) -> dict:
     }
 
 
-def plot(rows: list, fits: dict, out_dir: Optional[str]) -> str:
+def plot(rows: list, fits: dict, out_dir: str | None) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -24,10 +24,8 @@ speeds are wall-clock rates on a CPU that may be shared) and prints the table of
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
-from typing import Optional
 
 import torch
 
@@ -240,7 +238,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (seconds)")
     ap.add_argument("--quick", action="store_true", help="short training (its numbers are not meaningful)")
@@ -256,7 +254,7 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     return run_voxel(args) if args.modality == "voxel" else run(args)
 

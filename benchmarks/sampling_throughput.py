@@ -26,10 +26,7 @@ Figures per configuration:
 from __future__ import annotations
 
 import argparse
-import os
-from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -202,7 +199,7 @@ def run(args) -> dict:
     return {"path": path, "figures": figures, "config": config}
 
 
-def plot(rows: list, out_dir: Optional[str]) -> str:
+def plot(rows: list, out_dir: str | None) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -24,7 +24,6 @@ import argparse
 import math
 import os
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -55,7 +54,7 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------- data and tokenizer
-def load_digits_split(seed: int, subset: Optional[int] = None) -> dict:
+def load_digits_split(seed: int, subset: int | None = None) -> dict:
     """``{"train" | "val" | "test": (x (N, 1, 8, 8) in [-1, 1], y (N,) in [0, 10))}``, 70 / 15 / 15."""
     from sklearn.datasets import load_digits
 
@@ -214,7 +213,7 @@ def run(args) -> dict:
     return {"path": path, "figures": figures, "config": config}
 
 
-def plot(rows: list, figures: dict, out_dir: Optional[str]) -> str:
+def plot(rows: list, figures: dict, out_dir: str | None) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -19,9 +19,7 @@ fastest. ``--gpu`` runs on CUDA with ``--bf16`` autocast available.
 from __future__ import annotations
 
 import argparse
-import math
 import time
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +94,7 @@ def set_mask(model: NextScaleTransformer, kind: str, compiled: bool = False) -> 
 
 
 # ---------------------------------------------------------------------------- step
-def make_step(model, opt, batch: int, device: torch.device, amp_dtype: Optional[torch.dtype], fwd=None):
+def make_step(model, opt, batch: int, device: torch.device, amp_dtype: torch.dtype | None, fwd=None):
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, model.seq_len - model.first_len, model.latent_dim, generator=g).to(device)
     labels = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
@@ -179,7 +177,7 @@ def run(args) -> dict:
     return {"path": path, "figures": figures, "config": config}
 
 
-def plot(rows: list, out_dir: Optional[str]) -> str:
+def plot(rows: list, out_dir: str | None) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -27,11 +27,12 @@ Goals (issue 18): 1.5x the reference for ``small`` (depth 8, width 512, batch 8)
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
 import types
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -66,7 +67,10 @@ def import_reference(var_dir: str):
 
 def build_pair(name: str, ref, seed: int):
     """Reference (vae, var) with random weights and the msar (tokenizer, model) holding the same weights."""
-    from modalities.image.checkpoint import transformer_from_state_dict, vqvae_from_state_dict
+    from modalities.image.checkpoint import (
+        transformer_from_state_dict,
+        vqvae_from_state_dict,
+    )
     from modalities.image.vqvae import VQVAEConfig
 
     c = CONFIGS[name]
@@ -134,9 +138,10 @@ def run(args) -> dict:
         ours = msar.sample(model, tok, gl, cfg=SAMPLING["cfg"], top_k=1, decode=False).indices
         greedy = {"batch": len(gl), **compare(ref_greedy, ours)}
         kw = dict(top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"])
-        runners = {
-            "reference": lambda: reference_sample(ref, var, labels, args.seed, record=False, **kw),
-            "msar_sample": lambda: msar.sample(model, tok, labels, cfg=SAMPLING["cfg"], seed=args.seed, decode=False, **kw),
+        runners = {  # bound now: the loop deletes its models before the next config
+            "reference": functools.partial(reference_sample, ref, var, labels, args.seed, record=False, **kw),
+            "msar_sample": functools.partial(msar.sample, model, tok, labels, cfg=SAMPLING["cfg"], seed=args.seed,
+                                             decode=False, **kw),
         }
         timing = interleaved_timings(runners, counts, rounds, args, desc=f"{name} rounds")
         for t in counts:

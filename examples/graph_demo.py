@@ -68,7 +68,6 @@ import csv
 import json
 import os
 import time
-from typing import Optional
 
 import networkx as nx
 import numpy as np
@@ -196,7 +195,7 @@ def chain_hooks(*hooks):
     return hook
 
 
-def structure_for(dataset: str, args: argparse.Namespace, tok: GraphPyramidTokenizer) -> Optional[str]:
+def structure_for(dataset: str, args: argparse.Namespace, tok: GraphPyramidTokenizer) -> str | None:
     """The structure property sampling enforces: ``--structure``, where ``auto`` picks the
     dataset's own (grid; planar, on every level when the hierarchy's levels are planar, i.e.
     ``matching="max"``) and none elsewhere; always none with ``--no-constrain``."""
@@ -229,7 +228,7 @@ def build_model(tok: GraphPyramidTokenizer, cfg: dict, dropout: float) -> msar.N
 
 def train(model: msar.NextScaleTransformer, tok: GraphPyramidTokenizer, X: torch.Tensor, TF: torch.Tensor,
           cfg: dict, seed: int, out: str, ckpt_every: int = 100,
-          heldout: Optional[tuple[torch.Tensor, torch.Tensor]] = None, val_every: int = 0
+          heldout: tuple[torch.Tensor, torch.Tensor] | None = None, val_every: int = 0
           ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """Teacher forcing with :class:`msar.training.TransformerTrainer`, cross-entropy on the
     non-PAD positions only (``ignore_index=tok.pad_token``), unconditional.  Checkpoints go to
@@ -400,7 +399,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     # --node-count reject: draws are redrawn until one has N nodes (the model conditioned on its size)
     targets = draw_node_counts(train_graphs, n_gen, sample_seed) if args.node_count != "none" else None
 
-    def sized(i: int, b: int, seed: int) -> Optional[NodeCountHook | TriangulationNodeCountHook]:
+    def sized(i: int, b: int, seed: int) -> NodeCountHook | TriangulationNodeCountHook | None:
         """The node-count hook of the batch ``i : i + b`` (None unless --node-count train)."""
         if args.node_count != "train":
             return None

@@ -32,7 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -100,7 +101,7 @@ def convert_image_pipeline(old: str):
     return ImagePipeline(vq, tr)
 
 
-def convert_imagenet_run(old: str, vae: Optional[str]):
+def convert_imagenet_run(old: str, vae: str | None):
     from .image.pipeline import ImagePipeline
     from .image.vqvae import VQVAE, VQVAEConfig
 
@@ -158,7 +159,7 @@ def convert_graph_run(old: str):
     return msar.Pipeline(tok, _filled(model, transformer_state_dict(_weights(path)), path))
 
 
-def convert(old: str, new: str, vae: Optional[str] = None) -> Any:
+def convert(old: str, new: str, vae: str | None = None) -> Any:
     """Read ``old`` (see the module docstring), write ``new`` with ``save_pretrained``; returns
     the converted object."""
     old, new = os.fspath(old), os.fspath(new)
@@ -185,7 +186,7 @@ def convert(old: str, new: str, vae: Optional[str] = None) -> Any:
     return obj
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m modalities.convert", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("old", help="an earlier folder or file")

@@ -42,7 +42,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -66,7 +65,7 @@ class Acceleration:
     """
 
     guidance_off_last: int = 0
-    refiner: Optional[NextScaleTransformer] = None
+    refiner: NextScaleTransformer | None = None
     refine_last: int = 0
     prune_last: int = 0
     prune_keep: float = 0.5
@@ -82,8 +81,8 @@ class Acceleration:
             raise ValueError("a draft/refine split needs both refiner (a model) and refine_last >= 1")
 
     def runner(self, model: NextScaleTransformer, guided: bool, cond: torch.Tensor, cond_blocks: torch.Tensor,
-               mods: list, caches: list[KVCache], level_pos: torch.Tensor, extra_pos: Optional[torch.Tensor],
-               cross: Optional[list], condition: tuple) -> "AcceleratedRunner":
+               mods: list, caches: list[KVCache], level_pos: torch.Tensor, extra_pos: torch.Tensor | None,
+               cross: list | None, condition: tuple) -> "AcceleratedRunner":
         """The per-scale logits of one generation (called by :func:`msar.sample`, which has
         computed the draft model's condition, modulations, caches and positions).  ``condition``:
         the run's ``(Condition, null_rows)`` as given to ``model.encode_condition``; ``cross``:
@@ -152,7 +151,7 @@ class _Branch:
         if self.cross is not None:
             self.cross = [kv.rows(slice(0, B)) for kv in self.cross]
 
-    def embed(self, k: int, x: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+    def embed(self, k: int, x: torch.Tensor | None, rows: int) -> torch.Tensor:
         """This model's input of scale k ``(rows, n_k, C)`` from the tokenizer's ``x (B, n_k, latent)``."""
         pos = self.level_pos
         if k == 0:
@@ -179,19 +178,19 @@ class AcceleratedRunner:
                                  f"{accel.refiner.embed_dim} cannot take it (use a refiner of the same width)")
             self.refiner = _Branch.build(accel.refiner, extra_pos, condition)
         self.schedule = model.schedule
-        self.prev_logits: Optional[torch.Tensor] = None
+        self.prev_logits: torch.Tensor | None = None
         # the scale at which each mode starts (K: never)
         self.guidance_from = self.K - min(accel.guidance_off_last, self.K)
         self.refine_from = self.K - min(accel.refine_last, self.K) if self.refiner is not None else self.K
         self.prune_from = max(1, self.K - accel.prune_last) if accel.prune_last else self.K
-        self.computed_positions: list[Optional[torch.Tensor]] = []  # per scale: the positions recomputed (pruning)
+        self.computed_positions: list[torch.Tensor | None] = []  # per scale: the positions recomputed (pruning)
 
     @property
     def rows(self) -> int:
         """Rows the transformer runs now: 2B with guidance (conditional, then unconditional), else B."""
         return 2 * self.B if self.guided else self.B
 
-    def logits(self, k: int, h: torch.Tensor, x: Optional[torch.Tensor], t: float) -> torch.Tensor:
+    def logits(self, k: int, h: torch.Tensor, x: torch.Tensor | None, t: float) -> torch.Tensor:
         """Logits ``(B, n_k, V)`` of scale k. ``h``: the draft model's input ``(rows, n_k, C)`` as
         :func:`msar.sample` embeds it; ``x``: the tokenizer's ``(B, n_k, latent)`` (None at k = 0);
         ``t``: the guidance weight of scale k."""

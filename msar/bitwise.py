@@ -23,7 +23,8 @@ bit a fair coin).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,16 +61,16 @@ def bit_predictions(logits: torch.Tensor) -> torch.Tensor:
     return bits_to_index(logits > 0)
 
 
-def flip_bits(idx: torch.Tensor, bits: int, prob: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def flip_bits(idx: torch.Tensor, bits: int, prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """``idx`` ``(...)`` long with each of its ``bits`` bits flipped independently with probability ``prob``."""
     flips = torch.rand(*idx.shape, bits, generator=generator, device=idx.device) < prob
     return idx ^ bits_to_index(flips)
 
 
 @torch.no_grad()
-def self_correction_batch(tokenizer: Any, data: Any, labels: Optional[torch.Tensor], flip_prob: float,
-                          generator: Optional[torch.Generator] = None
-                          ) -> tuple[list[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+def self_correction_batch(tokenizer: Any, data: Any, labels: torch.Tensor | None, flip_prob: float,
+                          generator: torch.Generator | None = None
+                          ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
     """Infinity's bitwise self-correction for ``TransformerTrainer(prepare_batch=...)``: the
     teacher-forcing input is built from tokens with a fraction ``flip_prob`` of their bits flipped,
     and the targets of every later scale are re-quantized from the residual the flips leave, so

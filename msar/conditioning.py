@@ -22,7 +22,7 @@ the trainer's ``condition_encoder``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -40,8 +40,8 @@ class Condition:
 
     __slots__ = ("kind", "labels", "features", "mask")
 
-    def __init__(self, kind: str, labels: Optional[torch.Tensor] = None, features: Optional[torch.Tensor] = None,
-                 mask: Optional[torch.Tensor] = None):
+    def __init__(self, kind: str, labels: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None):
         if kind not in KINDS:
             raise ValueError(f"Condition kind must be one of {KINDS}, got {kind!r}")
         self.kind, self.labels, self.features, self.mask = kind, None, None, None
@@ -98,7 +98,7 @@ class Condition:
         return cls("vector", features=features)
 
     @classmethod
-    def sequence(cls, features: torch.Tensor, mask: Optional[torch.Tensor] = None) -> "Condition":
+    def sequence(cls, features: torch.Tensor, mask: torch.Tensor | None = None) -> "Condition":
         """A variable-length sequence per sample: ``features (B, T, D)`` float and ``mask (B, T)``
         bool, True on real tokens (None: every token is real). Padded positions are ignored."""
         return cls("sequence", features=features, mask=mask)
@@ -152,12 +152,12 @@ class Condition:
         return int((self.labels if self.kind == "classes" else self.features).shape[0])
 
     @property
-    def dim(self) -> Optional[int]:
+    def dim(self) -> int | None:
         """Feature size D (None for classes)."""
         return None if self.kind == "classes" else int(self.features.shape[-1])
 
     @property
-    def length(self) -> Optional[int]:
+    def length(self) -> int | None:
         """Padded sequence length T (None unless a sequence)."""
         return int(self.features.shape[1]) if self.kind == "sequence" else None
 

@@ -19,7 +19,8 @@ an intermediate scale before it (see the adapter guide on choosing scales).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ class ScaleDiagnostic(list):
     k) when a metric was given. ``reference_metric``: the metric of the decoded true tokens.
     """
 
-    reference_metric: Optional[float] = None
+    reference_metric: float | None = None
 
     def __str__(self) -> str:
         has_metric = bool(self) and "metric" in self[0]
@@ -57,7 +58,7 @@ class ScaleDiagnostic(list):
 
 @torch.no_grad()
 def scale_diagnostic(model: NextScaleTransformer, tokenizer: Any, indices: Sequence[torch.Tensor],
-                     labels: Optional[torch.Tensor] = None, *, metric: Optional[Callable[[Any], float]] = None,
+                     labels: torch.Tensor | None = None, *, metric: Callable[[Any], float] | None = None,
                      context: Any = None, seed: int = 0, **sample_kwargs: Any) -> ScaleDiagnostic:
     """Per-scale diagnostic of a model on true tokens (see the module docstring).
 

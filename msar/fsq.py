@@ -20,7 +20,7 @@ With odd levels the grid contains 0, so a scale can always "add nothing".
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -56,7 +56,7 @@ class ProjectedQuantizer(ResidualQuantizer):
 
     def __init__(self, vocab_size: int, dim: int, code_dim: int, pyramid: LatentPyramid | ScaleSchedule | Sequence,
                  share_phi: int = 4, phi_ratio: float = 0.5, phi_kernel: int | tuple[int, ...] | None = None,
-                 beta: float = 0.25, num_phi: int | None = None, phi_neighbourhood: Optional[torch.Tensor] = None):
+                 beta: float = 0.25, num_phi: int | None = None, phi_neighbourhood: torch.Tensor | None = None):
         super().__init__(vocab_size, dim, pyramid, share_phi=share_phi, phi_ratio=phi_ratio, phi_kernel=phi_kernel,
                          beta=beta, num_phi=num_phi, phi_neighbourhood=phi_neighbourhood)
         self.code_dim = int(code_dim)

@@ -30,7 +30,8 @@ import importlib
 import json
 import os
 import typing
-from typing import Any, ClassVar, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -149,7 +150,7 @@ def _wants_tuple(field: dataclasses.Field, hint: Any) -> bool:
     return False
 
 
-def config_from_dict(config_class: Optional[type], data: Mapping[str, Any]) -> Any:
+def config_from_dict(config_class: type | None, data: Mapping[str, Any]) -> Any:
     """Inverse of :func:`config_to_dict`: an instance of ``config_class`` (a dataclass), or the
     decoded dict when ``config_class`` is None.  Lists go back to tuples where the field is a tuple."""
     if not isinstance(data, Mapping):
@@ -260,7 +261,7 @@ class PretrainedMixin:
     save their state dict (parameters and persistent buffers).
     """
 
-    config_class: ClassVar[Optional[type]] = None
+    config_class: ClassVar[type | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -276,7 +277,7 @@ class PretrainedMixin:
         return cls(config)
 
     def save_pretrained(self, directory: str | os.PathLike,
-                        state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+                        state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write ``directory/config.json`` and, for modules, ``directory/model.safetensors``
         (``state_dict`` overrides the module's own, e.g. EMA weights)."""
         directory = os.fspath(directory)
@@ -362,7 +363,7 @@ class Pipeline(PretrainedMixin):
     components: ClassVar[tuple[str, ...]] = ("tokenizer", "transformer")
     optional_components: ClassVar[tuple[str, ...]] = ("text_encoder",)
 
-    def __init__(self, tokenizer: Any, transformer: nn.Module, text_encoder: Optional[nn.Module] = None):
+    def __init__(self, tokenizer: Any, transformer: nn.Module, text_encoder: nn.Module | None = None):
         ts, ms = tokenizer.schedule, transformer.schedule
         if ts.token_counts != ms.token_counts:
             raise ValueError(f"tokenizer schedule {ts} does not match the transformer's {ms}")
@@ -401,8 +402,8 @@ class Pipeline(PretrainedMixin):
         return self
 
     @torch.no_grad()
-    def sample(self, labels: Any = None, batch_size: Optional[int] = None, *,
-               captions: Optional[list[str]] = None, **kwargs) -> Any:
+    def sample(self, labels: Any = None, batch_size: int | None = None, *,
+               captions: list[str] | None = None, **kwargs) -> Any:
         """``msar.sample(self.transformer, self.tokenizer, labels, batch_size, **kwargs)``; with
         ``captions``, ``condition=self.text_encoder.encode(captions)``."""
         from .sampling import sample
@@ -416,7 +417,7 @@ class Pipeline(PretrainedMixin):
         return sample(self.transformer, self.tokenizer, labels, batch_size, **kwargs)
 
     def save_pretrained(self, directory: str | os.PathLike,
-                        state_dicts: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None) -> None:
+                        state_dicts: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
         """Each component into ``directory/<name>/``, then ``directory/config.json``;
         ``state_dicts`` maps a component name to weights that override its own."""
         directory = os.fspath(directory)

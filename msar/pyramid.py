@@ -14,7 +14,8 @@ channels-first, ``(B, C, *shape)``, where ``shape`` is the grid of the scale or
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F

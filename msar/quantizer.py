@@ -21,8 +21,8 @@ codebook (:class:`MultiScaleResidualQuantizer`), an FSQ grid (:mod:`msar.fsq`) o
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -95,7 +95,7 @@ class PhiBank(nn.Module):
 
     def __init__(self, dim: int, num_scales: int, share: int = 4, ratio: float = 0.5, rank: int = 2,
                  kernel_size: int | tuple[int, ...] = 3, num: int | None = None,
-                 neighbourhood: Optional[torch.Tensor] = None, progress: Optional[Sequence[float]] = None):
+                 neighbourhood: torch.Tensor | None = None, progress: Sequence[float] | None = None):
         super().__init__()
         if share < 0:
             raise ValueError(f"phi share must be >= 0 (0 = one per place in the pyramid, 1 = one shared by all "
@@ -186,7 +186,7 @@ class ResidualQuantizer(nn.Module):
 
     def __init__(self, vocab_size: int, dim: int, pyramid: LatentPyramid | ScaleSchedule | Sequence,
                  share_phi: int = 4, phi_ratio: float = 0.5, phi_kernel: int | tuple[int, ...] | None = None,
-                 beta: float = 0.25, num_phi: int | None = None, phi_neighbourhood: Optional[torch.Tensor] = None):
+                 beta: float = 0.25, num_phi: int | None = None, phi_neighbourhood: torch.Tensor | None = None):
         super().__init__()
         if not isinstance(pyramid, LatentPyramid):
             pyramid = GridPyramid(pyramid)
@@ -265,7 +265,7 @@ class ResidualQuantizer(nn.Module):
         return self.phi(self.pyramid.prolong(h_k, k), k)
 
     # ------------------------------------------------------------------ encoding
-    def _residual_encode(self, f: torch.Tensor, corrupt: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
+    def _residual_encode(self, f: torch.Tensor, corrupt: Callable[[torch.Tensor, int], torch.Tensor] | None = None
                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(idx_k (B, n_k), f_hat after scale k (B, C, *full))`` for k = 0..K-1 (f_hat is
         updated in place: clone it to keep it).  ``corrupt(idx_k, k)``: the tokens whose codes are
@@ -344,7 +344,7 @@ class ResidualQuantizer(nn.Module):
             return f_hat.new_zeros(B, 0, self.dim)
         return torch.cat(nexts, dim=1)
 
-    def add_scale(self, f_hat: torch.Tensor, k: int, h_k: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def add_scale(self, f_hat: torch.Tensor, k: int, h_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Inference step: add scale k's code map ``h_k`` ``(B, C, *shape_k)`` to ``f_hat``
         (in place) and return ``(f_hat, next_input)`` with ``next_input`` the
         ``(B, n_{k+1}, C)`` transformer input of scale k+1 (``None`` after the last scale).
@@ -438,7 +438,7 @@ class MultiScaleResidualQuantizer(ResidualQuantizer):
     def __init__(self, vocab_size: int, dim: int, pyramid: LatentPyramid | ScaleSchedule | Sequence,
                  share_phi: int = 4, phi_ratio: float = 0.5, phi_kernel: int | tuple[int, ...] | None = None,
                  beta: float = 0.25, l2_norm: bool = False, num_phi: int | None = None,
-                 phi_neighbourhood: Optional[torch.Tensor] = None):
+                 phi_neighbourhood: torch.Tensor | None = None):
         super().__init__(vocab_size, dim, pyramid, share_phi=share_phi, phi_ratio=phi_ratio, phi_kernel=phi_kernel,
                          beta=beta, num_phi=num_phi, phi_neighbourhood=phi_neighbourhood)
         self.l2_norm = l2_norm

@@ -24,8 +24,9 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +51,8 @@ class SampleOutput:
 
     indices: list[torch.Tensor]
     data: Any
-    labels: Optional[torch.Tensor]
-    condition: Optional[Condition] = None
+    labels: torch.Tensor | None
+    condition: Condition | None = None
     state: Any = None
 
 
@@ -121,7 +122,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0)
     return torch.full_like(logits, float("-inf")).scatter_(-1, ids, vals)
 
 
-def draw(values: torch.Tensor, ids: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def draw(values: torch.Tensor, ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per position from ``softmax(values)`` over the candidates ``ids`` ``(B, n, m)``.
 
     Inverse CDF: one uniform per position, located in the cumulative sum of the candidates'
@@ -134,7 +135,7 @@ def draw(values: torch.Tensor, ids: torch.Tensor, generator: Optional[torch.Gene
 
 
 def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token per position: ``(B, n, V)`` logits -> ``(B, n)`` long.
 
     The distribution is ``softmax(filter_top_k_top_p(logits / temperature, top_k, top_p))``.
@@ -152,7 +153,7 @@ def bit_pairs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample_bits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token per position from bit logits (a bitwise head): ``(B, n, d)`` -> ``(B, n)`` long.
 
     Each bit is an independent two-way choice (Infinity): ``P(bit = 1) = sigmoid(l / temperature)``
@@ -168,7 +169,7 @@ def sample_bits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, temper
 
 
 def gumbel_smoothing(logits: torch.Tensor, ratio: float,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """VAR's ``more_smooth``: soft codeword weights ``(B, n, V)`` from a Gumbel-softmax of
     ``logits * (1 + r)`` at temperature ``max(0.27 (1 - 0.95 r), 0.005)``, ``r`` the scale's
     :meth:`~msar.ScaleSchedule.progress` (``k / (K - 1)`` in VAR; after MaskGIT); visual
@@ -192,7 +193,7 @@ def _apply_hook(hook: LogitsHook, k: int, logits: torch.Tensor, state: Any) -> t
 
 
 # ---------------------------------------------------------------------------- input validation
-def _as_generator(seed: Optional[int], generator: Optional[torch.Generator], device) -> Optional[torch.Generator]:
+def _as_generator(seed: int | None, generator: torch.Generator | None, device) -> torch.Generator | None:
     if generator is not None:
         return generator
     if seed is None:
@@ -205,7 +206,7 @@ def _as_generator(seed: Optional[int], generator: Optional[torch.Generator], dev
 def _check_knobs(batch_size: Any, cfg: Any, top_k: Any, top_p: Any, temperature: Any) -> None:
     """Clear errors for the sampling knobs (a negative top_k or a top_p above 1 would
     otherwise pass silently, a NaN cfg fail deep inside the draw)."""
-    def index_or_none(v: Any) -> Optional[int]:
+    def index_or_none(v: Any) -> int | None:
         try:
             return None if isinstance(v, bool) else operator.index(v)
         except TypeError:
@@ -222,8 +223,8 @@ def _check_knobs(batch_size: Any, cfg: Any, top_k: Any, top_p: Any, temperature:
             raise ValueError(f"{name} must be {want}, got {v!r}")
 
 
-def _labels(model: NextScaleTransformer, labels: Any, batch_size: Optional[int],
-            gen: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+def _labels(model: NextScaleTransformer, labels: Any, batch_size: int | None,
+            gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """The ``(B,)`` class labels of a generation (the null class for unconditional models)."""
     if model.num_classes == 0:
         if labels is not None and not isinstance(labels, int):
@@ -245,8 +246,8 @@ def _labels(model: NextScaleTransformer, labels: Any, batch_size: Optional[int],
     return model.check_labels(labels, allow_null=False)
 
 
-def _condition(model: NextScaleTransformer, condition: Condition, labels: Any, batch_size: Optional[int],
-               device: torch.device) -> Optional[Condition]:
+def _condition(model: NextScaleTransformer, condition: Condition, labels: Any, batch_size: int | None,
+               device: torch.device) -> Condition | None:
     """The validated Condition of a generation of a model with ``cond_kind`` vector / sequence
     (None: every row unconditional, the null condition; needs ``batch_size``)."""
     if labels is not None:
@@ -262,7 +263,7 @@ def _condition(model: NextScaleTransformer, condition: Condition, labels: Any, b
     return condition
 
 
-def _known(sched, known, known_mask, V: int, B: int, device) -> tuple[Optional[list], Optional[list]]:
+def _known(sched, known, known_mask, V: int, B: int, device) -> tuple[list | None, list | None]:
     if known is None and known_mask is None:
         return None, None
     if known is None or known_mask is None:
@@ -277,8 +278,8 @@ def _known(sched, known, known_mask, V: int, B: int, device) -> tuple[Optional[l
 def sample(
     model: NextScaleTransformer,
     tokenizer: Any,
-    labels: Optional[torch.Tensor | Sequence[int] | int] = None,
-    batch_size: Optional[int] = None,
+    labels: torch.Tensor | Sequence[int] | int | None = None,
+    batch_size: int | None = None,
     *,
     cfg: float = 1.5,
     cfg_schedule: str = "linear",
@@ -286,16 +287,16 @@ def sample(
     top_p: float = 0.0,
     temperature: float = 1.0,
     more_smooth: bool = False,
-    seed: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    known: Optional[Sequence[torch.Tensor]] = None,
-    known_mask: Optional[Sequence[torch.Tensor]] = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    known: Sequence[torch.Tensor] | None = None,
+    known_mask: Sequence[torch.Tensor] | None = None,
     decode: bool = True,
     context: Any = None,
-    logits_hook: Optional[LogitsHook] = None,
-    extra_pos: Optional[torch.Tensor] = None,
-    accel: Optional["Acceleration"] = None,
-    condition: Optional[Condition] = None,
+    logits_hook: LogitsHook | None = None,
+    extra_pos: torch.Tensor | None = None,
+    accel: "Acceleration" | None = None,
+    condition: Condition | None = None,
 ) -> SampleOutput:
     """Generate a batch scale by scale (the loop of the module docstring).
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Iterator, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Union
 
 import torch
 

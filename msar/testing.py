@@ -33,7 +33,8 @@ Hypothesis is imported lazily: ``msar.testing`` itself needs only torch.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -108,7 +109,7 @@ def _first_bad(bad: torch.Tensor) -> str:
 
 
 def check_pyramid(pyramid: LatentPyramid, latent_dim: int = 4, *, batch_size: int = 2,
-                  exact_round_trip: Optional[bool] = None, nested: bool = False, atol: float = 1e-5,
+                  exact_round_trip: bool | None = None, nested: bool = False, atol: float = 1e-5,
                   seed: int = 0, device: torch.device | str = "cpu") -> dict:
     """Check the semantics of a :class:`~msar.pyramid.LatentPyramid`, scale by scale.
 
@@ -287,7 +288,7 @@ def check_pyramid(pyramid: LatentPyramid, latent_dim: int = 4, *, batch_size: in
 
 # ---------------------------------------------------------------------------- the individual checks
 def check_indices_contract(indices: Any, schedule: ScaleSchedule, vocab_size: int,
-                           batch_size: Optional[int] = None, what: str = "encode(data)") -> int:
+                           batch_size: int | None = None, what: str = "encode(data)") -> int:
     """Assert ``indices`` is a list of ``len(schedule)`` integer ``(B, n_k)`` tensors in
     ``[0, vocab_size)`` (and ``B == batch_size`` when given). Returns B."""
     if not isinstance(indices, (list, tuple)):
@@ -383,7 +384,7 @@ def assert_kv_cache_equivalent(model: NextScaleTransformer, tokenizer: Any, indi
 
 def assert_sampling_reproducible(model: NextScaleTransformer, tokenizer: Any, labels: "torch.Tensor | Condition", *,
                                  seed: int = 0, context: Any = None,
-                                 known: Optional[Sequence[torch.Tensor]] = None) -> None:
+                                 known: Sequence[torch.Tensor] | None = None) -> None:
     """Assert two :func:`msar.sample` calls with the same seed give identical tokens (valid for the
     schedule and vocabulary), that a decoded tensor batch has the right size, and -- when
     ``known`` indices are given -- that forcing every token as known returns exactly ``known``.
@@ -415,7 +416,7 @@ def assert_sampling_reproducible(model: NextScaleTransformer, tokenizer: Any, la
 
 
 def assert_scales_matter(tokenizer: Any, indices: Sequence[torch.Tensor],
-                         reference: Optional[torch.Tensor] = None) -> list[float]:
+                         reference: torch.Tensor | None = None) -> list[float]:
     """Assert that changing the tokens of any one scale changes ``tokenizer.decode`` (for
     tokenizers whose ``decode`` returns a tensor).
 
@@ -440,7 +441,7 @@ def assert_scales_matter(tokenizer: Any, indices: Sequence[torch.Tensor],
     return moved
 
 
-def assert_block_causal(schedule: ScaleSchedule | Sequence, mask: Optional[torch.Tensor] = None) -> None:
+def assert_block_causal(schedule: ScaleSchedule | Sequence, mask: torch.Tensor | None = None) -> None:
     """Assert the attention mask of ``schedule`` (or the given bool ``(L, L)`` ``mask``) is
     block-causal: query i may attend to key j iff scale(i) >= scale(j). The reference is
     built from the token counts alone, independently of ``ScaleSchedule.level_ids``; the
@@ -471,10 +472,10 @@ def assert_block_causal(schedule: ScaleSchedule | Sequence, mask: Optional[torch
 
 
 # ---------------------------------------------------------------------------- the one call
-def check_adapter(tokenizer: Any, data: Any, *, model: Optional[NextScaleTransformer] = None,
-                  pyramid: Optional[LatentPyramid] = None, context: Any = None,
-                  labels: Optional[torch.Tensor] = None, atol: float = 1e-5, seed: int = 0,
-                  exact_round_trip: Optional[bool] = None, nested: bool = False) -> dict:
+def check_adapter(tokenizer: Any, data: Any, *, model: NextScaleTransformer | None = None,
+                  pyramid: LatentPyramid | None = None, context: Any = None,
+                  labels: torch.Tensor | None = None, atol: float = 1e-5, seed: int = 0,
+                  exact_round_trip: bool | None = None, nested: bool = False) -> dict:
     """Run the protocol checks on a :class:`~msar.tokenizer.PyramidTokenizer` and a small data batch.
 
     Args:

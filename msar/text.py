@@ -22,8 +22,8 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -87,7 +87,7 @@ class WordTokenizer(PretrainedMixin):
         """The words of ``caption`` as the tokenizer sees them."""
         return self._split(caption, self.lowercase)
 
-    def encode_one(self, caption: str, index: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_one(self, caption: str, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One caption -> ``(ids (max_length,) long, mask (max_length,) bool)``, padded with ``<pad>``."""
         words = self.words(caption)
         n = len(words) + 1  # + <eos>
@@ -146,7 +146,7 @@ class TextEncoderConfig:
         return cls(vocab=list(tokenizer.vocab), max_length=tokenizer.max_length, lowercase=tokenizer.lowercase, **kw)
 
 
-def _check_ids(ids: torch.Tensor, mask: torch.Tensor, max_length: int, vocab_size: Optional[int]) -> None:
+def _check_ids(ids: torch.Tensor, mask: torch.Tensor, max_length: int, vocab_size: int | None) -> None:
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         got = f"shape {tuple(ids.shape)} dtype {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"text encoder: expected token ids (B, T) of an integer dtype, got {got}")
@@ -301,7 +301,7 @@ class _HFTokenize:
         return ids[0], mask[0]
 
 
-def load_hf_text_encoder(path: str | os.PathLike, max_length: Optional[int] = None, trainable: bool = False,
+def load_hf_text_encoder(path: str | os.PathLike, max_length: int | None = None, trainable: bool = False,
                          device: torch.device | str = "cpu") -> HFTextEncoder:
     """A T5 encoder (``T5EncoderModel``, from a T5 or T5-encoder checkpoint) or a CLIP text model
     (``CLIPTextModel``, from a CLIP or CLIP-text checkpoint) and its tokenizer from the local

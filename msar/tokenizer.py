@@ -29,7 +29,8 @@ scale by scale yields exactly ``teacher_forcing_input(indices)``.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -44,7 +45,7 @@ class DecodeState(Protocol):
 
     indices: list[torch.Tensor]
 
-    def add_scale(self, k: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    def add_scale(self, k: int, idx: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor | None:
         """Add the sampled tokens ``(B, n_k)`` of scale k (``probs`` ``(B, n_k, V)`` for
         soft codewords); return the ``(B, n_{k+1}, C)`` input of the next scale or None."""
         ...
@@ -86,7 +87,7 @@ class ResidualDecodeState:
         self.indices: list[torch.Tensor] = []
         self.k = 0
 
-    def add_scale(self, k: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    def add_scale(self, k: int, idx: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor | None:
         """Add scale k's tokens ``(B, n_k)`` (or soft ``probs`` ``(B, n_k, V)``); returns the
         ``(B, n_{k+1}, C)`` transformer input of scale k+1, ``None`` after the last scale."""
         if k != self.k:
@@ -128,7 +129,7 @@ class MultiScaleVQTokenizer(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, quantizer: ResidualQuantizer,
-                 quant_conv: Optional[nn.Module] = None, post_quant_conv: Optional[nn.Module] = None):
+                 quant_conv: nn.Module | None = None, post_quant_conv: nn.Module | None = None):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.quantizer = quantizer

@@ -2,7 +2,7 @@
 import os
 import socket
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 def _rank_main(rank: int, body: Callable[[int, int, str], None], world: int, port: int, out_dir: str) -> None:

@@ -10,7 +10,6 @@ FileNotFoundError with a message.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from modalities.image import VQVAE, VQVAEConfig, load_var, read_state_dict, transformer_config
 from modalities.image.checkpoint import CheckpointError as ImageCheckpointError

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import msar
 from msar.diagnostics import scale_diagnostic
 from msar.testing import tiny_transformer
 from test_conformance import grid_data, grid_tokenizer

@@ -75,7 +75,7 @@ candidate), and the flips keep the edge count of the completed graph.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import networkx as nx
 import torch

@@ -16,7 +16,7 @@ networkx graphs with nodes ``0..n-1``; :func:`to_data` converts to ``torch_geome
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import networkx as nx
 import numpy as np

@@ -21,7 +21,7 @@ as GRAN did, and the plain Gaussian ``exp(-||x - y||^2 / 2 sigma^2)`` under ``"e
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import networkx as nx
 import numpy as np
@@ -207,7 +207,7 @@ def mmd_all(ref: Sequence[nx.Graph] | dict, pred: Sequence[nx.Graph] | dict,
 # ---------------------------------------------------------------------------- structure summary
 
 
-def face_sizes(G: nx.Graph) -> Optional[list[int]]:
+def face_sizes(G: nx.Graph) -> list[int] | None:
     """Sizes (boundary walk lengths) of the faces of a planar embedding of ``G``, or None when ``G``
     is not planar.  Walk length counts a bridge twice, so a tree on n nodes has one face of 2(n-1).
     A triangulated disc (a Delaunay graph) has every face of size 3 except the outer one."""
@@ -265,7 +265,7 @@ def is_simple_undirected(G: nx.Graph) -> bool:
     return isinstance(G, nx.Graph) and not G.is_directed() and not G.is_multigraph() and nx.number_of_selfloops(G) == 0
 
 
-def grid_sides(G: nx.Graph) -> Optional[tuple[int, int]]:
+def grid_sides(G: nx.Graph) -> tuple[int, int] | None:
     """``(a, b)`` with ``2 <= a <= b`` when ``G`` is isomorphic to the 2-D grid ``a x b``, else None."""
     n, m = G.number_of_nodes(), G.number_of_edges()
     if n < 4 or not nx.is_connected(G):
@@ -303,7 +303,7 @@ def is_planar_valid(G: nx.Graph) -> bool:
     return G.number_of_nodes() > 0 and nx.is_connected(G) and nx.check_planarity(G)[0]
 
 
-VALIDITY: dict[str, Optional[Callable[[nx.Graph], bool]]] = {
+VALIDITY: dict[str, Callable[[nx.Graph], bool] | None] = {
     "planar": is_planar_valid, "grid": is_grid, "lobster": is_lobster,
     "community-small": None, "sbm": None,  # no structural validity is defined for these
 }
@@ -328,8 +328,8 @@ class ValidityFilter:
     Usage: ``while not f.done: f.offer(draw(f.next_batch(32)))``, then ``graphs, stats = f.result()``.
     """
 
-    def __init__(self, check: Optional[Callable[[nx.Graph], bool]], n: int, max_draws: int,
-                 targets: Optional[Sequence[int]] = None):
+    def __init__(self, check: Callable[[nx.Graph], bool] | None, n: int, max_draws: int,
+                 targets: Sequence[int] | None = None):
         if n < 1 or max_draws < n:
             raise ValueError(f"ValidityFilter: need n >= 1 and max_draws >= n, got n={n}, max_draws={max_draws}")
         if check is None and targets is None and max_draws != n:
@@ -339,7 +339,7 @@ class ValidityFilter:
             raise ValueError(f"ValidityFilter: one target node count per output graph, got {len(targets)} for n={n}")
         self.check, self.n, self.max_draws = check, n, max_draws
         self.targets = None if targets is None else [int(t) for t in targets]
-        self.slots: list[Optional[nx.Graph]] = [None] * n  # output j's kept graph, filled in draw order
+        self.slots: list[nx.Graph | None] = [None] * n  # output j's kept graph, filled in draw order
         self.rejected: list[tuple[nx.Graph, bool]] = []  # (graph, passed the check), in draw order
         self.drawn = 0
 
@@ -357,7 +357,7 @@ class ValidityFilter:
         limit = self.n if self.drawn < self.n else self.max_draws
         return max(0, min(cap, limit - self.drawn))
 
-    def _open_slot(self, G: nx.Graph) -> Optional[int]:
+    def _open_slot(self, G: nx.Graph) -> int | None:
         """The first open output that ``G`` may fill (any open one without targets), else None."""
         size = G.number_of_nodes()
         return next((j for j, H in enumerate(self.slots)
@@ -429,8 +429,8 @@ class IsoSet:
         return sum(len(b) for b in self.buckets.values())
 
 
-def _judge(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], dataset: Optional[str]
-           ) -> tuple[Optional[Callable[[nx.Graph], bool]], list[tuple[bool, bool, bool]]]:
+def _judge(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], dataset: str | None
+           ) -> tuple[Callable[[nx.Graph], bool] | None, list[tuple[bool, bool, bool]]]:
     """One pass over the samples: per sample (valid, first of its isomorphism class, copy of a
     training graph), with the dataset's check (``None``: every sample counts as valid)."""
     check = VALIDITY.get(dataset) if dataset else None
@@ -467,7 +467,7 @@ def _memorization(generated: Sequence[nx.Graph], test: Sequence[nx.Graph], facts
             "neither": share(valid - in_train - in_test_only)}
 
 
-def vun(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], dataset: Optional[str] = None) -> dict[str, float]:
+def vun(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], dataset: str | None = None) -> dict[str, float]:
     """Validity, uniqueness, novelty (fractions in [0, 1]) and V.U.N. (valid and unique and novel).
 
     Validity uses the dataset's structural check (planar, grid, lobster); where none is
@@ -477,7 +477,7 @@ def vun(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], dataset: Optio
 
 
 def memorization(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test: Sequence[nx.Graph],
-                 dataset: Optional[str] = None) -> dict[str, float | int | None]:
+                 dataset: str | None = None) -> dict[str, float | int | None]:
     """Where the valid samples come from: the share of them isomorphic to a training graph, to a graph
     of the evaluation split only, or to neither (new), and how many distinct graphs they are.
 
@@ -489,7 +489,7 @@ def memorization(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test:
 
 
 def evaluate(generated: Sequence[nx.Graph], train: Sequence[nx.Graph], test: Sequence[nx.Graph],
-             dataset: Optional[str] = None) -> dict:
+             dataset: str | None = None) -> dict:
     """Everything for a metrics JSON: MMDs of generated vs test, the train-vs-test baseline, V.U.N."""
     check, facts = _judge(generated, train, dataset)  # validity and isomorphism tests once, for both tables
     vun_table = _vun(generated, check, facts)  # first: no generated graphs is an error before the MMD work

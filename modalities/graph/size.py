@@ -38,7 +38,7 @@ the level grows as close to the target as one scale allows; ``stats["off_target"
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import networkx as nx
 import numpy as np

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -132,8 +133,8 @@ class GraphPyramidTokenizer(PretrainedMixin):
     ``GraphPyramidTokenizer.from_pretrained(dir)`` save and load it (a config, no weights).
     """
 
-    def __init__(self, max_nodes: Sequence[int], max_edges: Sequence[int], nbits: Optional[int] = None,
-                 edge_chunks: int = 3, matching: str = "greedy", final_chunks: Optional[int] = None,
+    def __init__(self, max_nodes: Sequence[int], max_edges: Sequence[int], nbits: int | None = None,
+                 edge_chunks: int = 3, matching: str = "greedy", final_chunks: int | None = None,
                  face_features: bool = False, parent_links: bool = False):
         K = len(max_nodes)
         if K < 2:
@@ -184,7 +185,7 @@ class GraphPyramidTokenizer(PretrainedMixin):
     @classmethod
     def fit(cls, graphs: Sequence[nx.Graph], edge_slack: float = 0.1, node_slack: int = 0,
             edge_chunks: int = 3, matching: str = "greedy",
-            final_chunks: Optional[int | str] = None, face_features: bool = False,
+            final_chunks: int | str | None = None, face_features: bool = False,
             parent_links: bool = False) -> "GraphPyramidTokenizer":
         """Size a tokenizer for a training set: levels for the largest graph, edge capacity
         ``(1 + edge_slack) x`` the largest seen per level. ``final_chunks="all"``: one chunk per edge
@@ -375,7 +376,7 @@ def _mask_table() -> np.ndarray:
 _MASK_OK = _mask_table()
 
 
-def _face_sets(n: int, edges: set) -> Optional[tuple[nx.Graph, list[set], list[int]]]:
+def _face_sets(n: int, edges: set) -> tuple[nx.Graph, list[set], list[int]] | None:
     """For the graph ``(n, edges)``: the graph, per node the ids of the faces of one planar embedding
     it lies on, and per node its connected component; None when the graph is not planar."""
     G = _graph(n, edges)
@@ -397,7 +398,7 @@ def _face_sets(n: int, edges: set) -> Optional[tuple[nx.Graph, list[set], list[i
     return G, on, comp
 
 
-def _face_block(faces: Optional[tuple[nx.Graph, list[set], list[int]]], ku: list[int], kv: list[int]) -> np.ndarray:
+def _face_block(faces: tuple[nx.Graph, list[set], list[int]] | None, ku: list[int], kv: list[int]) -> np.ndarray:
     """``(5,)``: [the partial fine graph is planar, then per child pair 2 * i + j: the graph stays
     planar with the pair's edge added (0 for a missing child)].  Exact: the fast answer "yes" when
     the two nodes lie in different components or on a common face of one embedding, else a
@@ -448,7 +449,7 @@ class GraphDecodeState:
         self.done = False
 
     # ---- features
-    def _node_block(self, g: _LevelGraph, u: int, split: Optional[int]) -> np.ndarray:
+    def _node_block(self, g: _LevelGraph, u: int, split: int | None) -> np.ndarray:
         f = np.zeros(self.tok._node_dim, dtype=np.float32)
         f[g.parent_split[u]] = 1.0
         f[3] = g.child_rank[u]
@@ -588,7 +589,7 @@ class GraphDecodeState:
                     if mask >> (2 * i + jj) & 1:
                         self.fine[b].add((min(a, c), max(a, c)))
 
-    def _finish_expansion(self, b: int, cap_edges: Optional[int]) -> _LevelGraph:
+    def _finish_expansion(self, b: int, cap_edges: int | None) -> _LevelGraph:
         g, sp, kids = self.graphs[b], self.splits[b], self.children[b]
         parent_split, child_rank, parent_of = [], [], []
         for u in range(g.n):
@@ -601,7 +602,7 @@ class GraphDecodeState:
             edges = edges[:cap_edges]
         return _LevelGraph(len(parent_split), edges, parent_split, child_rank, parent_of)
 
-    def add_scale(self, k: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    def add_scale(self, k: int, idx: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor | None:
         """Add scale k's tokens ``(B, n_k)``; return the ``(B, n_{k+1}, C)`` features of the next scale,
         or None after the last. ``probs`` (soft codewords) has no meaning for structure tokens and is ignored."""
         tok = self.tok
@@ -636,5 +637,5 @@ class GraphDecodeState:
             return None
         return self._features("S", self.level)
 
-    def _edge_cap(self, level: int) -> Optional[int]:
+    def _edge_cap(self, level: int) -> int | None:
         return self.tok.max_edges[level] if level <= self.tok.K - 2 else None

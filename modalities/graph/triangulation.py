@@ -27,8 +27,9 @@ from __future__ import annotations
 import functools
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -198,7 +199,7 @@ def sphere_triangulation(G: nx.Graph) -> Rotation:
     return rot
 
 
-def _outer_face(emb: nx.PlanarEmbedding) -> Optional[list]:
+def _outer_face(emb: nx.PlanarEmbedding) -> list | None:
     """The one face of ``emb`` that is not a triangle if it is a simple cycle (a triangle if every face
     is one), else None."""
     seen: set = set()
@@ -704,7 +705,7 @@ class TriangulationDecodeState:
         self.s = 0
         self.done = False
         self.history: list[list[nx.Graph]] = [[_relabel(g.rot.graph(drop=0)) for g in self.growers]]
-        self._allowed: Optional[tuple] = None  # (scale, state step, mask): the hooks of one scale share it
+        self._allowed: tuple | None = None  # (scale, state step, mask): the hooks of one scale share it
 
     @property
     def rots(self) -> list[Rotation]:
@@ -761,7 +762,7 @@ class TriangulationDecodeState:
                     X[b, p, o + 5 * j: o + 5 * j + 5] = (1.0, len(rot[x]) / 8, x == 0, x in g.new, x in g.blocked)
         return torch.from_numpy(X).to(self.device)
 
-    def add_scale(self, s: int, idx: torch.Tensor, probs: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    def add_scale(self, s: int, idx: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor | None:
         """Add scale ``s``'s tokens ``(B, n_s)``; return the ``(B, n_{s+1}, C)`` features of the next scale
         (``None`` after the last)."""
         if self.done or s != self.s:

@@ -27,8 +27,8 @@ Images are float tensors ``(3, 32, 32)`` in [-1, 1] (VAR's convention); backgrou
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ class Scene:
     (None otherwise; three objects are listed left to right)."""
 
     objects: tuple[SceneObject, ...]
-    relation: Optional[str] = None
+    relation: str | None = None
 
     @property
     def count(self) -> int:
@@ -92,7 +92,7 @@ class CaptionAttributes:
     relation of the first to the second of two objects (None for one or three)."""
 
     objects: tuple[tuple[str, str, str], ...]
-    relation: Optional[str] = None
+    relation: str | None = None
 
     @property
     def count(self) -> int:
@@ -193,7 +193,7 @@ def _objects(rng: np.random.Generator, n: int, allowed: list[tuple[str, str]]) -
     return out
 
 
-def _place(rng: np.random.Generator, attrs: list[tuple[str, str, str]]) -> Optional[Scene]:
+def _place(rng: np.random.Generator, attrs: list[tuple[str, str, str]]) -> Scene | None:
     """Positions for ``attrs`` (one rejection-sampling try; None when it failed)."""
     if len(attrs) == 1:
         s, c, z = attrs[0]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 
@@ -151,7 +151,7 @@ def _rename(sd: Mapping[str, torch.Tensor], fn) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------- validation
 def validate_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str,
-                        source_names: Optional[Mapping[str, str]] = None) -> None:
+                        source_names: Mapping[str, str] | None = None) -> None:
     """Raise :class:`CheckpointError` naming every unknown or missing key and the first mis-shaped one.
 
     ``source_names`` maps a key of ``sd`` to its name in the file (VAR's), shown next to it."""
@@ -177,7 +177,7 @@ def validate_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], 
 
 
 def _load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str,
-                 source_names: Optional[Mapping[str, str]] = None) -> None:
+                 source_names: Mapping[str, str] | None = None) -> None:
     validate_state_dict(model, sd, what, source_names)
     model.load_state_dict(dict(sd), strict=True)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -158,8 +158,8 @@ def save_grid(images: torch.Tensor, path: str, nrow: int, scale: int = 1, pad: i
     im.save(path)
 
 
-def save_labelled_grid(images: torch.Tensor, path: str, row_labels: Optional[Sequence[str]] = None,
-                       col_labels: Optional[Sequence[str]] = None, title: str = "", cell: float = 0.75) -> None:
+def save_labelled_grid(images: torch.Tensor, path: str, row_labels: Sequence[str] | None = None,
+                       col_labels: Sequence[str] | None = None, title: str = "", cell: float = 0.75) -> None:
     """Write ``(R, C, channels, H, W)`` images in [-1, 1] as a PNG grid with a label per row
     (left), per column (top) and a title; ``cell`` is the size of one image in inches."""
     import matplotlib

@@ -34,8 +34,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -262,7 +263,7 @@ def provenance() -> dict:
                         "torch_threads": torch.get_num_threads()}}
 
 
-def _command() -> Optional[str]:
+def _command() -> str | None:
     """The command as the user typed it, for ``python -m modalities`` and the ``msar`` script."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None and spec.name == "modalities.__main__":
@@ -576,7 +577,7 @@ def config_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace, conf
     return c
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from modalities.cli import HelpFormatter
 
     ap = argparse.ArgumentParser(

@@ -10,8 +10,6 @@
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 
@@ -35,7 +33,7 @@ class PerceptualLoss(nn.Module):
     """``loss(x, y)``: mean over layers of spatially averaged, channel-weighted squared
     differences of unit-normalised VGG16 features (LPIPS). Inputs in [-1, 1], 1 or 3 channels."""
 
-    def __init__(self, vgg_weights: Optional[str] = None, lpips_weights: Optional[str] = None):
+    def __init__(self, vgg_weights: str | None = None, lpips_weights: str | None = None):
         super().__init__()
         self.features = _vgg16_features()
         self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in _CHANNELS])

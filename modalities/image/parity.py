@@ -16,7 +16,7 @@ import json
 import os
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

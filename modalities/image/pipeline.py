@@ -6,7 +6,7 @@ Saved like every msar pipeline: ``pipe.save_pretrained(dir)`` writes ``dir/confi
 ``msar.from_pretrained(dir)``) loads it."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +26,14 @@ class ImagePipeline(Pipeline):
     :class:`msar.Condition` goes in as ``condition=``."""
 
     def __init__(self, tokenizer: VQVAE, transformer: NextScaleTransformer,
-                 text_encoder: Optional[torch.nn.Module] = None):
+                 text_encoder: torch.nn.Module | None = None):
         super().__init__(tokenizer, transformer, text_encoder=text_encoder)
 
     @property
     def vqvae(self) -> VQVAE:
         return self.tokenizer
 
-    def _condition(self, captions: Optional[Sequence[str]], condition: Optional[Condition]) -> Optional[Condition]:
+    def _condition(self, captions: Sequence[str] | None, condition: Condition | None) -> Condition | None:
         if captions is None:
             return condition
         if self.text_encoder is None:
@@ -43,10 +43,10 @@ class ImagePipeline(Pipeline):
         return self.text_encoder.encode(list(captions))
 
     @torch.no_grad()
-    def sample(self, labels: Optional[Sequence[int] | torch.Tensor | int] = None, batch_size: Optional[int] = None,
+    def sample(self, labels: Sequence[int] | torch.Tensor | int | None = None, batch_size: int | None = None,
                cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False,
-               seed: Optional[int] = None, temperature: float = 1.0, return_indices: bool = False, *,
-               captions: Optional[Sequence[str]] = None, condition: Optional[Condition] = None):
+               seed: int | None = None, temperature: float = 1.0, return_indices: bool = False, *,
+               captions: Sequence[str] | None = None, condition: Condition | None = None):
         """Class-conditional images (``labels=None`` draws classes uniformly, seeded), or one image
         per caption / condition row."""
         out = sample(self.transformer, self.vqvae, labels, batch_size, cfg=cfg, top_k=top_k, top_p=top_p,
@@ -74,10 +74,10 @@ class ImagePipeline(Pipeline):
 
     @torch.no_grad()
     def edit(self, images: torch.Tensor, mask: torch.Tensor, labels: Sequence[int] | torch.Tensor | int | None = None,
-             cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, seed: Optional[int] = None,
+             cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, seed: int | None = None,
              threshold: float = 0.5, more_smooth: bool = False, return_indices: bool = False,
-             keep_from_scale: int = 0, *, captions: Optional[Sequence[str]] = None,
-             condition: Optional[Condition] = None):
+             keep_from_scale: int = 0, *, captions: Sequence[str] | None = None,
+             condition: Condition | None = None):
         """Zero-shot editing: regenerate the region where ``mask`` is True (inpainting; an
         inverted mask gives outpainting), conditioned on ``labels`` (class-conditional editing;
         None: drawn, or none for an unconditional model) or on ``captions`` / ``condition`` (one

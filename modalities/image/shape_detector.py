@@ -18,8 +18,8 @@ trusted.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -155,7 +155,7 @@ def _training_masks(rng: np.random.Generator, per_class: int) -> tuple[torch.Ten
 
 
 # ---------------------------------------------------------------------------- scoring
-def _position(pick: list[Optional[DetectedObject]], want: CaptionAttributes) -> Optional[bool]:
+def _position(pick: list[DetectedObject | None], want: CaptionAttributes) -> bool | None:
     """The relation (two objects) or left-to-right order (three) of the matched objects; None for one."""
     if want.count == 1:
         return None
@@ -166,7 +166,7 @@ def _position(pick: list[Optional[DetectedObject]], want: CaptionAttributes) -> 
     return pick[0].cx < pick[1].cx < pick[2].cx
 
 
-def _match(dets: list[DetectedObject], want: CaptionAttributes) -> list[Optional[DetectedObject]]:
+def _match(dets: list[DetectedObject], want: CaptionAttributes) -> list[DetectedObject | None]:
     """Assign each caption object a distinct detected object (or None when there are fewer),
     maximising the number of agreeing (shape, colour, size); among equally good assignments
     one with the right position wins (two identical objects can be read either way round)."""

@@ -35,8 +35,9 @@ import json
 import os
 import textwrap
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -438,7 +439,7 @@ def sweep_plot(sweep: dict, best: float, path: str, attributes: Sequence[str], s
 
 
 # ---------------------------------------------------------------------------- command line
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from modalities.cli import HelpFormatter
 
     ap = argparse.ArgumentParser(

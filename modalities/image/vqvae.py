@@ -10,8 +10,8 @@ after the small renaming in :mod:`modalities.image.checkpoint`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn

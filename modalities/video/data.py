@@ -8,7 +8,6 @@ digits ship with scikit-learn).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -106,12 +105,12 @@ class MovingDigits(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.render(i) * 2 - 1, self.labels[i]
 
-    def tensors(self, n: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def tensors(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first n (default all) videos stacked: ``(n, 1, T, S, S)`` in [-1, 1], labels ``(n,)``."""
         n = len(self) if n is None else min(n, len(self))
         return torch.stack([self[i][0] for i in range(n)]), self.labels[:n].clone()
 
-    def centres(self, n: Optional[int] = None) -> np.ndarray:
+    def centres(self, n: int | None = None) -> np.ndarray:
         """True digit centres ``(n, T, 2)`` (y, x) in pixels."""
         n = len(self) if n is None else n
         return self.positions[:n].astype(np.float64) + (self.digit_size - 1) / 2

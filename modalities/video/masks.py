@@ -17,7 +17,7 @@ support lies in the known region.**  Two steps make that concrete:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

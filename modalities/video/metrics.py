@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import math
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -284,7 +284,7 @@ FVD_NOTE = ("FVD needs the I3D (Kinetics-400) weights, which cannot be fetched i
             "--feature-net-factory module:function) to get a Frechet distance in that network's feature space.")
 
 
-def load_feature_net(path: str, factory: Optional[str] = None) -> torch.nn.Module:
+def load_feature_net(path: str, factory: str | None = None) -> torch.nn.Module:
     """Load a video feature network ``(B, 3, T, H, W) in [-1, 1] -> (B, D)``.
 
     * ``factory is None``: ``path`` is a ``torch.export`` program (``.pt2``, ``torch.export.save``)
@@ -313,7 +313,7 @@ def load_feature_net(path: str, factory: Optional[str] = None) -> torch.nn.Modul
 
 
 @torch.no_grad()
-def video_features(net: Callable, videos: torch.Tensor, size: Optional[int] = None, batch: int = 16) -> np.ndarray:
+def video_features(net: Callable, videos: torch.Tensor, size: int | None = None, batch: int = 16) -> np.ndarray:
     """Features ``(B, D)``: grayscale videos are repeated to 3 channels and, with ``size``,
     resized to ``size x size`` per frame (I3D expects 224)."""
     out = []

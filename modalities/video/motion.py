@@ -19,7 +19,6 @@ edit whose given frames already fix the motion (frame prediction) runs without i
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import numpy as np
 import torch
@@ -33,8 +32,8 @@ def motion_condition_dim(num_classes: int) -> int:
     return num_classes + 3
 
 
-def motion_features(labels: torch.Tensor, velocities: Optional[torch.Tensor] = None, *, num_classes: int,
-                    max_speed: float, given: Optional[torch.Tensor] = None) -> torch.Tensor:
+def motion_features(labels: torch.Tensor, velocities: torch.Tensor | None = None, *, num_classes: int,
+                    max_speed: float, given: torch.Tensor | None = None) -> torch.Tensor:
     """Condition vectors ``(B, num_classes + 3)`` of videos of class ``labels (B,)`` moving at
     ``velocities (B, 2)`` px/frame (y, x); ``velocities=None`` means no video's motion is given,
     ``given (B,)`` bool says which rows carry their velocity (default: all when velocities are
@@ -67,8 +66,8 @@ def motion_features(labels: torch.Tensor, velocities: Optional[torch.Tensor] = N
     return feats
 
 
-def motion_condition(labels: torch.Tensor, velocities: Optional[torch.Tensor] = None, *, num_classes: int,
-                     max_speed: float, given: Optional[torch.Tensor] = None) -> msar.Condition:
+def motion_condition(labels: torch.Tensor, velocities: torch.Tensor | None = None, *, num_classes: int,
+                     max_speed: float, given: torch.Tensor | None = None) -> msar.Condition:
     """:func:`motion_features` as a ``vector`` :class:`msar.Condition` for :func:`msar.sample`."""
     return msar.Condition.vector(motion_features(labels, velocities, num_classes=num_classes, max_speed=max_speed,
                                                  given=given))

@@ -20,7 +20,8 @@ field builds next-scale pyramids over it in three ways, all expressed here as a
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,7 @@ def _check_latent_shape(latent_shape: Sequence[int]) -> tuple[int, int, int]:
     return tuple(latent_shape)  # type: ignore[return-value]
 
 
-def _spatial_sides(sides: Optional[Sequence[Side]], H: int, W: int) -> list[tuple[int, int]]:
+def _spatial_sides(sides: Sequence[Side] | None, H: int, W: int) -> list[tuple[int, int]]:
     """Normalise spatial sides (ints for square, or (h, w)); default VAR-like 1, 2, 4, ... up to (H, W)."""
     if sides is None:
         out, s = [], 1
@@ -72,8 +73,8 @@ def _spatial_sides(sides: Optional[Sequence[Side]], H: int, W: int) -> list[tupl
 
 
 # ---------------------------------------------------------------------------- builders
-def joint_schedule(latent_shape: Sequence[int], sides: Optional[Sequence[Side]] = None,
-                   time_sides: Optional[Sequence[int]] = None) -> ScaleSchedule:
+def joint_schedule(latent_shape: Sequence[int], sides: Sequence[Side] | None = None,
+                   time_sides: Sequence[int] | None = None) -> ScaleSchedule:
     """Joint space-time pyramid: ``t_k`` grows with the scale.
 
     Args:
@@ -100,7 +101,7 @@ def joint_schedule(latent_shape: Sequence[int], sides: Optional[Sequence[Side]] 
     return ScaleSchedule([(t, h, w) for t, (h, w) in zip(ts, hw)])
 
 
-def space_schedule(latent_shape: Sequence[int], sides: Optional[Sequence[Side]] = None) -> ScaleSchedule:
+def space_schedule(latent_shape: Sequence[int], sides: Sequence[Side] | None = None) -> ScaleSchedule:
     """Space-only pyramid: every scale holds all T latent frames, ``(T, h_k, w_k)``.
 
     >>> space_schedule((3, 8, 8), [1, 4, 8]).token_counts
@@ -118,7 +119,7 @@ class FrameScaleSchedule(ScaleSchedule):
     (so ``shape(-1)`` is the last frame's finest grid, like any schedule).
     """
 
-    def __init__(self, latent_shape: Sequence[int], sides: Optional[Sequence[Side]] = None):
+    def __init__(self, latent_shape: Sequence[int], sides: Sequence[Side] | None = None):
         if isinstance(latent_shape, FrameScaleSchedule):  # copy-construct
             latent_shape, sides = latent_shape.full_shape, latent_shape.frame_sides
         T, H, W = _check_latent_shape(latent_shape)
@@ -163,7 +164,7 @@ class FrameScaleSchedule(ScaleSchedule):
         return f"FrameScaleSchedule(full={self.full_shape}, sides={self.frame_sides})"
 
 
-def frame_schedule(latent_shape: Sequence[int], sides: Optional[Sequence[Side]] = None) -> FrameScaleSchedule:
+def frame_schedule(latent_shape: Sequence[int], sides: Sequence[Side] | None = None) -> FrameScaleSchedule:
     """Per-frame pyramids with frame-to-frame causality.
 
     >>> s = frame_schedule((2, 4, 4), [1, 2, 4])
@@ -173,7 +174,7 @@ def frame_schedule(latent_shape: Sequence[int], sides: Optional[Sequence[Side]] 
     return FrameScaleSchedule(latent_shape, sides)
 
 
-def build_schedule(kind: str, latent_shape: Sequence[int], sides: Optional[Sequence[Side]] = None) -> ScaleSchedule:
+def build_schedule(kind: str, latent_shape: Sequence[int], sides: Sequence[Side] | None = None) -> ScaleSchedule:
     """``kind`` in ``("joint", "space", "frame")``."""
     if kind == "joint":
         return joint_schedule(latent_shape, sides)

@@ -20,8 +20,8 @@ is video-specific.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -70,7 +70,7 @@ def _norm(c: int) -> FrameNorm:
 class ResBlock3d(nn.Module):
     """``x + conv(silu(norm(conv(silu(norm(x))))))`` with causal 3x3x3 convs."""
 
-    def __init__(self, cin: int, cout: Optional[int] = None):
+    def __init__(self, cin: int, cout: int | None = None):
         super().__init__()
         cout = cout or cin
         self.net = nn.Sequential(_norm(cin), nn.SiLU(), CausalConv3d(cin, cout),
@@ -212,7 +212,7 @@ class VideoTokenizerConfig:
     time_stride: int = 4
     space_stride: int = 4
     schedule: str = "joint"
-    sides: Optional[list] = None
+    sides: list | None = None
     share_phi: int = 4
     phi_ratio: float = 0.5
     beta: float = 0.25

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -42,9 +42,9 @@ def save_gif(videos: torch.Tensor, path: str, nrow: int = 8, scale: int = 2, dur
     return path
 
 
-def save_filmstrip(videos: torch.Tensor, path: str, row_labels: Optional[Sequence[str]] = None, scale: int = 2,
-                   pad: int = 2, pad_value: int = 90, title: Optional[str] = None,
-                   unknown: Optional[torch.Tensor] = None) -> str:
+def save_filmstrip(videos: torch.Tensor, path: str, row_labels: Sequence[str] | None = None, scale: int = 2,
+                   pad: int = 2, pad_value: int = 90, title: str | None = None,
+                   unknown: torch.Tensor | None = None) -> str:
     """A PNG: one row per video, one column per frame.
 
     ``unknown`` ``(N, T, H, W)`` bool (optional) tints the pixels a model had to generate

@@ -25,8 +25,8 @@ in ``train`` / ``val``; ``test_heldout`` holds only them.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -49,8 +49,8 @@ class ShapeCaption:
 
     category: str
     adjective: str
-    boards: Optional[int] = None
-    legs: Optional[int] = None
+    boards: int | None = None
+    legs: int | None = None
 
     @property
     def pair(self) -> tuple[str, str]:
@@ -92,7 +92,7 @@ def count_boards(vox: np.ndarray, fraction: float = 0.6) -> int:
     return int(full[0] + np.sum(full[1:] & ~full[:-1]))
 
 
-def describe(vox: np.ndarray, category: str) -> Optional[ShapeCaption]:
+def describe(vox: np.ndarray, category: str) -> ShapeCaption | None:
     """The caption of a real shape of ``category``; None when a measurement is borderline (or the
     shelf's board count is outside 2-5)."""
     if category in FURNITURE:
@@ -137,7 +137,7 @@ def parse_shape_caption(text: str) -> ShapeCaption:
                      f"'a tall|low shelf with N boards' or 'a large|small sphere|box' (N in {list(NUMBERS.values())})")
 
 
-def check_caption(vox: np.ndarray, want: ShapeCaption, category: Optional[str] = None) -> dict:
+def check_caption(vox: np.ndarray, want: ShapeCaption, category: str | None = None) -> dict:
     """Per-attribute agreement of a grid with a caption: ``category`` (from a classifier, passed in;
     None skips it), ``adjective`` (the measurement's side of the threshold), ``parts`` (boards of a
     shelf, legs of a table or chair; None for primitives) and ``all``."""

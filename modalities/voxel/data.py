@@ -22,7 +22,7 @@ facts :mod:`modalities.voxel.metrics` checks on generated samples.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -294,7 +294,7 @@ def make_shape(label: int | str, rng: np.random.Generator, resolution: int = 32)
 
 
 def shape_at(seed: int, index: int, resolution: int = 32,
-             classes: Optional[Sequence[int | str]] = None) -> tuple[np.ndarray, int]:
+             classes: Sequence[int | str] | None = None) -> tuple[np.ndarray, int]:
     """Item ``index`` of the stream seeded by ``seed``: ``(occupancy (R, R, R) bool, label)``.
 
     Labels cycle through ``classes`` (all by default) so every prefix is balanced;
@@ -309,7 +309,7 @@ def shape_at(seed: int, index: int, resolution: int = 32,
 
 
 def make_dataset(n: int, resolution: int = 32, seed: int = 0,
-                 classes: Optional[Sequence[int | str]] = None) -> tuple[np.ndarray, np.ndarray]:
+                 classes: Sequence[int | str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``n`` shapes: ``(voxels (n, R, R, R) bool, labels (n,) int64)``, deterministic from ``seed``."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -328,7 +328,7 @@ class VoxelShapes(torch.utils.data.Dataset):
     """
 
     def __init__(self, n: int, resolution: int = 32, seed: int = 0,
-                 classes: Optional[Sequence[int | str]] = None):
+                 classes: Sequence[int | str] | None = None):
         vox, labels = make_dataset(n, resolution, seed, classes)
         self.voxels = torch.from_numpy(vox).float()
         self.labels = torch.from_numpy(labels)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -52,8 +52,8 @@ def _draw_mesh(ax, vox: np.ndarray, color=(0.35, 0.55, 0.85)) -> None:
     ax.add_collection3d(Poly3DCollection(tri, facecolors=colors, edgecolors="none"))
 
 
-def render_grid(voxels: Sequence[np.ndarray], path: str, titles: Optional[Sequence[str]] = None,
-                cols: int = 6, size: float = 2.0, colors: Optional[Sequence] = None, dpi: int = 80) -> str:
+def render_grid(voxels: Sequence[np.ndarray], path: str, titles: Sequence[str] | None = None,
+                cols: int = 6, size: float = 2.0, colors: Sequence | None = None, dpi: int = 80) -> str:
     """Shaded marching-cubes renders of several grids in one PNG."""
     import matplotlib
 
@@ -76,7 +76,7 @@ def render_grid(voxels: Sequence[np.ndarray], path: str, titles: Optional[Sequen
     return path
 
 
-def render_projections(voxels: Sequence[np.ndarray], path: str, titles: Optional[Sequence[str]] = None,
+def render_projections(voxels: Sequence[np.ndarray], path: str, titles: Sequence[str] | None = None,
                        dpi: int = 80) -> str:
     """Max-projections along x, y and z (one row per grid): cheap and exact."""
     import matplotlib

@@ -1,7 +1,6 @@
 """Class-conditional generation, zero-shot shape completion and their evaluation."""
 from __future__ import annotations
 
-from typing import Optional
 
 import numpy as np
 import torch

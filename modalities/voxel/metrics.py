@@ -13,8 +13,6 @@ reference set R with Chamfer distance d:
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from scipy import ndimage
@@ -88,7 +86,7 @@ def validity(voxels: np.ndarray, labels: np.ndarray) -> dict:
 
 
 # ---------------------------------------------------------------------------- surface points
-def surface_points(vox: np.ndarray, n: int = 512, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+def surface_points(vox: np.ndarray, n: int = 512, rng: np.random.Generator | None = None) -> np.ndarray:
     """``n`` points ``(n, 3)`` sampled uniformly (by area) on the marching-cubes surface of one
     grid, in the ``[-1, 1]^3`` frame of :func:`modalities.voxel.data.grid_points`.
     An empty grid gives ``n`` copies of the origin (so distances stay finite)."""

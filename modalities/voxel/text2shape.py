@@ -28,7 +28,7 @@ import argparse
 import os
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -261,7 +261,7 @@ def _figures(out, c, pipe, sets, recs, sweep, best, smoke) -> list[str]:
     return paths
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from modalities.cli import HelpFormatter
 
     ap = argparse.ArgumentParser(

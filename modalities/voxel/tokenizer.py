@@ -10,8 +10,7 @@ residual blocks run at R/2 and below.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -40,7 +39,7 @@ class VoxelTokenizerConfig:
 
     resolution: int = 32
     latent_side: int = 8
-    sides: Optional[tuple[int, ...]] = None
+    sides: tuple[int, ...] | None = None
     vocab_size: int = 512
     latent_dim: int = 32
     width: int = 16
@@ -162,7 +161,7 @@ class VoxelTokenizer(PretrainedMixin, MultiScaleVQTokenizer):
         return logits > 0
 
 
-def build_voxel_tokenizer(cfg: Optional[VoxelTokenizerConfig] = None, **overrides) -> VoxelTokenizer:
+def build_voxel_tokenizer(cfg: VoxelTokenizerConfig | None = None, **overrides) -> VoxelTokenizer:
     """``build_voxel_tokenizer(resolution=16, latent_side=4, vocab_size=256)`` etc."""
     if cfg is None:
         cfg = VoxelTokenizerConfig(**overrides)

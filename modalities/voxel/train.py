@@ -14,7 +14,6 @@ Per-step metrics go to ``<out>/logs_*/train.csv`` (every step once, also across 
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
@@ -26,7 +25,7 @@ from .metrics import iou
 from .tokenizer import VoxelTokenizer, occupancy_loss
 
 
-def _dirs(out: Optional[str], name: str, ckpt_every: int) -> dict:
+def _dirs(out: str | None, name: str, ckpt_every: int) -> dict:
     if out is None:
         return {}
     return {"ckpt_dir": os.path.join(out, f"ckpt_{name}"), "ckpt_every": ckpt_every,
@@ -35,7 +34,7 @@ def _dirs(out: Optional[str], name: str, ckpt_every: int) -> dict:
 
 def train_tokenizer(tok: VoxelTokenizer, voxels: torch.Tensor, steps: int = 1000, batch_size: int = 32,
                     lr: float = 2e-3, seed: int = 0, pos_weight: float = 2.0, restart_every: int = 100,
-                    restart_threshold: float = 1.0, out: Optional[str] = None, ckpt_every: int = 100,
+                    restart_threshold: float = 1.0, out: str | None = None, ckpt_every: int = 100,
                     progress: bool = True) -> list[dict]:
     """Train the VQ-VAE on occupancy grids ``voxels (N, R, R, R)`` (bool or {0, 1} float).
 
@@ -74,7 +73,7 @@ def reconstruction_iou(tok: VoxelTokenizer, voxels: torch.Tensor, batch_size: in
 
 def train_transformer(model: NextScaleTransformer, tok: VoxelTokenizer, indices: list[torch.Tensor],
                       labels: torch.Tensor, steps: int = 1000, batch_size: int = 32, lr: float = 1e-3,
-                      seed: int = 0, out: Optional[str] = None, ckpt_every: int = 100,
+                      seed: int = 0, out: str | None = None, ckpt_every: int = 100,
                       progress: bool = True) -> list[dict]:
     """Teacher-forced next-scale training on pre-tokenized shapes (frozen tokenizer).
 

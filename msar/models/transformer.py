@@ -32,8 +32,9 @@ through the converter in ``modalities/image/checkpoint.py``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -152,8 +153,8 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self.attn_drop = attn_drop
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """``x (B, n, C)`` -> ``(B, n, C)``.
 
         ``attn_mask``: bool ``(n, n)`` (True = may attend) or additive, or a
@@ -255,9 +256,9 @@ class AdaLNBlock(nn.Module):
             return (self.adaln_offset + cond).unbind(2)
         return self.adaln_proj(cond).view(-1, 1, 6, self.dim).unbind(2)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, mod: Optional[tuple[torch.Tensor, ...]] = None,
-                cross: Optional["CrossKV"] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, mod: tuple[torch.Tensor, ...] | None = None,
+                cross: "CrossKV" | None = None) -> torch.Tensor:
         """``x (B, n, C)`` -> ``(B, n, C)`` under the condition ``cond`` (see :meth:`modulation`).
 
         ``mod``: this block's :meth:`modulation` precomputed by the sampler (it depends on
@@ -387,7 +388,7 @@ class TransformerConfig:
     # except through its pooled mean, like the class model)
     cond_kind: str = "classes"
     cond_dim: int = 0
-    cross_attention: Optional[bool] = None
+    cross_attention: bool | None = None
     init_cross_attn: float = 0.0
     # coordinate positions: > 0 adds a learned projection of the tokens' cell centres
     # (ScaleSchedule.token_coordinates, sin/cos at this many octaves per axis) to the learned
@@ -529,8 +530,8 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
 
     # ------------------------------------------------------------------ init (VAR's recipe)
     @torch.no_grad()
-    def init_weights(self, init_adaln: Optional[float] = None, init_adaln_gamma: Optional[float] = None,
-                     init_head: Optional[float] = None, init_std: Optional[float] = None) -> "NextScaleTransformer":
+    def init_weights(self, init_adaln: float | None = None, init_adaln_gamma: float | None = None,
+                     init_head: float | None = None, init_std: float | None = None) -> "NextScaleTransformer":
         """VAR's initialisation (the constructor already applies it with the config's values;
         an argument left at ``None`` takes the config's ``init_*`` field).
 
@@ -604,7 +605,7 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
                              f"({nc}) is used only for guidance / dropout; {got}{null_hint}")
         return labels.long()
 
-    def check_condition(self, condition: "Condition | torch.Tensor", batch_size: Optional[int] = None,
+    def check_condition(self, condition: "Condition | torch.Tensor", batch_size: int | None = None,
                         allow_null: bool = False) -> Condition:
         """Validate a condition for this model and return it as a :class:`Condition`: a label
         tensor or ``Condition.classes`` for a class model (labels checked as in
@@ -653,8 +654,8 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         cond = self.class_embed(labels)
         return cond, self.shared_adaln_proj(cond)
 
-    def encode_condition(self, condition: Condition, null_rows: Optional[torch.Tensor] = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, Optional[list[CrossKV]]]:
+    def encode_condition(self, condition: Condition, null_rows: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, list[CrossKV] | None]:
         """A validated :class:`Condition` (see :meth:`check_condition`) -> ``(cond (B, C), cond_blocks,
         cross)``: ``cond`` is the start token and AdaLN input (class embedding, projected vector,
         or masked mean of the projected sequence), ``cond_blocks`` as in :meth:`condition`,
@@ -689,7 +690,7 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         cross = [b.cross_attn.keys_values(context, mask) for b in self.blocks] if self.cross_attention else None
         return pooled, self.shared_adaln_proj(pooled), cross
 
-    def level_pos(self, extra_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def level_pos(self, extra_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Level + position embedding ``(1, L, C)``, plus the adapter's ``extra_pos``
         ``(B or 1, L, C)`` when given (then ``(B or 1, L, C)``)."""
         pos = self.level_embed(self.level_ids).unsqueeze(0) + self.pos_embed
@@ -704,7 +705,7 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         """Hidden states ``(B, n, C)`` and class embedding ``(B, C)`` -> float32 logits ``(B, n, V)``."""
         return self.head(self.head_norm(h.float(), cond).float()).float()
 
-    def _unmasked_tail(self, mask: Optional[torch.Tensor], scales: int = 2) -> tuple[int, ...]:
+    def _unmasked_tail(self, mask: torch.Tensor | None, scales: int = 2) -> tuple[int, ...]:
         """Start positions of the last ``scales`` scales (scale 0 excluded) if ``mask`` lets each of
         them attend to exactly the keys up to its own end (true of the block-causal bool mask;
         checked because ``attn_mask`` may be replaced), else ``()``."""
@@ -723,8 +724,8 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         return self._tail_memo[3]
 
     # ------------------------------------------------------------------ training forward
-    def forward(self, labels: "torch.Tensor | Condition", x: torch.Tensor, extra_pos: Optional[torch.Tensor] = None,
-                allow_null: bool = False, null_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, labels: "torch.Tensor | Condition", x: torch.Tensor, extra_pos: torch.Tensor | None = None,
+                allow_null: bool = False, null_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits.
 
         Args:
@@ -783,15 +784,15 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         return [KVCache(batch, self.num_heads, self.seq_len, self.embed_dim // self.num_heads, device, dtype)
                 for _ in range(self.depth)]
 
-    def _positions(self, lvl_pos: Optional[torch.Tensor], extra_pos: Optional[torch.Tensor]) -> torch.Tensor:
+    def _positions(self, lvl_pos: torch.Tensor | None, extra_pos: torch.Tensor | None) -> torch.Tensor:
         if lvl_pos is None:
             return self.level_pos(extra_pos)
         if extra_pos is not None:
             raise ValueError("pass extra_pos or lvl_pos, not both (lvl_pos = level_pos(extra_pos) already holds it)")
         return lvl_pos
 
-    def embed_start(self, cond: torch.Tensor, lvl_pos: Optional[torch.Tensor] = None,
-                    extra_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def embed_start(self, cond: torch.Tensor, lvl_pos: torch.Tensor | None = None,
+                    extra_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Input of scale 0: start token(s) ``(B, n_0, C)`` from the class embedding ``cond (B, C)``.
 
         ``lvl_pos``: :meth:`level_pos` precomputed once per generation ``(B or 1, L, C)``;
@@ -802,8 +803,8 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         return (cond.unsqueeze(1).expand(B, self.first_len, -1) + self.start_pos.expand(B, self.first_len, -1)
                 + lvl_pos[:, :self.first_len])
 
-    def embed_scale(self, x: torch.Tensor, k: int, lvl_pos: Optional[torch.Tensor] = None,
-                    extra_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def embed_scale(self, x: torch.Tensor, k: int, lvl_pos: torch.Tensor | None = None,
+                    extra_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Input of scale ``k >= 1``: the tokenizer's ``(B, n_k, latent_dim)`` -> ``(B, n_k, C)``.
 
         ``lvl_pos`` / ``extra_pos`` as in :meth:`embed_start` (full length L; the slice of
@@ -817,8 +818,8 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         return [b.modulation(cond_blocks) for b in self.blocks]
 
     def step(self, h: torch.Tensor, cond: torch.Tensor, cond_blocks: torch.Tensor,
-             caches: Sequence[KVCache], mods: Optional[Sequence[tuple[torch.Tensor, ...]]] = None,
-             head_rows: Optional[int] = None, cross: Optional[Sequence[CrossKV]] = None) -> torch.Tensor:
+             caches: Sequence[KVCache], mods: Sequence[tuple[torch.Tensor, ...]] | None = None,
+             head_rows: int | None = None, cross: Sequence[CrossKV] | None = None) -> torch.Tensor:
         """Run the tokens of one scale ``h (B, n_k, C)`` through all blocks, extending the
         KV caches; returns ``(B, n_k, V)`` logits. No mask is needed: a scale sees
         everything cached so far and all of itself.

@@ -35,9 +35,10 @@ import functools
 import logging
 import math
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -83,7 +84,7 @@ class TrainConfig:
 
     lr: float = 1e-4
     weight_decay: float = 0.05
-    weight_decay_end: Optional[float] = None
+    weight_decay_end: float | None = None
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     total_steps: int = 1000
@@ -97,13 +98,13 @@ class TrainConfig:
     compile: bool = False
     ema_decay: float = 0.0
     on_nonfinite: str = "skip"
-    device: Optional[str] = None
-    ddp_find_unused: Optional[bool] = None
-    ckpt_dir: Optional[str] = None
+    device: str | None = None
+    ddp_find_unused: bool | None = None
+    ckpt_dir: str | None = None
     ckpt_every: int = 0
     keep_last: int = 3
     resume: bool = True
-    log_dir: Optional[str] = None
+    log_dir: str | None = None
     log_every: int = 1
     tensorboard: bool = True
     progress: bool = True
@@ -197,9 +198,9 @@ class Trainer:
         self.step = self.batches_seen = self.epoch = self.epoch_batches = self.nonfinite_steps = 0
         self.history: list[dict] = []     # records of the steps taken by this object
         self.window: list[dict] = []      # metrics of the micro-batches of the current step
-        self.skip_reason: Optional[str] = None  # why the current step will be skipped (non-finite)
+        self.skip_reason: str | None = None  # why the current step will be skipped (non-finite)
         self.saved_step = -1
-        self._pending_rng: Optional[dict] = None  # restored once the loader is fast-forwarded
+        self._pending_rng: dict | None = None  # restored once the loader is fast-forwarded
         self.loggers: dict[str, CSVLogger] = {}
 
     # ------------------------------------------------------------------ construction helpers
@@ -214,20 +215,20 @@ class Trainer:
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=self.find_unused_parameters if c.ddp_find_unused is None else c.ddp_find_unused)
 
-    def make_optimizer(self, module: nn.Module, lr: Optional[float] = None,
-                       betas: Optional[tuple[float, float]] = None) -> torch.optim.Optimizer:
+    def make_optimizer(self, module: nn.Module, lr: float | None = None,
+                       betas: tuple[float, float] | None = None) -> torch.optim.Optimizer:
         c = self.config
         return build_optimizer(module, lr=lr or c.lr, weight_decay=c.weight_decay, betas=betas or c.betas,
                                eps=c.eps, no_decay_keys=VAR_NO_DECAY_KEYS)
 
-    def make_scheduler(self, opt: torch.optim.Optimizer, lr: Optional[float] = None) -> WarmupDecaySchedule:
+    def make_scheduler(self, opt: torch.optim.Optimizer, lr: float | None = None) -> WarmupDecaySchedule:
         c = self.config
         return WarmupDecaySchedule(opt, peak_lr=lr or c.lr, total_steps=c.total_steps, warmup_steps=c.warmup_steps,
                                    kind=c.lr_schedule, wp0=c.warmup_start, final_ratio=c.final_lr_ratio,
                                    wd=c.weight_decay, wd_end=c.weight_decay_end)
 
-    def add_trainable(self, name: str, module: nn.Module, lr: Optional[float] = None,
-                      betas: Optional[tuple[float, float]] = None, averaged: bool = False) -> nn.Module:
+    def add_trainable(self, name: str, module: nn.Module, lr: float | None = None,
+                      betas: tuple[float, float] | None = None, averaged: bool = False) -> nn.Module:
         """Train ``module`` alongside the model with its own AdamW and schedule (e.g. a GAN
         discriminator).  It is checkpointed as ``name``; under DDP its gradients are averaged
         over ranks by the trainer (it is not wrapped).
@@ -273,7 +274,7 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
-    def step_on(self, batch: Any) -> Optional[dict]:
+    def step_on(self, batch: Any) -> dict | None:
         """Forward/backward one parsed batch; every ``grad_accum`` batches take an optimizer
         step.  Returns the step's record (metrics, lr, grad norm) after a step, else ``None``."""
         c = self.config
@@ -379,7 +380,7 @@ class Trainer:
         return msg
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, loader: Iterable, steps: Optional[int] = None) -> list[dict]:
+    def fit(self, loader: Iterable, steps: int | None = None) -> list[dict]:
         """Train until ``self.step == steps`` (default ``config.total_steps``), resuming
         first from ``config.ckpt_dir`` when ``config.resume``.  ``steps`` is the absolute
         target, so the same call finishes an interrupted run.  Returns the records of the
@@ -444,7 +445,7 @@ class Trainer:
                 "epoch_batches": self.epoch_batches, "nonfinite_steps": self.nonfinite_steps,
                 "trainer": type(self).__name__, "rng_ranks": rng_ranks}
 
-    def save(self, ckpt_dir: Optional[str] = None) -> Optional[Path]:
+    def save(self, ckpt_dir: str | None = None) -> Path | None:
         """Write a checkpoint of the current step (rank 0 only; all ranks wait)."""
         ckpt_dir = ckpt_dir or self.config.ckpt_dir
         if not ckpt_dir:
@@ -463,7 +464,7 @@ class Trainer:
         self.saved_step = self.step
         return path
 
-    def resume(self, path: Optional[str] = None) -> Optional[Checkpoint]:
+    def resume(self, path: str | None = None) -> Checkpoint | None:
         """Restore from checkpoint directory ``path`` or the newest good one in
         ``config.ckpt_dir``; returns the checkpoint, or ``None`` if there was none."""
         if path is None and not self.config.ckpt_dir:
@@ -497,7 +498,7 @@ class Trainer:
         return ck
 
     # ------------------------------------------------------------------ logging and evaluation helpers
-    def _logger(self, name: str) -> Optional[CSVLogger]:
+    def _logger(self, name: str) -> CSVLogger | None:
         c = self.config
         if not (c.log_dir and D.is_main()):
             return None

@@ -42,9 +42,10 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,13 +64,13 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupt or incompatible; ``path`` names the bad file."""
 
-    def __init__(self, message: str, path: Optional[Path] = None):
+    def __init__(self, message: str, path: Path | None = None):
         super().__init__(message)
         self.path = path
 
 
 # ---------------------------------------------------------------------------- RNG
-def capture_rng_state(generators: Optional[Mapping[str, torch.Generator]] = None) -> dict:
+def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict:
     """All random number generator states, as tensors / numbers (``weights_only``-loadable).
 
     Covers Python's ``random``, NumPy's global generator, torch CPU, every CUDA device
@@ -89,7 +90,7 @@ def capture_rng_state(generators: Optional[Mapping[str, torch.Generator]] = None
     return state
 
 
-def restore_rng_state(state: Mapping, generators: Optional[Mapping[str, torch.Generator]] = None) -> None:
+def restore_rng_state(state: Mapping, generators: Mapping[str, torch.Generator] | None = None) -> None:
     """Inverse of :func:`capture_rng_state`. Generators named in ``generators`` but absent
     from ``state`` are left alone; CUDA states are restored only when the device count matches."""
     py = state["python"]
@@ -236,8 +237,8 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 # ---------------------------------------------------------------------------- save
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, models: Mapping[str, nn.Module],
                     optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
-                    extra: Optional[Mapping[str, Any]] = None, config: Any = None,
-                    rng: bool = True, generators: Optional[Mapping[str, torch.Generator]] = None,
+                    extra: Mapping[str, Any] | None = None, config: Any = None,
+                    rng: bool = True, generators: Mapping[str, torch.Generator] | None = None,
                     keep_last: int = 0) -> Path:
     """Save one checkpoint atomically; returns its directory ``ckpt_dir/step_XXXXXX``.
 
@@ -341,9 +342,9 @@ class Checkpoint:
     def config(self) -> Any:
         return self.manifest.get("config")
 
-    def restore(self, models: Optional[Mapping[str, nn.Module]] = None, optimizer: Any = None,
+    def restore(self, models: Mapping[str, nn.Module] | None = None, optimizer: Any = None,
                 scheduler: Any = None, scaler: Any = None, rng: bool = False,
-                generators: Optional[Mapping[str, torch.Generator]] = None, strict: bool = True) -> None:
+                generators: Mapping[str, torch.Generator] | None = None, strict: bool = True) -> None:
         """Load the saved states into live objects. Missing pieces raise :class:`CheckpointError`."""
         for name, model in (models or {}).items():
             if name not in self.model_states:
@@ -463,9 +464,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", verify: 
 
 
 def load_latest(ckpt_dir: str | os.PathLike, map_location: Any = "cpu",
-                models: Optional[Mapping[str, nn.Module]] = None, optimizer: Any = None, scheduler: Any = None,
-                scaler: Any = None, rng: bool = False, generators: Optional[Mapping[str, torch.Generator]] = None,
-                strict: bool = True) -> Optional[Checkpoint]:
+                models: Mapping[str, nn.Module] | None = None, optimizer: Any = None, scheduler: Any = None,
+                scaler: Any = None, rng: bool = False, generators: Mapping[str, torch.Generator] | None = None,
+                strict: bool = True) -> Checkpoint | None:
     """Newest checkpoint of ``ckpt_dir`` that verifies, or ``None`` when there is none.
 
     Corrupt / truncated checkpoints are skipped with a warning naming the bad file

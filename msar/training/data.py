@@ -2,7 +2,8 @@
 on the token maps (much cheaper than re-encoding every batch on CPU)."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -22,7 +23,7 @@ class TokenDataset(Dataset):
     :class:`~msar.training.TransformerTrainer` reads.
     """
 
-    def __init__(self, indices: Sequence[torch.Tensor], labels: Optional[torch.Tensor] = None):
+    def __init__(self, indices: Sequence[torch.Tensor], labels: torch.Tensor | None = None):
         if len(indices) == 0:
             raise ValueError("TokenDataset: indices must hold one (N, n_k) tensor per scale, got an empty list")
         n = indices[0].shape[0]
@@ -48,7 +49,7 @@ class TokenDataset(Dataset):
 
     @classmethod
     @torch.no_grad()
-    def encode(cls, tokenizer: Any, data: torch.Tensor, labels: Optional[torch.Tensor] = None,
+    def encode(cls, tokenizer: Any, data: torch.Tensor, labels: torch.Tensor | None = None,
                batch_size: int = 64) -> "TokenDataset":
         """Tokenize ``data`` (a tensor batched on dim 0) with ``tokenizer.encode`` in chunks."""
         parts = [tokenizer.encode(data[i:i + batch_size]) for i in range(0, len(data), batch_size)]
@@ -57,7 +58,7 @@ class TokenDataset(Dataset):
         return cls([torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))], labels)
 
 
-def collate_tokens(batch: list[tuple[list[torch.Tensor], Any]]) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+def collate_tokens(batch: list[tuple[list[torch.Tensor], Any]]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Stack :class:`TokenDataset` items into ``(list of (B, n_k), labels (B,) / features (B, D) or None)``."""
     idx = [torch.stack([b[0][k] for b in batch]) for k in range(len(batch[0][0]))]
     labels = None if batch[0][1] is None else torch.stack([torch.as_tensor(b[1]) for b in batch])

@@ -11,7 +11,8 @@ the same order).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def init_distributed(device: Optional[str] = None) -> torch.device:
+def init_distributed(device: str | None = None) -> torch.device:
     """Join the torchrun process group if ``WORLD_SIZE > 1`` (once); returns this rank's device.
 
     ``device=None`` picks ``cuda:LOCAL_RANK`` when CUDA is available, else CPU.
@@ -83,7 +84,7 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def trainer_device(device: Optional[str], model: torch.nn.Module) -> torch.device:
+def trainer_device(device: str | None, model: torch.nn.Module) -> torch.device:
     """The device a trainer runs on, after joining the process group (:func:`init_distributed`).
 
     ``device`` when given (``"cuda"`` = ``cuda:LOCAL_RANK``); else the device ``model`` is on.
@@ -105,7 +106,7 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
-                 num_workers: int = 0, collate_fn: Optional[Callable] = None, **kw: Any) -> DataLoader:
+                 num_workers: int = 0, collate_fn: Callable | None = None, **kw: Any) -> DataLoader:
     """A DataLoader over this rank's shard (``DistributedSampler``; one shard when not distributed).
 
     The order is a function of ``(seed, epoch)`` only -- the trainers call

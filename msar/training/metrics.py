@@ -4,8 +4,8 @@ from __future__ import annotations
 import copy
 import csv
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ class CSVLogger:
         self.path = Path(log_dir) / f"{name}.csv"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.name = name
-        self.columns: Optional[list[str]] = None
+        self.columns: list[str] | None = None
         if self.path.exists() and self.path.stat().st_size > 0:
             with open(self.path, newline="") as f:
                 header = next(csv.reader(f), None)

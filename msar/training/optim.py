@@ -17,7 +17,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -63,7 +63,7 @@ def param_groups(model: nn.Module, weight_decay: float,
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                    no_decay_keys: Iterable[str] = VAR_NO_DECAY_KEYS, fused: Optional[bool] = None) -> torch.optim.AdamW:
+                    no_decay_keys: Iterable[str] = VAR_NO_DECAY_KEYS, fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` (``fused`` defaults to True on CUDA)."""
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}")
@@ -99,7 +99,7 @@ def lr_ratio(step: int, total_steps: int, warmup_steps: int, kind: str = "lin0",
     return final_ratio + (1 - final_ratio) * (1 - passed) / (1 - hold)
 
 
-def wd_value(step: int, total_steps: int, wd: float, wd_end: Optional[float] = None) -> float:
+def wd_value(step: int, total_steps: int, wd: float, wd_end: float | None = None) -> float:
     """Weight decay at ``step``: cosine from ``wd`` (step 0) to ``wd_end`` (last step)."""
     if wd_end is None or wd_end == wd:
         return wd
@@ -117,8 +117,8 @@ class WarmupDecaySchedule:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, total_steps: int, warmup_steps: int = 0,
-                 kind: str = "lin0", wp0: float = 0.005, final_ratio: float = 0.01, wd: Optional[float] = None,
-                 wd_end: Optional[float] = None):
+                 kind: str = "lin0", wp0: float = 0.005, final_ratio: float = 0.01, wd: float | None = None,
+                 wd_end: float | None = None):
         if total_steps <= 0:
             raise ValueError(f"total_steps must be positive, got {total_steps}")
         if not 0 <= warmup_steps <= total_steps:

@@ -1,8 +1,9 @@
 """Training the next-scale transformer on the tokens of a frozen pyramid tokenizer."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,7 @@ class TransformerTrainConfig(TrainConfig):
 
     label_smoothing: float = 0.0
     # token id excluded from loss and accuracy (padding in fixed schedules, e.g. graphs); None = none
-    ignore_index: Optional[int] = None
+    ignore_index: int | None = None
     # every token of scale k weighs n_k ** -power in the training loss: 0 = every token the same (VAR),
     # 1 = every scale the same (Infinity's reweighting by scale).  Coarse scales hold few tokens but
     # decide the layout every finer scale refines; validation losses stay per token either way.
@@ -44,7 +45,7 @@ class TransformerTrainConfig(TrainConfig):
 # encoder's inputs, or None (unconditional: the null class) --, teacher input (B, L - n_0, C), adapter
 # positions (B or 1, L, embed_dim) or None
 TokenBatch = tuple[list[torch.Tensor], "torch.Tensor | Condition | tuple[torch.Tensor, ...] | None", torch.Tensor,
-                   Optional[torch.Tensor]]
+                   torch.Tensor | None]
 
 
 class TransformerTrainer(Trainer):
@@ -91,9 +92,9 @@ class TransformerTrainer(Trainer):
     Under ``torchrun`` the same script trains with DDP (see :mod:`msar.training.distributed`).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, config: Optional[TransformerTrainConfig] = None,
-                 prepare_batch: Optional[Callable[[Any], tuple]] = None,
-                 extra_pos: Optional[torch.Tensor] = None, condition_encoder: Optional[nn.Module] = None):
+    def __init__(self, model: nn.Module, tokenizer: Any, config: TransformerTrainConfig | None = None,
+                 prepare_batch: Callable[[Any], tuple] | None = None,
+                 extra_pos: torch.Tensor | None = None, condition_encoder: nn.Module | None = None):
         config = config or TransformerTrainConfig()
         super().__init__(model, config)
         # raw condition inputs -> a Condition (None: batches carry conditions); trained with the model when
@@ -131,8 +132,8 @@ class TransformerTrainer(Trainer):
         return (isinstance(x, (list, tuple)) and len(x) == self.schedule.num_scales and len(x) > 0
                 and all(isinstance(t, torch.Tensor) and t.dim() == 2 and not t.dtype.is_floating_point for t in x))
 
-    def make_batch(self, data_or_indices: Any, labels: Optional[torch.Tensor] = None,
-                   teacher_input: Optional[torch.Tensor] = None, extra_pos: Optional[torch.Tensor] = None) -> TokenBatch:
+    def make_batch(self, data_or_indices: Any, labels: torch.Tensor | None = None,
+                   teacher_input: torch.Tensor | None = None, extra_pos: torch.Tensor | None = None) -> TokenBatch:
         """``(indices (per scale (B, n_k)), labels (B,) or None, teacher_input (B, L - n_0, C),
         extra_pos (B or 1, L, embed_dim) or None)`` on the device (``extra_pos`` defaults to the
         trainer's)."""
@@ -194,7 +195,7 @@ class TransformerTrainer(Trainer):
         return self.make_batch(*raw)
 
     # ------------------------------------------------------------------ loss
-    def token_losses(self, model: nn.Module, batch: TokenBatch, encoder: Optional[nn.Module] = None
+    def token_losses(self, model: nn.Module, batch: TokenBatch, encoder: nn.Module | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token cross-entropy ``(B, L)``, per-token correctness ``(B, L)`` and logits ``(B, L, V)``;
         ``encoder`` encodes the batch's condition inputs (default: the live condition encoder)."""
@@ -218,13 +219,13 @@ class TransformerTrainer(Trainer):
         correct = (logits.detach().argmax(-1) == target).float()
         return ce, correct, logits
 
-    def token_weights(self, batch: TokenBatch) -> Optional[torch.Tensor]:
+    def token_weights(self, batch: TokenBatch) -> torch.Tensor | None:
         """``(B, L)`` 1/0 weights of the tokens that count (``None``: all count)."""
         if self.config.ignore_index is None:
             return None
         return (torch.cat(batch[0], dim=1) != self.config.ignore_index).float()
 
-    def per_scale_sums(self, per_token: torch.Tensor, weight: Optional[torch.Tensor] = None
+    def per_scale_sums(self, per_token: torch.Tensor, weight: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, L)`` -> per-scale ``(K,)`` weighted sums and ``(K,)`` weights (token counts)."""
         K = self.schedule.num_scales
@@ -233,7 +234,7 @@ class TransformerTrainer(Trainer):
         counts = per_token.new_zeros(K).index_add_(0, self.level_ids, w.sum(0))
         return sums, counts
 
-    def per_scale(self, per_token: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def per_scale(self, per_token: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, L)`` -> ``(K,)`` mean over each scale's (counted) tokens and the batch."""
         sums, counts = self.per_scale_sums(per_token, weight)
         return sums / counts.clamp_min(1.0)
@@ -260,8 +261,8 @@ class TransformerTrainer(Trainer):
             parts[f"scale {k} {self.schedule.shape(k)}"] = loss_k[k]
         return LossOutput(loss, metrics, parts)
 
-    def train_step(self, indices_or_data: Any, labels: Optional[torch.Tensor] = None,
-                   teacher_input: Optional[torch.Tensor] = None) -> Optional[dict]:
+    def train_step(self, indices_or_data: Any, labels: torch.Tensor | None = None,
+                   teacher_input: torch.Tensor | None = None) -> dict | None:
         """One batch: precomputed per-scale ``indices`` or raw data, ``labels (B,)`` (None =
         null class).  Returns the step record when an optimizer step was taken (every
         ``grad_accum`` calls), else None."""
@@ -270,7 +271,7 @@ class TransformerTrainer(Trainer):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     @leaves_rng_alone
-    def evaluate(self, loader: Iterable, max_batches: Optional[int] = None, use_ema: bool = True,
+    def evaluate(self, loader: Iterable, max_batches: int | None = None, use_ema: bool = True,
                  log: bool = True) -> dict[str, float]:
         """Per-scale validation loss / accuracy (token-weighted means over the loader,
         averaged over ranks); uses the EMA weights (of the model and of a jointly trained condition

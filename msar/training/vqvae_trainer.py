@@ -1,8 +1,9 @@
 """Training a multi-scale VQ tokenizer: reconstruction + VQ loss, optional perceptual and adversarial terms."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -32,7 +33,7 @@ class VQVAETrainConfig(TrainConfig):
     perceptual_weight: float = 0.0
     disc_weight: float = 0.5
     disc_start: int = 0
-    disc_lr: Optional[float] = None
+    disc_lr: float | None = None
     disc_betas: tuple[float, float] = (0.5, 0.9)
     adaptive_disc_weight: bool = True
     restart_every: int = 0
@@ -45,7 +46,7 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def _last_weight(module: nn.Module) -> Optional[nn.Parameter]:
+def _last_weight(module: nn.Module) -> nn.Parameter | None:
     """The last multi-dimensional trainable weight of ``module`` (the decoder's output layer)."""
     last = None
     for p in module.parameters():
@@ -83,11 +84,11 @@ class VQVAETrainer(Trainer):
 
     find_unused_parameters = True  # the phi bank may hold convs that no scale of the schedule uses
 
-    def __init__(self, tokenizer: nn.Module, config: Optional[VQVAETrainConfig] = None,
-                 perceptual: Optional[Callable[[Any, Any], torch.Tensor]] = None,
-                 discriminator: Optional[nn.Module] = None,
-                 recon_loss: Optional[Callable[[Any, Any], Any]] = None,
-                 last_layer: Optional[nn.Parameter] = None):
+    def __init__(self, tokenizer: nn.Module, config: VQVAETrainConfig | None = None,
+                 perceptual: Callable[[Any, Any], torch.Tensor] | None = None,
+                 discriminator: nn.Module | None = None,
+                 recon_loss: Callable[[Any, Any], Any] | None = None,
+                 last_layer: nn.Parameter | None = None):
         config = config or VQVAETrainConfig()
         super().__init__(tokenizer, config)
         self.tokenizer = tokenizer
@@ -198,14 +199,14 @@ class VQVAETrainer(Trainer):
             torch.distributed.broadcast(quantizer.usage_ema, src=0)
         return {"restarted": n}
 
-    def train_step(self, x: Any) -> Optional[dict]:
+    def train_step(self, x: Any) -> dict | None:
         """One batch of data; returns the step record when an optimizer step was taken."""
         return self.step_on(self.parse_batch(x))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     @leaves_rng_alone
-    def evaluate(self, loader: Iterable, max_batches: Optional[int] = None, use_ema: bool = True,
+    def evaluate(self, loader: Iterable, max_batches: int | None = None, use_ema: bool = True,
                  log: bool = True) -> dict[str, float]:
         """Mean reconstruction L1 / MSE (or ``recon``), VQ loss and per-scale codebook
         usage over a loader (EMA weights when available)."""

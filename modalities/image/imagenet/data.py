@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ def list_classes(split_dir: str) -> list[str]:
     return classes
 
 
-def scan_split(split_dir: str, classes: Sequence[str], max_per_class: Optional[int] = None) -> list[tuple[str, int]]:
+def scan_split(split_dir: str, classes: Sequence[str], max_per_class: int | None = None) -> list[tuple[str, int]]:
     """``[(path, class index)]`` sorted by class then file name (the order is part of the
     determinism contract). Class folders of ``split_dir`` not in ``classes`` are an error."""
     present = list_classes(split_dir)
@@ -66,8 +66,8 @@ def scan_split(split_dir: str, classes: Sequence[str], max_per_class: Optional[i
     return items
 
 
-def cached_scan(split_dir: str, classes: Sequence[str], cache: Optional[str] = None,
-                max_per_class: Optional[int] = None) -> list[tuple[str, int]]:
+def cached_scan(split_dir: str, classes: Sequence[str], cache: str | None = None,
+                max_per_class: int | None = None) -> list[tuple[str, int]]:
     """:func:`scan_split` with an optional JSON cache (listing 1.28M files on a network file
     system takes minutes; every rank would do it). Paths are stored relative to ``split_dir``."""
     if cache and os.path.isfile(cache):
@@ -98,7 +98,7 @@ def resize_shorter(im, size: int):
     return im if new == (w, h) else im.resize(new, Image.LANCZOS)
 
 
-def crop_box(w: int, h: int, size: int, train: bool, gen: Optional[torch.Generator]) -> tuple[int, int, int, int]:
+def crop_box(w: int, h: int, size: int, train: bool, gen: torch.Generator | None) -> tuple[int, int, int, int]:
     """``(left, top, right, bottom)`` of a random (``train``) or centre ``size x size`` crop."""
     if w < size or h < size:
         raise ValueError(f"image of {w}x{h} is smaller than the crop {size}x{size}")
@@ -128,7 +128,7 @@ def load_rgb(path: str):
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
-def augment(im, size: int, train: bool, hflip: bool, gen: Optional[torch.Generator],
+def augment(im, size: int, train: bool, hflip: bool, gen: torch.Generator | None,
             mid_reso: float = MID_RESO) -> torch.Tensor:
     """VAR's augmentation of one RGB PIL image -> ``(3, size, size)`` in [-1, 1]."""
     im = resize_shorter(im, round(mid_reso * size))
@@ -149,9 +149,9 @@ class ImageNetFolder(Dataset):
     every class (quick experiments).  ``index_cache`` is a JSON file list (see :func:`cached_scan`).
     """
 
-    def __init__(self, root: str, split: str = "train", size: int = 256, train: Optional[bool] = None,
-                 hflip: bool = False, classes: Optional[Sequence[str]] = None, seed: int = 0,
-                 max_per_class: Optional[int] = None, index_cache: Optional[str] = None,
+    def __init__(self, root: str, split: str = "train", size: int = 256, train: bool | None = None,
+                 hflip: bool = False, classes: Sequence[str] | None = None, seed: int = 0,
+                 max_per_class: int | None = None, index_cache: str | None = None,
                  mid_reso: float = MID_RESO):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"ImageNet root not found: {root} (expected {root}/train/<wnid>/*.JPEG)")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Optional
 
 import numpy as np
 import torch
@@ -181,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[list[str]] = None, net: Optional[FIDInceptionV3] = None) -> dict:
+def main(argv: list[str] | None = None, net: FIDInceptionV3 | None = None) -> dict:
     """Run the evaluation; ``net`` replaces ``--inception`` (tests pass a random network)."""
     a = build_parser().parse_args(argv)
     if net is None:

@@ -22,8 +22,8 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -54,8 +54,8 @@ class SamplingSettings:
 
 
 # ---------------------------------------------------------------------------- loading
-def load_models(var: str, vae: Optional[str] = None, preset: Optional[str] = None, num_classes: Optional[int] = None,
-                vae_config: Optional[str] = None, random_vae: bool = False) -> tuple[NextScaleTransformer, VQVAE]:
+def load_models(var: str, vae: str | None = None, preset: str | None = None, num_classes: int | None = None,
+                vae_config: str | None = None, random_vae: bool = False) -> tuple[NextScaleTransformer, VQVAE]:
     """The transformer and the tokenizer.
 
     ``var``: a saved :class:`~modalities.image.pipeline.ImagePipeline` (a training output
@@ -125,7 +125,7 @@ def check_settings(out: str, settings: SamplingSettings, meta: dict) -> None:
 # ---------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate_class(model: NextScaleTransformer, vqvae: VQVAE, c: int, s: SamplingSettings,
-                   classifier: Optional[torch.nn.Module] = None) -> np.ndarray:
+                   classifier: torch.nn.Module | None = None) -> np.ndarray:
     """``per_class`` images of class ``c`` as uint8 ``(n, H, W, 3)``; seeded by ``(seed, c)``."""
     device = model.pos_embed.device
     gen = torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + c)
@@ -156,7 +156,7 @@ def save_pngs(arr: np.ndarray, folder: str) -> None:
         Image.fromarray(im).save(os.path.join(folder, f"{j:03d}.png"))
 
 
-def pack(out: str, classes: Sequence[int], name: str = "samples.npz") -> Optional[str]:
+def pack(out: str, classes: Sequence[int], name: str = "samples.npz") -> str | None:
     """Concatenate the finished classes into ``OUT/samples.npz`` (``arr_0`` uint8 NHWC,
     ``labels``); returns its path, or None while classes are missing."""
     missing = [c for c in classes if not os.path.isfile(class_file(out, c))]
@@ -173,8 +173,8 @@ def pack(out: str, classes: Sequence[int], name: str = "samples.npz") -> Optiona
 
 
 def run(model: NextScaleTransformer, vqvae: VQVAE, out: str, classes: Sequence[int], settings: SamplingSettings,
-        shard: int = 0, num_shards: int = 1, png: bool = True, classifier: Optional[torch.nn.Module] = None,
-        meta: Optional[dict] = None, progress: bool = True) -> dict:
+        shard: int = 0, num_shards: int = 1, png: bool = True, classifier: torch.nn.Module | None = None,
+        meta: dict | None = None, progress: bool = True) -> dict:
     """Generate this shard's missing classes; pack when all are done. Returns a summary."""
     from tqdm.auto import tqdm
 
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     shard = a.shard if a.shard is not None else int(os.environ.get("RANK", "0"))
     num_shards = a.num_shards if a.num_shards is not None else int(os.environ.get("WORLD_SIZE", "1"))

@@ -25,7 +25,6 @@ and smoke runs; it is not a recipe.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Optional
 
 from msar import TransformerConfig
 
@@ -58,16 +57,16 @@ class Recipe:
     init_std: float = -1.0               # -1: sqrt(1 / 3C)
     amp: str = "fp16"                    # the reference trains with --fp16=1 (fp16 + loss scaling)
     fsdp: bool = False                   # shard parameters/gradients/optimizer state per block
-    vqvae_preset: Optional[str] = "vae_ch160v4096z32"
+    vqvae_preset: str | None = "vae_ch160v4096z32"
     # progressive training (off in the published runs): the reference's --pg, --pg0, --pgwp
     progressive: float = 0.0
     progressive_start_scale: int = 4
     progressive_warmup_epochs_frac: float = 1 / 300
     # only for presets that are not released VAR models (tiny): explicit architectures
     transformer_overrides: dict = field(default_factory=dict)
-    vqvae_config: Optional[dict] = None
+    vqvae_config: dict | None = None
 
-    def peak_lr(self, global_batch: Optional[int] = None) -> float:
+    def peak_lr(self, global_batch: int | None = None) -> float:
         return self.base_lr * (global_batch or self.global_batch) / 256
 
     def vqvae(self) -> VQVAEConfig:

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import warnings
-from typing import Optional
 
 import torch
 
@@ -85,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def load_tokenizer(recipe: Recipe, path: Optional[str], config: Optional[str] = None,
+def load_tokenizer(recipe: Recipe, path: str | None, config: str | None = None,
                    random_init: bool = False) -> VQVAE:
     """The frozen VQ-VAE: a ``save_pretrained`` folder (e.g. ``train_vqvae``'s ``OUT/tokenizer``),
     or weights from ``path`` (strict) with the architecture from ``config`` (preset name or
@@ -117,7 +116,7 @@ def load_tokenizer(recipe: Recipe, path: Optional[str], config: Optional[str] = 
     return vqvae_from_state_dict(read_state_dict(path), cfg)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     if not a.data and not a.synthetic:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -37,15 +38,15 @@ class ImageNetTrainer(TransformerTrainer):
     """
 
     def __init__(self, model: nn.Module, tokenizer: nn.Module, config: TransformerTrainConfig, recipe: Recipe,
-                 steps_per_epoch: int, val_loader: Optional[Iterable] = None, val_every: int = 0,
-                 val_batches: Optional[int] = None, fsdp: bool = False, global_batch: Optional[int] = None):
+                 steps_per_epoch: int, val_loader: Iterable | None = None, val_every: int = 0,
+                 val_batches: int | None = None, fsdp: bool = False, global_batch: int | None = None):
         self.recipe = recipe
         self.steps_per_epoch = max(1, int(steps_per_epoch))
         self.val_loader, self.val_every, self.val_batches = val_loader, int(val_every), val_batches
         self.fsdp = bool(fsdp)
         self.global_batch = global_batch or 0
-        self._t_last: Optional[float] = None
-        self._fsdp_saved: Optional[tuple[dict, dict]] = None
+        self._t_last: float | None = None
+        self._fsdp_saved: tuple[dict, dict] | None = None
         if self.fsdp:
             if config.ema_decay > 0:
                 raise ValueError("EMA is not supported with FSDP (the EMA copy would not be sharded)")
@@ -69,7 +70,7 @@ class ImageNetTrainer(TransformerTrainer):
         return model if self.fsdp else super().wrap_model(model)
 
     # ------------------------------------------------------------------ progressive training
-    def stage(self, step: Optional[int] = None) -> int:
+    def stage(self, step: int | None = None) -> int:
         """Index of the last trained scale at ``step`` (all scales unless progressive)."""
         step = self.step if step is None else step
         c = self.config
@@ -132,7 +133,7 @@ class ImageNetTrainer(TransformerTrainer):
         return out
 
     # ------------------------------------------------------------------ resume without decoding
-    def fit(self, loader: Iterable, steps: Optional[int] = None) -> list[dict]:
+    def fit(self, loader: Iterable, steps: int | None = None) -> list[dict]:
         c = self.config
         if c.resume and c.ckpt_dir and self.step == 0 and self._pending_rng is None:
             self.resume()
@@ -142,7 +143,7 @@ class ImageNetTrainer(TransformerTrainer):
         return super().fit(loader, steps)
 
     # ------------------------------------------------------------------ FSDP gradient accumulation
-    def step_on(self, batch: Any) -> Optional[dict]:
+    def step_on(self, batch: Any) -> dict | None:
         if self.fsdp and self.config.grad_accum > 1:  # reduce-scatter only on the window's last micro-batch
             self.model.set_requires_gradient_sync(len(self.window) == self.config.grad_accum - 1)
         return super().step_on(batch)
@@ -155,7 +156,7 @@ class ImageNetTrainer(TransformerTrainer):
             return {"model": _FullState(self._fsdp_saved[0])}
         return {"model": _FSDPModelState(self.model)}  # resume(): loads into the shards
 
-    def save(self, ckpt_dir: Optional[str] = None):
+    def save(self, ckpt_dir: str | None = None):
         if not self.fsdp:
             return super().save(ckpt_dir)
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -170,7 +171,7 @@ class ImageNetTrainer(TransformerTrainer):
         finally:
             self.optimizers, self._fsdp_saved = real, None
 
-    def resume(self, path: Optional[str] = None):
+    def resume(self, path: str | None = None):
         if not self.fsdp:
             return super().resume(path)
         real = self.optimizers
