@@ -309,3 +309,13 @@ def test_trainer_takes_condition_batches_from_the_default_loader():
     assert tr.train_step(x, c) is not None
     with pytest.raises(ValueError, match=r"takes sequence conditions.*a batch is \(x, features \(B, T, D\)"):
         tr.parse_batch((x, torch.tensor([0, 1, 2, 0])))  # class labels for a sequence model
+
+
+def test_sample_output_holds_the_final_decode_state_for_a_conditioned_model():
+    """Bug: the output's ``state`` is a fresh or another state, not the one the scales were added to (the
+    class-model path is covered by the triangulation test of refused splits)."""
+    m, t = model(), tok()
+    out = sample(m, t, condition=seq(), top_k=1)
+    assert len(out.state.indices) == len(out.indices)
+    assert all(torch.equal(a, b) for a, b in zip(out.state.indices, out.indices))
+    assert torch.equal(t.finish(out.state), out.data)
