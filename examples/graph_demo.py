@@ -78,7 +78,7 @@ import msar
 from benchmarks.common import write_result_json
 from modalities.graph import GraphPyramidTokenizer, evaluate, graphs_from, make_dataset
 from modalities.graph.coarsen import MATCHINGS
-from modalities.graph.datasets import WITH_VALIDATION
+from modalities.graph.datasets import WITH_VALIDATION, graphs_json
 from modalities.graph.constraints import PROJECTIONS, PROPERTIES, EdgeScores, StructureHook, count_projection
 from modalities.graph.metrics import VALIDITY, ValidityFilter, structure_summary
 from modalities.graph.size import (NodeCountHook, TriangulationNodeCountHook, draw_node_counts,
@@ -502,9 +502,7 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
     metrics["structure_summary"] = {"generated": structure_summary(gen), "test": structure_summary(test),
                                     "train": structure_summary(train_graphs)}
     # the generated graphs, for later analysis (with the same provenance record as metrics.json)
-    write_result_json(os.path.join(out, "graphs.json"),
-                      {"graphs": [{"n": G.number_of_nodes(), "edges": sorted(map(sorted, G.edges()))} for G in gen]},
-                      started)
+    write_result_json(os.path.join(out, "graphs.json"), graphs_json(gen), started)
     metrics.update({
         "dataset": dataset, "training_graphs_used": train_used, "eval_split": args.eval_split, "seed": args.seed, "quick": args.quick, "data_kw": data_kw, "train_config": cfg,
         "tokenizer": tok.config, "schedule_L": tok.schedule.L, "num_scales": len(tok.schedule),

@@ -39,8 +39,8 @@ def test_reference_floor_refuses_a_node_count_for_other_generators():
 
 
 def _write_graphs(path, graphs):
-    path.write_text(json.dumps({"graphs": [{"n": G.number_of_nodes(), "edges": sorted(map(sorted, G.edges()))}
-                                           for G in graphs]}))
+    from modalities.graph.datasets import graphs_json
+    path.write_text(json.dumps(graphs_json(graphs)))
 
 
 def test_vs_generator_scores_sets_against_fresh_draws_and_splits_them_by_size(tmp_path):

@@ -168,8 +168,14 @@ def graphs_from(data) -> list[nx.Graph]:
     raise TypeError(f"expected a torch_geometric Data/Batch, a networkx Graph or a list of them, got {type(data).__name__}")
 
 
+def graphs_json(graphs: Sequence[nx.Graph]) -> dict:
+    """``{"graphs": [{"n", "edges"}]}``: the content of the ``graphs.json`` that ``examples.graph_demo``
+    writes (nodes ``0 .. n-1``, edges sorted), read back by :func:`read_graphs_json`."""
+    return {"graphs": [{"n": G.number_of_nodes(), "edges": sorted(map(sorted, G.edges()))} for G in graphs]}
+
+
 def read_graphs_json(path: str) -> list[nx.Graph]:
-    """The graphs of a ``graphs.json`` that ``examples.graph_demo`` writes (``{"graphs": [{"n", "edges"}]}``)."""
+    """The graphs of a ``graphs.json`` (:func:`graphs_json`) as networkx graphs."""
     with open(path) as f:
         rows = json.load(f)["graphs"]
     out = []
