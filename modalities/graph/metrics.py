@@ -390,10 +390,11 @@ class ValidityFilter:
                 kept_invalid += not valid
             graphs.append(G)
         valid = self.drawn - sum(not ok for _, ok in self.rejected)
-        stats: dict[str, float | int] = {"drawn": self.drawn, "valid_drawn": valid, "acceptance": valid / self.drawn,
+        accepted = valid if self.targets is None else len(self.kept)
+        stats: dict[str, float | int] = {"drawn": self.drawn, "valid_drawn": valid, "acceptance": accepted / self.drawn,
                                          "kept_invalid": kept_invalid}
         if self.targets is not None:
-            stats |= {"acceptance": len(self.kept) / self.drawn, "off_target": self.slots.count(None)}
+            stats["off_target"] = self.slots.count(None)
         return graphs, stats
 
 
