@@ -423,18 +423,11 @@ def test_last_level_benchmark_resamples_only_the_chunks_it_names(tmp_path):
     # other scales than the last level's chunks from c on (then "resample nothing" would not reproduce the
     # data), counts taken at another level than each graph's last split level
     import json
-    import msar
+    from _graph_runs import untrained_run
     from benchmarks.graph_last_level import main
-    from examples.graph_demo import PRESETS, build_model
-    train = make_dataset("planar", seed=0, num=12)["train"]
-    tok = TriangulationTokenizer.fit(train, chunks=3)
-    torch.manual_seed(0)
-    cfg = dict(PRESETS["planar"], width=16, depth=1, heads=2)
-    src = tmp_path / "run" / "planar"
-    msar.Pipeline(tok, build_model(tok, cfg, 0.0).init_weights().eval()).save_pretrained(str(src / "pipeline"))
-    (src / "metrics.json").write_text(json.dumps({"seed": 0, "data_kw": {"num": 12}}))
+    run, train, _ = untrained_run(tmp_path, "planar", fit=lambda g: TriangulationTokenizer.fit(g, chunks=3), num=12)
     out = tmp_path / "last.json"
-    main(["--load", str(tmp_path / "run"), "--from-chunks", "3", "0", "--slot-temperatures", "1.0",
+    main(["--load", str(run), "--from-chunks", "3", "0", "--slot-temperatures", "1.0",
           "--reference", "20", "--out", str(out)])
     res = json.loads(out.read_text())
     none, all_ = res["rows"]
