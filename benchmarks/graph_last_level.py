@@ -108,14 +108,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             data[key] += v / len(train)
     rows = []
     for T in args.slot_temperatures:
+        hook = tok.valid_token_hook if T == 1.0 else SplitShapeTemperature(T, slot_only=True).then(tok.valid_token_hook)
         for c0 in starts:
             graphs, counts = [], {key: np.zeros(C) for key in data}
             for b, (kn, last) in enumerate(zip(batches, lasts)):
                 mask = [torch.stack([torch.full((t.shape[1],), tok.kinds[s][0] < lvl
                                                 or (tok.kinds[s][0] == lvl and tok.kinds[s][1] < c0), dtype=torch.bool)
                                      for lvl in last]) for s, t in enumerate(kn)]
-                hook = tok.valid_token_hook if T == 1.0 else SplitShapeTemperature(T, slot_only=True).then(
-                    tok.valid_token_hook)
                 res = msar.sample(model, tok, batch_size=kn[0].shape[0], cfg=0.0, top_k=0, top_p=0.0,
                                   temperature=1.0, seed=args.seed + 7 + 32 * b, logits_hook=hook, known=kn,
                                   known_mask=mask)
