@@ -134,6 +134,19 @@ def build_training_set(tok: GraphPyramidTokenizer, items: list[nx.Graph],
     return torch.cat(toks), torch.cat(tfs)
 
 
+def add_noisy_context(tok: TriangulationTokenizer, items: list[nx.Graph], prob: float, seed: int,
+                      X: torch.Tensor, TF: torch.Tensor, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X`` ``(M, L)`` and ``TF`` ``(M, L - n0, C)`` followed by one noisy-context copy of each of the
+    ``M`` sequences (:meth:`TriangulationTokenizer.encode_noisy_context`, seeded by ``seed``)."""
+    rng = np.random.default_rng([seed, 1])
+    toks, tfs = [X], [TF]
+    for i in tqdm(range(0, len(items), chunk), desc="noisy context", leave=False):
+        idx, _, tf = tok.encode_noisy_context(items[i:i + chunk], prob, rng)
+        toks.append(torch.cat(idx, 1))
+        tfs.append(tf)
+    return torch.cat(toks), torch.cat(tfs)
+
+
 def draw_panel(rows: list[tuple[str, list[nx.Graph]]], path: str, seed: int = 0) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -309,6 +322,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg["extra_levels"] = args.extra_levels
     if args.size_features is not None:
         cfg["size_features"] = args.size_features == "on"
+    if args.noisy_context is not None:
+        cfg["noisy_context"] = args.noisy_context
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -365,6 +380,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                             face_features=cfg.get("face_features", False),
                                             parent_links=cfg.get("parent_links", False))
         X, TF = build_training_set(tok, items)
+        if cfg.get("noisy_context"):  # one more copy of every sequence, with spurious splits in its context
+            X, TF = add_noisy_context(tok, items, cfg["noisy_context"], args.seed, X, TF)
         heldout = None
         if args.val_every:  # the validation graphs, as many orderings each as the training graphs
             if not splits["val"]:
@@ -690,6 +707,10 @@ def main(argv=None) -> None:
                    help="--tokenizer triangulation: inputs saying how many vertices the graph still lacks to the "
                         "largest training size, over its size and over the vertices the level can still split "
                         "(TriangulationTokenizer size_features)")
+    p.add_argument("--noisy-context", type=float, default=None, metavar="P",
+                   help="--tokenizer triangulation: train also on a copy of every sequence whose context at one level "
+                        "has spurious splits (each unsplit vertex of the level's earlier chunks with probability P), "
+                        "the data's tokens as targets (TriangulationTokenizer.encode_noisy_context); default off")
     p.add_argument("--split-temperature", type=float, default=1.0,
                    help="triangulation models: temperature of the split shape given a split (keeps P(no split); "
                         "modalities.graph.triangulation.SplitShapeTemperature)")
@@ -752,6 +773,8 @@ def main(argv=None) -> None:
             raise SystemExit(f"--split-rate must be in (0, 1], got {args.split_rate}")
         if args.extra_levels is not None and args.extra_levels < 0:
             raise SystemExit(f"--extra-levels must be >= 0, got {args.extra_levels}")
+        if args.noisy_context is not None and not 0 <= args.noisy_context <= 1:
+            raise SystemExit(f"--noisy-context must be in [0, 1], got {args.noisy_context}")
         if args.load:
             raise SystemExit("--tokenizer is a training option: a --load run uses the tokenizer it was trained with")
         for name in names:  # before any training: every dataset needs graphs this tokenizer can encode
@@ -759,8 +782,8 @@ def main(argv=None) -> None:
                 raise SystemExit(f"--tokenizer triangulation: no {name} training graph is a triangulated disc "
                                  "(planar, bounded faces triangles, one outer cycle); use it for planar")
     elif (args.split_chunks is not None or args.split_chunking is not None or args.split_rate is not None
-          or args.extra_levels is not None or args.size_features is not None):
-        flags = "--split-chunks, --split-chunking, --split-rate, --extra-levels and --size-features are"
+          or args.extra_levels is not None or args.size_features is not None or args.noisy_context is not None):
+        flags = "--split-chunks, --split-chunking, --split-rate, --extra-levels, --size-features and --noisy-context are"
         if args.load:
             raise SystemExit(f"{flags} training options: a --load run uses the tokenizer it was trained with")
         raise SystemExit(f"{flags} options of --tokenizer triangulation")

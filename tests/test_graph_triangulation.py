@@ -300,7 +300,7 @@ def test_demo_refuses_coarsening_options_with_the_triangulation_tokenizer(flags)
         main(["--dataset", "planar", "--tokenizer", "triangulation", *flags, "--out", "/dev/null/never_written"])
 
 
-@pytest.mark.parametrize("flags", [["--split-chunking", "colour"], ["--size-features", "on"]])
+@pytest.mark.parametrize("flags", [["--split-chunking", "colour"], ["--size-features", "on"], ["--noisy-context", "0.1"]])
 def test_demo_refuses_triangulation_options_without_the_tokenizer(flags):
     from examples.graph_demo import main
     with pytest.raises(SystemExit, match="options of --tokenizer triangulation"):
@@ -455,3 +455,68 @@ def test_sample_output_carries_the_decode_state_the_data_came_from(planar):
     assert res.state.refused == replayed.refused > 0
     assert [sorted(G.edges()) for G in res.state.history[-1]] == [sorted(G.edges()) for G in replayed.history[-1]]
     assert all(nx.is_isomorphic(G, H) for G, H in zip(graphs_from(res.data), res.state.history[-1]))
+
+
+def _noisy_level(tok, targets) -> list[int]:
+    """Per graph, the one level whose targets are not all PAD."""
+    levels = []
+    for b in range(targets[0].shape[0]):
+        seen = {tok.kinds[s][0] for s, t in enumerate(targets) if (t[b] != tok.pad_token).any()}
+        assert len(seen) == 1, f"graph {b}: targets on levels {sorted(seen)}, expected one level"
+        levels.append(seen.pop())
+    return levels
+
+
+def test_noisy_context_adds_splits_only_before_a_levels_last_chunk_and_keeps_the_datas_readable_targets(planar):
+    # catches: targets that still name a split its spurious neighbour blocked (unreadable in the context the
+    # model sees), spurious splits in the last chunk or on vertices the data splits, a teacher input built
+    # from other tokens than the returned context, a spurious rate other than the one asked for
+    tok = TriangulationTokenizer.fit(planar, chunks=4, chunking="colour")
+    graphs, prob = planar[:8], 0.3
+    clean = tok.encode(graphs)
+    targets, context, teacher = tok.encode_noisy_context(graphs, prob, np.random.default_rng(0))
+    assert torch.allclose(teacher, tok.teacher_forcing_input(context))
+    levels = _noisy_level(tok, targets)
+    st = tok.start(len(graphs))
+    spurious = eligible = retargeted = 0
+    for s, (k, c) in enumerate(tok.kinds):
+        ok = st.allowed(s)
+        for b, lvl in enumerate(levels):
+            if k != lvl:
+                if k < lvl:
+                    assert torch.equal(context[s][b], clean[s][b])
+                continue
+            tgt, ctx, ref = targets[s][b], context[s][b], clean[s][b]
+            real = ref != tok.pad_token
+            assert ok[b][real].gather(-1, tgt[real].unsqueeze(-1)).all(), "a target the context does not allow"
+            assert ok[b][real].gather(-1, ctx[real].unsqueeze(-1)).all(), "a context token the decoder would not read"
+            changed = tgt != ref
+            assert (tgt[changed] == NO_SPLIT).all()
+            retargeted += int(changed.sum())
+            extra = ctx != tgt
+            assert (tgt[extra] == NO_SPLIT).all() and (ctx[extra] != NO_SPLIT).all()
+            if c == tok.chunks - 1:
+                assert not extra.any(), "a spurious split in the level's last chunk (it is no one's context)"
+            else:
+                spurious += int(extra.sum())
+                eligible += int((real & (ref == NO_SPLIT) & (ok[b].sum(-1) > 1)).sum())
+        st.add_scale(s, context[s])
+    assert retargeted > 0
+    sd = (eligible * prob * (1 - prob)) ** 0.5
+    assert abs(spurious - eligible * prob) < 4 * sd, (spurious, eligible)
+
+
+def test_noisy_context_picks_a_level_in_proportion_to_its_splits(planar):
+    # catches: a level drawn uniformly, or always the last one (the chi-square against split counts / total)
+    from scipy.stats import chisquare
+    tok = TriangulationTokenizer.fit(planar[:1], chunks=2)
+    n = 300
+    clean = tok.encode(planar[:1])
+    splits = np.zeros(tok.K - 1)
+    for s, (k, _) in enumerate(tok.kinds):
+        splits[k] += int(((clean[s] != NO_SPLIT) & (clean[s] != tok.pad_token)).sum())
+    targets, _, _ = tok.encode_noisy_context(planar[:1] * n, 0.0, np.random.default_rng(1))
+    counts = np.bincount(_noisy_level(tok, targets), minlength=tok.K - 1)
+    used = splits > 0
+    assert counts[~used].sum() == 0
+    assert chisquare(counts[used], n * splits[used] / splits.sum()).pvalue > 1e-3

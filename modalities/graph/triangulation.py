@@ -536,6 +536,83 @@ class TriangulationTokenizer(PretrainedMixin):
         """``(B, L)`` bool: the positions that hold a vertex (non-PAD)."""
         return torch.cat([idx != self.pad_token for idx in indices], 1)
 
+    @torch.no_grad()
+    def encode_noisy_context(self, data: Any, extra_split_prob: float,
+                             generator: np.random.Generator
+                             ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Training sequences whose context holds splits the data does not make, for learning to go on
+        from the model's own draws (exposure bias; scheduled sampling without a model in the loop).
+
+        Per graph one level ``k`` is picked (with probability proportional to its number of splits).
+        Levels before it are the data's.  In every chunk of level ``k`` but the last, each vertex the
+        data leaves unsplit and that could split gets a spurious split with probability
+        ``extra_split_prob`` (its shape drawn from the data's shapes at that degree): the context the
+        later chunks see has more vertices split and blocked, as the model's own draws do.  The targets
+        of level ``k`` stay the data's tokens where the decoder can still read them (a data split that a
+        spurious one blocked becomes ``NO_SPLIT``; a spurious split's own target is the data's
+        ``NO_SPLIT``); every other scale's target is ``PAD`` (ignored by the loss): before ``k`` they are
+        the clean sequence's, after it the graph has left the data.
+
+        Returns ``(targets, context, teacher_input)``: per scale ``(B, n_s)`` long the tokens to predict
+        and the tokens the context is built from, and ``teacher_forcing_input(context)``
+        ``(B, L - n_0, C)``."""
+        if not 0.0 <= float(extra_split_prob) <= 1.0:
+            raise ValueError(f"extra_split_prob must be in [0, 1], got {extra_split_prob}")
+        clean = self.encode(data)
+        B, C, D = clean[0].shape[0], self.chunks, self.max_degree
+        shapes = self._split_shapes(clean)
+        level = []
+        for b in range(B):
+            per_level = np.zeros(self.K - 1)
+            for s, (k, _) in enumerate(self.kinds):
+                t = clean[s][b]
+                per_level[k] += int(((t != NO_SPLIT) & (t != self.pad_token)).sum())
+            level.append(int(generator.choice(self.K - 1, p=per_level / per_level.sum())) if per_level.any() else -1)
+        st = self.start(B)
+        targets, context, pieces = [], [], []
+        for s, (k, c) in enumerate(self.kinds):
+            tgt, inp = clean[s].clone(), clean[s].clone()
+            for b, g in enumerate(st.growers):
+                vs = g.members[c]
+                if k < level[b]:  # the data's context; its targets are the clean sequence's
+                    tgt[b] = self.pad_token
+                    continue
+                if k > level[b]:  # past the corrupted level: nothing to learn, nothing split
+                    tgt[b] = self.pad_token
+                    inp[b, :len(vs)], inp[b, len(vs):] = NO_SPLIT, self.pad_token
+                    continue
+                for p, v in enumerate(vs):
+                    t = int(tgt[b, p])
+                    if t != NO_SPLIT and not g.can_split(v):
+                        tgt[b, p] = inp[b, p] = NO_SPLIT  # blocked by a spurious split
+                    elif (t == NO_SPLIT and c < C - 1 and g.can_split(v)
+                          and generator.random() < extra_split_prob):
+                        w = shapes[len(g.rot.rot[v])]
+                        inp[b, p] = int(generator.choice(len(w), p=w))
+            targets.append(tgt)
+            context.append(inp)
+            pieces.append(st.add_scale(s, inp))
+        return targets, context, torch.cat([x for x in pieces if x is not None], 1)
+
+    def _split_shapes(self, indices: Sequence[torch.Tensor]) -> np.ndarray:
+        """``(D + 1, V)``: per degree the frequency of each split token in ``indices`` (uniform over the
+        allowed shapes at a degree the data never splits at)."""
+        D = self.max_degree
+        counts = np.zeros((D + 1, self.vocab_size))
+        growers = [_Grower(self) for _ in range(indices[0].shape[0])]  # no transformer inputs needed here
+        for s, (k, c) in enumerate(self.kinds):
+            for g, row in zip(growers, indices[s].tolist()):
+                for v, t in zip(g.members[c], row):
+                    if t != NO_SPLIT and t != self.pad_token and g.can_split(v):
+                        counts[len(g.rot.rot[v]), t] += 1
+                g.apply_chunk(c, row, self.max_nodes[k + 1])
+                if c == self.chunks - 1:
+                    g.end_level()
+        table = _allowed_table(D).astype(float)
+        table[:, NO_SPLIT] = 0.0
+        counts = np.where(counts.sum(1, keepdims=True) > 0, counts, table)
+        return counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
+
     # ------------------------------------------------------------------ decoding
     def start(self, batch_size: int, device: torch.device | str = "cpu", context: Any = None) -> "TriangulationDecodeState":
         """A decode state that grows ``batch_size`` triangulations from the tetrahedron (no ``context``)."""
