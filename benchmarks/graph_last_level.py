@@ -26,7 +26,7 @@ import msar
 from benchmarks.common import write_result_json
 from modalities.graph.datasets import draw_graphs, graphs_from, make_dataset
 from modalities.graph.metrics import degree_hist, mmd2
-from modalities.graph.triangulation import SplitShapeTemperature, TriangulationTokenizer
+from modalities.graph.triangulation import SplitPlacementTemperature, SplitShapeTemperature, TriangulationTokenizer
 
 
 def last_split_level(tok: TriangulationTokenizer, idx: Sequence[torch.Tensor]) -> list[int]:
@@ -81,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "the chunk count itself resamples nothing, which reproduces the data)")
     p.add_argument("--slot-temperatures", type=float, nargs="+", default=[1.0, 0.5],
                    help="1.0: the model as is; T < 1: SplitShapeTemperature(T, slot_only=True)")
+    p.add_argument("--placement-temperatures", type=float, nargs="+", default=[1.0],
+                   help="1.0: the model's split placement; P != 1: SplitPlacementTemperature(P) after the slot temperature")
     p.add_argument("--reference", type=int, default=1000, help="fresh graphs for the degree MMD²")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--out", required=True)
@@ -107,8 +109,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for key, v in chunk_counts(tok, kn, last).items():
             data[key] += v / len(train)
     rows = []
-    for T in args.slot_temperatures:
+    for T, P in [(T, P) for T in args.slot_temperatures for P in args.placement_temperatures]:
         hook = tok.valid_token_hook if T == 1.0 else SplitShapeTemperature(T, slot_only=True).then(tok.valid_token_hook)
+        if P != 1.0:
+            hook = SplitPlacementTemperature(P).then(hook)
         for c0 in starts:
             graphs, counts = [], {key: np.zeros(C) for key in data}
             for b, (kn, last) in enumerate(zip(batches, lasts)):
@@ -121,10 +125,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 graphs += graphs_from(res.data)
                 for key, v in chunk_counts(tok, res.indices, last).items():
                     counts[key] += v / len(train)
-            rows.append({"slot_temperature": T, "from_chunk": c0,
+            rows.append({"slot_temperature": T, "placement_temperature": P, "from_chunk": c0,
                          "mean_nodes": float(np.mean([G.number_of_nodes() for G in graphs])),
                          "degree_mmd": degree(graphs), **{f"sampled_{k}": v.tolist() for k, v in counts.items()}})
-            print(f"slot T {T}: last level from chunk {c0:>2}: {rows[-1]['mean_nodes']:.2f} nodes, degree MMD² "
+            print(f"slot T {T}, placement {P}: last level from chunk {c0:>2}: {rows[-1]['mean_nodes']:.2f} nodes, degree MMD² "
                   f"{rows[-1]['degree_mmd']:.2e}, splits {counts['splits'].sum():.2f} (data {data['splits'].sum():.2f})",
                   flush=True)
     calib = [r for kn, last in zip(batches, lasts) for r in expected_splits(model, tok, kn, last)]

@@ -338,6 +338,32 @@ def test_split_shape_temperature_keeps_the_split_rate_and_sharpens_the_shape():
     assert chisquare(counts[keep], q[0, keep] / q[0, keep].sum() * n).pvalue > 1e-3
 
 
+def test_split_placement_temperature_keeps_the_expected_splits_and_shapes_and_scales_the_log_odds():
+    # catches: a shift that does not keep each row's expected split count, log-odds not divided by T,
+    # a changed shape given a split, touched blocked or PAD positions
+    from modalities.graph.triangulation import SplitPlacementTemperature
+    g = torch.Generator().manual_seed(0)
+    V, T = 8, 0.5  # tokens: NO_SPLIT, 6 splits, PAD
+    logits = torch.randn(2, 6, V, generator=g) * 2
+    logits[..., V - 1] = float("-inf")  # real positions: no PAD
+    logits[0, 1, 3:6] = float("-inf")  # some splits masked
+    logits[1, 2, 1:V] = float("-inf")  # a blocked vertex: NO_SPLIT only
+    logits[1, 5, :V - 1], logits[1, 5, V - 1] = float("-inf"), 0.0  # a PAD position
+    out = SplitPlacementTemperature(T)(0, logits, None)
+    p, q = logits.double().softmax(-1).numpy(), out.double().softmax(-1).numpy()
+    for b in range(2):
+        free = [i for i in range(6) if (b, i) not in {(1, 2), (1, 5)}]
+        ps, qs = 1 - p[b, free, 0], 1 - q[b, free, 0]
+        assert abs(qs.sum() - ps.sum()) < 1e-5
+        lo_p, lo_q = np.log(ps / (1 - ps)), np.log(qs / (1 - qs))
+        assert np.allclose(lo_q - lo_q[0], (lo_p - lo_p[0]) / T, atol=1e-4)
+        shape_p = p[b, free, 1:V - 1] / ps[:, None]
+        shape_q = q[b, free, 1:V - 1] / qs[:, None]
+        assert np.allclose(shape_q, shape_p, atol=1e-6)
+    assert torch.equal(out[1, 2].isfinite(), logits[1, 2].isfinite()) and q[1, 2, 0] == 1.0
+    assert q[1, 5, V - 1] == 1.0
+
+
 @pytest.mark.parametrize("flags", [[], ["--split-temperature", "0.5", "--split-top-p", "0.9"]])
 def test_demo_refuses_split_slot_only_outside_a_split_temperature(flags):
     from examples.graph_demo import main

@@ -34,6 +34,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch_geometric.data import Batch
 
 from msar import PretrainedMixin, ScaleSchedule
@@ -931,6 +932,50 @@ class SplitShapeTemperature:
         # a span no slot allows stays -inf (0 instead of NaN inside, removed by the -inf it is added to)
         slot = torch.where(torch.isfinite(span), x - span, torch.zeros_like(x))
         return (span + (slot / self.temperature).log_softmax(-2)).flatten(-2)
+
+
+class SplitPlacementTemperature:
+    """A logits hook that sharpens *which* vertices of a chunk split, not *how many* or *how*: with
+    ``p_v`` the model's ``P(split)`` at vertex ``v``, the hook's is ``sigmoid(logit(p_v) / temperature + b)``,
+    ``b`` per graph and chunk such that the expected number of splits ``sum_v p_v`` stays the model's;
+    the split shape given a split stays the model's too.  Vertices with no choice (blocked, PAD) keep
+    their logits.  ``temperature < 1`` puts the chunk's splits on the vertices the model favours most.
+    Chain it after :meth:`TriangulationTokenizer.valid_token_hook` (``then``)."""
+
+    def __init__(self, temperature: float, iterations: int = 50):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.iterations = int(iterations)
+        self._first = None
+
+    def then(self, first) -> "SplitPlacementTemperature":
+        """This hook applied to the output of ``first`` (another logits hook)."""
+        self._first = first
+        return self
+
+    def __call__(self, k: int, logits: torch.Tensor, state: Any) -> torch.Tensor:
+        if self._first is not None:
+            logits = self._first(k, logits, state)
+        V = logits.shape[-1]
+        lp = logits.float().log_softmax(-1)  # (B, n, V)
+        split = lp[..., 1:V - 1]
+        log_split = split.logsumexp(-1)  # (B, n) log P(some split)
+        free = torch.isfinite(log_split) & torch.isfinite(lp[..., NO_SPLIT])
+        z = torch.where(free, log_split - lp[..., NO_SPLIT], torch.zeros_like(log_split))  # logit P(split | not PAD)
+        target = (torch.sigmoid(z) * free).sum(-1, keepdim=True)  # (B, 1) expected splits
+        lo = torch.full_like(target, -40.0)
+        hi = torch.full_like(target, 40.0)
+        for _ in range(self.iterations):  # the shift b: the expected count is increasing in it
+            mid = (lo + hi) / 2
+            more = (torch.sigmoid(z / self.temperature + mid) * free).sum(-1, keepdim=True) > target
+            hi, lo = torch.where(more, mid, hi), torch.where(more, lo, mid)
+        zt = z / self.temperature + (lo + hi) / 2
+        out = lp.clone()
+        out[..., NO_SPLIT] = torch.where(free, F.logsigmoid(-zt), lp[..., NO_SPLIT])
+        out[..., 1:V - 1] = torch.where(free.unsqueeze(-1), split - log_split.unsqueeze(-1) + F.logsigmoid(zt).unsqueeze(-1),
+                                        split)
+        return out.to(logits.dtype)
 
 
 @functools.lru_cache(maxsize=None)
