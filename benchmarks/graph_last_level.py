@@ -58,18 +58,27 @@ def chunk_counts(tok: TriangulationTokenizer, idx: Sequence[torch.Tensor], last:
 def expected_splits(model, tok: TriangulationTokenizer, idx: Sequence[torch.Tensor], last: Sequence[int],
                     back: int = 4) -> list[dict]:
     """Teacher-forced: the model's summed split probability on levels ``last - r`` against the data's
-    split count there (r = 0 .. back - 1), mean per graph."""
+    split count there (r = 0 .. back - 1), mean per graph; ``model_expected_valid`` after the valid-token
+    mask (the probabilities the sampler draws from)."""
     with torch.no_grad():
         logits = model(torch.zeros(idx[0].shape[0], dtype=torch.long), tok.teacher_forcing_input(idx))
     x = torch.cat(list(idx), 1)
     real = x != tok.pad_token
     p_split = (1 - logits.softmax(-1)[..., 0]) * real
+    st = tok.start(idx[0].shape[0])
+    allowed = []
+    for s, t in enumerate(idx):  # what the sampler's valid-token hook leaves, in the data's context
+        allowed.append(st.allowed(s))
+        st.add_scale(s, t)
+    p_valid = logits.masked_fill(~torch.cat(allowed, 1), float("-inf")).softmax(-1)
+    p_valid = (1 - p_valid[..., 0] - p_valid[..., tok.pad_token]) * real
     level = torch.cat([torch.full((t.shape[1],), k) for t, (k, _) in zip(idx, tok.kinds)])
     rows = []
     for r in range(back):
         sel = torch.stack([level == lvl - r for lvl in last])
         rows.append({"levels_before_last": r, "data_splits": float(((x > 0) & real & sel).sum(1).float().mean()),
-                     "model_expected": float((p_split * sel).sum(1).mean())})
+                     "model_expected": float((p_split * sel).sum(1).mean()),
+                     "model_expected_valid": float((p_valid * sel).sum(1).mean())})
     return rows
 
 
@@ -114,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if P != 1.0:
             hook = SplitPlacementTemperature(P).then(hook)
         for c0 in starts:
-            graphs, counts = [], {key: np.zeros(C) for key in data}
+            graphs, counts, refused = [], {key: np.zeros(C) for key in data}, 0
             for b, (kn, last) in enumerate(zip(batches, lasts)):
                 mask = [torch.stack([torch.full((t.shape[1],), tok.kinds[s][0] < lvl
                                                 or (tok.kinds[s][0] == lvl and tok.kinds[s][1] < c0), dtype=torch.bool)
@@ -123,17 +132,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                                   temperature=1.0, seed=args.seed + 7 + 32 * b, logits_hook=hook, known=kn,
                                   known_mask=mask)
                 graphs += graphs_from(res.data)
+                refused += res.state.refused
                 for key, v in chunk_counts(tok, res.indices, last).items():
                     counts[key] += v / len(train)
             rows.append({"slot_temperature": T, "placement_temperature": P, "from_chunk": c0,
                          "mean_nodes": float(np.mean([G.number_of_nodes() for G in graphs])),
+                         "nodes": {int(n): int(c) for n, c in zip(*np.unique([G.number_of_nodes() for G in graphs],
+                                                                             return_counts=True))},
+                         "refused_per_graph": refused / len(graphs),
                          "degree_mmd": degree(graphs), **{f"sampled_{k}": v.tolist() for k, v in counts.items()}})
             print(f"slot T {T}, placement {P}: last level from chunk {c0:>2}: {rows[-1]['mean_nodes']:.2f} nodes, degree MMD² "
                   f"{rows[-1]['degree_mmd']:.2e}, splits {counts['splits'].sum():.2f} (data {data['splits'].sum():.2f})",
                   flush=True)
     calib = [r for kn, last in zip(batches, lasts) for r in expected_splits(model, tok, kn, last)]
     calibration = [{"levels_before_last": r, **{key: float(np.mean([c[key] for c in calib if c["levels_before_last"] == r]))
-                                                 for key in ("data_splits", "model_expected")}} for r in range(4)]
+                                                 for key in ("data_splits", "model_expected", "model_expected_valid")}}
+                   for r in range(4)]
     write_result_json(args.out, {"load": args.load, "graphs": len(train), "reference": args.reference,
                                  "training_graphs_degree_mmd": degree(train),
                                  "data": {k: v.tolist() for k, v in data.items()}, "rows": rows,
