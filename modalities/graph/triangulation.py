@@ -560,7 +560,7 @@ class TriangulationTokenizer(PretrainedMixin):
         if not 0.0 <= float(extra_split_prob) <= 1.0:
             raise ValueError(f"extra_split_prob must be in [0, 1], got {extra_split_prob}")
         clean = self.encode(data)
-        B, C, D = clean[0].shape[0], self.chunks, self.max_degree
+        B, C = clean[0].shape[0], self.chunks
         shapes = self._split_shapes(clean)
         level = []
         for b in range(B):
