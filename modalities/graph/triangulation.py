@@ -865,7 +865,26 @@ class TriangulationDecodeState:
         return self._features()
 
 
-class SplitShapeTemperature:
+class _ChainedHook:
+    """A logits hook that may run after another one (``then``); subclasses define ``_apply(logits)``."""
+
+    _first = None
+
+    def then(self, first):
+        """This hook applied to the output of ``first`` (another logits hook)."""
+        self._first = first
+        return self
+
+    def __call__(self, k: int, logits: torch.Tensor, state: Any) -> torch.Tensor:
+        if self._first is not None:
+            logits = self._first(k, logits, state)
+        return self._apply(logits)
+
+    def _apply(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SplitShapeTemperature(_ChainedHook):
     """A logits hook (:func:`msar.sample`'s ``logits_hook``) that sharpens *how* vertices split, not
     *whether*: ``P(NO_SPLIT)`` and ``P(PAD)`` stay the model's, and given a split, the split tokens
     follow ``softmax(logits / temperature)``, nucleus-filtered to ``top_p`` (msar's top-p on that
@@ -896,16 +915,8 @@ class SplitShapeTemperature:
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.slot_only = bool(slot_only)
-        self._first = None
 
-    def then(self, first) -> "SplitShapeTemperature":
-        """This hook applied to the output of ``first`` (another logits hook)."""
-        self._first = first
-        return self
-
-    def __call__(self, k: int, logits: torch.Tensor, state: Any) -> torch.Tensor:
-        if self._first is not None:
-            logits = self._first(k, logits, state)
+    def _apply(self, logits: torch.Tensor) -> torch.Tensor:
         V = logits.shape[-1]
         lp = logits.float().log_softmax(-1)  # (B, n, V)
         mass = lp[..., 1:V - 1].logsumexp(-1, keepdim=True)  # log P(some split)
@@ -934,7 +945,7 @@ class SplitShapeTemperature:
         return (span + (slot / self.temperature).log_softmax(-2)).flatten(-2)
 
 
-class SplitPlacementTemperature:
+class SplitPlacementTemperature(_ChainedHook):
     """A logits hook that sharpens *which* vertices of a chunk split, not *how many* or *how*: with
     ``p_v`` the model's ``P(split)`` at vertex ``v``, the hook's is ``sigmoid(logit(p_v) / temperature + b)``,
     ``b`` per graph and chunk such that the expected number of splits ``sum_v p_v`` stays the model's;
@@ -947,16 +958,8 @@ class SplitPlacementTemperature:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
         self.iterations = int(iterations)
-        self._first = None
 
-    def then(self, first) -> "SplitPlacementTemperature":
-        """This hook applied to the output of ``first`` (another logits hook)."""
-        self._first = first
-        return self
-
-    def __call__(self, k: int, logits: torch.Tensor, state: Any) -> torch.Tensor:
-        if self._first is not None:
-            logits = self._first(k, logits, state)
+    def _apply(self, logits: torch.Tensor) -> torch.Tensor:
         V = logits.shape[-1]
         lp = logits.float().log_softmax(-1)  # (B, n, V)
         split = lp[..., 1:V - 1]
