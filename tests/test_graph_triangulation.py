@@ -546,3 +546,24 @@ def test_noisy_context_picks_a_level_in_proportion_to_its_splits(planar):
     used = splits > 0
     assert counts[~used].sum() == 0
     assert chisquare(counts[used], n * splits[used] / splits.sum()).pvalue > 1e-3
+
+
+def test_demo_noisy_context_adds_one_noisy_copy_of_every_training_sequence(tmp_path, monkeypatch):
+    # catches: --noisy-context parsed but not used, or copies for only some sequences
+    import json
+
+    import examples.graph_demo as demo
+    seen = []
+    real = TriangulationTokenizer.encode_noisy_context
+
+    def counting(self, data, prob, generator):
+        seen.append((len(graphs_from(data)), prob))
+        return real(self, data, prob, generator)
+
+    monkeypatch.setattr(TriangulationTokenizer, "encode_noisy_context", counting)
+    demo.main(["--dataset", "planar", "--tokenizer", "triangulation", "--quick", "--steps", "2", "--num-samples", "2",
+               "--noisy-context", "0.25", "--out", str(tmp_path)])
+    m = json.loads((tmp_path / "planar" / "metrics.json").read_text())
+    assert m["train_config"]["noisy_context"] == 0.25
+    assert sum(n for n, _ in seen) == m["training_graphs_used"] * m["train_config"]["perms"]
+    assert {p for _, p in seen} == {0.25}
