@@ -110,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     train = make_dataset("planar", seed=run.get("seed", 0), **run.get("data_kw", {}))["train"]
     ref = [degree_hist(G) for G in draw_graphs("planar", 50_000, num=args.reference)]
     degree = lambda gs: mmd2(ref, [degree_hist(G) for G in gs], "tv", 1.0)  # noqa: E731
+    full_size = max(G.number_of_nodes() for G in train)
     known = tok.encode(train)
     batches = [[t[b:b + 32] for t in known] for b in range(0, len(train), 32)]
     lasts = [last_split_level(tok, kn) for kn in batches]
@@ -140,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                          "nodes": {int(n): int(c) for n, c in zip(*np.unique([G.number_of_nodes() for G in graphs],
                                                                              return_counts=True))},
                          "refused_per_graph": refused / len(graphs),
+                         # the samples that reached the largest training size: is the degree gap only the size?
+                         "degree_mmd_full_size": degree([G for G in graphs if G.number_of_nodes() == full_size] or graphs),
                          "degree_mmd": degree(graphs), **{f"sampled_{k}": v.tolist() for k, v in counts.items()}})
             print(f"slot T {T}, placement {P}: last level from chunk {c0:>2}: {rows[-1]['mean_nodes']:.2f} nodes, degree MMD² "
                   f"{rows[-1]['degree_mmd']:.2e}, splits {counts['splits'].sum():.2f} (data {data['splits'].sum():.2f})",
