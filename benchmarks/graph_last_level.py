@@ -142,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                                              return_counts=True))},
                          "refused_per_graph": refused / len(graphs),
                          # the samples that reached the largest training size: is the degree gap only the size?
-                         "degree_mmd_full_size": degree([G for G in graphs if G.number_of_nodes() == full_size] or graphs),
+                         "degree_mmd_full_size": degree(full) if (full := [G for G in graphs
+                                                                            if G.number_of_nodes() == full_size]) else None,
                          "degree_mmd": degree(graphs), **{f"sampled_{k}": v.tolist() for k, v in counts.items()}})
             print(f"slot T {T}, placement {P}: last level from chunk {c0:>2}: {rows[-1]['mean_nodes']:.2f} nodes, degree MMD² "
                   f"{rows[-1]['degree_mmd']:.2e}, splits {counts['splits'].sum():.2f} (data {data['splits'].sum():.2f})",

@@ -123,28 +123,26 @@ def augment(graphs: list[nx.Graph], perms: int, seed: int) -> list[nx.Graph]:
     return [G if p == 0 else permuted(G, rng) for G in graphs for p in range(perms)]
 
 
-def build_training_set(tok: GraphPyramidTokenizer, items: list[nx.Graph],
-                       chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """All token sequences ``(M, L)`` and teacher-forcing inputs ``(M, L - n0, C)``, precomputed once."""
+def build_training_set(tok: GraphPyramidTokenizer, items: list[nx.Graph], chunk: int = 32, encode=None,
+                       desc: str = "tokenize") -> tuple[torch.Tensor, torch.Tensor]:
+    """All token sequences ``(M, L)`` and teacher-forcing inputs ``(M, L - n0, C)``, precomputed once;
+    ``encode(graphs) -> (per-scale tokens, teacher input)`` replaces the tokenizer's own pair."""
+    encode = encode or (lambda graphs: (idx := tok.encode(graphs), tok.teacher_forcing_input(idx)))
     toks, tfs = [], []
-    for i in tqdm(range(0, len(items), chunk), desc="tokenize", leave=False):
-        idx = tok.encode(items[i:i + chunk])
-        toks.append(torch.cat(idx, 1))
-        tfs.append(tok.teacher_forcing_input(idx))
-    return torch.cat(toks), torch.cat(tfs)
-
-
-def add_noisy_context(tok: TriangulationTokenizer, items: list[nx.Graph], prob: float, seed: int,
-                      X: torch.Tensor, TF: torch.Tensor, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """``X`` ``(M, L)`` and ``TF`` ``(M, L - n0, C)`` followed by one noisy-context copy of each of the
-    ``M`` sequences (:meth:`TriangulationTokenizer.encode_noisy_context`, seeded by ``seed``)."""
-    rng = np.random.default_rng([seed, 1])
-    toks, tfs = [X], [TF]
-    for i in tqdm(range(0, len(items), chunk), desc="noisy context", leave=False):
-        idx, _, tf = tok.encode_noisy_context(items[i:i + chunk], prob, rng)
+    for i in tqdm(range(0, len(items), chunk), desc=desc, leave=False):
+        idx, tf = encode(items[i:i + chunk])
         toks.append(torch.cat(idx, 1))
         tfs.append(tf)
     return torch.cat(toks), torch.cat(tfs)
+
+
+def noisy_context_set(tok: TriangulationTokenizer, items: list[nx.Graph], prob: float,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One noisy-context copy of each sequence of ``items`` (:meth:`TriangulationTokenizer.encode_noisy_context`,
+    seeded by ``seed``), as :func:`build_training_set` returns them."""
+    rng = np.random.default_rng([seed, 1])
+    noisy = lambda graphs: tok.encode_noisy_context(graphs, prob, rng)[::2]  # noqa: E731  (targets, teacher input)
+    return build_training_set(tok, items, encode=noisy, desc="noisy context")
 
 
 def draw_panel(rows: list[tuple[str, list[nx.Graph]]], path: str, seed: int = 0) -> None:
@@ -381,7 +379,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
                                             parent_links=cfg.get("parent_links", False))
         X, TF = build_training_set(tok, items)
         if cfg.get("noisy_context"):  # one more copy of every sequence, with spurious splits in its context
-            X, TF = add_noisy_context(tok, items, cfg["noisy_context"], args.seed, X, TF)
+            NX, NTF = noisy_context_set(tok, items, cfg["noisy_context"], args.seed)
+            X, TF = torch.cat([X, NX]), torch.cat([TF, NTF])
         heldout = None
         if args.val_every:  # the validation graphs, as many orderings each as the training graphs
             if not splits["val"]:

@@ -562,13 +562,10 @@ class TriangulationTokenizer(PretrainedMixin):
         clean = self.encode(data)
         B, C = clean[0].shape[0], self.chunks
         shapes = self._split_shapes(clean)
-        level = []
-        for b in range(B):
-            per_level = np.zeros(self.K - 1)
-            for s, (k, _) in enumerate(self.kinds):
-                t = clean[s][b]
-                per_level[k] += int(((t != NO_SPLIT) & (t != self.pad_token)).sum())
-            level.append(int(generator.choice(self.K - 1, p=per_level / per_level.sum())) if per_level.any() else -1)
+        per_level = np.zeros((B, self.K - 1))  # splits per graph and level
+        for t, (k, _) in zip(clean, self.kinds):
+            per_level[:, k] += ((t != NO_SPLIT) & (t != self.pad_token)).sum(1).numpy()
+        level = [int(generator.choice(self.K - 1, p=n / n.sum())) if n.any() else -1 for n in per_level]
         st = self.start(B)
         targets, context, pieces = [], [], []
         for s, (k, c) in enumerate(self.kinds):
