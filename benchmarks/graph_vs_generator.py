@@ -9,6 +9,8 @@ and of fewer points (a perfect model that falls short of 64 nodes)::
 
     MMD² (TV kernels, as the demo) of each set against --reference fresh 64-point graphs
     --by-size: also each node count's subset of a set against fresh graphs of that node count
+    every set: the degrees of the outer cycle's vertices and of the inner ones apart (mean, sd), and the
+    outer cycle's length: a histogram that is off can be off on the boundary, inside, or both
 
     python -m benchmarks.graph_vs_generator --samples slot0.5=RUN_s0/planar/graphs.json,RUN_s1000/planar/graphs.json \\
         --out benchmarks/results/graph/triangulation/node_count/vs_generator.json
@@ -26,16 +28,32 @@ import numpy as np
 from benchmarks.common import write_result_json
 from modalities.graph.datasets import draw_graphs, read_graphs_json
 from modalities.graph.metrics import graph_stats, mmd_all
+from modalities.graph.triangulation import boundary_vertices
 
 STATS = ("degree_tv", "clustering_tv", "orbit_tv", "spectral_tv")
 SEED_REF, SEED_PERFECT = 50_000, 60_000  # the floor script's fresh draws start at 10_000
 
 
+def degrees_by_position(graphs: list) -> dict:
+    """Degree mean and sd over the vertices of the graphs' outer cycles (``boundary``) and over the
+    others (``inner``), and the mean outer-cycle length.  In a triangulated disc the edge count fixes
+    the mean degree, so a degree histogram can be off only in its spread or in where the degrees sit."""
+    outer, inner, length = [], [], []
+    for G in graphs:
+        ring = set(boundary_vertices(G))
+        length.append(len(ring))
+        for v, d in G.degree():
+            (outer if v in ring else inner).append(d)
+    stat = lambda x: {"mean": float(np.mean(x)), "sd": float(np.std(x))} if x else None  # noqa: E731
+    return {"boundary": stat(outer), "inner": stat(inner), "boundary_length": float(np.mean(length))}
+
+
 def score(ref: dict, graphs: list) -> dict:
-    """MMD² of ``graphs`` against the reference statistics, with the set's size and node count."""
+    """MMD² of ``graphs`` against the reference statistics, with the set's size, node count and degrees
+    by position (:func:`degrees_by_position`)."""
     m = mmd_all(ref, graphs, kernels=("tv",))
     return {"num": len(graphs), "mean_nodes": float(np.mean([G.number_of_nodes() for G in graphs])),
-            **{k: m[k] for k in STATS}}
+            **{k: m[k] for k in STATS}, "degrees": degrees_by_position(graphs)}
 
 
 def parse_samples(specs: Sequence[str]) -> dict[str, list[str]]:
@@ -87,8 +105,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 "perfect": score(ref_n, draw_graphs("planar", SEED_PERFECT + 1000 + n, num=len(sub),
                                                                     n=n))})
     for r in rows:
+        d = r["degrees"]
+        where = "  ".join(f"{k} {d[k]['mean']:.2f} (sd {d[k]['sd']:.2f})" for k in ("boundary", "inner") if d[k])
         print(f"{r['set']:>40s} ({r['num']:>4d} graphs, {r['mean_nodes']:.1f} nodes): "
-              + "  ".join(f"{k.split('_')[0]} {r[k]:.2e}" for k in STATS))
+              + "  ".join(f"{k.split('_')[0]} {r[k]:.2e}" for k in STATS)
+              + f"  degree {where}, boundary length {d['boundary_length']:.2f}")
     for r in by_size:
         print(f"{r['set']:>30s}, {r['nodes']} nodes ({r['model']['num']} graphs): degree {r['model']['degree_tv']:.2e} "
               f"(perfect {r['perfect']['degree_tv']:.2e}), clustering {r['model']['clustering_tv']:.2e} "

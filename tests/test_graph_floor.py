@@ -66,3 +66,18 @@ def test_vs_generator_scores_sets_against_fresh_draws_and_splits_them_by_size(tm
     assert by[("small", 30)]["model"]["degree_tv"] < rows["small"]["degree_tv"] / 2  # against 30-point draws
     with pytest.raises(SystemExit, match="NAME=PATH"):
         main(["--samples", "no_name", "--out", str(out)])
+
+
+def test_degrees_by_position_splits_the_outer_cycle_from_the_inside():
+    # a wheel (hub + 6-cycle: rim degree 3, hub 6) pooled with a triangle (every vertex on the rim, degree 2).
+    # catches: rim and inside swapped, graphs not pooled, the rim found from degrees instead of faces
+    import networkx as nx
+    import numpy as np
+    from benchmarks.graph_vs_generator import degrees_by_position
+    wheel, tri = nx.wheel_graph(7), nx.complete_graph(3)
+    d = degrees_by_position([wheel, tri])
+    rim = [3] * 6 + [2] * 3
+    assert d["boundary"] == {"mean": pytest.approx(np.mean(rim)), "sd": pytest.approx(np.std(rim))}
+    assert d["inner"] == {"mean": 6.0, "sd": 0.0}
+    assert d["boundary_length"] == 4.5
+    assert degrees_by_position([tri])["inner"] is None

@@ -185,7 +185,7 @@ def sphere_triangulation(G: nx.Graph) -> Rotation:
     # a disc that is only 2-connected (an ear on a chord) has several embeddings, and the one found
     # may put the ear in the wrong face: then the outer vertices are the ends of the edges that
     # lie in exactly one triangle
-    for ring in ([outer] if outer is not None else []) + [_boundary_vertices(G)]:
+    for ring in ([outer] if outer is not None else []) + [boundary_vertices(G)]:
         H = nx.Graph(G)
         H.add_edges_from((INF, x) for x in ring)
         if H.number_of_edges() == 3 * (n + 1) - 6:
@@ -215,7 +215,7 @@ def _outer_face(emb: nx.PlanarEmbedding) -> list | None:
     return outer if len(set(outer)) == len(outer) else None
 
 
-def _boundary_vertices(G: nx.Graph) -> list:
+def boundary_vertices(G: nx.Graph) -> list:
     """The ends of the edges in exactly one triangle (the outer cycle of a triangulated disc)."""
     out = set()
     for u, v in G.edges():
