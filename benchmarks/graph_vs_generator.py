@@ -36,8 +36,9 @@ SEED_REF, SEED_PERFECT = 50_000, 60_000  # the floor script's fresh draws start 
 
 def degrees_by_position(graphs: list) -> dict:
     """Degree mean and sd over the vertices of the graphs' outer cycles (``boundary``) and over the
-    others (``inner``), and the mean outer-cycle length.  In a triangulated disc the edge count fixes
-    the mean degree, so a degree histogram can be off only in its spread or in where the degrees sit."""
+    others (``inner``), and the mean outer-cycle length.  In a triangulated disc of ``n`` vertices and an
+    outer cycle of ``b`` the edge count is ``3n - 3 - b``: the node count and the cycle fix the mean degree,
+    and these say whether the rest of a histogram's error sits on the cycle or inside."""
     outer, inner, length = [], [], []
     for G in graphs:
         ring = set(boundary_vertices(G))
