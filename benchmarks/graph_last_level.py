@@ -24,6 +24,7 @@ import torch
 
 import msar
 from benchmarks.common import write_result_json
+from benchmarks.graph_vs_generator import degrees_by_position
 from modalities.graph.datasets import draw_graphs, graphs_from, make_dataset
 from modalities.graph.metrics import degree_hist, mmd2
 from modalities.graph.triangulation import SplitPlacementTemperature, SplitShapeTemperature, TriangulationTokenizer
@@ -144,16 +145,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                          # the samples that reached the largest training size: is the degree gap only the size?
                          "degree_mmd_full_size": degree(full) if (full := [G for G in graphs
                                                                             if G.number_of_nodes() == full_size]) else None,
-                         "degree_mmd": degree(graphs), **{f"sampled_{k}": v.tolist() for k, v in counts.items()}})
+                         "degree_mmd": degree(graphs), "degrees": degrees_by_position(graphs),
+                         **{f"sampled_{k}": v.tolist() for k, v in counts.items()}})
+            where = rows[-1]["degrees"]
             print(f"slot T {T}, placement {P}: last level from chunk {c0:>2}: {rows[-1]['mean_nodes']:.2f} nodes, degree MMD² "
-                  f"{rows[-1]['degree_mmd']:.2e}, splits {counts['splits'].sum():.2f} (data {data['splits'].sum():.2f})",
-                  flush=True)
+                  f"{rows[-1]['degree_mmd']:.2e}, splits {counts['splits'].sum():.2f} (data {data['splits'].sum():.2f}), "
+                  f"outer cycle {where['boundary_length']:.2f} at degree {where['boundary']['mean']:.2f}", flush=True)
     calib = [r for kn, last in zip(batches, lasts) for r in expected_splits(model, tok, kn, last)]
     calibration = [{"levels_before_last": r, **{key: float(np.mean([c[key] for c in calib if c["levels_before_last"] == r]))
                                                  for key in ("data_splits", "model_expected", "model_expected_valid")}}
                    for r in range(4)]
     write_result_json(args.out, {"load": args.load, "graphs": len(train), "reference": args.reference,
                                  "training_graphs_degree_mmd": degree(train),
+                                 "training_graphs_degrees": degrees_by_position(train),
                                  "data": {k: v.tolist() for k, v in data.items()}, "rows": rows,
                                  "teacher_forced_calibration": calibration}, started)
     print(f"wrote {args.out}")
