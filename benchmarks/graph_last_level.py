@@ -61,16 +61,19 @@ def expected_splits(model, tok: TriangulationTokenizer, idx: Sequence[torch.Tens
     """Teacher-forced: the model's summed split probability on levels ``last - r`` against the data's
     split count there (r = 0 .. back - 1), mean per graph; ``model_expected_valid`` after the valid-token
     mask (the probabilities the sampler draws from)."""
+    # one pass of the decode state over the data's tokens gives the teacher input (the outputs of
+    # add_scale, as tok.teacher_forcing_input) and what the valid-token hook leaves at each scale
+    st = tok.start(idx[0].shape[0])
+    allowed, pieces = [], []
+    for s, t in enumerate(idx):
+        allowed.append(st.allowed(s))
+        pieces.append(st.add_scale(s, t))
+    teacher_input = torch.cat([p for p in pieces if p is not None], 1)
     with torch.no_grad():
-        logits = model(torch.zeros(idx[0].shape[0], dtype=torch.long), tok.teacher_forcing_input(idx))
+        logits = model(torch.zeros(idx[0].shape[0], dtype=torch.long), teacher_input)
     x = torch.cat(list(idx), 1)
     real = x != tok.pad_token
     p_split = (1 - logits.softmax(-1)[..., 0]) * real
-    st = tok.start(idx[0].shape[0])
-    allowed = []
-    for s, t in enumerate(idx):  # what the sampler's valid-token hook leaves, in the data's context
-        allowed.append(st.allowed(s))
-        st.add_scale(s, t)
     p_valid = logits.masked_fill(~torch.cat(allowed, 1), float("-inf")).softmax(-1)
     p_valid = (1 - p_valid[..., 0] - p_valid[..., tok.pad_token]) * real
     level = torch.cat([torch.full((t.shape[1],), k) for t, (k, _) in zip(idx, tok.kinds)])
