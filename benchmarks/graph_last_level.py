@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import msar
+from msar.tokenizer import candidate_features
 from benchmarks.common import write_result_json
 from benchmarks.graph_vs_generator import degrees_by_position
 from modalities.graph.datasets import draw_graphs, graphs_from, make_dataset
@@ -70,7 +71,8 @@ def expected_splits(model, tok: TriangulationTokenizer, idx: Sequence[torch.Tens
         pieces.append(st.add_scale(s, t))
     teacher_input = torch.cat([p for p in pieces if p is not None], 1)
     with torch.no_grad():
-        logits = model(torch.zeros(idx[0].shape[0], dtype=torch.long), teacher_input)
+        logits = model(torch.zeros(idx[0].shape[0], dtype=torch.long), teacher_input,
+                       candidates=candidate_features(tok, model.config.candidate_dim, teacher_input))
     x = torch.cat(list(idx), 1)
     real = x != tok.pad_token
     p_split = (1 - logits.softmax(-1)[..., 0]) * real

@@ -234,7 +234,7 @@ def build_model(tok: GraphPyramidTokenizer, cfg: dict, dropout: float) -> msar.N
     return msar.NextScaleTransformer(msar.TransformerConfig(
         schedule=tok.schedule.to_config(), vocab_size=tok.vocab_size, latent_dim=tok.latent_dim, num_classes=0,
         depth=cfg["depth"], embed_dim=cfg["width"], num_heads=cfg["heads"], cond_drop_rate=0.0,
-        drop_rate=dropout, init_std=0.02))
+        drop_rate=dropout, init_std=0.02, candidate_dim=tok.candidate_dim if cfg.get("candidate_head") else 0))
 
 
 def train(model: msar.NextScaleTransformer, tok: GraphPyramidTokenizer, X: torch.Tensor, TF: torch.Tensor,
@@ -322,6 +322,8 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg["size_features"] = args.size_features == "on"
     if args.noisy_context is not None:
         cfg["noisy_context"] = args.noisy_context
+    if args.candidate_head:
+        cfg["candidate_head"] = True
     data_kw = {}
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 150), perms=2, width=64, depth=2)
@@ -710,6 +712,10 @@ def main(argv=None) -> None:
                    help="--tokenizer triangulation: train also on a copy of every sequence whose context at one level "
                         "has spurious splits (each unsplit vertex of the level's earlier chunks with probability P), "
                         "the data's tokens as targets (TriangulationTokenizer.encode_noisy_context); default off")
+    p.add_argument("--candidate-head", action="store_true",
+                   help="--tokenizer triangulation: the model also scores every split shape by what it joins (the "
+                        "two neighbours' degrees and kinds, the degrees it leaves; TriangulationTokenizer."
+                        "candidate_features, msar.TransformerConfig candidate_dim); default off")
     p.add_argument("--split-temperature", type=float, default=1.0,
                    help="triangulation models: temperature of the split shape given a split (keeps P(no split); "
                         "modalities.graph.triangulation.SplitShapeTemperature)")
@@ -781,8 +787,10 @@ def main(argv=None) -> None:
                 raise SystemExit(f"--tokenizer triangulation: no {name} training graph is a triangulated disc "
                                  "(planar, bounded faces triangles, one outer cycle); use it for planar")
     elif (args.split_chunks is not None or args.split_chunking is not None or args.split_rate is not None
-          or args.extra_levels is not None or args.size_features is not None or args.noisy_context is not None):
-        flags = "--split-chunks, --split-chunking, --split-rate, --extra-levels, --size-features and --noisy-context are"
+          or args.extra_levels is not None or args.size_features is not None or args.noisy_context is not None
+          or args.candidate_head):
+        flags = ("--split-chunks, --split-chunking, --split-rate, --extra-levels, --size-features, --noisy-context and "
+                 "--candidate-head are")
         if args.load:
             raise SystemExit(f"{flags} training options: a --load run uses the tokenizer it was trained with")
         raise SystemExit(f"{flags} options of --tokenizer triangulation")

@@ -10,7 +10,7 @@ from .quantizer import (MultiScaleResidualQuantizer, PhiBank, QuantizerOutput, R
                         make_quantizer, to_tokens)
 from .fsq import FSQQuantizer
 from .bitwise import BitwiseQuantizer
-from .tokenizer import DecodeState, MultiScaleVQTokenizer, PyramidTokenizer, ResidualDecodeState
+from .tokenizer import CandidateFeatures, DecodeState, MultiScaleVQTokenizer, PyramidTokenizer, ResidualDecodeState
 from .conditioning import Condition
 from .models.transformer import NextScaleTransformer, TransformerConfig
 from .pretrained import Pipeline, PretrainedError, PretrainedMixin, from_pretrained

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from .bitwise import bits_to_index
 from .conditioning import Condition
 from .models.transformer import NextScaleTransformer
+from .tokenizer import check_candidate_features
 
 LogitsHook = Callable[[int, torch.Tensor, Any], torch.Tensor]
 
@@ -341,6 +342,12 @@ def sample(
     # the modality's schedule says where each scale sits in its pyramid (progress: the guidance
     # ramp); a model built from a plain list of scales has the token layout but not that
     ramp = tokenizer.schedule if tokenizer is not None else sched
+    scores_candidates = model.cfg.candidate_dim > 0  # logits also from the tokenizer's per-token features
+    if scores_candidates:
+        check_candidate_features(tokenizer, model.cfg.candidate_dim)
+        if accel is not None:
+            raise ValueError("accel: the approximate modes do not pass candidate features; sample a "
+                             "candidate-scoring model (candidate_dim > 0) without accel")
     device = next(model.parameters()).device
     gen = _as_generator(seed, generator, device)
     K = len(sched)
@@ -384,14 +391,15 @@ def sample(
     runner = None if accel is None else accel.runner(model, guided, cond, cond_blocks, mods, caches, level_pos,
                                                      extra_pos, cross, (run_condition, null_rows))
     nxt = None  # the tokenizer's input of scale k (None at k = 0)
+    cand = None  # its candidate features (B, n_k, V, F), models that score candidates
     for k in range(K):
         t = guidance_strength(cfg, ramp.progress(k), cfg_schedule) if guided else 0.0
         if runner is not None:  # msar.acceleration's approximate modes
             logits = runner.logits(k, h, nxt, t)
         elif guided and t == 0:  # (VAR's ramp starts at 0) the null half only fills its KV cache
-            logits = model.step(h, cond, cond_blocks, caches, mods, head_rows=B, cross=cross)
+            logits = model.step(h, cond, cond_blocks, caches, mods, head_rows=B, cross=cross, candidates=cand)
         else:
-            logits = model.step(h, cond, cond_blocks, caches, mods, cross=cross)
+            logits = model.step(h, cond, cond_blocks, caches, mods, cross=cross, candidates=cand)
             if guided:
                 logits = apply_guidance(logits[:B], logits[B:], t)
         if logits_hook is not None:
@@ -409,6 +417,8 @@ def sample(
         nxt = state.add_scale(k, idx, probs)
         if k < K - 1:
             h = model.embed_scale(nxt, k + 1, level_pos)
+            if scores_candidates:
+                cand = tokenizer.candidate_features(nxt)
             if guided:
                 h = h.repeat(2, 1, 1)
     data = tokenizer.finish(state) if (decode and tokenizer is not None) else None

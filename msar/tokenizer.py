@@ -23,6 +23,14 @@ Contract (``B`` batch, ``K`` scales, ``n_k`` tokens of scale k, ``L = sum n_k``,
 ``finish(state) -> data``                       decode what the state accumulated
 ==============================================  ==================================================
 
+One declared extension: a tokenizer whose tokens are *choices among structured candidates* (a
+vertex split names two neighbours, a move names a square) may also implement
+:class:`CandidateFeatures`: ``candidate_dim`` and ``candidate_features(x) -> (B, n, V, F)``, the
+features of every token of a scale computed from that scale's input ``x (B, n, C)``.  A model built
+with ``TransformerConfig(candidate_dim=F)`` then scores each token with them as well as with its
+linear head; the trainer and the sampler call ``candidate_features`` on the teacher-forcing input and
+on each ``add_scale`` output, so the model's logits stay a function of the same inputs in both.
+
 The invariant that makes training and sampling agree (checked by
 :mod:`msar.testing`): feeding the ground-truth indices to ``state.add_scale``
 scale by scale yields exactly ``teacher_forcing_input(indices)``.
@@ -68,6 +76,40 @@ class PyramidTokenizer(Protocol):
     def start(self, batch_size: int, device: torch.device | str, context: Any = None) -> DecodeState: ...
 
     def finish(self, state: DecodeState) -> Any: ...
+
+
+@runtime_checkable
+class CandidateFeatures(Protocol):
+    """The extension of a :class:`PyramidTokenizer` whose model scores candidate tokens by their
+    features (``TransformerConfig.candidate_dim``); see the module docstring."""
+
+    candidate_dim: int
+
+    def candidate_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-scale input ``(B, n, C)`` (teacher forcing: ``(B, L - n_0, C)``) -> ``(B, n, V, F)``
+        float features of every token at each position, ``F = candidate_dim``; a pure function of
+        ``x`` row by row, so that training and sampling see the same features."""
+        ...
+
+
+def check_candidate_features(tokenizer: Any, candidate_dim: int) -> None:
+    """Raise unless ``tokenizer`` supplies the candidate features a model with ``candidate_dim``
+    (``TransformerConfig.candidate_dim``, > 0) scores."""
+    if not isinstance(tokenizer, CandidateFeatures):
+        raise TypeError(f"the model scores candidate tokens (candidate_dim={candidate_dim}) but "
+                        f"{type(tokenizer).__name__} does not implement msar.tokenizer.CandidateFeatures")
+    if tokenizer.candidate_dim != candidate_dim:
+        raise ValueError(f"the tokenizer's candidate_dim {tokenizer.candidate_dim} differs from the model's "
+                         f"{candidate_dim}")
+
+
+def candidate_features(tokenizer: Any, candidate_dim: int, x: torch.Tensor) -> torch.Tensor | None:
+    """``tokenizer.candidate_features(x)`` for a model with ``candidate_dim > 0`` (checked), ``None``
+    for a model without candidate scoring."""
+    if not candidate_dim:
+        return None
+    check_candidate_features(tokenizer, candidate_dim)
+    return tokenizer.candidate_features(x)
 
 
 class ResidualDecodeState:

@@ -332,6 +332,8 @@ NO_SPLIT = 0
 
 
 CHUNKINGS = ("colour", "round-robin")
+DEGREE_BINS = 8  # one-hot degrees 3 .. 9 and 10+ (candidate features)
+CANDIDATE_DIM = 2 * (3 + DEGREE_BINS) + 2 * DEGREE_BINS + 1
 
 
 def chunk_members(rot: Rotation, chunks: int, size: int, chunking: str = "colour") -> list[list[int]]:
@@ -536,6 +538,39 @@ class TriangulationTokenizer(PretrainedMixin):
     def valid_mask(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
         """``(B, L)`` bool: the positions that hold a vertex (non-PAD)."""
         return torch.cat([idx != self.pad_token for idx in indices], 1)
+
+    # ------------------------------------------------------------------ candidate features
+    #: features per split token (msar.tokenizer.CandidateFeatures; used by models built with
+    #: ``candidate_dim=CANDIDATE_DIM``): for each of the two joined neighbours u and w, outer vertex /
+    #: created at the previous level / blocked and its degree after the split (one-hot 3..10+); the
+    #: new vertex's and the split vertex's degrees (one-hot); whether the new vertex takes the outer one
+    candidate_dim = CANDIDATE_DIM
+
+    def candidate_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-scale input ``(B, n, latent_dim)`` -> ``(B, n, V, candidate_dim)``: what each split
+        ``(i, m)`` of each position's vertex would do, read from the input's slot features (a split
+        joins ``u`` = slot ``i`` and ``w`` = slot ``(i + m) mod d`` to the new vertex, of degree
+        ``m + 2``; the vertex keeps degree ``d - m + 2``).  ``NO_SPLIT``, ``PAD`` and the shapes a
+        vertex's degree does not allow get zeros.  A linear head scores a shape by its token id alone,
+        so it has to learn for every slot and degree where that shape's neighbours sit in the input;
+        these features give each shape its own, the same way at every slot."""
+        D, o = self.max_degree, self._slot_at
+        u_slot, w_slot, shape, takes_outer = (t.to(x.device) for t in _candidate_tables(D))
+        live = x[..., 0] > 0.5  # (B, n) a vertex (PAD positions: all zeros)
+        d = torch.where(live, (x[..., 2] * 8).round().long().clamp(0, D), 0)  # (B, n) its degree; 0: no split
+        slots = x[..., o:o + 5 * D].unflatten(-1, (D, 5))  # (B, n, D, 5): present, degree / 8, outer, new, blocked
+        # per slot: outer / new / blocked and the degree after the split; slot D (all zeros) is where the
+        # tables send the tokens a vertex of this degree cannot take
+        per_slot = torch.cat((slots[..., 2:5], _degree_one_hot(slots[..., 1] * 8 + 1)), -1)  # (B, n, D, 11)
+        per_slot = F.pad(per_slot, (0, 0, 0, 1))
+        outer = slots[..., 2]
+        where = torch.where(outer.amax(-1) > 0.5, outer.argmax(-1), D)  # (B, n) the outer vertex's slot, D: none
+
+        def neighbour(slot_table: torch.Tensor) -> torch.Tensor:  # (B, n, V, 11)
+            idx = slot_table[d]  # (B, n, V)
+            return per_slot.gather(2, idx.unsqueeze(-1).expand(*idx.shape, per_slot.shape[-1]))
+
+        return torch.cat((neighbour(u_slot), neighbour(w_slot), shape[d], takes_outer[d, where].unsqueeze(-1)), -1)
 
     @torch.no_grad()
     def encode_noisy_context(self, data: Any, extra_split_prob: float,
@@ -976,6 +1011,35 @@ class SplitPlacementTemperature(_ChainedHook):
         out[..., 1:V - 1] = torch.where(free.unsqueeze(-1), split - log_split.unsqueeze(-1) + F.logsigmoid(zt).unsqueeze(-1),
                                         split)
         return out.to(logits.dtype)
+
+
+def _degree_one_hot(deg: torch.Tensor) -> torch.Tensor:
+    """Degrees (any shape, float or int) -> one-hot ``(..., DEGREE_BINS)`` of ``3 .. 9, 10+`` (below 3: bin 0)."""
+    b = (deg.round().long() - 3).clamp(0, DEGREE_BINS - 1)
+    return F.one_hot(b, DEGREE_BINS).float()
+
+
+@functools.lru_cache(maxsize=None)
+def _candidate_tables(D: int) -> tuple[torch.Tensor, ...]:
+    """Lookup tables of :meth:`TriangulationTokenizer.candidate_features` for max degree ``D`` (row ``d``:
+    a vertex of degree ``d``; ``V`` tokens): ``u_slot``, ``w_slot`` ``(D + 1, V)`` long, the slots the split
+    joins (``D`` where the vertex cannot take the token); ``shape`` ``(D + 1, V, 2 DEGREE_BINS)``, the
+    new vertex's and the split vertex's degrees one-hot; ``takes_outer`` ``(D + 1, D + 1, V)``, with the
+    outer vertex at slot ``p`` (``D``: not a neighbour), whether it moves to the new vertex."""
+    V = 2 + D * (D - 1)
+    u = torch.full((D + 1, V), D, dtype=torch.long)
+    w = torch.full((D + 1, V), D, dtype=torch.long)
+    shape = torch.zeros(D + 1, V, 2 * DEGREE_BINS)
+    takes = torch.zeros(D + 1, D + 1, V)
+    for d in range(3, D + 1):
+        for i in range(d):
+            for m in range(1, d):
+                t = 1 + i * (D - 1) + (m - 1)
+                u[d, t], w[d, t] = i, (i + m) % d
+                shape[d, t] = torch.cat((_degree_one_hot(torch.tensor(m + 2)), _degree_one_hot(torch.tensor(d - m + 2))))
+                for p in range(d):
+                    takes[d, p, t] = float(1 <= (p - i) % d <= m - 1)
+    return u, w, shape, takes
 
 
 @functools.lru_cache(maxsize=None)

@@ -395,6 +395,10 @@ class TransformerConfig:
     # per-position embedding, so the same place at another scale or in another frame starts
     # with a similar position; 0 (VAR) learns every position on its own.  Grid schedules only.
     coord_frequencies: int = 0
+    # candidate scoring: > 0 adds to every token's logit a bilinear score of the hidden state and that
+    # token's own features ``(B, n, V, candidate_dim)``, which the tokenizer computes from the scale's
+    # input (msar.tokenizer.CandidateFeatures); 0 (VAR): the linear head alone.  Softmax head only.
+    candidate_dim: int = 0
 
     @classmethod
     def var(cls, depth: int, schedule: list, vocab_size: int = 4096, latent_dim: int = 32,
@@ -503,6 +507,12 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         ])
         self.head_norm = AdaLNBeforeHead(C, C, cfg.norm_eps)
         self.head = nn.Linear(C, head_outputs(cfg))
+        if not (isinstance(cfg.candidate_dim, int) and cfg.candidate_dim >= 0):
+            raise ValueError(f"candidate_dim must be an int >= 0, got {cfg.candidate_dim!r}")
+        if cfg.candidate_dim and cfg.head != "softmax":
+            raise ValueError("candidate scoring (candidate_dim > 0) needs the softmax head")
+        # hidden state -> a weight per candidate feature: logit_v += <candidate_query(h), features_v>
+        self.candidate_query = nn.Linear(C, cfg.candidate_dim) if cfg.candidate_dim else None
         if self.cond_kind != "classes":  # features (D) -> width C; class_embed's one row is the null condition
             self.cond_proj = nn.Linear(cfg.cond_dim, C)
         if self.cross_attention:  # the null condition's sequence: one learned token
@@ -557,6 +567,9 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
                 nn.init.trunc_normal_(m.weight, std=init_std)
         self.head.weight.mul_(init_head)
         self.head.bias.zero_()
+        if self.candidate_query is not None:
+            self.candidate_query.weight.mul_(init_head)
+            self.candidate_query.bias.zero_()
         self.head_norm.adaln_proj[-1].weight.mul_(init_adaln)
         self.head_norm.adaln_proj[-1].bias.zero_()
         for b in self.blocks:
@@ -701,9 +714,26 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
             pos = pos + extra_pos
         return pos
 
-    def logits(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``(B, n, C)`` and class embedding ``(B, C)`` -> float32 logits ``(B, n, V)``."""
-        return self.head(self.head_norm(h.float(), cond).float()).float()
+    def logits(self, h: torch.Tensor, cond: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states ``(B, n, C)`` and class embedding ``(B, C)`` -> float32 logits ``(B, n, V)``.
+
+        ``candidates``: with ``candidate_dim > 0``, the ``(B, n, V, F)`` features of every token of
+        these positions; each logit gets ``<candidate_query(h), features>`` added (``None``: no
+        features, e.g. the start scale)."""
+        x = self.head_norm(h.float(), cond).float()
+        out = self.head(x).float()
+        if candidates is not None:
+            self._check_candidates(candidates, out.shape)
+            out = out + torch.einsum("bnf,bnvf->bnv", self.candidate_query(x).float(), candidates.float())
+        return out
+
+    def _check_candidates(self, candidates: torch.Tensor, logits_shape: tuple) -> None:
+        F_ = self.cfg.candidate_dim
+        if not F_:
+            raise ValueError("candidates given to a model without candidate scoring (candidate_dim = 0)")
+        if candidates.dim() != 4 or tuple(candidates.shape) != (*logits_shape, F_):
+            raise ValueError(f"candidates: expected (B, n, V, candidate_dim) = {(*logits_shape, F_)}, "
+                             f"got {tuple(candidates.shape)}")
 
     def _unmasked_tail(self, mask: torch.Tensor | None, scales: int = 2) -> tuple[int, ...]:
         """Start positions of the last ``scales`` scales (scale 0 excluded) if ``mask`` lets each of
@@ -725,7 +755,8 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
 
     # ------------------------------------------------------------------ training forward
     def forward(self, labels: "torch.Tensor | Condition", x: torch.Tensor, extra_pos: torch.Tensor | None = None,
-                allow_null: bool = False, null_rows: torch.Tensor | None = None) -> torch.Tensor:
+                allow_null: bool = False, null_rows: torch.Tensor | None = None,
+                candidates: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits.
 
         Args:
@@ -740,6 +771,9 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
                 ``labels``, for an unconditional pass.
             null_rows: optional ``(B,)`` bool, rows that get the null condition (the
                 unconditional branch of guidance).
+            candidates: ``(B, L - n_0, V, candidate_dim)`` features of every token at the positions
+                of ``x`` (models with ``candidate_dim > 0``: the tokenizer's
+                ``candidate_features(x)``); the start scale has none.
         Returns:
             ``(B, L, V)`` logits.
         """
@@ -766,7 +800,13 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
             mask = BlockCausalMask(mask, tail)
         for b, kv in zip(self.blocks, cross or [None] * len(self.blocks)):
             h = b(h, cond_blocks, attn_mask=mask, cross=kv)
-        return self.logits(h, cond)
+        if self.cfg.candidate_dim and candidates is None:
+            raise ValueError("this model scores candidates (candidate_dim > 0): pass candidates= "
+                             "(the tokenizer's candidate_features(x))")
+        if candidates is None:
+            return self.logits(h, cond)
+        n0 = self.first_len
+        return torch.cat((self.logits(h[:, :n0], cond), self.logits(h[:, n0:], cond, candidates)), dim=1)
 
     # ------------------------------------------------------------------ incremental inference
     def new_caches(self, batch: int, device=None, dtype=None) -> list[KVCache]:
@@ -819,7 +859,8 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
 
     def step(self, h: torch.Tensor, cond: torch.Tensor, cond_blocks: torch.Tensor,
              caches: Sequence[KVCache], mods: Sequence[tuple[torch.Tensor, ...]] | None = None,
-             head_rows: int | None = None, cross: Sequence[CrossKV] | None = None) -> torch.Tensor:
+             head_rows: int | None = None, cross: Sequence[CrossKV] | None = None,
+             candidates: torch.Tensor | None = None) -> torch.Tensor:
         """Run the tokens of one scale ``h (B, n_k, C)`` through all blocks, extending the
         KV caches; returns ``(B, n_k, V)`` logits. No mask is needed: a scale sees
         everything cached so far and all of itself.
@@ -828,13 +869,18 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         :meth:`modulations`; ``head_rows``: only the first rows need logits (the
         unconditional half when its guidance weight is 0 needs only its KV cache);
         then the result is ``(head_rows, n_k, V)``; ``cross``: the per-block :class:`CrossKV`
-        from :meth:`encode_condition` (models with cross-attention)."""
+        from :meth:`encode_condition` (models with cross-attention); ``candidates``: the
+        ``(rows, n_k, V, candidate_dim)`` token features of :meth:`logits` for the rows that get
+        logits (``None`` at the start scale).  With guidance (twice the rows) one set serves both
+        halves: the features come from the shared input."""
         mods = mods if mods is not None else [None] * len(self.blocks)
         for b, c, m, kv in zip(self.blocks, caches, mods, cross or [None] * len(self.blocks)):
             h = b(h, cond_blocks, attn_mask=None, cache=c, mod=m, cross=kv)
         if head_rows is not None:
             h, cond = h[:head_rows], cond[:head_rows]
-        return self.logits(h, cond)
+        if candidates is not None and candidates.shape[0] != h.shape[0]:
+            candidates = candidates.repeat(h.shape[0] // candidates.shape[0], 1, 1, 1)
+        return self.logits(h, cond, candidates)
 
     def compile_blocks(self, **kwargs: Any) -> "NextScaleTransformer":
         """``torch.compile`` every transformer block in place (``dynamic=False`` unless given;

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..bitwise import bit_cross_entropy, bit_predictions
 from ..conditioning import Condition
+from ..tokenizer import candidate_features, check_candidate_features
 from . import distributed as D
 from .base import LossOutput, TrainConfig, Trainer, _to_device, leaves_rng_alone, config_dict
 
@@ -116,6 +117,11 @@ class TransformerTrainer(Trainer):
             raise ValueError(f"extra_pos: expected adapter positions (1, L, embed_dim) shared by every batch, got "
                              f"{tuple(extra_pos.shape)} (per-sample positions come from prepare_batch)")
         self.extra_pos = None if extra_pos is None else extra_pos.to(self.device)
+        # a model that scores candidate tokens needs their features from the tokenizer: checked here, not
+        # at the first step
+        self.candidate_dim = model.config.candidate_dim
+        if self.candidate_dim:
+            check_candidate_features(tokenizer, self.candidate_dim)
         # a NextScaleTransformer with head="bitwise" predicts tokens bit by bit (msar.bitwise)
         self.bitwise_head = model.config.head == "bitwise"
         self.level_ids = self.schedule.level_ids(self.device)
@@ -204,11 +210,12 @@ class TransformerTrainer(Trainer):
             labels = (encoder or self.condition_encoder)(*labels)
         if labels is None and self.model.cond_kind != "classes":
             raise ValueError(f"the model is conditioned on {self.model.cond_kind} conditions: the batch has none")
+        cand = candidate_features(self.tokenizer, self.candidate_dim, x)
         if labels is None:  # unconditional data: the null class, asked for explicitly
             null = torch.full((x.shape[0],), self.model.null_label, dtype=torch.long, device=x.device)
-            logits = model(null, x, extra_pos=extra_pos, allow_null=True)
+            logits = model(null, x, extra_pos=extra_pos, allow_null=True, candidates=cand)
         else:
-            logits = model(labels, x, extra_pos=extra_pos)
+            logits = model(labels, x, extra_pos=extra_pos, candidates=cand)
         target = torch.cat(indices, dim=1)
         if self.bitwise_head:  # d binary classifiers (logits (B, L, d)): BCE averaged over the bits
             correct = (bit_predictions(logits.detach()) == target).float()
