@@ -25,7 +25,7 @@ __all__ = [
     "ScaleSchedule", "GridPyramid", "LatentPyramid", "OperatorPyramid",
     "MultiScaleResidualQuantizer", "PhiBank", "QuantizerOutput", "to_tokens", "from_tokens",
     "ResidualQuantizer", "FSQQuantizer", "BitwiseQuantizer", "make_quantizer",
-    "PyramidTokenizer", "DecodeState", "MultiScaleVQTokenizer", "ResidualDecodeState",
+    "PyramidTokenizer", "DecodeState", "CandidateFeatures", "MultiScaleVQTokenizer", "ResidualDecodeState",
     "NextScaleTransformer", "TransformerConfig", "Condition",
     "PretrainedMixin", "Pipeline", "PretrainedError", "from_pretrained",
     "sample", "SampleOutput", "sample_tokens", "filter_top_k_top_p", "guidance_strength",

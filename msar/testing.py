@@ -44,7 +44,7 @@ from .models.transformer import NextScaleTransformer, TransformerConfig
 from .pyramid import LatentPyramid, OperatorPyramid
 from .sampling import sample
 from .schedule import ScaleSchedule
-from .tokenizer import MultiScaleVQTokenizer
+from .tokenizer import MultiScaleVQTokenizer, candidate_features
 
 __all__ = [
     "check_adapter", "check_pyramid", "check_indices_contract", "assert_teacher_forcing_consistent",
@@ -357,8 +357,10 @@ def assert_kv_cache_equivalent(model: NextScaleTransformer, tokenizer: Any, indi
     The model must be in eval mode. Returns the largest absolute difference."""
     sched = model.schedule
     device = _model_device(model)
+    F_ = model.cfg.candidate_dim  # a candidate-scoring model: the tokenizer's features at every scale
     with torch.no_grad():
-        full = model(labels, tokenizer.teacher_forcing_input(indices), allow_null=True)  # (B, L, V)
+        x = tokenizer.teacher_forcing_input(indices)
+        full = model(labels, x, allow_null=True, candidates=candidate_features(tokenizer, F_, x))  # (B, L, V)
         condition = model.check_condition(labels, allow_null=True).to(device)
         cond, cond_blocks, cross = model.encode_condition(condition)
         B = cond.shape[0]
@@ -367,10 +369,11 @@ def assert_kv_cache_equivalent(model: NextScaleTransformer, tokenizer: Any, indi
         state = tokenizer.start(B, device, context)
         h = model.embed_start(cond, lvl_pos)
         worst = 0.0
+        cand = None
         for k in range(len(sched)):
-            # cross only when the model has cross-attention: a step without that argument still fits
-            step = (model.step(h, cond, cond_blocks, caches) if cross is None
-                    else model.step(h, cond, cond_blocks, caches, cross=cross))
+            # cross / candidates only when the model has them: a step without those arguments still fits
+            extra = {**({} if cross is None else {"cross": cross}), **({} if cand is None else {"candidates": cand})}
+            step = model.step(h, cond, cond_blocks, caches, **extra)
             d = _max_abs_diff(step, full[:, sched.slice(k)])
             if not d <= atol:
                 _fail("kv_cache", f"scale {k}: KV-cached logits differ from the full masked forward by {d:.3g} "
@@ -379,6 +382,7 @@ def assert_kv_cache_equivalent(model: NextScaleTransformer, tokenizer: Any, indi
             nxt = state.add_scale(k, indices[k])
             if k < len(sched) - 1:
                 h = model.embed_scale(nxt, k + 1, lvl_pos)
+                cand = candidate_features(tokenizer, F_, nxt)
     return worst
 
 

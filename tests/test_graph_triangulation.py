@@ -300,7 +300,8 @@ def test_demo_refuses_coarsening_options_with_the_triangulation_tokenizer(flags)
         main(["--dataset", "planar", "--tokenizer", "triangulation", *flags, "--out", "/dev/null/never_written"])
 
 
-@pytest.mark.parametrize("flags", [["--split-chunking", "colour"], ["--size-features", "on"], ["--noisy-context", "0.1"]])
+@pytest.mark.parametrize("flags", [["--split-chunking", "colour"], ["--size-features", "on"], ["--noisy-context", "0.1"],
+                                   ["--candidate-head"]])
 def test_demo_refuses_triangulation_options_without_the_tokenizer(flags):
     from examples.graph_demo import main
     with pytest.raises(SystemExit, match="options of --tokenizer triangulation"):
@@ -567,3 +568,61 @@ def test_demo_noisy_context_adds_one_noisy_copy_of_every_training_sequence(tmp_p
     assert m["train_config"]["noisy_context"] == 0.25
     assert sum(n for n, _ in seen) == m["training_graphs_used"] * m["train_config"]["perms"]
     assert {p for _, p in seen} == {0.25}
+
+
+def _one_hot_degree(deg: int) -> list[float]:
+    return [float(b == min(max(deg, 3), 10) - 3) for b in range(8)]
+
+
+def test_candidate_features_describe_the_split_each_token_makes(planar, tok):
+    """Every allowed split of every vertex on the way to two planar graphs, applied to a copy of the
+    triangulation: the features name the two vertices it joins to the new one (outer / created at the
+    previous level / blocked, degree after the split), the new and the split vertex's degrees, and
+    whether the outer vertex moves to the new vertex; tokens the vertex's degree does not allow get zeros.  Catches a
+    slot, span or degree read off by one, and a feature of the wrong neighbour."""
+    from modalities.graph.triangulation import _allowed_table, _split_of
+    idx = tok.encode(planar[:2])
+    st = tok.start(2)
+    D, checked, x = tok.max_degree, 0, None  # x: the input of the scale being checked
+    allowed = _allowed_table(D)
+    for s_, t in enumerate(idx):
+        if s_ > 0:
+            feats = tok.candidate_features(x)  # (2, n_s, V, F)
+            assert feats.shape == (2, t.shape[1], tok.vocab_size, tok.candidate_dim)
+            _, c = tok.kinds[s_]
+            for b, g in enumerate(st.growers):
+                vs = g.members[c]
+                assert not feats[b, len(vs):].any()  # PAD positions
+                for p, v in enumerate(vs[:6]):  # a few positions per scale: ~2k splits in all
+                    r = g.rot.rot[v]
+                    if v == 0 or len(r) > D:  # the outer vertex never splits
+                        continue
+                    # what a split would do, blocked vertices included (the valid-token hook masks those)
+                    ok = allowed[len(r)]
+                    assert not feats[b, p, ~torch.from_numpy(ok)].any()
+                    for tt in np.flatnonzero(ok)[1:]:
+                        i, m = _split_of(int(tt), D)
+                        T = g.rot.copy()
+                        T.split(v, "new", (r.index(min(r)) + i) % len(r), m)
+                        u, w = T.rot["new"][0], T.rot["new"][-2]
+                        want = ([u == 0, u in g.new, u in g.blocked] + _one_hot_degree(T.degree(u))
+                                + [w == 0, w in g.new, w in g.blocked] + _one_hot_degree(T.degree(w))
+                                + _one_hot_degree(T.degree("new")) + _one_hot_degree(T.degree(v))
+                                + [0 in T.rot["new"] and 0 not in T.rot[v]])
+                        assert feats[b, p, tt].tolist() == [float(f) for f in want], (s_, b, v, i, m)
+                        checked += 1
+        x = st.add_scale(s_, t)
+    assert checked > 1000
+
+
+def test_demo_trains_and_samples_with_the_candidate_head(tmp_path):
+    # catches: the candidate head not reaching the model, the trainer or the sampler of the demo
+    import json
+
+    from examples.graph_demo import main
+    main(["--dataset", "planar", "--tokenizer", "triangulation", "--candidate-head", "--quick", "--steps", "3",
+          "--num-samples", "2", "--out", str(tmp_path)])
+    m = json.loads((tmp_path / "planar" / "metrics.json").read_text())
+    assert m["vun"]["validity"] == 1.0
+    cfg = json.loads((tmp_path / "planar" / "pipeline" / "transformer" / "config.json").read_text())
+    assert cfg["config"]["candidate_dim"] == TriangulationTokenizer.candidate_dim
