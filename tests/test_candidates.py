@@ -98,6 +98,11 @@ def test_missing_or_mismatched_features_are_refused_up_front():
     x = tok.teacher_forcing_input(random_indices(model.schedule, V, batch_size=1))
     with pytest.raises(ValueError, match="pass candidates="):
         model(torch.tensor([0]), x)
+    cond, cond_blocks = model.condition(torch.tensor([0]))
+    caches = model.new_caches(1)
+    model.step(model.embed_start(cond), cond, cond_blocks, caches)  # the start scale has no features
+    with pytest.raises(ValueError, match="pass candidates="):  # a hand-written loop that forgets them later
+        model.step(model.embed_scale(x[:, :4], 1), cond, cond_blocks, caches)
     with pytest.raises(ValueError, match=r"expected \(B, n, V, candidate_dim\)"):
         model(torch.tensor([0]), x, candidates=tok.candidate_features(x)[..., :2])
     with pytest.raises(ValueError, match="softmax head"):

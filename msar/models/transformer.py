@@ -873,6 +873,9 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         ``(rows, n_k, V, candidate_dim)`` token features of :meth:`logits` for the rows that get
         logits (``None`` at the start scale).  With guidance (twice the rows) one set serves both
         halves: the features come from the shared input."""
+        if self.cfg.candidate_dim and candidates is None and caches[0].length > 0:  # past the start scale
+            raise ValueError("this model scores candidates (candidate_dim > 0): pass candidates= "
+                             "(the tokenizer's candidate_features of this scale's input)")
         mods = mods if mods is not None else [None] * len(self.blocks)
         for b, c, m, kv in zip(self.blocks, caches, mods, cross or [None] * len(self.blocks)):
             h = b(h, cond_blocks, attn_mask=None, cache=c, mod=m, cross=kv)
