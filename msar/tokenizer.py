@@ -87,8 +87,9 @@ class CandidateFeatures(Protocol):
 
     def candidate_features(self, x: torch.Tensor) -> torch.Tensor:
         """Next-scale input ``(B, n, C)`` (teacher forcing: ``(B, L - n_0, C)``) -> ``(B, n, V, F)``
-        float features of every token at each position, ``F = candidate_dim``; a pure function of
-        ``x`` row by row, so that training and sampling see the same features."""
+        float features of every token at each position, ``F = candidate_dim``.  Position ``p``'s
+        features must depend on its own input ``x[:, p]`` alone: teacher forcing passes every scale at
+        once, sampling one scale at a time, and both must see the same features."""
         ...
 
 
