@@ -56,6 +56,12 @@ split, keeping how many do and how each divides its neighbours::
     python -m examples.graph_demo --dataset planar --load outputs/tri --split-temperature 0.5 --split-slot-only \
         --out outputs/tri_test
 
+``--candidate-head`` adds to the model a score of every split shape by what it joins (the two neighbours'
+kinds and degrees, the degrees it leaves; ``TriangulationTokenizer.candidate_features``): it learns the shapes
+in a third of the steps and samples as the preset at the preset's size (about 75 min on one core); in the
+smaller setting (``--width 64 --depth 2 --perms 6 --steps 600``) it cuts the degree MMD against the training
+graphs tenfold (``benchmarks/results/graph/README.md``, section "the candidate head").
+
 Pipeline: graphs -> :class:`GraphPyramidTokenizer` (exact tokens of a coarsening
 hierarchy; several random node orderings of each training graph give different
 hierarchies, a free augmentation) -> :class:`msar.NextScaleTransformer` trained by
