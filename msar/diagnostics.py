@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .bitwise import bit_cross_entropy, bit_predictions
 from .models.transformer import NextScaleTransformer
 from .sampling import sample
+from .tokenizer import candidate_features
 
 __all__ = ["scale_diagnostic", "ScaleDiagnostic"]
 
@@ -91,7 +92,8 @@ def scale_diagnostic(model: NextScaleTransformer, tokenizer: Any, indices: Seque
     was_training = model.training
     model.eval()
     try:
-        logits = model(labels, tokenizer.teacher_forcing_input(indices).to(device))  # (B, L, V)
+        x = tokenizer.teacher_forcing_input(indices).to(device)
+        logits = model(labels, x, candidates=candidate_features(tokenizer, model.cfg.candidate_dim, x))  # (B, L, V)
         report = ScaleDiagnostic()
         bitwise = model.cfg.head == "bitwise"  # logits (B, L, bits): loss and accuracy per token from its bits
         if metric is not None:

@@ -118,3 +118,17 @@ def test_training_moves_the_candidate_query():
     idx = random_indices(model.schedule, V, batch_size=4, seed=3)
     trainer.train_step(idx, torch.tensor([0, 1, 2, 0]))
     assert not torch.equal(before, model.candidate_query.weight)
+
+
+def test_scale_diagnostic_scores_a_candidate_model_with_its_features():
+    """The diagnostic's teacher-forced pass gives a candidate-scoring model its features (without them
+    the forward refuses), so its per-scale losses are those of the logits the sampler draws from."""
+    from msar.diagnostics import scale_diagnostic
+    model, tok = featured()
+    idx = random_indices(model.schedule, V, batch_size=2, seed=4)
+    labels = torch.tensor([0, 1])
+    rep = scale_diagnostic(model, tok, idx, labels, cfg=0, top_k=1)
+    x = tok.teacher_forcing_input(idx)
+    logits = model(labels, x, candidates=tok.candidate_features(x))
+    ce = torch.nn.functional.cross_entropy(logits[:, -9:].reshape(-1, V), idx[-1].reshape(-1))
+    assert rep[-1]["tf_loss"] == pytest.approx(float(ce), rel=1e-5)
