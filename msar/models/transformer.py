@@ -780,6 +780,11 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
         B = x.shape[0]
         condition = self.check_condition(labels, B, allow_null=allow_null)
         self._check_input(x, B)
+        if self.cfg.candidate_dim and candidates is None:
+            raise ValueError("this model scores candidates (candidate_dim > 0): pass candidates= "
+                             "(the tokenizer's candidate_features(x))")
+        if candidates is not None:  # before the blocks run, not after
+            self._check_candidates(candidates, (*x.shape[:2], self.vocab_size))
         drop = null_rows
         if self.training:  # condition dropout; an all-False mask at rate 0 (no random draw) keeps the null
             # parameters of a conditioned model in the graph, which DDP without find_unused_parameters needs
@@ -800,9 +805,6 @@ class NextScaleTransformer(PretrainedMixin, nn.Module):
             mask = BlockCausalMask(mask, tail)
         for b, kv in zip(self.blocks, cross or [None] * len(self.blocks)):
             h = b(h, cond_blocks, attn_mask=mask, cross=kv)
-        if self.cfg.candidate_dim and candidates is None:
-            raise ValueError("this model scores candidates (candidate_dim > 0): pass candidates= "
-                             "(the tokenizer's candidate_features(x))")
         if candidates is None:
             return self.logits(h, cond)
         n0 = self.first_len

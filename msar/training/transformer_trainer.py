@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..bitwise import bit_cross_entropy, bit_predictions
 from ..conditioning import Condition
-from ..tokenizer import candidate_features, check_candidate_features
+from ..tokenizer import check_candidate_features
 from . import distributed as D
 from .base import LossOutput, TrainConfig, Trainer, _to_device, leaves_rng_alone, config_dict
 
@@ -210,7 +210,7 @@ class TransformerTrainer(Trainer):
             labels = (encoder or self.condition_encoder)(*labels)
         if labels is None and self.model.cond_kind != "classes":
             raise ValueError(f"the model is conditioned on {self.model.cond_kind} conditions: the batch has none")
-        cand = candidate_features(self.tokenizer, self.candidate_dim, x)
+        cand = self.tokenizer.candidate_features(x) if self.candidate_dim else None  # checked at construction
         if labels is None:  # unconditional data: the null class, asked for explicitly
             null = torch.full((x.shape[0],), self.model.null_label, dtype=torch.long, device=x.device)
             logits = model(null, x, extra_pos=extra_pos, allow_null=True, candidates=cand)
