@@ -326,6 +326,10 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
         cfg["extra_levels"] = args.extra_levels
     if args.size_features is not None:
         cfg["size_features"] = args.size_features == "on"
+    if args.delays is not None:
+        cfg["delays"] = args.delays
+    if args.partial_finest is not None:
+        cfg["partial_finest"] = args.partial_finest
     if args.noisy_context is not None:
         cfg["noisy_context"] = args.noisy_context
     if args.candidate_head:
@@ -377,7 +381,9 @@ def run(dataset: str, args: argparse.Namespace) -> dict:
             tok = TriangulationTokenizer.fit(items, chunks=cfg.get("split_chunks", 3), rate=cfg.get("split_rate", 1.0),
                                              extra_levels=cfg.get("extra_levels", 0),
                                              chunking=cfg.get("split_chunking", "round-robin"),
-                                             size_features=cfg.get("size_features", False))
+                                             size_features=cfg.get("size_features", False),
+                                             delays=cfg.get("delays", 0),
+                                             partial_finest=cfg.get("partial_finest", 0.0))
         else:
             items = augment(train_graphs, cfg["perms"], args.seed)
             tok = GraphPyramidTokenizer.fit(items, edge_chunks=cfg["chunks"],  # capacity covers every hierarchy
@@ -714,6 +720,14 @@ def main(argv=None) -> None:
                    help="--tokenizer triangulation: inputs saying how many vertices the graph still lacks to the "
                         "largest training size, over its size and over the vertices the level can still split "
                         "(TriangulationTokenizer size_features)")
+    p.add_argument("--delays", type=int, default=None, metavar="E",
+                   help="--tokenizer triangulation: each ordering of a training graph starts its hierarchy 0..E "
+                        "levels late, so incomplete graphs occur at every level and the size, not the level, says "
+                        "when to stop (TriangulationTokenizer delays; default 0)")
+    p.add_argument("--partial-finest", type=float, default=None, metavar="F",
+                   help="--tokenizer triangulation: the finest level of each ordering's hierarchy makes only a share "
+                        "in [1-F, 1] of its contractions, so the last level adds what the graph still misses "
+                        "(TriangulationTokenizer partial_finest; use with --size-features on; default 0)")
     p.add_argument("--noisy-context", type=float, default=None, metavar="P",
                    help="--tokenizer triangulation: train also on a copy of every sequence whose context at one level "
                         "has spurious splits (each unsplit vertex of the level's earlier chunks with probability P), "
@@ -784,6 +798,10 @@ def main(argv=None) -> None:
             raise SystemExit(f"--split-rate must be in (0, 1], got {args.split_rate}")
         if args.extra_levels is not None and args.extra_levels < 0:
             raise SystemExit(f"--extra-levels must be >= 0, got {args.extra_levels}")
+        if args.delays is not None and not 0 <= args.delays <= 8:
+            raise SystemExit(f"--delays must be in 0..8, got {args.delays}")
+        if args.partial_finest is not None and not 0 <= args.partial_finest < 1:
+            raise SystemExit(f"--partial-finest must be in [0, 1), got {args.partial_finest}")
         if args.noisy_context is not None and not 0 <= args.noisy_context <= 1:
             raise SystemExit(f"--noisy-context must be in [0, 1], got {args.noisy_context}")
         if args.load:
@@ -794,9 +812,9 @@ def main(argv=None) -> None:
                                  "(planar, bounded faces triangles, one outer cycle); use it for planar")
     elif (args.split_chunks is not None or args.split_chunking is not None or args.split_rate is not None
           or args.extra_levels is not None or args.size_features is not None or args.noisy_context is not None
-          or args.candidate_head):
-        flags = ("--split-chunks, --split-chunking, --split-rate, --extra-levels, --size-features, --noisy-context and "
-                 "--candidate-head are")
+          or args.delays is not None or args.partial_finest is not None or args.candidate_head):
+        flags = ("--split-chunks, --split-chunking, --split-rate, --extra-levels, --size-features, --delays, "
+                 "--partial-finest, --noisy-context and --candidate-head are")
         if args.load:
             raise SystemExit(f"{flags} training options: a --load run uses the tokenizer it was trained with")
         raise SystemExit(f"{flags} options of --tokenizer triangulation")

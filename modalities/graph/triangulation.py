@@ -283,15 +283,21 @@ def _unit_hash(a, b, n: int) -> float:
     return zlib.crc32(f"{lo}|{hi}|{n}".encode()) / 2**32
 
 
-def contraction_hierarchy(T: Rotation, rate: float = 1.0, max_levels: int = 256) -> list[ContractionLevel]:
+def contraction_hierarchy(T: Rotation, rate: float = 1.0, max_levels: int = 256,
+                          finest_keep: float = 1.0) -> list[ContractionLevel]:
     """Coarsen ``T`` to the tetrahedron: the list of levels, finest first (``rate``: see
-    :func:`contraction_level`)."""
+    :func:`contraction_level`).  ``finest_keep < 1``: the finest level contracts only that fraction of
+    its pairs (rounded, at least one; the pairs first in a hash of their labels), a subset of an
+    independent set being independent too; the other levels are unchanged in kind."""
     levels = []
     T = T.copy()
     while len(T) > 4:
         pairs = contraction_level(T, rate)
         if not pairs and rate < 1.0:  # every edge passed over: take the greedy rule's own choice
             pairs = contraction_level(T)
+        if pairs and not levels and finest_keep < 1.0:
+            pairs = sorted(pairs, key=lambda p: _unit_hash(p[0], p[1], -len(T)))
+            pairs = pairs[:max(1, round(finest_keep * len(pairs)))]
         if not pairs:
             raise NotATriangulatedDisc(f"no contractible edge left at {len(T)} vertices")
         undo = {keep: T.contract(keep, merged) for keep, merged in pairs}
@@ -299,6 +305,13 @@ def contraction_hierarchy(T: Rotation, rate: float = 1.0, max_levels: int = 256)
         if len(levels) > max_levels:
             raise RuntimeError("contraction did not reach the tetrahedron")
     return levels
+
+
+def labelling_unit(T: Rotation, salt: str) -> float:
+    """A number in [0, 1) fixed by ``T``'s labelled edges and ``salt``: the same for one labelling of a
+    graph, another for another labelling (a random ordering of the training graphs)."""
+    edges = sorted(T.edges(), key=lambda e: (_key(e[0]), _key(e[1])))
+    return zlib.crc32(f"{salt}|{edges}".encode()) / 2**32
 
 
 def tetrahedron() -> Rotation:
@@ -398,6 +411,18 @@ class TriangulationTokenizer(PretrainedMixin):
     level size alone says the same, but on a scale where 60 and 64 vertices look alike; the rate puts
     "stop" and "split a few more" far apart, which is what a sample that grew early needs to see.
 
+    Two options change the hierarchies the model learns from (not the graphs), so that a sample whose
+    size is off the data's track still finds its state in the training data.  Free-running samples
+    split a little less per level than the data (about 2%, compounding to 10-15% by the finer levels),
+    need a level more, and at the late levels, where every training graph is already complete, stop.
+    With ``delays = E`` each labelling of a graph starts its hierarchy ``0 .. E`` levels late (the
+    tetrahedron repeated without splits; which one is fixed by the labelling): incomplete graphs then
+    occur at every level, and only the size says when to stop.  With ``partial_finest = f`` the finest
+    level of each labelling contracts only a fraction ``u`` of the pairs the greedy rule takes, ``u`` in
+    ``[1 - f, 1]`` fixed by the labelling: the last level grows a graph by whatever it still misses
+    rather than by a maximal set, which a sample anywhere near the full size can then do (with
+    ``size_features`` it sees how much that is).
+
     Args:
         max_nodes: ``K`` ints, the capacity of every level (``max_nodes[0] == 4``; the last one
             includes the outer vertex).
@@ -408,10 +433,14 @@ class TriangulationTokenizer(PretrainedMixin):
         chunking: ``"colour"`` or ``"round-robin"`` (:func:`chunk_members`).  The constructor's default
             is what configs saved before the option existed used; :meth:`fit` defaults to ``"colour"``.
         size_features: add the two missing-size inputs (above); off in configs saved before the option.
+        delays: ``E``, the most levels a hierarchy starts late (above; 0 in configs saved before it).
+        partial_finest: ``f`` in ``[0, 1)``, how far below a maximal set the finest level may stay
+            (above; 0 in configs saved before it).
     """
 
     def __init__(self, max_nodes: Sequence[int], max_degree: int, chunks: int = 3, rate: float = 1.0,
-                 chunking: str = "round-robin", size_features: bool = False):
+                 chunking: str = "round-robin", size_features: bool = False, delays: int = 0,
+                 partial_finest: float = 0.0):
         if len(max_nodes) < 2 or int(max_nodes[0]) != 4:
             raise ValueError(f"max_nodes: expected >= 2 levels starting with the tetrahedron's 4, got {list(max_nodes)}")
         if any(int(b) < int(a) for a, b in zip(max_nodes, max_nodes[1:])):
@@ -424,6 +453,11 @@ class TriangulationTokenizer(PretrainedMixin):
             raise ValueError(f"rate must be in (0, 1], got {rate}")
         if chunking not in CHUNKINGS:
             raise ValueError(f"chunking must be one of {CHUNKINGS}, got {chunking!r}")
+        if isinstance(delays, bool) or int(delays) != delays or not 0 <= int(delays) <= len(max_nodes) - 2:
+            raise ValueError(f"delays must be an int in 0..{len(max_nodes) - 2} (levels - 2), got {delays!r}")
+        if not 0.0 <= float(partial_finest) < 1.0:
+            raise ValueError(f"partial_finest must be in [0, 1), got {partial_finest}")
+        self.delays, self.partial_finest = int(delays), float(partial_finest)
         self.rate = float(rate)
         self.chunking = chunking
         self.size_features = bool(size_features)
@@ -440,17 +474,21 @@ class TriangulationTokenizer(PretrainedMixin):
         self._slot_at = self._size_at + (2 if self.size_features else 0)
         self.latent_dim = int(8 * math.ceil((self._slot_at + 5 * D) / 8))
         self.config = {"max_nodes": self.max_nodes, "max_degree": self.max_degree, "chunks": self.chunks,
-                       "rate": self.rate, "chunking": self.chunking, "size_features": self.size_features}
+                       "rate": self.rate, "chunking": self.chunking, "size_features": self.size_features,
+                       "delays": self.delays, "partial_finest": self.partial_finest}
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def fit(cls, graphs: Sequence[nx.Graph], node_slack: float = 0.1, degree_slack: int = 1,
             chunks: int = 3, rate: float = 1.0, extra_levels: int = 0,
-            chunking: str = "colour", size_features: bool = False) -> "TriangulationTokenizer":
+            chunking: str = "colour", size_features: bool = False, delays: int = 0,
+            partial_finest: float = 0.0) -> "TriangulationTokenizer":
         """Size a tokenizer for a training set of triangulated discs: as many levels as the deepest
-        hierarchy plus ``extra_levels`` (room for samples that grow slower than the data), each
-        level's capacity ``(1 + node_slack) x`` the largest seen there (at most the largest graph),
-        splits up to ``degree_slack`` above the largest degree seen at a split."""
+        hierarchy plus ``delays`` plus ``extra_levels`` (room for samples that grow slower than the
+        data), each level's capacity ``(1 + node_slack) x`` the largest seen there (at most the largest
+        graph; a delayed hierarchy is smaller at every level), splits up to ``degree_slack`` above the
+        largest degree seen at a split.  The hierarchies depend on the labelling (``delays``,
+        ``partial_finest``, ``rate < 1``): fit on the relabelled graphs the model trains on."""
         graphs = graphs_from(graphs)
         if not graphs:
             raise ValueError("fit needs at least one graph")
@@ -458,24 +496,25 @@ class TriangulationTokenizer(PretrainedMixin):
         dmax = 3
         for i, G in enumerate(graphs):
             T = _sphere(G, i)
-            levels = contraction_hierarchy(T, rate)
+            levels = _hierarchy(T, rate, partial_finest)
             sizes.append([len(T)] + [len(lv.coarse) for lv in levels])  # finest first
             dmax = max([dmax] + [lv.coarse.degree(keep) for lv in levels for keep, _ in lv.pairs])
-        K = max(len(s) for s in sizes) + int(extra_levels)
+        K = max(len(s) for s in sizes) + int(delays) + int(extra_levels)
         top = [s[::-1] + [s[0]] * (K - len(s)) for s in sizes]  # coarse first; finished graphs keep their size
         cap = [max(s[j] for s in top) for j in range(K)]
         n_max = cap[-1]
         cap = [4] + [min(n_max, int(math.ceil(c * (1 + node_slack)))) for c in cap[1:-1]] + [n_max]
-        return cls(cap, dmax + int(degree_slack), chunks, rate, chunking, size_features)
+        return cls(cap, dmax + int(degree_slack), chunks, rate, chunking, size_features, delays, partial_finest)
 
     # ------------------------------------------------------------------ encoding
     def encode_graph(self, G: nx.Graph, index: int = 0) -> list[list[int]]:
         """Token lists (unpadded) per scale for one triangulated disc."""
         T = _sphere(G, index)
-        levels = contraction_hierarchy(T, self.rate)
-        if len(levels) + 1 > self.K:
-            raise ValueError(f"graph {index}: its hierarchy has {len(levels) + 1} levels, this tokenizer {self.K}; "
-                             "refit on data that includes it")
+        levels = _hierarchy(T, self.rate, self.partial_finest)
+        delay = int(labelling_unit(T, "delay") * (self.delays + 1))
+        if delay + len(levels) + 1 > self.K:
+            raise ValueError(f"graph {index}: its hierarchy has {len(levels) + 1} levels and starts {delay} late, "
+                             f"this tokenizer has {self.K}; refit on data that includes it")
         top = levels[-1].coarse if levels else T
         r_inf = top.rot[INF]
         label = [INF] + _rotate_to(r_inf, min(r_inf, key=_key))  # decoder id -> the graph's own label
@@ -485,6 +524,10 @@ class TriangulationTokenizer(PretrainedMixin):
         grower = _Grower(self)
         per_level: list[list[int]] = []
         members: list[list[list[int]]] = []  # per level: the vertices of each chunk
+        for _ in range(delay):  # the tetrahedron, unchanged
+            members.append(grower.members)
+            per_level.append([NO_SPLIT] * len(grower.rot))
+            grower.apply_level(per_level[-1], self.max_nodes[len(per_level)])
         for lv in reversed(levels):  # coarse to fine
             merged_of = dict(lv.pairs)
             k = len(per_level)
@@ -513,7 +556,7 @@ class TriangulationTokenizer(PretrainedMixin):
             label = _tree_labels(label, new_of, merged_of)
             per_level.append(toks)
         # the graph is complete: the remaining levels split nothing
-        for k in range(len(levels), self.K - 1):
+        for k in range(len(per_level), self.K - 1):
             per_level.append([NO_SPLIT] * len(grower.rot))
             members.append(self.chunk_members(grower.rot, k))
         return [[per_level[k][v] for v in members[k][c]] for k, c in self.kinds]
@@ -694,6 +737,12 @@ class TriangulationTokenizer(PretrainedMixin):
         if not state.done:
             raise ValueError(f"finish: the decode state has seen {state.s} of {len(self.schedule)} scales")
         return Batch.from_data_list([to_data(_relabel(g.graph(drop=0))) for g in state.rots])
+
+
+def _hierarchy(T: Rotation, rate: float, partial_finest: float) -> list[ContractionLevel]:
+    """The tokenizer's hierarchy of one labelled triangulation (the finest level's rate drawn from the
+    labelling when ``partial_finest > 0``)."""
+    return contraction_hierarchy(T, rate, finest_keep=1.0 - partial_finest * labelling_unit(T, "finest"))
 
 
 def _sphere(G: nx.Graph, index: int) -> Rotation:
