@@ -106,6 +106,67 @@ def test_a_slower_contraction_rate_gives_deeper_hierarchies_and_exact_round_trip
     assert all(nx.is_isomorphic(G, H) for G, H in zip(planar[:6], out))
 
 
+def _relabellings(G: nx.Graph, n: int, seed: int = 0) -> list[nx.Graph]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        perm = rng.permutation(G.number_of_nodes())
+        out.append(nx.relabel_nodes(G, {v: int(perm[i]) for i, v in enumerate(G.nodes)}))
+    return out
+
+
+def _level_sizes(tok: TriangulationTokenizer, graphs: list) -> np.ndarray:
+    """``(B, K)`` vertex counts of every level, as decoded."""
+    levels = tok.decode_progression(tok.encode(graphs))
+    return np.array([[lvl[b].number_of_nodes() for lvl in levels] for b in range(len(graphs))])
+
+
+def test_delays_start_hierarchies_late_by_labelling_and_keep_exact_round_trips(planar):
+    # catches: a delay that is ignored or the same for every labelling (the model would still learn to
+    # stop from the level), delay levels that split something, a level count short of the deepest
+    # delayed hierarchy, or a hierarchy the decoder cannot replay after the delay
+    graphs = [H for G in planar[:3] for H in _relabellings(G, 6)]
+    plain = TriangulationTokenizer.fit(graphs, chunks=4)
+    late = TriangulationTokenizer.fit(graphs, chunks=4, delays=2)
+    assert late.K == plain.K + 2 and late.config["delays"] == 2
+    assert all(nx.is_isomorphic(G, H) for G, H in zip(graphs, graphs_from(late.decode(late.encode(graphs)))))
+    a, b = _level_sizes(plain, graphs), _level_sizes(late, graphs)
+    shift = [int(np.argmax(y > y[0])) - int(np.argmax(x > x[0])) for x, y in zip(a, b)]  # first level that grew
+    assert set(shift) == {0, 1, 2}
+    for x, y, d in zip(a, b, shift):  # the same hierarchy, d levels later
+        assert (y[:d + 1] == y[0]).all() and (y[d:d + plain.K] == x).all()
+
+
+def test_finest_keep_contracts_a_share_of_the_greedy_finest_level_only(planar):
+    # catches: a share taken at every level, a share of the wrong size, or pairs the greedy rule did not choose
+    T = sphere_triangulation(planar[0])
+    full, part = contraction_hierarchy(T), contraction_hierarchy(T, finest_keep=0.4)
+    n = len(full[0].pairs)
+    assert len(part[0].pairs) == max(1, round(0.4 * n)) < n
+    assert set(part[0].pairs) <= set(full[0].pairs)
+    assert len(part[1].pairs) > len(part[0].pairs)  # the next level is maximal again
+    assert contraction_hierarchy(T, finest_keep=1.0)[0].pairs == full[0].pairs
+
+
+def test_partial_finest_levels_grow_by_less_and_vary_by_labelling(planar):
+    # catches: an option the encoder ignores, a share that is the same for every labelling, or a hierarchy
+    # the decoder cannot replay
+    graphs = [H for G in planar[:3] for H in _relabellings(G, 6, seed=1)]
+    plain = TriangulationTokenizer.fit(graphs, chunks=4)
+    part = TriangulationTokenizer.fit(graphs, chunks=4, partial_finest=0.8)
+    assert all(nx.is_isomorphic(G, H) for G, H in zip(graphs, graphs_from(part.decode(part.encode(graphs)))))
+
+    def last_growth(sizes: np.ndarray) -> np.ndarray:  # vertices the finest growing level adds
+        return np.array([s[-1] - s[np.nonzero(s < s[-1])[0][-1]] for s in sizes])
+    g_plain, g_part = last_growth(_level_sizes(plain, graphs)), last_growth(_level_sizes(part, graphs))
+    assert (g_part <= g_plain).all() and g_part.mean() < 0.8 * g_plain.mean()
+    assert np.std(g_part / g_plain) > 0.1  # shares drawn over [0.2, 1], not one share rounded
+    with pytest.raises(ValueError, match="partial_finest"):
+        TriangulationTokenizer([4, 8], 6, partial_finest=1.0)
+    with pytest.raises(ValueError, match="delays"):
+        TriangulationTokenizer([4, 8], 6, delays=1)
+
+
 def test_progression_grows_from_a_triangle_to_the_graph(planar, tok):
     levels = tok.decode_progression(tok.encode(planar[:2]))
     assert [g.number_of_nodes() for g in levels[0]] == [3, 3]  # the tetrahedron without the outer vertex
@@ -209,8 +270,9 @@ def test_round_trip_is_exact_with_either_chunking(planar, chunking):
 def test_a_config_saved_before_chunking_existed_loads_as_round_robin(tok):
     # catches: flipping the constructor default, which would silently re-deal the positions of every
     # model saved before the option (its transformer learned round-robin positions)
-    old = {k: v for k, v in tok.config.items() if k != "chunking"}
-    assert TriangulationTokenizer.from_config(old).chunking == "round-robin"
+    old = {k: v for k, v in tok.config.items() if k not in ("chunking", "delays", "partial_finest")}
+    again = TriangulationTokenizer.from_config(old)
+    assert again.chunking == "round-robin" and again.delays == 0 and again.partial_finest == 0.0
 
 
 def test_teacher_forcing_matches_incremental_decoding(planar, tok):
@@ -301,7 +363,7 @@ def test_demo_refuses_coarsening_options_with_the_triangulation_tokenizer(flags)
 
 
 @pytest.mark.parametrize("flags", [["--split-chunking", "colour"], ["--size-features", "on"], ["--noisy-context", "0.1"],
-                                   ["--candidate-head"]])
+                                   ["--candidate-head"], ["--delays", "1"], ["--partial-finest", "0.5"]])
 def test_demo_refuses_triangulation_options_without_the_tokenizer(flags):
     from examples.graph_demo import main
     with pytest.raises(SystemExit, match="options of --tokenizer triangulation"):
