@@ -513,8 +513,9 @@ class TriangulationTokenizer(PretrainedMixin):
         levels = _hierarchy(T, self.rate, self.partial_finest)
         delay = int(labelling_unit(T, "delay") * (self.delays + 1))
         if delay + len(levels) + 1 > self.K:
-            raise ValueError(f"graph {index}: its hierarchy has {len(levels) + 1} levels and starts {delay} late, "
-                             f"this tokenizer has {self.K}; refit on data that includes it")
+            late = f" after {delay} delay levels" if delay else ""
+            raise ValueError(f"graph {index}: its hierarchy has {len(levels) + 1} levels{late}, this tokenizer {self.K}; "
+                             "refit on data that includes it")
         top = levels[-1].coarse if levels else T
         r_inf = top.rot[INF]
         label = [INF] + _rotate_to(r_inf, min(r_inf, key=_key))  # decoder id -> the graph's own label
