@@ -61,6 +61,13 @@ kinds and degrees, the degrees it leaves; ``TriangulationTokenizer.candidate_fea
 in a third of the steps and samples as the preset at the preset's size (about 75 min on one core); in the
 smaller setting (``--width 64 --depth 2 --perms 6 --steps 600``) it cuts the degree MMD against the training
 graphs tenfold (``benchmarks/results/graph/README.md``, section "the candidate head").
+``--partial-finest 0.7 --size-features on --delays 2`` trains on hierarchies whose finest level keeps only a
+share of its contractions and that start up to two levels late, so the last level a sample grows in adds
+what it still lacks and the level alone never says "stop": samples end at the training graphs' size far more
+often (section "partial finest levels")::
+
+    python -m examples.graph_demo --dataset planar --tokenizer triangulation --candidate-head \
+        --partial-finest 0.7 --size-features on --delays 2 --steps 2000 --out outputs/tri_partial
 
 Pipeline: graphs -> :class:`GraphPyramidTokenizer` (exact tokens of a coarsening
 hierarchy; several random node orderings of each training graph give different

@@ -688,3 +688,35 @@ def test_demo_trains_and_samples_with_the_candidate_head(tmp_path):
     assert m["vun"]["validity"] == 1.0
     cfg = json.loads((tmp_path / "planar" / "pipeline" / "transformer" / "config.json").read_text())
     assert cfg["config"]["candidate_dim"] == TriangulationTokenizer.candidate_dim
+
+
+def test_size_trajectory_summary_counts_growth_and_where_short_graphs_stopped():
+    # catches: levels that do not grow counted in the growth factor, an off-by-one in the last growing level,
+    # a short graph that grew at the last level counted as stopped there
+    from benchmarks.graph_size_trajectory import summary
+    sizes = np.array([[3, 4, 6, 6], [3, 5, 5, 5], [3, 3, 4, 7], [3, 4, 5, 6]])
+    s = summary(sizes, full=7)
+    assert s["last_growing_level"] == {1: 1, 2: 1, 3: 2}
+    assert s["short"] == 3 and s["short_and_last_level_did_not_grow"] == 2
+    factors = [4 / 3, 6 / 4, 5 / 3, 4 / 3, 7 / 4, 4 / 3, 5 / 4, 6 / 5]
+    assert s["growth_by_size"] == {0: [pytest.approx(np.mean(factors)), len(factors)]}
+    assert s["final_nodes"] == {5: 1, 6: 2, 7: 1} and s["level_mean"][0] == 3
+
+
+def test_size_trajectory_benchmark_follows_the_training_hierarchies_and_the_samples(tmp_path):
+    # an untrained pipeline with delayed, partial hierarchies. catches: data trajectories that are not the
+    # tokenizer's (every training graph ends at its own size), samples not followed level by level
+    import json
+    from _graph_runs import untrained_run
+    from benchmarks.graph_size_trajectory import main
+    fit = lambda g: TriangulationTokenizer.fit(g, chunks=3, delays=1, partial_finest=0.5, size_features=True)  # noqa: E731
+    run, train, tok = untrained_run(tmp_path, "planar", fit=fit, num=12)
+    out = tmp_path / "traj.json"
+    main(["--load", str(run), "--num", "6", "--seeds", "0", "--data-orderings", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    data, samples = res["data"], res["samples"]
+    assert data["graphs"] == len(train) and data["short"] == 0
+    assert data["final_nodes"] == {"64": len(train)} and len(data["level_mean"]) == tok.K
+    assert np.all(np.diff(data["level_mean"]) >= 0) and data["level_mean"][0] == 3
+    assert samples["graphs"] == 6 and len(samples["level_mean"]) == tok.K
+    assert set(data["last_growing_level"]) <= set(map(str, range(1, tok.K)))
