@@ -741,8 +741,8 @@ class TriangulationTokenizer(PretrainedMixin):
 
 
 def _hierarchy(T: Rotation, rate: float, partial_finest: float) -> list[ContractionLevel]:
-    """The tokenizer's hierarchy of one labelled triangulation (the finest level's rate drawn from the
-    labelling when ``partial_finest > 0``)."""
+    """The tokenizer's hierarchy of one labelled triangulation (with ``partial_finest > 0``, the share of
+    the finest level's contractions kept is fixed by the labelling)."""
     return contraction_hierarchy(T, rate, finest_keep=1.0 - partial_finest * labelling_unit(T, "finest"))
 
 
