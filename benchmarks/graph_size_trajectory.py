@@ -8,8 +8,8 @@ samples' factor at the same size tells a model that splits less per level from o
 the levels each graph grows in; and where the short samples stopped (how many of them the last level
 did not grow: the model stops where every training graph is complete)::
 
-    python -m benchmarks.graph_size_trajectory --load outputs/tri \\
-        --out benchmarks/results/graph/triangulation/size/trajectory.json
+    python -m benchmarks.graph_size_trajectory --load outputs/small_d2p7 \\
+        --out benchmarks/results/graph/triangulation/partial/small/trajectory_d2p7.json
 """
 from __future__ import annotations
 

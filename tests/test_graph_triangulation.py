@@ -106,26 +106,18 @@ def test_a_slower_contraction_rate_gives_deeper_hierarchies_and_exact_round_trip
     assert all(nx.is_isomorphic(G, H) for G, H in zip(planar[:6], out))
 
 
-def _relabellings(G: nx.Graph, n: int, seed: int = 0) -> list[nx.Graph]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        perm = rng.permutation(G.number_of_nodes())
-        out.append(nx.relabel_nodes(G, {v: int(perm[i]) for i, v in enumerate(G.nodes)}))
-    return out
-
-
 def _level_sizes(tok: TriangulationTokenizer, graphs: list) -> np.ndarray:
     """``(B, K)`` vertex counts of every level, as decoded."""
-    levels = tok.decode_progression(tok.encode(graphs))
-    return np.array([[lvl[b].number_of_nodes() for lvl in levels] for b in range(len(graphs))])
+    from benchmarks.graph_size_trajectory import level_sizes
+    return level_sizes(tok.decode_progression(tok.encode(graphs)))
 
 
 def test_delays_start_hierarchies_late_by_labelling_and_keep_exact_round_trips(planar):
     # catches: a delay that is ignored or the same for every labelling (the model would still learn to
     # stop from the level), delay levels that split something, a level count short of the deepest
     # delayed hierarchy, or a hierarchy the decoder cannot replay after the delay
-    graphs = [H for G in planar[:3] for H in _relabellings(G, 6)]
+    from examples.graph_demo import augment
+    graphs = augment(planar[:3], 6, seed=0)  # each graph in 6 labellings
     plain = TriangulationTokenizer.fit(graphs, chunks=4)
     late = TriangulationTokenizer.fit(graphs, chunks=4, delays=2)
     assert late.K == plain.K + 2 and late.config["delays"] == 2
@@ -151,7 +143,8 @@ def test_finest_keep_contracts_a_share_of_the_greedy_finest_level_only(planar):
 def test_partial_finest_levels_grow_by_less_and_vary_by_labelling(planar):
     # catches: an option the encoder ignores, a share that is the same for every labelling, or a hierarchy
     # the decoder cannot replay
-    graphs = [H for G in planar[:3] for H in _relabellings(G, 6, seed=1)]
+    from examples.graph_demo import augment
+    graphs = augment(planar[:3], 6, seed=1)
     plain = TriangulationTokenizer.fit(graphs, chunks=4)
     part = TriangulationTokenizer.fit(graphs, chunks=4, partial_finest=0.8)
     assert all(nx.is_isomorphic(G, H) for G, H in zip(graphs, graphs_from(part.decode(part.encode(graphs)))))
